@@ -1,0 +1,203 @@
+"""The built agent: immutable, safe to share between coroutines and threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from . import pipeline
+from .config import AgentFrameworkConfig
+from .context import Handler, HandlerResult, Middleware, TurnContext
+from .embeddings import Embedder
+from .errors import LLMError
+from .llm import LLMBackend, TextCallback
+from .tools import ToolSource
+from .types import Classification, IntentCategory, TurnResult
+
+logger = logging.getLogger("agentflow.agent")
+
+HANDOFF_NOTICE = (
+    "I'm handing this conversation to a member of our team so you get the right answer. "
+    "A human agent will reply here shortly."
+)
+OFFLINE_PREFIX = "[Offline mode] "
+
+
+class Agent:
+    """Processes user messages: threads, intents, memory, handlers, the LLM, hand-off.
+
+    Made by ``AgentFrameworkBuilder.build()``; not meant to be constructed directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AgentFrameworkConfig,
+        categories: tuple[IntentCategory, ...],
+        handlers: Mapping[str, Handler],
+        middleware: tuple[Middleware, ...],
+        llm: LLMBackend,
+        tools: ToolSource | None,
+        embedder: Embedder,
+        classifier: Any,
+    ) -> None:
+        self.config = config
+        self.categories = categories
+        self.handlers = MappingProxyType(dict(handlers))
+        self.middleware = middleware
+        self.llm = llm
+        self.tools = tools
+        self.embedder = embedder
+        self.classifier = classifier
+        self._by_name = {c.name: c for c in categories}
+
+    @property
+    def offline(self) -> bool:
+        """True when no LLM is reachable (no API key): replies say so and offer a human."""
+        return self.llm.offline
+
+    def category(self, name: str | None) -> IntentCategory | None:
+        return self._by_name.get(name) if name else None
+
+    # --- public API -------------------------------------------------------------------------
+
+    async def process_message(
+        self, *, user_id: str, message: str, client_message_id: str | None = None
+    ) -> TurnResult:
+        """Run one turn for one user and return its result.
+
+        Returns:
+            A dict with ``content``, ``session_id``, ``thread_id``, ``thread_event``, ``intent``,
+            ``confidence``, ``escalated``, ``usage``, ``offline`` and more (see ``TurnResult``).
+
+        Raises:
+            InvalidInput: empty, oversized or malformed input; nothing was stored.
+            RateLimited: the user exceeded ``rate_limit_config``; nothing was stored.
+            LLMError: the LLM failed; the message is stored with status ``failed``.
+        """
+        stored, _ = await sync_to_async(pipeline.accept)(
+            self, user_id=user_id, message=message, client_message_id=client_message_id
+        )
+        return await self.run_turn(stored.pk)
+
+    async def run_turn(self, message_id: Any, *, on_text: TextCallback | None = None) -> TurnResult:
+        """Run (or re-read) the turn of a stored user message."""
+        prepared = await sync_to_async(pipeline.prepare)(self, message_id=message_id)
+        if prepared.result is not None:
+            return prepared.result  # type: ignore[return-value]
+        try:
+            outcome = await self.respond(prepared, on_text=on_text)
+        except LLMError as exc:
+            await sync_to_async(self.fail)(prepared, exc)
+            raise
+        return await sync_to_async(pipeline.finish)(self, prepared, outcome)  # type: ignore[return-value]
+
+    async def classify(self, text: str) -> Classification:
+        """Classify a text against the agent's intent categories (no storage, no LLM)."""
+        embedding = await asyncio.to_thread(self.embedder.embed_one, text)
+        return self.classifier.classify(embedding)
+
+    # --- steps the transports compose ---------------------------------------------------------
+
+    def fail(self, prepared: pipeline.Prepared, exc: Exception) -> None:
+        from conversations.services import message_fail
+
+        message_fail(message_id=prepared.message_id, error=str(exc))
+
+    async def respond(self, prepared: pipeline.Prepared, *, on_text: TextCallback | None = None) -> pipeline.Outcome:
+        """Produce the reply: middleware, then hand-off, a handler, or the LLM (with tools)."""
+        ctx = prepared.ctx
+        assert ctx is not None
+        for mw in self.middleware:
+            await mw.before_turn(ctx)
+        handled_by = "middleware" if ctx.reply is not None else ""
+        if ctx.reply is None and not prepared.needs_human and ctx.intent in self.handlers:
+            await self._run_handler(ctx)
+            handled_by = f"handler:{ctx.intent}"
+        escalated = prepared.needs_human or ctx.escalate
+        reason = prepared.human_reason or ctx.escalation_reason
+        outcome: pipeline.Outcome
+        if ctx.reply is not None:
+            outcome = pipeline.Outcome(ctx.reply, handled_by, escalated=escalated, escalation_reason=reason)
+        elif escalated:
+            outcome = pipeline.Outcome(HANDOFF_NOTICE, "handoff", escalated=True, escalation_reason=reason)
+        else:
+            outcome = await self._llm_reply(prepared, ctx, on_text)
+        outcome.offline = self.offline
+        if self.offline and not outcome.text.startswith(OFFLINE_PREFIX):
+            outcome.text = OFFLINE_PREFIX + outcome.text
+        for mw in reversed(self.middleware):
+            outcome.text = await mw.after_turn(ctx, outcome.text)
+        return outcome
+
+    async def _run_handler(self, ctx: TurnContext) -> None:
+        assert ctx.intent is not None
+        result = await self.handlers[ctx.intent](ctx)
+        if isinstance(result, str):
+            ctx.reply = result
+        elif isinstance(result, HandlerResult):
+            if result.system_addition:
+                ctx.system_additions.append(result.system_addition)
+            if result.reply is not None:
+                ctx.reply = result.reply
+            if result.escalate:
+                ctx.escalate = True
+                ctx.escalation_reason = result.reason or f"handler for {ctx.intent} asked for a human"
+        elif result is not None:
+            raise TypeError(f"handler for {ctx.intent} returned {type(result).__name__}; expected str, HandlerResult or None")
+
+    def system_prompt(self, prepared: pipeline.Prepared, ctx: TurnContext) -> str:
+        parts = [self.config.llm_config.system_prompt]
+        if prepared.category is not None and prepared.category.system_prompt:
+            parts.append(prepared.category.system_prompt)
+        if ctx.intent:
+            parts.append(f"The user's request was classified as {ctx.intent}.")
+        if ctx.thread_event == "RESOLUTION":
+            parts.append("The user says their issue is resolved: acknowledge it briefly.")
+        if ctx.memories:
+            lines = "\n".join(f"- ({m['scope']} {m['kind']}) {m['content']}" for m in ctx.memories)
+            parts.append("What you remember that may help (mention it when relevant):\n" + lines)
+        parts.extend(ctx.system_additions)
+        return "\n\n".join(parts)
+
+    async def _llm_reply(
+        self, prepared: pipeline.Prepared, ctx: TurnContext, on_text: TextCallback | None
+    ) -> pipeline.Outcome:
+        cfg = self.config.llm_config
+        messages: list[dict[str, Any]] = [*ctx.history, {"role": "user", "content": ctx.message}]
+        if messages[0]["role"] != "user":
+            messages = messages[1:]
+        tools = await self.tools.list_tools() if self.tools is not None and not self.offline else None
+        system = self.system_prompt(prepared, ctx)
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        calls: list[dict[str, Any]] = []
+        llm_ms = 0.0
+        for round_ in range(cfg.max_tool_rounds + 1):
+            reply = await self.llm.generate(system=system, messages=messages, config=cfg, tools=tools, on_text=on_text)
+            llm_ms += reply.latency_ms
+            usage["input_tokens"] += reply.usage.get("input_tokens", 0)
+            usage["output_tokens"] += reply.usage.get("output_tokens", 0)
+            if reply.stop_reason != "tool_use" or not reply.tool_calls or self.tools is None:
+                break
+            if round_ == cfg.max_tool_rounds:
+                break
+            messages.append({"role": "assistant", "content": reply.content})
+            results = []
+            for call in reply.tool_calls:
+                text, is_error = await self.tools.call_tool(call["name"], call.get("input") or {})
+                calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
+                results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error})
+            messages.append({"role": "user", "content": results})
+        return pipeline.Outcome(
+            text=reply.text,
+            handled_by="offline" if reply.offline else "llm",
+            model=reply.model,
+            usage=usage,
+            llm_latency_ms=round(llm_ms, 2),
+            tool_calls=calls,
+        )

@@ -1,0 +1,84 @@
+"""The agent the workers and the REST/WebSocket transports run, built from Django settings.
+
+``AGENTFLOW["AGENT_FACTORY"]`` names an async (or plain) callable returning an ``Agent``; the
+default below uses ``AGENTFLOW["CONFIG"]`` (YAML), the admin's active intent categories and the
+Anthropic key from the environment. Projects with handlers and middleware point the setting at
+their own factory built with ``AgentFrameworkBuilder``.
+
+The built agent is cached per process, keyed by a fingerprint of the admin's intent categories, so
+an admin edit reaches every worker on its next message without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, Max
+from django.utils.module_loading import import_string
+
+from .builder import AgentFrameworkBuilder
+from .llm import AnthropicBackend
+
+_lock = threading.Lock()
+_cache: dict[str, tuple[Any, Any]] = {}
+
+
+def anthropic_client_factory() -> Any:
+    from anthropic import AsyncAnthropic
+
+    kwargs: dict[str, Any] = {"api_key": settings.ANTHROPIC_API_KEY}
+    if settings.ANTHROPIC_BASE_URL:
+        kwargs["base_url"] = settings.ANTHROPIC_BASE_URL
+    try:
+        from anthropic import DefaultAioHttpClient
+
+        kwargs["http_client"] = DefaultAioHttpClient()
+    except ImportError:  # pragma: no cover - the aiohttp extra is in requirements.txt
+        pass
+    return AsyncAnthropic(**kwargs)
+
+
+def build_default_agent() -> Any:
+    builder = AgentFrameworkBuilder()
+    if settings.AGENTFLOW.get("CONFIG"):
+        builder.with_config(settings.AGENTFLOW["CONFIG"])
+    llm = AnthropicBackend(client_factory=anthropic_client_factory) if settings.ANTHROPIC_API_KEY else None
+    return builder.build_sync(llm)
+
+
+def categories_fingerprint() -> Any:
+    from intents.models import IntentCategory
+
+    return tuple(IntentCategory.objects.aggregate(n=Count("id"), changed=Max("updated_at")).values())
+
+
+def get_agent() -> Any:
+    """The process's agent (sync: call from a worker thread or ``sync_to_async``, not a running loop).
+
+    An async factory runs on its own thread and loop, so it never waits on the caller's
+    thread-sensitive executor. Its LLM backend should make clients per loop
+    (``AnthropicBackend(client_factory=...)``), as the default does.
+    """
+    factory_path = settings.AGENTFLOW["AGENT_FACTORY"]
+    fingerprint = categories_fingerprint()
+    with _lock:
+        cached = _cache.get(factory_path)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+    built = import_string(factory_path)()
+    if inspect.isawaitable(built):
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            built = pool.submit(asyncio.run, built).result()
+    with _lock:
+        _cache[factory_path] = (fingerprint, built)
+    return built
+
+
+def clear_agent_cache() -> None:
+    with _lock:
+        _cache.clear()

@@ -1,0 +1,59 @@
+"""Exceptions of the public API. Every one carries a stable ``code`` the transports pass on."""
+
+from __future__ import annotations
+
+
+class AgentFlowError(Exception):
+    """Base class of AgentFlow's errors."""
+
+    code = "agentflow_error"
+
+
+class ConfigError(AgentFlowError, ValueError):
+    """The configuration (YAML, dict, object or AGENT_* variable) is invalid."""
+
+    code = "invalid_config"
+
+
+class InvalidInput(AgentFlowError, ValueError):
+    """A user id or message was rejected; nothing was stored.
+
+    Attributes:
+        field: the offending input field (``user_id``, ``message``...).
+    """
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(AgentFlowError, LookupError):
+    """The user, session, thread or message does not exist for this user."""
+
+    code = "not_found"
+
+
+class RateLimited(AgentFlowError):
+    """The user sent more messages than ``rate_limit_config`` allows; nothing was stored."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LLMError(AgentFlowError):
+    """The LLM provider failed after the SDK's retries.
+
+    Attributes:
+        transient: True for rate limits, overload, 5xx and connection errors (worth retrying later).
+    """
+
+    code = "llm_error"
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -1,0 +1,193 @@
+"""LLM backends. The default talks to Anthropic's Messages API through the official SDK.
+
+A backend has one required method, :meth:`LLMBackend.generate`. The agent passes the model
+parameters from ``llm_config`` on every call, so one backend serves any configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import LLMConfig
+from .errors import LLMError
+
+TextCallback = Callable[[str], Awaitable[None]]
+
+OFFLINE_NOTICE = (
+    "[Offline mode] No AI assistant is available right now, so I can't answer this myself. "
+    "Your message is saved in this conversation. Would you like a human agent to take over? "
+    "Reply \"human\" and a member of our team will pick it up."
+)
+
+
+@dataclass
+class LLMReply:
+    """What the model answered."""
+
+    text: str
+    model: str
+    stop_reason: str
+    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    content: list[dict[str, Any]] = field(default_factory=list)  # raw blocks (text, tool_use)
+    latency_ms: float = 0.0
+    offline: bool = False
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [block for block in self.content if block.get("type") == "tool_use"]
+
+
+class LLMBackend(ABC):
+    """A chat-completion provider."""
+
+    #: True when the backend cannot reach a model (no key): the product runs in offline mode.
+    offline: bool = False
+
+    @abstractmethod
+    async def generate(
+        self,
+        *,
+        system: str,
+        messages: list[dict[str, Any]],
+        config: LLMConfig,
+        tools: list[dict[str, Any]] | None = None,
+        on_text: TextCallback | None = None,
+    ) -> LLMReply:
+        """Ask the model for the next assistant message.
+
+        Args:
+            on_text: when given, the reply is streamed and each text delta is passed to it.
+
+        Raises:
+            LLMError: after the provider's own retries; ``transient`` tells whether to retry later.
+        """
+
+
+class OfflineBackend(LLMBackend):
+    """Used when no API key is configured: says so, and offers a human."""
+
+    offline = True
+
+    async def generate(
+        self,
+        *,
+        system: str,
+        messages: list[dict[str, Any]],
+        config: LLMConfig,
+        tools: list[dict[str, Any]] | None = None,
+        on_text: TextCallback | None = None,
+    ) -> LLMReply:
+        if on_text is not None:
+            await on_text(OFFLINE_NOTICE)
+        return LLMReply(text=OFFLINE_NOTICE, model="offline", stop_reason="offline", offline=True)
+
+
+def _has_key(client: Any) -> bool:
+    return bool(getattr(client, "api_key", None) or getattr(client, "auth_token", None))
+
+
+class AnthropicBackend(LLMBackend):
+    """Anthropic's Messages API via ``anthropic.AsyncAnthropic``.
+
+    Give either a ``client`` (used as is, on the event loop it was made for) or a ``client_factory``
+    (one client per event loop, so Celery worker threads each keep their own connections).
+    """
+
+    def __init__(self, client: Any = None, *, client_factory: Callable[[], Any] | None = None) -> None:
+        if (client is None) == (client_factory is None):
+            raise ValueError("AnthropicBackend needs exactly one of client or client_factory")
+        self._client = client
+        self._factory = client_factory
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+    def client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        loop = asyncio.get_running_loop()
+        client = self._per_loop.get(loop)
+        if client is None:
+            assert self._factory is not None
+            client = self._factory()
+            self._per_loop[loop] = client
+        return client
+
+    async def generate(
+        self,
+        *,
+        system: str,
+        messages: list[dict[str, Any]],
+        config: LLMConfig,
+        tools: list[dict[str, Any]] | None = None,
+        on_text: TextCallback | None = None,
+    ) -> LLMReply:
+        import anthropic
+
+        client = self.client().with_options(max_retries=config.max_retries, timeout=config.timeout_seconds)
+        kwargs: dict[str, Any] = {
+            "model": config.model,
+            "max_tokens": config.max_tokens,
+            "system": system,
+            "messages": messages,
+            # SDK 2.x no longer takes sampling parameters as arguments; they go in the body.
+            "extra_body": {"temperature": config.temperature},
+        }
+        if tools:
+            kwargs["tools"] = tools
+        started = time.perf_counter()
+        try:
+            if on_text is None:
+                message = await client.messages.create(**kwargs)
+            else:
+                async with client.messages.stream(**kwargs) as stream:
+                    async for text in stream.text_stream:
+                        await on_text(text)
+                    message = await stream.get_final_message()
+        except anthropic.APIStatusError as exc:
+            transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+            raise LLMError(f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient) from exc
+        except anthropic.APIConnectionError as exc:  # includes APITimeoutError
+            raise LLMError(f"could not reach the Anthropic API: {exc}", transient=True) from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
+        text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
+        usage = {
+            "input_tokens": int(message.usage.input_tokens or 0),
+            "output_tokens": int(message.usage.output_tokens or 0),
+        }
+        return LLMReply(
+            text=text,
+            model=message.model,
+            stop_reason=message.stop_reason or "",
+            usage=usage,
+            content=blocks,
+            latency_ms=latency_ms,
+        )
+
+
+def backend_for(llm_client: Any) -> LLMBackend:
+    """Adapt what ``build(llm_client)`` was given: a backend, an ``AsyncAnthropic``, or None (offline)."""
+    if llm_client is None:
+        return OfflineBackend()
+    if isinstance(llm_client, LLMBackend):
+        return llm_client
+    try:
+        import anthropic
+    except ImportError:  # pragma: no cover - anthropic is a dependency
+        anthropic = None  # type: ignore[assignment]
+    if anthropic is not None and isinstance(llm_client, anthropic.Anthropic):
+        raise TypeError("build() needs an anthropic.AsyncAnthropic client (the synchronous Anthropic was given)")
+    messages = getattr(llm_client, "messages", None)
+    if messages is None or not asyncio.iscoroutinefunction(getattr(messages, "create", None)):
+        raise TypeError(
+            f"build() takes an anthropic.AsyncAnthropic client or an agentflow.llm.LLMBackend;"
+            f" got {type(llm_client).__name__}"
+        )
+    if not _has_key(llm_client):
+        return OfflineBackend()
+    return AnthropicBackend(llm_client)

@@ -1,0 +1,28 @@
+"""Send one message as a user, in this process, and print the turn result as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from agentflow.defaults import get_agent
+from agentflow.errors import AgentFlowError
+
+
+class Command(BaseCommand):
+    help = "Run one turn: manage.py agentflow_chat --user alice 'My login is broken'"
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--user", required=True, help="the end user's id")
+        parser.add_argument("message")
+
+    def handle(self, *args: Any, user: str, message: str, **options: Any) -> None:
+        agent = get_agent()
+        try:
+            result = asyncio.run(agent.process_message(user_id=user, message=message))
+        except AgentFlowError as exc:
+            raise CommandError(f"{exc.code}: {exc}") from None
+        self.stdout.write(json.dumps(result, indent=2, default=str))

@@ -1,0 +1,263 @@
+"""The turn pipeline's database steps: accept, prepare, finish.
+
+A turn is: session -> user message stored (accept) -> thread decision -> intent -> memory lookup
+(prepare) -> reply (the agent's async ``respond``: middleware, handler, LLM with tools) -> reply
+stored (finish). Each step persists in PostgreSQL, so any process can pick a turn up by the
+message id; the steps here are synchronous and run in the caller's thread (a Celery worker thread,
+or a ``sync_to_async`` thread for ``process_message``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from conversations import selectors as conv_selectors
+from conversations import services as conv_services
+from conversations.models import Message, Thread
+from conversations.thread_detection import Candidate, decide_thread
+from memory.selectors import memory_search
+from memory.services import memories_mark_used
+
+from .context import TurnContext
+from .errors import NotFound
+from .types import Classification, IntentCategory, IntentScore, ThreadEvent
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+logger = logging.getLogger("agentflow.turn")
+
+STALE_CLAIM = timedelta(minutes=10)
+
+
+@dataclass
+class Prepared:
+    """A turn after ``prepare``: either already finished/held elsewhere, or ready for a reply."""
+
+    message_id: str
+    result: dict[str, Any] | None = None  # set when there is nothing left to do
+    ctx: TurnContext | None = None
+    category: IntentCategory | None = None
+    threshold: float = 0.0
+    needs_human: bool = False
+    human_reason: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Outcome:
+    """The reply a turn produced, before it is stored."""
+
+    text: str
+    handled_by: str
+    model: str = ""
+    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    llm_latency_ms: float | None = None
+    offline: bool = False
+    escalated: bool = False
+    escalation_reason: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def accept(
+    agent: Agent, *, user_id: str, message: str, client_message_id: str | None = None
+) -> tuple[Message, bool]:
+    """Validate and store the user's message (pending). Raises InvalidInput / RateLimited."""
+    cfg = agent.config
+    return conv_services.message_receive(
+        user_id=user_id,
+        content=message,
+        client_message_id=client_message_id,
+        ttl_seconds=cfg.session_config.ttl_seconds,
+        max_chars=cfg.input_config.max_message_chars,
+        rate_per_minute=cfg.rate_limit_config.messages_per_minute,
+    )
+
+
+def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
+    """Thread messages as Anthropic turns: alternating roles, starting with the user."""
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m.role == Message.Role.SYSTEM:
+            continue
+        role = "user" if m.role == Message.Role.USER else "assistant"
+        text = f"[Human agent] {m.content}" if m.role == Message.Role.HUMAN_AGENT else m.content
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        elif turns or role == "user":
+            turns.append({"role": role, "content": text})
+    return turns
+
+
+def _decide_and_place(agent: Agent, message: Message, embedding: Any) -> None:
+    """Thread decision + intent, stored on the message. Runs under the user's advisory lock."""
+    now = timezone.now()
+    user = message.user
+    cfg = agent.config.session_config
+    inactivity = timedelta(minutes=cfg.thread_inactivity_threshold)
+    conv_services.threads_mark_dormant(user=user, idle=inactivity, now=now)
+    threads = conv_selectors.thread_candidates(user=user)
+    candidates = [Candidate(t.pk, t.topic_embedding, t.last_activity_at) for t in threads]
+    decision = decide_thread(
+        text=message.content, embedding=embedding, candidates=candidates, now=now, inactivity=inactivity
+    )
+    classification = agent.classifier.classify(embedding)
+    if decision.thread_id is None:
+        thread = conv_services.thread_open(
+            user=user, session=message.session, text=message.content, embedding=embedding, now=now
+        )
+        if classification.intent:
+            thread.intent = classification.intent
+            thread.save(update_fields=["intent"])
+    else:
+        thread = next(t for t in threads if t.pk == decision.thread_id)
+        if decision.event == ThreadEvent.RESOLUTION:
+            conv_services.thread_resolve(thread=thread, by=message, now=now)
+        else:
+            conv_services.thread_add_message(thread=thread, embedding=embedding, now=now)
+    message.thread = thread
+    message.thread_event = decision.event
+    message.thread_confidence = round(decision.confidence, 4)
+    message.thread_signals = decision.signals
+    message.intent = classification.intent or ""
+    message.confidence = classification.confidence
+    message.intent_candidates = [{"intent": s.name, "confidence": s.confidence} for s in classification.runners_up]
+    message.save(
+        update_fields=[
+            "thread", "thread_event", "thread_confidence", "thread_signals",
+            "intent", "confidence", "intent_candidates",
+        ]
+    )
+
+
+def prepare(agent: Agent, *, message_id: Any) -> Prepared:
+    """Claim a stored user message and work out its thread, intent, history and memories.
+
+    Idempotent: a finished turn returns its result; a turn another worker holds returns its state.
+    """
+    try:
+        message = Message.objects.select_related("user", "session").get(pk=message_id, role=Message.Role.USER)
+    except Message.DoesNotExist:
+        raise NotFound(f"message {message_id} not found") from None
+    key = str(message.pk)
+    if message.status == Message.Status.DONE:
+        return Prepared(key, result=conv_selectors.turn_result(message=message))
+    if not conv_services.message_claim(message_id=message.pk, now=timezone.now(), stale_after=STALE_CLAIM):
+        message.refresh_from_db()
+        return Prepared(key, result=conv_selectors.turn_result(message=message))
+    started = time.perf_counter()
+    embedding = agent.embedder.embed_one(message.content)
+    with transaction.atomic():
+        conv_services.user_lock(user=message.user)
+        message.refresh_from_db(fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"])
+        if message.thread_id is None:
+            _decide_and_place(agent, message, embedding)
+    thread: Thread = message.thread  # type: ignore[assignment]
+    classification = Classification(
+        message.intent or None,
+        message.confidence or 0.0,
+        tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
+    )
+    history = _history_for_llm(
+        conv_selectors.thread_history(thread=thread, limit=agent.config.llm_config.history_messages, before=message)
+    )
+    mem_cfg = agent.config.memory_config
+    memories = (
+        memory_search(
+            user=message.user, embedding=embedding, limit=mem_cfg.top_k,
+            similarity_threshold=mem_cfg.similarity_threshold,
+        )
+        if mem_cfg.enabled
+        else []
+    )
+    category = agent.category(classification.intent)
+    threshold = agent.config.confidence_config.threshold_for(
+        classification.intent, category.threshold if category else None
+    )
+    needs_human, reason = False, ""
+    if message.thread_event != ThreadEvent.RESOLUTION and classification.intent is not None:
+        if category is not None and category.handoff:
+            needs_human, reason = True, f"intent {classification.intent} is always handed to a human"
+        elif threshold == 0.0:
+            needs_human, reason = True, f"intent {classification.intent} has threshold 0 (always a human)"
+        elif classification.confidence < threshold:
+            needs_human, reason = True, (
+                f"confidence {classification.confidence:.2f} below the {classification.intent}"
+                f" threshold {threshold:.2f}"
+            )
+    ctx = TurnContext(
+        user_id=message.user.external_id,
+        message=message.content,
+        message_id=key,
+        session_id=str(message.session_id),
+        thread_id=str(thread.pk),
+        thread_event=message.thread_event,
+        classification=classification,
+        config=agent.config,
+        history=history,
+        memories=memories,
+        tools=agent.tools,
+    )
+    return Prepared(
+        key, ctx=ctx, category=category, threshold=threshold, needs_human=needs_human,
+        human_reason=reason, started=started,
+    )
+
+
+def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]:
+    """Store the reply and mark the turn done. Running it twice stores one reply."""
+    assert prepared.ctx is not None
+    ctx = prepared.ctx
+    latency_ms = round((time.perf_counter() - prepared.started) * 1000, 2)
+    message = Message.objects.select_related("user", "thread").get(pk=prepared.message_id)
+    try:
+        with transaction.atomic():
+            Message.objects.create(
+                user=message.user,
+                session_id=message.session_id,
+                thread_id=message.thread_id,
+                reply_to=message,
+                role=Message.Role.ASSISTANT,
+                content=outcome.text,
+                intent=message.intent,
+                confidence=message.confidence,
+                escalated=outcome.escalated,
+                offline=outcome.offline,
+                model=outcome.model,
+                usage=outcome.usage,
+                latency_ms=latency_ms,
+                llm_latency_ms=outcome.llm_latency_ms,
+                handled_by=outcome.handled_by,
+                memories_used=ctx.memories,
+                tool_calls=outcome.tool_calls,
+            )
+            message.status = Message.Status.DONE
+            message.escalated = outcome.escalated
+            message.error = ""
+            message.save(update_fields=["status", "escalated", "error"])
+            thread = message.thread
+            assert thread is not None
+            fields = ["last_activity_at"]
+            thread.last_activity_at = timezone.now()
+            if outcome.escalated and not thread.escalated:
+                thread.escalated = True
+                fields.append("escalated")
+            thread.save(update_fields=fields)
+    except IntegrityError:
+        # Another run of this turn stored its reply first; that one stands.
+        message.refresh_from_db()
+    memories_mark_used(memory_ids=[m["id"] for m in ctx.memories])
+    result = conv_selectors.turn_result(message=message)
+    logger.info(
+        "turn user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",
+        ctx.user_id, ctx.thread_id, ctx.thread_event, ctx.intent, ctx.confidence, outcome.escalated,
+        outcome.handled_by, latency_ms,
+    )
+    return result

@@ -1,0 +1,99 @@
+"""The REST API: django-ninja, OpenAPI docs at /api/docs, one error shape for every failure.
+
+Host backends authenticate with an ``X-API-Key`` header (keys are made in the admin or with
+``manage.py agentflow_demo``); logged-in staff may use the API from the browser (the docs page).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+from ninja.security import APIKeyHeader, SessionAuthIsStaff
+
+from agentflow.errors import InvalidInput, NotFound, RateLimited
+from conversations.api import router as conversations_router
+from conversations.services import api_key_check
+
+
+class ApiKeyAuth(APIKeyHeader):
+    param_name = "X-API-Key"
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> Any:
+        return api_key_check(plain=key or "")
+
+
+api = NinjaAPI(
+    title="AgentFlow API",
+    version="1",
+    description="Conversational agents with sessions, threading, intents, hand-off and memory.",
+    auth=[ApiKeyAuth(), SessionAuthIsStaff()],
+    urls_namespace="api",
+)
+
+
+def _error(request: HttpRequest, status: int, code: str, message: str, field: str | None = None) -> HttpResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    return api.create_response(request, {"error": body}, status=status)
+
+
+@api.exception_handler(InvalidInput)
+def _invalid_input(request: HttpRequest, exc: InvalidInput) -> HttpResponse:
+    return _error(request, 400, exc.code, str(exc), exc.field)
+
+
+@api.exception_handler(NotFound)
+def _not_found(request: HttpRequest, exc: NotFound) -> HttpResponse:
+    return _error(request, 404, exc.code, str(exc))
+
+
+@api.exception_handler(RateLimited)
+def _rate_limited(request: HttpRequest, exc: RateLimited) -> HttpResponse:
+    response = _error(request, 429, exc.code, str(exc))
+    response["Retry-After"] = str(max(1, int(exc.retry_after)))
+    return response
+
+
+@api.exception_handler(NinjaValidationError)
+def _validation(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
+    first = exc.errors[0] if exc.errors else {}
+    loc = [str(p) for p in first.get("loc", []) if p not in ("body", "payload", "query", "path")]
+    if first.get("type") == "json_invalid" or "JSON" in str(first.get("msg", "")):
+        return _error(request, 400, "bad_json", "the request body is not valid JSON")
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', []) if p not in ('body', 'payload'))}: {e.get('msg')}"
+        for e in exc.errors
+    )
+    return _error(request, 422, "invalid_request", message or "invalid request", ".".join(loc) or None)
+
+
+@api.exception_handler(AuthenticationError)
+def _unauthorized(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return _error(request, 401, "unauthorized", "send a valid X-API-Key header (or log in as staff)")
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    code = "bad_json" if exc.status_code == 400 and "parse" in str(exc).lower() else "http_error"
+    return _error(request, exc.status_code, code, str(exc))
+
+
+@api.get("/health", auth=None, tags=["operations"], summary="Liveness and configuration")
+def health(request: HttpRequest) -> dict[str, Any]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return {
+        "status": "ok",
+        "offline": not settings.ANTHROPIC_API_KEY,
+        "redis": settings.REDIS_SOURCE,
+    }
+
+
+api.add_router("/", conversations_router)

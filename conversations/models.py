@@ -1,0 +1,166 @@
+"""End users, their chat sessions, threads and messages, and the API keys of host backends."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from pgvector.django import VectorField
+
+EMBEDDING_DIMENSIONS = 384
+
+
+class EndUser(models.Model):
+    """A person chatting with the agent, known by the host application's stable id.
+
+    End users are not Django accounts: the host site owns their identity.
+    """
+
+    external_id = models.CharField(max_length=255, unique=True, help_text="The host application's user id.")
+    display_name = models.CharField(max_length=255, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+
+    def __str__(self) -> str:
+        return self.external_id
+
+
+class ChatSession(models.Model):
+    """A run of conversation; it expires ``ttl_seconds`` after the user's last message."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        EXPIRED = "expired"
+        ENDED = "ended"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="sessions")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    ttl_seconds = models.PositiveIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+    last_activity_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_activity_at"]
+        indexes = [models.Index(fields=["user", "-last_activity_at"])]
+
+    def __str__(self) -> str:
+        return f"session {self.id} of {self.user_id}"
+
+
+class Thread(models.Model):
+    """One topic inside a user's conversation (a login problem, a billing question...)."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        DORMANT = "dormant"
+        RESOLVED = "resolved"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="threads")
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="threads")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    topic = models.CharField(max_length=255, blank=True, help_text="Short label: the opening message.")
+    intent = models.CharField(max_length=100, blank=True)
+    topic_embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True)
+    topic_weight = models.PositiveIntegerField(default=0, help_text="User messages folded into the topic.")
+    escalated = models.BooleanField(default=False)
+    opened_at = models.DateTimeField(auto_now_add=True)
+    last_activity_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-last_activity_at"]
+        indexes = [models.Index(fields=["user", "status", "-last_activity_at"])]
+
+    def __str__(self) -> str:
+        return self.topic or str(self.id)
+
+
+class Message(models.Model):
+    """One message in a thread. User messages carry the turn's decisions (thread, intent)."""
+
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+        HUMAN_AGENT = "human_agent", "human agent"
+        SYSTEM = "system"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # stored, turn not run yet
+        PROCESSING = "processing"  # a worker holds the turn
+        DONE = "done"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="messages")
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
+    thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="messages", null=True, blank=True)
+    reply_to = models.OneToOneField(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="reply"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DONE)
+    client_message_id = models.CharField(max_length=100, blank=True, default="")
+    thread_event = models.CharField(max_length=20, blank=True)
+    thread_confidence = models.FloatField(null=True, blank=True)
+    thread_signals = models.JSONField(default=dict, blank=True)
+    intent = models.CharField(max_length=100, blank=True)
+    confidence = models.FloatField(null=True, blank=True)
+    intent_candidates = models.JSONField(default=list, blank=True)
+    escalated = models.BooleanField(default=False)
+    offline = models.BooleanField(default=False)
+    model = models.CharField(max_length=100, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True, help_text="Whole turn, on the reply.")
+    llm_latency_ms = models.FloatField(null=True, blank=True)
+    handled_by = models.CharField(max_length=100, blank=True, help_text="llm, handler:<intent>, offline...")
+    processing_started_at = models.DateTimeField(null=True, blank=True)
+    memories_used = models.JSONField(default=list, blank=True)
+    tool_calls = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["thread", "created_at"]), models.Index(fields=["user", "created_at"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "client_message_id"],
+                condition=~Q(client_message_id=""),
+                name="message_unique_client_id_per_user",
+            ),
+            models.CheckConstraint(
+                condition=Q(confidence__isnull=True) | Q(confidence__gte=0, confidence__lte=1),
+                name="message_confidence_in_unit_interval",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:60]}"
+
+
+class ApiKey(models.Model):
+    """A key a host backend uses for the REST API. Only its hash is stored."""
+
+    name = models.CharField(max_length=100, unique=True)
+    prefix = models.CharField(max_length=12, db_index=True)
+    key_hash = models.CharField(max_length=64, unique=True)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

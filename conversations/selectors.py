@@ -1,0 +1,119 @@
+"""Reads of users' conversations. Every fetch of a user's data goes through a ``*_for_user`` function:
+that is where per-user isolation is enforced."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db.models import QuerySet
+
+from agentflow.errors import NotFound
+
+from .models import ChatSession, EndUser, Message, Thread
+
+
+def _uuid(value: object, what: str) -> uuid.UUID:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        raise NotFound(f"{what} {value!r} not found") from None
+
+
+def user_get(*, external_id: str) -> EndUser:
+    try:
+        return EndUser.objects.get(external_id=external_id)
+    except EndUser.DoesNotExist:
+        raise NotFound(f"user {external_id!r} not found") from None
+
+
+def sessions_for_user(*, user: EndUser) -> QuerySet[ChatSession]:
+    return ChatSession.objects.filter(user=user).order_by("-last_activity_at")
+
+
+def session_get_for_user(*, user: EndUser, session_id: object) -> ChatSession:
+    try:
+        return ChatSession.objects.get(user=user, pk=_uuid(session_id, "session"))
+    except ChatSession.DoesNotExist:
+        raise NotFound(f"session {session_id} not found for this user") from None
+
+
+def threads_for_user(
+    *, user: EndUser, session_id: object | None = None, status: str | None = None
+) -> QuerySet[Thread]:
+    threads = Thread.objects.filter(user=user)
+    if session_id is not None:
+        threads = threads.filter(session=session_get_for_user(user=user, session_id=session_id))
+    if status is not None:
+        threads = threads.filter(status=status)
+    return threads.order_by("-last_activity_at")
+
+
+def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
+    try:
+        return Thread.objects.get(user=user, pk=_uuid(thread_id, "thread"))
+    except Thread.DoesNotExist:
+        raise NotFound(f"thread {thread_id} not found for this user") from None
+
+
+def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
+    """The user's unresolved threads, most recently active first: where a new message may belong."""
+    return list(
+        Thread.objects.filter(user=user)
+        .exclude(status=Thread.Status.RESOLVED)
+        .order_by("-last_activity_at")[:limit]
+    )
+
+
+def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:
+    """The thread's last ``limit`` finished messages, oldest first."""
+    messages = Message.objects.filter(thread=thread).exclude(status=Message.Status.PENDING)
+    if before is not None:
+        messages = messages.filter(created_at__lt=before.created_at)
+    return list(reversed(messages.order_by("-created_at")[:limit]))
+
+
+def messages_for_thread(*, thread: Thread) -> QuerySet[Message]:
+    return Message.objects.filter(thread=thread).order_by("created_at")
+
+
+def message_get_for_user(*, user: EndUser, message_id: object) -> Message:
+    try:
+        return Message.objects.select_related("session", "thread").get(
+            user=user, pk=_uuid(message_id, "message")
+        )
+    except Message.DoesNotExist:
+        raise NotFound(f"message {message_id} not found for this user") from None
+
+
+def turn_result(*, message: Message) -> dict[str, Any]:
+    """The turn result of a user message: its decisions and, once done, the reply."""
+    reply = Message.objects.filter(reply_to=message).first()
+    result: dict[str, Any] = {
+        "status": message.status,
+        "message_id": str(message.id),
+        "user_id": message.user.external_id,
+        "session_id": str(message.session_id),
+        "thread_id": str(message.thread_id) if message.thread_id else None,
+        "thread_event": message.thread_event or None,
+        "thread_confidence": message.thread_confidence,
+        "intent": message.intent or None,
+        "confidence": message.confidence,
+        "runners_up": message.intent_candidates,
+        "escalated": message.escalated,
+        "error": message.error or None,
+    }
+    if reply is not None:
+        result.update(
+            content=reply.content,
+            reply_id=str(reply.id),
+            offline=reply.offline,
+            model=reply.model,
+            usage=reply.usage,
+            latency_ms=reply.latency_ms,
+            memories_used=reply.memories_used,
+            escalated=message.escalated or reply.escalated,
+            handled_by=reply.handled_by,
+            llm_latency_ms=reply.llm_latency_ms,
+        )
+    return result

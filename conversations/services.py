@@ -1,0 +1,218 @@
+"""Writes to users' conversations: sessions, threads, messages, API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from django.core.cache import cache
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from agentflow.errors import InvalidInput, RateLimited
+from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
+
+from .models import ApiKey, ChatSession, EndUser, Message, Thread
+
+
+def user_get_or_create(*, external_id: str) -> EndUser:
+    user, _ = EndUser.objects.get_or_create(external_id=clean_user_id(external_id))
+    return user
+
+
+def user_lock(*, user: EndUser) -> None:
+    """Serialise this user's turn decisions until the current transaction ends.
+
+    Two messages sent together ("double-texting") then never both open a thread for one topic.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4146, user.pk])
+
+
+def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
+    """The user's live session, or a new one if the last expired (expired ones are marked)."""
+    live = (
+        ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__gt=now)
+        .order_by("-last_activity_at")
+        .first()
+    )
+    ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__lte=now).update(
+        status=ChatSession.Status.EXPIRED, ended_at=F("expires_at")
+    )
+    if live is not None:
+        live.last_activity_at = now
+        live.expires_at = now + timedelta(seconds=live.ttl_seconds)
+        live.save(update_fields=["last_activity_at", "expires_at"])
+        return live
+    return ChatSession.objects.create(
+        user=user,
+        ttl_seconds=ttl_seconds,
+        last_activity_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds),
+    )
+
+
+def rate_limit_check(*, user_id: str, per_minute: int, now: datetime) -> None:
+    """Fixed one-minute window per user, counted in Redis, so every process shares it."""
+    if per_minute <= 0:
+        return
+    window = int(now.timestamp() // 60)
+    key = f"ratelimit:{hashlib.sha256(user_id.encode()).hexdigest()[:24]}:{window}"
+    cache.add(key, 0, timeout=70)
+    count = cache.incr(key)
+    if count > per_minute:
+        raise RateLimited(
+            f"more than {per_minute} messages a minute; try again shortly",
+            retry_after=60 - now.timestamp() % 60,
+        )
+
+
+def message_receive(
+    *,
+    user_id: str,
+    content: str,
+    client_message_id: str | None = None,
+    ttl_seconds: int,
+    max_chars: int,
+    rate_per_minute: int = 0,
+) -> tuple[Message, bool]:
+    """Validate and store an incoming user message, pending its turn.
+
+    Sending the same ``client_message_id`` twice returns the first message (``created`` False).
+
+    Returns:
+        ``(message, created)``.
+
+    Raises:
+        InvalidInput: nothing was stored.
+        RateLimited: nothing was stored.
+    """
+    external_id = clean_user_id(user_id)
+    text = clean_message(content, max_chars=max_chars)
+    client_id = clean_client_message_id(client_message_id)
+    now = timezone.now()
+    if client_id:
+        existing = Message.objects.filter(user__external_id=external_id, client_message_id=client_id).first()
+        if existing is not None:
+            return existing, False
+    rate_limit_check(user_id=external_id, per_minute=rate_per_minute, now=now)
+    try:
+        with transaction.atomic():
+            user = user_get_or_create(external_id=external_id)
+            EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
+            session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
+            message = Message.objects.create(
+                user=user,
+                session=session,
+                role=Message.Role.USER,
+                content=text,
+                status=Message.Status.PENDING,
+                client_message_id=client_id,
+            )
+    except IntegrityError:
+        # The same client id raced in from another process: the first one wins.
+        existing = Message.objects.filter(user__external_id=external_id, client_message_id=client_id).first()
+        if existing is None:
+            raise
+        return existing, False
+    return message, True
+
+
+def message_claim(*, message_id: Any, now: datetime, stale_after: timedelta) -> bool:
+    """Mark a message as being processed. False if another worker holds it or it is done.
+
+    A claim older than ``stale_after`` (its worker died) can be taken over; a failed turn can be retried.
+    """
+    claimable = Q(status__in=[Message.Status.PENDING, Message.Status.FAILED]) | Q(
+        status=Message.Status.PROCESSING, processing_started_at__lt=now - stale_after
+    )
+    claimed = (
+        Message.objects.filter(claimable, pk=message_id, role=Message.Role.USER)
+        .update(status=Message.Status.PROCESSING, processing_started_at=now, error="")
+    )
+    return claimed == 1
+
+
+def message_fail(*, message_id: Any, error: str) -> None:
+    Message.objects.filter(pk=message_id).exclude(status=Message.Status.DONE).update(
+        status=Message.Status.FAILED, error=error[:2000]
+    )
+
+
+def _fold(topic: np.ndarray | None, weight: int, vector: np.ndarray) -> np.ndarray:
+    """Running mean of the thread's user-message embeddings: its topic."""
+    if topic is None or weight == 0:
+        return vector
+    return (np.asarray(topic) * weight + vector) / (weight + 1)
+
+
+def thread_open(
+    *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime
+) -> Thread:
+    return Thread.objects.create(
+        user=user,
+        session=session,
+        topic=text[:255],
+        topic_embedding=embedding,
+        topic_weight=1,
+        last_activity_at=now,
+    )
+
+
+def thread_add_message(
+    *, thread: Thread, embedding: np.ndarray | None, now: datetime, reopen: bool = True
+) -> Thread:
+    """A message joined the thread: fold it into the topic, wake the thread if dormant."""
+    fields = ["last_activity_at"]
+    thread.last_activity_at = now
+    if embedding is not None:
+        thread.topic_embedding = _fold(thread.topic_embedding, thread.topic_weight, embedding)
+        thread.topic_weight = F("topic_weight") + 1
+        fields += ["topic_embedding", "topic_weight"]
+    if reopen and thread.status == Thread.Status.DORMANT:
+        thread.status = Thread.Status.OPEN
+        fields.append("status")
+    thread.save(update_fields=fields)
+    thread.refresh_from_db(fields=["topic_weight"])
+    return thread
+
+
+def thread_resolve(*, thread: Thread, by: Message, now: datetime) -> Thread:
+    """Mark a thread resolved, keeping the message that resolved it."""
+    thread.status = Thread.Status.RESOLVED
+    thread.resolved_at = now
+    thread.resolution = by.content[:2000]
+    thread.last_activity_at = now
+    thread.save(update_fields=["status", "resolved_at", "resolution", "last_activity_at"])
+    return thread
+
+
+def threads_mark_dormant(*, user: EndUser, idle: timedelta, now: datetime) -> int:
+    return Thread.objects.filter(user=user, status=Thread.Status.OPEN, last_activity_at__lt=now - idle).update(
+        status=Thread.Status.DORMANT
+    )
+
+
+def api_key_create(*, name: str) -> tuple[ApiKey, str]:
+    """Create a REST API key. The plain key is returned once and never stored."""
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise InvalidInput("API key name must be 1-100 characters", field="name")
+    plain = "afk_" + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(
+        name=name, prefix=plain[:12], key_hash=hashlib.sha256(plain.encode()).hexdigest()
+    )
+    return key, plain
+
+
+def api_key_check(*, plain: str) -> ApiKey | None:
+    if not plain or len(plain) > 200:
+        return None
+    key = ApiKey.objects.filter(key_hash=hashlib.sha256(plain.encode()).hexdigest(), active=True).first()
+    if key is not None:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+    return key

@@ -1,0 +1,77 @@
+"""Celery tasks: run a stored user message's turn and tell the user's live connections.
+
+Tasks take ids and are idempotent: a turn that is done is only re-published; one that another
+worker holds is left alone. LLM I/O runs on an event loop kept per worker thread (Celery 5.7
+has no asyncio pool), so each thread keeps its own HTTP connections to the LLM provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from celery import shared_task
+
+from agentflow import pipeline
+from agentflow.defaults import get_agent
+from agentflow.errors import LLMError, NotFound
+
+from .events import publish
+from .models import Message
+
+logger = logging.getLogger("agentflow.tasks")
+_local = threading.local()
+
+MAX_LLM_RETRIES = 3
+
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    loop = getattr(_local, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = asyncio.new_event_loop()
+        _local.loop = loop
+    return loop
+
+
+@shared_task(bind=True, acks_late=True, max_retries=MAX_LLM_RETRIES)
+def process_turn(self: Any, message_id: str) -> str:
+    """Run the turn of stored user message ``message_id`` and publish its result."""
+    loop = _thread_loop()
+    agent = get_agent()
+    try:
+        prepared = pipeline.prepare(agent, message_id=message_id)
+    except NotFound:
+        logger.warning("process_turn: message %s no longer exists", message_id)
+        return "missing"
+    user_pk = Message.objects.values_list("user_id", flat=True).get(pk=message_id)
+    if prepared.result is not None:
+        if prepared.result["status"] == Message.Status.DONE:
+            publish(user_pk=user_pk, event={"kind": "turn", "turn": prepared.result})
+        return str(prepared.result["status"])
+    try:
+        outcome = loop.run_until_complete(agent.respond(prepared))
+    except LLMError as exc:
+        agent.fail(prepared, exc)
+        if exc.transient and self.request.retries < MAX_LLM_RETRIES:
+            raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
+        publish(
+            user_pk=user_pk,
+            event={"kind": "error", "code": exc.code, "message": "The assistant is unavailable right now.",
+                   "message_id": message_id},
+        )
+        return "failed"
+    except Exception as exc:
+        agent.fail(prepared, exc)
+        raise
+    result = pipeline.finish(agent, prepared, outcome)
+    publish(user_pk=user_pk, event={"kind": "turn", "turn": result})
+    return "done"
+
+
+def enqueue_turn(message_id: Any) -> None:
+    """Queue the turn once the surrounding transaction commits (call from a service or transport)."""
+    from django.db import transaction
+
+    transaction.on_commit(lambda: process_turn.delay(str(message_id)))

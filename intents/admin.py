@@ -1,0 +1,61 @@
+"""Intent categories in the ops console: staff edit examples, thresholds, hand-off and prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+
+from agentflow.errors import ConfigError
+from agentflow.validation import validate_intent_fields
+
+from .models import IntentCategory
+
+
+class IntentCategoryForm(forms.ModelForm):
+    examples = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 8}),
+        required=False,
+        help_text="One example phrase per line.",
+    )
+
+    class Meta:
+        model = IntentCategory
+        fields = ("name", "description", "examples", "threshold", "handoff", "system_prompt", "active")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance and self.instance.pk:
+            self.initial["examples"] = "\n".join(self.instance.examples)
+
+    def clean_examples(self) -> list[str]:
+        raw = self.cleaned_data.get("examples") or ""
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            validate_intent_fields(
+                data.get("name"), data.get("description") or "", data.get("examples") or [], data.get("threshold")
+            )
+        except ConfigError as exc:
+            message = str(exc)
+            field = "threshold" if "threshold" in message else "examples" if "example" in message else "name"
+            self.add_error(field, message)
+        return data
+
+
+@admin.register(IntentCategory)
+class IntentCategoryAdmin(admin.ModelAdmin):
+    form = IntentCategoryForm
+    list_display = ("name", "active", "threshold", "handoff", "example_count", "source", "updated_at")
+    list_filter = ("active", "handoff", "source")
+    list_editable = ("active", "threshold", "handoff")
+    search_fields = ("name", "description")
+
+    @admin.display(description="examples")
+    def example_count(self, obj: IntentCategory) -> int:
+        return len(obj.examples)

@@ -1,0 +1,52 @@
+"""Memories: what the agent learned, per user (episodic) or for everyone (global)."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from pgvector.django import HnswIndex, VectorField
+
+from conversations.models import EMBEDDING_DIMENSIONS, EndUser
+
+
+class Memory(models.Model):
+    """A remembered fact, preference or resolution, with its embedding for similarity search.
+
+    ``user`` is ``None`` for global memories shared by all users.
+    """
+
+    class Kind(models.TextChoices):
+        EPISODIC = "episodic"  # what happened in a resolved thread
+        PREFERENCE = "preference"  # "email me, don't call"
+        FACT = "fact"
+        PATTERN = "pattern"  # a global resolution pattern
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    content = models.TextField()
+    embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS)
+    embedding_model = models.CharField(max_length=100)
+    source = models.JSONField(default=dict, blank=True, help_text="Provenance: thread, messages, who wrote it.")
+    use_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        verbose_name_plural = "memories"
+        indexes = [
+            HnswIndex(
+                name="memory_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+            models.Index(fields=["user", "kind"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.content[:80]
