@@ -1,0 +1,49 @@
+# The commands the README names. Everything installs into .venv; data lives in .data/ (git-ignored).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install services-stop lint typecheck bench clean-data
+
+# Install everything, migrate, load the demo, start the web server and the worker.
+run: $(STAMP) .env
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py agentflow_demo
+	$(PY) manage.py agentflow_run
+
+# Install everything and run the whole test suite (what .ci/run calls).
+test: $(STAMP)
+	$(PY) -m ruff check .
+	DJANGO_SETTINGS_MODULE=tests.settings $(PY) manage.py makemigrations --check --dry-run
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+		echo "python3 -m venv failed; installing python3-venv"; \
+		apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+# A development .env: debug on and a random secret key. Edit it to add ANTHROPIC_API_KEY.
+.env:
+	@printf 'DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=%s\n# ANTHROPIC_API_KEY=sk-ant-...\n' \
+		"$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env
+	@echo "wrote .env (development settings)"
+
+services-stop: $(STAMP)
+	$(PY) manage.py agentflow_services stop
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy agentflow
+
+bench: $(STAMP)
+	$(PY) bench/turn_overhead.py
