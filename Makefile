@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install services-stop lint typecheck bench clean-data
+.PHONY: run test install services-stop lint typecheck bench
 
 # Install everything, migrate, load the demo, start the web server and the worker.
 run: $(STAMP) .env

@@ -14,7 +14,6 @@ from . import pipeline
 from .config import AgentFrameworkConfig
 from .context import Handler, HandlerResult, Middleware, TurnContext
 from .embeddings import Embedder
-from .errors import LLMError
 from .llm import LLMBackend, TextCallback
 from .tools import ToolSource
 from .types import Classification, IntentCategory, TurnResult
@@ -26,6 +25,9 @@ HANDOFF_NOTICE = (
     "A human agent will reply here shortly."
 )
 OFFLINE_PREFIX = "[Offline mode] "
+NO_ANSWER_NOTICE = (
+    "I couldn't complete an answer this time. Would you like a member of our team to take over?"
+)
 
 
 class Agent:
@@ -92,7 +94,9 @@ class Agent:
             return prepared.result  # type: ignore[return-value]
         try:
             outcome = await self.respond(prepared, on_text=on_text)
-        except LLMError as exc:
+        except Exception as exc:
+            # Any failure (LLM, handler, middleware) marks the turn failed so it can be retried at once,
+            # as the Celery task does; otherwise the claim would block the message for STALE_CLAIM.
             await sync_to_async(self.fail)(prepared, exc)
             raise
         return await sync_to_async(pipeline.finish)(self, prepared, outcome)  # type: ignore[return-value]
@@ -114,7 +118,9 @@ class Agent:
         ctx = prepared.ctx
         assert ctx is not None
         for mw in self.middleware:
-            await mw.before_turn(ctx)
+            before = getattr(mw, "before_turn", None)
+            if before is not None:
+                await before(ctx)
         handled_by = "middleware" if ctx.reply is not None else ""
         if ctx.reply is None and not prepared.needs_human and ctx.intent in self.handlers:
             await self._run_handler(ctx)
@@ -132,7 +138,9 @@ class Agent:
         if self.offline and not outcome.text.startswith(OFFLINE_PREFIX):
             outcome.text = OFFLINE_PREFIX + outcome.text
         for mw in reversed(self.middleware):
-            outcome.text = await mw.after_turn(ctx, outcome.text)
+            after = getattr(mw, "after_turn", None)
+            if after is not None:
+                outcome.text = await after(ctx, outcome.text)
         return outcome
 
     async def _run_handler(self, ctx: TurnContext) -> None:
@@ -176,9 +184,11 @@ class Agent:
         system = self.system_prompt(prepared, ctx)
         usage = {"input_tokens": 0, "output_tokens": 0}
         calls: list[dict[str, Any]] = []
+        texts: list[str] = []  # the text of every round: what a streaming client was shown
         llm_ms = 0.0
         for round_ in range(cfg.max_tool_rounds + 1):
             reply = await self.llm.generate(system=system, messages=messages, config=cfg, tools=tools, on_text=on_text)
+            texts.append(reply.text)
             llm_ms += reply.latency_ms
             usage["input_tokens"] += reply.usage.get("input_tokens", 0)
             usage["output_tokens"] += reply.usage.get("output_tokens", 0)
@@ -193,8 +203,15 @@ class Agent:
                 calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error})
             messages.append({"role": "user", "content": results})
+        text = "".join(texts)
+        if not text.strip():
+            # The model ended on a tool call (max_tool_rounds reached) or said nothing. An empty reply
+            # would reach the user as a blank bubble and be rejected as history on the thread's next turn.
+            text = NO_ANSWER_NOTICE
+            if on_text is not None:
+                await on_text(text)
         return pipeline.Outcome(
-            text=reply.text,
+            text=text,
             handled_by="offline" if reply.offline else "llm",
             model=reply.model,
             usage=usage,

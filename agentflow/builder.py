@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -80,11 +81,15 @@ class AgentFrameworkBuilder:
 
     def with_middleware(self, middleware: Sequence[Middleware]) -> AgentFrameworkBuilder:
         """Objects with async ``before_turn(ctx)`` / ``after_turn(ctx, reply)`` hooks, run in order."""
-        if isinstance(middleware, Middleware):
-            middleware = [middleware]
+        if isinstance(middleware, Middleware) or not isinstance(middleware, Sequence):
+            middleware = [middleware]  # a single object; the hook check below rejects anything else
         for mw in middleware:
-            if not (hasattr(mw, "before_turn") or hasattr(mw, "after_turn")):
+            hooks = [getattr(mw, name, None) for name in ("before_turn", "after_turn")]
+            if all(hook is None for hook in hooks):
                 raise ConfigError(f"{type(mw).__name__} has neither before_turn nor after_turn")
+            for name, hook in zip(("before_turn", "after_turn"), hooks, strict=True):
+                if hook is not None and not inspect.iscoroutinefunction(hook):
+                    raise ConfigError(f"{type(mw).__name__}.{name} must be an async method")
         self._middleware.extend(middleware)
         return self
 
@@ -148,7 +153,6 @@ class AgentFrameworkBuilder:
             raise ConfigError(str(exc)) from None
         ensure_schema()
         if self._categories is not None:
-            intent_categories_sync(categories=self._categories)
             categories = tuple(self._categories)
         else:
             categories = tuple(intent_categories_active())
@@ -158,6 +162,9 @@ class AgentFrameworkBuilder:
                 raise ConfigError(
                     f"{name!r} names no intent category; known: {', '.join(sorted(known))}"
                 )
+        # Only a valid configuration is recorded for the admin: a failed build leaves no trace.
+        if self._categories is not None:
+            intent_categories_sync(categories=self._categories)
         embedder = get_embedder()
         return Agent(
             config=config,

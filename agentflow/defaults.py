@@ -43,12 +43,25 @@ def anthropic_client_factory() -> Any:
     return AsyncAnthropic(**kwargs)
 
 
+_backend: AnthropicBackend | None = None
+
+
+def default_backend() -> AnthropicBackend | None:
+    """One Anthropic backend per process, reused across agent rebuilds (it owns the HTTP clients)."""
+    global _backend
+    if not settings.ANTHROPIC_API_KEY:
+        return None
+    with _lock:
+        if _backend is None:
+            _backend = AnthropicBackend(client_factory=anthropic_client_factory)
+        return _backend
+
+
 def build_default_agent() -> Any:
     builder = AgentFrameworkBuilder()
     if settings.AGENTFLOW.get("CONFIG"):
         builder.with_config(settings.AGENTFLOW["CONFIG"])
-    llm = AnthropicBackend(client_factory=anthropic_client_factory) if settings.ANTHROPIC_API_KEY else None
-    return builder.build_sync(llm)
+    return builder.build_sync(default_backend())
 
 
 def categories_fingerprint() -> Any:
@@ -79,6 +92,14 @@ def get_agent() -> Any:
     return built
 
 
+def cached_agents() -> list[Any]:
+    with _lock:
+        return [agent for _, agent in _cache.values()]
+
+
 def clear_agent_cache() -> None:
+    """Forget built agents and the shared backend (settings such as the API key changed)."""
+    global _backend
     with _lock:
         _cache.clear()
+        _backend = None

@@ -7,6 +7,7 @@ parameters from ``llm_config`` on every call, so one backend serves any configur
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -21,8 +22,7 @@ TextCallback = Callable[[str], Awaitable[None]]
 
 OFFLINE_NOTICE = (
     "[Offline mode] No AI assistant is available right now, so I can't answer this myself. "
-    "Your message is saved in this conversation. Would you like a human agent to take over? "
-    "Reply \"human\" and a member of our team will pick it up."
+    "Your message is saved in this conversation, where a member of our team can pick it up."
 )
 
 
@@ -105,6 +105,16 @@ class AnthropicBackend(LLMBackend):
         self._client = client
         self._factory = client_factory
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # with_options() copies the client (~0.5 ms); keep one copy per client and option set.
+        self._configured: weakref.WeakKeyDictionary[Any, dict[tuple[int, float], Any]] = weakref.WeakKeyDictionary()
+
+    async def aclose(self) -> None:
+        """Close the clients this backend made for the running event loop."""
+        client = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            for copy in self._configured.pop(client, {}).values():
+                await copy.close()
+            await client.close()
 
     def client(self) -> Any:
         if self._client is not None:
@@ -128,7 +138,12 @@ class AnthropicBackend(LLMBackend):
     ) -> LLMReply:
         import anthropic
 
-        client = self.client().with_options(max_retries=config.max_retries, timeout=config.timeout_seconds)
+        base = self.client()
+        options = (config.max_retries, config.timeout_seconds)
+        copies = self._configured.setdefault(base, {})
+        client = copies.get(options)
+        if client is None:
+            client = copies[options] = base.with_options(max_retries=options[0], timeout=options[1])
         kwargs: dict[str, Any] = {
             "model": config.model,
             "max_tokens": config.max_tokens,
@@ -183,7 +198,11 @@ def backend_for(llm_client: Any) -> LLMBackend:
     if anthropic is not None and isinstance(llm_client, anthropic.Anthropic):
         raise TypeError("build() needs an anthropic.AsyncAnthropic client (the synchronous Anthropic was given)")
     messages = getattr(llm_client, "messages", None)
-    if messages is None or not asyncio.iscoroutinefunction(getattr(messages, "create", None)):
+    create = getattr(messages, "create", None)
+    # The SDK wraps ``create`` in decorators (``required_args``) that hide the coroutine function.
+    is_async = create is not None and inspect.iscoroutinefunction(inspect.unwrap(create))
+    is_async_anthropic = anthropic is not None and isinstance(llm_client, anthropic.AsyncAnthropic)
+    if not (is_async_anthropic or is_async):
         raise TypeError(
             f"build() takes an anthropic.AsyncAnthropic client or an agentflow.llm.LLMBackend;"
             f" got {type(llm_client).__name__}"

@@ -43,6 +43,7 @@ class Prepared:
 
     message_id: str
     result: dict[str, Any] | None = None  # set when there is nothing left to do
+    message: Message | None = None
     ctx: TurnContext | None = None
     category: IntentCategory | None = None
     threshold: float = 0.0
@@ -206,7 +207,7 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
         tools=agent.tools,
     )
     return Prepared(
-        key, ctx=ctx, category=category, threshold=threshold, needs_human=needs_human,
+        key, message=message, ctx=ctx, category=category, threshold=threshold, needs_human=needs_human,
         human_reason=reason, started=started,
     )
 
@@ -216,10 +217,11 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     assert prepared.ctx is not None
     ctx = prepared.ctx
     latency_ms = round((time.perf_counter() - prepared.started) * 1000, 2)
-    message = Message.objects.select_related("user", "thread").get(pk=prepared.message_id)
+    message = prepared.message or Message.objects.select_related("user", "thread").get(pk=prepared.message_id)
+    reply: Message | None = None
     try:
         with transaction.atomic():
-            Message.objects.create(
+            reply = Message.objects.create(
                 user=message.user,
                 session_id=message.session_id,
                 thread_id=message.thread_id,
@@ -253,8 +255,9 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     except IntegrityError:
         # Another run of this turn stored its reply first; that one stands.
         message.refresh_from_db()
+        reply = None
     memories_mark_used(memory_ids=[m["id"] for m in ctx.memories])
-    result = conv_selectors.turn_result(message=message)
+    result = conv_selectors.turn_result(message=message, reply=reply)
     logger.info(
         "turn user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",
         ctx.user_id, ctx.thread_id, ctx.thread_event, ctx.intent, ctx.confidence, outcome.escalated,

@@ -40,7 +40,8 @@ class MCPToolSource(ToolSource):
             {
                 "name": tool.name,
                 "description": tool.description or "",
-                "input_schema": tool.inputSchema or {"type": "object", "properties": {}},
+                # fastmcp 4 / MCP SDK v2 name it ``input_schema``; ``inputSchema`` is the deprecated alias.
+                "input_schema": _input_schema(tool) or {"type": "object", "properties": {}},
             }
             for tool in tools
         ]
@@ -59,6 +60,11 @@ class MCPToolSource(ToolSource):
         if not text and result.structured_content is not None:
             text = json.dumps(result.structured_content)
         return text, bool(result.is_error)
+
+
+def _input_schema(tool: Any) -> dict[str, Any] | None:
+    schema = getattr(tool, "input_schema", None)
+    return schema if schema is not None else getattr(tool, "inputSchema", None)
 
 
 def tool_source_for(mcp_client: Any) -> ToolSource | None:

@@ -109,5 +109,7 @@ class TurnResult(TypedDict, total=False):
     model: str
     usage: Usage
     latency_ms: float
+    llm_latency_ms: float | None
     memories_used: list[dict[str, Any]]
     status: str
+    error: str | None

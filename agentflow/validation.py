@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, InvalidInput
 
-INTENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+INTENT_NAME_RE = re.compile(r"^[A-Za-z0-9_][^\s]{0,99}$")  # e.g. OUTAGE, card.lost, reverted_card_payment?
 USER_ID_MAX = 255
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
 
@@ -28,7 +28,7 @@ def validate_intent_fields(
     """Check an intent category's fields; raise ConfigError naming the bad one."""
     if not isinstance(name, str) or not INTENT_NAME_RE.match(name):
         raise ConfigError(
-            f"intent name must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit;"
+            f"intent name must be 1-100 characters without spaces, starting with a letter, digit or '_';"
             f" got {name!r}"
         )
     if not isinstance(description, str):

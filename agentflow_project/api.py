@@ -28,11 +28,21 @@ class ApiKeyAuth(APIKeyHeader):
         return api_key_check(plain=key or "")
 
 
+class StaffSessionAuth(SessionAuthIsStaff):
+    """Logged-in staff (the docs page). Skipped without a session cookie, so that a request with a
+    missing or wrong API key gets 401, not the CSRF failure of a cookie-less session check."""
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+            return None
+        return super().__call__(request)
+
+
 api = NinjaAPI(
     title="AgentFlow API",
     version="1",
     description="Conversational agents with sessions, threading, intents, hand-off and memory.",
-    auth=[ApiKeyAuth(), SessionAuthIsStaff()],
+    auth=[ApiKeyAuth(), StaffSessionAuth()],
     urls_namespace="api",
 )
 

@@ -99,7 +99,9 @@ def database_settings() -> dict:
     import dj_database_url
 
     url = env_str("DATABASE_URL")
-    pool_max = env_int("AGENTFLOW_DB_POOL_MAX", 20, minimum=1, maximum=90)
+    # Each Celery worker thread holds a connection while it runs a turn; leave room for the rest.
+    concurrency = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
+    pool_max = env_int("AGENTFLOW_DB_POOL_MAX", min(concurrency + 4, 90), minimum=1, maximum=90)
     if url:
         if not url.startswith(("postgres://", "postgresql://")):
             raise ImproperlyConfigured(
@@ -124,6 +126,9 @@ def database_settings() -> dict:
     if pool_max > 1:
         # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).
         config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_max, "timeout": 20}
+    # pgvector 0.8: filtered HNSW scans keep going until they have enough rows (set per connection
+    # so similarity queries need no extra round trip).
+    config["OPTIONS"].setdefault("options", "-c hnsw.iterative_scan=relaxed_order")
     config["CONN_HEALTH_CHECKS"] = False
     return config
 

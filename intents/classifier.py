@@ -59,5 +59,6 @@ class IntentClassifier:
         )
         best = ranked[0]
         if float(scores.max()) < OUT_OF_SCOPE_SIMILARITY:
-            return Classification(None, round(1.0 - strength, 4), ranked[:runners_up])
+            # Out of scope: no category fits, so the confidence is the (near-zero) best category's.
+            return Classification(None, best.confidence, ranked[:runners_up])
         return Classification(best.name, best.confidence, ranked[1 : runners_up + 1])

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
+
+from agentflow.embeddings import get_embedder
 
 from .models import Memory
+from .services import memory_embed
 
 
 @admin.register(Memory)
@@ -20,3 +26,9 @@ class MemoryAdmin(admin.ModelAdmin):
     @admin.display(description="content")
     def short_content(self, obj: Memory) -> str:
         return obj.content[:80]
+
+    def save_model(self, request: HttpRequest, obj: Memory, form: Any, change: bool) -> None:
+        # The embedding is not on the form: a new or edited content needs its vector, or search misses it.
+        if not change or "content" in form.changed_data:
+            memory_embed(memory=obj, embedder=get_embedder())
+        super().save_model(request, obj, form, change)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from django.db import connection, transaction
 from django.db.models import Q
 from pgvector.django import CosineDistance
 
@@ -19,20 +18,18 @@ def memory_search(
 ) -> list[dict[str, Any]]:
     """The user's own and the global memories most similar to ``embedding``, best first.
 
-    pgvector 0.8's iterative index scan keeps the HNSW index from returning too few rows when
-    the per-user filter discards most of its candidates.
+    pgvector 0.8's iterative index scan (``hnsw.iterative_scan``, set on every connection in the
+    database settings) keeps the HNSW index from returning too few rows when the per-user filter
+    discards most of its candidates.
     """
     max_distance = 1.0 - similarity_threshold
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        rows = list(
-            Memory.objects.filter(Q(user=user) | Q(user__isnull=True))
-            .annotate(distance=CosineDistance("embedding", embedding))
-            .filter(distance__lte=max_distance)
-            .order_by("distance")
-            .values("id", "kind", "content", "user_id", "distance")[:limit]
-        )
+    rows = list(
+        Memory.objects.filter(Q(user=user) | Q(user__isnull=True))
+        .annotate(distance=CosineDistance("embedding", embedding))
+        .filter(distance__lte=max_distance)
+        .order_by("distance")
+        .values("id", "kind", "content", "user_id", "distance")[:limit]
+    )
     return [
         {
             "id": str(row["id"]),

@@ -32,6 +32,12 @@ def memory_add(
     )
 
 
+def memory_embed(*, memory: Memory, embedder: Embedder) -> None:
+    """(Re)compute a memory's embedding from its content, e.g. after staff edit it; the caller saves."""
+    memory.embedding = embedder.embed_one(memory.content)
+    memory.embedding_model = embedder.model_id
+
+
 def memories_mark_used(*, memory_ids: Sequence[str]) -> None:
     if memory_ids:
         Memory.objects.filter(pk__in=list(memory_ids)).update(

@@ -49,6 +49,20 @@ def anthropic_client(fake_llm: FakeAnthropicServer):
 
 
 @pytest.fixture(autouse=True)
+def _close_executor_connections() -> Iterator[None]:
+    """Return the connection of asgiref's thread-sensitive executor thread after each test.
+
+    ``process_message`` reaches the ORM through ``sync_to_async``, whose thread keeps its connection
+    checked out of the pool; left open, it keeps PostgreSQL from dropping the test database.
+    """
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_agent_cache() -> Iterator[None]:
     from agentflow.defaults import clear_agent_cache
 
@@ -57,12 +71,24 @@ def _fresh_agent_cache() -> Iterator[None]:
     clear_agent_cache()
 
 
+def _delete_run_keys(pattern: str) -> None:
+    """Delete this run's Redis keys only (cache.clear() would FLUSHDB a shared database)."""
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        keys = list(client.scan_iter(pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture(autouse=True)
 def _clear_rate_limits() -> Iterator[None]:
     yield
-    from django.core.cache import cache
-
-    cache.clear()
+    _delete_run_keys(f"agentflow-test-{_RUN}:*ratelimit:*")
 
 
 @pytest.fixture(scope="session")
@@ -92,11 +118,6 @@ def api_key(db: Any) -> str:
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     """Drop this run's Celery queue from Redis."""
     try:
-        import redis
-        from django.conf import settings
-
-        client = redis.Redis.from_url(settings.REDIS_URL)
-        for key in client.scan_iter(f"*agentflow-test-{_RUN}*"):
-            client.delete(key)
+        _delete_run_keys(f"*agentflow-test-{_RUN}*")
     except Exception:  # noqa: S110 - best-effort cleanup
         pass

@@ -28,4 +28,7 @@ os.environ.update(
 
 from agentflow_project.settings import *  # noqa: E402, F403
 
+# Each run has its own test database, so concurrent runs on one server never drop each other's.
+DATABASES["default"]["TEST"] = {"NAME": f"test_agentflow_{_RUN}"}  # noqa: F405
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in admin tests

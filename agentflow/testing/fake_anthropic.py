@@ -37,8 +37,8 @@ import contextlib
 import json
 import math
 import re
+import signal
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,16 +63,9 @@ ERROR_STATUS: dict[str, int] = {
 }
 _STATUS_ERROR: dict[int, str] = {status: kind for kind, status in ERROR_STATUS.items()}
 _RECORDED_HEADERS = (
-    "x-api-key",
-    "authorization",
-    "anthropic-version",
-    "anthropic-beta",
-    "content-type",
-    "user-agent",
-    "x-stainless-retry-count",
-    "x-stainless-timeout",
-    "idempotency-key",
-)
+    "x-api-key authorization anthropic-version anthropic-beta content-type user-agent"
+    " x-stainless-retry-count x-stainless-timeout idempotency-key"
+).split()
 _WORD_CHUNK = re.compile(r"\s*\S+\s*")
 _JSON_CHUNK_CHARS = 16
 
@@ -434,13 +427,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds slept before every reply")
     args = parser.parse_args(argv)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when SIGINT is ignored (background job)
+        signal.signal(signum, lambda *_: done.set())
     server = FakeAnthropicServer(args.host, args.port, latency=args.latency).start()
     print(f"Fake Anthropic API listening on {server.base_url} (Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        while not done.wait(1.0):
+            pass
     finally:
         server.stop()
 

@@ -22,7 +22,17 @@ class Command(BaseCommand):
     def handle(self, *args: Any, user: str, message: str, **options: Any) -> None:
         agent = get_agent()
         try:
-            result = asyncio.run(agent.process_message(user_id=user, message=message))
+            result = asyncio.run(self._turn(agent, user, message))
         except AgentFlowError as exc:
             raise CommandError(f"{exc.code}: {exc}") from None
         self.stdout.write(json.dumps(result, indent=2, default=str))
+
+    @staticmethod
+    async def _turn(agent: Any, user: str, message: str) -> Any:
+        try:
+            return await agent.process_message(user_id=user, message=message)
+        finally:
+            # The loop ends with this command: close the LLM client made for it.
+            aclose = getattr(agent.llm, "aclose", None)
+            if aclose is not None:
+                await aclose()

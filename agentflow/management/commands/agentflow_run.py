@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow_project import runtime
+from agentflow_project.env import env_int
 
 
 class Command(BaseCommand):
@@ -24,23 +25,26 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=os.environ.get("AGENTFLOW_HOST", "127.0.0.1"))
-        parser.add_argument("--port", type=int, default=int(os.environ.get("AGENTFLOW_PORT", "8000")))
+        parser.add_argument("--port", type=int, default=env_int("AGENTFLOW_PORT", 8000, minimum=1, maximum=65535))
         parser.add_argument("--concurrency", type=int, default=settings.CELERY_WORKER_CONCURRENCY)
         parser.add_argument("--keep-services", action="store_true", help="leave embedded servers running")
 
     def handle(self, *args: Any, host: str, port: int, concurrency: int, keep_services: bool, **options: Any) -> None:
         if not 1 <= port <= 65535:
             raise CommandError(f"--port must be from 1 to 65535; got {port}")
-        if concurrency < 1:
-            raise CommandError(f"--concurrency must be at least 1; got {concurrency}")
+        if not 1 <= concurrency <= 86:
+            raise CommandError(f"--concurrency must be from 1 to 86 (PostgreSQL allows 100 connections); got {concurrency}")
         python = sys.executable
+        # The worker sizes its database pool from this (see runtime.database_settings).
+        worker_env = {**os.environ, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
         children = [
             subprocess.Popen(
                 [python, "-m", "daphne", "-b", host, "-p", str(port), "agentflow_project.asgi:application"]
             ),
             subprocess.Popen(
                 [python, "-m", "celery", "-A", "agentflow_project", "worker", "-P", "threads",
-                 "-c", str(concurrency), "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-l", "INFO"]
+                 "-c", str(concurrency), "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-l", "INFO"],
+                env=worker_env,
             ),
         ]
         mode = "OFFLINE (no ANTHROPIC_API_KEY)" if not settings.ANTHROPIC_API_KEY else "online"

@@ -1,0 +1,144 @@
+"""The default embedder (all-MiniLM-L6-v2, int8 ONNX) and the pluggable embedder loader."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from agentflow.embeddings import Embedder, MiniLMEmbedder, get_embedder
+
+HERE = __name__
+
+
+class NotAnEmbedder:
+    dimensions = 384
+    model_id = "not-an-embedder"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.zeros((len(texts), 384), dtype=np.float32)
+
+
+class TinyEmbedder(Embedder):
+    dimensions = 8
+    model_id = "tiny"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.ones((len(texts), 8), dtype=np.float32) / np.sqrt(8)
+
+
+class AxisEmbedder(Embedder):
+    """A valid custom backend: each text maps to a unit vector along one axis."""
+
+    dimensions = 384
+    model_id = "axis-test"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row, len(text) % self.dimensions] = 1.0
+        return out
+
+
+class Incomplete(Embedder):
+    dimensions = 384
+    model_id = "incomplete"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return get_embedder("agentflow.embeddings.MiniLMEmbedder")
+
+
+def test_shape_dtype_and_unit_norm(embedder):
+    texts = ["My login is broken", "Where is my order?", "Thanks, that fixed it!"]
+
+    vectors = embedder.embed(texts)
+
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.dimensions == 384
+
+
+def test_related_sentences_are_closer_than_unrelated(embedder):
+    password, forgot, weather = embedder.embed(
+        [
+            "How do I reset my password?",
+            "I forgot my password and need to change it",
+            "The weather in Paris is sunny today",
+        ]
+    )
+
+    related = float(password @ forgot)
+    unrelated = float(password @ weather)
+    assert related > 0.6
+    assert unrelated < 0.2
+    assert related > unrelated + 0.4
+
+
+def test_empty_batch(embedder):
+    vectors = embedder.embed([])
+
+    assert vectors.shape == (0, 384)
+    assert vectors.dtype == np.float32
+
+
+def test_embed_one_is_deterministic_and_independent_of_the_batch(embedder):
+    alone = embedder.embed_one("hello")
+    batch = embedder.embed(
+        ["hello", "a much longer sentence with many more tokens, padded against the first"]
+    )
+
+    assert alone.shape == (384,)
+    np.testing.assert_allclose(alone, batch[0], atol=1e-5)
+    np.testing.assert_array_equal(alone, embedder.embed_one("hello"))
+
+
+def test_long_text_is_truncated_not_rejected(embedder):
+    long_text = "password reset " * 2000
+
+    vector = embedder.embed_one(long_text)
+
+    assert vector.shape == (384,)
+    assert np.isfinite(vector).all()
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+
+
+def test_get_embedder_loads_once_per_path(embedder):
+    assert get_embedder("agentflow.embeddings.MiniLMEmbedder") is embedder
+    assert isinstance(embedder, MiniLMEmbedder)
+
+
+def test_default_comes_from_settings(settings):
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": f"{HERE}.AxisEmbedder"}
+
+    custom = get_embedder()
+
+    assert isinstance(custom, AxisEmbedder)
+    assert get_embedder() is custom
+    np.testing.assert_array_equal(custom.embed_one("abc"), np.eye(384, dtype=np.float32)[3])
+
+
+def test_rejects_a_class_that_is_not_an_embedder():
+    with pytest.raises(TypeError, match=f"{HERE}.NotAnEmbedder is not an agentflow.embeddings.Embedder"):
+        get_embedder(f"{HERE}.NotAnEmbedder")
+
+
+def test_rejects_wrong_dimensions():
+    with pytest.raises(ValueError, match="gives 8-dimensional vectors; the database columns hold 384"):
+        get_embedder(f"{HERE}.TinyEmbedder")
+    # A rejected backend is not cached: asking again fails again.
+    with pytest.raises(ValueError):
+        get_embedder(f"{HERE}.TinyEmbedder")
+
+
+def test_rejects_an_embedder_without_embed():
+    with pytest.raises(TypeError, match="abstract method"):
+        get_embedder(f"{HERE}.Incomplete")
+
+
+def test_rejects_a_missing_path():
+    with pytest.raises(ImportError):
+        get_embedder(f"{HERE}.DoesNotExist")
