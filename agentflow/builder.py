@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import sys
@@ -57,8 +56,8 @@ class AgentFrameworkBuilder:
         for name, handler in handlers.items():
             if not callable(handler):
                 raise ConfigError(f"handler for {name!r} is not callable")
-            if not asyncio.iscoroutinefunction(handler) and not asyncio.iscoroutinefunction(
-                getattr(handler, "__call__", None)
+            if not inspect.iscoroutinefunction(handler) and not inspect.iscoroutinefunction(
+                type(handler).__call__
             ):
                 raise ConfigError(f"handler for {name!r} must be an async function")
         self._handlers.update(handlers)

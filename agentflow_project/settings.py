@@ -27,7 +27,7 @@ if not SECRET_KEY:
         raise ImproperlyConfigured(
             "DJANGO_SECRET_KEY must be set (a long random string) unless DJANGO_DEBUG=true"
         )
-    SECRET_KEY = "agentflow-insecure-development-key-do-not-use-in-production"  # noqa: S105
+    SECRET_KEY = "agentflow-insecure-development-key-do-not-use-in-production"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 

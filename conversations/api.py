@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core import signing
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
+from ninja.responses import Status
 
 from agentflow import pipeline
 from agentflow.defaults import get_agent
@@ -46,7 +47,8 @@ class ErrorOut(Schema):
 class MessageIn(Schema):
     message: str = Field(..., description="The user's message text.")
     client_message_id: str | None = Field(
-        None, description="Your id for this message; sending it again returns the same turn."
+        None,
+        description="Your id for this message; sending it again returns the same turn (retried if it failed).",
     )
     wait_seconds: float | None = Field(
         None, ge=0, le=120, description="How long to wait for the reply (default 30). 0: return at once (202)."
@@ -125,12 +127,12 @@ def _turn(message_id: Any) -> dict[str, Any]:
     return selectors.turn_result(message=message)
 
 
-async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             event = await asyncio.wait_for(channel_layer.receive(channel), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         body = event.get("event", {})
         turn = body.get("turn") or {}
@@ -140,14 +142,16 @@ async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, time
 
 @router.post(
     "/users/{user_id}/messages",
-    response={200: TurnOut, 202: TurnOut, 400: ErrorOut, 429: ErrorOut},
+    response={200: TurnOut, 202: TurnOut, 400: ErrorOut, 429: ErrorOut, 503: TurnOut},
     summary="Send a user's message and get the turn result",
 )
-async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -> tuple[int, dict[str, Any]]:
+async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -> Status[dict[str, Any]]:
     """Stores the message, runs its turn in a worker and waits up to ``wait_seconds`` for the reply.
 
     200: the turn is done (the reply is in ``content``). 202: still running; poll
-    ``GET /api/users/{user_id}/messages/{message_id}``.
+    ``GET /api/users/{user_id}/messages/{message_id}``. 503: the turn failed (the LLM was
+    unavailable); the message is kept, and sending it again with the same ``client_message_id``
+    retries it.
     """
     agent = await sync_to_async(get_agent)()
     message, created = await sync_to_async(pipeline.accept)(
@@ -156,20 +160,23 @@ async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -
     message_id = str(message.pk)
     wait = settings.AGENTFLOW["REST_WAIT_SECONDS"] if payload.wait_seconds is None else payload.wait_seconds
     layer = get_channel_layer()
-    if wait > 0 and layer is not None and (created or message.status != Message.Status.DONE):
+    # Sending a failed message's client_message_id again retries its turn (the task is idempotent).
+    run = created or message.status == Message.Status.FAILED
+    if wait > 0 and layer is not None and (run or message.status != Message.Status.DONE):
         channel = await layer.new_channel()
         group = user_group(message.user_id)
         await layer.group_add(group, channel)
         try:
-            if created:
+            if run:
                 await sync_to_async(enqueue_turn)(message.pk)
             await _wait_for_turn(layer, channel, message_id, wait)
         finally:
             await layer.group_discard(group, channel)
-    elif created:
+    elif run:
         await sync_to_async(enqueue_turn)(message.pk)
     result = await sync_to_async(_turn)(message.pk)
-    return (200 if result["status"] == Message.Status.DONE else 202), result
+    status = {Message.Status.DONE: 200, Message.Status.FAILED: 503}.get(result["status"], 202)
+    return Status(status, result)
 
 
 @router.get("/users/{user_id}/messages/{message_id}", response={200: TurnOut, 404: ErrorOut},

@@ -25,6 +25,7 @@ from agentflow.errors import InvalidInput, RateLimited
 
 from .api import chat_token_user
 from .events import user_group
+from .models import Message
 from .services import user_get_or_create
 from .tasks import enqueue_turn
 
@@ -44,6 +45,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         token = (query.get("token") or [""])[0]
         external_id = chat_token_user(token) if token else None
         if external_id is None:
+            # Accept first, then close with 4401: a close before accepting reaches browsers as a bare
+            # HTTP 403, with no code or reason a widget could act on (fetch a new token).
+            await self.accept()
+            await self._error("unauthorized", "the chat token is missing, invalid or expired")
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
         user = await database_sync_to_async(user_get_or_create)(external_id=external_id)
@@ -102,7 +107,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._send(
             {"type": "ack", "message_id": str(message.pk), "client_message_id": client_id, "duplicate": not created}
         )
-        if created:
+        if created or message.status == Message.Status.FAILED:  # a resent failed message is retried
             await database_sync_to_async(enqueue_turn)(message.pk)
 
     async def chat_event(self, event: dict[str, Any]) -> None:

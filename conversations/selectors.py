@@ -86,9 +86,10 @@ def message_get_for_user(*, user: EndUser, message_id: object) -> Message:
         raise NotFound(f"message {message_id} not found for this user") from None
 
 
-def turn_result(*, message: Message) -> dict[str, Any]:
+def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, Any]:
     """The turn result of a user message: its decisions and, once done, the reply."""
-    reply = Message.objects.filter(reply_to=message).first()
+    if reply is None:
+        reply = Message.objects.filter(reply_to=message).first()
     result: dict[str, Any] = {
         "status": message.status,
         "message_id": str(message.id),

@@ -63,7 +63,12 @@ def rate_limit_check(*, user_id: str, per_minute: int, now: datetime) -> None:
     window = int(now.timestamp() // 60)
     key = f"ratelimit:{hashlib.sha256(user_id.encode()).hexdigest()[:24]}:{window}"
     cache.add(key, 0, timeout=70)
-    count = cache.incr(key)
+    try:
+        count = cache.incr(key)
+    except ValueError:
+        # The key vanished between add and incr (evicted, or the cache was flushed): count afresh.
+        cache.add(key, 1, timeout=70)
+        count = 1
     if count > per_minute:
         raise RateLimited(
             f"more than {per_minute} messages a minute; try again shortly",

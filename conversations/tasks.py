@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_shutdown
 
 from agentflow import pipeline
 from agentflow.defaults import get_agent
@@ -23,6 +24,8 @@ from .models import Message
 
 logger = logging.getLogger("agentflow.tasks")
 _local = threading.local()
+_loops: list[asyncio.AbstractEventLoop] = []
+_loops_lock = threading.Lock()
 
 MAX_LLM_RETRIES = 3
 
@@ -32,7 +35,26 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
     if loop is None or loop.is_closed():
         loop = asyncio.new_event_loop()
         _local.loop = loop
+        with _loops_lock:
+            _loops.append(loop)
     return loop
+
+
+@worker_shutdown.connect
+def _close_thread_loops(**kwargs: Any) -> None:
+    """Close the LLM clients each worker thread's loop holds, then the loops."""
+    from agentflow.defaults import cached_agents
+
+    with _loops_lock:
+        loops, _loops[:] = list(_loops), []
+    for loop in loops:
+        if loop.is_running() or loop.is_closed():
+            continue
+        for agent in cached_agents():
+            close = getattr(agent.llm, "aclose", None)
+            if close is not None:
+                loop.run_until_complete(close())
+        loop.close()
 
 
 @shared_task(bind=True, acks_late=True, max_retries=MAX_LLM_RETRIES)

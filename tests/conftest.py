@@ -119,5 +119,5 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     """Drop this run's Celery queue from Redis."""
     try:
         _delete_run_keys(f"*agentflow-test-{_RUN}*")
-    except Exception:  # noqa: S110 - best-effort cleanup
+    except Exception:
         pass

@@ -1,0 +1,40 @@
+"""Helpers shared by the conversation tests."""
+
+from __future__ import annotations
+
+import time
+
+from django.utils import timezone
+
+from conversations.models import ChatSession, EndUser, Message, Thread
+from conversations.services import rate_limit_check
+
+
+def stored_counts() -> dict[str, int]:
+    """How many conversation rows exist: compared before and after a request that must store nothing."""
+    return {
+        "users": EndUser.objects.count(),
+        "sessions": ChatSession.objects.count(),
+        "threads": Thread.objects.count(),
+        "messages": Message.objects.count(),
+    }
+
+
+async def astored_counts() -> dict[str, int]:
+    return {
+        "users": await EndUser.objects.acount(),
+        "sessions": await ChatSession.objects.acount(),
+        "threads": await Thread.objects.acount(),
+        "messages": await Message.objects.acount(),
+    }
+
+
+def use_up_rate_limit(user_id: str, per_minute: int) -> None:
+    """Spend the user's messages for the current minute, so that the next one is refused.
+
+    The limit counts per clock minute, so the last two seconds of a minute are waited out first.
+    """
+    if time.time() % 60 > 58:
+        time.sleep(61 - time.time() % 60)
+    for _ in range(per_minute):
+        rate_limit_check(user_id=user_id, per_minute=per_minute, now=timezone.now())

@@ -1,0 +1,418 @@
+"""The WebSocket chat protocol on channels-redis: authentication, bad frames, turns, isolation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.core import signing
+from django.test import Client
+
+from agentflow.testing.fake_anthropic import FakeReply
+from agentflow_project.asgi import application
+from conversations.api import CHAT_TOKEN_SALT
+from conversations.consumers import CLOSE_UNAUTHORIZED, MAX_FRAME_BYTES
+from conversations.models import ChatSession, EndUser, Message, Thread
+from tests.conftest import ORIGIN
+
+from .helpers import astored_counts, use_up_rate_limit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TURN_TIMEOUT = 20
+
+
+def _token(user_id: str) -> str:
+    return signing.dumps({"u": user_id}, salt=CHAT_TOKEN_SALT, compress=True)
+
+
+def _communicator(query: str, *, origin: bool = True) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, f"/ws/chat/{query}", headers=[ORIGIN] if origin else [])
+
+
+async def _connect(user_id: str) -> WebsocketCommunicator:
+    communicator = _communicator(f"?token={_token(user_id)}")
+    connected, _ = await communicator.connect()
+    assert connected
+    assert await communicator.receive_json_from() == {"type": "ready", "user_id": user_id, "protocol": 1}
+    return communicator
+
+
+class _ExpiredSigner(signing.TimestampSigner):
+    """Signs as if two hours ago: a genuine token, past the one-hour chat-token lifetime."""
+
+    def timestamp(self) -> str:
+        return signing.b62_encode(int(time.time()) - 7200)
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?token=",
+        "?token=garbage",
+        f"?token={signing.dumps({'u': 'alice'}, salt='another-salt', compress=True)}",
+        f"?token={signing.dumps({'u': 'alice'}, key='not-our-secret', salt=CHAT_TOKEN_SALT, compress=True)}",
+        f"?token={_ExpiredSigner(salt=CHAT_TOKEN_SALT).sign_object({'u': 'alice'}, compress=True)}",
+        f"?token={signing.dumps(['alice'], salt=CHAT_TOKEN_SALT)}",
+        f"?token={signing.dumps({'u': 7}, salt=CHAT_TOKEN_SALT)}",
+    ],
+    ids=[
+        "no-token",
+        "empty",
+        "garbage",
+        "other-salt",
+        "other-key",
+        "expired",
+        "not-a-dict",
+        "user-not-a-string",
+    ],
+)
+async def test_connection_without_a_valid_token_is_closed_4401(query: str) -> None:
+    communicator = _communicator(query)
+
+    connected, _ = await communicator.connect()
+
+    assert connected is True  # accepted so that the close code reaches the client
+    assert await communicator.receive_json_from() == {
+        "type": "error",
+        "code": "unauthorized",
+        "message": "the chat token is missing, invalid or expired",
+    }
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": CLOSE_UNAUTHORIZED}
+    assert await astored_counts() == {"users": 0, "sessions": 0, "threads": 0, "messages": 0}
+    await communicator.disconnect()
+
+
+async def test_connection_without_an_allowed_origin_is_refused() -> None:
+    communicator = _communicator(f"?token={_token('alice')}", origin=False)
+
+    connected, _ = await communicator.connect()
+
+    assert connected is False
+    assert await EndUser.objects.acount() == 0
+    await communicator.disconnect()
+
+
+async def test_token_from_the_rest_api_opens_the_chat(api_key: str) -> None:
+    response = await sync_to_async(Client().post)(
+        "/api/users/alice/chat-token", headers={"X-API-Key": api_key}
+    )
+    token = response.json()["token"]
+    communicator = _communicator(f"?token={token}")
+
+    connected, _ = await communicator.connect()
+
+    assert connected
+    assert await communicator.receive_json_from() == {"type": "ready", "user_id": "alice", "protocol": 1}
+    await communicator.send_json_to({"type": "ping"})
+    assert await communicator.receive_json_from() == {"type": "pong"}
+    assert [u.external_id async for u in EndUser.objects.all()] == ["alice"]
+    await communicator.disconnect()
+
+
+# --- bad frames: an error frame, the connection stays open, nothing stored ----------------------
+
+
+async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> None:
+    communicator = await _connect("alice")
+    frames: list[tuple[dict, dict]] = [
+        (
+            {"text_data": "{not json"},
+            {"type": "error", "code": "bad_json", "message": "the frame is not valid JSON"},
+        ),
+        (
+            {"text_data": "[1, 2]"},
+            {"type": "error", "code": "bad_frame", "message": "a frame must be a JSON object with a 'type'"},
+        ),
+        (
+            {"text_data": '"message"'},
+            {"type": "error", "code": "bad_frame", "message": "a frame must be a JSON object with a 'type'"},
+        ),
+        (
+            {"bytes_data": b'{"type": "ping"}'},
+            {"type": "error", "code": "bad_frame", "message": "send JSON text frames"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "shout"})},
+            {
+                "type": "error",
+                "code": "unknown_type",
+                "message": "unknown frame type 'shout'; expected 'message' or 'ping'",
+            },
+        ),
+        (
+            {"text_data": json.dumps({"message": "no type"})},
+            {
+                "type": "error",
+                "code": "unknown_type",
+                "message": "unknown frame type None; expected 'message' or 'ping'",
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": "x" * MAX_FRAME_BYTES})},
+            {
+                "type": "error",
+                "code": "frame_too_large",
+                "message": f"frames are limited to {MAX_FRAME_BYTES} bytes",
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": "", "client_message_id": "c-1"})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "message must not be empty",
+                "field": "message",
+                "client_message_id": "c-1",
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": " \n "})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "message must not be empty",
+                "field": "message",
+                "client_message_id": None,
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message"})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "message must be a string; got NoneType",
+                "field": "message",
+                "client_message_id": None,
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": 123})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "message must be a string; got int",
+                "field": "message",
+                "client_message_id": None,
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": "x" * 4001})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "message is 4001 characters; the limit is 4000 (input_config.max_message_chars)",
+                "field": "message",
+                "client_message_id": None,
+            },
+        ),
+        (
+            {"text_data": json.dumps({"type": "message", "message": "hi", "client_message_id": "bad id!"})},
+            {
+                "type": "error",
+                "code": "invalid_input",
+                "message": "client_message_id must be 1-100 letters, digits or '_.:-' characters",
+                "field": "client_message_id",
+                "client_message_id": "bad id!",
+            },
+        ),
+    ]
+
+    for frame, expected in frames:
+        await communicator.send_to(**frame)
+        assert await communicator.receive_json_from() == expected, frame
+        await communicator.send_json_to({"type": "ping"})
+        assert await communicator.receive_json_from() == {"type": "pong"}, f"closed after {frame}"
+
+    assert await communicator.receive_nothing(timeout=0.2)
+    # Connecting registered the end user; no bad frame stored anything else.
+    assert await astored_counts() == {"users": 1, "sessions": 0, "threads": 0, "messages": 0}
+    await communicator.disconnect()
+
+
+async def test_rate_limited_message_gets_an_error_frame_and_stores_nothing(monkeypatch) -> None:
+    monkeypatch.setenv("AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE", "2")  # read when the agent is built
+    communicator = await _connect("alice")
+    await sync_to_async(use_up_rate_limit)("alice", 2)
+
+    await communicator.send_json_to(
+        {"type": "message", "message": "My login is broken", "client_message_id": "c-9"}
+    )
+    error = await communicator.receive_json_from()
+
+    assert 0 < error.pop("retry_after") <= 60
+    assert error == {
+        "type": "error",
+        "code": "rate_limited",
+        "message": "more than 2 messages a minute; try again shortly",
+        "client_message_id": "c-9",
+    }
+    await communicator.send_json_to({"type": "ping"})
+    assert await communicator.receive_json_from() == {"type": "pong"}
+    assert await astored_counts() == {"users": 1, "sessions": 0, "threads": 0, "messages": 0}
+    await communicator.disconnect()
+
+
+# --- turns through the Celery worker ----------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_message_is_acked_then_its_turn_arrives_and_is_stored(celery_worker, fake_llm) -> None:
+    fake_llm.enqueue(FakeReply(text="Reset your password from the sign-in page."))
+    communicator = await _connect("alice")
+
+    await communicator.send_json_to(
+        {"type": "message", "message": "My login is broken", "client_message_id": "c-1"}
+    )
+    ack = await communicator.receive_json_from()
+    turn = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+
+    message = await Message.objects.aget(role="user")
+    reply = await Message.objects.aget(role="assistant")
+    thread = await Thread.objects.aget()
+    session = await ChatSession.objects.aget()
+    assert ack == {
+        "type": "ack",
+        "message_id": str(message.pk),
+        "client_message_id": "c-1",
+        "duplicate": False,
+    }
+    assert turn["type"] == "turn"
+    assert turn["message_id"] == str(message.pk)
+    assert turn["content"] == "Reset your password from the sign-in page."
+    assert (turn["thread_event"], turn["thread_id"], turn["session_id"]) == (
+        "NEW_TOPIC",
+        str(thread.pk),
+        str(session.pk),
+    )
+    assert (turn["status"], turn["user_id"], turn["reply_id"]) == ("done", "alice", str(reply.pk))
+    assert (turn["offline"], turn["handled_by"], turn["escalated"]) == (False, "llm", False)
+
+    assert (
+        message.content,
+        message.status,
+        message.thread_id,
+        message.thread_event,
+        message.client_message_id,
+    ) == ("My login is broken", "done", thread.pk, "NEW_TOPIC", "c-1")
+    assert (reply.content, reply.reply_to_id, reply.thread_id, reply.offline) == (
+        turn["content"],
+        message.pk,
+        thread.pk,
+        False,
+    )
+    assert thread.topic == "My login is broken"
+    assert [r["body"]["messages"] for r in fake_llm.requests] == [
+        [{"role": "user", "content": "My login is broken"}]
+    ]
+
+    # The same client id again: acked as a duplicate of the same message, no second turn.
+    await communicator.send_json_to(
+        {"type": "message", "message": "My login is broken", "client_message_id": "c-1"}
+    )
+    assert await communicator.receive_json_from() == {
+        "type": "ack",
+        "message_id": str(message.pk),
+        "client_message_id": "c-1",
+        "duplicate": True,
+    }
+    assert await communicator.receive_nothing(timeout=0.5)
+    assert await Message.objects.acount() == 2
+    assert len(fake_llm.requests) == 1
+    await communicator.disconnect()
+
+
+@pytest.mark.integration
+async def test_turn_events_reach_only_the_users_own_connections(celery_worker, fake_llm) -> None:
+    fake_llm.enqueue(FakeReply(text="Bob's reply."))
+    alice = await _connect("alice")
+    bob = await _connect("bob")
+    bob_other_tab = await _connect("bob")
+
+    await bob.send_json_to({"type": "message", "message": "How do I create an S3 bucket?"})
+    ack = await bob.receive_json_from()
+    turn = await bob.receive_json_from(timeout=TURN_TIMEOUT)
+    other_tab_turn = await bob_other_tab.receive_json_from(timeout=TURN_TIMEOUT)
+
+    bob_message = await Message.objects.aget(role="user")
+    assert ack == {
+        "type": "ack",
+        "message_id": str(bob_message.pk),
+        "client_message_id": None,
+        "duplicate": False,
+    }
+    assert (turn["type"], turn["message_id"], turn["user_id"], turn["content"]) == (
+        "turn",
+        str(bob_message.pk),
+        "bob",
+        "Bob's reply.",
+    )
+    assert other_tab_turn == turn
+    assert await alice.receive_nothing(timeout=1.0)
+    assert await Message.objects.filter(user__external_id="alice").acount() == 0
+    assert await Message.objects.filter(user__external_id="bob").acount() == 2
+    for communicator in (alice, bob, bob_other_tab):
+        await communicator.disconnect()
+
+
+@pytest.mark.integration
+async def test_failed_turn_sends_an_error_frame_and_resending_retries_it(celery_worker, fake_llm) -> None:
+    fake_llm.enqueue_error(400, message="prompt is too long")  # not transient: no Celery retry
+    fake_llm.enqueue(FakeReply(text="Second time lucky."))
+    communicator = await _connect("alice")
+    frame = {"type": "message", "message": "My login is broken", "client_message_id": "c-1"}
+
+    await communicator.send_json_to(frame)
+    ack = await communicator.receive_json_from()
+    error = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+
+    message = await Message.objects.aget(role="user")
+    assert ack == {
+        "type": "ack",
+        "message_id": str(message.pk),
+        "client_message_id": "c-1",
+        "duplicate": False,
+    }
+    assert error == {
+        "type": "error",
+        "code": "llm_error",
+        "message": "The assistant is unavailable right now.",
+        "message_id": str(message.pk),
+    }
+    assert (message.status, message.error) == (
+        "failed",
+        "Anthropic API error 400: Error code: 400 - {'type': 'error', 'error': "
+        "{'type': 'invalid_request_error', 'message': 'prompt is too long'}}",
+    )
+    assert await Message.objects.filter(role="assistant").acount() == 0
+
+    await communicator.send_json_to(frame)
+    again = await communicator.receive_json_from()
+    turn = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+
+    assert again == {
+        "type": "ack",
+        "message_id": str(message.pk),
+        "client_message_id": "c-1",
+        "duplicate": True,
+    }
+    assert (turn["type"], turn["message_id"], turn["status"], turn["content"], turn["error"]) == (
+        "turn",
+        str(message.pk),
+        "done",
+        "Second time lucky.",
+        None,
+    )
+    await message.arefresh_from_db()
+    assert (message.status, message.error) == ("done", "")
+    assert await Message.objects.filter(role="assistant").acount() == 1
+    assert await Thread.objects.acount() == 1
+    assert len(fake_llm.requests) == 2
+    await communicator.disconnect()
