@@ -47,6 +47,7 @@ class Agent:
         tools: ToolSource | None,
         embedder: Embedder,
         classifier: Any,
+        thread_model: Any,
     ) -> None:
         self.config = config
         self.categories = categories
@@ -56,6 +57,7 @@ class Agent:
         self.tools = tools
         self.embedder = embedder
         self.classifier = classifier
+        self.thread_model = thread_model
         self._by_name = {c.name: c for c in categories}
 
     @property
@@ -100,6 +102,23 @@ class Agent:
             await sync_to_async(self.fail)(prepared, exc)
             raise
         return await sync_to_async(pipeline.finish)(self, prepared, outcome)  # type: ignore[return-value]
+
+    async def detect_thread(self, *, user_id: str, message: str) -> dict[str, Any]:
+        """Store a user message and place it in a thread, without replying.
+
+        The thread step of ``process_message`` on its own: for evaluation and for importing past
+        conversations. Returns ``thread_id``, ``thread_event``, ``thread_confidence``, the
+        ``signals`` behind the decision and its timings (``embedding_ms``, ``decision_ms``).
+        """
+        stored, _ = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
+        return await sync_to_async(pipeline.place)(self, message_id=stored.pk)
+
+    async def record_message(self, *, user_id: str, content: str, role: str = "assistant") -> dict[str, Any]:
+        """Append an assistant (or ``human_agent``) message to the user's most recent thread.
+
+        It becomes context for the next thread decision, as a reply would.
+        """
+        return await sync_to_async(pipeline.record)(self, user_id=user_id, content=content, role=role)
 
     async def classify(self, text: str) -> Classification:
         """Classify a text against the agent's intent categories (no storage, no LLM)."""

@@ -131,6 +131,7 @@ class AgentFrameworkBuilder:
         from .bootstrap import ensure_django
 
         ensure_django()
+        from conversations.thread_features import load_model
         from intents.classifier import IntentClassifier
         from intents.selectors import intent_categories_active
         from intents.services import intent_categories_sync
@@ -174,6 +175,7 @@ class AgentFrameworkBuilder:
             tools=tools,
             embedder=embedder,
             classifier=IntentClassifier.build(categories, embedder),
+            thread_model=load_model(config.session_config.threading_profile),
         )
 
 

@@ -45,6 +45,9 @@ class SessionConfig(_Section):
     thread_inactivity_threshold: float = Field(
         30, gt=0, le=30 * 24 * 60, description="Minutes of silence after which a thread goes dormant."
     )
+    threading_profile: Literal["task", "chitchat"] = Field(
+        "task", description="Thread scorer weights: task-oriented support (default) or open chit-chat."
+    )
 
 
 class MemoryConfig(_Section):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -22,12 +23,14 @@ from conversations import selectors as conv_selectors
 from conversations import services as conv_services
 from conversations.models import Message, Thread
 from conversations.thread_detection import Candidate, decide_thread
+from conversations.thread_features import ThreadState
 from memory.selectors import memory_search
 from memory.services import memories_mark_used
 
 from .context import TurnContext
-from .errors import NotFound
+from .errors import InvalidInput, NotFound
 from .types import Classification, IntentCategory, IntentScore, ThreadEvent
+from .validation import clean_message
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -97,18 +100,45 @@ def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
     return turns
 
 
-def _decide_and_place(agent: Agent, message: Message, embedding: Any) -> None:
-    """Thread decision + intent, stored on the message. Runs under the user's advisory lock."""
+def _candidate(thread: Thread, session_id: Any) -> Candidate:
+    topic = np.asarray(thread.topic_embedding, dtype=np.float32)
+    state = ThreadState(
+        opening=np.asarray(thread.opening_embedding if thread.opening_embedding is not None else topic, np.float32),
+        last_user=np.asarray(
+            thread.last_user_embedding if thread.last_user_embedding is not None else topic, np.float32
+        ),
+        centroid=topic,
+        vocabulary=set(thread.vocabulary),
+        last_assistant_text=thread.last_assistant_text,
+        user_turns=thread.topic_weight,
+    )
+    return Candidate(
+        thread.pk,
+        state,
+        thread.last_activity_at,
+        resolved=thread.status == Thread.Status.RESOLVED,
+        current_session=thread.session_id == session_id,
+    )
+
+
+def decide_and_place(agent: Agent, message: Message, embedding: np.ndarray) -> None:
+    """Thread decision + intent, stored on the message. Call under the user's advisory lock."""
     now = timezone.now()
     user = message.user
     cfg = agent.config.session_config
     inactivity = timedelta(minutes=cfg.thread_inactivity_threshold)
     conv_services.threads_mark_dormant(user=user, idle=inactivity, now=now)
-    threads = conv_selectors.thread_candidates(user=user)
-    candidates = [Candidate(t.pk, t.topic_embedding, t.last_activity_at) for t in threads]
+    threads = [t for t in conv_selectors.thread_candidates(user=user) if t.topic_embedding is not None]
+    started = time.perf_counter()
     decision = decide_thread(
-        text=message.content, embedding=embedding, candidates=candidates, now=now, inactivity=inactivity
+        text=message.content,
+        embedding=embedding,
+        candidates=[_candidate(t, message.session_id) for t in threads],
+        now=now,
+        inactivity=inactivity,
+        model=agent.thread_model,
     )
+    decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
     classification = agent.classifier.classify(embedding)
     if decision.thread_id is None:
         thread = conv_services.thread_open(
@@ -120,9 +150,9 @@ def _decide_and_place(agent: Agent, message: Message, embedding: Any) -> None:
     else:
         thread = next(t for t in threads if t.pk == decision.thread_id)
         if decision.event == ThreadEvent.RESOLUTION:
-            conv_services.thread_resolve(thread=thread, by=message, now=now)
+            conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
         else:
-            conv_services.thread_add_message(thread=thread, embedding=embedding, now=now)
+            conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
     message.thread = thread
     message.thread_event = decision.event
     message.thread_confidence = round(decision.confidence, 4)
@@ -159,7 +189,7 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
         conv_services.user_lock(user=message.user)
         message.refresh_from_db(fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"])
         if message.thread_id is None:
-            _decide_and_place(agent, message, embedding)
+            decide_and_place(agent, message, embedding)
     thread: Thread = message.thread  # type: ignore[assignment]
     classification = Classification(
         message.intent or None,
@@ -212,6 +242,58 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
     )
 
 
+def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:
+    """The thread step alone: place a stored user message in a thread and finish it without a reply.
+
+    For evaluation and for importing conversations. Returns the decision with its timings.
+    """
+    message = Message.objects.select_related("user", "session").get(pk=message_id, role=Message.Role.USER)
+    if not conv_services.message_claim(message_id=message.pk, now=timezone.now(), stale_after=STALE_CLAIM):
+        raise NotFound(f"message {message_id} is already being processed or done")
+    started = time.perf_counter()
+    embedding = agent.embedder.embed_one(message.content)
+    embedding_ms = (time.perf_counter() - started) * 1000
+    with transaction.atomic():
+        conv_services.user_lock(user=message.user)
+        decide_and_place(agent, message, embedding)
+        message.status = Message.Status.DONE
+        message.save(update_fields=["status"])
+    return {
+        "message_id": str(message.pk),
+        "session_id": str(message.session_id),
+        "thread_id": str(message.thread_id),
+        "thread_event": message.thread_event,
+        "thread_confidence": message.thread_confidence,
+        "signals": message.thread_signals,
+        "intent": message.intent or None,
+        "confidence": message.confidence,
+        "embedding_ms": round(embedding_ms, 3),
+        "decision_ms": message.thread_signals.get("decision_ms", 0.0),
+    }
+
+
+def record(agent: Agent, *, user_id: str, content: str, role: str) -> dict[str, Any]:
+    """Append an assistant or human-agent message to the user's most recent thread (imports, evaluation)."""
+    from agentflow.validation import clean_user_id
+
+    if role not in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT):
+        raise InvalidInput("role must be 'assistant' or 'human_agent'", field="role")
+    text = clean_message(content, max_chars=agent.config.input_config.max_message_chars)
+    user = conv_selectors.user_get(external_id=clean_user_id(user_id))
+    threads = conv_selectors.thread_candidates(user=user, limit=1)
+    if not threads:
+        raise InvalidInput("the user has no thread to add this message to", field="user_id")
+    thread = threads[0]
+    now = timezone.now()
+    with transaction.atomic():
+        stored = Message.objects.create(
+            user=user, session_id=thread.session_id, thread=thread, role=role, content=text,
+            status=Message.Status.DONE,
+        )
+        conv_services.thread_add_reply(thread=thread, text=text, now=now)
+    return {"message_id": str(stored.pk), "thread_id": str(thread.pk), "role": role}
+
+
 def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]:
     """Store the reply and mark the turn done. Running it twice stores one reply."""
     assert prepared.ctx is not None
@@ -246,12 +328,10 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
             message.save(update_fields=["status", "escalated", "error"])
             thread = message.thread
             assert thread is not None
-            fields = ["last_activity_at"]
-            thread.last_activity_at = timezone.now()
+            conv_services.thread_add_reply(thread=thread, text=outcome.text, now=timezone.now())
             if outcome.escalated and not thread.escalated:
                 thread.escalated = True
-                fields.append("escalated")
-            thread.save(update_fields=fields)
+                thread.save(update_fields=["escalated"])
     except IntegrityError:
         # Another run of this turn stored its reply first; that one stands.
         message.refresh_from_db()

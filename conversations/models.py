@@ -69,8 +69,14 @@ class Thread(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
     topic = models.CharField(max_length=255, blank=True, help_text="Short label: the opening message.")
     intent = models.CharField(max_length=100, blank=True)
-    topic_embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True)
+    topic_embedding = VectorField(
+        dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, help_text="Mean of the user messages' embeddings."
+    )
     topic_weight = models.PositiveIntegerField(default=0, help_text="User messages folded into the topic.")
+    opening_embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True)
+    last_user_embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True)
+    vocabulary = models.JSONField(default=list, blank=True, help_text="Content words seen in the thread.")
+    last_assistant_text = models.TextField(blank=True)
     escalated = models.BooleanField(default=False)
     opened_at = models.DateTimeField(auto_now_add=True)
     last_activity_at = models.DateTimeField()

@@ -57,12 +57,15 @@ def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
 
 
 def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
-    """The user's unresolved threads, most recently active first: where a new message may belong."""
-    return list(
-        Thread.objects.filter(user=user)
-        .exclude(status=Thread.Status.RESOLVED)
-        .order_by("-last_activity_at")[:limit]
+    """Where a new message may belong, most recently active first: the user's unresolved threads,
+    led by the most recent thread even when it was just resolved ("thanks! one more thing...")."""
+    threads = list(
+        Thread.objects.filter(user=user).exclude(status=Thread.Status.RESOLVED).order_by("-last_activity_at")[:limit]
     )
+    latest = Thread.objects.filter(user=user).order_by("-last_activity_at").first()
+    if latest is not None and latest.status == Thread.Status.RESOLVED:
+        threads.insert(0, latest)
+    return threads
 
 
 def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:

@@ -17,6 +17,7 @@ from agentflow.errors import InvalidInput, RateLimited
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
 from .models import ApiKey, ChatSession, EndUser, Message, Thread
+from .thread_features import content_words
 
 
 def user_get_or_create(*, external_id: str) -> EndUser:
@@ -148,11 +149,19 @@ def message_fail(*, message_id: Any, error: str) -> None:
     )
 
 
+VOCABULARY_LIMIT = 300
+
+
 def _fold(topic: np.ndarray | None, weight: int, vector: np.ndarray) -> np.ndarray:
     """Running mean of the thread's user-message embeddings: its topic."""
     if topic is None or weight == 0:
         return vector
     return (np.asarray(topic) * weight + vector) / (weight + 1)
+
+
+def _vocabulary(existing: list[str], text: str) -> list[str]:
+    words = list(dict.fromkeys([*existing, *sorted(content_words(text))]))
+    return words[-VOCABULARY_LIMIT:]
 
 
 def thread_open(
@@ -163,36 +172,50 @@ def thread_open(
         session=session,
         topic=text[:255],
         topic_embedding=embedding,
+        opening_embedding=embedding,
+        last_user_embedding=embedding,
+        vocabulary=_vocabulary([], text),
         topic_weight=1,
         last_activity_at=now,
     )
 
 
-def thread_add_message(
-    *, thread: Thread, embedding: np.ndarray | None, now: datetime, reopen: bool = True
-) -> Thread:
-    """A message joined the thread: fold it into the topic, wake the thread if dormant."""
-    fields = ["last_activity_at"]
+def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now: datetime) -> Thread:
+    """A user message joined the thread: fold it into the topic; wake the thread if dormant or resolved."""
     thread.last_activity_at = now
-    if embedding is not None:
-        thread.topic_embedding = _fold(thread.topic_embedding, thread.topic_weight, embedding)
-        thread.topic_weight = F("topic_weight") + 1
-        fields += ["topic_embedding", "topic_weight"]
-    if reopen and thread.status == Thread.Status.DORMANT:
+    thread.topic_embedding = _fold(thread.topic_embedding, thread.topic_weight, embedding)
+    thread.topic_weight += 1
+    thread.last_user_embedding = embedding
+    thread.vocabulary = _vocabulary(thread.vocabulary, text)
+    fields = ["last_activity_at", "topic_embedding", "topic_weight", "last_user_embedding", "vocabulary"]
+    if thread.status != Thread.Status.OPEN:
         thread.status = Thread.Status.OPEN
-        fields.append("status")
+        thread.resolved_at = None
+        fields += ["status", "resolved_at"]
     thread.save(update_fields=fields)
-    thread.refresh_from_db(fields=["topic_weight"])
     return thread
 
 
-def thread_resolve(*, thread: Thread, by: Message, now: datetime) -> Thread:
+def thread_add_reply(*, thread: Thread, text: str, now: datetime) -> Thread:
+    """An assistant or human-agent message joined the thread: it is context for the next decision."""
+    thread.last_activity_at = now
+    thread.last_assistant_text = text[:2000]
+    thread.vocabulary = _vocabulary(thread.vocabulary, text)
+    thread.save(update_fields=["last_activity_at", "last_assistant_text", "vocabulary"])
+    return thread
+
+
+def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None, now: datetime) -> Thread:
     """Mark a thread resolved, keeping the message that resolved it."""
     thread.status = Thread.Status.RESOLVED
     thread.resolved_at = now
     thread.resolution = by.content[:2000]
     thread.last_activity_at = now
-    thread.save(update_fields=["status", "resolved_at", "resolution", "last_activity_at"])
+    fields = ["status", "resolved_at", "resolution", "last_activity_at"]
+    if embedding is not None:
+        thread.last_user_embedding = embedding
+        fields.append("last_user_embedding")
+    thread.save(update_fields=fields)
     return thread
 
 

@@ -1,8 +1,15 @@
 """Which thread a user message belongs to, decided cheaply and with its reasons.
 
-Signals: discourse cues ("actually, different question", "back to", "thanks, that fixed it"),
-embedding similarity between the message and each open thread's running topic, and recency.
-The decision is a pure function of those signals so it can be tested and benchmarked alone.
+1. Explicit cues win: "actually, different question" opens a thread; "back to the login problem"
+   returns to the earlier thread it resembles most.
+2. Otherwise the learned scorer (conversations.thread_features) gives P(new topic) and
+   P(resolution) for the message against the active thread.
+3. Targets come from similarity: a resolution ("Thanks, that fixed the login!") resolves the thread
+   it talks about, even if another one is active; a new topic that resembles an earlier open thread
+   is a RETURN to it; a continuation after the inactivity window returns to the dormant thread.
+
+Every decision carries its confidence and the signals behind it, stored on the message. The
+function is pure (no database) so it can be tested and benchmarked alone.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import numpy as np
 
 from agentflow.types import ThreadEvent
 
+from .thread_features import ThreadModel, ThreadState, content_words, turn_features
+
 NEW_TOPIC_CUES = re.compile(
     r"\b(actually,? (a |one )?(different|another|other|new|unrelated)|different (question|topic|issue|thing)"
     r"|another (question|topic|issue|thing)|new (question|topic|issue)|unrelated|change of (topic|subject)"
-    r"|something else|on another note|separate(ly)? (question|issue))\b",
+    r"|on another note|separate(ly)? (question|issue))\b",
     re.IGNORECASE,
 )
 RETURN_CUES = re.compile(
@@ -28,25 +37,27 @@ RETURN_CUES = re.compile(
     r"|regarding (the|my) (earlier|previous))\b",
     re.IGNORECASE,
 )
-RESOLUTION_CUES = re.compile(
-    r"\b(thanks?|thank you|thx|that (fixed|solved|worked|did it|helped)|(it'?s|is) (working|fixed|solved|resolved)"
-    r"|works now|problem solved|all (good|set)|that'?s all|bye|goodbye|never ?mind)\b",
-    re.IGNORECASE,
-)
-REQUEST_CUES = re.compile(r"\?|\b(can you|could you|please|i need|i want|help me|how do|what|where|why)\b", re.I)
 
-FOLLOW_UP_SIMILARITY = 0.30
-RETURN_SIMILARITY = 0.45
-SHORT_MESSAGE_WORDS = 4
+RETURN_SIMILARITY = 0.45  # a new-topic message this close to an earlier open thread goes back to it
+CUED_RETURN_SIMILARITY = 0.25  # with an explicit "back to ..."
+RESOLVE_OTHER_SIMILARITY = 0.40  # a resolution this close to a non-active thread resolves that one
+DORMANT_RETURN_SIMILARITY = 0.30
+# A statement of a new problem ("I was charged twice on my invoice") carries no request cue, so the
+# task scorer can miss it; nothing in common with the active thread opens a new one anyway.
+UNRELATED_SIMILARITY = 0.12
+UNRELATED_MIN_WORDS = 4
+UNRELATED_NOVELTY = 0.75
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """An unresolved thread the message may belong to."""
+    """A thread the message may belong to: the user's unresolved threads and the one just resolved."""
 
     thread_id: Any
-    topic_embedding: np.ndarray | None
+    state: ThreadState
     last_activity_at: datetime
+    resolved: bool = False
+    current_session: bool = True  # False: opened in a session that has since expired
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,9 @@ class ThreadDecision:
     signals: dict[str, Any] = field(default_factory=dict)
 
 
-def _similarity(vector: np.ndarray, topic: np.ndarray | None) -> float:
-    if topic is None:
-        return 0.0
-    norm = float(np.linalg.norm(topic))
-    return float(np.dot(vector, topic) / norm) if norm else 0.0
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    norm = float(np.linalg.norm(b))
+    return float(a @ b) / norm if norm else 0.0
 
 
 def decide_thread(
@@ -71,68 +80,65 @@ def decide_thread(
     candidates: Sequence[Candidate],
     now: datetime,
     inactivity: timedelta,
+    model: ThreadModel,
 ) -> ThreadDecision:
-    """Place a message: FOLLOW_UP, RETURN, RESOLUTION on an existing thread, or NEW_TOPIC.
+    """Place a message: FOLLOW_UP, RETURN or RESOLUTION on an existing thread, or NEW_TOPIC.
 
     Args:
-        candidates: the user's unresolved threads, most recently active first.
-        inactivity: a thread idle longer than this no longer receives bare follow-ups.
+        candidates: most recently active first; the first is the active thread.
+        inactivity: a thread idle longer than this no longer takes bare follow-ups.
+        model: the profile's scorer.
     """
-    words = len(text.split())
-    cues = {
-        "new_topic": bool(NEW_TOPIC_CUES.search(text)),
-        "return": bool(RETURN_CUES.search(text)),
-        "resolution": bool(RESOLUTION_CUES.search(text)),
-        "request": bool(REQUEST_CUES.search(text)),
-    }
-    sims = [round(_similarity(embedding, c.topic_embedding), 4) for c in candidates]
-    signals: dict[str, Any] = {
-        "cues": [name for name, hit in cues.items() if hit],
-        "similarities": {str(c.thread_id): s for c, s in zip(candidates, sims, strict=True)},
-        "words": words,
-    }
     if not candidates:
-        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 1.0, {**signals, "reason": "no open thread"})
-
+        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 1.0, {"reason": "no open thread"})
     active = candidates[0]
-    active_idle = now - active.last_activity_at
-    active_fresh = active_idle <= inactivity
-    signals["active_idle_seconds"] = round(active_idle.total_seconds(), 1)
-    best_index = int(np.argmax(sims))
-    best_sim = sims[best_index]
+    p_new, p_res = model.score(turn_features(text, embedding, active.state))
+    sims = [round(_cos(embedding, c.state.centroid), 4) for c in candidates]
+    idle = now - active.last_activity_at
+    signals: dict[str, Any] = {
+        "profile": model.profile,
+        "p_new_topic": round(p_new, 4),
+        "p_resolution": round(p_res, 4),
+        "similarities": {str(c.thread_id): s for c, s in zip(candidates, sims, strict=True)},
+        "active_idle_seconds": round(idle.total_seconds(), 1),
+    }
+    open_others = [(s, c) for s, c in zip(sims[1:], candidates[1:], strict=True) if not c.resolved]
+    best_other = max(open_others, key=lambda pair: pair[0], default=(0.0, None))
 
-    if cues["resolution"] and not cues["new_topic"] and (not cues["request"] or words <= 6):
-        # "Thanks, that fixed the login!" resolves the thread it talks about, even if not the active one.
-        target = candidates[best_index] if best_sim >= RETURN_SIMILARITY else active
+    if NEW_TOPIC_CUES.search(text):
+        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 0.9, {**signals, "reason": "new-topic cue"})
+    if RETURN_CUES.search(text) and best_other[1] is not None and best_other[0] >= CUED_RETURN_SIMILARITY:
         return ThreadDecision(
-            ThreadEvent.RESOLUTION, target.thread_id, 0.8, {**signals, "reason": "resolution cue"}
+            ThreadEvent.RETURN, best_other[1].thread_id, 0.85, {**signals, "reason": "return cue"}
         )
-    if cues["new_topic"]:
-        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 0.85, {**signals, "reason": "new-topic cue"})
-
-    active_sim = sims[0]
-    others = [(s, c) for s, c in zip(sims[1:], candidates[1:], strict=True)]
-    best_other = max(others, key=lambda pair: pair[0], default=(0.0, None))
-    return_threshold = FOLLOW_UP_SIMILARITY if cues["return"] else RETURN_SIMILARITY
-    if best_other[1] is not None and best_other[0] >= return_threshold and best_other[0] > active_sim + 0.05:
+    if p_res >= model.resolution.threshold and p_res >= p_new:
+        target, reason = active, "resolution of the active thread"
+        if best_other[1] is not None and best_other[0] >= RESOLVE_OTHER_SIMILARITY and best_other[0] > sims[0]:
+            target, reason = best_other[1], "resolution of the thread it talks about"
+        return ThreadDecision(ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason})
+    if p_new >= model.new_topic.threshold:
+        if best_other[1] is not None and best_other[0] >= RETURN_SIMILARITY:
+            return ThreadDecision(
+                ThreadEvent.RETURN, best_other[1].thread_id, round(p_new, 4),
+                {**signals, "reason": "new for the active thread, close to an earlier one"},
+            )
+        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, round(p_new, 4), {**signals, "reason": "scorer: new topic"})
+    words = content_words(text)
+    novelty = len(words - active.state.vocabulary) / max(1, len(words))
+    unrelated = len(words) >= UNRELATED_MIN_WORDS and novelty >= UNRELATED_NOVELTY and sims[0] < UNRELATED_SIMILARITY
+    if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
         return ThreadDecision(
-            ThreadEvent.RETURN,
-            best_other[1].thread_id,
-            min(1.0, 0.5 + best_other[0] - active_sim),
-            {**signals, "reason": "closer to an earlier thread"},
+            ThreadEvent.NEW_TOPIC, None, round(1 - sims[0], 4), {**signals, "reason": "unrelated to the active thread"}
         )
-    if active_fresh and (active_sim >= FOLLOW_UP_SIMILARITY or words <= SHORT_MESSAGE_WORDS):
-        reason = "similar to the active thread" if active_sim >= FOLLOW_UP_SIMILARITY else "short reply"
+    if idle <= inactivity and active.current_session:
         return ThreadDecision(
-            ThreadEvent.FOLLOW_UP, active.thread_id, min(1.0, 0.5 + active_sim), {**signals, "reason": reason}
+            ThreadEvent.FOLLOW_UP, active.thread_id, round(1 - p_new, 4), {**signals, "reason": "scorer: continues"}
         )
-    if not active_fresh and active_sim >= RETURN_SIMILARITY:
+    if sims[0] >= DORMANT_RETURN_SIMILARITY:
         return ThreadDecision(
-            ThreadEvent.RETURN, active.thread_id, active_sim, {**signals, "reason": "back to a dormant thread"}
+            ThreadEvent.RETURN, active.thread_id, round(1 - p_new, 4), {**signals, "reason": "back to a dormant thread"}
         )
     return ThreadDecision(
-        ThreadEvent.NEW_TOPIC,
-        None,
-        min(1.0, 1.0 - max(best_sim, 0.0)),
-        {**signals, "reason": "not similar to any open thread"},
+        ThreadEvent.NEW_TOPIC, None, round(1 - sims[0], 4),
+        {**signals, "reason": "the active thread went dormant or its session expired"},
     )

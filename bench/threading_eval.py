@@ -1,0 +1,119 @@
+"""Thread decisions against public topic-shift data, through the public API, offline (no LLM).
+
+    python bench/threading_eval.py [--datasets ../shared/datasets] [--limit N]
+
+Each dialogue is replayed as one fresh end user: user turns go through ``agent.detect_thread``
+(stored, placed in a thread, no reply), SGD's system turns through ``agent.record_message`` as the
+assistant's replies. TIAGE is chit-chat with every turn labelled, so every turn is a user turn and
+the agent runs the ``chitchat`` threading profile; SGD runs the default ``task`` profile.
+
+Our events map to the datasets' labels: FOLLOW_UP -> CONTINUATION, NEW_TOPIC and RETURN ->
+NEW_TOPIC, RESOLUTION -> RESOLUTION. FIRST turns are not scored. Prints precision / recall / F1 per
+label, macro-F1, and milliseconds per decision (embedding + decision; and the whole detect_thread
+call with its storage). Rows belong to users named eval-*, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
+os.environ.setdefault("DJANGO_DEBUG", "true")
+os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
+os.environ.setdefault("AGENTFLOW_LOG_LEVEL", "WARNING")
+
+TO_LABEL = {"FOLLOW_UP": "CONTINUATION", "NEW_TOPIC": "NEW_TOPIC", "RETURN": "NEW_TOPIC", "RESOLUTION": "RESOLUTION"}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def report(name: str, gold: list[str], predicted: list[str], labels: list[str], timings: dict[str, list[float]]) -> None:
+    print(f"\n{name}: {len(gold)} scored turns")
+    f1s = []
+    for label in labels:
+        tp = sum(g == p == label for g, p in zip(gold, predicted, strict=True))
+        n_pred = sum(p == label for p in predicted)
+        n_gold = sum(g == label for g in gold)
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_gold if n_gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        print(f"  {label:<13} precision {precision:.3f}  recall {recall:.3f}  F1 {f1:.3f}  (gold {n_gold})")
+    print(f"  macro-F1 {sum(f1s) / len(f1s):.3f}")
+    for what, values in timings.items():
+        print(f"  {what:<28} p50 {pct(values, 50):6.2f} ms  p95 {pct(values, 95):6.2f} ms")
+
+
+async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None):
+    gold, predicted = [], []
+    timings: dict[str, list[float]] = {"decision (embedding+decide)": [], "detect_thread call": []}
+    for dialogue in dialogues:
+        user = f"eval-{uuid.uuid4().hex[:12]}"
+        for turn in dialogue["turns"]:
+            if user_speakers is not None and turn["speaker"] not in user_speakers:
+                await agent.record_message(user_id=user, content=turn["utterance"])
+                continue
+            started = time.perf_counter()
+            decision = await agent.detect_thread(user_id=user, message=turn["utterance"])
+            timings["detect_thread call"].append((time.perf_counter() - started) * 1000)
+            timings["decision (embedding+decide)"].append(decision["embedding_ms"] + decision["decision_ms"])
+            if turn["label"] == "FIRST":
+                continue
+            gold.append(turn["label"])
+            predicted.append(TO_LABEL[decision["thread_event"]])
+    return gold, predicted, timings
+
+
+def load(path: Path, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from agentflow import AgentFrameworkBuilder
+
+    task = await AgentFrameworkBuilder().with_intent_categories([]).build(None)
+    chat = await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([])
+        .with_config({"session_config": {"threading_profile": "chitchat"}})
+        .build(None)
+    )
+    sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
+    gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"})
+    report("SGD dev (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
+    tiage = load(args.datasets / "tiage_threads" / "dev.jsonl", args.limit)
+    gold, predicted, timings = await replay(chat, tiage, user_speakers=None)
+    report("TIAGE dev (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--limit", type=int, default=None, help="dialogues per dataset (default: all)")
+    args = parser.parse_args()
+    import django
+
+    django.setup()
+    from conversations.models import EndUser
+
+    try:
+        asyncio.run(main_async(args))
+    finally:
+        EndUser.objects.filter(external_id__startswith="eval-").delete()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Features and the learned scorer behind thread decisions.
+
+A user message is scored against the thread it would continue (the active one) with cheap
+features: cosine similarities to the thread's opening, last user message and running topic,
+lexical novelty, discourse cues (thanks/that's all, requests, "also/another", acknowledgements,
+the assistant having just asked "anything else?"), and the message's own embedding. Two logistic
+regressions turn them into P(new topic) and P(resolution).
+
+The weights live in ``data/thread_model.json``, one set per *profile*: ``task`` (support desks,
+shops, assistants: trained on the Schema-Guided Dialogue dev split) and ``chitchat`` (open talk:
+trained on TIAGE train). ``bench/train_thread_model.py`` rebuilds them from the datasets with this
+very module, so training and serving compute the same features.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+MODEL_PATH = Path(__file__).resolve().parent / "data" / "thread_model.json"
+
+RESOLUTION_CUE = re.compile(
+    r"\b(thanks?|thank you|thx|cheers|that'?s (all|it|everything)|that is (all|it|everything)|bye|goodbye"
+    r"|no,? (that'?s|that is)|nothing else|all set|i'?m (good|done|all set)|i'll be going|that (fixed|solved|worked)"
+    r"|(it'?s|is) (working|fixed|solved|resolved)|works now|problem solved)\b",
+    re.IGNORECASE,
+)
+REQUEST_CUE = re.compile(
+    r"\b(find|search|look(ing)? (for|up)|book|reserve|rent|buy|order|get me|i need|i want|i'd like|i would like"
+    r"|can you|could you|help me|check|show me|play|make|schedule|set up|transfer|send|tell me|how (do|can|will|is)"
+    r"|what('?s| is| are)|where|when|which)\b",
+    re.IGNORECASE,
+)
+SHIFT_CUE = re.compile(r"\b(also|another|now|too|as well|different|else|other|instead|new)\b", re.IGNORECASE)
+ACK_START = re.compile(
+    r"^\s*(yes|yeah|yep|no|nope|ok(ay)?|sure|great|perfect|cool|nice|thanks?|thank you|sounds (good|great)"
+    r"|that('s| is| works| sounds))\b",
+    re.IGNORECASE,
+)
+ANYTHING_ELSE = re.compile(
+    r"\b(anything else|something else|any other|help you with|help with anything|else i can|more help)\b",
+    re.IGNORECASE,
+)
+WORD = re.compile(r"[a-z][a-z']+")
+STOPWORDS = frozenset(
+    "i a an the to for me my is are be can you please want need would like it this that there on in at of"
+    " and with do what how find some any get look also one am was were have has had not no yes ok okay so"
+    " just but or if we our your they them he she his her its from by about as will would could should".split()
+)
+N_HAND = 14
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2}
+
+
+@dataclass
+class ThreadState:
+    """What the scorer knows of the thread a message may continue."""
+
+    opening: np.ndarray
+    last_user: np.ndarray
+    centroid: np.ndarray  # running sum or mean of user-message embeddings (direction is what counts)
+    vocabulary: set[str] = field(default_factory=set)
+    last_assistant_text: str = ""
+    user_turns: int = 1
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    nb = float(np.linalg.norm(b))
+    return float(a @ b) / nb if nb else 0.0
+
+
+def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+    """The scorer's input for one message against one thread: hand features then the embedding."""
+    words = content_words(text)
+    novelty = len(words - state.vocabulary) / max(1, len(words))
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    hand = [
+        _cos(embedding, state.opening),
+        _cos(embedding, state.last_user),
+        _cos(embedding, state.centroid),
+        novelty,
+        float(bool(ANYTHING_ELSE.search(state.last_assistant_text))),
+        float(bool(RESOLUTION_CUE.search(text))),
+        float(bool(REQUEST_CUE.search(text))),
+        float(bool(SHIFT_CUE.search(text))),
+        float("?" in text),
+        min(len(text.split()), 30) / 30,
+        float(bool(ACK_START.match(text))),
+        float(len(sentences) > 1),
+        len(words) / 10,
+        min(state.user_turns, 10) / 10,
+    ]
+    return np.concatenate([np.asarray(hand, dtype=np.float32), embedding.astype(np.float32)])
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Logistic regression over standardised features."""
+
+    weights: np.ndarray
+    bias: float
+    mean: np.ndarray
+    scale: np.ndarray
+    threshold: float
+
+    def probability(self, features: np.ndarray) -> float:
+        z = float(((features - self.mean) / self.scale) @ self.weights + self.bias)
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass(frozen=True)
+class ThreadModel:
+    profile: str
+    new_topic: Scorer
+    resolution: Scorer
+
+    def score(self, features: np.ndarray) -> tuple[float, float]:
+        return self.new_topic.probability(features), self.resolution.probability(features)
+
+
+def _scorer(data: dict) -> Scorer:
+    return Scorer(
+        weights=np.asarray(data["weights"], dtype=np.float32),
+        bias=float(data["bias"]),
+        mean=np.asarray(data["mean"], dtype=np.float32),
+        scale=np.asarray(data["scale"], dtype=np.float32),
+        threshold=float(data["threshold"]),
+    )
+
+
+@lru_cache(maxsize=4)
+def load_model(profile: str, path: str = str(MODEL_PATH)) -> ThreadModel:
+    """The shipped weights of a profile (``task`` or ``chitchat``)."""
+    data = json.loads(Path(path).read_text())
+    if profile not in data["profiles"]:
+        raise ValueError(f"unknown threading profile {profile!r}; known: {sorted(data['profiles'])}")
+    entry = data["profiles"][profile]
+    return ThreadModel(profile, _scorer(entry["NEW_TOPIC"]), _scorer(entry["RESOLUTION"]))
+
+
+# --- training (used by bench/train_thread_model.py) ------------------------------------------
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, *, l2: float, iterations: int = 800, rate: float = 0.5
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Plain batch gradient descent with L2; returns (weights, bias, mean, scale)."""
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0) + 1e-6
+    xs = (x - mean) / scale
+    w = np.zeros(xs.shape[1])
+    b = 0.0
+    n = len(y)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(xs @ w + b)))
+        grad = p - y
+        w -= rate * (xs.T @ grad / n + l2 * w)
+        b -= rate * float(grad.mean())
+    return w, b, mean, scale
+
+
+def f1(gold: Iterable[bool], predicted: Iterable[bool]) -> float:
+    g = np.asarray(list(gold), dtype=bool)
+    p = np.asarray(list(predicted), dtype=bool)
+    tp = int((g & p).sum())
+    return 2 * tp / max(1, int(g.sum() + p.sum()))
