@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from conversations import selectors as conv_selectors
 from conversations import services as conv_services
-from conversations.models import Message, Thread
+from conversations.models import Message, Thread, ThreadActivity
 from conversations.thread_detection import Candidate, decide_thread
 from conversations.thread_features import ThreadState
 from memory.selectors import memory_search
@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("agentflow.turn")
 
 STALE_CLAIM = timedelta(minutes=10)
+
+ACTIVITY_FOR_EVENT = {
+    ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
+    ThreadEvent.FOLLOW_UP: ThreadActivity.Kind.FOLLOW_UP,
+    ThreadEvent.RETURN: ThreadActivity.Kind.RETURNED,
+    ThreadEvent.RESOLUTION: ThreadActivity.Kind.RESOLVED,
+}
 
 
 @dataclass
@@ -165,6 +172,9 @@ def decide_and_place(agent: Agent, message: Message, embedding: np.ndarray) -> N
             "thread", "thread_event", "thread_confidence", "thread_signals",
             "intent", "confidence", "intent_candidates",
         ]
+    )
+    conv_services.thread_activity_record(
+        thread=thread, kind=ACTIVITY_FOR_EVENT[decision.event], message=message, actor=ThreadActivity.Actor.USER
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from pgvector.django import VectorField
@@ -153,6 +154,48 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"
+
+
+class ThreadActivity(models.Model):
+    """One event in a thread's life (opened, resolved, merged...), kept with its time for analytics.
+
+    The user's turns record theirs as they are placed; staff actions in the admin record theirs with
+    the staff account that took them.
+    """
+
+    class Kind(models.TextChoices):
+        OPENED = "opened"
+        FOLLOW_UP = "follow_up", "follow-up"
+        RETURNED = "returned"
+        RESOLVED = "resolved"
+        REOPENED = "reopened"
+        DORMANT = "dormant"
+        MERGED = "merged"
+        SPLIT = "split"
+
+    class Actor(models.TextChoices):
+        USER = "user"
+        STAFF = "staff"
+        SYSTEM = "system"
+
+    thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="activities")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="thread_activities")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    message = models.ForeignKey(Message, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    actor = models.CharField(max_length=8, choices=Actor.choices, default=Actor.SYSTEM)
+    staff_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        verbose_name_plural = "thread activities"
+        indexes = [models.Index(fields=["thread", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.actor}) on {self.thread_id}"
 
 
 class ApiKey(models.Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.core.cache import cache
@@ -13,11 +13,15 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput, RateLimited
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
-from .models import ApiKey, ChatSession, EndUser, Message, Thread
+from .models import ApiKey, ChatSession, EndUser, Message, Thread, ThreadActivity
 from .thread_features import content_words
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
 
 
 def user_get_or_create(*, external_id: str) -> EndUser:
@@ -220,9 +224,208 @@ def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None,
 
 
 def threads_mark_dormant(*, user: EndUser, idle: timedelta, now: datetime) -> int:
-    return Thread.objects.filter(user=user, status=Thread.Status.OPEN, last_activity_at__lt=now - idle).update(
-        status=Thread.Status.DORMANT
+    """Mark the user's idle open threads dormant, recording a ``dormant`` activity on each.
+
+    Called under the user's advisory lock, so the ids read here are the ones updated.
+    """
+    ids = list(
+        Thread.objects.filter(
+            user=user, status=Thread.Status.OPEN, last_activity_at__lt=now - idle
+        ).values_list("pk", flat=True)
     )
+    if not ids:
+        return 0
+    with transaction.atomic():
+        count = Thread.objects.filter(pk__in=ids).update(status=Thread.Status.DORMANT)
+        ThreadActivity.objects.bulk_create(
+            ThreadActivity(thread_id=pk, user=user, kind=ThreadActivity.Kind.DORMANT) for pk in ids
+        )
+    return count
+
+
+# --- thread activities and staff actions -------------------------------------------------------
+
+
+def thread_activity_record(
+    *,
+    thread: Thread,
+    kind: str,
+    message: Message | None = None,
+    actor: str = ThreadActivity.Actor.SYSTEM,
+    staff_user: AbstractBaseUser | None = None,
+    detail: dict[str, Any] | None = None,
+) -> ThreadActivity:
+    """Store one event of a thread's life, for its timeline and for analytics."""
+    return ThreadActivity.objects.create(
+        thread=thread,
+        user_id=thread.user_id,
+        kind=kind,
+        message=message,
+        actor=actor,
+        staff_user=staff_user,
+        detail=detail or {},
+    )
+
+
+def _locked(thread: Thread) -> Thread:
+    return Thread.objects.select_for_update().get(pk=thread.pk)
+
+
+def thread_staff_resolve(*, thread: Thread, staff_user: AbstractBaseUser, note: str = "") -> Thread:
+    """Staff mark a thread resolved. A thread already resolved is left as it is (nothing recorded).
+
+    ``last_activity_at`` is the user's activity, so a staff action leaves it alone.
+    """
+    with transaction.atomic():
+        thread = _locked(thread)
+        if thread.status == Thread.Status.RESOLVED:
+            return thread
+        thread.status = Thread.Status.RESOLVED
+        thread.resolved_at = timezone.now()
+        thread.resolution = note[:2000] or "resolved by staff"
+        thread.save(update_fields=["status", "resolved_at", "resolution"])
+        thread_activity_record(
+            thread=thread,
+            kind=ThreadActivity.Kind.RESOLVED,
+            actor=ThreadActivity.Actor.STAFF,
+            staff_user=staff_user,
+            detail={"note": note[:2000]} if note else None,
+        )
+    return thread
+
+
+def thread_staff_reopen(*, thread: Thread, staff_user: AbstractBaseUser) -> Thread:
+    """Staff reopen a resolved or dormant thread. An open thread is left as it is (nothing recorded)."""
+    with transaction.atomic():
+        thread = _locked(thread)
+        if thread.status == Thread.Status.OPEN:
+            return thread
+        previous = thread.status
+        thread.status = Thread.Status.OPEN
+        thread.resolved_at = None
+        thread.save(update_fields=["status", "resolved_at"])
+        thread_activity_record(
+            thread=thread,
+            kind=ThreadActivity.Kind.REOPENED,
+            actor=ThreadActivity.Actor.STAFF,
+            staff_user=staff_user,
+            detail={"from": previous},
+        )
+    return thread
+
+
+def _weighted_topic(target: Thread, source: Thread) -> tuple[np.ndarray | None, int]:
+    """The topic of two threads together: their topic embeddings' mean, weighted by user messages."""
+    weight = target.topic_weight + source.topic_weight
+    if source.topic_embedding is None:
+        return target.topic_embedding, weight
+    if target.topic_embedding is None:
+        return source.topic_embedding, weight
+    t, s = np.asarray(target.topic_embedding), np.asarray(source.topic_embedding)
+    if weight == 0:
+        return (t + s) / 2, 0
+    return (t * target.topic_weight + s * source.topic_weight) / weight, weight
+
+
+def threads_merge(*, source: Thread, target: Thread, staff_user: AbstractBaseUser) -> Thread:
+    """Move every message of ``source`` into ``target`` and fold the source's topic into it.
+
+    The emptied source is marked resolved ("merged into <target id>") and loses its topic embedding,
+    so thread detection never offers it as a candidate again.
+
+    Raises:
+        InvalidInput: the threads are one thread or belong to different users; nothing changed.
+    """
+    if source.pk == target.pk:
+        raise InvalidInput("a thread cannot be merged into itself", field="thread")
+    with transaction.atomic():
+        pair = Thread.objects.select_for_update().filter(pk__in=[source.pk, target.pk]).order_by("pk")
+        locked = {t.pk: t for t in pair}
+        source, target = locked[source.pk], locked[target.pk]
+        if source.user_id != target.user_id:
+            raise InvalidInput("only threads of the same user can be merged", field="thread")
+        moved = Message.objects.filter(thread=source).update(thread=target)
+        target.topic_embedding, target.topic_weight = _weighted_topic(target, source)
+        if target.opening_embedding is None:
+            target.opening_embedding = source.opening_embedding
+        if source.last_activity_at > target.last_activity_at:
+            target.last_activity_at = source.last_activity_at
+            target.last_user_embedding = source.last_user_embedding
+            target.last_assistant_text = source.last_assistant_text
+        target.vocabulary = list(dict.fromkeys([*target.vocabulary, *source.vocabulary]))[-VOCABULARY_LIMIT:]
+        target.escalated = target.escalated or source.escalated
+        target.save(
+            update_fields=[
+                "topic_embedding", "topic_weight", "opening_embedding", "last_activity_at",
+                "last_user_embedding", "last_assistant_text", "vocabulary", "escalated",
+            ]
+        )
+        source.status = Thread.Status.RESOLVED
+        source.resolved_at = timezone.now()
+        source.resolution = f"merged into {target.pk}"
+        source.topic_embedding = None
+        source.topic_weight = 0
+        source.save(update_fields=["status", "resolved_at", "resolution", "topic_embedding", "topic_weight"])
+        detail = {"source": str(source.pk), "target": str(target.pk), "messages": moved}
+        for thread in (source, target):
+            thread_activity_record(
+                thread=thread, kind=ThreadActivity.Kind.MERGED, actor=ThreadActivity.Actor.STAFF,
+                staff_user=staff_user, detail=detail,
+            )
+    return target
+
+
+def thread_split(*, message: Message, staff_user: AbstractBaseUser) -> Thread:
+    """Move a user message and every later message of its thread into a new thread of their own.
+
+    The new thread's topic is the message: its text and its embedding.
+
+    Returns:
+        The new thread.
+
+    Raises:
+        InvalidInput: the message is not a user message in a thread, or it is the thread's first
+            message (the split would leave an empty thread); nothing changed.
+    """
+    if message.role != Message.Role.USER or message.thread_id is None:
+        raise InvalidInput("only a user message in a thread can start a new thread", field="message")
+    embedding = get_embedder().embed_one(message.content)  # slow: outside the transaction
+    with transaction.atomic():
+        original = Thread.objects.select_for_update().get(pk=message.thread_id)
+        in_thread = Message.objects.filter(thread=original).order_by("created_at", "pk")
+        first = in_thread.first()
+        if first is None or first.pk == message.pk:
+            raise InvalidInput("splitting at a thread's first message would leave it empty", field="message")
+        moving = list(in_thread.filter(Q(created_at__gt=message.created_at) | Q(pk=message.pk)))
+        vocabulary: list[str] = []
+        for m in moving:
+            vocabulary = _vocabulary(vocabulary, m.content)
+        replies = [m for m in moving if m.role != Message.Role.USER]
+        new = Thread.objects.create(
+            user_id=original.user_id,
+            session_id=message.session_id,
+            topic=message.content[:255],
+            intent=message.intent,
+            topic_embedding=embedding,
+            opening_embedding=embedding,
+            last_user_embedding=embedding,
+            topic_weight=1,
+            vocabulary=vocabulary,
+            last_assistant_text=replies[-1].content[:2000] if replies else "",
+            last_activity_at=moving[-1].created_at,
+        )
+        Message.objects.filter(pk__in=[m.pk for m in moving]).update(thread=new)
+        remaining = Message.objects.filter(thread=original).order_by("-created_at").first()
+        assert remaining is not None  # the first message stays
+        original.last_activity_at = remaining.created_at
+        original.save(update_fields=["last_activity_at"])
+        detail = {"from": str(original.pk), "to": str(new.pk), "messages": len(moving)}
+        for thread in (original, new):
+            thread_activity_record(
+                thread=thread, kind=ThreadActivity.Kind.SPLIT, message=message,
+                actor=ThreadActivity.Actor.STAFF, staff_user=staff_user, detail=detail,
+            )
+    return new
 
 
 def api_key_create(*, name: str) -> tuple[ApiKey, str]:
