@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +26,7 @@ HANDOFF_NOTICE = (
     "A human agent will reply here shortly."
 )
 OFFLINE_PREFIX = "[Offline mode] "
+ORDER_WAIT_SECONDS = 30.0
 NO_ANSWER_NOTICE = (
     "I couldn't complete an answer this time. Would you like a member of our team to take over?"
 )
@@ -90,8 +92,12 @@ class Agent:
         return await self.run_turn(stored.pk)
 
     async def run_turn(self, message_id: Any, *, on_text: TextCallback | None = None) -> TurnResult:
-        """Run (or re-read) the turn of a stored user message."""
-        prepared = await sync_to_async(pipeline.prepare)(self, message_id=message_id)
+        """Run (or re-read) the turn of a stored user message.
+
+        Messages of one user are placed in the order they arrived: if an earlier one is still
+        undecided, this one waits for it (up to ``ORDER_WAIT_SECONDS``).
+        """
+        prepared = await self._in_order(pipeline.prepare, message_id=message_id)
         if prepared.result is not None:
             return prepared.result  # type: ignore[return-value]
         try:
@@ -111,7 +117,17 @@ class Agent:
         ``signals`` behind the decision and its timings (``embedding_ms``, ``decision_ms``).
         """
         stored, _ = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
-        return await sync_to_async(pipeline.place)(self, message_id=stored.pk)
+        return await self._in_order(pipeline.place, message_id=stored.pk)
+
+    async def _in_order(self, step: Any, *, message_id: Any) -> Any:
+        deadline = time.monotonic() + ORDER_WAIT_SECONDS
+        while True:
+            try:
+                return await sync_to_async(step)(self, message_id=message_id)
+            except pipeline.EarlierMessagePending:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
     async def record_message(self, *, user_id: str, content: str, role: str = "assistant") -> dict[str, Any]:
         """Append an assistant (or ``human_agent``) message to the user's most recent thread.

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("agentflow.turn")
 
 STALE_CLAIM = timedelta(minutes=10)
+# Messages of one user are placed in threads in the order they arrived; an earlier one younger than
+# this that is still undecided makes a later one wait (an older one is presumed lost).
+ORDER_WINDOW = timedelta(minutes=2)
+
+
+class EarlierMessagePending(Exception):
+    """An earlier message of the same user has not been placed yet: try this one again shortly."""
 
 ACTIVITY_FOR_EVENT = {
     ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
@@ -105,6 +112,12 @@ def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
         elif turns or role == "user":
             turns.append({"role": role, "content": text})
     return turns
+
+
+def _earlier_pending(message: Message) -> bool:
+    return conv_selectors.earlier_undecided_exists(
+        user=message.user, before=message.created_at, since=message.created_at - ORDER_WINDOW
+    )
 
 
 def _candidate(thread: Thread, session_id: Any) -> Candidate:
@@ -198,8 +211,12 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
         message.refresh_from_db(fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"])
-        if message.thread_id is None:
+        waiting = message.thread_id is None and _earlier_pending(message)
+        if message.thread_id is None and not waiting:
             decide_and_place(agent, message, embedding)
+    if waiting:
+        conv_services.message_release(message_id=message.pk)
+        raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
     thread: Thread = message.thread  # type: ignore[assignment]
     classification = Classification(
         message.intent or None,
@@ -265,9 +282,14 @@ def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:
     embedding_ms = (time.perf_counter() - started) * 1000
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
-        decide_and_place(agent, message, embedding)
-        message.status = Message.Status.DONE
-        message.save(update_fields=["status"])
+        waiting = _earlier_pending(message)
+        if not waiting:
+            decide_and_place(agent, message, embedding)
+            message.status = Message.Status.DONE
+            message.save(update_fields=["status"])
+    if waiting:
+        conv_services.message_release(message_id=message.pk)
+        raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
     return {
         "message_id": str(message.pk),
         "session_id": str(message.session_id),

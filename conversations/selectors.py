@@ -4,6 +4,7 @@ that is where per-user isolation is enforced."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from django.db.models import QuerySet
@@ -66,6 +67,18 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     if latest is not None and latest.status == Thread.Status.RESOLVED:
         threads.insert(0, latest)
     return threads
+
+
+def earlier_undecided_exists(*, user: EndUser, before: datetime, since: datetime) -> bool:
+    """Whether a message the user sent earlier (after ``since``) still waits for its thread decision."""
+    return Message.objects.filter(
+        user=user,
+        role=Message.Role.USER,
+        thread__isnull=True,
+        status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
+        created_at__lt=before,
+        created_at__gte=since,
+    ).exists()
 
 
 def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:

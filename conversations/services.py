@@ -147,6 +147,13 @@ def message_claim(*, message_id: Any, now: datetime, stale_after: timedelta) -> 
     return claimed == 1
 
 
+def message_release(*, message_id: Any) -> None:
+    """Give a claimed message back (it has to wait for an earlier one of the same user)."""
+    Message.objects.filter(pk=message_id, status=Message.Status.PROCESSING).update(
+        status=Message.Status.PENDING, processing_started_at=None
+    )
+
+
 def message_fail(*, message_id: Any, error: str) -> None:
     Message.objects.filter(pk=message_id).exclude(status=Message.Status.DONE).update(
         status=Message.Status.FAILED, error=error[:2000]

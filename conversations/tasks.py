@@ -28,6 +28,7 @@ _loops: list[asyncio.AbstractEventLoop] = []
 _loops_lock = threading.Lock()
 
 MAX_LLM_RETRIES = 3
+ORDER_RETRIES = 150  # x 0.2 s: how long a message waits for the user's earlier one
 
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
@@ -57,13 +58,18 @@ def _close_thread_loops(**kwargs: Any) -> None:
         loop.close()
 
 
-@shared_task(bind=True, acks_late=True, max_retries=MAX_LLM_RETRIES)
-def process_turn(self: Any, message_id: str) -> str:
+@shared_task(bind=True, acks_late=True, max_retries=None)
+def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     """Run the turn of stored user message ``message_id`` and publish its result."""
     loop = _thread_loop()
     agent = get_agent()
     try:
         prepared = pipeline.prepare(agent, message_id=message_id)
+    except pipeline.EarlierMessagePending as exc:
+        # Double-texting: the user's earlier message is placed first; this one follows shortly.
+        if self.request.retries >= ORDER_RETRIES:
+            raise
+        raise self.retry(exc=exc, countdown=0.2) from exc
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
@@ -76,8 +82,13 @@ def process_turn(self: Any, message_id: str) -> str:
         outcome = loop.run_until_complete(agent.respond(prepared))
     except LLMError as exc:
         agent.fail(prepared, exc)
-        if exc.transient and self.request.retries < MAX_LLM_RETRIES:
-            raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
+        if exc.transient and llm_attempt < MAX_LLM_RETRIES:
+            raise self.retry(
+                exc=exc,
+                countdown=2 ** (llm_attempt + 1),
+                args=(),
+                kwargs={"message_id": message_id, "llm_attempt": llm_attempt + 1},
+            ) from exc
         publish(
             user_pk=user_pk,
             event={"kind": "error", "code": exc.code, "message": "The assistant is unavailable right now.",

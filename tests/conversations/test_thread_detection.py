@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connections
 from django.utils import timezone
 
@@ -389,7 +391,12 @@ def test_simultaneous_turns_of_one_user_are_serialised_by_the_user_lock() -> Non
     def prepare(message_id):
         try:
             barrier.wait(timeout=10)
-            return pipeline.prepare(agent, message_id=message_id)
+            for _ in range(500):  # as the Celery task does: wait for the user's earlier message
+                try:
+                    return pipeline.prepare(agent, message_id=message_id)
+                except pipeline.EarlierMessagePending:
+                    time.sleep(0.01)
+            raise AssertionError("the earlier message was never placed")
         finally:
             connections.close_all()
 
@@ -406,3 +413,26 @@ def test_simultaneous_turns_of_one_user_are_serialised_by_the_user_lock() -> Non
             threads[0].pk
         }
         assert threads[0].topic_weight == 2
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_double_texting_places_messages_in_arrival_order() -> None:
+    agent = await _agent()
+    first, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN)
+    second, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN_DETAIL)
+
+    # The later message is asked first: it waits for the earlier one instead of opening a thread.
+    with pytest.raises(pipeline.EarlierMessagePending):
+        await sync_to_async(pipeline.prepare)(agent, message_id=second.pk)
+    assert (await Message.objects.aget(pk=second.pk)).status == "pending"
+    assert await Thread.objects.acount() == 0
+
+    later, earlier = await asyncio.gather(agent.run_turn(second.pk), agent.run_turn(first.pk))
+
+    assert (earlier["thread_event"], later["thread_event"]) == ("NEW_TOPIC", "FOLLOW_UP")
+    assert later["thread_id"] == earlier["thread_id"]
+    placed = [
+        m.content
+        async for m in Message.objects.filter(role="user", thread_id=earlier["thread_id"]).order_by("created_at")
+    ]
+    assert placed == [LOGIN, LOGIN_DETAIL]
