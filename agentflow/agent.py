@@ -202,6 +202,8 @@ class Agent:
             parts.append(f"The user's request was classified as {ctx.intent}.")
         if ctx.thread_event == "RESOLUTION":
             parts.append("The user says their issue is resolved: acknowledge it briefly.")
+        if ctx.thread_summary:
+            parts.append("Earlier in this conversation thread (summary):\n" + ctx.thread_summary)
         if ctx.memories:
             lines = "\n".join(f"- ({m['scope']} {m['kind']}) {m['content']}" for m in ctx.memories)
             parts.append("What you remember that may help (mention it when relevant):\n" + lines)

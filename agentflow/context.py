@@ -29,6 +29,7 @@ class TurnContext:
     classification: Classification
     config: AgentFrameworkConfig
     history: list[dict[str, str]] = field(default_factory=list)
+    thread_summary: str = ""  # the gist of the thread's messages older than ``history``
     memories: list[dict[str, Any]] = field(default_factory=list)
     tools: ToolSource | None = None
     system_additions: list[str] = field(default_factory=list)

@@ -22,6 +22,7 @@ from django.utils import timezone
 from conversations import selectors as conv_selectors
 from conversations import services as conv_services
 from conversations.models import Message, Thread, ThreadActivity
+from conversations.summaries import extractive_summary
 from conversations.thread_detection import Candidate, decide_thread
 from conversations.thread_features import ThreadState
 from memory.selectors import memory_search
@@ -223,9 +224,14 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
         message.confidence or 0.0,
         tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
     )
-    history = _history_for_llm(
-        conv_selectors.thread_history(thread=thread, limit=agent.config.llm_config.history_messages, before=message)
-    )
+    window = agent.config.llm_config.history_messages
+    recent = conv_selectors.thread_history(thread=thread, limit=window, before=message)
+    history = _history_for_llm(recent)
+    summary = ""
+    if len(recent) == window:  # the window is full: older messages get a running summary
+        summary = extractive_summary(
+            conv_selectors.thread_earlier_than_window(thread=thread, window=window, before=message)
+        )
     mem_cfg = agent.config.memory_config
     memories = (
         memory_search(
@@ -260,6 +266,7 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
         classification=classification,
         config=agent.config,
         history=history,
+        thread_summary=summary,
         memories=memories,
         tools=agent.tools,
     )

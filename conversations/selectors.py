@@ -89,6 +89,16 @@ def thread_history(*, thread: Thread, limit: int, before: Message | None = None)
     return list(reversed(messages.order_by("-created_at")[:limit]))
 
 
+def thread_earlier_than_window(*, thread: Thread, window: int, before: Message, limit: int = 200) -> list[Message]:
+    """Finished messages older than the last ``window`` ones before ``before``, oldest first."""
+    messages = (
+        Message.objects.filter(thread=thread, created_at__lt=before.created_at)
+        .exclude(status=Message.Status.PENDING)
+        .order_by("-created_at")[window : window + limit]
+    )
+    return list(reversed(messages))
+
+
 def messages_for_thread(*, thread: Thread) -> QuerySet[Message]:
     return Message.objects.filter(thread=thread).order_by("created_at")
 
