@@ -15,6 +15,7 @@ from . import pipeline
 from .config import AgentFrameworkConfig
 from .context import Handler, HandlerResult, Middleware, TurnContext
 from .embeddings import Embedder
+from .errors import LLMError
 from .llm import LLMBackend, TextCallback
 from .tools import ToolSource
 from .types import Classification, IntentCategory, TurnResult
@@ -98,6 +99,9 @@ class Agent:
         undecided, this one waits for it (up to ``ORDER_WAIT_SECONDS``).
         """
         prepared = await self._in_order(pipeline.prepare, message_id=message_id)
+        if prepared.judgement is not None:
+            verdict = await self.judge_thread(prepared.judgement)
+            prepared = await self._in_order(pipeline.prepare, message_id=message_id, verdict=verdict)
         if prepared.result is not None:
             return prepared.result  # type: ignore[return-value]
         try:
@@ -119,11 +123,11 @@ class Agent:
         stored, _ = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
         return await self._in_order(pipeline.place, message_id=stored.pk)
 
-    async def _in_order(self, step: Any, *, message_id: Any) -> Any:
+    async def _in_order(self, step: Any, *, message_id: Any, **kwargs: Any) -> Any:
         deadline = time.monotonic() + ORDER_WAIT_SECONDS
         while True:
             try:
-                return await sync_to_async(step)(self, message_id=message_id)
+                return await sync_to_async(step)(self, message_id=message_id, **kwargs)
             except pipeline.EarlierMessagePending:
                 if time.monotonic() > deadline:
                     raise
@@ -135,6 +139,65 @@ class Agent:
         It becomes context for the next thread decision, as a reply would.
         """
         return await sync_to_async(pipeline.record)(self, user_id=user_id, content=content, role=role)
+
+    async def judge_thread(self, judgement: pipeline.Judgement) -> dict[str, Any]:
+        """Ask the LLM where a message belongs when the thread scorer is unsure.
+
+        Structured output through a forced tool call. Returns ``{"event", "thread_id", "label",
+        "confidence"}``, or ``{}`` when the LLM fails or answers off-script (the scorer's decision
+        then stands).
+        """
+        listing = "\n".join(
+            f"{o['label']}: {o['topic']!r} ({o['status']}{', the active thread' if o['active'] else ''})"
+            for o in judgement.options
+        )
+        prompt = (
+            f"Threads of this user's conversation, most recent first:\n{listing}\n\n"
+            f"New user message: {judgement.message!r}\n\n"
+            "FOLLOW_UP: it continues the active thread. RETURN: it goes back to an earlier thread. "
+            "RESOLUTION: the user says the issue of a thread is solved. NEW_TOPIC: anything new."
+        )
+        tool = {
+            "name": "place_message",
+            "description": "Say which thread the new message belongs to.",
+            "input_schema": {
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string", "enum": ["FOLLOW_UP", "RETURN", "RESOLUTION", "NEW_TOPIC"]},
+                    "thread": {"type": "string", "description": "The thread label (T1, T2...); omit for NEW_TOPIC."},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+                "required": ["event"],
+            },
+        }
+        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
+        try:
+            reply = await self.llm.generate(
+                system="You route chat messages to conversation threads.",
+                messages=[{"role": "user", "content": prompt}],
+                config=config,
+                tools=[tool],
+                tool_choice={"type": "tool", "name": "place_message"},
+            )
+        except LLMError as exc:
+            logger.warning("thread judgement unavailable: %s", exc)
+            return {}
+        calls = [c for c in reply.tool_calls if c.get("name") == "place_message"]
+        data = calls[0].get("input") or {} if calls else {}
+        labels = {o["label"]: o["thread_id"] for o in judgement.options}
+        event, label = data.get("event"), data.get("thread")
+        if event not in ("FOLLOW_UP", "RETURN", "RESOLUTION", "NEW_TOPIC"):
+            return {}
+        if event != "NEW_TOPIC" and label not in labels:
+            return {}
+        confidence = data.get("confidence")
+        return {
+            "event": event,
+            "thread_id": labels.get(label) if event != "NEW_TOPIC" else None,
+            "label": label,
+            "confidence": confidence if isinstance(confidence, (int, float)) and 0 <= confidence <= 1 else None,
+            "usage": reply.usage,
+        }
 
     async def classify(self, text: str) -> Classification:
         """Classify a text against the agent's intent categories (no storage, no LLM)."""

@@ -48,6 +48,12 @@ class SessionConfig(_Section):
     threading_profile: Literal["task", "chitchat"] = Field(
         "task", description="Thread scorer weights: task-oriented support (default) or open chit-chat."
     )
+    llm_thread_judgement: bool = Field(
+        True, description="Ask the LLM where a message belongs when the scorer is unsure (never offline)."
+    )
+    judgement_margin: float = Field(
+        0.08, ge=0.0, le=0.5, description="How close to a scorer threshold counts as unsure."
+    )
 
 
 class MemoryConfig(_Section):

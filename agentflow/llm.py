@@ -58,11 +58,13 @@ class LLMBackend(ABC):
         config: LLMConfig,
         tools: list[dict[str, Any]] | None = None,
         on_text: TextCallback | None = None,
+        tool_choice: dict[str, Any] | None = None,
     ) -> LLMReply:
         """Ask the model for the next assistant message.
 
         Args:
             on_text: when given, the reply is streamed and each text delta is passed to it.
+            tool_choice: force a tool (structured output), e.g. ``{"type": "tool", "name": "..."}``.
 
         Raises:
             LLMError: after the provider's own retries; ``transient`` tells whether to retry later.
@@ -82,6 +84,7 @@ class OfflineBackend(LLMBackend):
         config: LLMConfig,
         tools: list[dict[str, Any]] | None = None,
         on_text: TextCallback | None = None,
+        tool_choice: dict[str, Any] | None = None,
     ) -> LLMReply:
         if on_text is not None:
             await on_text(OFFLINE_NOTICE)
@@ -135,6 +138,7 @@ class AnthropicBackend(LLMBackend):
         config: LLMConfig,
         tools: list[dict[str, Any]] | None = None,
         on_text: TextCallback | None = None,
+        tool_choice: dict[str, Any] | None = None,
     ) -> LLMReply:
         import anthropic
 
@@ -154,6 +158,8 @@ class AnthropicBackend(LLMBackend):
         }
         if tools:
             kwargs["tools"] = tools
+        if tool_choice:
+            kwargs["tool_choice"] = tool_choice
         started = time.perf_counter()
         try:
             if on_text is None:

@@ -23,7 +23,7 @@ from conversations import selectors as conv_selectors
 from conversations import services as conv_services
 from conversations.models import Message, Thread, ThreadActivity
 from conversations.summaries import extractive_summary
-from conversations.thread_detection import Candidate, decide_thread
+from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
 from conversations.thread_features import ThreadState
 from memory.selectors import memory_search
 from memory.services import memories_mark_used
@@ -61,6 +61,7 @@ class Prepared:
 
     message_id: str
     result: dict[str, Any] | None = None  # set when there is nothing left to do
+    judgement: Judgement | None = None  # set when the LLM should place the message first
     message: Message | None = None
     ctx: TurnContext | None = None
     category: IntentCategory | None = None
@@ -142,8 +143,64 @@ def _candidate(thread: Thread, session_id: Any) -> Candidate:
     )
 
 
-def decide_and_place(agent: Agent, message: Message, embedding: np.ndarray) -> None:
-    """Thread decision + intent, stored on the message. Call under the user's advisory lock."""
+@dataclass(frozen=True)
+class Judgement:
+    """A thread decision the scorer is unsure of, to be put to the LLM before it is stored."""
+
+    message: str
+    decision: ThreadDecision
+    options: tuple[dict[str, Any], ...]  # {"label", "thread_id", "topic", "status", "active"}
+
+
+SCORER_REASONS = ("scorer:", "resolution of", "new for the active thread")
+
+
+def _unsure(agent: Agent, decision: ThreadDecision) -> bool:
+    """The scorer decided, and one of its probabilities is within the margin of its threshold."""
+    cfg = agent.config.session_config
+    if agent.offline or not cfg.llm_thread_judgement or "p_new_topic" not in decision.signals:
+        return False
+    if not str(decision.signals.get("reason", "")).startswith(SCORER_REASONS):
+        return False
+    model = agent.thread_model
+    return (
+        abs(decision.signals["p_new_topic"] - model.new_topic.threshold) < cfg.judgement_margin
+        or abs(decision.signals["p_resolution"] - model.resolution.threshold) < cfg.judgement_margin
+    )
+
+
+def _apply_verdict(decision: ThreadDecision, verdict: dict[str, Any], threads: list[Thread]) -> ThreadDecision:
+    """The LLM's placement if it names a real option; otherwise the scorer's, marked as such."""
+    by_id = {str(t.pk): t.pk for t in threads}
+    event, target = verdict.get("event"), verdict.get("thread_id")
+    cheap = {"event": decision.event, "thread_id": str(decision.thread_id) if decision.thread_id else None}
+    valid = event == ThreadEvent.NEW_TOPIC or (event in ThreadEvent.ALL and target in by_id)
+    if not valid:
+        return ThreadDecision(
+            decision.event, decision.thread_id, decision.confidence,
+            {**decision.signals, "llm_judgement": verdict or "unavailable"},
+        )
+    return ThreadDecision(
+        event,
+        None if event == ThreadEvent.NEW_TOPIC else by_id[target],
+        float(verdict.get("confidence") or 0.8),
+        {**decision.signals, "reason": "LLM judgement", "scorer_decision": cheap, "llm_judgement": verdict},
+    )
+
+
+def decide_and_place(
+    agent: Agent,
+    message: Message,
+    embedding: np.ndarray,
+    *,
+    verdict: dict[str, Any] | None = None,
+    allow_judgement: bool = False,
+) -> Judgement | None:
+    """Thread decision + intent, stored on the message. Call under the user's advisory lock.
+
+    With ``allow_judgement``, an unsure decision is not stored but returned as a ``Judgement`` for
+    the LLM; the caller comes back with its ``verdict`` (``{}`` when there is none).
+    """
     now = timezone.now()
     user = message.user
     cfg = agent.config.session_config
@@ -160,6 +217,14 @@ def decide_and_place(agent: Agent, message: Message, embedding: np.ndarray) -> N
         model=agent.thread_model,
     )
     decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    if verdict is not None:
+        decision = _apply_verdict(decision, verdict, threads)
+    elif allow_judgement and _unsure(agent, decision):
+        options = tuple(
+            {"label": f"T{i + 1}", "thread_id": str(t.pk), "topic": t.topic, "status": t.status, "active": i == 0}
+            for i, t in enumerate(threads[:6])
+        )
+        return Judgement(message.content, decision, options)
     classification = agent.classifier.classify(embedding)
     if decision.thread_id is None:
         thread = conv_services.thread_open(
@@ -190,12 +255,15 @@ def decide_and_place(agent: Agent, message: Message, embedding: np.ndarray) -> N
     conv_services.thread_activity_record(
         thread=thread, kind=ACTIVITY_FOR_EVENT[decision.event], message=message, actor=ThreadActivity.Actor.USER
     )
+    return None
 
 
-def prepare(agent: Agent, *, message_id: Any) -> Prepared:
+def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = None) -> Prepared:
     """Claim a stored user message and work out its thread, intent, history and memories.
 
     Idempotent: a finished turn returns its result; a turn another worker holds returns its state.
+    When the thread scorer is unsure (and an LLM is available), nothing is placed yet: the result
+    carries a ``judgement`` for ``Agent.judge_thread``; call again with its ``verdict``.
     """
     try:
         message = Message.objects.select_related("user", "session").get(pk=message_id, role=Message.Role.USER)
@@ -213,11 +281,17 @@ def prepare(agent: Agent, *, message_id: Any) -> Prepared:
         conv_services.user_lock(user=message.user)
         message.refresh_from_db(fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"])
         waiting = message.thread_id is None and _earlier_pending(message)
+        judgement = None
         if message.thread_id is None and not waiting:
-            decide_and_place(agent, message, embedding)
+            judgement = decide_and_place(
+                agent, message, embedding, verdict=verdict, allow_judgement=verdict is None
+            )
     if waiting:
         conv_services.message_release(message_id=message.pk)
         raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
+    if judgement is not None:
+        conv_services.message_release(message_id=message.pk)
+        return Prepared(key, judgement=judgement)
     thread: Thread = message.thread  # type: ignore[assignment]
     classification = Classification(
         message.intent or None,

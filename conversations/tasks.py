@@ -65,6 +65,9 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     agent = get_agent()
     try:
         prepared = pipeline.prepare(agent, message_id=message_id)
+        if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message
+            verdict = loop.run_until_complete(agent.judge_thread(prepared.judgement))
+            prepared = pipeline.prepare(agent, message_id=message_id, verdict=verdict)
     except pipeline.EarlierMessagePending as exc:
         # Double-texting: the user's earlier message is placed first; this one follows shortly.
         if self.request.retries >= ORDER_RETRIES:
