@@ -143,8 +143,9 @@ def test_category_without_examples_uses_its_description_or_name(embedder):
         classify(classifier, embedder, "Will it rain tomorrow? weather forecast").intent == "WEATHER_FORECAST"
     )
     assert classify(classifier, embedder, "How long do I bake a chocolate cake?").intent == "RECIPES"
-    assert classifier.vectors.shape == (2, 384)
-    np.testing.assert_array_equal(classifier.owners, [0, 1])
+    # Phrases: the name in words for both, plus RECIPES' description.
+    assert classifier.vectors.shape == (3, 384)
+    np.testing.assert_array_equal(classifier.owners, [0, 1, 1])
 
 
 # --- intent_categories_sync ------------------------------------------------------------------
