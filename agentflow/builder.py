@@ -36,7 +36,12 @@ class AgentFrameworkBuilder:
         self._log_level: str | None = None
 
     def with_intent_categories(self, categories: Sequence[IntentCategory]) -> AgentFrameworkBuilder:
-        """The domain's intents. Without this call the agent uses the active categories of the admin."""
+        """The domain's intents, written to the database at ``build()``.
+
+        The database is the source of truth at run time: the agent classifies against all active
+        categories there, and ops staff own threshold, hand-off, active flag and prompt once a
+        category exists (code sets them only when it creates the category). See docs/configuration.md.
+        """
         if isinstance(categories, (str, bytes)) or not isinstance(categories, Sequence):
             raise ConfigError("with_intent_categories takes a list of IntentCategory")
         names: set[str] = set()
@@ -132,9 +137,9 @@ class AgentFrameworkBuilder:
 
         ensure_django()
         from conversations.thread_features import load_model
-        from intents.classifier import IntentClassifier
-        from intents.selectors import intent_categories_active
+        from intents.models import IntentCategory as IntentCategoryRow
         from intents.services import intent_categories_sync
+        from intents.store import IntentStore
 
         from .agent import Agent
         from .bootstrap import ensure_schema
@@ -152,11 +157,7 @@ class AgentFrameworkBuilder:
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         ensure_schema()
-        if self._categories is not None:
-            categories = tuple(self._categories)
-        else:
-            categories = tuple(intent_categories_active())
-        known = {c.name for c in categories}
+        known = {c.name for c in self._categories or ()} | set(IntentCategoryRow.objects.values_list("name", flat=True))
         for name in [*config.confidence_config.intent_specific, *self._handlers]:
             if known and name not in known:
                 raise ConfigError(
@@ -164,17 +165,20 @@ class AgentFrameworkBuilder:
                 )
         # Only a valid configuration is recorded for the admin: a failed build leaves no trace.
         if self._categories is not None:
-            intent_categories_sync(categories=self._categories)
+            intent_categories_sync(
+                categories=self._categories, thresholds=config.confidence_config.intent_specific
+            )
         embedder = get_embedder()
+        intents = IntentStore(embedder)
+        intents.current()  # build the classifier now, not on the first message
         return Agent(
             config=config,
-            categories=categories,
+            intents=intents,
             handlers=self._handlers,
             middleware=tuple(self._middleware),
             llm=llm,
             tools=tools,
             embedder=embedder,
-            classifier=IntentClassifier.build(categories, embedder),
             thread_model=load_model(config.session_config.threading_profile),
         )
 

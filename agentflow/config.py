@@ -85,10 +85,11 @@ class ConfidenceConfig(_Section):
         return value
 
     def threshold_for(self, intent: str | None, category_threshold: float | None = None) -> float:
-        if intent is not None and intent in self.intent_specific:
-            return self.intent_specific[intent]
+        """The category's own threshold (the admin's), else ``intent_specific``, else the default."""
         if category_threshold is not None:
             return category_threshold
+        if intent is not None and intent in self.intent_specific:
+            return self.intent_specific[intent]
         return self.default_threshold
 
 

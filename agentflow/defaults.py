@@ -5,8 +5,8 @@ default below uses ``AGENTFLOW["CONFIG"]`` (YAML), the admin's active intent cat
 Anthropic key from the environment. Projects with handlers and middleware point the setting at
 their own factory built with ``AgentFrameworkBuilder``.
 
-The built agent is cached per process, keyed by a fingerprint of the admin's intent categories, so
-an admin edit reaches every worker on its next message without a restart.
+The built agent is cached per process; it reads the intent categories from the database on every
+turn (intents.store), so an admin edit reaches every worker on its next message without a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Max
 from django.utils.module_loading import import_string
 
 from .builder import AgentFrameworkBuilder
@@ -64,12 +63,6 @@ def build_default_agent() -> Any:
     return builder.build_sync(default_backend())
 
 
-def categories_fingerprint() -> Any:
-    from intents.models import IntentCategory
-
-    return tuple(IntentCategory.objects.aggregate(n=Count("id"), changed=Max("updated_at")).values())
-
-
 def get_agent() -> Any:
     """The process's agent (sync: call from a worker thread or ``sync_to_async``, not a running loop).
 
@@ -78,7 +71,9 @@ def get_agent() -> Any:
     (``AnthropicBackend(client_factory=...)``), as the default does.
     """
     factory_path = settings.AGENTFLOW["AGENT_FACTORY"]
-    fingerprint = categories_fingerprint()
+    # Agents read their intent categories from the database on every turn (intents.store), so a
+    # built agent stays valid across admin edits; it is rebuilt only when settings change.
+    fingerprint = settings.AGENTFLOW.get("CONFIG")
     with _lock:
         cached = _cache.get(factory_path)
         if cached is not None and cached[0] == fingerprint:

@@ -33,6 +33,12 @@ class IntentCategoryForm(forms.ModelForm):
         raw = self.cleaned_data.get("examples") or ""
         return [line.strip() for line in raw.splitlines() if line.strip()]
 
+    def save(self, commit: bool = True) -> IntentCategory:
+        # Staff rewording a code-defined category take it over: later deploys stop overwriting it.
+        if self.instance.pk and {"description", "examples"} & set(self.changed_data):
+            self.instance.source = IntentCategory.Source.ADMIN
+        return super().save(commit=commit)
+
     def clean(self) -> dict[str, Any]:
         data = super().clean()
         if self.errors:
@@ -50,7 +56,14 @@ class IntentCategoryForm(forms.ModelForm):
 
 @admin.register(IntentCategory)
 class IntentCategoryAdmin(admin.ModelAdmin):
+    """The database is the source of truth: edits apply to the next message on every process.
+
+    Threshold, hand-off, active and prompt belong to staff; a category's description and examples
+    come from code (source "code") until staff edit them here (source becomes "admin").
+    """
+
     form = IntentCategoryForm
+    readonly_fields = ("source", "updated_at")
     list_display = ("name", "active", "threshold", "handoff", "example_count", "source", "updated_at")
     list_filter = ("active", "handoff", "source")
     list_editable = ("active", "threshold", "handoff")

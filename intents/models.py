@@ -25,7 +25,12 @@ class IntentCategory(models.Model):
     handoff = models.BooleanField(default=False, help_text="Always hand threads of this intent to a human.")
     system_prompt = models.TextField(blank=True)
     active = models.BooleanField(default=True)
-    source = models.CharField(max_length=8, choices=Source.choices, default=Source.ADMIN)
+    source = models.CharField(
+        max_length=8,
+        choices=Source.choices,
+        default=Source.ADMIN,
+        help_text="code: description and examples follow the code on each deploy; admin: staff own them.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

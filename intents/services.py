@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from agentflow.types import IntentCategory as IntentCategorySpec
 
 from .models import IntentCategory
 
 
-def intent_categories_sync(*, categories: Sequence[IntentCategorySpec]) -> int:
-    """Record the categories defined in code so that ops staff see them in the admin.
+def intent_categories_sync(
+    *, categories: Sequence[IntentCategorySpec], thresholds: Mapping[str, float] | None = None
+) -> int:
+    """Write the categories defined in code to the database, the source of truth at run time.
 
-    New ones are created; for existing ones the code's description and examples are written,
-    while the fields staff own in the admin (threshold, hand-off, active, prompt) are kept.
+    New ones are created with the code's threshold (the category's own, else ``thresholds``, i.e.
+    ``with_confidence_thresholds`` / ``intent_specific``), hand-off flag and prompt. For existing ones
+    the code's description and examples are written unless staff edited those in the admin (the
+    category's source is then "admin"); the fields staff own (threshold, hand-off, active, prompt)
+    are always kept.
 
     Returns:
         How many categories were created.
@@ -25,7 +30,7 @@ def intent_categories_sync(*, categories: Sequence[IntentCategorySpec]) -> int:
             defaults={
                 "description": spec.description,
                 "examples": list(spec.examples),
-                "threshold": spec.threshold,
+                "threshold": spec.threshold if spec.threshold is not None else (thresholds or {}).get(spec.name),
                 "handoff": spec.handoff,
                 "system_prompt": spec.system_prompt,
                 "source": IntentCategory.Source.CODE,
@@ -33,7 +38,9 @@ def intent_categories_sync(*, categories: Sequence[IntentCategorySpec]) -> int:
         )
         if was_created:
             created += 1
-        elif obj.description != spec.description or list(obj.examples) != list(spec.examples):
+        elif obj.source == IntentCategory.Source.CODE and (
+            obj.description != spec.description or list(obj.examples) != list(spec.examples)
+        ):
             obj.description = spec.description
             obj.examples = list(spec.examples)
             obj.save(update_fields=["description", "examples", "updated_at"])
