@@ -43,33 +43,39 @@ class Agent:
         self,
         *,
         config: AgentFrameworkConfig,
-        categories: tuple[IntentCategory, ...],
+        intents: Any,
         handlers: Mapping[str, Handler],
         middleware: tuple[Middleware, ...],
         llm: LLMBackend,
         tools: ToolSource | None,
         embedder: Embedder,
-        classifier: Any,
         thread_model: Any,
     ) -> None:
         self.config = config
-        self.categories = categories
+        self.intents = intents  # intents.store.IntentStore: the database's categories, kept fresh
         self.handlers = MappingProxyType(dict(handlers))
         self.middleware = middleware
         self.llm = llm
         self.tools = tools
         self.embedder = embedder
-        self.classifier = classifier
         self.thread_model = thread_model
-        self._by_name = {c.name: c for c in categories}
 
     @property
     def offline(self) -> bool:
         """True when no LLM is reachable (no API key): replies say so and offer a human."""
         return self.llm.offline
 
+    @property
+    def categories(self) -> tuple[IntentCategory, ...]:
+        """The active intent categories (the database's, as of now)."""
+        return self.intents.current().categories
+
+    @property
+    def classifier(self) -> Any:
+        return self.intents.current().classifier
+
     def category(self, name: str | None) -> IntentCategory | None:
-        return self._by_name.get(name) if name else None
+        return self.intents.current().by_name.get(name) if name else None
 
     # --- public API -------------------------------------------------------------------------
 
@@ -202,7 +208,8 @@ class Agent:
     async def classify(self, text: str) -> Classification:
         """Classify a text against the agent's intent categories (no storage, no LLM)."""
         embedding = await asyncio.to_thread(self.embedder.embed_one, text)
-        return self.classifier.classify(embedding)
+        classifier = await sync_to_async(lambda: self.classifier)()
+        return classifier.classify(embedding)
 
     # --- steps the transports compose ---------------------------------------------------------
 
@@ -215,6 +222,9 @@ class Agent:
         """Produce the reply: middleware, then hand-off, a handler, or the LLM (with tools)."""
         ctx = prepared.ctx
         assert ctx is not None
+        if prepared.held_by_human:
+            # A human holds the thread: the bot stays silent (no middleware, handler or LLM).
+            return pipeline.Outcome("", "human", escalated=True, escalation_reason=prepared.human_reason)
         for mw in self.middleware:
             before = getattr(mw, "before_turn", None)
             if before is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from conversations import handoff
 from conversations import selectors as conv_selectors
 from conversations import services as conv_services
 from conversations.models import Message, Thread, ThreadActivity
@@ -69,6 +70,7 @@ class Prepared:
     needs_human: bool = False
     human_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
+    held_by_human: bool = False  # a human holds the thread: the bot stays silent this turn
 
 
 @dataclass
@@ -298,6 +300,8 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
         message.confidence or 0.0,
         tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
     )
+    if conv_selectors.thread_held_by_human(thread=thread):
+        return _held(agent, message, thread, classification, started)
     window = agent.config.llm_config.history_messages
     recent = conv_selectors.thread_history(thread=thread, limit=window, before=message)
     history = _history_for_llm(recent)
@@ -407,13 +411,67 @@ def record(agent: Agent, *, user_id: str, content: str, role: str) -> dict[str, 
     return {"message_id": str(stored.pk), "thread_id": str(thread.pk), "role": role}
 
 
+def _held(
+    agent: Agent, message: Message, thread: Thread, classification: Classification, started: float
+) -> Prepared:
+    """A turn in a thread a human holds: no history, memories or reply; the human answers."""
+    ctx = TurnContext(
+        user_id=message.user.external_id,
+        message=message.content,
+        message_id=str(message.pk),
+        session_id=str(message.session_id),
+        thread_id=str(thread.pk),
+        thread_event=message.thread_event,
+        classification=classification,
+        config=agent.config,
+        history=[],
+        thread_summary="",
+        memories=[],
+        tools=agent.tools,
+    )
+    return Prepared(
+        str(message.pk), message=message, ctx=ctx, category=agent.category(classification.intent),
+        needs_human=True, human_reason="a human holds this thread", started=started, held_by_human=True,
+    )
+
+
+def _finish_held(message: Message, outcome: Outcome) -> None:
+    """Mark a turn in a human-held thread done, with no reply. Running it twice changes nothing more.
+
+    The thread stays in the queue: if staff handed it back meanwhile, the message (which got no bot
+    reply) opens a new escalation rather than go unanswered.
+    """
+    with transaction.atomic():
+        marked = (
+            Message.objects.filter(pk=message.pk)
+            .exclude(status=Message.Status.DONE)
+            .update(status=Message.Status.DONE, escalated=True, handled_by=outcome.handled_by, error="")
+        )
+        message.refresh_from_db()
+        if marked:
+            assert message.thread is not None
+            handoff.escalation_open(thread=message.thread, message=message, reason=outcome.escalation_reason)
+
+
 def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]:
-    """Store the reply and mark the turn done. Running it twice stores one reply."""
+    """Store the reply and mark the turn done. Running it twice stores one reply.
+
+    An escalated turn opens the thread's escalation (the hand-off queue; idempotent). In a thread a
+    human holds, no reply is stored: the user message is done, ``handled_by`` is ``human``.
+    """
     assert prepared.ctx is not None
     ctx = prepared.ctx
     latency_ms = round((time.perf_counter() - prepared.started) * 1000, 2)
     message = prepared.message or Message.objects.select_related("user", "thread").get(pk=prepared.message_id)
     reply: Message | None = None
+    if prepared.held_by_human:
+        _finish_held(message, outcome)
+        result = conv_selectors.turn_result(message=message)
+        logger.info(
+            "turn user=%s thread=%s event=%s intent=%s held by a human latency_ms=%.1f",
+            ctx.user_id, ctx.thread_id, ctx.thread_event, ctx.intent, latency_ms,
+        )
+        return result
     try:
         with transaction.atomic():
             reply = Message.objects.create(
@@ -445,6 +503,8 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
             if outcome.escalated and not thread.escalated:
                 thread.escalated = True
                 thread.save(update_fields=["escalated"])
+            if outcome.escalated:
+                handoff.escalation_open(thread=thread, message=message, reason=outcome.escalation_reason)
     except IntegrityError:
         # Another run of this turn stored its reply first; that one stands.
         message.refresh_from_db()

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.timesince import timesince
 
 from agentflow.errors import InvalidInput
 
-from .models import ApiKey, ChatSession, EndUser, Message, Thread, ThreadActivity
+from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
+from .models import ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
 from .services import (
     api_key_create,
     thread_split,
@@ -190,3 +199,116 @@ class ApiKeyAdmin(admin.ModelAdmin):
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = created.pk, created.prefix, created.key_hash, created.created_at
         obj._state.adding = False
         messages.warning(request, f"The new API key is {plain} - copy it now, it is not shown again.")
+
+
+class StaffReplyForm(forms.Form):
+    content = forms.CharField(
+        label="Reply to the user", required=False, widget=forms.Textarea(attrs={"rows": 4, "cols": 80})
+    )
+
+
+@admin.register(Escalation)
+class EscalationAdmin(admin.ModelAdmin):
+    """The hand-off queue: claim a thread, reply as a human agent, hand it back to the bot."""
+
+    list_display = ("id", "status", "holder", "thread_link", "user", "short_reason", "age", "created_at")
+    list_filter = ("status", ("holder", admin.RelatedOnlyFieldListFilter))
+    search_fields = ("user__external_id", "reason", "thread__topic")
+    list_select_related = ("user", "thread", "holder")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in Escalation._meta.fields]
+    actions = ["claim", "release", "hand_back"]
+    change_form_template = "admin/conversations/escalation/change_form.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # hand the thread back instead: that tells the user and leaves a marker
+
+    @admin.display(description="thread")
+    def thread_link(self, obj: Escalation) -> str:
+        url = reverse("admin:conversations_thread_change", args=[obj.thread_id])
+        return format_html('<a href="{}">{}</a>', url, obj.thread)
+
+    @admin.display(description="reason")
+    def short_reason(self, obj: Escalation) -> str:
+        return obj.reason[:80]
+
+    @admin.display(description="age")
+    def age(self, obj: Escalation) -> str:
+        return timesince(obj.created_at, timezone.now())
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Escalation], service: Any, done: str) -> None:
+        """Run one service per selected escalation; report each refusal (that one is left unchanged)."""
+        count = 0
+        for escalation in queryset.order_by("created_at"):
+            try:
+                service(escalation=escalation, staff_user=request.user)
+            except (InvalidInput, PermissionError) as exc:
+                self.message_user(request, f"Escalation {escalation.pk}: {exc}.", level=messages.ERROR)
+            else:
+                count += 1
+        if count:
+            self.message_user(request, f"{done} {count} escalation(s).", level=messages.SUCCESS)
+
+    @admin.action(description="Claim")
+    def claim(self, request: HttpRequest, queryset: QuerySet[Escalation]) -> None:
+        self._apply(request, queryset, escalation_claim, "Claimed")
+
+    @admin.action(description="Release")
+    def release(self, request: HttpRequest, queryset: QuerySet[Escalation]) -> None:
+        self._apply(request, queryset, escalation_release, "Released")
+
+    @admin.action(description="Hand back to the bot")
+    def hand_back(self, request: HttpRequest, queryset: QuerySet[Escalation]) -> None:
+        self._apply(request, queryset, escalation_resolve, "Handed back")
+
+    def get_urls(self) -> list[URLPattern]:
+        reply = path(
+            "<path:object_id>/reply/",
+            self.admin_site.admin_view(self.reply_view),
+            name="conversations_escalation_reply",
+        )
+        return [reply, *super().get_urls()]
+
+    def _reply_context(self, request: HttpRequest, escalation: Escalation, form: StaffReplyForm) -> dict[str, Any]:
+        return {
+            "reply_form": form,
+            "reply_url": reverse("admin:conversations_escalation_reply", args=[escalation.pk]),
+            "thread_messages": Message.objects.filter(thread_id=escalation.thread_id).order_by("created_at"),
+            "can_reply": escalation.status == Escalation.Status.CLAIMED and escalation.holder_id == request.user.pk,
+        }
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        escalation = self.get_object(request, object_id)
+        if escalation is not None:
+            extra_context = {**(extra_context or {}), **self._reply_context(request, escalation, StaffReplyForm())}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def reply_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST a staff reply; errors show in the form (nothing stored), success goes back to the page."""
+        escalation = get_object_or_404(Escalation.objects.select_related("thread", "holder"), pk=object_id)
+        change_url = reverse("admin:conversations_escalation_change", args=[escalation.pk])
+        if not self.has_change_permission(request, escalation):
+            raise PermissionDenied
+        form = StaffReplyForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                staff_reply(thread=escalation.thread, staff_user=request.user, content=form.cleaned_data["content"])
+            except (InvalidInput, PermissionError) as exc:
+                form.add_error("content", str(exc))
+            else:
+                self.message_user(request, "Reply sent.", level=messages.SUCCESS)
+                return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            **self._reply_context(request, escalation, form),
+            "opts": self.opts,
+            "original": escalation,
+            "title": f"Reply in {escalation.thread}",
+            "change_url": change_url,
+        }
+        return TemplateResponse(request, "admin/conversations/escalation/reply.html", context)

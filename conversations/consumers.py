@@ -3,7 +3,9 @@
 Client -> server frames (JSON): ``{"type": "message", "message": "...", "client_message_id": "..."}``,
 ``{"type": "ping"}``. Server -> client: ``{"type": "ack", ...}`` when a message is stored,
 ``{"type": "turn", ...}`` with the turn result when the reply is ready, ``{"type": "error", "code",
-"message"}`` for a bad frame (the connection stays open), ``{"type": "pong"}``.
+"message"}`` for a bad frame (the connection stays open), ``{"type": "pong"}``; and the hand-off
+events ``human_joined``, ``human_message`` and ``bot_back`` (a stored message's ``id``,
+``thread_id``, ``role``, ``content``, ``created_at``).
 
 The consumer only stores the message and queues the turn; the Celery worker runs it and the
 result comes back through the user's channel-layer group.

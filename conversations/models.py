@@ -213,3 +213,46 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class Escalation(models.Model):
+    """A thread handed to a human: the hand-off queue's entry, from the turn that asked for it.
+
+    While an escalation is unresolved (open or claimed) the bot stays silent in its thread; at most
+    one per thread is unresolved at a time.
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open"  # waiting in the queue for a staff member
+        CLAIMED = "claimed"  # a staff member holds the thread
+        RESOLVED = "resolved"  # handed back to the bot
+
+    thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="escalations")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="escalations")
+    message = models.ForeignKey(
+        Message, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        help_text="The user message whose turn asked for a human.",
+    )
+    reason = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    holder = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        help_text="The staff member holding the thread (the last one, once resolved).",
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["status", "created_at"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["thread"],
+                condition=~Q(status="resolved"),
+                name="escalation_one_unresolved_per_thread",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"escalation {self.pk} ({self.status}) of {self.thread_id}"

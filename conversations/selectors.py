@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 
 from agentflow.errors import NotFound
 
-from .models import ChatSession, EndUser, Message, Thread
+from .models import ChatSession, EndUser, Escalation, Message, Thread
 
 
 def _uuid(value: object, what: str) -> uuid.UUID:
@@ -143,4 +143,17 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
             handled_by=reply.handled_by,
             llm_latency_ms=reply.llm_latency_ms,
         )
+    elif message.status == Message.Status.DONE and message.handled_by:
+        # A turn that ended without a bot reply (a human holds the thread): it says who handles it.
+        result.update(content=None, handled_by=message.handled_by)
     return result
+
+
+def thread_held_by_human(*, thread: Thread) -> bool:
+    """Whether a human holds the thread (an open or claimed escalation): the bot stays silent in it."""
+    return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).exists()
+
+
+def escalation_unresolved_for_thread(*, thread: Thread) -> Escalation | None:
+    """The thread's open or claimed escalation, if any (at most one exists)."""
+    return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).first()
