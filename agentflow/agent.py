@@ -110,6 +110,10 @@ class Agent:
             prepared = await self._in_order(pipeline.prepare, message_id=message_id, verdict=verdict)
         if prepared.result is not None:
             return prepared.result  # type: ignore[return-value]
+        if self.intent_unsure(prepared):
+            verdict = await self.judge_intent(prepared)
+            if verdict:
+                prepared = await sync_to_async(pipeline.reclassify)(self, prepared, **verdict)
         try:
             outcome = await self.respond(prepared, on_text=on_text)
         except Exception as exc:
@@ -205,6 +209,61 @@ class Agent:
             "usage": reply.usage,
         }
 
+    def intent_unsure(self, prepared: pipeline.Prepared) -> bool:
+        """The classifier fell below the threshold (or found nothing), and an LLM may decide."""
+        ctx = prepared.ctx
+        if ctx is None or prepared.held_by_human or self.offline or not self.config.confidence_config.llm_intent_judgement:
+            return False
+        if ctx.thread_event == "RESOLUTION":
+            return False
+        low = (prepared.needs_human or prepared.clarify) and prepared.human_reason.startswith("confidence")
+        return low or (ctx.intent is None and bool(ctx.classification.runners_up))
+
+    async def judge_intent(self, prepared: pipeline.Prepared) -> dict[str, Any]:
+        """Ask the LLM which intent a message has, among the classifier's candidates (forced tool call).
+
+        Returns ``{"intent", "confidence", "source"}`` for ``pipeline.reclassify``, or ``{}`` to keep
+        the classifier's decision (the LLM said none fits, failed, or answered off-script).
+        """
+        ctx = prepared.ctx
+        assert ctx is not None
+        names = [n for n in [ctx.intent, *(s.name for s in ctx.classification.runners_up)] if n]
+        by_name = await sync_to_async(lambda: self.intents.current().by_name)()
+        options = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
+        if not options:
+            return {}
+        listing = "\n".join(f"- {c.name}: {c.description or c.name}" for c in options)
+        tool = {
+            "name": "choose_intent",
+            "description": "Say which intent the user's message has, or NONE if none fits.",
+            "input_schema": {
+                "type": "object",
+                "properties": {
+                    "intent": {"type": "string", "enum": [*(c.name for c in options), "NONE"]},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+                "required": ["intent", "confidence"],
+            },
+        }
+        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
+        try:
+            reply = await self.llm.generate(
+                system="You classify support messages into intents.",
+                messages=[{"role": "user", "content": f"Intents:\n{listing}\n\nMessage: {ctx.message!r}"}],
+                config=config,
+                tools=[tool],
+                tool_choice={"type": "tool", "name": "choose_intent"},
+            )
+        except LLMError as exc:
+            logger.warning("intent judgement unavailable: %s", exc)
+            return {}
+        calls = [c for c in reply.tool_calls if c.get("name") == "choose_intent"]
+        data = (calls[0].get("input") or {}) if calls else {}
+        intent, confidence = data.get("intent"), data.get("confidence")
+        if intent not in {c.name for c in options} or not isinstance(confidence, (int, float)):
+            return {}
+        return {"intent": intent, "confidence": float(min(max(confidence, 0.0), 1.0)), "source": "llm"}
+
     async def classify(self, text: str) -> Classification:
         """Classify a text against the agent's intent categories (no storage, no LLM)."""
         embedding = await asyncio.to_thread(self.embedder.embed_one, text)
@@ -230,7 +289,7 @@ class Agent:
             if before is not None:
                 await before(ctx)
         handled_by = "middleware" if ctx.reply is not None else ""
-        if ctx.reply is None and not prepared.needs_human and ctx.intent in self.handlers:
+        if ctx.reply is None and not prepared.needs_human and not prepared.clarify and ctx.intent in self.handlers:
             await self._run_handler(ctx)
             handled_by = f"handler:{ctx.intent}"
         escalated = prepared.needs_human or ctx.escalate
@@ -240,6 +299,11 @@ class Agent:
             outcome = pipeline.Outcome(ctx.reply, handled_by, escalated=escalated, escalation_reason=reason)
         elif escalated:
             outcome = pipeline.Outcome(HANDOFF_NOTICE, "handoff", escalated=True, escalation_reason=reason)
+        elif prepared.clarify:
+            from intents.rules import clarifying_question
+
+            by_name = await sync_to_async(lambda: self.intents.current().by_name)()
+            outcome = pipeline.Outcome(clarifying_question(ctx.classification, by_name), "clarify")
         else:
             outcome = await self._llm_reply(prepared, ctx, on_text)
         outcome.offline = self.offline

@@ -26,6 +26,7 @@ from conversations.models import Message, Thread, ThreadActivity
 from conversations.summaries import extractive_summary
 from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
 from conversations.thread_features import ThreadState
+from intents.rules import CLARIFY, HANDOFF, confidence_action
 from memory.selectors import memory_search
 from memory.services import memories_mark_used
 
@@ -68,6 +69,7 @@ class Prepared:
     category: IntentCategory | None = None
     threshold: float = 0.0
     needs_human: bool = False
+    clarify: bool = False  # below the threshold, and the category asks rather than hands off
     human_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
     held_by_human: bool = False  # a human holds the thread: the bot stays silent this turn
@@ -320,20 +322,12 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
         else []
     )
     category = agent.category(classification.intent)
-    threshold = agent.config.confidence_config.threshold_for(
-        classification.intent, category.threshold if category else None
+    action = confidence_action(
+        classification=classification,
+        category=category,
+        config=agent.config.confidence_config,
+        thread_event=message.thread_event,
     )
-    needs_human, reason = False, ""
-    if message.thread_event != ThreadEvent.RESOLUTION and classification.intent is not None:
-        if category is not None and category.handoff:
-            needs_human, reason = True, f"intent {classification.intent} is always handed to a human"
-        elif threshold == 0.0:
-            needs_human, reason = True, f"intent {classification.intent} has threshold 0 (always a human)"
-        elif classification.confidence < threshold:
-            needs_human, reason = True, (
-                f"confidence {classification.confidence:.2f} below the {classification.intent}"
-                f" threshold {threshold:.2f}"
-            )
     ctx = TurnContext(
         user_id=message.user.external_id,
         message=message.content,
@@ -349,9 +343,33 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
         tools=agent.tools,
     )
     return Prepared(
-        key, message=message, ctx=ctx, category=category, threshold=threshold, needs_human=needs_human,
-        human_reason=reason, started=started,
+        key, message=message, ctx=ctx, category=category, threshold=action.threshold,
+        needs_human=action.action == HANDOFF, clarify=action.action == CLARIFY, human_reason=action.reason,
+        started=started,
     )
+
+
+def reclassify(agent: Agent, prepared: Prepared, *, intent: str, confidence: float, source: str) -> Prepared:
+    """Take another intent decision (the LLM's) for a prepared turn: store it, re-apply the rules."""
+    assert prepared.ctx is not None and prepared.message is not None
+    message = prepared.message
+    old = prepared.ctx.classification
+    runners = tuple(s for s in (IntentScore(old.intent, old.confidence), *old.runners_up) if s.name and s.name != intent)
+    classification = Classification(intent, round(confidence, 4), runners[:3])
+    message.intent, message.confidence = intent, classification.confidence
+    message.intent_candidates = [{"intent": s.name, "confidence": s.confidence} for s in runners[:3]]
+    message.thread_signals = {**message.thread_signals, "intent_source": source}
+    message.save(update_fields=["intent", "confidence", "intent_candidates", "thread_signals"])
+    category = agent.category(intent)
+    action = confidence_action(
+        classification=classification, category=category, config=agent.config.confidence_config,
+        thread_event=message.thread_event,
+    )
+    prepared.ctx.classification = classification
+    prepared.category, prepared.threshold = category, action.threshold
+    prepared.needs_human, prepared.clarify = action.action == HANDOFF, action.action == CLARIFY
+    prepared.human_reason = action.reason
+    return prepared
 
 
 def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:

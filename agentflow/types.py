@@ -19,6 +19,8 @@ class IntentCategory:
         threshold: confidence needed for the agent to answer alone (``None``: the configured default).
         handoff: always hand threads of this intent to a human.
         system_prompt: extra instructions for the LLM on this intent.
+        on_low_confidence: below the threshold, ``"handoff"`` (a human takes the thread) or
+            ``"clarify"`` (the agent asks which of the likely intents the user means).
     """
 
     name: str
@@ -27,6 +29,7 @@ class IntentCategory:
     threshold: float | None
     handoff: bool
     system_prompt: str
+    on_low_confidence: str
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class IntentCategory:
         threshold: float | None = None,
         handoff: bool = False,
         system_prompt: str = "",
+        on_low_confidence: str = "handoff",
     ) -> None:
         from .validation import validate_intent_fields
 
@@ -46,6 +50,13 @@ class IntentCategory:
         object.__setattr__(self, "threshold", clean.threshold)
         object.__setattr__(self, "handoff", bool(handoff))
         object.__setattr__(self, "system_prompt", system_prompt or "")
+        if on_low_confidence not in ("handoff", "clarify"):
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"intent {self.name}: on_low_confidence must be 'handoff' or 'clarify'; got {on_low_confidence!r}"
+            )
+        object.__setattr__(self, "on_low_confidence", on_low_confidence)
 
 
 @dataclass(frozen=True)

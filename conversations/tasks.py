@@ -77,6 +77,10 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
     user_pk = Message.objects.values_list("user_id", flat=True).get(pk=message_id)
+    if prepared.result is None and agent.intent_unsure(prepared):  # the LLM decides the intent
+        verdict = loop.run_until_complete(agent.judge_intent(prepared))
+        if verdict:
+            prepared = pipeline.reclassify(agent, prepared, **verdict)
     if prepared.result is not None:
         if prepared.result["status"] == Message.Status.DONE:
             publish(user_pk=user_pk, event={"kind": "turn", "turn": prepared.result})

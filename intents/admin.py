@@ -22,12 +22,18 @@ class IntentCategoryForm(forms.ModelForm):
 
     class Meta:
         model = IntentCategory
-        fields = ("name", "description", "examples", "threshold", "handoff", "system_prompt", "active")
+        fields = (
+            "name", "description", "examples", "threshold", "on_low_confidence", "handoff", "system_prompt", "active",
+        )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.instance and self.instance.pk:
             self.initial["examples"] = "\n".join(self.instance.examples)
+        self.fields["on_low_confidence"].required = False  # blank keeps the default: hand off
+
+    def clean_on_low_confidence(self) -> str:
+        return self.cleaned_data.get("on_low_confidence") or IntentCategory.LowConfidence.HANDOFF
 
     def clean_examples(self) -> list[str]:
         raw = self.cleaned_data.get("examples") or ""
@@ -65,7 +71,7 @@ class IntentCategoryAdmin(admin.ModelAdmin):
     form = IntentCategoryForm
     readonly_fields = ("source", "updated_at")
     list_display = ("name", "active", "threshold", "handoff", "example_count", "source", "updated_at")
-    list_filter = ("active", "handoff", "source")
+    list_filter = ("active", "handoff", "on_low_confidence", "source")
     list_editable = ("active", "threshold", "handoff")
     search_fields = ("name", "description")
 

@@ -23,7 +23,17 @@ class IntentCategory(models.Model):
     examples = ArrayField(models.TextField(), default=list, blank=True)
     threshold = models.FloatField(null=True, blank=True)
     handoff = models.BooleanField(default=False, help_text="Always hand threads of this intent to a human.")
+    class LowConfidence(models.TextChoices):
+        HANDOFF = "handoff", "hand off to a human"
+        CLARIFY = "clarify", "ask the user to clarify"
+
     system_prompt = models.TextField(blank=True)
+    on_low_confidence = models.CharField(
+        max_length=8,
+        choices=LowConfidence.choices,
+        default=LowConfidence.HANDOFF,
+        help_text="What happens below the threshold.",
+    )
     active = models.BooleanField(default=True)
     source = models.CharField(
         max_length=8,

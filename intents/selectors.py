@@ -12,6 +12,7 @@ def intent_categories_active() -> list[IntentCategorySpec]:
     return [
         IntentCategorySpec(
             c.name, c.description, c.examples, threshold=c.threshold, handoff=c.handoff,
+            on_low_confidence=c.on_low_confidence,
             system_prompt=c.system_prompt,
         )
         for c in IntentCategory.objects.filter(active=True).order_by("name")

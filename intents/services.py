@@ -32,6 +32,7 @@ def intent_categories_sync(
                 "examples": list(spec.examples),
                 "threshold": spec.threshold if spec.threshold is not None else (thresholds or {}).get(spec.name),
                 "handoff": spec.handoff,
+                "on_low_confidence": spec.on_low_confidence,
                 "system_prompt": spec.system_prompt,
                 "source": IntentCategory.Source.CODE,
             },

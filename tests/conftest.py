@@ -121,3 +121,16 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
         _delete_run_keys(f"*agentflow-test-{_RUN}*")
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _terminate_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Before the test database is dropped, end connections that threads (pool, workers) still hold."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )

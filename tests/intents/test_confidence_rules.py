@@ -1,0 +1,118 @@
+"""Confidence rules: answer, hand off or clarify; and the LLM's intent decision below the threshold."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentflow import AgentFrameworkBuilder, ConfigError, IntentCategory
+from agentflow.config import ConfidenceConfig
+from agentflow.testing.fake_anthropic import FakeReply, ToolCall
+from agentflow.types import Classification, IntentScore
+from conversations.models import Escalation, Message
+from intents.rules import ANSWER, CLARIFY, HANDOFF, clarifying_question, confidence_action
+
+ORDERS = IntentCategory("ORDERS", "Order status and delivery", ["Where is my order?", "Track my parcel"])
+RETURNS = IntentCategory("RETURNS", "Returns and refunds", ["I want to return this", "Refund request"])
+
+
+def _action(confidence: float, category: IntentCategory | None, event: str = "NEW_TOPIC", **config):
+    classification = Classification(category.name if category else None, confidence, ())
+    return confidence_action(
+        classification=classification, category=category, config=ConfidenceConfig(**config), thread_event=event
+    )
+
+
+def test_the_rules() -> None:
+    clarify = IntentCategory("ORDERS", "Orders", ["x"], threshold=0.7, on_low_confidence="clarify")
+
+    assert _action(0.9, ORDERS).action == ANSWER
+    assert (_action(0.4, ORDERS).action, _action(0.4, ORDERS).threshold) == (HANDOFF, 0.5)
+    assert _action(0.6, clarify).action == CLARIFY
+    assert _action(0.99, IntentCategory("URGENT", "", ["x"], handoff=True)).action == HANDOFF
+    assert _action(0.99, ORDERS, intent_specific={"ORDERS": 0.0}).action == HANDOFF  # 0.0: always a human
+    assert _action(0.99, IntentCategory("ORDERS", "", ["x"], threshold=0.0)).action == HANDOFF
+    assert _action(0.1, None).action == ANSWER  # out of scope goes to the LLM
+    assert _action(0.1, ORDERS, event="RESOLUTION").action == ANSWER
+
+
+def test_on_low_confidence_is_validated() -> None:
+    with pytest.raises(ConfigError, match="on_low_confidence"):
+        IntentCategory("ORDERS", "", ["x"], on_low_confidence="panic")
+
+
+def test_clarifying_question_names_the_likely_intents() -> None:
+    classification = Classification("ORDERS", 0.4, (IntentScore("RETURNS", 0.3), IntentScore("GONE", 0.1)))
+
+    question = clarifying_question(classification, {"ORDERS": ORDERS, "RETURNS": RETURNS})
+
+    assert question == (
+        'I want to get this right: is your question about "Order status and delivery" or "Returns and refunds"?'
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_clarify_category_asks_instead_of_handing_off() -> None:
+    orders = IntentCategory(
+        "ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0, on_low_confidence="clarify"
+    )
+    agent = await AgentFrameworkBuilder().with_intent_categories([orders, RETURNS]).build(None)
+
+    result = await agent.process_message(user_id="c1", message="Where is my order? It has not arrived")
+
+    assert (result["intent"], result["escalated"], result["handled_by"]) == ("ORDERS", False, "clarify")
+    assert result["content"].startswith('[Offline mode] I want to get this right: is your question about "Order')
+    assert await Escalation.objects.acount() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_below_the_threshold_the_llm_decides_the_intent(anthropic_client, fake_llm) -> None:
+    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0)
+    agent = await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([orders, RETURNS])
+        .with_config({"session_config": {"llm_thread_judgement": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(
+        FakeReply(tool_calls=[ToolCall("choose_intent", {"intent": "ORDERS", "confidence": 1.0})]),
+        FakeReply(text="It ships tomorrow."),
+    )
+
+    result = await agent.process_message(user_id="j1", message="Where is my order? It has not arrived")
+
+    assert (result["intent"], result["confidence"], result["escalated"]) == ("ORDERS", 1.0, False)
+    assert result["content"] == "It ships tomorrow."
+    judge = [r["body"] for r in fake_llm.requests if r["body"].get("tool_choice")]
+    assert judge[0]["tool_choice"] == {"type": "tool", "name": "choose_intent"}
+    assert judge[0]["tools"][0]["input_schema"]["properties"]["intent"]["enum"] == ["ORDERS", "RETURNS", "NONE"]
+    stored = await Message.objects.aget(pk=result["message_id"])
+    assert stored.thread_signals["intent_source"] == "llm"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_llm_that_finds_no_fit_leaves_the_hand_off(anthropic_client, fake_llm) -> None:
+    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0)
+    agent = await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([orders, RETURNS])
+        .with_config({"session_config": {"llm_thread_judgement": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(FakeReply(tool_calls=[ToolCall("choose_intent", {"intent": "NONE", "confidence": 0.8})]))
+
+    result = await agent.process_message(user_id="j2", message="Where is my order? It has not arrived")
+
+    assert (result["intent"], result["escalated"], result["handled_by"]) == ("ORDERS", True, "handoff")
+    assert len(fake_llm.requests) == 1  # the judgement only; no reply was generated
+    assert await Escalation.objects.acount() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_offline_the_classifier_decides_alone(fake_llm) -> None:
+    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0)
+    agent = await AgentFrameworkBuilder().with_intent_categories([orders, RETURNS]).build(None)
+
+    result = await agent.process_message(user_id="j3", message="Where is my order? It has not arrived")
+
+    assert (result["intent"], result["escalated"]) == ("ORDERS", True)
+    assert fake_llm.requests == []
