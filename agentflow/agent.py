@@ -306,6 +306,7 @@ class Agent:
             outcome = pipeline.Outcome(clarifying_question(ctx.classification, by_name), "clarify")
         else:
             outcome = await self._llm_reply(prepared, ctx, on_text)
+            outcome = await self._judge_reply(prepared, outcome, streamed=on_text is not None)
         outcome.offline = self.offline
         if self.offline and not outcome.text.startswith(OFFLINE_PREFIX):
             outcome.text = OFFLINE_PREFIX + outcome.text
@@ -344,8 +345,54 @@ class Agent:
         if ctx.memories:
             lines = "\n".join(f"- ({m['scope']} {m['kind']}) {m['content']}" for m in ctx.memories)
             parts.append("What you remember that may help (mention it when relevant):\n" + lines)
+        if self._wants_self_assessment(prepared):
+            from intents.rules import SELF_ASSESSMENT_INSTRUCTION
+
+            parts.append(SELF_ASSESSMENT_INSTRUCTION)
         parts.extend(ctx.system_additions)
         return "\n\n".join(parts)
+
+    def _wants_self_assessment(self, prepared: pipeline.Prepared) -> bool:
+        ctx = prepared.ctx
+        return (
+            not self.offline
+            and self.config.confidence_config.llm_self_assessment
+            and prepared.category is not None
+            and ctx is not None
+            and ctx.thread_event != "RESOLUTION"
+        )
+
+    async def _judge_reply(
+        self, prepared: pipeline.Prepared, outcome: pipeline.Outcome, *, streamed: bool
+    ) -> pipeline.Outcome:
+        """The Confidence Evaluator: score the reply; below the threshold, a human or a question instead.
+
+        A streamed reply has already reached the user, so it is scored but never withheld.
+        """
+        from intents.rules import clarifying_question, reply_confidence, split_self_assessment
+
+        ctx = prepared.ctx
+        assert ctx is not None
+        outcome.text, self_assessment = split_self_assessment(outcome.text)
+        if prepared.category is None or ctx.thread_event == "RESOLUTION":
+            return outcome
+        retrieval = max((m["similarity"] for m in ctx.memories), default=None)
+        score, parts = reply_confidence(
+            classification=ctx.confidence, self_assessment=self_assessment, retrieval=retrieval
+        )
+        outcome.confidence, outcome.confidence_parts = score, parts
+        if streamed or score >= prepared.threshold:
+            return outcome
+        draft = outcome.text
+        reason = f"reply confidence {score:.2f} below the {ctx.intent} threshold {prepared.threshold:.2f}"
+        if prepared.category.on_low_confidence == "clarify":
+            by_name = await sync_to_async(lambda: self.intents.current().by_name)()
+            outcome.text, outcome.handled_by = clarifying_question(ctx.classification, by_name), "clarify"
+        else:
+            outcome.text, outcome.handled_by, outcome.escalated = HANDOFF_NOTICE, "handoff", True
+            outcome.escalation_reason = f"{reason}; withheld draft: {draft[:300]}"
+        outcome.confidence_parts = {**parts, "withheld": 1.0}
+        return outcome
 
     async def _llm_reply(
         self, prepared: pipeline.Prepared, ctx: TurnContext, on_text: TextCallback | None
@@ -356,6 +403,9 @@ class Agent:
             messages = messages[1:]
         tools = await self.tools.list_tools() if self.tools is not None and not self.offline else None
         system = self.system_prompt(prepared, ctx)
+        holdback = _TagHoldback(on_text) if on_text is not None and self._wants_self_assessment(prepared) else None
+        if holdback is not None:
+            on_text = holdback.feed
         usage = {"input_tokens": 0, "output_tokens": 0}
         calls: list[dict[str, Any]] = []
         texts: list[str] = []  # the text of every round: what a streaming client was shown
@@ -377,6 +427,8 @@ class Agent:
                 calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error})
             messages.append({"role": "user", "content": results})
+        if holdback is not None:
+            await holdback.close()
         text = "".join(texts)
         if not text.strip():
             # The model ended on a tool call (max_tool_rounds reached) or said nothing. An empty reply
@@ -392,3 +444,30 @@ class Agent:
             llm_latency_ms=round(llm_ms, 2),
             tool_calls=calls,
         )
+
+
+class _TagHoldback:
+    """Streams text on, but holds back a possible trailing ``<confidence>`` tag and drops it."""
+
+    def __init__(self, send: TextCallback) -> None:
+        self._send = send
+        self._pending = ""
+
+    async def feed(self, delta: str) -> None:
+        self._pending += delta
+        cut = self._pending.find("<")
+        safe = (self._pending if cut < 0 else self._pending[:cut]).rstrip()  # whitespace may precede the tag
+        if safe:
+            await self._send(safe)
+            self._pending = self._pending[len(safe) :]
+        if len(self._pending) > 64 and not self._pending.lower().startswith("<confidence"):
+            await self._send(self._pending)  # a "<" that opens no tag
+            self._pending = ""
+
+    async def close(self) -> None:
+        from intents.rules import split_self_assessment
+
+        rest, _ = split_self_assessment(self._pending)
+        if rest:
+            await self._send(rest)
+        self._pending = ""

@@ -73,6 +73,9 @@ class ConfidenceConfig(_Section):
 
     default_threshold: float = Field(0.5, ge=0.0, le=1.0)
     intent_specific: dict[str, float] = Field(default_factory=dict)
+    llm_self_assessment: bool = Field(
+        True, description="Ask the LLM to rate its reply; a low reply confidence goes to a human (or a question)."
+    )
     llm_intent_judgement: bool = Field(
         True, description="Ask the LLM for the intent when the classifier is below the threshold (never offline)."
     )

@@ -88,6 +88,8 @@ class Outcome:
     escalated: bool = False
     escalation_reason: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    confidence: float | None = None  # the reply's own confidence (intents.rules.reply_confidence)
+    confidence_parts: dict[str, float] = field(default_factory=dict)
 
 
 def accept(
@@ -500,7 +502,8 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
                 role=Message.Role.ASSISTANT,
                 content=outcome.text,
                 intent=message.intent,
-                confidence=message.confidence,
+                confidence=outcome.confidence if outcome.confidence is not None else message.confidence,
+                thread_signals={"confidence": outcome.confidence_parts} if outcome.confidence_parts else {},
                 escalated=outcome.escalated,
                 offline=outcome.offline,
                 model=outcome.model,

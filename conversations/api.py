@@ -76,6 +76,7 @@ class TurnOut(Schema):
     llm_latency_ms: float | None = None
     memories_used: list[dict[str, Any]] = []
     handled_by: str | None = None
+    reply_confidence: float | None = None
     error: str | None = None
 
 

@@ -142,6 +142,7 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
             escalated=message.escalated or reply.escalated,
             handled_by=reply.handled_by,
             llm_latency_ms=reply.llm_latency_ms,
+            reply_confidence=reply.confidence,
         )
     elif message.status == Message.Status.DONE and message.handled_by:
         # A turn that ended without a bot reply (a human holds the thread): it says who handles it.

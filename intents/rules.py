@@ -10,6 +10,7 @@ go to the LLM as they are.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from agentflow.config import ConfidenceConfig
@@ -60,3 +61,41 @@ def clarifying_question(classification: Classification, categories: dict[str, In
         return "I want to get this right: could you tell me a bit more about what you need?"
     listed = ", ".join(f'"{o}"' for o in options[:-1]) + f' or "{options[-1]}"'
     return f"I want to get this right: is your question about {listed}?"
+
+
+# --- the reply's confidence ---------------------------------------------------------------------
+
+SELF_ASSESSMENT_INSTRUCTION = (
+    "After your reply, on its own last line, write <confidence>X</confidence> where X, from 0 to 1, is how "
+    "sure you are that the reply is correct and complete for this user. It is removed before the user sees it."
+)
+SELF_ASSESSMENT = re.compile(r"\s*<confidence>\s*([01](?:\.\d+)?)\s*</confidence>\s*$", re.IGNORECASE)
+WEIGHTS = {"classification": 0.6, "self_assessment": 0.4}
+RETRIEVAL_BOOST = 0.25  # a matching memory closes up to a quarter of the remaining doubt
+
+
+def split_self_assessment(text: str) -> tuple[str, float | None]:
+    """The reply without its trailing ``<confidence>`` tag, and the model's own confidence if given."""
+    match = SELF_ASSESSMENT.search(text)
+    if match is None:
+        return text, None
+    return text[: match.start()].rstrip(), min(1.0, float(match.group(1)))
+
+
+def reply_confidence(
+    *, classification: float, self_assessment: float | None, retrieval: float | None
+) -> tuple[float, dict[str, float]]:
+    """How far to trust a reply before it is sent.
+
+    The weighted mean of the intent's (calibrated) classification confidence and the LLM's own
+    assessment when it gave one; a memory used for the reply (its similarity) can only add support.
+    Returns the score and the signals behind it.
+    """
+    parts = {"classification": classification}
+    if self_assessment is not None:
+        parts["self_assessment"] = self_assessment
+    score = sum(WEIGHTS[k] * v for k, v in parts.items()) / sum(WEIGHTS[k] for k in parts)
+    if retrieval is not None:
+        parts["retrieval"] = retrieval
+        score += (1 - score) * RETRIEVAL_BOOST * retrieval
+    return round(score, 4), parts

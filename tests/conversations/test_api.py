@@ -553,6 +553,7 @@ def test_turn_result_of_a_stored_turn(api_key: str) -> None:
         "llm_latency_ms": 9.0,
         "memories_used": [],
         "handled_by": "llm",
+        "reply_confidence": None,
         "error": None,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from agentflow import AgentFrameworkBuilder, ConfigError, IntentCategory
 from agentflow.config import ConfidenceConfig
@@ -116,3 +117,68 @@ async def test_offline_the_classifier_decides_alone(fake_llm) -> None:
 
     assert (result["intent"], result["escalated"]) == ("ORDERS", True)
     assert fake_llm.requests == []
+
+
+def test_reply_confidence_combines_its_signals() -> None:
+    from intents.rules import reply_confidence, split_self_assessment
+
+    assert split_self_assessment("Reset it from Settings.\n<confidence>0.3</confidence>") == (
+        "Reset it from Settings.",
+        0.3,
+    )
+    assert split_self_assessment("No tag here.") == ("No tag here.", None)
+    assert reply_confidence(classification=0.8, self_assessment=None, retrieval=None) == (
+        0.8, {"classification": 0.8}
+    )
+    score, parts = reply_confidence(classification=0.8, self_assessment=0.3, retrieval=None)
+    assert (score, parts) == (0.6, {"classification": 0.8, "self_assessment": 0.3})
+    boosted, _ = reply_confidence(classification=0.8, self_assessment=0.3, retrieval=0.8)
+    assert boosted == round(0.6 + 0.4 * 0.25 * 0.8, 4)  # a memory only adds support
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_weak_reply_is_withheld_and_a_human_takes_over(anthropic_client, fake_llm) -> None:
+    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=0.7)  # like the seed's OUTAGE
+    agent = await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([orders, RETURNS])
+        .with_config({"session_config": {"llm_thread_judgement": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(FakeReply(text="Maybe it is lost?\n<confidence>0.05</confidence>"))
+
+    result = await agent.process_message(user_id="weak", message="Where is my order? It has not arrived")
+
+    assert (result["intent"], result["escalated"], result["handled_by"]) == ("ORDERS", True, "handoff")
+    assert result["content"].startswith("I'm handing this conversation to a member of our team")
+    assert result["reply_confidence"] < 0.7
+    escalation = await Escalation.objects.aget()
+    assert "withheld draft: Maybe it is lost?" in escalation.reason
+    system = fake_llm.requests[0]["body"]["system"]
+    assert "<confidence>X</confidence>" in (system if isinstance(system, str) else system[0]["text"])
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_confident_reply_is_sent_without_its_tag(anthropic_client, fake_llm) -> None:
+    agent = await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([ORDERS, RETURNS])
+        .with_config({"session_config": {"llm_thread_judgement": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(FakeReply(text="It ships tomorrow.\n<confidence>0.95</confidence>"))
+    streamed: list[str] = []
+
+    async def collect(delta: str) -> None:
+        streamed.append(delta)
+
+    from agentflow import pipeline
+
+    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="sure", message="Where is my order? It has not arrived")
+    result = await agent.run_turn(stored.pk, on_text=collect)
+
+    assert (result["content"], result["escalated"]) == ("It ships tomorrow.", False)
+    assert "".join(streamed) == "It ships tomorrow."
+    assert result["reply_confidence"] > 0.9
+    reply = await Message.objects.aget(reply_to_id=result["message_id"])
+    assert reply.thread_signals["confidence"]["self_assessment"] == 0.95
