@@ -142,3 +142,13 @@ def test_rejects_an_embedder_without_embed():
 def test_rejects_a_missing_path():
     with pytest.raises(ImportError):
         get_embedder(f"{HERE}.DoesNotExist")
+
+
+def test_embedder_threads_come_from_the_environment_and_bad_values_are_refused(monkeypatch) -> None:
+    from agentflow.embeddings import MiniLMEmbedder
+
+    monkeypatch.setenv("AGENTFLOW_EMBEDDER_THREADS", "1")
+    assert MiniLMEmbedder().embed(["hello"]).shape == (1, 384)
+    monkeypatch.setenv("AGENTFLOW_EMBEDDER_THREADS", "zero")
+    with pytest.raises(ValueError, match="AGENTFLOW_EMBEDDER_THREADS must be a whole number"):
+        MiniLMEmbedder()
