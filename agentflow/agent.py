@@ -180,20 +180,11 @@ class Agent:
                 "required": ["event"],
             },
         }
-        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
-        try:
-            reply = await self.llm.generate(
-                system="You route chat messages to conversation threads.",
-                messages=[{"role": "user", "content": prompt}],
-                config=config,
-                tools=[tool],
-                tool_choice={"type": "tool", "name": "place_message"},
-            )
-        except LLMError as exc:
-            logger.warning("thread judgement unavailable: %s", exc)
+        data = await self._structured(
+            system="You route chat messages to conversation threads.", prompt=prompt, tool=tool, what="thread judgement"
+        )
+        if not data:
             return {}
-        calls = [c for c in reply.tool_calls if c.get("name") == "place_message"]
-        data = calls[0].get("input") or {} if calls else {}
         labels = {o["label"]: o["thread_id"] for o in judgement.options}
         event, label = data.get("event"), data.get("thread")
         if event not in ("FOLLOW_UP", "RETURN", "RESOLUTION", "NEW_TOPIC"):
@@ -206,7 +197,6 @@ class Agent:
             "thread_id": labels.get(label) if event != "NEW_TOPIC" else None,
             "label": label,
             "confidence": confidence if isinstance(confidence, (int, float)) and 0 <= confidence <= 1 else None,
-            "usage": reply.usage,
         }
 
     def intent_unsure(self, prepared: pipeline.Prepared) -> bool:
@@ -245,24 +235,35 @@ class Agent:
                 "required": ["intent", "confidence"],
             },
         }
-        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
-        try:
-            reply = await self.llm.generate(
-                system="You classify support messages into intents.",
-                messages=[{"role": "user", "content": f"Intents:\n{listing}\n\nMessage: {ctx.message!r}"}],
-                config=config,
-                tools=[tool],
-                tool_choice={"type": "tool", "name": "choose_intent"},
-            )
-        except LLMError as exc:
-            logger.warning("intent judgement unavailable: %s", exc)
+        data = await self._structured(
+            system="You classify support messages into intents.",
+            prompt=f"Intents:\n{listing}\n\nMessage: {ctx.message!r}",
+            tool=tool,
+            what="intent judgement",
+        )
+        if not data:
             return {}
-        calls = [c for c in reply.tool_calls if c.get("name") == "choose_intent"]
-        data = (calls[0].get("input") or {}) if calls else {}
         intent, confidence = data.get("intent"), data.get("confidence")
         if intent not in {c.name for c in options} or not isinstance(confidence, (int, float)):
             return {}
         return {"intent": intent, "confidence": float(min(max(confidence, 0.0), 1.0)), "source": "llm"}
+
+    async def _structured(self, *, system: str, prompt: str, tool: dict[str, Any], what: str) -> dict[str, Any]:
+        """One forced tool call (structured output): the tool's input, or ``{}`` if the LLM failed."""
+        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
+        try:
+            reply = await self.llm.generate(
+                system=system,
+                messages=[{"role": "user", "content": prompt}],
+                config=config,
+                tools=[tool],
+                tool_choice={"type": "tool", "name": tool["name"]},
+            )
+        except LLMError as exc:
+            logger.warning("%s unavailable: %s", what, exc)
+            return {}
+        calls = [c for c in reply.tool_calls if c.get("name") == tool["name"]]
+        return (calls[0].get("input") or {}) if calls else {}
 
     async def classify(self, text: str) -> Classification:
         """Classify a text against the agent's intent categories (no storage, no LLM)."""
