@@ -122,6 +122,16 @@ def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
     return turns
 
 
+def _schedule(task_name: str, *args: Any) -> None:
+    """Queue a Celery task by name once the transaction commits (memory writing stays off the hot path).
+
+    By name, so the pipeline does not import the tasks (transports) that call it.
+    """
+    from celery import current_app
+
+    transaction.on_commit(lambda: current_app.send_task(task_name, args=list(args)))
+
+
 def _earlier_pending(message: Message) -> bool:
     return conv_selectors.earlier_undecided_exists(
         user=message.user, before=message.created_at, since=message.created_at - ORDER_WINDOW
@@ -201,6 +211,7 @@ def decide_and_place(
     *,
     verdict: dict[str, Any] | None = None,
     allow_judgement: bool = False,
+    remember: bool = True,
 ) -> Judgement | None:
     """Thread decision + intent, stored on the message. Call under the user's advisory lock.
 
@@ -243,6 +254,8 @@ def decide_and_place(
         thread = next(t for t in threads if t.pk == decision.thread_id)
         if decision.event == ThreadEvent.RESOLUTION:
             conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
+            if remember and agent.config.memory_config.enabled:
+                _schedule("memory.remember_resolution", str(thread.pk))
         else:
             conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
     message.thread = thread
@@ -389,7 +402,7 @@ def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:
         conv_services.user_lock(user=message.user)
         waiting = _earlier_pending(message)
         if not waiting:
-            decide_and_place(agent, message, embedding)
+            decide_and_place(agent, message, embedding, remember=False)
             message.status = Message.Status.DONE
             message.save(update_fields=["status"])
     if waiting:

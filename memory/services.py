@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
+from pgvector.django import CosineDistance
 
 from agentflow.embeddings import Embedder
 from conversations.models import EndUser
@@ -43,3 +45,64 @@ def memories_mark_used(*, memory_ids: Sequence[str]) -> None:
         Memory.objects.filter(pk__in=list(memory_ids)).update(
             use_count=F("use_count") + 1, last_used_at=timezone.now()
         )
+
+
+DUPLICATE_SIMILARITY = 0.90  # a new memory this close to one of the same user and kind updates it
+EVICTABLE = (Memory.Kind.EPISODIC, Memory.Kind.PREFERENCE, Memory.Kind.FACT)
+
+
+def memory_remember(
+    *,
+    user: EndUser,
+    kind: str,
+    content: str,
+    embedder: Embedder,
+    source: dict[str, Any],
+    max_per_user: int,
+) -> tuple[Memory, bool]:
+    """Store what was learned about a user; a near-duplicate updates the existing memory instead.
+
+    De-duplication never deletes: the closest memory of the same user and kind (cosine similarity
+    at least ``DUPLICATE_SIMILARITY``) takes the new content and embedding, and its provenance keeps
+    both sources. Past ``max_per_user`` the least useful, then oldest, memories of the user go
+    (``memory_evict``).
+
+    Returns:
+        ``(memory, created)``.
+    """
+    content = content.strip()
+    if not content:
+        raise ValueError("a memory needs content")
+    vector = embedder.embed_one(content)
+    with transaction.atomic():
+        with connection.cursor() as cursor:  # one writer per user: two resolutions cannot both insert
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk])
+        nearest = (
+            Memory.objects.filter(user=user, kind=kind)
+            .annotate(distance=CosineDistance("embedding", vector))
+            .order_by("distance")
+            .first()
+        )
+        if nearest is not None and 1.0 - float(nearest.distance) >= DUPLICATE_SIMILARITY:
+            history = nearest.source.get("merged", [])
+            nearest.source = {**source, "merged": [*history, {k: v for k, v in nearest.source.items() if k != "merged"}]}
+            nearest.content, nearest.embedding, nearest.embedding_model = content, vector, embedder.model_id
+            nearest.save(update_fields=["content", "embedding", "embedding_model", "source", "updated_at"])
+            return nearest, False
+        memory = Memory.objects.create(
+            user=user, kind=kind, content=content, embedding=vector, embedding_model=embedder.model_id, source=source
+        )
+        memory_evict(user=user, keep=max_per_user)
+    return memory, True
+
+
+def memory_evict(*, user: EndUser, keep: int) -> int:
+    """Keep the user's ``keep`` most useful memories: the least used go first, then the oldest."""
+    doomed = list(
+        Memory.objects.filter(user=user, kind__in=EVICTABLE)
+        .order_by("-use_count", F("last_used_at").desc(nulls_last=True), "-created_at")
+        .values_list("pk", flat=True)[keep:]
+    )
+    if doomed:
+        Memory.objects.filter(pk__in=doomed).delete()
+    return len(doomed)
