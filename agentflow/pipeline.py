@@ -29,6 +29,7 @@ from conversations.thread_features import ThreadState
 from intents.rules import CLARIFY, HANDOFF, confidence_action
 from memory.selectors import memory_search
 from memory.services import memories_mark_used
+from memory.writing import PREFERENCE
 
 from .context import TurnContext
 from .errors import InvalidInput, NotFound
@@ -258,6 +259,8 @@ def decide_and_place(
                 _schedule("memory.remember_resolution", str(thread.pk))
         else:
             conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
+    if remember and agent.config.memory_config.enabled and PREFERENCE.search(message.content):
+        _schedule("memory.remember_preference", str(message.pk))
     message.thread = thread
     message.thread_event = decision.event
     message.thread_confidence = round(decision.confidence, 4)

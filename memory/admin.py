@@ -15,13 +15,24 @@ from .services import memory_embed
 
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
-    list_display = ("short_content", "user", "kind", "use_count", "last_used_at", "updated_at")
-    list_filter = ("kind", ("user", admin.EmptyFieldListFilter))
+    list_display = ("short_content", "user", "kind", "approved", "use_count", "last_used_at", "updated_at")
+    list_filter = ("kind", "approved", ("user", admin.EmptyFieldListFilter))
+    actions = ["approve", "withdraw"]
     search_fields = ("content", "user__external_id")
     list_select_related = ("user",)
     exclude = ("embedding",)
-    readonly_fields = ("embedding_model", "use_count", "created_at", "updated_at", "last_used_at")
+    readonly_fields = ("approved", "embedding_model", "use_count", "created_at", "updated_at", "last_used_at")
     raw_id_fields = ("user",)
+
+    @admin.action(description="Approve selected global memories (the review queue)")
+    def approve(self, request: HttpRequest, queryset: Any) -> None:
+        count = queryset.filter(user__isnull=True).update(approved=True)
+        self.message_user(request, f"{count} global memories approved; agents may use them now.")
+
+    @admin.action(description="Withdraw selected global memories from use")
+    def withdraw(self, request: HttpRequest, queryset: Any) -> None:
+        count = queryset.filter(user__isnull=True).update(approved=False)
+        self.message_user(request, f"{count} global memories withdrawn.")
 
     @admin.display(description="content")
     def short_content(self, obj: Memory) -> str:

@@ -29,6 +29,9 @@ class Memory(models.Model):
     embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS)
     embedding_model = models.CharField(max_length=100)
     source = models.JSONField(default=dict, blank=True, help_text="Provenance: thread, messages, who wrote it.")
+    approved = models.BooleanField(
+        default=True, help_text="Global memories wait for staff review when memory_config.review_global is on."
+    )
     use_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

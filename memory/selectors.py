@@ -24,7 +24,7 @@ def memory_search(
     """
     max_distance = 1.0 - similarity_threshold
     rows = list(
-        Memory.objects.filter(Q(user=user) | Q(user__isnull=True))
+        Memory.objects.filter(Q(user=user) | Q(user__isnull=True, approved=True))
         .annotate(distance=CosineDistance("embedding", embedding))
         .filter(distance__lte=max_distance)
         .order_by("distance")

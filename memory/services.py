@@ -53,19 +53,21 @@ EVICTABLE = (Memory.Kind.EPISODIC, Memory.Kind.PREFERENCE, Memory.Kind.FACT)
 
 def memory_remember(
     *,
-    user: EndUser,
+    user: EndUser | None,
     kind: str,
     content: str,
     embedder: Embedder,
     source: dict[str, Any],
     max_per_user: int,
+    approved: bool = True,
 ) -> tuple[Memory, bool]:
     """Store what was learned about a user; a near-duplicate updates the existing memory instead.
 
     De-duplication never deletes: the closest memory of the same user and kind (cosine similarity
     at least ``DUPLICATE_SIMILARITY``) takes the new content and embedding, and its provenance keeps
     both sources. Past ``max_per_user`` the least useful, then oldest, memories of the user go
-    (``memory_evict``).
+    (``memory_evict``). ``user=None`` writes a global memory (not evicted; ``approved`` False puts it
+    in the admin's review queue).
 
     Returns:
         ``(memory, created)``.
@@ -76,7 +78,7 @@ def memory_remember(
     vector = embedder.embed_one(content)
     with transaction.atomic():
         with connection.cursor() as cursor:  # one writer per user: two resolutions cannot both insert
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk if user else 0])
         nearest = (
             Memory.objects.filter(user=user, kind=kind)
             .annotate(distance=CosineDistance("embedding", vector))
@@ -90,9 +92,11 @@ def memory_remember(
             nearest.save(update_fields=["content", "embedding", "embedding_model", "source", "updated_at"])
             return nearest, False
         memory = Memory.objects.create(
-            user=user, kind=kind, content=content, embedding=vector, embedding_model=embedder.model_id, source=source
+            user=user, kind=kind, content=content, embedding=vector, embedding_model=embedder.model_id,
+            source=source, approved=approved,
         )
-        memory_evict(user=user, keep=max_per_user)
+        if user is not None:
+            memory_evict(user=user, keep=max_per_user)
     return memory, True
 
 
