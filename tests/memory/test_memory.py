@@ -138,6 +138,7 @@ def test_results_are_ordered_by_similarity_with_exact_scores(embedder, memories)
         "content": BILLING_SLA,
         "scope": "global",
         "similarity": found[0]["similarity"],
+        "score": found[0]["score"],  # similarity weighted by usefulness and recency (rank_score)
     }
 
 

@@ -182,3 +182,25 @@ def test_a_stated_preference_is_remembered_in_the_users_words() -> None:
     assert remember_preference(str(message.pk)) == "remembered"
     memory = Memory.objects.get(user__external_id="pref")
     assert (memory.kind, memory.content) == ("preference", "Please email me, don't call.")
+
+
+@pytest.mark.django_db
+def test_retrieval_prefers_useful_and_recent_memories_at_equal_similarity() -> None:
+    from datetime import timedelta
+
+    from memory.selectors import memory_search, rank_score
+
+    embedder = get_embedder()
+    alice = EndUser.objects.create(external_id="alice")
+    vector = embedder.embed_one(LOGIN)
+    old = Memory.objects.create(user=alice, kind="fact", content=LOGIN, embedding=vector, embedding_model="m")
+    useful = Memory.objects.create(user=None, kind="pattern", content=LOGIN, embedding=vector, embedding_model="m")
+    Memory.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timedelta(days=400))
+    Memory.objects.filter(pk=useful.pk).update(use_count=10)
+
+    found = memory_search(user=alice, embedding=vector, limit=2, similarity_threshold=0.5)
+
+    assert [m["id"] for m in found] == [str(useful.pk), str(old.pk)]
+    assert found[0]["similarity"] == found[1]["similarity"] == 1.0
+    assert found[0]["score"] == round(rank_score(similarity=1.0, use_count=10, age_days=0), 4)
+    assert rank_score(similarity=0.8, use_count=0, age_days=0) > rank_score(similarity=0.7, use_count=10, age_days=0)
