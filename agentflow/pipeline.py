@@ -127,9 +127,14 @@ def _schedule(task_name: str, *args: Any) -> None:
     """Queue a Celery task by name once the transaction commits (memory writing stays off the hot path).
 
     By name, so the pipeline does not import the tasks (transports) that call it.
+    ``AGENTFLOW["BACKGROUND_JOBS"] = False`` turns this off (the test suite does, except where a test
+    exercises the jobs: a job left running would race other tests' database resets).
     """
     from celery import current_app
+    from django.conf import settings
 
+    if not settings.AGENTFLOW.get("BACKGROUND_JOBS", True):
+        return
     transaction.on_commit(lambda: current_app.send_task(task_name, args=list(args)))
 
 

@@ -19,6 +19,7 @@ from ninja.security import APIKeyHeader, SessionAuthIsStaff
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 from conversations.api import router as conversations_router
 from conversations.services import api_key_check
+from memory.api import router as memory_router
 
 
 class ApiKeyAuth(APIKeyHeader):
@@ -107,3 +108,4 @@ def health(request: HttpRequest) -> dict[str, Any]:
 
 
 api.add_router("/", conversations_router)
+api.add_router("/", memory_router)

@@ -158,6 +158,8 @@ AGENTFLOW = {
     "EMBEDDER": env_str("AGENTFLOW_EMBEDDER", "agentflow.embeddings.MiniLMEmbedder"),
     # How long POST /api/users/{id}/messages waits for the turn by default (seconds).
     "REST_WAIT_SECONDS": env_int("AGENTFLOW_REST_WAIT_SECONDS", 30, minimum=0, maximum=120),
+    # Queue memory writing (and other follow-up jobs) in Celery after a turn.
+    "BACKGROUND_JOBS": env_bool("AGENTFLOW_BACKGROUND_JOBS", True),
     # Lifetime of the end-user chat tokens the REST API issues for the WebSocket (seconds).
     "CHAT_TOKEN_TTL_SECONDS": env_int("AGENTFLOW_CHAT_TOKEN_TTL_SECONDS", 3600, minimum=60),
 }

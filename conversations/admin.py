@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -16,7 +19,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from agentflow.errors import InvalidInput
+from agentflow.errors import InvalidInput, NotFound
+from memory.privacy import user_erase, user_export
 
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .models import ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
@@ -76,6 +80,70 @@ class EndUserAdmin(admin.ModelAdmin):
     search_fields = ("external_id", "display_name")
     readonly_fields = ("created_at", "last_seen_at")
     inlines = [SessionInline, ThreadInline]
+    actions = ["export_users", "erase_users"]
+
+    @admin.action(description="Export selected users (JSON)")
+    def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
+        exports = [user_export(user=user) for user in queryset.order_by("external_id")]
+        response = HttpResponse(
+            json.dumps({"users": exports}, indent=2, ensure_ascii=False), content_type="application/json"
+        )
+        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+        response["Content-Disposition"] = f'attachment; filename="agentflow-users-{stamp}.json"'
+        return response
+
+    @admin.action(description="Erase selected users and all their data", permissions=["delete"])
+    def erase_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse | None:
+        """A confirmation page listing what goes; the confirmed POST erases and reports the counts."""
+        users = list(queryset.order_by("external_id"))
+        if request.POST.get("confirm") != "yes":
+            rows = [
+                {
+                    "user": user,
+                    "sessions": user.sessions.count(),
+                    "threads": user.threads.count(),
+                    "messages": user.messages.count(),
+                    "escalations": user.escalations.count(),
+                    "memories": user.memories.count(),
+                }
+                for user in users
+            ]
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": "Erase users and all their data?",
+                "rows": rows,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/conversations/enduser/erase_confirmation.html", context)
+        self._erase(request, users)
+        return None
+
+    def _erase(self, request: HttpRequest, users: list[EndUser]) -> None:
+        totals: Counter[str] = Counter()
+        erased = 0
+        for user in users:
+            try:
+                totals.update(user_erase(user=user))
+            except NotFound:  # erased meanwhile
+                continue
+            erased += 1
+        summary = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in totals.items())
+        self.message_user(request, f"Erased {erased} user(s): {summary or 'nothing'}.", level=messages.SUCCESS)
+
+    def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
+        # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
+        try:
+            user_erase(user=obj)
+        except NotFound:
+            pass
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> None:
+        for user in queryset:
+            try:
+                user_erase(user=user)
+            except NotFound:
+                pass
 
 
 @admin.register(ChatSession)

@@ -31,4 +31,8 @@ from agentflow_project.settings import *  # noqa: E402, F403
 # Each run has its own test database, so concurrent runs on one server never drop each other's.
 DATABASES["default"]["TEST"] = {"NAME": f"test_agentflow_{_RUN}"}  # noqa: F405
 
+# Follow-up jobs (memory writing) are off unless a test turns them on: one left running in the worker
+# would race the next test's database reset.
+AGENTFLOW = {**AGENTFLOW, "BACKGROUND_JOBS": False}  # noqa: F405
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in admin tests

@@ -75,7 +75,8 @@ def test_eviction_drops_the_least_useful_then_the_oldest() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.integration
-async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(celery_worker) -> None:
+async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(celery_worker, settings) -> None:
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": True}
     agent = await (
         AgentFrameworkBuilder()
         .with_intent_categories([])

@@ -1,0 +1,33 @@
+"""Export everything stored about one end user as JSON, to stdout or a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from agentflow.errors import NotFound
+from conversations.selectors import user_get
+from memory.privacy import user_export
+
+
+class Command(BaseCommand):
+    help = "Export a user's data as JSON: manage.py agentflow_export_user alice [--output alice.json]"
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("user_id", help="the end user's id (the host application's)")
+        parser.add_argument("--output", help="write the JSON to this file instead of stdout")
+
+    def handle(self, *args: Any, user_id: str, output: str | None = None, **options: Any) -> None:
+        try:
+            user = user_get(external_id=user_id)
+        except NotFound:
+            raise CommandError(f"no user {user_id!r}: nothing exported") from None
+        text = json.dumps(user_export(user=user), indent=2, ensure_ascii=False)
+        if output is None:
+            self.stdout.write(text)
+            return
+        Path(output).write_text(text + "\n", encoding="utf-8")
+        self.stderr.write(f"Exported user {user_id!r} to {output}")
