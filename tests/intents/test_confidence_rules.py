@@ -16,6 +16,17 @@ ORDERS = IntentCategory("ORDERS", "Order status and delivery", ["Where is my ord
 RETURNS = IntentCategory("RETURNS", "Returns and refunds", ["I want to return this", "Refund request"])
 
 
+async def _online_agent(client, *, orders_threshold: float | None = None):
+    """ORDERS and RETURNS against the fake LLM; thread judgement off, so every LLM call is the intent's."""
+    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=orders_threshold)
+    return await (
+        AgentFrameworkBuilder()
+        .with_intent_categories([orders, RETURNS])
+        .with_config({"session_config": {"llm_thread_judgement": False}})
+        .build(client)
+    )
+
+
 def _action(confidence: float, category: IntentCategory | None, event: str = "NEW_TOPIC", **config):
     classification = Classification(category.name if category else None, confidence, ())
     return confidence_action(
@@ -67,13 +78,7 @@ async def test_a_clarify_category_asks_instead_of_handing_off() -> None:
 
 @pytest.mark.django_db(transaction=True)
 async def test_below_the_threshold_the_llm_decides_the_intent(anthropic_client, fake_llm) -> None:
-    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0)
-    agent = await (
-        AgentFrameworkBuilder()
-        .with_intent_categories([orders, RETURNS])
-        .with_config({"session_config": {"llm_thread_judgement": False}})
-        .build(anthropic_client)
-    )
+    agent = await _online_agent(anthropic_client, orders_threshold=1.0)
     fake_llm.enqueue(
         FakeReply(tool_calls=[ToolCall("choose_intent", {"intent": "ORDERS", "confidence": 1.0})]),
         FakeReply(text="It ships tomorrow."),
@@ -92,13 +97,7 @@ async def test_below_the_threshold_the_llm_decides_the_intent(anthropic_client, 
 
 @pytest.mark.django_db(transaction=True)
 async def test_an_llm_that_finds_no_fit_leaves_the_hand_off(anthropic_client, fake_llm) -> None:
-    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=1.0)
-    agent = await (
-        AgentFrameworkBuilder()
-        .with_intent_categories([orders, RETURNS])
-        .with_config({"session_config": {"llm_thread_judgement": False}})
-        .build(anthropic_client)
-    )
+    agent = await _online_agent(anthropic_client, orders_threshold=1.0)
     fake_llm.enqueue(FakeReply(tool_calls=[ToolCall("choose_intent", {"intent": "NONE", "confidence": 0.8})]))
 
     result = await agent.process_message(user_id="j2", message="Where is my order? It has not arrived")
@@ -138,13 +137,7 @@ def test_reply_confidence_combines_its_signals() -> None:
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_weak_reply_is_withheld_and_a_human_takes_over(anthropic_client, fake_llm) -> None:
-    orders = IntentCategory("ORDERS", ORDERS.description, ORDERS.examples, threshold=0.7)  # like the seed's OUTAGE
-    agent = await (
-        AgentFrameworkBuilder()
-        .with_intent_categories([orders, RETURNS])
-        .with_config({"session_config": {"llm_thread_judgement": False}})
-        .build(anthropic_client)
-    )
+    agent = await _online_agent(anthropic_client, orders_threshold=0.7)  # like the seed's OUTAGE
     fake_llm.enqueue(FakeReply(text="Maybe it is lost?\n<confidence>0.05</confidence>"))
 
     result = await agent.process_message(user_id="weak", message="Where is my order? It has not arrived")
@@ -160,12 +153,7 @@ async def test_a_weak_reply_is_withheld_and_a_human_takes_over(anthropic_client,
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_confident_reply_is_sent_without_its_tag(anthropic_client, fake_llm) -> None:
-    agent = await (
-        AgentFrameworkBuilder()
-        .with_intent_categories([ORDERS, RETURNS])
-        .with_config({"session_config": {"llm_thread_judgement": False}})
-        .build(anthropic_client)
-    )
+    agent = await _online_agent(anthropic_client)
     fake_llm.enqueue(FakeReply(text="It ships tomorrow.\n<confidence>0.95</confidence>"))
     streamed: list[str] = []
 
