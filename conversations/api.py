@@ -14,7 +14,6 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.core import signing
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
@@ -25,13 +24,12 @@ from agentflow.errors import InvalidInput
 from agentflow.validation import clean_user_id
 
 from . import selectors
+from .chat_tokens import CHAT_TOKEN_SALT, chat_token_create, chat_token_user  # noqa: F401 (the consumer imports them)
 from .events import user_group
 from .models import Message
 from .tasks import enqueue_turn
 
 router = Router(tags=["conversations"])
-
-CHAT_TOKEN_SALT = "agentflow.chat-token"
 
 
 class ErrorDetail(Schema):
@@ -214,20 +212,8 @@ def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> 
 @router.post("/users/{user_id}/chat-token", response={200: ChatTokenOut, 400: ErrorOut},
              summary="A signed, expiring token for this end user's WebSocket chat")
 def create_chat_token(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    external_id = clean_user_id(user_id)
-    token = signing.dumps({"u": external_id}, salt=CHAT_TOKEN_SALT, compress=True)
     return {
-        "token": token,
+        "token": chat_token_create(external_id=user_id),
         "expires_in": settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"],
         "websocket_path": "/ws/chat/",
     }
-
-
-def chat_token_user(token: str) -> str | None:
-    """The end user a chat token was issued for, or None if it is forged or expired."""
-    try:
-        data = signing.loads(token, salt=CHAT_TOKEN_SALT, max_age=settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"])
-    except signing.BadSignature:
-        return None
-    user = data.get("u") if isinstance(data, dict) else None
-    return user if isinstance(user, str) else None
