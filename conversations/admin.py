@@ -11,7 +11,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -23,6 +23,7 @@ from agentflow.errors import InvalidInput, NotFound
 from memory.privacy import user_erase, user_export
 
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
+from .live import live_link, live_page
 from .models import ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
 from .services import (
     api_key_create,
@@ -76,11 +77,31 @@ class ThreadActivityInline(ReadOnlyInline):
 
 @admin.register(EndUser)
 class EndUserAdmin(admin.ModelAdmin):
-    list_display = ("external_id", "display_name", "created_at", "last_seen_at")
+    list_display = ("external_id", "display_name", "created_at", "last_seen_at", "live")
     search_fields = ("external_id", "display_name")
-    readonly_fields = ("created_at", "last_seen_at")
+    readonly_fields = ("created_at", "last_seen_at", "live")
     inlines = [SessionInline, ThreadInline]
     actions = ["export_users", "erase_users"]
+
+    @admin.display(description="live")
+    def live(self, obj: EndUser) -> str:
+        return live_link(user_pk=obj.pk) if obj.pk else "-"
+
+    def get_urls(self) -> list[URLPattern]:
+        live = path(
+            "<path:object_id>/live/", self.admin_site.admin_view(self.live_view), name="conversations_enduser_live"
+        )
+        return [live, *super().get_urls()]
+
+    def live_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The live conversation page (conversations/live.py): watch, claim, reply."""
+        end_user = self.get_object(request, object_id)
+        if end_user is None:
+            raise Http404("no such end user")
+        if not self.has_view_permission(request, end_user):
+            raise PermissionDenied
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "original": end_user}
+        return live_page(request, end_user=end_user, admin_context=context)
 
     @admin.action(description="Export selected users (JSON)")
     def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
@@ -159,15 +180,21 @@ class ChatSessionAdmin(admin.ModelAdmin):
 class ThreadAdmin(admin.ModelAdmin):
     """A thread's page is its timeline: every message with the decisions taken on it."""
 
-    list_display = ("topic", "user", "status", "intent", "escalated", "opened_at", "last_activity_at")
+    list_display = ("topic", "user", "status", "intent", "escalated", "opened_at", "last_activity_at", "live")
     list_filter = ("status", "escalated", "intent")
     search_fields = ("topic", "user__external_id", "resolution")
     list_select_related = ("user",)
     date_hierarchy = "opened_at"
     exclude = ("topic_embedding",)
-    readonly_fields = ("id", "user", "session", "opened_at", "last_activity_at", "resolved_at", "topic_weight")
+    readonly_fields = (
+        "id", "user", "session", "opened_at", "last_activity_at", "resolved_at", "topic_weight", "live",
+    )
     inlines = [ThreadActivityInline, MessageInline]
     actions = ["resolve_threads", "reopen_threads", "merge_threads"]
+
+    @admin.display(description="live")
+    def live(self, obj: Thread) -> str:
+        return live_link(user_pk=obj.user_id)
 
     @admin.action(description="Resolve selected threads")
     def resolve_threads(self, request: HttpRequest, queryset: QuerySet[Thread]) -> None:
@@ -279,12 +306,12 @@ class StaffReplyForm(forms.Form):
 class EscalationAdmin(admin.ModelAdmin):
     """The hand-off queue: claim a thread, reply as a human agent, hand it back to the bot."""
 
-    list_display = ("id", "status", "holder", "thread_link", "user", "short_reason", "age", "created_at")
+    list_display = ("id", "status", "holder", "thread_link", "user", "short_reason", "age", "created_at", "live")
     list_filter = ("status", ("holder", admin.RelatedOnlyFieldListFilter))
     search_fields = ("user__external_id", "reason", "thread__topic")
     list_select_related = ("user", "thread", "holder")
     date_hierarchy = "created_at"
-    readonly_fields = [f.name for f in Escalation._meta.fields]
+    readonly_fields = [*(f.name for f in Escalation._meta.fields), "live"]
     actions = ["claim", "release", "hand_back"]
     change_form_template = "admin/conversations/escalation/change_form.html"
 
@@ -298,6 +325,10 @@ class EscalationAdmin(admin.ModelAdmin):
     def thread_link(self, obj: Escalation) -> str:
         url = reverse("admin:conversations_thread_change", args=[obj.thread_id])
         return format_html('<a href="{}">{}</a>', url, obj.thread)
+
+    @admin.display(description="live")
+    def live(self, obj: Escalation) -> str:
+        return live_link(user_pk=obj.user_id)
 
     @admin.display(description="reason")
     def short_reason(self, obj: Escalation) -> str:
