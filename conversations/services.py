@@ -38,6 +38,15 @@ def user_lock(*, user: EndUser) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4146, user.pk])
 
 
+def _schedule_task(task_name: str, *args: Any) -> None:
+    """Queue a Celery task by name on commit, behind the same gate as ``agentflow.pipeline._schedule``."""
+    from celery import current_app
+    from django.conf import settings
+
+    if settings.AGENTFLOW.get("BACKGROUND_JOBS", True):
+        transaction.on_commit(lambda: current_app.send_task(task_name, args=list(args)))
+
+
 def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
     """The user's live session, or a new one if the last expired (expired ones are marked)."""
     live = (
@@ -45,9 +54,11 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
         .order_by("-last_activity_at")
         .first()
     )
-    ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__lte=now).update(
-        status=ChatSession.Status.EXPIRED, ended_at=F("expires_at")
-    )
+    ended = ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__lte=now)
+    ended_ids = list(ended.values_list("pk", flat=True))
+    ended.update(status=ChatSession.Status.EXPIRED, ended_at=F("expires_at"))
+    for session_id in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
+        _schedule_task("memory.remember_session", str(session_id))
     if live is not None:
         live.last_activity_at = now
         live.expires_at = now + timedelta(seconds=live.ttl_seconds)

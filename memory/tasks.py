@@ -1,15 +1,66 @@
-"""Celery tasks that write memories, off the turn's hot path."""
+"""Celery tasks that write memories, off the turn's hot path.
+
+Every task takes ids and is idempotent: a second run writes a near-duplicate of the first memory,
+which ``memory_remember`` turns into an update.
+"""
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+from typing import Any
+
 from celery import shared_task
+from django.db.models import Q
+from django.utils import timezone
 
 from agentflow.defaults import get_agent
-from conversations.models import Message, Thread
+from agentflow.errors import LLMError
+from conversations.models import ChatSession, Message, Thread
 
 from .scrub import scrub_personal_data
 from .services import memory_remember
-from .writing import preference_statement, resolution_memory_text
+from .writing import (
+    had_real_exchange,
+    llm_memory_summary,
+    preference_statement,
+    resolution_memory_text,
+    session_memory_text,
+)
+
+logger = logging.getLogger("agentflow.memory")
+
+SWEEP_EVERY = timedelta(minutes=10)  # how often beat runs memory.sweep_ended_sessions
+SWEEP_WINDOW = 2 * SWEEP_EVERY  # each sweep looks this far back, so one late run misses nothing
+
+
+def _thread_messages(thread: Thread) -> list[Message]:
+    return list(Message.objects.filter(thread=thread).exclude(role=Message.Role.SYSTEM).order_by("created_at"))
+
+
+def _memory_text(agent: Any, *, thread: Thread, messages: list[Message], extractive: str, ended: str) -> tuple[str, str]:
+    """The LLM's "Problem / What worked / Outcome" summary when online, else the extractive text.
+
+    Returns:
+        ``(text, "llm" | "extractive")``.
+    """
+    if agent.offline:
+        return extractive, "extractive"
+    from conversations.tasks import _thread_loop  # the worker thread's loop keeps its LLM clients
+
+    try:
+        summary = _thread_loop().run_until_complete(
+            llm_memory_summary(
+                llm=agent.llm, config=agent.config.llm_config, thread=thread, messages=messages, ended=ended
+            )
+        )
+    except LLMError as exc:
+        logger.warning("memory summary of thread %s: LLM unavailable (%s); extractive text used", thread.pk, exc)
+        return extractive, "extractive"
+    if summary is None:
+        logger.warning("memory summary of thread %s: unusable LLM reply; extractive text used", thread.pk)
+        return extractive, "extractive"
+    return summary, "llm"
 
 
 @shared_task(name="memory.remember_resolution", acks_late=True)
@@ -19,16 +70,25 @@ def remember_resolution(thread_id: str) -> str:
     thread = Thread.objects.select_related("user").filter(pk=thread_id, status=Thread.Status.RESOLVED).first()
     if thread is None:
         return "not resolved"
-    messages = list(Message.objects.filter(thread=thread).exclude(role=Message.Role.SYSTEM).order_by("created_at"))
+    messages = _thread_messages(thread)
     agent = get_agent()
     config = agent.config.memory_config
-    text = resolution_memory_text(thread=thread, messages=messages)
+    text, how = _memory_text(
+        agent,
+        thread=thread,
+        messages=messages,
+        extractive=resolution_memory_text(thread=thread, messages=messages),
+        ended=f"resolved: {thread.resolution or 'the user said it is resolved'}",
+    )
     memory_remember(
         user=thread.user,
         kind="episodic",
         content=text,
         embedder=agent.embedder,
-        source={"thread": str(thread.pk), "messages": [str(m.pk) for m in messages[-10:]], "by": "resolution"},
+        source={
+            "thread": str(thread.pk), "messages": [str(m.pk) for m in messages[-10:]], "by": "resolution",
+            "summary": how,
+        },
         max_per_user=config.max_episodic_per_user,
     )
     if config.global_patterns:
@@ -43,6 +103,70 @@ def remember_resolution(thread_id: str) -> str:
             approved=not config.review_global,
         )
     return "remembered"
+
+
+@shared_task(name="memory.remember_session", acks_late=True)
+def remember_session(session_id: str) -> str:
+    """When a session ends, remember its unresolved threads that had a real exchange: the problem,
+    what was tried, and that it was left unresolved (resolved threads were remembered on
+    resolution). Safe to run twice, and queued both when the user comes back after expiry and by
+    the periodic sweep: a repeated write updates the same memory."""
+    session = ChatSession.objects.select_related("user").filter(pk=session_id).first()
+    if session is None:
+        return "missing"
+    if session.status == ChatSession.Status.ACTIVE and session.expires_at > timezone.now():
+        return "not ended"
+    agent = get_agent()
+    config = agent.config.memory_config
+    if not config.enabled:
+        return "memory disabled"
+    threads = (
+        Thread.objects.filter(messages__session=session)
+        .exclude(status=Thread.Status.RESOLVED)
+        .distinct()
+        .order_by("opened_at")
+    )
+    written = 0
+    for thread in threads:
+        messages = _thread_messages(thread)
+        if not had_real_exchange(messages):
+            continue
+        text, how = _memory_text(
+            agent,
+            thread=thread,
+            messages=messages,
+            extractive=session_memory_text(thread=thread, messages=messages),
+            ended="unresolved when the session ended",
+        )
+        memory_remember(
+            user=session.user,
+            kind="episodic",
+            content=text,
+            embedder=agent.embedder,
+            source={
+                "session": str(session.pk), "thread": str(thread.pk),
+                "messages": [str(m.pk) for m in messages[-10:]], "by": "session end", "summary": how,
+            },
+            max_per_user=config.max_episodic_per_user,
+        )
+        written += 1
+    return f"remembered {written}"
+
+
+@shared_task(name="memory.sweep_ended_sessions")
+def sweep_ended_sessions() -> int:
+    """Queue ``remember_session`` for sessions that ended recently, including those whose user never
+    came back (nothing else would notice them). Run by Celery beat every ``SWEEP_EVERY``."""
+    now = timezone.now()
+    since = now - SWEEP_WINDOW
+    ended = ChatSession.objects.filter(
+        Q(expires_at__lte=now, expires_at__gt=since) | Q(ended_at__lte=now, ended_at__gt=since)
+    ).values_list("pk", flat=True)
+    count = 0
+    for session_id in ended:
+        remember_session.delay(str(session_id))
+        count += 1
+    return count
 
 
 @shared_task(name="memory.remember_preference", acks_late=True)

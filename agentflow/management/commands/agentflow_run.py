@@ -43,7 +43,9 @@ class Command(BaseCommand):
             ),
             subprocess.Popen(
                 [python, "-m", "celery", "-A", "agentflow_project", "worker", "-P", "threads",
-                 "-c", str(concurrency), "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-l", "INFO"],
+                 "-c", str(concurrency), "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-l", "INFO",
+                 # embedded beat: periodic jobs such as memory.sweep_ended_sessions
+                 "-B", "-s", str(runtime.data_dir() / "celerybeat-schedule")],
                 env=worker_env,
             ),
         ]
