@@ -41,12 +41,15 @@ class Memory(models.Model):
         ordering = ["-updated_at"]
         verbose_name_plural = "memories"
         indexes = [
+            # Global memories only: a user's own memories (at most max_episodic_per_user of them) are
+            # scanned exactly through the (user, kind) index, so per-user filtering never loses recall.
             HnswIndex(
-                name="memory_embedding_hnsw",
+                name="memory_global_embedding_hnsw",
                 fields=["embedding"],
                 m=16,
                 ef_construction=64,
                 opclasses=["vector_cosine_ops"],
+                condition=models.Q(user__isnull=True),
             ),
             models.Index(fields=["user", "kind"]),
         ]
