@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import connection, transaction
@@ -110,3 +110,48 @@ def memory_evict(*, user: EndUser, keep: int) -> int:
     if doomed:
         Memory.objects.filter(pk__in=doomed).delete()
     return len(doomed)
+
+
+def memories_to_reembed(*, model_id: str, everything: bool = False) -> Any:
+    """Memories whose vectors come from another model than ``model_id`` (all of them with ``everything``)."""
+    queryset = Memory.objects.all()
+    return queryset if everything else queryset.exclude(embedding_model=model_id)
+
+
+def memories_reembed(
+    *,
+    embedder: Embedder,
+    batch_size: int,
+    everything: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Recompute the embeddings of memories made with another model, a batch per transaction.
+
+    Resumable: each batch records the new ``embedding_model``, so an interrupted run, run again,
+    starts where it stopped. ``everything`` re-embeds every memory (in primary-key order; a re-run
+    starts over). Rows being re-embedded are locked (``SKIP LOCKED``: two runs share the work);
+    only the embedding columns are written, so a concurrent content edit is not lost.
+
+    Returns:
+        How many memories were re-embedded.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    done = 0
+    after = None
+    while True:
+        with transaction.atomic():
+            queryset = memories_to_reembed(model_id=embedder.model_id, everything=everything).order_by("pk")
+            if after is not None:
+                queryset = queryset.filter(pk__gt=after)
+            batch = list(queryset.select_for_update(skip_locked=True).only("pk", "content")[:batch_size])
+            if not batch:
+                return done
+            vectors = embedder.embed([memory.content for memory in batch])
+            for memory, vector in zip(batch, vectors, strict=True):
+                memory.embedding, memory.embedding_model = vector, embedder.model_id
+            Memory.objects.bulk_update(batch, ["embedding", "embedding_model"])
+        after = batch[-1].pk
+        done += len(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
