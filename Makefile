@@ -12,8 +12,9 @@ run: $(STAMP) .env
 	$(PY) manage.py agentflow_demo
 	$(PY) manage.py agentflow_run
 
-# Install everything and run the whole test suite (what .ci/run calls).
+# Install everything and run the whole test suite (what .ci/run calls). The browser tests need Chromium.
 test: $(STAMP)
+	.ci/ensure-chromium
 	$(PY) -m ruff check .
 	DJANGO_SETTINGS_MODULE=tests.settings $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest

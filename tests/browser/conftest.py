@@ -1,0 +1,75 @@
+"""Real-browser tests: the project's ASGI app served by daphne over TCP, driven by headless Chromium.
+
+Daphne runs in a thread of this process, so it serves the test database and the test settings
+(the fake LLM's address, this run's Celery queue and channel-layer prefix) exactly as the other
+tests see them. Chromium is Debian's ``/usr/bin/chromium`` (``make test`` installs it), driven by
+Python Playwright; no browser is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+CHROMIUM = os.environ.get("AGENTFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
+    """The base URL (``http://127.0.0.1:<port>``) of daphne serving ``agentflow_project.asgi``."""
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server, reactor
+
+    from agentflow_project.asgi import application
+
+    server = Server(
+        application=application,
+        endpoints=build_endpoint_description_strings(host="127.0.0.1", port=0),
+        signal_handlers=False,  # not the main thread
+        verbosity=0,
+    )
+    thread = threading.Thread(target=server.run, name="daphne", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.listening_addresses:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("daphne did not start listening within 15 s")
+        time.sleep(0.05)
+    host, port = server.listening_addresses[0]
+    yield f"http://{host}:{port}"
+    reactor.callFromThread(reactor.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Any]:
+    """Headless Chromium. Missing Chromium fails the test: a skipped browser test proves nothing.
+
+    The async API: the sync one keeps an event loop running in the test's thread, where Django then
+    refuses the ORM calls of the test and of the database teardown.
+    """
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}. The browser tests need Debian's chromium: run "
+            "`make test` (it installs it with .ci/ensure-chromium) or `apt-get install -y chromium`.",
+            pytrace=False,
+        )
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()

@@ -1,0 +1,245 @@
+"""The chat widget in a real browser: the demo page, a streamed reply, safe markdown, a staff reply
+sent from the admin arriving live, keyboard use and a phone-sized screen, and reconnecting.
+
+The whole stack is real (daphne over TCP, PostgreSQL, Redis, a Celery worker); the LLM is the fake
+Messages API on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from playwright.async_api import Page, WebSocketRoute, expect
+
+from agentflow.testing.fake_anthropic import FakeReply
+from conversations.handoff import escalation_open
+from conversations.models import EndUser, Message, Thread
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+WIDGET = "agentflow-chat"
+TIMEOUT_MS = 30_000
+REPLY = (
+    "Here is **bold** advice: <img src=x onerror=alert(1)> and `code`, "
+    "see [the docs](https://example.com/docs) or [this](javascript:alert(2)). "
+    "That is all I can say about cards for now, goodbye."
+)
+# Every mutation of a streaming bubble, recorded in the page: proves text arrived before the reply ended.
+RECORD_STREAM = """() => {
+  const root = document.querySelector("agentflow-chat").shadowRoot;
+  window.streamed = [];
+  new MutationObserver(() => {
+    const node = root.querySelector("[data-streaming]");
+    if (node) window.streamed.push(node.textContent);
+  }).observe(root, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+@pytest.fixture(autouse=True)
+def _expect_timeout() -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture
+def staff(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_superuser(
+        "ops", "ops@example.com", "ops-password-123", first_name="Dana"
+    )
+
+
+def _watch(page: Page) -> dict[str, list[str]]:
+    """Collect alerts (an injected script would raise one) and uncaught page errors."""
+    seen: dict[str, list[str]] = {"dialogs": [], "errors": []}
+
+    async def on_dialog(dialog: Any) -> None:
+        seen["dialogs"].append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+    return seen
+
+
+async def _open_demo(page: Page, base_url: str) -> None:
+    await page.goto(f"{base_url}/demo/")
+    launcher = page.get_by_role("button", name=re.compile(r"^Open chat"))
+    await expect(launcher).to_have_attribute("aria-expanded", "false")
+    await launcher.click()
+    await expect(page.get_by_role("dialog", name="Acme support")).to_be_visible()
+    await expect(page.get_by_role("textbox", name="Message")).to_be_focused()
+
+
+async def _send(page: Page, text: str) -> None:
+    box = page.get_by_role("textbox", name="Message")
+    await box.fill(text)
+    await box.press("Enter")
+
+
+async def test_a_chat_streams_the_reply_renders_markdown_safely_and_shows_a_staff_reply_live(
+    live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any, staff: Any
+) -> None:
+    fake_llm.chunk_delay = 0.15  # one word per content_block_delta: the reply streams for a few seconds
+    fake_llm.enqueue(FakeReply(text=REPLY))
+    context = await chromium.new_context()
+    page = await context.new_page()
+    seen = _watch(page)
+    await _open_demo(page, live_asgi_url)
+    await page.evaluate(RECORD_STREAM)
+
+    await _send(page, "My card was declined <b>twice</b>")
+
+    mine = page.locator(f"{WIDGET} .af-msg--user")
+    await expect(mine).to_have_count(1)
+    await expect(mine).to_contain_text("My card was declined <b>twice</b>")
+    await expect(mine.locator("b")).to_have_count(0)
+    reply = page.locator(f"{WIDGET} .af-msg--assistant")
+    await expect(reply).to_contain_text("goodbye.")
+    await expect(reply).not_to_have_attribute("data-streaming", "true")
+    streamed = await page.evaluate("window.streamed")
+    partial = [text for text in streamed if "Here is" in text and "goodbye" not in text]
+    assert partial, f"no partial text was shown before the end of the reply: {streamed!r}"
+    # The final text replaced the streamed one: markdown, with the HTML shown as text.
+    await expect(reply.locator("strong")).to_have_text("bold")
+    await expect(reply.locator("code")).to_have_text("code")
+    await expect(reply).to_contain_text("<img src=x onerror=alert(1)>")
+    await expect(reply).to_contain_text("[this](javascript:alert(2))")
+    await expect(reply.locator("img")).to_have_count(0)
+    await expect(reply.locator("a")).to_have_count(1)
+    await expect(reply.locator("a")).to_have_attribute("href", "https://example.com/docs")
+    await expect(reply.locator("a")).to_have_attribute("rel", "noopener noreferrer nofollow")
+    assert await page.locator(f"{WIDGET} img").count() == 0
+
+    # A member of staff takes the conversation over in the admin and replies.
+    user = await EndUser.objects.aget(external_id__startswith="demo-")
+    thread = await Thread.objects.aget(user=user)
+    stored = Message.objects.filter(thread=thread).order_by("created_at").values_list("role", "content")
+    assert [row async for row in stored] == [
+        ("user", "My card was declined <b>twice</b>"),
+        ("assistant", REPLY),
+    ]
+    escalation = await sync_to_async(escalation_open)(
+        thread=thread, message=None, reason="the user asked for a person"
+    )
+    admin_context = await chromium.new_context()
+    admin = await admin_context.new_page()
+    await admin.goto(f"{live_asgi_url}/admin/login/?next=/admin/conversations/escalation/")
+    await admin.fill("#id_username", "ops")
+    await admin.fill("#id_password", "ops-password-123")
+    await admin.click("input[type=submit]")
+    await admin.check(f'input[name="_selected_action"][value="{escalation.pk}"]')
+    await admin.select_option("select[name=action]", "claim")
+    await admin.click("button[name=index]")
+    await expect(admin.locator(".messagelist")).to_contain_text("Claimed 1 escalation(s).")
+
+    joined = page.locator(f'{WIDGET} .af-note[data-role="system"]')
+    await expect(joined).to_have_text("A member of our team (Dana) has joined the conversation.")
+
+    await admin.goto(f"{live_asgi_url}/admin/conversations/escalation/{escalation.pk}/reply/")
+    await admin.fill(
+        "#staff-reply-form textarea[name=content]", "Hi, Dana here. I have **refunded** the charge."
+    )
+    await admin.click("#staff-reply-form input[type=submit]")
+    await expect(admin.locator(".messagelist")).to_contain_text("Reply sent.")
+
+    staff_reply = page.locator(f"{WIDGET} .af-msg--human_agent")
+    await expect(staff_reply).to_contain_text("Hi, Dana here. I have refunded the charge.")
+    await expect(staff_reply.locator("strong")).to_have_text("refunded")
+    await expect(staff_reply.locator(".af-who")).to_have_text("Support team")
+    background = "n => getComputedStyle(n).backgroundColor"
+    assert await staff_reply.evaluate(background) != await reply.evaluate(background)
+
+    # Escape closes the dialog and gives the focus back to the bubble.
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_role("dialog", name="Acme support")).to_be_hidden()
+    await expect(page.get_by_role("button", name=re.compile(r"^Open chat"))).to_be_focused()
+    assert seen == {"dialogs": [], "errors": []}
+    await admin_context.close()
+    await context.close()
+
+
+async def test_the_widget_works_from_the_keyboard_full_screen_on_a_phone(
+    live_asgi_url: str, chromium: Any
+) -> None:
+    context = await chromium.new_context(
+        viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True
+    )
+    page = await context.new_page()
+    seen = _watch(page)
+    await page.goto(f"{live_asgi_url}/demo/")
+    launcher = page.get_by_role("button", name=re.compile(r"^Open chat: Acme support"))
+
+    await launcher.focus()
+    await page.keyboard.press("Enter")
+
+    dialog = page.get_by_role("dialog", name="Acme support")
+    await expect(dialog).to_be_visible()
+    assert await dialog.bounding_box() == {"x": 0, "y": 0, "width": 375, "height": 667}
+    await expect(page.get_by_role("textbox", name="Message")).to_be_focused()
+    await expect(page.get_by_role("log", name="Messages")).to_have_attribute("aria-live", "polite")
+    close = page.get_by_role("button", name="Close chat")
+    await expect(close).to_be_visible()
+    # The host page styles every button hotpink with a dashed border: none of it reaches the widget.
+    assert await close.evaluate("n => getComputedStyle(n).borderStyle") == "none"
+    assert await page.locator("main button").evaluate("n => getComputedStyle(n).borderStyle") == "dashed"
+
+    await page.keyboard.press("Escape")
+
+    await expect(dialog).to_be_hidden()
+    await expect(launcher).to_be_focused()
+    await expect(launcher).to_have_attribute("aria-expanded", "false")
+    assert seen == {"dialogs": [], "errors": []}
+    await context.close()
+
+
+async def test_closed_with_4401_it_fetches_a_new_token_and_resends_the_unacked_message_once(
+    live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any
+) -> None:
+    fake_llm.enqueue(FakeReply(text="Your order shipped yesterday."))
+    context = await chromium.new_context()
+    page = await context.new_page()
+    seen = _watch(page)
+    token_fetches: list[str] = []
+    page.on(
+        "request",
+        lambda request: token_fetches.append(request.url) if "/demo/chat-token" in request.url else None,
+    )
+    swallowed: list[dict[str, Any]] = []
+    connections: list[str] = []
+
+    async def route(ws: WebSocketRoute) -> None:
+        connections.append(ws.url)
+        server = ws.connect_to_server()
+        if len(connections) > 1:
+            return  # later connections pass through untouched
+
+        async def first_connection(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame["type"] == "message":  # lost on the way, and the token "expired"
+                swallowed.append(frame)
+                await ws.close(code=4401, reason="unauthorized")
+            else:
+                server.send(message)
+
+        ws.on_message(first_connection)
+
+    await page.route_web_socket(re.compile(r"/ws/chat/"), route)
+    await _open_demo(page, live_asgi_url)
+
+    await _send(page, "Where is my order?")
+
+    reply = page.locator(f"{WIDGET} .af-msg--assistant")
+    await expect(reply.locator(".af-body")).to_have_text("Your order shipped yesterday.")
+    await expect(page.locator(f"{WIDGET} .af-msg--user")).to_have_count(1)
+    await expect(page.locator(f"{WIDGET} .af-msg--user .af-state")).to_have_text("")
+    assert len(swallowed) == 1 and len(connections) == 2 and len(token_fetches) == 2
+    stored = await Message.objects.aget(role="user")
+    assert (stored.content, stored.client_message_id) == (
+        "Where is my order?",
+        swallowed[0]["client_message_id"],
+    )
+    assert seen == {"dialogs": [], "errors": []}
+    await context.close()
