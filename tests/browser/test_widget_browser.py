@@ -243,3 +243,59 @@ async def test_closed_with_4401_it_fetches_a_new_token_and_resends_the_unacked_m
     )
     assert seen == {"dialogs": [], "errors": []}
     await context.close()
+
+
+MARKDOWN_CASES = {
+    "**bold**, *italic* and `x < y`": "<p><strong>bold</strong>, <em>italic</em> and <code>x &lt; y</code></p>",
+    "<script>alert(1)</script>": "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>",
+    "<img src=x onerror=alert(1)>": "<p>&lt;img src=x onerror=alert(1)&gt;</p>",
+    "&lt;b&gt; stays as typed": "<p>&amp;lt;b&amp;gt; stays as typed</p>",
+    "one\ntwo\n\nthree": "<p>one<br>two</p><p>three</p>",
+    "- a\n- **b**\n\n1. one\n2. two": "<ul><li>a</li><li><strong>b</strong></li></ul><ol><li>one</li><li>two</li></ol>",
+    "3. three\n4. four": '<ol start="3"><li>three</li><li>four</li></ol>',
+    "```\n<b>x</b>\n**y**\n```\nafter": "<pre><code>&lt;b&gt;x&lt;/b&gt;\n**y**</code></pre><p>after</p>",
+    "[docs](https://example.com/a?b=1&c=2)": (
+        '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer nofollow">'
+        "docs</a></p>"
+    ),
+    "[**x**](http://example.com)": (
+        '<p><a href="http://example.com/" target="_blank" rel="noopener noreferrer nofollow">'
+        "<strong>x</strong></a></p>"
+    ),
+    "[a](javascript:alert(1))": "<p>[a](javascript:alert(1))</p>",
+    "[a](JaVaScRiPt:alert(1))": "<p>[a](JaVaScRiPt:alert(1))</p>",
+    "[a](data:text/html,<b>x</b>)": "<p>[a](data:text/html,&lt;b&gt;x&lt;/b&gt;)</p>",
+    "[a](/relative/path)": "<p>[a](/relative/path)</p>",
+    # Not a link (a space in the URL); the bare URL in it is one, and the quote cannot leave its href.
+    '[a](https://e.com" onclick="alert(1))': (
+        '<p>[a](<a href="https://e.com/" target="_blank" rel="noopener noreferrer nofollow">https://e.com</a>'
+        '" onclick="alert(1))</p>'
+    ),
+    "see https://example.com/x.": (
+        '<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
+        "https://example.com/x</a>.</p>"
+    ),
+    "javascript:alert(1)": "<p>javascript:alert(1)</p>",
+    "\\*not italic\\* and 2 * 3 * 4": "<p>*not italic* and 2 * 3 * 4</p>",
+    "**unclosed": "<p>**unclosed</p>",
+}
+
+
+async def test_the_markdown_renderer_builds_only_the_allowed_elements(
+    live_asgi_url: str, chromium: Any
+) -> None:
+    context = await chromium.new_context()
+    page = await context.new_page()
+    await page.goto(f"{live_asgi_url}/demo/")
+
+    rendered = await page.evaluate(
+        """(cases) => Object.fromEntries(cases.map((text) => {
+            const box = document.createElement("div");
+            box.appendChild(window.AgentFlowWidget.renderMarkdown(text));
+            return [text, box.innerHTML];
+        }))""",
+        list(MARKDOWN_CASES),
+    )
+
+    assert rendered == MARKDOWN_CASES
+    await context.close()
