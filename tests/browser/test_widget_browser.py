@@ -7,8 +7,10 @@ Messages API on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -49,6 +51,21 @@ def staff(django_user_model: Any) -> Any:
     return django_user_model.objects.create_superuser(
         "ops", "ops@example.com", "ops-password-123", first_name="Dana"
     )
+
+
+async def _read_position(user_pk: int) -> str:
+    user = await EndUser.objects.aget(pk=user_pk)
+    return str(user.last_read_message_id)
+
+
+async def _until(read: Any, expected: Any, seconds: float = 10) -> None:
+    """Poll ``await read()`` until it returns ``expected`` (the server records acks asynchronously)."""
+    deadline = time.monotonic() + seconds
+    value = await read()
+    while value != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        value = await read()
+    assert value == expected
 
 
 def _watch(page: Page) -> dict[str, list[str]]:
@@ -138,6 +155,11 @@ async def test_a_chat_streams_the_reply_renders_markdown_safely_and_shows_a_staf
     joined = page.locator(f'{WIDGET} .af-note[data-role="system"]')
     await expect(joined).to_have_text("A member of our team (Dana) has joined the conversation.")
 
+    # With the panel closed (Escape gives the focus back to the bubble), the staff reply arrives unread.
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_role("dialog", name="Acme support")).to_be_hidden()
+    launcher = page.locator(f"{WIDGET} .af-launcher")
+    await expect(launcher).to_be_focused()
     await admin.goto(f"{live_asgi_url}/admin/conversations/escalation/{escalation.pk}/reply/")
     await admin.fill(
         "#staff-reply-form textarea[name=content]", "Hi, Dana here. I have **refunded** the charge."
@@ -145,17 +167,30 @@ async def test_a_chat_streams_the_reply_renders_markdown_safely_and_shows_a_staf
     await admin.click("#staff-reply-form input[type=submit]")
     await expect(admin.locator(".messagelist")).to_contain_text("Reply sent.")
 
+    await expect(launcher).to_have_attribute("aria-label", "Open chat: Acme support (1 unread)")
+    await launcher.click()
+    await expect(launcher).to_have_attribute("aria-label", "Close chat: Acme support")
     staff_reply = page.locator(f"{WIDGET} .af-msg--human_agent")
     await expect(staff_reply).to_contain_text("Hi, Dana here. I have refunded the charge.")
     await expect(staff_reply.locator("strong")).to_have_text("refunded")
     await expect(staff_reply.locator(".af-who")).to_have_text("Support team")
     background = "n => getComputedStyle(n).backgroundColor"
     assert await staff_reply.evaluate(background) != await reply.evaluate(background)
+    staff_message = await Message.objects.aget(thread=thread, role="human_agent")
+    await _until(lambda: _read_position(user.pk), str(staff_message.pk))  # the widget acked what it showed
 
-    # Escape closes the dialog and gives the focus back to the bubble.
-    await page.keyboard.press("Escape")
-    await expect(page.get_by_role("dialog", name="Acme support")).to_be_hidden()
-    await expect(page.get_by_role("button", name=re.compile(r"^Open chat"))).to_be_focused()
+    # A fresh page catches up from the server: the whole conversation, in order.
+    await page.reload()
+    await page.locator(f"{WIDGET} .af-launcher").click()
+    shown = page.locator(f"{WIDGET} .af-log > [data-role]")
+    await expect(shown).to_have_count(4)
+    assert [await node.get_attribute("data-role") for node in await shown.all()] == [
+        "user",
+        "assistant",
+        "system",
+        "human_agent",
+    ]
+    await expect(shown.nth(1).locator("strong")).to_have_text("bold")
     assert seen == {"dialogs": [], "errors": []}
     await admin_context.close()
     await context.close()

@@ -775,7 +775,7 @@
         break;
       }
       case "not_found":
-        if (frame.field === "after" || /resume|after/.test(frame.message || "")) {
+        if (frame.field === "after") {
           state.lastId = null; // our position is gone (erased?): start from the latest messages
           send({ type: "resume", after: null });
         }
