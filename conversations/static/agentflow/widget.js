@@ -537,10 +537,11 @@
     return node;
   }
 
-  function seen(id) {
+  /** A reply or staff message is on screen: ack it now if the user can see it, else count it unread. */
+  function seen(id, quiet) {
     state.unseenId = id;
     if (state.open && document.visibilityState === "visible") flushSeen();
-    else {
+    else if (!quiet) {
       state.unread += 1;
       badge.textContent = String(Math.min(state.unread, 99));
       badge.hidden = false;
@@ -607,7 +608,7 @@
     } else {
       place(note(m.content, "", m.id), beforePending);
     }
-    seen(m.id);
+    seen(m.id, beforePending); // what history brings back is not counted as unread
   }
 
   // --- the streamed reply -------------------------------------------------------------------------
