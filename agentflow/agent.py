@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -306,8 +306,14 @@ class Agent:
             by_name = await sync_to_async(lambda: self.intents.current().by_name)()
             outcome = pipeline.Outcome(clarifying_question(ctx.classification, by_name), "clarify")
         else:
-            outcome = await self._llm_reply(prepared, ctx, on_text)
-            outcome = await self._judge_reply(prepared, outcome, streamed=on_text is not None)
+            gate = self._confidence_gate(prepared, ctx, on_text)
+            outcome = await self._llm_reply(prepared, ctx, gate.feed if gate is not None else on_text)
+            if gate is not None:
+                await gate.close()
+            streamed = on_text is not None and (gate is None or gate.opened)
+            outcome = await self._judge_reply(prepared, outcome, streamed=streamed)
+            if on_text is not None and not streamed:
+                await on_text(outcome.text)  # judged whole: the reply (or what replaces it) in one piece
         outcome.offline = self.offline
         if self.offline and not outcome.text.startswith(OFFLINE_PREFIX):
             outcome.text = OFFLINE_PREFIX + outcome.text
@@ -352,6 +358,24 @@ class Agent:
             parts.append(SELF_ASSESSMENT_INSTRUCTION)
         parts.extend(ctx.system_additions)
         return "\n\n".join(parts)
+
+    def _confidence_gate(
+        self, prepared: pipeline.Prepared, ctx: TurnContext, on_text: TextCallback | None
+    ) -> _ConfidenceGate | None:
+        """A gate on the stream when the Confidence Evaluator will judge this reply (None otherwise)."""
+        from intents.rules import reply_confidence
+
+        if on_text is None or prepared.category is None or ctx.thread_event == "RESOLUTION":
+            return None
+        retrieval = max((m["similarity"] for m in ctx.memories), default=None)
+
+        def decide(self_assessment: float | None) -> bool:
+            score, _ = reply_confidence(
+                classification=ctx.confidence, self_assessment=self_assessment, retrieval=retrieval
+            )
+            return score >= prepared.threshold
+
+        return _ConfidenceGate(on_text, decide)
 
     def _wants_self_assessment(self, prepared: pipeline.Prepared) -> bool:
         ctx = prepared.ctx
@@ -404,9 +428,6 @@ class Agent:
             messages = messages[1:]
         tools = await self.tools.list_tools() if self.tools is not None and not self.offline else None
         system = self.system_prompt(prepared, ctx)
-        holdback = _TagHoldback(on_text) if on_text is not None and self._wants_self_assessment(prepared) else None
-        if holdback is not None:
-            on_text = holdback.feed
         usage = {"input_tokens": 0, "output_tokens": 0}
         calls: list[dict[str, Any]] = []
         texts: list[str] = []  # the text of every round: what a streaming client was shown
@@ -428,8 +449,6 @@ class Agent:
                 calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
                 results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error})
             messages.append({"role": "user", "content": results})
-        if holdback is not None:
-            await holdback.close()
         text = "".join(texts)
         if not text.strip():
             # The model ended on a tool call (max_tool_rounds reached) or said nothing. An empty reply
@@ -447,28 +466,64 @@ class Agent:
         )
 
 
-class _TagHoldback:
-    """Streams text on, but holds back a possible trailing ``<confidence>`` tag and drops it."""
+class _ConfidenceGate:
+    """Streams a reply the Confidence Evaluator scores, only once it is known not to be withheld.
 
-    def __init__(self, send: TextCallback) -> None:
-        self._send = send
+    The model is asked to write its ``<confidence>`` tag first. The gate holds the stream until
+    that tag is read (or plainly absent), scores the reply with ``decide`` and then either opens
+    (the tag is dropped and the text flows on) or stays shut (the reply may be withheld: it is
+    judged whole afterwards). An open gate still holds back a trailing tag and drops it.
+    """
+
+    PROBE_CHARS = 64  # no tag within this much text: the model gave none up front
+
+    def __init__(self, send: TextCallback, decide: Callable[[float | None], bool]) -> None:
+        self._send, self._decide = send, decide
         self._pending = ""
+        self.state = "deciding"  # then "open" or "shut"
+
+    @property
+    def opened(self) -> bool:
+        return self.state == "open"
 
     async def feed(self, delta: str) -> None:
         self._pending += delta
+        if self.state == "deciding":
+            self._try_decide(final=False)
+        if self.state == "open":
+            await self._flow()
+
+    def _try_decide(self, *, final: bool) -> None:
+        from intents.rules import LEADING_SELF_ASSESSMENT
+
+        head = self._pending.lstrip()
+        match = LEADING_SELF_ASSESSMENT.match(self._pending)
+        if match is not None and (final or len(self._pending) > match.end()):
+            value: float | None = min(1.0, float(match.group(1)))
+            self._pending = self._pending[match.end() :]
+        elif final or len(head) > self.PROBE_CHARS or not "<confidence>".startswith(head[:12].lower()):
+            value = None  # no leading tag: score on what is known (a trailing tag counts in the judgement)
+        else:
+            return
+        self.state = "open" if self._decide(value) else "shut"
+
+    async def _flow(self) -> None:
         cut = self._pending.find("<")
-        safe = (self._pending if cut < 0 else self._pending[:cut]).rstrip()  # whitespace may precede the tag
+        safe = (self._pending if cut < 0 else self._pending[:cut]).rstrip()  # whitespace may precede a tag
         if safe:
             await self._send(safe)
             self._pending = self._pending[len(safe) :]
-        if len(self._pending) > 64 and not self._pending.lower().startswith("<confidence"):
+        if len(self._pending) > self.PROBE_CHARS and not self._pending.lower().startswith("<confidence"):
             await self._send(self._pending)  # a "<" that opens no tag
             self._pending = ""
 
     async def close(self) -> None:
         from intents.rules import split_self_assessment
 
-        rest, _ = split_self_assessment(self._pending)
-        if rest:
-            await self._send(rest)
+        if self.state == "deciding":
+            self._try_decide(final=True)
+        if self.state == "open":
+            rest, _ = split_self_assessment(self._pending)
+            if rest:
+                await self._send(rest)
         self._pending = ""

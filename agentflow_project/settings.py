@@ -162,6 +162,9 @@ AGENTFLOW = {
     "BACKGROUND_JOBS": env_bool("AGENTFLOW_BACKGROUND_JOBS", True),
     # Lifetime of the end-user chat tokens the REST API issues for the WebSocket (seconds).
     "CHAT_TOKEN_TTL_SECONDS": env_int("AGENTFLOW_CHAT_TOKEN_TTL_SECONDS", 3600, minimum=60),
+    # Origins (scheme://host[:port]) of the sites whose pages may open the chat WebSocket (the widget
+    # on a host site). Pages served from ALLOWED_HOSTS are always allowed; "*" allows any origin.
+    "WIDGET_ORIGINS": env_list("AGENTFLOW_WIDGET_ORIGINS", []),
     # Serve /demo/: the chat widget on a sample page, each browser its own demo end user.
     "DEMO_PAGE": env_bool("AGENTFLOW_DEMO_PAGE", True),
 }

@@ -134,9 +134,11 @@ async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seco
         except TimeoutError:
             return
         body = event.get("event", {})
-        turn = body.get("turn") or {}
-        if turn.get("message_id") == message_id or body.get("message_id") == message_id:
+        kind = body.get("kind")
+        if kind == "turn" and (body.get("turn") or {}).get("message_id") == message_id:
             return
+        if kind == "error" and body.get("message_id") == message_id:
+            return  # the turn failed for good
 
 
 @router.post(

@@ -1,64 +1,73 @@
-"""WebSocket chat: ``/ws/chat/?token=<chat token>``.
+"""WebSocket chat for end users: ``/ws/chat/?token=<chat token>``, protocol version 1.
 
-Client -> server frames (JSON): ``{"type": "message", "message": "...", "client_message_id": "..."}``,
-``{"type": "ping"}``. Server -> client: ``{"type": "ack", ...}`` when a message is stored,
-``{"type": "turn", ...}`` with the turn result when the reply is ready, ``{"type": "error", "code",
-"message"}`` for a bad frame (the connection stays open), ``{"type": "pong"}``; and the hand-off
-events ``human_joined``, ``human_message`` and ``bot_back`` (a stored message's ``id``,
-``thread_id``, ``role``, ``content``, ``created_at``).
-
-The consumer only stores the message and queues the turn; the Celery worker runs it and the
-result comes back through the user's channel-layer group.
+docs/protocol.md is the specification (frames, errors, close codes, reconnecting). The consumer
+parses frames and calls services; it never runs a turn. It stores the message and queues the turn;
+the Celery worker runs it and streams the reply back through the user's channel-layer group, which
+every connection of the user (and every staff page watching them) listens on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
 
 from agentflow import pipeline
 from agentflow.defaults import get_agent
-from agentflow.errors import InvalidInput, RateLimited
+from agentflow.errors import InvalidInput, NotFound, RateLimited
 
-from .api import chat_token_user
-from .events import user_group
-from .models import Message
-from .services import user_get_or_create
+from . import selectors, services
+from .chat_tokens import chat_token_user
+from .events import STAFF_ONLY, apublish, message_payload, user_group
+from .models import EndUser, Message
 from .tasks import enqueue_turn
 
 logger = logging.getLogger("agentflow.ws")
 
+PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024
+HISTORY_LIMIT = 200
+TYPING_REPEAT_SECONDS = 3.0  # a held "typing" state is passed on at most this often
+CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
-    user_id: str
-    user_pk: int
+    user: EndUser
     group: str
+    _typing: tuple[bool, float] = (False, 0.0)
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        # Accept first, then close with a code: a close before accepting reaches browsers as a bare
+        # HTTP 403, with no code or reason a widget could act on (fetch a new token, give up).
+        version = (query.get("v") or [str(PROTOCOL_VERSION)])[0]
+        if version != str(PROTOCOL_VERSION):
+            await self._refuse(CLOSE_BAD_VERSION, "unsupported_version",
+                               f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+            return
         token = (query.get("token") or [""])[0]
         external_id = chat_token_user(token) if token else None
         if external_id is None:
-            # Accept first, then close with 4401: a close before accepting reaches browsers as a bare
-            # HTTP 403, with no code or reason a widget could act on (fetch a new token).
-            await self.accept()
-            await self._error("unauthorized", "the chat token is missing, invalid or expired")
-            await self.close(code=CLOSE_UNAUTHORIZED)
+            await self._refuse(CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired")
             return
-        user = await database_sync_to_async(user_get_or_create)(external_id=external_id)
-        self.user_id, self.user_pk = external_id, user.pk
-        self.group = user_group(user.pk)
+        self.user = await database_sync_to_async(services.user_get_or_create)(external_id=external_id)
+        self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        await self._send({"type": "ready", "user_id": external_id, "protocol": 1})
+        await self._send({"type": "ready", "protocol": PROTOCOL_VERSION, "user_id": external_id,
+                          "server_time": timezone.now().isoformat()})
+
+    async def _refuse(self, code: int, error: str, message: str) -> None:
+        await self.accept()
+        await self._error(error, message)
+        await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
@@ -85,20 +94,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not isinstance(frame, dict):
             await self._error("bad_frame", "a frame must be a JSON object with a 'type'")
             return
-        kind = frame.get("type")
-        if kind == "ping":
-            await self._send({"type": "pong"})
-        elif kind == "message":
-            await self._on_message(frame)
-        else:
-            await self._error("unknown_type", f"unknown frame type {kind!r}; expected 'message' or 'ping'")
+        handler = self.HANDLERS.get(frame.get("type"))  # type: ignore[arg-type]
+        if handler is None:
+            known = ", ".join(sorted(self.HANDLERS))
+            await self._error("unknown_type", f"unknown frame type {frame.get('type')!r}; expected one of: {known}")
+            return
+        await handler(self, frame)
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
         try:
             agent = await database_sync_to_async(get_agent)()
             message, created = await database_sync_to_async(pipeline.accept)(
-                agent, user_id=self.user_id, message=frame.get("message"), client_message_id=client_id
+                agent, user_id=self.user.external_id, message=frame.get("message"), client_message_id=client_id
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
@@ -111,12 +122,71 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         if created or message.status == Message.Status.FAILED:  # a resent failed message is retried
             await database_sync_to_async(enqueue_turn)(message.pk)
+        elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
+            turn = await database_sync_to_async(_turn_of)(message)
+            await self._send({"type": "turn", **turn})
+
+    async def _on_typing(self, frame: dict[str, Any]) -> None:
+        state = frame.get("state")
+        if not isinstance(state, bool):
+            await self._error("bad_frame", "'state' must be true or false", field="state")
+            return
+        now = time.monotonic()
+        last_state, last_sent = self._typing
+        if state == last_state and now - last_sent < TYPING_REPEAT_SECONDS:
+            return  # held state, recently passed on: nothing new for staff
+        self._typing = (state, now)
+        await apublish(user_pk=self.user.pk, event={"kind": "typing", "role": "user", "state": state})
+
+    async def _on_ack(self, frame: dict[str, Any]) -> None:
+        message_id = frame.get("message_id")
+        if not isinstance(message_id, str):
+            await self._error("bad_frame", "'message_id' must be a message id", field="message_id")
+            return
+        try:
+            message = await database_sync_to_async(services.user_mark_read)(user=self.user, message_id=message_id)
+        except NotFound as exc:
+            await self._error("not_found", str(exc), field="message_id")
+            return
+        await apublish(user_pk=self.user.pk, event={"kind": "seen", "message_id": str(message.pk)})
+
+    async def _on_resume(self, frame: dict[str, Any]) -> None:
+        after = frame.get("after")
+        if after is not None and not isinstance(after, str):
+            await self._error("bad_frame", "'after' must be a message id or null", field="after")
+            return
+        try:
+            payload = await database_sync_to_async(_history)(self.user, after)
+        except NotFound as exc:
+            await self._error("not_found", str(exc), field="after")
+            return
+        await self._send({"type": "history", **payload})
+
+    HANDLERS = {
+        "message": _on_message,
+        "typing": _on_typing,
+        "ack": _on_ack,
+        "resume": _on_resume,
+        "ping": _on_ping,
+    }
 
     async def chat_event(self, event: dict[str, Any]) -> None:
-        """A live event for this user from the channel layer (a finished turn, an error)."""
+        """A live event for this user from the channel layer (a delta, a finished turn, staff...)."""
         body = dict(event["event"])
         kind = body.pop("kind", "event")
+        if kind in STAFF_ONLY or (kind == "typing" and body.get("role") == "user"):
+            return  # the user's own typing and read position are for staff pages
         if kind == "turn":
             await self._send({"type": "turn", **body["turn"]})
         else:
             await self._send({"type": kind, **body})
+
+
+def _turn_of(message: Message) -> dict[str, Any]:
+    message = Message.objects.select_related("user").get(pk=message.pk)
+    return selectors.turn_result(message=message)
+
+
+def _history(user: EndUser, after: str | None) -> dict[str, Any]:
+    messages, complete = selectors.messages_after(user=user, after=after, limit=HISTORY_LIMIT)
+    return {"messages": [message_payload(m) for m in messages], "complete": complete}

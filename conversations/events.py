@@ -1,22 +1,48 @@
 """Live events to a user's connected chat clients, over the Channels layer (Redis).
 
-Every process can publish (Celery workers after a turn, the admin when staff reply); every
-WebSocket connection of a user listens on that user's group.
+Every process can publish (Celery workers during and after a turn, the admin when staff reply,
+the chat consumer when a message is stored); every WebSocket connection of a user, and every staff
+page watching that user, listens on that user's group. docs/protocol.md lists the event kinds:
+each becomes a frame whose ``type`` is the kind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
+if TYPE_CHECKING:
+    from .models import Message
+
 logger = logging.getLogger("agentflow.events")
+
+# Kinds only staff pages are shown: the user's own typing and read position.
+STAFF_ONLY = frozenset({"seen"})
 
 
 def user_group(user_pk: int) -> str:
     return f"chat.user.{user_pk}"
+
+
+def message_payload(message: Message) -> dict[str, Any]:
+    """A stored message as the protocol's message object (plain types: it crosses the channel layer)."""
+    return {
+        "id": str(message.pk),
+        "thread_id": str(message.thread_id) if message.thread_id else None,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "client_message_id": message.client_message_id or None,
+        "reply_to": str(message.reply_to_id) if message.reply_to_id else None,
+        "intent": message.intent or None,
+        "thread_event": message.thread_event or None,
+        "escalated": message.escalated,
+        "created_at": message.created_at.isoformat(),
+    }
 
 
 async def apublish(*, user_pk: int, event: dict[str, Any]) -> None:
@@ -32,3 +58,62 @@ def publish(*, user_pk: int, event: dict[str, Any]) -> None:
         async_to_sync(apublish)(user_pk=user_pk, event=event)
     except Exception:  # a lost live notification must not fail the turn: clients re-read on reconnect
         logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
+
+
+def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:
+    """Publish once the surrounding transaction commits (at once outside one)."""
+    from django.db import transaction
+
+    transaction.on_commit(lambda: publish(user_pk=user_pk, event=event))
+
+
+class DeltaStream:
+    """Streams a reply's text to the user's connections as ``delta`` events, batched.
+
+    The first piece goes out at once (time to first token); later pieces are gathered for up to
+    ``interval`` seconds, so a fast model does not cost one channel-layer send per token.
+    Use as ``on_text`` of ``Agent.respond``, then ``await stream.close()`` to send what is left.
+    """
+
+    def __init__(self, *, user_pk: int, message_id: str, interval: float = 0.05) -> None:
+        self.user_pk, self.message_id, self.interval = user_pk, message_id, interval
+        self.seq = 0
+        self._buffer: list[str] = []
+        self._last_sent = 0.0
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, text: str) -> None:
+        if not text:
+            return
+        self._buffer.append(text)
+        wait = self._last_sent + self.interval - asyncio.get_running_loop().time()
+        if wait <= 0:
+            await self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.ensure_future(self._flush_later(wait))
+
+    async def _flush_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        self._timer = None
+        await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if not self._buffer:
+                return
+            text, self._buffer = "".join(self._buffer), []
+            seq, self.seq = self.seq, self.seq + 1
+            self._last_sent = asyncio.get_running_loop().time()
+            try:
+                await apublish(user_pk=self.user_pk,
+                               event={"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text})
+            except Exception:  # the final turn carries the whole text; a lost delta only costs smoothness
+                logger.exception("could not stream a delta to user %s", self.user_pk)
+
+    async def close(self) -> None:
+        """Send what is still gathered; call when the reply is complete."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._flush()

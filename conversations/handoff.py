@@ -19,7 +19,7 @@ from django.utils import timezone
 from agentflow.errors import InvalidInput
 from agentflow.validation import clean_message
 
-from .events import publish
+from .events import message_payload, publish_on_commit
 from .models import Escalation, Message, Thread
 from .services import thread_add_reply
 
@@ -37,20 +37,12 @@ def staff_name(staff_user: AbstractBaseUser) -> str:
 
 
 def message_event(*, kind: str, message: Message) -> dict[str, Any]:
-    """A live event carrying a stored message (plain types: it crosses the channel layer)."""
-    return {
-        "kind": kind,
-        "id": str(message.pk),
-        "thread_id": str(message.thread_id),
-        "role": message.role,
-        "content": message.content,
-        "created_at": message.created_at.isoformat(),
-    }
+    """A live event carrying a stored message."""
+    return {"kind": kind, **message_payload(message)}
 
 
 def _publish_on_commit(*, kind: str, message: Message) -> None:
-    event = message_event(kind=kind, message=message)
-    transaction.on_commit(lambda: publish(user_pk=message.user_id, event=event))
+    publish_on_commit(user_pk=message.user_id, event=message_event(kind=kind, message=message))
 
 
 def _thread_message(*, thread: Thread, role: str, content: str) -> Message:

@@ -23,6 +23,10 @@ class EndUser(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
+    last_read_message_id = models.UUIDField(
+        null=True, blank=True, help_text="The latest message the user's widget has shown (its read position)."
+    )
+    last_read_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-last_seen_at"]

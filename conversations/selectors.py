@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from agentflow.errors import NotFound
 
@@ -110,6 +110,27 @@ def message_get_for_user(*, user: EndUser, message_id: object) -> Message:
         )
     except Message.DoesNotExist:
         raise NotFound(f"message {message_id} not found for this user") from None
+
+
+def messages_after(*, user: EndUser, after: object | None, limit: int) -> tuple[list[Message], bool]:
+    """The user's messages after message ``after`` (the latest ``limit`` when None), oldest first.
+
+    Returns:
+        ``(messages, complete)``; ``complete`` is False when more messages follow the ones returned.
+
+    Raises:
+        NotFound: ``after`` is not a message of this user.
+    """
+    mine = Message.objects.filter(user=user)
+    if after is None:
+        latest = list(mine.order_by("-created_at", "-id")[:limit])
+        return latest[::-1], True
+    anchor = message_get_for_user(user=user, message_id=after)
+    later = mine.filter(
+        Q(created_at__gt=anchor.created_at) | Q(created_at=anchor.created_at, id__gt=anchor.id)
+    ).order_by("created_at", "id")
+    rows = list(later[: limit + 1])
+    return rows[:limit], len(rows) <= limit
 
 
 def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, Any]:

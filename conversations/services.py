@@ -17,6 +17,7 @@ from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput, RateLimited
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
+from .events import message_payload, publish_on_commit
 from .models import ApiKey, ChatSession, EndUser, Message, Thread, ThreadActivity
 from .thread_features import content_words
 
@@ -140,7 +141,29 @@ def message_receive(
         if existing is None:
             raise
         return existing, False
+    # Every live connection of the user (other tabs, staff watching) sees the message arrive.
+    publish_on_commit(user_pk=user.pk, event={"kind": "user_message", **message_payload(message)})
     return message, True
+
+
+def user_mark_read(*, user: EndUser, message_id: Any) -> Message:
+    """Record that the user's client has shown ``message_id``; the read position only moves forward.
+
+    Raises:
+        NotFound: it is not a message of this user.
+    """
+    from .selectors import message_get_for_user
+
+    message = message_get_for_user(user=user, message_id=message_id)
+    current = user.last_read_message_id
+    newer = current is None or not Message.objects.filter(
+        pk=current, user=user, created_at__gte=message.created_at
+    ).exists()
+    if newer:
+        now = timezone.now()
+        EndUser.objects.filter(pk=user.pk).update(last_read_message_id=message.pk, last_read_at=now)
+        user.last_read_message_id, user.last_read_at = message.pk, now
+    return message
 
 
 def message_claim(*, message_id: Any, now: datetime, stale_after: timedelta) -> bool:
@@ -309,7 +332,15 @@ def thread_staff_resolve(*, thread: Thread, staff_user: AbstractBaseUser, note: 
             staff_user=staff_user,
             detail={"note": note[:2000]} if note else None,
         )
+        _publish_thread_change(thread, "resolved")
     return thread
+
+
+def _publish_thread_change(thread: Thread, event: str) -> None:
+    """Tell the user's live connections that staff changed one of their threads."""
+    publish_on_commit(user_pk=thread.user_id, event={
+        "kind": "thread", "event": event, "thread_id": str(thread.pk), "status": thread.status, "topic": thread.topic,
+    })
 
 
 def thread_staff_reopen(*, thread: Thread, staff_user: AbstractBaseUser) -> Thread:
@@ -329,6 +360,7 @@ def thread_staff_reopen(*, thread: Thread, staff_user: AbstractBaseUser) -> Thre
             staff_user=staff_user,
             detail={"from": previous},
         )
+        _publish_thread_change(thread, "reopened")
     return thread
 
 

@@ -19,8 +19,8 @@ from agentflow import pipeline
 from agentflow.defaults import get_agent
 from agentflow.errors import LLMError, NotFound
 
-from .events import publish
-from .models import Message
+from .events import DeltaStream, apublish, publish
+from .models import Message, Thread
 
 logger = logging.getLogger("agentflow.tasks")
 _local = threading.local()
@@ -28,6 +28,8 @@ _loops: list[asyncio.AbstractEventLoop] = []
 _loops_lock = threading.Lock()
 
 MAX_LLM_RETRIES = 3
+# Thread changes a chat client is told of as "thread" frames (a follow-up changes nothing visible).
+THREAD_EVENTS_SHOWN = frozenset({"NEW_TOPIC", "RETURN", "RESOLUTION"})
 ORDER_RETRIES = 150  # x 0.2 s: how long a message waits for the user's earlier one
 
 
@@ -86,7 +88,7 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
             publish(user_pk=user_pk, event={"kind": "turn", "turn": prepared.result})
         return str(prepared.result["status"])
     try:
-        outcome = loop.run_until_complete(agent.respond(prepared))
+        outcome = loop.run_until_complete(_respond_streaming(agent, prepared, user_pk=user_pk, message_id=message_id))
     except LLMError as exc:
         agent.fail(prepared, exc)
         if exc.transient and llm_attempt < MAX_LLM_RETRIES:
@@ -106,8 +108,34 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
         agent.fail(prepared, exc)
         raise
     result = pipeline.finish(agent, prepared, outcome)
-    publish(user_pk=user_pk, event={"kind": "turn", "turn": result})
+    loop.run_until_complete(_announce(user_pk=user_pk, message_id=message_id, result=result))
     return "done"
+
+
+async def _respond_streaming(agent: Any, prepared: Any, *, user_pk: int, message_id: str) -> Any:
+    """Run the reply, streaming its text to the user's connections as it is written."""
+    await apublish(user_pk=user_pk,
+                   event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id})
+    stream = DeltaStream(user_pk=user_pk, message_id=message_id)
+    try:
+        return await agent.respond(prepared, on_text=stream)
+    finally:
+        await stream.close()
+
+
+async def _announce(*, user_pk: int, message_id: str, result: dict[str, Any]) -> None:
+    """Tell the user's connections the turn is done: the thread change, the final reply, typing off."""
+    try:
+        if result.get("thread_event") in THREAD_EVENTS_SHOWN and result.get("thread_id"):
+            thread = await Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").afirst()
+            if thread is not None:
+                await apublish(user_pk=user_pk, event={"kind": "thread", "event": result["thread_event"],
+                                                       "thread_id": result["thread_id"], **thread})
+        await apublish(user_pk=user_pk, event={"kind": "turn", "turn": result})
+        await apublish(user_pk=user_pk,
+                       event={"kind": "typing", "role": "assistant", "state": False, "message_id": message_id})
+    except Exception:  # the reply is stored: a client that missed it gets it with "resume"
+        logger.exception("could not announce the turn of message %s", message_id)
 
 
 def enqueue_turn(message_id: Any) -> None:

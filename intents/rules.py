@@ -66,16 +66,23 @@ def clarifying_question(classification: Classification, categories: dict[str, In
 # --- the reply's confidence ---------------------------------------------------------------------
 
 SELF_ASSESSMENT_INSTRUCTION = (
-    "After your reply, on its own last line, write <confidence>X</confidence> where X, from 0 to 1, is how "
-    "sure you are that the reply is correct and complete for this user. It is removed before the user sees it."
+    "Begin your answer with <confidence>X</confidence> on its own first line, where X, from 0 to 1, is how "
+    "sure you are that you can answer this user correctly and completely. It is removed before the user sees "
+    "it; a low value hands the conversation to a member of staff."
 )
+# The model is asked to assess itself first (so a confident reply can stream at once); a tag at the
+# end is accepted too.
+LEADING_SELF_ASSESSMENT = re.compile(r"^\s*<confidence>\s*([01](?:\.\d+)?)\s*</confidence>\s*", re.IGNORECASE)
 SELF_ASSESSMENT = re.compile(r"\s*<confidence>\s*([01](?:\.\d+)?)\s*</confidence>\s*$", re.IGNORECASE)
 WEIGHTS = {"classification": 0.6, "self_assessment": 0.4}
 RETRIEVAL_BOOST = 0.25  # a matching memory closes up to a quarter of the remaining doubt
 
 
 def split_self_assessment(text: str) -> tuple[str, float | None]:
-    """The reply without its trailing ``<confidence>`` tag, and the model's own confidence if given."""
+    """The reply without its leading (or trailing) ``<confidence>`` tag, and the model's own confidence."""
+    match = LEADING_SELF_ASSESSMENT.match(text)
+    if match is not None:
+        return text[match.end() :], min(1.0, float(match.group(1)))
     match = SELF_ASSESSMENT.search(text)
     if match is None:
         return text, None

@@ -38,3 +38,24 @@ def use_up_rate_limit(user_id: str, per_minute: int) -> None:
         time.sleep(61 - time.time() % 60)
     for _ in range(per_minute):
         rate_limit_check(user_id=user_id, per_minute=per_minute, now=timezone.now())
+
+
+async def receive_until(communicator, kind: str, *, timeout: float = 20) -> tuple[dict, list[dict]]:
+    """Read frames until one of type ``kind``; returns it and the frames read before it.
+
+    A turn sends several frames (user_message, typing, delta, thread) before its ``turn`` frame.
+    """
+    deadline = time.monotonic() + timeout
+    before: list[dict] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {kind!r} frame within {timeout} s; got {[f['type'] for f in before]}"
+        frame = await communicator.receive_json_from(timeout=remaining)
+        if frame["type"] == kind:
+            return frame, before
+        before.append(frame)
+
+
+def without_server_time(frame: dict) -> dict:
+    """A ``ready`` frame minus its clock reading, for exact comparison."""
+    return {k: v for k, v in frame.items() if k != "server_time"}

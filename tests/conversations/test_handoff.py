@@ -30,6 +30,7 @@ from conversations.selectors import thread_held_by_human
 from tests.conftest import ORIGIN
 
 from .factories import MessageFactory, ThreadFactory
+from .helpers import receive_until
 
 ESCALATION = IntentCategory(
     "ESCALATION",
@@ -84,6 +85,12 @@ def _frame(kind: str, message: Message) -> dict[str, Any]:
         "thread_id": str(message.thread_id),
         "role": message.role,
         "content": message.content,
+        "status": "done",
+        "client_message_id": None,
+        "reply_to": None,
+        "intent": None,
+        "thread_event": None,
+        "escalated": False,
         "created_at": message.created_at.isoformat(),
     }
 
@@ -242,7 +249,7 @@ async def test_rest_and_websocket_turns_in_a_held_thread_have_no_reply(celery_wo
     alice = await _connect("alice")
     await alice.send_json_to({"type": "message", "message": "Anyone? I need the manager please"})
     ack = await alice.receive_json_from()
-    turn = await alice.receive_json_from(timeout=TURN_TIMEOUT)
+    turn, _ = await receive_until(alice, "turn", timeout=TURN_TIMEOUT)
     assert (turn["type"], turn["message_id"], turn["content"], turn["handled_by"]) == (
         "turn", ack["message_id"], None, "human",
     )

@@ -21,7 +21,7 @@ from agentflow_project.asgi import application
 from conversations.models import Message, Thread
 from tests.conftest import ORIGIN
 
-from .helpers import astored_counts
+from .helpers import astored_counts, without_server_time
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
@@ -74,7 +74,8 @@ async def _connect(client: AsyncClient, api_key: str, user: str) -> WebsocketCom
     communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
     connected, _ = await communicator.connect()
     assert connected
-    assert await communicator.receive_json_from() == {"type": "ready", "user_id": user, "protocol": 1}
+    ready = without_server_time(await communicator.receive_json_from())
+    assert ready == {"type": "ready", "user_id": user, "protocol": 1}
     return communicator
 
 

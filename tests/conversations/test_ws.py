@@ -18,7 +18,7 @@ from conversations.consumers import CLOSE_UNAUTHORIZED, MAX_FRAME_BYTES
 from conversations.models import ChatSession, EndUser, Message, Thread
 from tests.conftest import ORIGIN
 
-from .helpers import astored_counts, use_up_rate_limit
+from .helpers import astored_counts, receive_until, use_up_rate_limit, without_server_time
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,7 +37,8 @@ async def _connect(user_id: str) -> WebsocketCommunicator:
     communicator = _communicator(f"?token={_token(user_id)}")
     connected, _ = await communicator.connect()
     assert connected
-    assert await communicator.receive_json_from() == {"type": "ready", "user_id": user_id, "protocol": 1}
+    ready = without_server_time(await communicator.receive_json_from())
+    assert ready == {"type": "ready", "user_id": user_id, "protocol": 1}
     return communicator
 
 
@@ -90,12 +91,67 @@ async def test_connection_without_a_valid_token_is_closed_4401(query: str) -> No
     await communicator.disconnect()
 
 
-async def test_connection_without_an_allowed_origin_is_refused() -> None:
+@pytest.mark.parametrize(
+    "origin",
+    [b"http://evil.example", b"https://localhost.evil.example", b"null", b"file://", b"ftp://localhost"],
+)
+async def test_a_page_from_a_foreign_origin_is_refused_with_4403(origin: bytes) -> None:
+    communicator = WebsocketCommunicator(
+        application, f"/ws/chat/?token={_token('alice')}", headers=[(b"origin", origin)]
+    )
+
+    connected, _ = await communicator.connect()
+
+    assert connected is True  # accepted so that the close code reaches the page
+    assert await communicator.receive_json_from() == {
+        "type": "error",
+        "code": "origin_not_allowed",
+        "message": "this page's origin may not open the chat; see AGENTFLOW_WIDGET_ORIGINS",
+    }
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4403}
+    assert await astored_counts() == {"users": 0, "sessions": 0, "threads": 0, "messages": 0}
+    await communicator.disconnect()
+
+
+async def test_a_widget_origin_from_settings_may_open_the_chat(settings) -> None:
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "WIDGET_ORIGINS": ["https://shop.example.com"]}
+    allowed = WebsocketCommunicator(
+        application, f"/ws/chat/?token={_token('alice')}", headers=[(b"origin", b"https://shop.example.com")]
+    )
+    other_port = WebsocketCommunicator(
+        application, f"/ws/chat/?token={_token('alice')}", headers=[(b"origin", b"https://shop.example.com:8443")]
+    )
+
+    assert (await allowed.connect())[0] is True
+    assert (await allowed.receive_json_from())["type"] == "ready"
+    assert (await other_port.connect())[0] is True
+    assert (await other_port.receive_json_from())["code"] == "origin_not_allowed"
+    for communicator in (allowed, other_port):
+        await communicator.disconnect()
+
+
+async def test_a_program_without_an_origin_header_is_let_in_by_its_token() -> None:
     communicator = _communicator(f"?token={_token('alice')}", origin=False)
 
     connected, _ = await communicator.connect()
 
-    assert connected is False
+    assert connected is True
+    assert without_server_time(await communicator.receive_json_from()) == {
+        "type": "ready", "user_id": "alice", "protocol": 1,
+    }
+    await communicator.disconnect()
+
+
+async def test_an_unsupported_protocol_version_is_closed_4400() -> None:
+    communicator = _communicator(f"?token={_token('alice')}&v=2")
+
+    assert (await communicator.connect())[0] is True
+    assert await communicator.receive_json_from() == {
+        "type": "error",
+        "code": "unsupported_version",
+        "message": "protocol version '2' is not supported; this server speaks 1",
+    }
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4400}
     assert await EndUser.objects.acount() == 0
     await communicator.disconnect()
 
@@ -110,7 +166,8 @@ async def test_token_from_the_rest_api_opens_the_chat(api_key: str) -> None:
     connected, _ = await communicator.connect()
 
     assert connected
-    assert await communicator.receive_json_from() == {"type": "ready", "user_id": "alice", "protocol": 1}
+    ready = without_server_time(await communicator.receive_json_from())
+    assert ready == {"type": "ready", "user_id": "alice", "protocol": 1}
     await communicator.send_json_to({"type": "ping"})
     assert await communicator.receive_json_from() == {"type": "pong"}
     assert [u.external_id async for u in EndUser.objects.all()] == ["alice"]
@@ -144,7 +201,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
             {
                 "type": "error",
                 "code": "unknown_type",
-                "message": "unknown frame type 'shout'; expected 'message' or 'ping'",
+                "message": "unknown frame type 'shout'; expected one of: ack, message, ping, resume, typing",
             },
         ),
         (
@@ -152,7 +209,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
             {
                 "type": "error",
                 "code": "unknown_type",
-                "message": "unknown frame type None; expected 'message' or 'ping'",
+                "message": "unknown frame type None; expected one of: ack, message, ping, resume, typing",
             },
         ),
         (
@@ -172,6 +229,28 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
                 "field": "message",
                 "client_message_id": "c-1",
             },
+        ),
+        (
+            {"text_data": json.dumps({"type": "typing", "state": "yes"})},
+            {"type": "error", "code": "bad_frame", "message": "'state' must be true or false", "field": "state"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "ack"})},
+            {"type": "error", "code": "bad_frame", "message": "'message_id' must be a message id",
+             "field": "message_id"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "ack", "message_id": "not-a-uuid"})},
+            {"type": "error", "code": "not_found", "message": "message 'not-a-uuid' not found", "field": "message_id"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "resume", "after": 42})},
+            {"type": "error", "code": "bad_frame", "message": "'after' must be a message id or null", "field": "after"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "resume", "after": "00000000-0000-0000-0000-000000000000"})},
+            {"type": "error", "code": "not_found", "field": "after",
+             "message": "message 00000000-0000-0000-0000-000000000000 not found for this user"},
         ),
         (
             {"text_data": json.dumps({"type": "message", "message": " \n "})},
@@ -272,12 +351,23 @@ async def test_a_message_is_acked_then_its_turn_arrives_and_is_stored(celery_wor
         {"type": "message", "message": "My login is broken", "client_message_id": "c-1"}
     )
     ack = await communicator.receive_json_from()
-    turn = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+    turn, before = await receive_until(communicator, "turn", timeout=TURN_TIMEOUT)
+    typing_off = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
 
     message = await Message.objects.aget(role="user")
     reply = await Message.objects.aget(role="assistant")
     thread = await Thread.objects.aget()
     session = await ChatSession.objects.aget()
+    # The protocol's sequence for one turn (docs/protocol.md, "A turn on the wire").
+    deltas = [f for f in before if f["type"] == "delta"]
+    assert [f["type"] for f in before if f["type"] != "delta"] == ["user_message", "typing", "thread"]
+    assert before[0]["id"] == str(message.pk) and before[0]["client_message_id"] == "c-1"
+    assert before[1] == {"type": "typing", "role": "assistant", "state": True, "message_id": str(message.pk)}
+    assert before[-1] == {"type": "thread", "event": "NEW_TOPIC", "thread_id": str(thread.pk), "status": "open",
+                          "topic": "My login is broken"}
+    assert [d["seq"] for d in deltas] == list(range(len(deltas))) and len(deltas) >= 1
+    assert "".join(d["text"] for d in deltas) == "Reset your password from the sign-in page."
+    assert typing_off == {"type": "typing", "role": "assistant", "state": False, "message_id": str(message.pk)}
     assert ack == {
         "type": "ack",
         "message_id": str(message.pk),
@@ -323,6 +413,8 @@ async def test_a_message_is_acked_then_its_turn_arrives_and_is_stored(celery_wor
         "client_message_id": "c-1",
         "duplicate": True,
     }
+    # ... and its finished turn again, for a client that missed it; no other frame.
+    assert await communicator.receive_json_from() == turn
     assert await communicator.receive_nothing(timeout=0.5)
     assert await Message.objects.acount() == 2
     assert len(fake_llm.requests) == 1
@@ -338,8 +430,8 @@ async def test_turn_events_reach_only_the_users_own_connections(celery_worker, f
 
     await bob.send_json_to({"type": "message", "message": "How do I create an S3 bucket?"})
     ack = await bob.receive_json_from()
-    turn = await bob.receive_json_from(timeout=TURN_TIMEOUT)
-    other_tab_turn = await bob_other_tab.receive_json_from(timeout=TURN_TIMEOUT)
+    turn, _ = await receive_until(bob, "turn", timeout=TURN_TIMEOUT)
+    other_tab_turn, _ = await receive_until(bob_other_tab, "turn", timeout=TURN_TIMEOUT)
 
     bob_message = await Message.objects.aget(role="user")
     assert ack == {
@@ -371,7 +463,7 @@ async def test_failed_turn_sends_an_error_frame_and_resending_retries_it(celery_
 
     await communicator.send_json_to(frame)
     ack = await communicator.receive_json_from()
-    error = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+    error, _ = await receive_until(communicator, "error", timeout=TURN_TIMEOUT)
 
     message = await Message.objects.aget(role="user")
     assert ack == {
@@ -395,7 +487,7 @@ async def test_failed_turn_sends_an_error_frame_and_resending_retries_it(celery_
 
     await communicator.send_json_to(frame)
     again = await communicator.receive_json_from()
-    turn = await communicator.receive_json_from(timeout=TURN_TIMEOUT)
+    turn, _ = await receive_until(communicator, "turn", timeout=TURN_TIMEOUT)
 
     assert again == {
         "type": "ack",
