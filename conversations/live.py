@@ -28,7 +28,7 @@ from django.utils.html import format_html
 
 from agentflow.errors import InvalidInput, NotFound
 
-from .events import apublish, user_group
+from .events import apublish, message_payload, user_group
 from .handoff import (
     STAFF_REPLY_MAX_CHARS,
     escalation_claim,
@@ -38,18 +38,19 @@ from .handoff import (
     staff_reply,
 )
 from .models import EndUser, Escalation, Message
-from .selectors import thread_get_for_user
+from .selectors import messages_after, thread_get_for_user
 
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 RECENT_MESSAGES = 100
+HISTORY_LIMIT = 200
 ESCALATION_ACTIONS = {
     "claim": escalation_claim,
     "release": escalation_release,
     "hand_back": escalation_resolve,
 }
-FRAME_TYPES = ("reply", "claim", "release", "hand_back", "typing", "ping")
+FRAME_TYPES = ("reply", "claim", "release", "hand_back", "typing", "resume", "ping")
 
 
 def staff_group(user_pk: int) -> str:
@@ -108,6 +109,16 @@ def escalations_for_staff(*, user_pk: int, staff_user: Any) -> list[dict[str, An
     ]
 
 
+def history_for_staff(*, end_user: EndUser, after: object | None) -> tuple[list[dict[str, Any]], bool]:
+    """The end user's messages after message ``after`` (the latest when None), oldest first.
+
+    Raises:
+        NotFound: ``after`` is not a message of this user.
+    """
+    messages, complete = messages_after(user=end_user, after=after, limit=HISTORY_LIMIT)
+    return [message_payload(message) for message in messages], complete
+
+
 class FrameError(Exception):
     """A staff frame was refused; becomes an ``error`` frame. Nothing was changed."""
 
@@ -121,9 +132,12 @@ def _escalation_id(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise FrameError("bad_frame", "'escalation_id' must be an escalation's id", field="escalation_id")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise FrameError("not_found", f"escalation {value!r} not found for this user") from None
+        number = 0
+    if not 0 < number < 2**63:  # not an id the database could hold
+        raise FrameError("not_found", f"escalation {value!r} not found for this user")
+    return number
 
 
 def staff_act(*, kind: str, staff_pk: int, end_user: EndUser, frame: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +262,8 @@ class StaffConsumer(AsyncWebsocketConsumer):
             await self._send({"type": "pong"})
         elif kind == "typing":
             await self._on_typing(frame)
+        elif kind == "resume":
+            await self._on_resume(frame)
         elif kind in ESCALATION_ACTIONS or kind == "reply":
             await self._on_action(str(kind), frame)
         else:
@@ -268,6 +284,21 @@ class StaffConsumer(AsyncWebsocketConsumer):
         await apublish(
             user_pk=self.end_user.pk, event={"kind": "typing", "role": "human_agent", "state": state}
         )
+
+    async def _on_resume(self, frame: dict[str, Any]) -> None:
+        """What the page missed (it was loading, or reconnecting): as the widget's ``resume``."""
+        after = frame.get("after")
+        if after is not None and not isinstance(after, str):
+            await self._error("bad_frame", "'after' must be a message id or null", field="after")
+            return
+        try:
+            rows, complete = await database_sync_to_async(history_for_staff)(
+                end_user=self.end_user, after=after
+            )
+        except NotFound as exc:
+            await self._error("not_found", str(exc), field="after")
+            return
+        await self._send({"type": "history", "messages": rows, "complete": complete})
 
     async def _on_action(self, kind: str, frame: dict[str, Any]) -> None:
         try:

@@ -186,6 +186,43 @@ async def test_a_message_from_the_widget_and_its_reply_reach_the_staff_page(cele
     await page.disconnect()
 
 
+async def test_resume_sends_what_the_page_missed(staff) -> None:
+    thread, _ = await sync_to_async(_escalated_thread)("alice")
+    bob_thread, _ = await sync_to_async(_escalated_thread)("bob")
+    first = await Message.objects.aget(thread=thread)
+    later = await sync_to_async(MessageFactory)(thread=thread, role="assistant", content="A human will join.")
+    bob_message = await Message.objects.aget(thread=bob_thread)
+    alice = await EndUser.objects.aget(external_id="alice")
+    page, _ = await _watch(staff, alice)
+
+    await page.send_json_to({"type": "resume", "after": str(first.pk)})
+    history = await page.receive_json_from()
+    assert (history["type"], history["complete"]) == ("history", True)
+    assert [(m["id"], m["role"], m["content"]) for m in history["messages"]] == [
+        (str(later.pk), "assistant", "A human will join.")
+    ]
+
+    await page.send_json_to({"type": "resume", "after": None})
+    history = await page.receive_json_from()
+    assert [m["id"] for m in history["messages"]] == [str(first.pk), str(later.pk)]
+
+    await page.send_json_to({"type": "resume", "after": str(bob_message.pk)})
+    assert await page.receive_json_from() == {
+        "type": "error",
+        "code": "not_found",
+        "message": f"message {bob_message.pk} not found for this user",
+        "field": "after",
+    }
+    await page.send_json_to({"type": "resume", "after": 5})
+    assert await page.receive_json_from() == {
+        "type": "error",
+        "code": "bad_frame",
+        "message": "'after' must be a message id or null",
+        "field": "after",
+    }
+    await page.disconnect()
+
+
 # --- taking over -----------------------------------------------------------------------------------
 
 
@@ -462,7 +499,7 @@ async def test_bad_frames_get_error_frames_store_nothing_and_keep_the_connection
             {
                 "code": "unknown_type",
                 "message": "unknown frame type 'message'; expected one of reply, claim, release,"
-                " hand_back, typing, ping",
+                " hand_back, typing, resume, ping",
             },
         ),
         (
@@ -531,6 +568,14 @@ async def test_bad_frames_get_error_frames_store_nothing_and_keep_the_connection
         (
             {"text_data": json.dumps({"type": "claim", "escalation_id": 999_999})},
             {"code": "not_found", "message": "escalation 999999 not found for this user", "action": "claim"},
+        ),
+        (
+            {"text_data": json.dumps({"type": "claim", "escalation_id": 10**30})},
+            {
+                "code": "not_found",
+                "message": f"escalation {10**30} not found for this user",
+                "action": "claim",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "release", "escalation_id": "abc"})},

@@ -201,11 +201,25 @@
     }
   }
 
+  // Ask for what this page missed: since it was rendered, or while it was disconnected.
+  function resume() {
+    const stored = list.querySelectorAll("li[data-id]");
+    const last = stored.length ? stored[stored.length - 1].dataset.id : null;
+    send({ type: "resume", after: last });
+  }
+
   function onFrame(frame) {
     switch (frame.type) {
       case "ready":
         statusLine.textContent = "Live: watching " + frame.user_id + ".";
         retryDelay = 1000;
+        resume();
+        break;
+      case "history":
+        streams.forEach(function (stream) { stream.li.remove(); }); // their replies are in the history
+        streams.clear();
+        (frame.messages || []).forEach(showMessage);
+        if (frame.complete === false && frame.messages && frame.messages.length) resume();
         break;
       case "escalations":
         showEscalations(frame.escalations || []);
