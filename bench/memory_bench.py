@@ -220,21 +220,17 @@ def plain_hnsw(user_pks: list[int], queries: int, seed: int) -> tuple[list[float
 
 
 def explain(user_pk: int) -> list[str]:
-    from django.db import connection
+    """The plan of memory_search's query (memory_candidates), run once with EXPLAIN ANALYZE."""
+    from django.db import connection, transaction
 
-    from memory.models import Memory
-    from memory.selectors import memory_search  # noqa: F401 - the query below is the one it runs
+    from memory import selectors
 
     vector = unit_vectors(np.random.default_rng(7), 1)[0]
-    from pgvector.django import CosineDistance
-
-    fields = ("id", "distance")
-    own = Memory.objects.filter(user_id=user_pk).annotate(distance=CosineDistance("embedding", vector)).order_by(
-        "distance").values(*fields)[:30]
-    shared = Memory.objects.filter(user__isnull=True, approved=True).annotate(
-        distance=CosineDistance("embedding", vector)).order_by("distance").values(*fields)[:30]
-    sql, params = own.union(shared, all=True).query.sql_with_params()
-    with connection.cursor() as cursor:
+    exact = selectors.approved_global_count() <= selectors.GLOBAL_EXACT_MAX
+    query = selectors.memory_candidates(user_id=user_pk, embedding=vector, pool=3 * TOP_K, exact_globals=exact)
+    sql, params = query.query.sql_with_params()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(selectors.GLOBAL_EF_SEARCH)])
         cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql, params)
         return [r[0] for r in cursor.fetchall() if "Scan" in r[0] or "Execution" in r[0]]
 
@@ -301,6 +297,8 @@ def main() -> None:
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM waits")
     parser.add_argument("--plain-hnsw", action="store_true", help="also measure one HNSW index over all rows")
     parser.add_argument("--ef-search", type=int, help="override memory.selectors.GLOBAL_EF_SEARCH")
+    parser.add_argument("--global-exact-max", type=int, help="override memory.selectors.GLOBAL_EXACT_MAX "
+                        "(0: global memories always through HNSW)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help=f"keep the {BENCH_DB} database")
     args = parser.parse_args()
@@ -315,23 +313,26 @@ def main() -> None:
     from django.core.management import call_command
 
     logging.getLogger("agentflow.turn").setLevel(logging.WARNING)  # one line per turn otherwise
-    if args.ef_search:
-        from memory import selectors
+    from memory import selectors
 
+    if args.ef_search:
         selectors.GLOBAL_EF_SEARCH = args.ef_search
+    if args.global_exact_max is not None:
+        selectors.GLOBAL_EXACT_MAX = args.global_exact_max
     original = use_bench_database()
     try:
         call_command("migrate", verbosity=0)
-        from memory.selectors import GLOBAL_EF_SEARCH
-
         print(f"memory bench: {args.rows:,} rows, {args.users:,} users, {os.cpu_count()} CPUs, database {BENCH_DB},"
-              f" hnsw.ef_search {GLOBAL_EF_SEARCH}")
+              f" hnsw.ef_search {selectors.GLOBAL_EF_SEARCH}, global memories exact up to {selectors.GLOBAL_EXACT_MAX:,}")
         print(f"insert, real write path (memory_remember)    {insert_real_path(args.real_inserts):10,.0f} rows/s"
               f"  (n={args.real_inserts}, embedding + de-duplication + eviction)")
         started = time.perf_counter()
         rate, user_pks = bulk_load(args.rows, args.users, args.seed)
         print(f"insert, bulk COPY (binary vectors)           {rate:10,.0f} rows/s"
               f"  (load + VACUUM ANALYZE {time.perf_counter() - started:.0f} s)")
+        globals_ = selectors.approved_global_count(max_age=0)  # the loaded data, not a count from before
+        how = "exact scan" if globals_ <= selectors.GLOBAL_EXACT_MAX else "HNSW"
+        print(f"approved global memories: {globals_:,} -> {how}; per-user memories: exact scan")
         latencies, recall, sizes = retrieval(user_pks, args.queries, args.exact_queries, args.seed)
         print(line(f"retrieval top-{TOP_K} per user, memory_search", latencies)
               + f"  recall@{TOP_K}={recall:.4f} (n={len(sizes)}, min results {min(sizes)})")

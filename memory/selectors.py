@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
 from django.db import connection, transaction
+from django.db.models import FloatField, Value
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
@@ -24,6 +26,36 @@ def rank_score(*, similarity: float, use_count: int, age_days: int) -> float:
 
 
 GLOBAL_EF_SEARCH = 100  # HNSW candidate list for the global memories (pgvector's default is 40)
+GLOBAL_EXACT_MAX = 20_000  # up to this many approved global memories, they are scanned exactly
+_GLOBAL_COUNT_TTL = 300.0  # seconds a process trusts its count of approved global memories
+_global_count: tuple[float, int] = (-_GLOBAL_COUNT_TTL, 0)  # (when counted, monotonic; count)
+
+
+def approved_global_count(*, max_age: float = _GLOBAL_COUNT_TTL) -> int:
+    """How many approved global memories there are, counted at most every ``max_age`` seconds per
+    process (it only chooses the search plan, so a few minutes' staleness is harmless)."""
+    global _global_count
+    counted_at, count = _global_count
+    if time.monotonic() - counted_at >= max_age:
+        count = Memory.objects.filter(user__isnull=True, approved=True).count()
+        _global_count = (time.monotonic(), count)
+    return count
+
+
+def memory_candidates(*, user_id: int, embedding: np.ndarray, pool: int, exact_globals: bool) -> Any:
+    """The ``UNION ALL`` query of ``memory_search``: up to ``pool`` nearest of the user's own memories
+    and of the approved global ones, as ``values()`` rows with ``distance``."""
+    fields = ("id", "kind", "content", "user_id", "distance", "use_count", "updated_at")
+
+    def nearest(queryset: Any, *, exact: bool) -> Any:
+        distance = CosineDistance("embedding", embedding)
+        # "+ 0" hides the ORDER BY from the HNSW index: the rows are found by the btree index, then sorted.
+        distance = distance + Value(0.0, output_field=FloatField()) if exact else distance
+        return queryset.annotate(distance=distance).order_by("distance").values(*fields)
+
+    own = nearest(Memory.objects.filter(user_id=user_id), exact=True)[:pool]
+    shared = nearest(Memory.objects.filter(user__isnull=True, approved=True), exact=exact_globals)[:pool]
+    return own.union(shared, all=True)
 
 
 def memory_search(
@@ -37,27 +69,27 @@ def memory_search(
     - the user's own memories, scanned exactly through the ``(user, kind)`` btree index: a user has
       at most ``max_episodic_per_user`` of them, so this is cheap and never misses one (a filtered
       HNSW scan over every user's rows can return too few);
-    - the approved global memories through the partial HNSW index (``WHERE user_id IS NULL``);
-      pgvector 0.8's iterative scan (``hnsw.iterative_scan``, set on every connection in the
-      database settings) keeps scanning when the ``approved`` filter discards candidates.
+    - the approved global memories: scanned exactly while there are at most ``GLOBAL_EXACT_MAX``
+      (10,000 take ~6 ms; HNSW misses many neighbours of random-like vectors at that size), else
+      through the partial HNSW index (``WHERE user_id IS NULL``) with ``hnsw.ef_search`` =
+      ``GLOBAL_EF_SEARCH`` and pgvector 0.8's iterative scan (``hnsw.iterative_scan``, set on every
+      connection in the database settings), which keeps scanning when ``approved`` discards rows.
 
     The similarity threshold is applied to the candidates in Python: a distance filter inside an
     HNSW scan would make the iterative scan walk the whole index when few rows pass.
     """
     max_distance = 1.0 - similarity_threshold
     now = timezone.now()
-    fields = ("id", "kind", "content", "user_id", "distance", "use_count", "updated_at")
     pool = limit * 3
+    exact_globals = approved_global_count() <= GLOBAL_EXACT_MAX
 
-    def nearest(queryset: Any) -> Any:
-        return queryset.annotate(distance=CosineDistance("embedding", embedding)).order_by("distance").values(*fields)
-
-    own = nearest(Memory.objects.filter(user=user))[:pool]
-    shared = nearest(Memory.objects.filter(user__isnull=True, approved=True))[:pool]
-    with transaction.atomic(), connection.cursor() as cursor:
-        # More HNSW candidates than pgvector's default 40: recall@10 >= 0.95 (bench/memory_bench.py).
-        cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(max(GLOBAL_EF_SEARCH, pool))])
-        candidates = sorted(own.union(shared, all=True), key=lambda r: r["distance"])[:pool]
+    query = memory_candidates(user_id=user.pk, embedding=embedding, pool=pool, exact_globals=exact_globals)
+    if exact_globals:
+        candidates = sorted(query, key=lambda r: r["distance"])[:pool]
+    else:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(max(GLOBAL_EF_SEARCH, pool))])
+            candidates = sorted(query, key=lambda r: r["distance"])[:pool]
     rows = [row for row in candidates if row["distance"] <= max_distance]
     for row in rows:
         row["similarity"] = 1.0 - float(row["distance"])

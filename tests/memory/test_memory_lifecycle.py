@@ -265,6 +265,34 @@ def test_a_users_memory_is_found_when_thousands_of_others_are_closer() -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("exact_max", [20_000, 0])
+def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatch) -> None:
+    """Both plans for the global memories (an exact scan while few, HNSW beyond) give the same answer."""
+    from memory import selectors
+
+    monkeypatch.setattr(selectors, "GLOBAL_EXACT_MAX", exact_max)
+    monkeypatch.setattr(selectors, "_global_count", (-1e9, 0))  # count afresh
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((40, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    Memory.objects.bulk_create(
+        Memory(user=None, kind="pattern", content=f"global {i}", embedding=v, embedding_model="m", approved=i != 0)
+        for i, v in enumerate(vectors)
+    )
+    alice = EndUser.objects.create(external_id="alice")
+    query = vectors[0] + vectors[1]  # global 0 (not approved) and 1 are the nearest
+
+    found = memory_search(user=alice, embedding=query / np.linalg.norm(query), limit=3, similarity_threshold=0.0)
+
+    expected = sorted(range(1, 40), key=lambda i: -float(vectors[i] @ query))[:3]
+    assert [m["content"] for m in found] == [f"global {i}" for i in expected]
+    assert selectors.approved_global_count() == 39
+    Memory.objects.filter(content="global 2").delete()
+    assert selectors.approved_global_count() == 39  # counted at most every few minutes per process
+    assert selectors.approved_global_count(max_age=0) == 38
+
+
+@pytest.mark.django_db
 def test_only_global_memories_have_an_hnsw_index() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'memory_memory' AND indexdef LIKE '%hnsw%'")
