@@ -27,13 +27,40 @@ CHROMIUM_ARGS = [
 ]
 
 
+DAPHNE_THREAD = "daphne"
+
+
+class _DaphneThreadLayers:
+    """Channel layers of its own for the daphne thread; every other thread gets the usual shared ones.
+
+    A channels-redis layer keeps the state of ``receive()`` for one event loop at a time. Daphne's
+    loop lives for the whole session in its thread, so sharing the process's layer with it would let
+    a consumer still receiving there (a page closing) break a later test receiving in its own loop.
+    """
+
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared
+        self.own: dict[str, Any] = {}
+
+    def __getitem__(self, alias: str) -> Any:
+        if threading.current_thread().name != DAPHNE_THREAD:
+            return self.shared[alias]
+        if alias not in self.own:
+            self.own[alias] = self.shared.make_backend(alias)
+        return self.own[alias]
+
+
 @pytest.fixture(scope="session")
 def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
     """The base URL (``http://127.0.0.1:<port>``) of daphne serving ``agentflow_project.asgi``."""
+    import channels.layers
     from daphne.endpoints import build_endpoint_description_strings
     from daphne.server import Server, reactor
 
     from agentflow_project.asgi import application
+
+    shared_layers = channels.layers.channel_layers
+    channels.layers.channel_layers = _DaphneThreadLayers(shared_layers)
 
     server = Server(
         application=application,
@@ -41,7 +68,7 @@ def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
         signal_handlers=False,  # not the main thread
         verbosity=0,
     )
-    thread = threading.Thread(target=server.run, name="daphne", daemon=True)
+    thread = threading.Thread(target=server.run, name=DAPHNE_THREAD, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.listening_addresses:
@@ -52,6 +79,7 @@ def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
     yield f"http://{host}:{port}"
     reactor.callFromThread(reactor.stop)
     thread.join(timeout=10)
+    channels.layers.channel_layers = shared_layers
 
 
 @pytest.fixture

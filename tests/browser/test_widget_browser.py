@@ -8,9 +8,12 @@ Messages API on loopback.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -333,4 +336,82 @@ async def test_the_markdown_renderer_builds_only_the_allowed_elements(
     )
 
     assert rendered == MARKDOWN_CASES
+    await context.close()
+
+
+class _HostSite:
+    """Another site (a different origin: 127.0.0.2) embedding AgentFlow's widget with its own token endpoint."""
+
+    def __init__(self, agentflow_url: str) -> None:
+        from conversations.chat_tokens import chat_token_create
+
+        page = (
+            f'<!doctype html><html><head><link rel="icon" href="data:,"></head><body><h1>The shop</h1>'
+            f'<script src="{agentflow_url}/static/agentflow/widget.js" data-token-url="/chat-token"'
+            f' data-title="Shop help" defer></script></body></html>'
+        ).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/chat-token":  # the host backend's endpoint: its own user, its own decision
+                    body, kind = (
+                        json.dumps({"token": chat_token_create(external_id="shop-alice")}).encode(),
+                        "json",
+                    )
+                else:
+                    body, kind = page, "html"
+                self.send_response(200)
+                self.send_header("Content-Type", f"application/{kind}" if kind == "json" else "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def host_site(live_asgi_url: str) -> Iterator[_HostSite]:
+    site = _HostSite(live_asgi_url)
+    yield site
+    site.close()
+
+
+async def test_on_another_site_the_widget_needs_its_origin_allowed(
+    live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any, host_site: _HostSite, settings: Any
+) -> None:
+    context = await chromium.new_context()
+    page = await context.new_page()
+    seen = _watch(page)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await page.goto(host_site.url)
+    await page.get_by_role("button", name=re.compile(r"^Open chat")).click()
+
+    # Not allowed: closed with 4403, and the widget says so instead of retrying.
+    await expect(page.get_by_role("status")).to_have_text("Chat is not available on this site.")
+    await page.wait_for_timeout(2500)  # longer than the first two reconnect delays
+    assert len(sockets) == 1 and sockets[0].startswith(
+        live_asgi_url.replace("http://", "ws://") + "/ws/chat/?"
+    )
+
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "WIDGET_ORIGINS": [host_site.url]}
+    await page.reload()
+    await page.get_by_role("button", name=re.compile(r"^Open chat")).click()
+    await _send(page, "Hello from the shop")
+
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant .af-body")).to_have_text(
+        "Echo: Hello from the shop"
+    )
+    await expect(page.locator(f"{WIDGET} .af-status")).to_be_empty()
+    assert await Message.objects.filter(user__external_id="shop-alice", role="user").acount() == 1
+    assert seen == {"dialogs": [], "errors": []}
     await context.close()
