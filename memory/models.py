@@ -51,6 +51,13 @@ class Memory(models.Model):
                 opclasses=["vector_cosine_ops"],
                 condition=models.Q(user__isnull=True),
             ),
+            # The approved global vectors, for memory_search's exact scan (an index-only scan).
+            models.Index(
+                fields=["id"],
+                include=["embedding"],
+                condition=models.Q(user__isnull=True, approved=True),
+                name="memory_global_vectors",
+            ),
             models.Index(fields=["user", "kind"]),
         ]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from django.db import connection, transaction
-from django.db.models import FloatField, Value
+from django.db.models import FloatField, Subquery, Value
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
@@ -54,8 +54,14 @@ def memory_candidates(*, user_id: int, embedding: np.ndarray, pool: int, exact_g
         return queryset.annotate(distance=distance).order_by("distance").values(*fields)
 
     own = nearest(Memory.objects.filter(user_id=user_id), exact=True)[:pool]
-    shared = nearest(Memory.objects.filter(user__isnull=True, approved=True), exact=exact_globals)[:pool]
-    return own.union(shared, all=True)
+    approved_global = Memory.objects.filter(user__isnull=True, approved=True)
+    if not exact_globals:
+        return own.union(nearest(approved_global, exact=False)[:pool], all=True)
+    # The exact scan reads the vectors from the covering index memory_global_vectors (an index-only
+    # scan, no heap visits), then fetches the rows of the nearest only.
+    nearest_ids = nearest(approved_global, exact=True).values("pk")[:pool]
+    shared = approved_global.filter(pk__in=Subquery(nearest_ids)).order_by()
+    return own.union(shared.annotate(distance=CosineDistance("embedding", embedding)).values(*fields), all=True)
 
 
 def memory_search(
