@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from agentflow import pipeline
 from agentflow.defaults import get_agent
@@ -41,6 +41,21 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
         with _loops_lock:
             _loops.append(loop)
     return loop
+
+
+@worker_ready.connect
+def _warm_up(**kwargs: Any) -> None:
+    """Build the agent and load the embedding model and the LLM SDK before the first turn.
+
+    Loading them lazily cost the first turns of a fresh worker seconds each (the SDK alone imports
+    hundreds of modules), and under load every worker thread waited on that import.
+    """
+    try:
+        agent = get_agent()
+        agent.embedder.embed(["warm up"])
+        import anthropic.types  # noqa: F401
+    except Exception:  # a worker that cannot warm up still serves; the first turn reports the error
+        logger.exception("worker warm-up failed")
 
 
 @worker_shutdown.connect
