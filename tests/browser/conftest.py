@@ -50,18 +50,19 @@ class _DaphneThreadLayers:
         return self.own[alias]
 
 
-@pytest.fixture(scope="session")
-def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
-    """The base URL (``http://127.0.0.1:<port>``) of daphne serving ``agentflow_project.asgi``."""
+# The one daphne of this process: a Twisted reactor runs once per process and cannot be restarted.
+_live: dict[str, Any] = {}
+
+
+def _daphne_start() -> dict[str, Any]:
     import channels.layers
     from daphne.endpoints import build_endpoint_description_strings
-    from daphne.server import Server, reactor
+    from daphne.server import Server
 
     from agentflow_project.asgi import application
 
     shared_layers = channels.layers.channel_layers
     channels.layers.channel_layers = _DaphneThreadLayers(shared_layers)
-
     server = Server(
         application=application,
         endpoints=build_endpoint_description_strings(host="127.0.0.1", port=0),
@@ -76,10 +77,31 @@ def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
             raise RuntimeError("daphne did not start listening within 15 s")
         time.sleep(0.05)
     host, port = server.listening_addresses[0]
-    yield f"http://{host}:{port}"
+    return {"url": f"http://{host}:{port}", "thread": thread, "shared_layers": shared_layers, "users": 0}
+
+
+def _daphne_stop(live: dict[str, Any]) -> None:
+    import channels.layers
+    from daphne.server import reactor
+
     reactor.callFromThread(reactor.stop)
-    thread.join(timeout=10)
-    channels.layers.channel_layers = shared_layers
+    live["thread"].join(timeout=10)
+    channels.layers.channel_layers = live["shared_layers"]
+
+
+@pytest.fixture(scope="session")
+def live_asgi_url(django_db_setup: Any) -> Iterator[str]:
+    """The base URL (``http://127.0.0.1:<port>``) of daphne serving ``agentflow_project.asgi``.
+
+    Other test modules may import this fixture; however many modules use it, one server runs.
+    """
+    if not _live:
+        _live.update(_daphne_start())
+    _live["users"] += 1
+    yield _live["url"]
+    _live["users"] -= 1
+    if not _live["users"]:
+        _daphne_stop(_live)
 
 
 @pytest.fixture
