@@ -415,3 +415,34 @@ async def test_on_another_site_the_widget_needs_its_origin_allowed(
     assert await Message.objects.filter(user__external_id="shop-alice", role="user").acount() == 1
     assert seen == {"dialogs": [], "errors": []}
     await context.close()
+
+
+async def test_when_the_assistant_fails_retry_sends_the_same_message_again(
+    live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any
+) -> None:
+    fake_llm.enqueue_error(400, message="prompt is too long")  # not transient: the turn fails at once
+    fake_llm.enqueue(FakeReply(text="Second time lucky."))
+    context = await chromium.new_context()
+    page = await context.new_page()
+    seen = _watch(page)
+    sent: list[dict[str, Any]] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+    await _open_demo(page, live_asgi_url)
+
+    await _send(page, "My login is broken")
+
+    failure = page.locator(f"{WIDGET} .af-note--error")
+    await expect(failure).to_contain_text("The assistant is unavailable right now.")
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant")).to_have_count(0)
+    await failure.get_by_role("button", name="Retry").click()
+
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant .af-body")).to_have_text("Second time lucky.")
+    await expect(failure).to_have_count(0)
+    messages = [frame for frame in sent if frame["type"] == "message"]
+    assert [frame["message"] for frame in messages] == ["My login is broken"] * 2
+    assert messages[0]["client_message_id"] == messages[1]["client_message_id"]
+    stored = await Message.objects.aget(role="user")
+    assert (stored.status, stored.client_message_id) == ("done", messages[0]["client_message_id"])
+    assert await Message.objects.filter(role="assistant", reply_to=stored).acount() == 1
+    assert seen == {"dialogs": [], "errors": []}
+    await context.close()
