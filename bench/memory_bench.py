@@ -176,7 +176,8 @@ def retrieval(user_pks: list[int], queries: int, exact_queries: int, seed: int) 
     sizes = []
     for i in range(min(exact_queries, queries)):
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
+            cursor.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off; "
+                           "SET LOCAL enable_indexonlyscan = off")
             exact = search(i)
         hits += len(set(exact) & set(results[i]))
         total += len(exact)
