@@ -270,7 +270,7 @@ async def test_a_thread_staff_resolve_reaches_the_widget_as_a_thread_frame(
     await alice.disconnect()
 
 
-async def test_user_messages_from_rest_appear_live_on_the_users_sockets(api_key) -> None:
+async def test_user_messages_from_rest_appear_live_on_the_users_sockets(api_key, celery_worker) -> None:
     from django.test import AsyncClient
 
     alice = await _connect("alice")
@@ -287,4 +287,7 @@ async def test_user_messages_from_rest_appear_live_on_the_users_sockets(api_key)
     )
     assert frame["id"] == response.json()["message_id"]
     assert uuid.UUID(frame["id"])
+    # The turn runs in the worker (offline): wait for it, so it never outlives this test's data.
+    turn, _ = await receive_until(alice, "turn", timeout=TURN_TIMEOUT)
+    assert turn["message_id"] == frame["id"]
     await alice.disconnect()
