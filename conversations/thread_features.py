@@ -3,8 +3,9 @@
 A user message is scored against the thread it would continue (the active one) with cheap
 features: cosine similarities to the thread's opening, last user message and running topic,
 lexical novelty, discourse cues (thanks/that's all, requests, "also/another", acknowledgements,
-the assistant having just asked "anything else?"), and the message's own embedding. Two logistic
-regressions turn them into P(new topic) and P(resolution).
+the assistant having just asked "anything else?"), whether the previous user message was a
+question (read off its stored embedding by a linear probe: an answer rarely opens a topic), and the
+message's own embedding. Two logistic regressions turn them into P(new topic) and P(resolution).
 
 The weights live in ``data/thread_model.json``, one set per *profile*: ``task`` (support desks,
 shops, assistants: trained on the Schema-Guided Dialogue dev split) and ``chitchat`` (open talk:
@@ -53,7 +54,7 @@ STOPWORDS = frozenset(
     " and with do what how find some any get look also one am was were have has had not no yes ok okay so"
     " just but or if we our your they them he she his her its from by about as will would could should".split()
 )
-N_HAND = 14
+N_HAND = 16
 
 
 def content_words(text: str) -> set[str]:
@@ -77,14 +78,37 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / nb if nb else 0.0
 
 
+_question_probe: tuple[np.ndarray, float] | None = None
+
+
+def question_probe() -> tuple[np.ndarray, float]:
+    """(weights, bias) of the linear probe P(message is a question | its embedding), shared by the
+    profiles; only the embedding of the thread's last user message is stored, not its text."""
+    global _question_probe
+    if _question_probe is None:
+        data = json.loads(MODEL_PATH.read_text())["question_probe"]
+        _question_probe = (np.asarray(data["weights"], dtype=np.float32), float(data["bias"]))
+    return _question_probe
+
+
+def set_question_probe(weights: np.ndarray, bias: float) -> None:
+    """Use this probe instead of the shipped one (training)."""
+    global _question_probe
+    _question_probe = (np.asarray(weights, dtype=np.float32), float(bias))
+
+
 def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
     """The scorer's input for one message against one thread: hand features then the embedding."""
+    probe_w, probe_b = question_probe()
+    z = min(30.0, max(-30.0, float(state.last_user @ probe_w) + probe_b))
+    previous_question = 1.0 / (1.0 + float(np.exp(-z)))
+    similarity_last = _cos(embedding, state.last_user)
     words = content_words(text)
     novelty = len(words - state.vocabulary) / max(1, len(words))
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
     hand = [
         _cos(embedding, state.opening),
-        _cos(embedding, state.last_user),
+        similarity_last,
         _cos(embedding, state.centroid),
         novelty,
         float(bool(ANYTHING_ELSE.search(state.last_assistant_text))),
@@ -97,6 +121,8 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
         float(len(sentences) > 1),
         len(words) / 10,
         min(state.user_turns, 10) / 10,
+        previous_question,
+        previous_question * similarity_last,
     ]
     return np.concatenate([np.asarray(hand, dtype=np.float32), embedding.astype(np.float32)])
 
