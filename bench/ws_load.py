@@ -91,6 +91,9 @@ class Stats:
         self.first_delta: list[float] = []
         self.final: list[float] = []
         self.errors: dict[str, int] = {}
+        self.retries = 0  # handshakes refused and retried (not errors unless every retry failed)
+        self.worker: list[float] = []
+        self.other: dict[str, int] = {}  # turns answered without the LLM (hand-off, handler), by handled_by  # the turn's own time in the worker, minus the LLM call
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -101,16 +104,34 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
                        reply_timeout: float, ready_count: list[int], total: int) -> None:
     import aiohttp
 
-    try:
-        ws = await session.ws_connect(url, headers={"Origin": origin}, heartbeat=None, max_msg_size=0)
-    except (aiohttp.ClientError, OSError) as exc:
-        stats.error(f"connect: {type(exc).__name__}")
+    ws = None
+    for attempt in range(5):  # like the widget: a refused handshake is retried with backoff
+        try:
+            ws = await session.ws_connect(url, headers={"Origin": origin}, heartbeat=None, max_msg_size=0)
+            break
+        except (aiohttp.ClientError, OSError) as exc:
+            stats.retries += 1
+            last = f"connect: {type(exc).__name__}: {str(exc)[:90]}"
+            await asyncio.sleep(0.5 * 2**attempt * random.uniform(0.75, 1.25))
+    if ws is None:
+        stats.error(last)
         ready_count[0] += 1
         if ready_count[0] == total:
             connected.set()
         return
+    frames: asyncio.Queue = asyncio.Queue()
+
+    async def read() -> None:
+        # Always reading, like a browser: aiohttp answers the server's pings only inside receive().
+        while True:
+            frame = await ws.receive()
+            await frames.put(frame)
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                return
+
+    reader = asyncio.create_task(read())
     try:
-        ready = json.loads((await ws.receive(timeout=30)).data)
+        ready = json.loads((await asyncio.wait_for(frames.get(), 30)).data)
         if ready.get("type") != "ready":
             stats.error(f"handshake: {ready.get('code', ready.get('type'))}")
             return
@@ -132,7 +153,7 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
                 if remaining <= 0:
                     stats.error("no reply in time")
                     break
-                frame = await ws.receive(timeout=remaining)
+                frame = await asyncio.wait_for(frames.get(), remaining)
                 if frame.type != aiohttp.WSMsgType.TEXT:
                     stats.error(f"socket {frame.type.name}")
                     return
@@ -146,8 +167,13 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
                     done = time.perf_counter()
                     if body.get("status") != "done":
                         stats.error(f"turn {body.get('status')}")
+                    if body.get("handled_by") != "llm":  # a hand-off or a handler: no LLM call to subtract
+                        stats.other[body.get("handled_by") or "none"] = stats.other.get(body.get("handled_by") or "none", 0) + 1
+                        break
                     stats.final.append((done - sent) * 1000)
                     stats.first_delta.append(((first or done) - sent) * 1000)
+                    if body.get("latency_ms") is not None:
+                        stats.worker.append(body["latency_ms"] - (body.get("llm_latency_ms") or 0))
                     break
                 elif kind == "error":
                     stats.error(f"error frame: {body.get('code')}")
@@ -160,6 +186,7 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
     except (aiohttp.ClientError, OSError) as exc:
         stats.error(f"socket: {type(exc).__name__}")
     finally:
+        reader.cancel()
         await ws.close()
 
 
@@ -182,8 +209,8 @@ async def drive(args: argparse.Namespace, base: str, tokens: list[str], pids: di
                 first_at=rng.uniform(0, args.window), messages=args.messages, think=args.think,
                 reply_timeout=args.timeout, ready_count=ready_count, total=len(tokens),
             )))
-            if i % 50 == 49:
-                await asyncio.sleep(0.05)  # a ramp, not a thundering herd of handshakes
+            if i % 10 == 9:
+                await asyncio.sleep(0.1)  # a ramp, not a thundering herd of handshakes
         await asyncio.wait_for(connected.wait(), timeout=300)
         connect_s = time.perf_counter() - began
         await asyncio.sleep(2)  # settle
@@ -199,19 +226,25 @@ async def drive(args: argparse.Namespace, base: str, tokens: list[str], pids: di
     llm_ms = args.llm_latency * 1000
     overhead = [v - llm_ms for v in stats.final]
     n = len(tokens)
-    print(f"users {n}: connected in {connect_s:.1f} s; {len(stats.final)} of {n * args.messages} turns answered"
-          f" in {load_s:.1f} s ({len(stats.final) / max(load_s, 1e-9):.1f} turns/s)")
-    print(f"errors: {sum(stats.errors.values())} {stats.errors or ''}")
+    answered = len(stats.final) + sum(stats.other.values())
+    print(f"users {n}: connected in {connect_s:.1f} s; {answered} of {n * args.messages} turns answered"
+          f" in {load_s:.1f} s ({answered / max(load_s, 1e-9):.1f} turns/s)")
+    if stats.other:
+        print(f"answered without the LLM (not in the latency figures): {stats.other}")
+    print(f"errors: {sum(stats.errors.values())} {stats.errors or ''}; handshakes retried: {stats.retries}")
     print(f"time to first token  p50 {pct(stats.first_delta, 50):7.1f} ms  p95 {pct(stats.first_delta, 95):7.1f} ms")
     print(f"time to final frame  p50 {pct(stats.final, 50):7.1f} ms  p95 {pct(stats.final, 95):7.1f} ms")
     if overhead:
         print(f"overhead over the {llm_ms:.0f} ms LLM  p50 {pct(overhead, 50):6.1f} ms  p95 {pct(overhead, 95):6.1f} ms"
               f"  mean {statistics.mean(overhead):6.1f} ms  max {max(overhead):6.1f} ms")
+    if stats.worker:
+        print(f"  of which inside the worker's turn (pipeline, no LLM)  p50 {pct(stats.worker, 50):6.1f} ms"
+              f"  p95 {pct(stats.worker, 95):6.1f} ms; the rest is transport and queueing")
     for name in pids:
         idle, conn, after = memory["idle"][name], memory["connected"][name], memory["after load"][name]
         print(f"RSS {name:<7} idle {idle:6.1f} MB  with {n} connected {conn:6.1f} MB"
               f" (+{(conn - idle) / n * 100:5.2f} MB per 100 users)  after load {after:6.1f} MB")
-    turns = max(len(stats.final), 1)
+    turns = max(answered, 1)
     for name in pids:
         print(f"CPU {name:<7} {cpu[name]:6.1f} s during the load = {cpu[name] / turns * 1000:5.1f} ms per turn"
               f" ({cpu[name] / max(load_s, 1e-9) * 100:4.0f} % of one core)")
@@ -270,7 +303,8 @@ def main() -> None:
         "llm": subprocess.Popen([sys.executable, "-m", "agentflow.testing.fake_anthropic", "--port", str(llm_port),
                                  "--latency", str(args.llm_latency)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=open(logs / "ws-llm.log", "w")),
-        "server": subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port),
+        "server": subprocess.Popen([sys.executable, "-m", "daphne", "-e",
+                                    f"tcp:port={web_port}:interface=127.0.0.1:backlog=1024",
                                     "agentflow_project.asgi:application"], cwd=ROOT, env=env,
                                    stdout=subprocess.DEVNULL, stderr=open(logs / "ws-web.log", "w")),
         "worker": subprocess.Popen([sys.executable, "-m", "celery", "-A", "agentflow_project", "worker", "-P",

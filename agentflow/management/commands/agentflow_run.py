@@ -39,7 +39,9 @@ class Command(BaseCommand):
         worker_env = {**os.environ, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
         children = [
             subprocess.Popen(
-                [python, "-m", "daphne", "-b", host, "-p", str(port), "agentflow_project.asgi:application"]
+                # A deep accept queue: a burst of widget (re)connections is not refused.
+                [python, "-m", "daphne", "-e", f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}:backlog=1024",
+                 "agentflow_project.asgi:application"]
             ),
             subprocess.Popen(
                 [python, "-m", "celery", "-A", "agentflow_project", "worker", "-P", "threads",
