@@ -8,14 +8,12 @@ every connection of the user (and every staff page watching them) listens on.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
 from agentflow import pipeline
@@ -25,20 +23,22 @@ from agentflow.errors import InvalidInput, NotFound, RateLimited
 from . import selectors, services
 from .chat_tokens import chat_token_user
 from .events import STAFF_ONLY, apublish, message_payload, user_group
+from .frames import JsonFrameConsumer
 from .models import EndUser, Message
 from .tasks import enqueue_turn
 
 logger = logging.getLogger("agentflow.ws")
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 64 * 1024
 HISTORY_LIMIT = 200
 TYPING_REPEAT_SECONDS = 3.0  # a held "typing" state is passed on at most this often
 CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatConsumer(JsonFrameConsumer):
+    FRAMES = {"message": "_on_message", "typing": "_on_typing", "ack": "_on_ack", "resume": "_on_resume",
+              "ping": "_on_ping"}
     user: EndUser
     group: str
     _typing: tuple[bool, float] = (False, 0.0)
@@ -72,34 +72,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def _send(self, payload: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(payload, default=str))
-
-    async def _error(self, code: str, message: str, **extra: Any) -> None:
-        await self._send({"type": "error", "code": code, "message": message, **extra})
-
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if text_data is None:
-            await self._error("bad_frame", "send JSON text frames")
-            return
-        if len(text_data.encode("utf-8")) > MAX_FRAME_BYTES:
-            await self._error("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
-            return
-        try:
-            frame = json.loads(text_data)
-        except json.JSONDecodeError:
-            await self._error("bad_json", "the frame is not valid JSON")
-            return
-        if not isinstance(frame, dict):
-            await self._error("bad_frame", "a frame must be a JSON object with a 'type'")
-            return
-        handler = self.HANDLERS.get(frame.get("type"))  # type: ignore[arg-type]
-        if handler is None:
-            known = ", ".join(sorted(self.HANDLERS))
-            await self._error("unknown_type", f"unknown frame type {frame.get('type')!r}; expected one of: {known}")
-            return
-        await handler(self, frame)
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:
         await self._send({"type": "pong"})
@@ -161,14 +133,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error("not_found", str(exc), field="after")
             return
         await self._send({"type": "history", **payload})
-
-    HANDLERS = {
-        "message": _on_message,
-        "typing": _on_typing,
-        "ack": _on_ack,
-        "resume": _on_resume,
-        "ping": _on_ping,
-    }
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         """A live event for this user from the channel layer (a delta, a finished turn, staff...)."""

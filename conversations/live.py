@@ -15,11 +15,9 @@ who may act on a claimed escalation (its holder or a superuser).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -29,6 +27,7 @@ from django.utils.html import format_html
 from agentflow.errors import InvalidInput, NotFound
 
 from .events import apublish, message_payload, user_group
+from .frames import JsonFrameConsumer
 from .handoff import (
     STAFF_REPLY_MAX_CHARS,
     escalation_claim,
@@ -40,7 +39,6 @@ from .handoff import (
 from .models import EndUser, Escalation, Message
 from .selectors import messages_after, thread_get_for_user
 
-MAX_FRAME_BYTES = 64 * 1024
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 RECENT_MESSAGES = 100
@@ -50,7 +48,6 @@ ESCALATION_ACTIONS = {
     "release": escalation_release,
     "hand_back": escalation_resolve,
 }
-FRAME_TYPES = ("reply", "claim", "release", "hand_back", "typing", "resume", "ping")
 
 
 def staff_group(user_pk: int) -> str:
@@ -185,9 +182,11 @@ def staff_act(*, kind: str, staff_pk: int, end_user: EndUser, frame: dict[str, A
     return {"action": kind, "escalation_id": escalation.pk}
 
 
-class StaffConsumer(AsyncWebsocketConsumer):
+class StaffConsumer(JsonFrameConsumer):
     """``/ws/staff/users/<user_pk>/``: one end user's conversation, live, for staff (see the module)."""
 
+    FRAMES = {"reply": "_on_reply", "claim": "_on_claim", "release": "_on_release", "hand_back": "_on_hand_back",
+              "typing": "_on_typing", "resume": "_on_resume", "ping": "_on_ping"}
     end_user: EndUser
     staff_user: Any
     staff_pk: int
@@ -230,46 +229,26 @@ class StaffConsumer(AsyncWebsocketConsumer):
         await self._error(code, message)
         await self.close(code=close_code)
 
-    async def _send(self, payload: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(payload, default=str))
-
-    async def _error(self, code: str, message: str, **extra: Any) -> None:
-        await self._send({"type": "error", "code": code, "message": message, **extra})
-
     async def _send_escalations(self) -> None:
         rows = await database_sync_to_async(escalations_for_staff)(
             user_pk=self.end_user.pk, staff_user=self.staff_user
         )
         await self._send({"type": "escalations", "escalations": rows})
 
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if text_data is None:
-            await self._error("bad_frame", "send JSON text frames")
-            return
-        if len(text_data.encode("utf-8")) > MAX_FRAME_BYTES:
-            await self._error("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
-            return
-        try:
-            frame = json.loads(text_data)
-        except json.JSONDecodeError:
-            await self._error("bad_json", "the frame is not valid JSON")
-            return
-        if not isinstance(frame, dict):
-            await self._error("bad_frame", "a frame must be a JSON object with a 'type'")
-            return
-        kind = frame.get("type")
-        if kind == "ping":
-            await self._send({"type": "pong"})
-        elif kind == "typing":
-            await self._on_typing(frame)
-        elif kind == "resume":
-            await self._on_resume(frame)
-        elif kind in ESCALATION_ACTIONS or kind == "reply":
-            await self._on_action(str(kind), frame)
-        else:
-            await self._error(
-                "unknown_type", f"unknown frame type {kind!r}; expected one of {', '.join(FRAME_TYPES)}"
-            )
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
+
+    async def _on_reply(self, frame: dict[str, Any]) -> None:
+        await self._on_action("reply", frame)
+
+    async def _on_claim(self, frame: dict[str, Any]) -> None:
+        await self._on_action("claim", frame)
+
+    async def _on_release(self, frame: dict[str, Any]) -> None:
+        await self._on_action("release", frame)
+
+    async def _on_hand_back(self, frame: dict[str, Any]) -> None:
+        await self._on_action("hand_back", frame)
 
     async def _on_typing(self, frame: dict[str, Any]) -> None:
         state = frame.get("state")

@@ -40,7 +40,7 @@ def use_up_rate_limit(user_id: str, per_minute: int) -> None:
         rate_limit_check(user_id=user_id, per_minute=per_minute, now=timezone.now())
 
 
-async def receive_until(communicator, kind: str, *, timeout: float = 20) -> tuple[dict, list[dict]]:
+async def receive_until(communicator, kind: str, *, timeout: float = 20) -> tuple[dict, list[dict]]:  # noqa: ASYNC109
     """Read frames until one of type ``kind``; returns it and the frames read before it.
 
     A turn sends several frames (user_message, typing, delta, thread) before its ``turn`` frame.

@@ -17,8 +17,9 @@ from django.test import Client
 from agentflow_project.asgi import application
 from conversations.api import CHAT_TOKEN_SALT
 from conversations.events import apublish
+from conversations.frames import MAX_FRAME_BYTES
 from conversations.handoff import BOT_BACK_TEXT, STAFF_REPLY_MAX_CHARS, escalation_claim, escalation_open
-from conversations.live import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, MAX_FRAME_BYTES
+from conversations.live import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from conversations.models import EndUser, Escalation, Message, Thread
 from tests.conftest import ORIGIN
 
@@ -498,7 +499,7 @@ async def test_bad_frames_get_error_frames_store_nothing_and_keep_the_connection
             {"text_data": json.dumps({"type": "message", "message": "hi"})},
             {
                 "code": "unknown_type",
-                "message": "unknown frame type 'message'; expected one of reply, claim, release,"
+                "message": "unknown frame type 'message'; expected one of: reply, claim, release,"
                 " hand_back, typing, resume, ping",
             },
         ),

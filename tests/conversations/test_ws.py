@@ -14,7 +14,8 @@ from django.test import Client
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow_project.asgi import application
 from conversations.api import CHAT_TOKEN_SALT
-from conversations.consumers import CLOSE_UNAUTHORIZED, MAX_FRAME_BYTES
+from conversations.consumers import CLOSE_UNAUTHORIZED
+from conversations.frames import MAX_FRAME_BYTES
 from conversations.models import ChatSession, EndUser, Message, Thread
 from tests.conftest import ORIGIN
 
@@ -201,7 +202,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
             {
                 "type": "error",
                 "code": "unknown_type",
-                "message": "unknown frame type 'shout'; expected one of: ack, message, ping, resume, typing",
+                "message": "unknown frame type 'shout'; expected one of: message, typing, ack, resume, ping",
             },
         ),
         (
@@ -209,7 +210,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
             {
                 "type": "error",
                 "code": "unknown_type",
-                "message": "unknown frame type None; expected one of: ack, message, ping, resume, typing",
+                "message": "unknown frame type None; expected one of: message, typing, ack, resume, ping",
             },
         ),
         (
