@@ -22,7 +22,7 @@ from agentflow.errors import InvalidInput, NotFound, RateLimited
 
 from . import selectors, services
 from .chat_tokens import chat_token_user
-from .events import STAFF_ONLY, apublish, message_payload, user_group
+from .events import STAFF_ONLY, apublish, user_group
 from .frames import JsonFrameConsumer
 from .models import EndUser, Message
 from .tasks import enqueue_turn
@@ -30,7 +30,6 @@ from .tasks import enqueue_turn
 logger = logging.getLogger("agentflow.ws")
 
 PROTOCOL_VERSION = 1
-HISTORY_LIMIT = 200
 TYPING_REPEAT_SECONDS = 3.0  # a held "typing" state is passed on at most this often
 CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
@@ -122,17 +121,8 @@ class ChatConsumer(JsonFrameConsumer):
             return
         await apublish(user_pk=self.user.pk, event={"kind": "seen", "message_id": str(message.pk)})
 
-    async def _on_resume(self, frame: dict[str, Any]) -> None:
-        after = frame.get("after")
-        if after is not None and not isinstance(after, str):
-            await self._error("bad_frame", "'after' must be a message id or null", field="after")
-            return
-        try:
-            payload = await database_sync_to_async(_history)(self.user, after)
-        except NotFound as exc:
-            await self._error("not_found", str(exc), field="after")
-            return
-        await self._send({"type": "history", **payload})
+    def history_owner(self) -> EndUser:
+        return self.user
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         """A live event for this user from the channel layer (a delta, a finished turn, staff...)."""
@@ -149,8 +139,3 @@ class ChatConsumer(JsonFrameConsumer):
 def _turn_of(message: Message) -> dict[str, Any]:
     message = Message.objects.select_related("user").get(pk=message.pk)
     return selectors.turn_result(message=message)
-
-
-def _history(user: EndUser, after: str | None) -> dict[str, Any]:
-    messages, complete = selectors.messages_after(user=user, after=after, limit=HISTORY_LIMIT)
-    return {"messages": [message_payload(m) for m in messages], "complete": complete}

@@ -1,8 +1,9 @@
-"""JSON frames over a WebSocket: the parsing and error replies both consumers share.
+"""JSON frames over a WebSocket: what the chat and the staff consumers share.
 
 A consumer lists its frame handlers in ``FRAMES`` (frame type -> coroutine method name); a frame
 that is not a JSON object with a known ``type`` gets an ``error`` frame and the connection stays
-open (docs/protocol.md, "Errors").
+open (docs/protocol.md, "Errors"). Both answer ``resume`` the same way, from the database, for the
+end user whose conversation they carry (``history_owner``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,27 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from agentflow.errors import NotFound
+
+from .events import message_payload
+from .models import EndUser
+from .selectors import messages_after
+
 MAX_FRAME_BYTES = 64 * 1024
+HISTORY_LIMIT = 200  # messages per "history" frame; "complete": false says more follow
+
+
+def history_page(*, user: EndUser, after: object | None) -> dict[str, Any]:
+    """The ``history`` frame's body: the user's messages after ``after`` (the latest when None).
+
+    Raises:
+        NotFound: ``after`` is not a message of this user.
+    """
+    messages, complete = messages_after(user=user, after=after, limit=HISTORY_LIMIT)
+    return {"messages": [message_payload(m) for m in messages], "complete": complete}
 
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
@@ -45,3 +64,19 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             await self._error("unknown_type", f"unknown frame type {kind!r}; expected one of: {', '.join(self.FRAMES)}")
             return
         await getattr(self, method)(frame)
+
+    def history_owner(self) -> EndUser:
+        """The end user whose conversation this connection carries."""
+        raise NotImplementedError
+
+    async def _on_resume(self, frame: dict[str, Any]) -> None:
+        after = frame.get("after")
+        if after is not None and not isinstance(after, str):
+            await self._error("bad_frame", "'after' must be a message id or null", field="after")
+            return
+        try:
+            page = await database_sync_to_async(history_page)(user=self.history_owner(), after=after)
+        except NotFound as exc:
+            await self._error("not_found", str(exc), field="after")
+            return
+        await self._send({"type": "history", **page})

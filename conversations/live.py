@@ -15,6 +15,7 @@ who may act on a claimed escalation (its holder or a superuser).
 
 from __future__ import annotations
 
+from functools import partialmethod
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -26,7 +27,7 @@ from django.utils.html import format_html
 
 from agentflow.errors import InvalidInput, NotFound
 
-from .events import apublish, message_payload, user_group
+from .events import apublish, user_group
 from .frames import JsonFrameConsumer
 from .handoff import (
     STAFF_REPLY_MAX_CHARS,
@@ -37,12 +38,11 @@ from .handoff import (
     staff_reply,
 )
 from .models import EndUser, Escalation, Message
-from .selectors import messages_after, thread_get_for_user
+from .selectors import thread_get_for_user
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 RECENT_MESSAGES = 100
-HISTORY_LIMIT = 200
 ESCALATION_ACTIONS = {
     "claim": escalation_claim,
     "release": escalation_release,
@@ -104,16 +104,6 @@ def escalations_for_staff(*, user_pk: int, staff_user: Any) -> list[dict[str, An
         }
         for escalation in rows
     ]
-
-
-def history_for_staff(*, end_user: EndUser, after: object | None) -> tuple[list[dict[str, Any]], bool]:
-    """The end user's messages after message ``after`` (the latest when None), oldest first.
-
-    Raises:
-        NotFound: ``after`` is not a message of this user.
-    """
-    messages, complete = messages_after(user=end_user, after=after, limit=HISTORY_LIMIT)
-    return [message_payload(message) for message in messages], complete
 
 
 class FrameError(Exception):
@@ -238,18 +228,6 @@ class StaffConsumer(JsonFrameConsumer):
     async def _on_ping(self, frame: dict[str, Any]) -> None:
         await self._send({"type": "pong"})
 
-    async def _on_reply(self, frame: dict[str, Any]) -> None:
-        await self._on_action("reply", frame)
-
-    async def _on_claim(self, frame: dict[str, Any]) -> None:
-        await self._on_action("claim", frame)
-
-    async def _on_release(self, frame: dict[str, Any]) -> None:
-        await self._on_action("release", frame)
-
-    async def _on_hand_back(self, frame: dict[str, Any]) -> None:
-        await self._on_action("hand_back", frame)
-
     async def _on_typing(self, frame: dict[str, Any]) -> None:
         state = frame.get("state")
         if not isinstance(state, bool):
@@ -264,20 +242,8 @@ class StaffConsumer(JsonFrameConsumer):
             user_pk=self.end_user.pk, event={"kind": "typing", "role": "human_agent", "state": state}
         )
 
-    async def _on_resume(self, frame: dict[str, Any]) -> None:
-        """What the page missed (it was loading, or reconnecting): as the widget's ``resume``."""
-        after = frame.get("after")
-        if after is not None and not isinstance(after, str):
-            await self._error("bad_frame", "'after' must be a message id or null", field="after")
-            return
-        try:
-            rows, complete = await database_sync_to_async(history_for_staff)(
-                end_user=self.end_user, after=after
-            )
-        except NotFound as exc:
-            await self._error("not_found", str(exc), field="after")
-            return
-        await self._send({"type": "history", "messages": rows, "complete": complete})
+    def history_owner(self) -> EndUser:
+        return self.end_user
 
     async def _on_action(self, kind: str, frame: dict[str, Any]) -> None:
         try:
@@ -290,6 +256,12 @@ class StaffConsumer(JsonFrameConsumer):
         await self._send({"type": "ack", **done})
         if kind in ESCALATION_ACTIONS:  # every staff page watching this user redraws its escalations
             await self.channel_layer.group_send(staff_group(self.end_user.pk), {"type": "staff.changed"})
+
+    # The four staff actions share one handler (checks, the service call, the acknowledgement).
+    _on_reply = partialmethod(_on_action, "reply")
+    _on_claim = partialmethod(_on_action, "claim")
+    _on_release = partialmethod(_on_action, "release")
+    _on_hand_back = partialmethod(_on_action, "hand_back")
 
     async def chat_event(self, event: dict[str, Any]) -> None:
         """An event of the end user's conversation: forwarded as a frame whose ``type`` is its kind."""

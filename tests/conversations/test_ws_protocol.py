@@ -156,9 +156,9 @@ async def test_after_a_reconnect_resume_sends_exactly_what_was_missed(celery_wor
 
 
 async def test_resume_pages_long_histories(monkeypatch) -> None:
-    from conversations import consumers
+    from conversations import frames
 
-    monkeypatch.setattr(consumers, "HISTORY_LIMIT", 2)
+    monkeypatch.setattr(frames, "HISTORY_LIMIT", 2)
     alice = await _connect("alice")
     user = await EndUser.objects.aget(external_id="alice")
     now = timezone.now()
