@@ -174,14 +174,20 @@ class Agent:
                 "type": "object",
                 "properties": {
                     "event": {"type": "string", "enum": ["FOLLOW_UP", "RETURN", "RESOLUTION", "NEW_TOPIC"]},
-                    "thread": {"type": "string", "description": "The thread label (T1, T2...); omit for NEW_TOPIC."},
+                    "thread": {
+                        "type": "string",
+                        "description": "The thread label (T1, T2...); omit for NEW_TOPIC.",
+                    },
                     "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                 },
                 "required": ["event"],
             },
         }
         data = await self._structured(
-            system="You route chat messages to conversation threads.", prompt=prompt, tool=tool, what="thread judgement"
+            system="You route chat messages to conversation threads.",
+            prompt=prompt,
+            tool=tool,
+            what="thread judgement",
         )
         if not data:
             return {}
@@ -196,13 +202,20 @@ class Agent:
             "event": event,
             "thread_id": labels.get(label) if event != "NEW_TOPIC" else None,
             "label": label,
-            "confidence": confidence if isinstance(confidence, (int, float)) and 0 <= confidence <= 1 else None,
+            "confidence": confidence
+            if isinstance(confidence, (int, float)) and 0 <= confidence <= 1
+            else None,
         }
 
     def intent_unsure(self, prepared: pipeline.Prepared) -> bool:
         """The classifier fell below the threshold (or found nothing), and an LLM may decide."""
         ctx = prepared.ctx
-        if ctx is None or prepared.held_by_human or self.offline or not self.config.confidence_config.llm_intent_judgement:
+        if (
+            ctx is None
+            or prepared.held_by_human
+            or self.offline
+            or not self.config.confidence_config.llm_intent_judgement
+        ):
             return False
         if ctx.thread_event == "RESOLUTION":
             return False
@@ -248,9 +261,13 @@ class Agent:
             return {}
         return {"intent": intent, "confidence": float(min(max(confidence, 0.0), 1.0)), "source": "llm"}
 
-    async def _structured(self, *, system: str, prompt: str, tool: dict[str, Any], what: str) -> dict[str, Any]:
+    async def _structured(
+        self, *, system: str, prompt: str, tool: dict[str, Any], what: str
+    ) -> dict[str, Any]:
         """One forced tool call (structured output): the tool's input, or ``{}`` if the LLM failed."""
-        config = self.config.llm_config.model_copy(update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1})
+        config = self.config.llm_config.model_copy(
+            update={"max_tokens": 200, "temperature": 0.0, "max_retries": 1}
+        )
         try:
             reply = await self.llm.generate(
                 system=system,
@@ -278,7 +295,9 @@ class Agent:
 
         message_fail(message_id=prepared.message_id, error=str(exc))
 
-    async def respond(self, prepared: pipeline.Prepared, *, on_text: TextCallback | None = None) -> pipeline.Outcome:
+    async def respond(
+        self, prepared: pipeline.Prepared, *, on_text: TextCallback | None = None
+    ) -> pipeline.Outcome:
         """Produce the reply: middleware, then hand-off, a handler, or the LLM (with tools)."""
         ctx = prepared.ctx
         assert ctx is not None
@@ -290,7 +309,12 @@ class Agent:
             if before is not None:
                 await before(ctx)
         handled_by = "middleware" if ctx.reply is not None else ""
-        if ctx.reply is None and not prepared.needs_human and not prepared.clarify and ctx.intent in self.handlers:
+        if (
+            ctx.reply is None
+            and not prepared.needs_human
+            and not prepared.clarify
+            and ctx.intent in self.handlers
+        ):
             await self._run_handler(ctx)
             handled_by = f"handler:{ctx.intent}"
         escalated = prepared.needs_human or ctx.escalate
@@ -337,7 +361,9 @@ class Agent:
                 ctx.escalate = True
                 ctx.escalation_reason = result.reason or f"handler for {ctx.intent} asked for a human"
         elif result is not None:
-            raise TypeError(f"handler for {ctx.intent} returned {type(result).__name__}; expected str, HandlerResult or None")
+            raise TypeError(
+                f"handler for {ctx.intent} returned {type(result).__name__}; expected str, HandlerResult or None"
+            )
 
     def system_prompt(self, prepared: pipeline.Prepared, ctx: TurnContext) -> str:
         parts = [self.config.llm_config.system_prompt]
@@ -433,7 +459,9 @@ class Agent:
         texts: list[str] = []  # the text of every round: what a streaming client was shown
         llm_ms = 0.0
         for round_ in range(cfg.max_tool_rounds + 1):
-            reply = await self.llm.generate(system=system, messages=messages, config=cfg, tools=tools, on_text=on_text)
+            reply = await self.llm.generate(
+                system=system, messages=messages, config=cfg, tools=tools, on_text=on_text
+            )
             texts.append(reply.text)
             llm_ms += reply.latency_ms
             usage["input_tokens"] += reply.usage.get("input_tokens", 0)
@@ -447,7 +475,9 @@ class Agent:
             for call in reply.tool_calls:
                 text, is_error = await self.tools.call_tool(call["name"], call.get("input") or {})
                 calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
-                results.append({"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error})
+                results.append(
+                    {"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error}
+                )
             messages.append({"role": "user", "content": results})
         text = "".join(texts)
         if not text.strip():

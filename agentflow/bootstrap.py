@@ -44,9 +44,7 @@ def ensure_schema() -> None:
         plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
         if plan:
             if not env_bool("AGENTFLOW_AUTO_MIGRATE", True):
-                raise RuntimeError(
-                    f"{len(plan)} migrations are not applied; run `python manage.py migrate`"
-                )
+                raise RuntimeError(f"{len(plan)} migrations are not applied; run `python manage.py migrate`")
             logger.info("applying %d migrations", len(plan))
             call_command("migrate", interactive=False, verbosity=0)
         _migrated.set()

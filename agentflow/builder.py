@@ -47,7 +47,9 @@ class AgentFrameworkBuilder:
         names: set[str] = set()
         for category in categories:
             if not isinstance(category, IntentCategory):
-                raise ConfigError(f"with_intent_categories takes IntentCategory items; got {type(category).__name__}")
+                raise ConfigError(
+                    f"with_intent_categories takes IntentCategory items; got {type(category).__name__}"
+                )
             if category.name in names:
                 raise ConfigError(f"intent category {category.name} is defined twice")
             names.add(category.name)
@@ -76,10 +78,14 @@ class AgentFrameworkBuilder:
     def with_confidence_thresholds(self, thresholds: Mapping[str, float]) -> AgentFrameworkBuilder:
         """Per-intent confidence the agent needs to answer alone; ``0.0`` means always a human."""
         if not isinstance(thresholds, Mapping):
-            raise ConfigError("with_confidence_thresholds takes a mapping of intent name to a number from 0 to 1")
+            raise ConfigError(
+                "with_confidence_thresholds takes a mapping of intent name to a number from 0 to 1"
+            )
         for name, value in thresholds.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"confidence threshold for {name!r} must be a number from 0 to 1; got {value!r}")
+                raise ConfigError(
+                    f"confidence threshold for {name!r} must be a number from 0 to 1; got {value!r}"
+                )
             self._thresholds[str(name)] = float(value)
         return self
 
@@ -101,7 +107,9 @@ class AgentFrameworkBuilder:
         """Log each turn (user, thread event, intent, confidence, latency) to stderr."""
         name = logging.getLevelName(level) if isinstance(level, int) else str(level).upper()
         if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"with_logging level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got {level!r}")
+            raise ConfigError(
+                f"with_logging level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got {level!r}"
+            )
         self._log_level = name
         return self
 
@@ -157,12 +165,12 @@ class AgentFrameworkBuilder:
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         ensure_schema()
-        known = {c.name for c in self._categories or ()} | set(IntentCategoryRow.objects.values_list("name", flat=True))
+        known = {c.name for c in self._categories or ()} | set(
+            IntentCategoryRow.objects.values_list("name", flat=True)
+        )
         for name in [*config.confidence_config.intent_specific, *self._handlers]:
             if known and name not in known:
-                raise ConfigError(
-                    f"{name!r} names no intent category; known: {', '.join(sorted(known))}"
-                )
+                raise ConfigError(f"{name!r} names no intent category; known: {', '.join(sorted(known))}")
         # Only a valid configuration is recorded for the admin: a failed build leaves no trace.
         if self._categories is not None:
             intent_categories_sync(

@@ -41,7 +41,9 @@ class _Section(BaseModel):
 class SessionConfig(_Section):
     """Per-user sessions and threads."""
 
-    ttl_seconds: int = Field(3600, ge=60, le=30 * 24 * 3600, description="Session lifetime after the last message.")
+    ttl_seconds: int = Field(
+        3600, ge=60, le=30 * 24 * 3600, description="Session lifetime after the last message."
+    )
     thread_inactivity_threshold: float = Field(
         30, gt=0, le=30 * 24 * 60, description="Minutes of silence after which a thread goes dormant."
     )
@@ -76,10 +78,12 @@ class ConfidenceConfig(_Section):
     default_threshold: float = Field(0.5, ge=0.0, le=1.0)
     intent_specific: dict[str, float] = Field(default_factory=dict)
     llm_self_assessment: bool = Field(
-        True, description="Ask the LLM to rate its reply; a low reply confidence goes to a human (or a question)."
+        True,
+        description="Ask the LLM to rate its reply; a low reply confidence goes to a human (or a question).",
     )
     llm_intent_judgement: bool = Field(
-        True, description="Ask the LLM for the intent when the classifier is below the threshold (never offline)."
+        True,
+        description="Ask the LLM for the intent when the classifier is below the threshold (never offline).",
     )
 
     @field_validator("intent_specific")

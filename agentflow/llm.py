@@ -107,9 +107,13 @@ class AnthropicBackend(LLMBackend):
             raise ValueError("AnthropicBackend needs exactly one of client or client_factory")
         self._client = client
         self._factory = client_factory
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
         # with_options() copies the client (~0.5 ms); keep one copy per client and option set.
-        self._configured: weakref.WeakKeyDictionary[Any, dict[tuple[int, float], Any]] = weakref.WeakKeyDictionary()
+        self._configured: weakref.WeakKeyDictionary[Any, dict[tuple[int, float], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def aclose(self) -> None:
         """Close the clients this backend made for the running event loop."""
@@ -171,7 +175,9 @@ class AnthropicBackend(LLMBackend):
                     message = await stream.get_final_message()
         except anthropic.APIStatusError as exc:
             transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
-            raise LLMError(f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient) from exc
+            raise LLMError(
+                f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient
+            ) from exc
         except anthropic.APIConnectionError as exc:  # includes APITimeoutError
             raise LLMError(f"could not reach the Anthropic API: {exc}", transient=True) from exc
         latency_ms = (time.perf_counter() - started) * 1000
@@ -202,7 +208,9 @@ def backend_for(llm_client: Any) -> LLMBackend:
     except ImportError:  # pragma: no cover - anthropic is a dependency
         anthropic = None  # type: ignore[assignment]
     if anthropic is not None and isinstance(llm_client, anthropic.Anthropic):
-        raise TypeError("build() needs an anthropic.AsyncAnthropic client (the synchronous Anthropic was given)")
+        raise TypeError(
+            "build() needs an anthropic.AsyncAnthropic client (the synchronous Anthropic was given)"
+        )
     messages = getattr(llm_client, "messages", None)
     create = getattr(messages, "create", None)
     # The SDK wraps ``create`` in decorators (``required_args``) that hide the coroutine function.

@@ -50,6 +50,7 @@ ORDER_WINDOW = timedelta(minutes=2)
 class EarlierMessagePending(Exception):
     """An earlier message of the same user has not been placed yet: try this one again shortly."""
 
+
 ACTIVITY_FOR_EVENT = {
     ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
     ThreadEvent.FOLLOW_UP: ThreadActivity.Kind.FOLLOW_UP,
@@ -147,7 +148,9 @@ def _earlier_pending(message: Message) -> bool:
 def _candidate(thread: Thread, session_id: Any) -> Candidate:
     topic = np.asarray(thread.topic_embedding, dtype=np.float32)
     state = ThreadState(
-        opening=np.asarray(thread.opening_embedding if thread.opening_embedding is not None else topic, np.float32),
+        opening=np.asarray(
+            thread.opening_embedding if thread.opening_embedding is not None else topic, np.float32
+        ),
         last_user=np.asarray(
             thread.last_user_embedding if thread.last_user_embedding is not None else topic, np.float32
         ),
@@ -191,7 +194,9 @@ def _unsure(agent: Agent, decision: ThreadDecision) -> bool:
     )
 
 
-def _apply_verdict(decision: ThreadDecision, verdict: dict[str, Any], threads: list[Thread]) -> ThreadDecision:
+def _apply_verdict(
+    decision: ThreadDecision, verdict: dict[str, Any], threads: list[Thread]
+) -> ThreadDecision:
     """The LLM's placement if it names a real option; otherwise the scorer's, marked as such."""
     by_id = {str(t.pk): t.pk for t in threads}
     event, target = verdict.get("event"), verdict.get("thread_id")
@@ -199,7 +204,9 @@ def _apply_verdict(decision: ThreadDecision, verdict: dict[str, Any], threads: l
     valid = event == ThreadEvent.NEW_TOPIC or (event in ThreadEvent.ALL and target in by_id)
     if not valid:
         return ThreadDecision(
-            decision.event, decision.thread_id, decision.confidence,
+            decision.event,
+            decision.thread_id,
+            decision.confidence,
             {**decision.signals, "llm_judgement": verdict or "unavailable"},
         )
     return ThreadDecision(
@@ -244,7 +251,13 @@ def decide_and_place(
         decision = _apply_verdict(decision, verdict, threads)
     elif allow_judgement and _unsure(agent, decision):
         options = tuple(
-            {"label": f"T{i + 1}", "thread_id": str(t.pk), "topic": t.topic, "status": t.status, "active": i == 0}
+            {
+                "label": f"T{i + 1}",
+                "thread_id": str(t.pk),
+                "topic": t.topic,
+                "status": t.status,
+                "active": i == 0,
+            }
             for i, t in enumerate(threads[:6])
         )
         return Judgement(message.content, decision, options)
@@ -263,7 +276,9 @@ def decide_and_place(
             if remember and agent.config.memory_config.enabled:
                 _schedule("memory.remember_resolution", str(thread.pk))
         else:
-            conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
+            conv_services.thread_add_message(
+                thread=thread, text=message.content, embedding=embedding, now=now
+            )
     if remember and agent.config.memory_config.enabled and PREFERENCE.search(message.content):
         _schedule("memory.remember_preference", str(message.pk))
     message.thread = thread
@@ -272,15 +287,25 @@ def decide_and_place(
     message.thread_signals = decision.signals
     message.intent = classification.intent or ""
     message.confidence = classification.confidence
-    message.intent_candidates = [{"intent": s.name, "confidence": s.confidence} for s in classification.runners_up]
+    message.intent_candidates = [
+        {"intent": s.name, "confidence": s.confidence} for s in classification.runners_up
+    ]
     message.save(
         update_fields=[
-            "thread", "thread_event", "thread_confidence", "thread_signals",
-            "intent", "confidence", "intent_candidates",
+            "thread",
+            "thread_event",
+            "thread_confidence",
+            "thread_signals",
+            "intent",
+            "confidence",
+            "intent_candidates",
         ]
     )
     conv_services.thread_activity_record(
-        thread=thread, kind=ACTIVITY_FOR_EVENT[decision.event], message=message, actor=ThreadActivity.Actor.USER
+        thread=thread,
+        kind=ACTIVITY_FOR_EVENT[decision.event],
+        message=message,
+        actor=ThreadActivity.Actor.USER,
     )
     return None
 
@@ -306,7 +331,9 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
     embedding = agent.embedder.embed_one(message.content)
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
-        message.refresh_from_db(fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"])
+        message.refresh_from_db(
+            fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"]
+        )
         waiting = message.thread_id is None and _earlier_pending(message)
         judgement = None
         if message.thread_id is None and not waiting:
@@ -338,7 +365,9 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
     mem_cfg = agent.config.memory_config
     memories = (
         memory_search(
-            user=message.user, embedding=embedding, limit=mem_cfg.top_k,
+            user=message.user,
+            embedding=embedding,
+            limit=mem_cfg.top_k,
             similarity_threshold=mem_cfg.similarity_threshold,
         )
         if mem_cfg.enabled
@@ -366,8 +395,14 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
         tools=agent.tools,
     )
     return Prepared(
-        key, message=message, ctx=ctx, category=category, threshold=action.threshold,
-        needs_human=action.action == HANDOFF, clarify=action.action == CLARIFY, human_reason=action.reason,
+        key,
+        message=message,
+        ctx=ctx,
+        category=category,
+        threshold=action.threshold,
+        needs_human=action.action == HANDOFF,
+        clarify=action.action == CLARIFY,
+        human_reason=action.reason,
         started=started,
     )
 
@@ -377,7 +412,9 @@ def reclassify(agent: Agent, prepared: Prepared, *, intent: str, confidence: flo
     assert prepared.ctx is not None and prepared.message is not None
     message = prepared.message
     old = prepared.ctx.classification
-    runners = tuple(s for s in (IntentScore(old.intent, old.confidence), *old.runners_up) if s.name and s.name != intent)
+    runners = tuple(
+        s for s in (IntentScore(old.intent, old.confidence), *old.runners_up) if s.name and s.name != intent
+    )
     classification = Classification(intent, round(confidence, 4), runners[:3])
     message.intent, message.confidence = intent, classification.confidence
     message.intent_candidates = [{"intent": s.name, "confidence": s.confidence} for s in runners[:3]]
@@ -385,7 +422,9 @@ def reclassify(agent: Agent, prepared: Prepared, *, intent: str, confidence: flo
     message.save(update_fields=["intent", "confidence", "intent_candidates", "thread_signals"])
     category = agent.category(intent)
     action = confidence_action(
-        classification=classification, category=category, config=agent.config.confidence_config,
+        classification=classification,
+        category=category,
+        config=agent.config.confidence_config,
         thread_event=message.thread_event,
     )
     prepared.ctx.classification = classification
@@ -445,7 +484,11 @@ def record(agent: Agent, *, user_id: str, content: str, role: str) -> dict[str, 
     now = timezone.now()
     with transaction.atomic():
         stored = Message.objects.create(
-            user=user, session_id=thread.session_id, thread=thread, role=role, content=text,
+            user=user,
+            session_id=thread.session_id,
+            thread=thread,
+            role=role,
+            content=text,
             status=Message.Status.DONE,
         )
         conv_services.thread_add_reply(thread=thread, text=text, now=now)
@@ -471,8 +514,14 @@ def _held(
         tools=agent.tools,
     )
     return Prepared(
-        str(message.pk), message=message, ctx=ctx, category=agent.category(classification.intent),
-        needs_human=True, human_reason="a human holds this thread", started=started, held_by_human=True,
+        str(message.pk),
+        message=message,
+        ctx=ctx,
+        category=agent.category(classification.intent),
+        needs_human=True,
+        human_reason="a human holds this thread",
+        started=started,
+        held_by_human=True,
     )
 
 
@@ -510,7 +559,11 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
         result = conv_selectors.turn_result(message=message)
         logger.info(
             "turn user=%s thread=%s event=%s intent=%s held by a human latency_ms=%.1f",
-            ctx.user_id, ctx.thread_id, ctx.thread_event, ctx.intent, latency_ms,
+            ctx.user_id,
+            ctx.thread_id,
+            ctx.thread_event,
+            ctx.intent,
+            latency_ms,
         )
         return result
     try:
@@ -555,7 +608,13 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     result = conv_selectors.turn_result(message=message, reply=reply)
     logger.info(
         "turn user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",
-        ctx.user_id, ctx.thread_id, ctx.thread_event, ctx.intent, ctx.confidence, outcome.escalated,
-        outcome.handled_by, latency_ms,
+        ctx.user_id,
+        ctx.thread_id,
+        ctx.thread_event,
+        ctx.intent,
+        ctx.confidence,
+        outcome.escalated,
+        outcome.handled_by,
+        latency_ms,
     )
     return result

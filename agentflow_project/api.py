@@ -48,7 +48,9 @@ api = NinjaAPI(
 )
 
 
-def _error(request: HttpRequest, status: int, code: str, message: str, field: str | None = None) -> HttpResponse:
+def _error(
+    request: HttpRequest, status: int, code: str, message: str, field: str | None = None
+) -> HttpResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field:
         body["field"] = field

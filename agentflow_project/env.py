@@ -58,5 +58,7 @@ def env_list(name: str, default: list[str]) -> list[str]:
         return list(default)
     items = [item.strip() for item in value.split(",")]
     if any(not item for item in items):
-        raise ImproperlyConfigured(f"{name} must be a comma-separated list with no empty items; got {value!r}")
+        raise ImproperlyConfigured(
+            f"{name} must be a comma-separated list with no empty items; got {value!r}"
+        )
     return items

@@ -165,14 +165,22 @@ def ensure_valkey() -> str:
     subprocess.run(
         [
             str(get_binary_path()),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--daemonize", "yes",
-            "--dir", str(folder),
-            "--pidfile", str(folder / "valkey.pid"),
-            "--logfile", str(folder / "valkey.log"),
-            "--save", "",
-            "--appendonly", "no",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(folder),
+            "--pidfile",
+            str(folder / "valkey.pid"),
+            "--logfile",
+            str(folder / "valkey.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
         ],
         check=True,
         capture_output=True,
@@ -183,7 +191,9 @@ def ensure_valkey() -> str:
             logger.info("started embedded Valkey on port %s", port)
             return f"redis://127.0.0.1:{port}/0"
         time.sleep(0.05)
-    raise ImproperlyConfigured(f"the embedded Valkey server did not answer on port {port}; see {folder}/valkey.log")
+    raise ImproperlyConfigured(
+        f"the embedded Valkey server did not answer on port {port}; see {folder}/valkey.log"
+    )
 
 
 def stop_valkey() -> bool:
@@ -211,7 +221,9 @@ def resolve_redis() -> RedisChoice:
     url = env_str("REDIS_URL")
     if url:
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ImproperlyConfigured(f"REDIS_URL must start with redis://, rediss:// or unix://; got {url!r}")
+            raise ImproperlyConfigured(
+                f"REDIS_URL must start with redis://, rediss:// or unix://; got {url!r}"
+            )
         return RedisChoice(url, "REDIS_URL")
     if _answers("127.0.0.1", 6379):
         return RedisChoice("redis://127.0.0.1:6379/0", "localhost:6379")

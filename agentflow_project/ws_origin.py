@@ -44,7 +44,9 @@ def origin_allowed(*, origin: str | None, path: str) -> bool:
     if not widget:
         return False
     allowed = settings.AGENTFLOW.get("WIDGET_ORIGINS", [])
-    return "*" in allowed or f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
+    return "*" in allowed or f"{parts.scheme}://{parts.netloc}".lower() in {
+        o.lower().rstrip("/") for o in allowed
+    }
 
 
 class WebSocketOriginCheck:
@@ -60,8 +62,17 @@ class WebSocketOriginCheck:
         if event["type"] != "websocket.connect":
             return None
         await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": json.dumps(
-            {"type": "error", "code": "origin_not_allowed",
-             "message": "this page's origin may not open the chat; see AGENTFLOW_WIDGET_ORIGINS"})})
+        await send(
+            {
+                "type": "websocket.send",
+                "text": json.dumps(
+                    {
+                        "type": "error",
+                        "code": "origin_not_allowed",
+                        "message": "this page's origin may not open the chat; see AGENTFLOW_WIDGET_ORIGINS",
+                    }
+                ),
+            }
+        )
         await send({"type": "websocket.close", "code": CLOSE_ORIGIN_NOT_ALLOWED})
         return None

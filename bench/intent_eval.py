@@ -71,14 +71,20 @@ def report(name: str, test, results, timings) -> None:
     gold = [row["category"] for row in test]
     correct = [r.intent == g for r, g in zip(results, gold, strict=True)]
     print(f"\n{name}: accuracy {sum(correct) / len(correct):.4f} on {len(correct)} test messages")
-    confusions = collections.Counter((g, r.intent) for r, g in zip(results, gold, strict=True) if r.intent != g)
+    confusions = collections.Counter(
+        (g, r.intent) for r, g in zip(results, gold, strict=True) if r.intent != g
+    )
     print("  top confusions (gold -> predicted: count):")
     for (g, p), count in confusions.most_common(6):
         print(f"    {g} -> {p}: {count}")
     print("  reliability (confidence bin: n, accuracy, mean confidence):")
     ece = 0.0
     for low in [0.0, 0.2, 0.4, 0.6, 0.8]:
-        members = [(c, r.confidence) for c, r in zip(correct, results, strict=True) if low <= r.confidence < low + 0.2 + (low == 0.8)]
+        members = [
+            (c, r.confidence)
+            for c, r in zip(correct, results, strict=True)
+            if low <= r.confidence < low + 0.2 + (low == 0.8)
+        ]
         if not members:
             continue
         accuracy = sum(c for c, _ in members) / len(members)
@@ -86,13 +92,17 @@ def report(name: str, test, results, timings) -> None:
         ece += len(members) / len(results) * abs(accuracy - confidence)
         print(f"    [{low:.1f}, {low + 0.2:.1f}): {len(members):5d}  {accuracy:.3f}  {confidence:.3f}")
     print(f"  expected calibration error {ece:.3f}")
-    print(f"  ms per classification (embedding + classify): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}")
+    print(
+        f"  ms per classification (embedding + classify): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
-    parser.add_argument("--held-out", type=int, default=10, help="categories left out for the out-of-scope test")
+    parser.add_argument(
+        "--held-out", type=int, default=10, help="categories left out for the out-of-scope test"
+    )
     args = parser.parse_args()
     import django
 
@@ -122,8 +132,10 @@ def main() -> None:
     kept = [(r, row) for r, row in inside if r.intent is not None and r.confidence >= 0.5]
     print(f"\nout of scope ({args.held_out} of 77 categories held out, 10-shot):")
     print(f"  held-out messages with intent None: {none_rate:.3f}; None or confidence < 0.5: {below:.3f}")
-    print(f"  in-scope accuracy {accuracy:.4f}; in-scope messages kept at confidence >= 0.5: {len(kept) / len(inside):.3f}"
-          f" (accuracy among them {sum(r.intent == row['category'] for r, row in kept) / max(1, len(kept)):.4f})")
+    print(
+        f"  in-scope accuracy {accuracy:.4f}; in-scope messages kept at confidence >= 0.5: {len(kept) / len(inside):.3f}"
+        f" (accuracy among them {sum(r.intent == row['category'] for r, row in kept) / max(1, len(kept)):.4f})"
+    )
 
 
 if __name__ == "__main__":

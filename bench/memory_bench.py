@@ -61,11 +61,18 @@ def admin_execute(settings_dict: dict, sql: str) -> None:
     import psycopg
 
     with psycopg.connect(
-        dbname="postgres", user=settings_dict["USER"], password=settings_dict["PASSWORD"] or None,
-        host=settings_dict["HOST"] or None, port=settings_dict["PORT"] or None, autocommit=True,
+        dbname="postgres",
+        user=settings_dict["USER"],
+        password=settings_dict["PASSWORD"] or None,
+        host=settings_dict["HOST"] or None,
+        port=settings_dict["PORT"] or None,
+        autocommit=True,
     ) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
-                     "pg_backend_pid()", [BENCH_DB])
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+            "pg_backend_pid()",
+            [BENCH_DB],
+        )
         conn.execute(sql)
 
 
@@ -90,16 +97,34 @@ def insert_real_path(n: int) -> float:
     embedder = get_embedder()
     embedder.embed_one("warm up")
     users = [EndUser.objects.create(external_id=f"real-{i}") for i in range(20)]
-    products = ["invoice", "password", "S3 backup", "API key", "webhook", "SSO login", "export", "team seat",
-                "refund", "mobile app", "2FA", "billing plan", "data import", "search index", "email digest"]
+    products = [
+        "invoice",
+        "password",
+        "S3 backup",
+        "API key",
+        "webhook",
+        "SSO login",
+        "export",
+        "team seat",
+        "refund",
+        "mobile app",
+        "2FA",
+        "billing plan",
+        "data import",
+        "search index",
+        "email digest",
+    ]
     started = time.perf_counter()
     for i in range(n):
         a, b = products[i % len(products)], products[(i * 7 + 3) % len(products)]
         memory_remember(
-            user=users[i % len(users)], kind="episodic",
+            user=users[i % len(users)],
+            kind="episodic",
             content=f"Problem: case {i}: the {a} fails after changing the {b}. What helped: step {i % 13} of the "
-                    f"{b} guide. Outcome: solved on attempt {i % 5 + 1}.",
-            embedder=embedder, source={"bench": i}, max_per_user=100,
+            f"{b} guide. Outcome: solved on attempt {i % 5 + 1}.",
+            embedder=embedder,
+            source={"bench": i},
+            max_per_user=100,
         )
     return n / (time.perf_counter() - started)
 
@@ -112,9 +137,14 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
 
     from conversations.models import EndUser
 
-    EndUser.objects.bulk_create([EndUser(external_id=f"bench-user-{i:05d}") for i in range(users)], batch_size=5000)
-    user_pks = list(EndUser.objects.filter(external_id__startswith="bench-user-").order_by("pk").values_list(
-        "pk", flat=True))
+    EndUser.objects.bulk_create(
+        [EndUser(external_id=f"bench-user-{i:05d}") for i in range(users)], batch_size=5000
+    )
+    user_pks = list(
+        EndUser.objects.filter(external_id__startswith="bench-user-")
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
     rng = np.random.default_rng(seed)
     n_global = max(1, rows // 100)
     now = timezone.now()
@@ -127,8 +157,21 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
             "COPY memory_memory (id, user_id, kind, content, embedding, embedding_model, source, approved, "
             "use_count, created_at, updated_at) FROM STDIN (FORMAT BINARY)"
         ) as copy:
-            copy.set_types(["uuid", "int8", "varchar", "text", "vector", "varchar", "jsonb", "bool", "int4",
-                            "timestamptz", "timestamptz"])
+            copy.set_types(
+                [
+                    "uuid",
+                    "int8",
+                    "varchar",
+                    "text",
+                    "vector",
+                    "varchar",
+                    "jsonb",
+                    "bool",
+                    "int4",
+                    "timestamptz",
+                    "timestamptz",
+                ]
+            )
             done = 0
             while done < rows:
                 chunk = min(20_000, rows - done)
@@ -139,8 +182,21 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
                         user, kind, approved = None, "pattern", i % 10 != 0
                     else:
                         user, kind, approved = user_pks[i % users], "episodic", True
-                    copy.write_row((uuid.uuid4(), user, kind, f"synthetic memory {i}", vectors[j], "random",
-                                    "{}", approved, 0, now, now))
+                    copy.write_row(
+                        (
+                            uuid.uuid4(),
+                            user,
+                            kind,
+                            f"synthetic memory {i}",
+                            vectors[j],
+                            "random",
+                            "{}",
+                            approved,
+                            0,
+                            now,
+                            now,
+                        )
+                    )
                 done += chunk
     conn.commit()
     rate = rows / (time.perf_counter() - started)
@@ -149,7 +205,9 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
     return rate, user_pks
 
 
-def retrieval(user_pks: list[int], queries: int, exact_queries: int, seed: int) -> tuple[list[float], float, list[int]]:
+def retrieval(
+    user_pks: list[int], queries: int, exact_queries: int, seed: int
+) -> tuple[list[float], float, list[int]]:
     """p50/p95 of memory_search for random users and queries; recall@10 against an exact scan."""
     from django.db import connection, transaction
 
@@ -162,7 +220,9 @@ def retrieval(user_pks: list[int], queries: int, exact_queries: int, seed: int) 
     users = {u.pk: u for u in EndUser.objects.filter(pk__in=[user_pks[i] for i in picks])}
 
     def search(i: int) -> list[str]:
-        found = memory_search(user=users[user_pks[picks[i]]], embedding=vectors[i], limit=TOP_K, similarity_threshold=0.0)
+        found = memory_search(
+            user=users[user_pks[picks[i]]], embedding=vectors[i], limit=TOP_K, similarity_threshold=0.0
+        )
         return [m["id"] for m in found]
 
     for i in range(min(50, queries)):  # warm the caches
@@ -176,8 +236,10 @@ def retrieval(user_pks: list[int], queries: int, exact_queries: int, seed: int) 
     sizes = []
     for i in range(min(exact_queries, queries)):
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off; "
-                           "SET LOCAL enable_indexonlyscan = off")
+            cursor.execute(
+                "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off; "
+                "SET LOCAL enable_indexonlyscan = off"
+            )
             exact = search(i)
         hits += len(set(exact) & set(results[i]))
         total += len(exact)
@@ -195,13 +257,17 @@ def plain_hnsw(user_pks: list[int], queries: int, seed: int) -> tuple[list[float
     rng = np.random.default_rng(seed + 2)
     picks = rng.choice(len(user_pks), size=queries)
     vectors = unit_vectors(rng, queries)
-    sql = ("SELECT id FROM memory_memory WHERE user_id = %s OR (user_id IS NULL AND approved) "
-           "ORDER BY embedding <=> %s::vector LIMIT %s")
+    sql = (
+        "SELECT id FROM memory_memory WHERE user_id = %s OR (user_id IS NULL AND approved) "
+        "ORDER BY embedding <=> %s::vector LIMIT %s"
+    )
     with connection.cursor() as cursor:
         cursor.execute(f"SET hnsw.ef_search = {int(GLOBAL_EF_SEARCH)}")
         cursor.execute("SET maintenance_work_mem = '2GB'")  # the graph fits: a build without spilling
-        cursor.execute("CREATE INDEX bench_all_hnsw ON memory_memory USING hnsw (embedding vector_cosine_ops) "
-                       "WITH (m = 16, ef_construction = 64)")
+        cursor.execute(
+            "CREATE INDEX bench_all_hnsw ON memory_memory USING hnsw (embedding vector_cosine_ops) "
+            "WITH (m = 16, ef_construction = 64)"
+        )
         latencies, hits, total = [], 0, 0
         for i in range(queries):
             args = [user_pks[picks[i]], "[" + ",".join(f"{x:.6f}" for x in vectors[i]) + "]", TOP_K]
@@ -228,7 +294,9 @@ def explain(user_pk: int) -> list[str]:
 
     vector = unit_vectors(np.random.default_rng(7), 1)[0]
     exact = selectors.approved_global_count() <= selectors.GLOBAL_EXACT_MAX
-    query = selectors.memory_candidates(user_id=user_pk, embedding=vector, pool=3 * TOP_K, exact_globals=exact)
+    query = selectors.memory_candidates(
+        user_id=user_pk, embedding=vector, pool=3 * TOP_K, exact_globals=exact
+    )
     sql, params = query.query.sql_with_params()
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(selectors.GLOBAL_EF_SEARCH)])
@@ -252,13 +320,17 @@ async def turns(rounds: int, server_url: str) -> dict[str, list[float]]:
     client = AsyncAnthropic(api_key="bench-key", base_url=server_url)
     agents = {}
     for enabled in (True, False):
-        agents[enabled] = await AgentFrameworkBuilder().with_intent_categories(DEMO_CATEGORIES).with_config(
-            {"memory_config": {"enabled": enabled}}).build(client)
+        agents[enabled] = (
+            await AgentFrameworkBuilder()
+            .with_intent_categories(DEMO_CATEGORIES)
+            .with_config({"memory_config": {"enabled": enabled}})
+            .build(client)
+        )
         await agents[enabled].process_message(user_id=f"bench-warm-{uuid.uuid4().hex[:6]}", message="warm up")
     names = list(SETTINGS)
     latencies: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % 3:] + names[: r % 3]:  # rotate the order: drift hits every setting alike
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: drift hits every setting alike
             enabled, jobs = SETTINGS[name]
             settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": jobs}
             user = f"bench-turn-{uuid.uuid4().hex[:8]}"
@@ -283,8 +355,10 @@ def queue_cost(n: int) -> list[float]:
 
 
 def line(name: str, values: list[float], unit: str = "ms") -> str:
-    return (f"{name:<44} n={len(values):<5} p50={pct(values, 50):7.2f} {unit}  p95={pct(values, 95):7.2f} {unit}"
-            f"  mean={statistics.mean(values):7.2f} {unit}")
+    return (
+        f"{name:<44} n={len(values):<5} p50={pct(values, 50):7.2f} {unit}  p95={pct(values, 95):7.2f} {unit}"
+        f"  mean={statistics.mean(values):7.2f} {unit}"
+    )
 
 
 def main() -> None:
@@ -292,14 +366,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--exact-queries", type=int, default=100, help="queries checked against an exact scan")
+    parser.add_argument(
+        "--exact-queries", type=int, default=100, help="queries checked against an exact scan"
+    )
     parser.add_argument("--real-inserts", type=int, default=300, help="rows written through memory_remember")
     parser.add_argument("--turn-rounds", type=int, default=30, help="5-turn conversations per setting")
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds the fake LLM waits")
     parser.add_argument("--plain-hnsw", action="store_true", help="also measure one HNSW index over all rows")
     parser.add_argument("--ef-search", type=int, help="override memory.selectors.GLOBAL_EF_SEARCH")
-    parser.add_argument("--global-exact-max", type=int, help="override memory.selectors.GLOBAL_EXACT_MAX "
-                        "(0: global memories always through HNSW)")
+    parser.add_argument(
+        "--global-exact-max",
+        type=int,
+        help="override memory.selectors.GLOBAL_EXACT_MAX (0: global memories always through HNSW)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help=f"keep the {BENCH_DB} database")
     args = parser.parse_args()
@@ -323,27 +402,37 @@ def main() -> None:
     original = use_bench_database()
     try:
         call_command("migrate", verbosity=0)
-        print(f"memory bench: {args.rows:,} rows, {args.users:,} users, {os.cpu_count()} CPUs, database {BENCH_DB},"
-              f" hnsw.ef_search {selectors.GLOBAL_EF_SEARCH}, global memories exact up to {selectors.GLOBAL_EXACT_MAX:,}")
-        print(f"insert, real write path (memory_remember)    {insert_real_path(args.real_inserts):10,.0f} rows/s"
-              f"  (n={args.real_inserts}, embedding + de-duplication + eviction)")
+        print(
+            f"memory bench: {args.rows:,} rows, {args.users:,} users, {os.cpu_count()} CPUs, database {BENCH_DB},"
+            f" hnsw.ef_search {selectors.GLOBAL_EF_SEARCH}, global memories exact up to {selectors.GLOBAL_EXACT_MAX:,}"
+        )
+        print(
+            f"insert, real write path (memory_remember)    {insert_real_path(args.real_inserts):10,.0f} rows/s"
+            f"  (n={args.real_inserts}, embedding + de-duplication + eviction)"
+        )
         started = time.perf_counter()
         rate, user_pks = bulk_load(args.rows, args.users, args.seed)
-        print(f"insert, bulk COPY (binary vectors)           {rate:10,.0f} rows/s"
-              f"  (load + VACUUM ANALYZE {time.perf_counter() - started:.0f} s)")
+        print(
+            f"insert, bulk COPY (binary vectors)           {rate:10,.0f} rows/s"
+            f"  (load + VACUUM ANALYZE {time.perf_counter() - started:.0f} s)"
+        )
         globals_ = selectors.approved_global_count(max_age=0)  # the loaded data, not a count from before
         how = "exact scan" if globals_ <= selectors.GLOBAL_EXACT_MAX else "HNSW"
         print(f"approved global memories: {globals_:,} -> {how}; per-user memories: exact scan")
         latencies, recall, sizes = retrieval(user_pks, args.queries, args.exact_queries, args.seed)
-        print(line(f"retrieval top-{TOP_K} per user, memory_search", latencies)
-              + f"  recall@{TOP_K}={recall:.4f} (n={len(sizes)}, min results {min(sizes)})")
+        print(
+            line(f"retrieval top-{TOP_K} per user, memory_search", latencies)
+            + f"  recall@{TOP_K}={recall:.4f} (n={len(sizes)}, min results {min(sizes)})"
+        )
         for plan_line in explain(user_pks[0]):
             print("  plan:", plan_line.strip())
         if args.plain_hnsw:
             started = time.perf_counter()
             plain, plain_recall = plain_hnsw(user_pks, min(args.queries, 200), args.seed)
-            print(line("retrieval, previous design (one HNSW, user OR global)", plain)
-                  + f"  recall@{TOP_K}={plain_recall:.4f}  (index build + queries {time.perf_counter() - started:.0f} s)")
+            print(
+                line("retrieval, previous design (one HNSW, user OR global)", plain)
+                + f"  recall@{TOP_K}={plain_recall:.4f}  (index build + queries {time.perf_counter() - started:.0f} s)"
+            )
 
         from agentflow.testing.fake_anthropic import FakeAnthropicServer
 
@@ -359,11 +448,15 @@ def main() -> None:
         for name, values in overhead.items():
             print(line(f"turn overhead, {name}", values))
         off, reads, on = (overhead[name] for name in SETTINGS)
-        print(f"turn overhead, memory reads (on, no writes - off) p50={pct(reads, 50) - pct(off, 50):+7.2f} ms"
-              f"  mean={statistics.mean(reads) - statistics.mean(off):+7.2f} ms")
+        print(
+            f"turn overhead, memory reads (on, no writes - off) p50={pct(reads, 50) - pct(off, 50):+7.2f} ms"
+            f"  mean={statistics.mean(reads) - statistics.mean(off):+7.2f} ms"
+        )
         print(line("memory write on the hot path: one send_task", queue_cost(500)))
-        print(f"turn overhead, memory writes (on - on, no writes) p50={pct(on, 50) - pct(reads, 50):+7.2f} ms"
-              f"  mean={statistics.mean(on) - statistics.mean(reads):+7.2f} ms  (fake LLM {llm_ms:.0f} ms)")
+        print(
+            f"turn overhead, memory writes (on - on, no writes) p50={pct(on, 50) - pct(reads, 50):+7.2f} ms"
+            f"  mean={statistics.mean(on) - statistics.mean(reads):+7.2f} ms  (fake LLM {llm_ms:.0f} ms)"
+        )
     finally:
         from django.db import connections
 

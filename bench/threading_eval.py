@@ -31,7 +31,12 @@ os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
 os.environ.setdefault("AGENTFLOW_LOG_LEVEL", "WARNING")
 
-TO_LABEL = {"FOLLOW_UP": "CONTINUATION", "NEW_TOPIC": "NEW_TOPIC", "RETURN": "NEW_TOPIC", "RESOLUTION": "RESOLUTION"}
+TO_LABEL = {
+    "FOLLOW_UP": "CONTINUATION",
+    "NEW_TOPIC": "NEW_TOPIC",
+    "RETURN": "NEW_TOPIC",
+    "RESOLUTION": "RESOLUTION",
+}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -39,7 +44,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def report(name: str, gold: list[str], predicted: list[str], labels: list[str], timings: dict[str, list[float]]) -> None:
+def report(
+    name: str, gold: list[str], predicted: list[str], labels: list[str], timings: dict[str, list[float]]
+) -> None:
     print(f"\n{name}: {len(gold)} scored turns")
     f1s = []
     for label in labels:

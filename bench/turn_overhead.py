@@ -81,16 +81,44 @@ def free_port() -> int:
 
 def through_rest(turns: int, server_url: str, api_key: str) -> list[float]:
     port = free_port()
-    env = {**os.environ, "ANTHROPIC_API_KEY": "bench-key", "ANTHROPIC_BASE_URL": server_url,
-           "AGENTFLOW_CELERY_QUEUE": f"bench-{port}"}
+    env = {
+        **os.environ,
+        "ANTHROPIC_API_KEY": "bench-key",
+        "ANTHROPIC_BASE_URL": server_url,
+        "AGENTFLOW_CELERY_QUEUE": f"bench-{port}",
+    }
     logs = ROOT / ".data" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "daphne", "-p", str(port), "agentflow_project.asgi:application"],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(logs / "web.log", "w")),
-        subprocess.Popen([sys.executable, "-m", "celery", "-A", "agentflow_project", "worker", "-P", "threads",
-                          "-c", "8", "-Q", f"bench-{port}", "-l", "WARNING"],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(logs / "worker.log", "w")),
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-p", str(port), "agentflow_project.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "web.log", "w"),
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "agentflow_project",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                "8",
+                "-Q",
+                f"bench-{port}",
+                "-l",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "worker.log", "w"),
+        ),
     ]
     print(f"server and worker logs: {logs}")
     try:

@@ -93,15 +93,29 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.retries = 0  # handshakes refused and retried (not errors unless every retry failed)
         self.worker: list[float] = []
-        self.other: dict[str, int] = {}  # turns answered without the LLM (hand-off, handler), by handled_by  # the turn's own time in the worker, minus the LLM call
+        self.other: dict[
+            str, int
+        ] = {}  # turns answered without the LLM (hand-off, handler), by handled_by  # the turn's own time in the worker, minus the LLM call
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-async def user_session(session, url: str, origin: str, stats: Stats, *, connected: asyncio.Event,
-                       start: asyncio.Event, first_at: float, messages: int, think: float,
-                       reply_timeout: float, ready_count: list[int], total: int) -> None:
+async def user_session(
+    session,
+    url: str,
+    origin: str,
+    stats: Stats,
+    *,
+    connected: asyncio.Event,
+    start: asyncio.Event,
+    first_at: float,
+    messages: int,
+    think: float,
+    reply_timeout: float,
+    ready_count: list[int],
+    total: int,
+) -> None:
     import aiohttp
 
     ws = None
@@ -143,8 +157,15 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
         for n in range(messages):
             client_id = uuid.uuid4().hex
             sent = time.perf_counter()
-            await ws.send_str(json.dumps({"type": "message", "client_message_id": client_id,
-                                          "message": MESSAGES[(n + int(first_at * 1000)) % len(MESSAGES)]}))
+            await ws.send_str(
+                json.dumps(
+                    {
+                        "type": "message",
+                        "client_message_id": client_id,
+                        "message": MESSAGES[(n + int(first_at * 1000)) % len(MESSAGES)],
+                    }
+                )
+            )
             message_id = None
             first = None
             deadline = sent + reply_timeout
@@ -168,7 +189,9 @@ async def user_session(session, url: str, origin: str, stats: Stats, *, connecte
                     if body.get("status") != "done":
                         stats.error(f"turn {body.get('status')}")
                     if body.get("handled_by") != "llm":  # a hand-off or a handler: no LLM call to subtract
-                        stats.other[body.get("handled_by") or "none"] = stats.other.get(body.get("handled_by") or "none", 0) + 1
+                        stats.other[body.get("handled_by") or "none"] = (
+                            stats.other.get(body.get("handled_by") or "none", 0) + 1
+                        )
                         break
                     stats.final.append((done - sent) * 1000)
                     stats.first_delta.append(((first or done) - sent) * 1000)
@@ -204,11 +227,24 @@ async def drive(args: argparse.Namespace, base: str, tokens: list[str], pids: di
         tasks = []
         began = time.perf_counter()
         for i, token in enumerate(tokens):
-            tasks.append(asyncio.create_task(user_session(
-                session, f"{ws_base}/ws/chat/?token={token}", base, stats, connected=connected, start=start,
-                first_at=rng.uniform(0, args.window), messages=args.messages, think=args.think,
-                reply_timeout=args.timeout, ready_count=ready_count, total=len(tokens),
-            )))
+            tasks.append(
+                asyncio.create_task(
+                    user_session(
+                        session,
+                        f"{ws_base}/ws/chat/?token={token}",
+                        base,
+                        stats,
+                        connected=connected,
+                        start=start,
+                        first_at=rng.uniform(0, args.window),
+                        messages=args.messages,
+                        think=args.think,
+                        reply_timeout=args.timeout,
+                        ready_count=ready_count,
+                        total=len(tokens),
+                    )
+                )
+            )
             if i % 10 == 9:
                 await asyncio.sleep(0.1)  # a ramp, not a thundering herd of handshakes
         await asyncio.wait_for(connected.wait(), timeout=300)
@@ -227,27 +263,39 @@ async def drive(args: argparse.Namespace, base: str, tokens: list[str], pids: di
     overhead = [v - llm_ms for v in stats.final]
     n = len(tokens)
     answered = len(stats.final) + sum(stats.other.values())
-    print(f"users {n}: connected in {connect_s:.1f} s; {answered} of {n * args.messages} turns answered"
-          f" in {load_s:.1f} s ({answered / max(load_s, 1e-9):.1f} turns/s)")
+    print(
+        f"users {n}: connected in {connect_s:.1f} s; {answered} of {n * args.messages} turns answered"
+        f" in {load_s:.1f} s ({answered / max(load_s, 1e-9):.1f} turns/s)"
+    )
     if stats.other:
         print(f"answered without the LLM (not in the latency figures): {stats.other}")
     print(f"errors: {sum(stats.errors.values())} {stats.errors or ''}; handshakes retried: {stats.retries}")
-    print(f"time to first token  p50 {pct(stats.first_delta, 50):7.1f} ms  p95 {pct(stats.first_delta, 95):7.1f} ms")
+    print(
+        f"time to first token  p50 {pct(stats.first_delta, 50):7.1f} ms  p95 {pct(stats.first_delta, 95):7.1f} ms"
+    )
     print(f"time to final frame  p50 {pct(stats.final, 50):7.1f} ms  p95 {pct(stats.final, 95):7.1f} ms")
     if overhead:
-        print(f"overhead over the {llm_ms:.0f} ms LLM  p50 {pct(overhead, 50):6.1f} ms  p95 {pct(overhead, 95):6.1f} ms"
-              f"  mean {statistics.mean(overhead):6.1f} ms  max {max(overhead):6.1f} ms")
+        print(
+            f"overhead over the {llm_ms:.0f} ms LLM  p50 {pct(overhead, 50):6.1f} ms  p95 {pct(overhead, 95):6.1f} ms"
+            f"  mean {statistics.mean(overhead):6.1f} ms  max {max(overhead):6.1f} ms"
+        )
     if stats.worker:
-        print(f"  of which inside the worker's turn (pipeline, no LLM)  p50 {pct(stats.worker, 50):6.1f} ms"
-              f"  p95 {pct(stats.worker, 95):6.1f} ms; the rest is transport and queueing")
+        print(
+            f"  of which inside the worker's turn (pipeline, no LLM)  p50 {pct(stats.worker, 50):6.1f} ms"
+            f"  p95 {pct(stats.worker, 95):6.1f} ms; the rest is transport and queueing"
+        )
     for name in pids:
         idle, conn, after = memory["idle"][name], memory["connected"][name], memory["after load"][name]
-        print(f"RSS {name:<7} idle {idle:6.1f} MB  with {n} connected {conn:6.1f} MB"
-              f" (+{(conn - idle) / n * 100:5.2f} MB per 100 users)  after load {after:6.1f} MB")
+        print(
+            f"RSS {name:<7} idle {idle:6.1f} MB  with {n} connected {conn:6.1f} MB"
+            f" (+{(conn - idle) / n * 100:5.2f} MB per 100 users)  after load {after:6.1f} MB"
+        )
     turns = max(answered, 1)
     for name in pids:
-        print(f"CPU {name:<7} {cpu[name]:6.1f} s during the load = {cpu[name] / turns * 1000:5.1f} ms per turn"
-              f" ({cpu[name] / max(load_s, 1e-9) * 100:4.0f} % of one core)")
+        print(
+            f"CPU {name:<7} {cpu[name]:6.1f} s during the load = {cpu[name] / turns * 1000:5.1f} ms per turn"
+            f" ({cpu[name] / max(load_s, 1e-9) * 100:4.0f} % of one core)"
+        )
     both = sum(memory["connected"].values()) - sum(memory["idle"].values())
     print(f"server + worker: +{both / n * 100:.2f} MB per 100 connected users")
 
@@ -257,11 +305,15 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--window", type=float, default=60.0, help="seconds over which first messages spread")
     parser.add_argument("--messages", type=int, default=1, help="messages per user")
-    parser.add_argument("--think", type=float, default=5.0, help="seconds between a reply and the next message")
+    parser.add_argument(
+        "--think", type=float, default=5.0, help="seconds between a reply and the next message"
+    )
     parser.add_argument("--llm-latency", type=float, default=1.0, help="seconds the fake LLM waits")
     parser.add_argument("--concurrency", type=int, default=32, help="Celery worker threads")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a reply may take")
-    parser.add_argument("--log-level", default="WARNING", help="the worker's log level (INFO shows each task)")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="the worker's log level (INFO shows each task)"
+    )
     args = parser.parse_args()
     if args.users < 1 or args.messages < 1 or args.window < 0:
         parser.error("--users and --messages must be at least 1 and --window not negative")
@@ -300,21 +352,63 @@ def main() -> None:
     logs = ROOT / ".data" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     procs = {
-        "llm": subprocess.Popen([sys.executable, "-m", "agentflow.testing.fake_anthropic", "--port", str(llm_port),
-                                 "--latency", str(args.llm_latency)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(logs / "ws-llm.log", "w")),
-        "server": subprocess.Popen([sys.executable, "-m", "daphne", "-e",
-                                    f"tcp:port={web_port}:interface=127.0.0.1:backlog=1024",
-                                    "agentflow_project.asgi:application"], cwd=ROOT, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=open(logs / "ws-web.log", "w")),
-        "worker": subprocess.Popen([sys.executable, "-m", "celery", "-A", "agentflow_project", "worker", "-P",
-                                    "threads", "-c", str(args.concurrency), "-Q", f"ws-load-{run}", "-l", args.log_level],
-                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=open(logs / "ws-worker.log", "w")),
+        "llm": subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentflow.testing.fake_anthropic",
+                "--port",
+                str(llm_port),
+                "--latency",
+                str(args.llm_latency),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "ws-llm.log", "w"),
+        ),
+        "server": subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-e",
+                f"tcp:port={web_port}:interface=127.0.0.1:backlog=1024",
+                "agentflow_project.asgi:application",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "ws-web.log", "w"),
+        ),
+        "worker": subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "agentflow_project",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                str(args.concurrency),
+                "-Q",
+                f"ws-load-{run}",
+                "-l",
+                args.log_level,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "ws-worker.log", "w"),
+        ),
     }
     users = [f"ws-load-{run}-{i}" for i in range(args.users)]
-    print(f"{args.users} users, first messages over {args.window:.0f} s, {args.messages} each; fake LLM "
-          f"{args.llm_latency * 1000:.0f} ms; worker threads {args.concurrency}; {os.cpu_count()} CPUs; logs in {logs}")
+    print(
+        f"{args.users} users, first messages over {args.window:.0f} s, {args.messages} each; fake LLM "
+        f"{args.llm_latency * 1000:.0f} ms; worker threads {args.concurrency}; {os.cpu_count()} CPUs; logs in {logs}"
+    )
     try:
         base = f"http://127.0.0.1:{web_port}"
         wait_http(base + "/api/health", 60)

@@ -89,7 +89,9 @@ class EndUserAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         live = path(
-            "<path:object_id>/live/", self.admin_site.admin_view(self.live_view), name="conversations_enduser_live"
+            "<path:object_id>/live/",
+            self.admin_site.admin_view(self.live_view),
+            name="conversations_enduser_live",
         )
         return [live, *super().get_urls()]
 
@@ -150,7 +152,9 @@ class EndUserAdmin(admin.ModelAdmin):
                 continue
             erased += 1
         summary = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in totals.items())
-        self.message_user(request, f"Erased {erased} user(s): {summary or 'nothing'}.", level=messages.SUCCESS)
+        self.message_user(
+            request, f"Erased {erased} user(s): {summary or 'nothing'}.", level=messages.SUCCESS
+        )
 
     def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
         # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
@@ -173,7 +177,15 @@ class ChatSessionAdmin(admin.ModelAdmin):
     list_filter = ("status",)
     search_fields = ("user__external_id", "id")
     list_select_related = ("user",)
-    readonly_fields = ("id", "user", "started_at", "last_activity_at", "expires_at", "ended_at", "ttl_seconds")
+    readonly_fields = (
+        "id",
+        "user",
+        "started_at",
+        "last_activity_at",
+        "expires_at",
+        "ended_at",
+        "ttl_seconds",
+    )
 
 
 @admin.register(Thread)
@@ -187,7 +199,14 @@ class ThreadAdmin(admin.ModelAdmin):
     date_hierarchy = "opened_at"
     exclude = ("topic_embedding",)
     readonly_fields = (
-        "id", "user", "session", "opened_at", "last_activity_at", "resolved_at", "topic_weight", "live",
+        "id",
+        "user",
+        "session",
+        "opened_at",
+        "last_activity_at",
+        "resolved_at",
+        "topic_weight",
+        "live",
     )
     inlines = [ThreadActivityInline, MessageInline]
     actions = ["resolve_threads", "reopen_threads", "merge_threads"]
@@ -229,8 +248,17 @@ class ThreadAdmin(admin.ModelAdmin):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = (
-        "created_at", "user", "role", "short_content", "thread_event", "intent", "confidence",
-        "escalated", "offline", "status", "latency_ms",
+        "created_at",
+        "user",
+        "role",
+        "short_content",
+        "thread_event",
+        "intent",
+        "confidence",
+        "escalated",
+        "offline",
+        "status",
+        "latency_ms",
     )
     list_filter = ("role", "status", "thread_event", "escalated", "offline", "intent")
     search_fields = ("content", "user__external_id", "client_message_id")
@@ -291,7 +319,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         created, plain = api_key_create(name=obj.name)
-        obj.pk, obj.prefix, obj.key_hash, obj.created_at = created.pk, created.prefix, created.key_hash, created.created_at
+        obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
+            created.pk,
+            created.prefix,
+            created.key_hash,
+            created.created_at,
+        )
         obj._state.adding = False
         messages.warning(request, f"The new API key is {plain} - copy it now, it is not shown again.")
 
@@ -306,7 +339,17 @@ class StaffReplyForm(forms.Form):
 class EscalationAdmin(admin.ModelAdmin):
     """The hand-off queue: claim a thread, reply as a human agent, hand it back to the bot."""
 
-    list_display = ("id", "status", "holder", "thread_link", "user", "short_reason", "age", "created_at", "live")
+    list_display = (
+        "id",
+        "status",
+        "holder",
+        "thread_link",
+        "user",
+        "short_reason",
+        "age",
+        "created_at",
+        "live",
+    )
     list_filter = ("status", ("holder", admin.RelatedOnlyFieldListFilter))
     search_fields = ("user__external_id", "reason", "thread__topic")
     list_select_related = ("user", "thread", "holder")
@@ -371,20 +414,30 @@ class EscalationAdmin(admin.ModelAdmin):
         )
         return [reply, *super().get_urls()]
 
-    def _reply_context(self, request: HttpRequest, escalation: Escalation, form: StaffReplyForm) -> dict[str, Any]:
+    def _reply_context(
+        self, request: HttpRequest, escalation: Escalation, form: StaffReplyForm
+    ) -> dict[str, Any]:
         return {
             "reply_form": form,
             "reply_url": reverse("admin:conversations_escalation_reply", args=[escalation.pk]),
             "thread_messages": Message.objects.filter(thread_id=escalation.thread_id).order_by("created_at"),
-            "can_reply": escalation.status == Escalation.Status.CLAIMED and escalation.holder_id == request.user.pk,
+            "can_reply": escalation.status == Escalation.Status.CLAIMED
+            and escalation.holder_id == request.user.pk,
         }
 
     def change_view(
-        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
         escalation = self.get_object(request, object_id)
         if escalation is not None:
-            extra_context = {**(extra_context or {}), **self._reply_context(request, escalation, StaffReplyForm())}
+            extra_context = {
+                **(extra_context or {}),
+                **self._reply_context(request, escalation, StaffReplyForm()),
+            }
         return super().change_view(request, object_id, form_url, extra_context)
 
     def reply_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
@@ -396,7 +449,9 @@ class EscalationAdmin(admin.ModelAdmin):
         form = StaffReplyForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
-                staff_reply(thread=escalation.thread, staff_user=request.user, content=form.cleaned_data["content"])
+                staff_reply(
+                    thread=escalation.thread, staff_user=request.user, content=form.cleaned_data["content"]
+                )
             except (InvalidInput, PermissionError) as exc:
                 form.add_error("content", str(exc))
             else:

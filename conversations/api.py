@@ -49,7 +49,10 @@ class MessageIn(Schema):
         description="Your id for this message; sending it again returns the same turn (retried if it failed).",
     )
     wait_seconds: float | None = Field(
-        None, ge=0, le=120, description="How long to wait for the reply (default 30). 0: return at once (202)."
+        None,
+        ge=0,
+        le=120,
+        description="How long to wait for the reply (default 30). 0: return at once (202).",
     )
 
 
@@ -180,8 +183,11 @@ async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -
     return Status(status, result)
 
 
-@router.get("/users/{user_id}/messages/{message_id}", response={200: TurnOut, 404: ErrorOut},
-            summary="The turn result of a user message")
+@router.get(
+    "/users/{user_id}/messages/{message_id}",
+    response={200: TurnOut, 404: ErrorOut},
+    summary="The turn result of a user message",
+)
 def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, Any]:
     user = selectors.user_get(external_id=clean_user_id(user_id))
     message = selectors.message_get_for_user(user=user, message_id=message_id)
@@ -197,7 +203,9 @@ def list_sessions(request: HttpRequest, user_id: str) -> Any:
 
 
 @router.get("/users/{user_id}/threads", response={200: list[ThreadOut], 404: ErrorOut})
-def list_threads(request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None) -> Any:
+def list_threads(
+    request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None
+) -> Any:
     user = selectors.user_get(external_id=clean_user_id(user_id))
     if status is not None and status not in ("open", "dormant", "resolved"):
         raise InvalidInput("status must be open, dormant or resolved", field="status")
@@ -211,8 +219,11 @@ def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> 
     return list(selectors.messages_for_thread(thread=thread)[:1000])
 
 
-@router.post("/users/{user_id}/chat-token", response={200: ChatTokenOut, 400: ErrorOut},
-             summary="A signed, expiring token for this end user's WebSocket chat")
+@router.post(
+    "/users/{user_id}/chat-token",
+    response={200: ChatTokenOut, 400: ErrorOut},
+    summary="A signed, expiring token for this end user's WebSocket chat",
+)
 def create_chat_token(request: HttpRequest, user_id: str) -> dict[str, Any]:
     return {
         "token": chat_token_create(external_id=user_id),

@@ -36,8 +36,13 @@ CLOSE_UNAUTHORIZED = 4401
 
 
 class ChatConsumer(JsonFrameConsumer):
-    FRAMES = {"message": "_on_message", "typing": "_on_typing", "ack": "_on_ack", "resume": "_on_resume",
-              "ping": "_on_ping"}
+    FRAMES = {
+        "message": "_on_message",
+        "typing": "_on_typing",
+        "ack": "_on_ack",
+        "resume": "_on_resume",
+        "ping": "_on_ping",
+    }
     user: EndUser
     group: str
     _typing: tuple[bool, float] = (False, 0.0)
@@ -48,20 +53,31 @@ class ChatConsumer(JsonFrameConsumer):
         # HTTP 403, with no code or reason a widget could act on (fetch a new token, give up).
         version = (query.get("v") or [str(PROTOCOL_VERSION)])[0]
         if version != str(PROTOCOL_VERSION):
-            await self._refuse(CLOSE_BAD_VERSION, "unsupported_version",
-                               f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+            await self._refuse(
+                CLOSE_BAD_VERSION,
+                "unsupported_version",
+                f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+            )
             return
         token = (query.get("token") or [""])[0]
         external_id = chat_token_user(token) if token else None
         if external_id is None:
-            await self._refuse(CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired")
+            await self._refuse(
+                CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired"
+            )
             return
         self.user = await database_sync_to_async(services.user_get_or_create)(external_id=external_id)
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        await self._send({"type": "ready", "protocol": PROTOCOL_VERSION, "user_id": external_id,
-                          "server_time": timezone.now().isoformat()})
+        await self._send(
+            {
+                "type": "ready",
+                "protocol": PROTOCOL_VERSION,
+                "user_id": external_id,
+                "server_time": timezone.now().isoformat(),
+            }
+        )
 
     async def _refuse(self, code: int, error: str, message: str) -> None:
         await self.accept()
@@ -80,7 +96,10 @@ class ChatConsumer(JsonFrameConsumer):
         try:
             agent = await database_sync_to_async(get_agent)()
             message, created = await database_sync_to_async(pipeline.accept)(
-                agent, user_id=self.user.external_id, message=frame.get("message"), client_message_id=client_id
+                agent,
+                user_id=self.user.external_id,
+                message=frame.get("message"),
+                client_message_id=client_id,
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
@@ -89,7 +108,12 @@ class ChatConsumer(JsonFrameConsumer):
             await self._error(exc.code, str(exc), retry_after=exc.retry_after, client_message_id=client_id)
             return
         await self._send(
-            {"type": "ack", "message_id": str(message.pk), "client_message_id": client_id, "duplicate": not created}
+            {
+                "type": "ack",
+                "message_id": str(message.pk),
+                "client_message_id": client_id,
+                "duplicate": not created,
+            }
         )
         if created or message.status == Message.Status.FAILED:  # a resent failed message is retried
             await database_sync_to_async(enqueue_turn)(message.pk)
@@ -115,7 +139,9 @@ class ChatConsumer(JsonFrameConsumer):
             await self._error("bad_frame", "'message_id' must be a message id", field="message_id")
             return
         try:
-            message = await database_sync_to_async(services.user_mark_read)(user=self.user, message_id=message_id)
+            message = await database_sync_to_async(services.user_mark_read)(
+                user=self.user, message_id=message_id
+            )
         except NotFound as exc:
             await self._error("not_found", str(exc), field="message_id")
             return

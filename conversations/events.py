@@ -106,8 +106,10 @@ class DeltaStream:
             seq, self.seq = self.seq, self.seq + 1
             self._last_sent = asyncio.get_running_loop().time()
             try:
-                await apublish(user_pk=self.user_pk,
-                               event={"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text})
+                await apublish(
+                    user_pk=self.user_pk,
+                    event={"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text},
+                )
             except Exception:  # the final turn carries the whole text; a lost delta only costs smoothness
                 logger.exception("could not stream a delta to user %s", self.user_pk)
 

@@ -61,7 +61,9 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         kind = frame.get("type")
         method = self.FRAMES.get(kind) if isinstance(kind, str) else None
         if method is None:
-            await self._error("unknown_type", f"unknown frame type {kind!r}; expected one of: {', '.join(self.FRAMES)}")
+            await self._error(
+                "unknown_type", f"unknown frame type {kind!r}; expected one of: {', '.join(self.FRAMES)}"
+            )
             return
         await getattr(self, method)(frame)
 

@@ -47,7 +47,9 @@ def _publish_on_commit(*, kind: str, message: Message) -> None:
 
 def _thread_message(*, thread: Thread, role: str, content: str) -> Message:
     """Store a finished message in the thread, in the session the thread was last active in."""
-    latest = Message.objects.filter(thread=thread).order_by("-created_at").values_list("session_id", flat=True)
+    latest = (
+        Message.objects.filter(thread=thread).order_by("-created_at").values_list("session_id", flat=True)
+    )
     return Message.objects.create(
         user_id=thread.user_id,
         session_id=latest.first() or thread.session_id,
@@ -60,7 +62,11 @@ def _thread_message(*, thread: Thread, role: str, content: str) -> Message:
 
 
 def _locked(escalation: Escalation) -> Escalation:
-    return Escalation.objects.select_for_update(of=("self",)).select_related("thread", "holder").get(pk=escalation.pk)
+    return (
+        Escalation.objects.select_for_update(of=("self",))
+        .select_related("thread", "holder")
+        .get(pk=escalation.pk)
+    )
 
 
 def _may_act(escalation: Escalation, staff_user: AbstractBaseUser) -> bool:
@@ -111,7 +117,9 @@ def escalation_claim(*, escalation: Escalation, staff_user: AbstractBaseUser) ->
         escalation.claimed_at = timezone.now()
         escalation.save(update_fields=["status", "holder", "claimed_at"])
         notice = _thread_message(
-            thread=escalation.thread, role=Message.Role.SYSTEM, content=JOINED_TEXT.format(name=staff_name(staff_user))
+            thread=escalation.thread,
+            role=Message.Role.SYSTEM,
+            content=JOINED_TEXT.format(name=staff_name(staff_user)),
         )
         _publish_on_commit(kind="human_joined", message=notice)
     return escalation
@@ -127,8 +135,10 @@ def escalation_release(*, escalation: Escalation, staff_user: AbstractBaseUser) 
     with transaction.atomic():
         escalation = _locked(escalation)
         if escalation.status != Escalation.Status.CLAIMED:
-            raise InvalidInput(f"only a claimed escalation can be released; this one is {escalation.status}",
-                               field="escalation")
+            raise InvalidInput(
+                f"only a claimed escalation can be released; this one is {escalation.status}",
+                field="escalation",
+            )
         if not _may_act(escalation, staff_user):
             holder = staff_name(escalation.holder) if escalation.holder else "someone else"
             raise PermissionError(f"this escalation is held by {holder}; only they can release it")
@@ -189,6 +199,8 @@ def staff_reply(*, thread: Thread, staff_user: AbstractBaseUser, content: str) -
             holder = staff_name(escalation.holder) if escalation.holder else "someone else"
             raise PermissionError(f"this thread is held by {holder}; only they can reply")
         reply = _thread_message(thread=thread, role=Message.Role.HUMAN_AGENT, content=text)
-        thread_add_reply(thread=Thread.objects.select_for_update().get(pk=thread.pk), text=text, now=timezone.now())
+        thread_add_reply(
+            thread=Thread.objects.select_for_update().get(pk=thread.pk), text=text, now=timezone.now()
+        )
         _publish_on_commit(kind="human_message", message=reply)
     return reply

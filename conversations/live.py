@@ -175,8 +175,15 @@ def staff_act(*, kind: str, staff_pk: int, end_user: EndUser, frame: dict[str, A
 class StaffConsumer(JsonFrameConsumer):
     """``/ws/staff/users/<user_pk>/``: one end user's conversation, live, for staff (see the module)."""
 
-    FRAMES = {"reply": "_on_reply", "claim": "_on_claim", "release": "_on_release", "hand_back": "_on_hand_back",
-              "typing": "_on_typing", "resume": "_on_resume", "ping": "_on_ping"}
+    FRAMES = {
+        "reply": "_on_reply",
+        "claim": "_on_claim",
+        "release": "_on_release",
+        "hand_back": "_on_hand_back",
+        "typing": "_on_typing",
+        "resume": "_on_resume",
+        "ping": "_on_ping",
+    }
     end_user: EndUser
     staff_user: Any
     staff_pk: int

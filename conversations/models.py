@@ -75,7 +75,10 @@ class Thread(models.Model):
     topic = models.CharField(max_length=255, blank=True, help_text="Short label: the opening message.")
     intent = models.CharField(max_length=100, blank=True)
     topic_embedding = VectorField(
-        dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, help_text="Mean of the user messages' embeddings."
+        dimensions=EMBEDDING_DIMENSIONS,
+        null=True,
+        blank=True,
+        help_text="Mean of the user messages' embeddings.",
     )
     topic_weight = models.PositiveIntegerField(default=0, help_text="User messages folded into the topic.")
     opening_embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True)
@@ -114,7 +117,9 @@ class Message(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="messages")
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
-    thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="messages", null=True, blank=True)
+    thread = models.ForeignKey(
+        Thread, on_delete=models.CASCADE, related_name="messages", null=True, blank=True
+    )
     reply_to = models.OneToOneField(
         "self", on_delete=models.CASCADE, null=True, blank=True, related_name="reply"
     )
@@ -234,13 +239,21 @@ class Escalation(models.Model):
     thread = models.ForeignKey(Thread, on_delete=models.CASCADE, related_name="escalations")
     user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="escalations")
     message = models.ForeignKey(
-        Message, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        Message,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
         help_text="The user message whose turn asked for a human.",
     )
     reason = models.TextField(blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
     holder = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
         help_text="The staff member holding the thread (the last one, once resolved).",
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

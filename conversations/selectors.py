@@ -61,7 +61,9 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     """Where a new message may belong, most recently active first: the user's unresolved threads,
     led by the most recent thread even when it was just resolved ("thanks! one more thing...")."""
     threads = list(
-        Thread.objects.filter(user=user).exclude(status=Thread.Status.RESOLVED).order_by("-last_activity_at")[:limit]
+        Thread.objects.filter(user=user)
+        .exclude(status=Thread.Status.RESOLVED)
+        .order_by("-last_activity_at")[:limit]
     )
     latest = Thread.objects.filter(user=user).order_by("-last_activity_at").first()
     if latest is not None and latest.status == Thread.Status.RESOLVED:
@@ -89,7 +91,9 @@ def thread_history(*, thread: Thread, limit: int, before: Message | None = None)
     return list(reversed(messages.order_by("-created_at")[:limit]))
 
 
-def thread_earlier_than_window(*, thread: Thread, window: int, before: Message, limit: int = 200) -> list[Message]:
+def thread_earlier_than_window(
+    *, thread: Thread, window: int, before: Message, limit: int = 200
+) -> list[Message]:
     """Finished messages older than the last ``window`` ones before ``before``, oldest first."""
     messages = (
         Message.objects.filter(thread=thread, created_at__lt=before.created_at)

@@ -58,7 +58,9 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     ended = ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__lte=now)
     ended_ids = list(ended.values_list("pk", flat=True))
     ended.update(status=ChatSession.Status.EXPIRED, ended_at=F("expires_at"))
-    for session_id in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
+    for (
+        session_id
+    ) in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
         _schedule_task("memory.remember_session", str(session_id))
     if live is not None:
         live.last_activity_at = now
@@ -156,9 +158,10 @@ def user_mark_read(*, user: EndUser, message_id: Any) -> Message:
 
     message = message_get_for_user(user=user, message_id=message_id)
     current = user.last_read_message_id
-    newer = current is None or not Message.objects.filter(
-        pk=current, user=user, created_at__gte=message.created_at
-    ).exists()
+    newer = (
+        current is None
+        or not Message.objects.filter(pk=current, user=user, created_at__gte=message.created_at).exists()
+    )
     if newer:
         now = timezone.now()
         EndUser.objects.filter(pk=user.pk).update(last_read_message_id=message.pk, last_read_at=now)
@@ -174,9 +177,8 @@ def message_claim(*, message_id: Any, now: datetime, stale_after: timedelta) -> 
     claimable = Q(status__in=[Message.Status.PENDING, Message.Status.FAILED]) | Q(
         status=Message.Status.PROCESSING, processing_started_at__lt=now - stale_after
     )
-    claimed = (
-        Message.objects.filter(claimable, pk=message_id, role=Message.Role.USER)
-        .update(status=Message.Status.PROCESSING, processing_started_at=now, error="")
+    claimed = Message.objects.filter(claimable, pk=message_id, role=Message.Role.USER).update(
+        status=Message.Status.PROCESSING, processing_started_at=now, error=""
     )
     return claimed == 1
 
@@ -338,9 +340,16 @@ def thread_staff_resolve(*, thread: Thread, staff_user: AbstractBaseUser, note: 
 
 def _publish_thread_change(thread: Thread, event: str) -> None:
     """Tell the user's live connections that staff changed one of their threads."""
-    publish_on_commit(user_pk=thread.user_id, event={
-        "kind": "thread", "event": event, "thread_id": str(thread.pk), "status": thread.status, "topic": thread.topic,
-    })
+    publish_on_commit(
+        user_pk=thread.user_id,
+        event={
+            "kind": "thread",
+            "event": event,
+            "thread_id": str(thread.pk),
+            "status": thread.status,
+            "topic": thread.topic,
+        },
+    )
 
 
 def thread_staff_reopen(*, thread: Thread, staff_user: AbstractBaseUser) -> Thread:
@@ -406,8 +415,14 @@ def threads_merge(*, source: Thread, target: Thread, staff_user: AbstractBaseUse
         target.escalated = target.escalated or source.escalated
         target.save(
             update_fields=[
-                "topic_embedding", "topic_weight", "opening_embedding", "last_activity_at",
-                "last_user_embedding", "last_assistant_text", "vocabulary", "escalated",
+                "topic_embedding",
+                "topic_weight",
+                "opening_embedding",
+                "last_activity_at",
+                "last_user_embedding",
+                "last_assistant_text",
+                "vocabulary",
+                "escalated",
             ]
         )
         source.status = Thread.Status.RESOLVED
@@ -419,8 +434,11 @@ def threads_merge(*, source: Thread, target: Thread, staff_user: AbstractBaseUse
         detail = {"source": str(source.pk), "target": str(target.pk), "messages": moved}
         for thread in (source, target):
             thread_activity_record(
-                thread=thread, kind=ThreadActivity.Kind.MERGED, actor=ThreadActivity.Actor.STAFF,
-                staff_user=staff_user, detail=detail,
+                thread=thread,
+                kind=ThreadActivity.Kind.MERGED,
+                actor=ThreadActivity.Actor.STAFF,
+                staff_user=staff_user,
+                detail=detail,
             )
     return target
 
@@ -472,8 +490,12 @@ def thread_split(*, message: Message, staff_user: AbstractBaseUser) -> Thread:
         detail = {"from": str(original.pk), "to": str(new.pk), "messages": len(moving)}
         for thread in (original, new):
             thread_activity_record(
-                thread=thread, kind=ThreadActivity.Kind.SPLIT, message=message,
-                actor=ThreadActivity.Actor.STAFF, staff_user=staff_user, detail=detail,
+                thread=thread,
+                kind=ThreadActivity.Kind.SPLIT,
+                message=message,
+                actor=ThreadActivity.Actor.STAFF,
+                staff_user=staff_user,
+                detail=detail,
             )
     return new
 

@@ -103,7 +103,9 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
             publish(user_pk=user_pk, event={"kind": "turn", "turn": prepared.result})
         return str(prepared.result["status"])
     try:
-        outcome = loop.run_until_complete(_respond_streaming(agent, prepared, user_pk=user_pk, message_id=message_id))
+        outcome = loop.run_until_complete(
+            _respond_streaming(agent, prepared, user_pk=user_pk, message_id=message_id)
+        )
     except LLMError as exc:
         agent.fail(prepared, exc)
         if exc.transient and llm_attempt < MAX_LLM_RETRIES:
@@ -115,8 +117,12 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
             ) from exc
         publish(
             user_pk=user_pk,
-            event={"kind": "error", "code": exc.code, "message": "The assistant is unavailable right now.",
-                   "message_id": message_id},
+            event={
+                "kind": "error",
+                "code": exc.code,
+                "message": "The assistant is unavailable right now.",
+                "message_id": message_id,
+            },
         )
         return "failed"
     except Exception as exc:
@@ -129,8 +135,10 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
 
 async def _respond_streaming(agent: Any, prepared: Any, *, user_pk: int, message_id: str) -> Any:
     """Run the reply, streaming its text to the user's connections as it is written."""
-    await apublish(user_pk=user_pk,
-                   event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id})
+    await apublish(
+        user_pk=user_pk,
+        event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
+    )
     stream = DeltaStream(user_pk=user_pk, message_id=message_id)
     try:
         return await agent.respond(prepared, on_text=stream)
@@ -144,11 +152,20 @@ async def _announce(*, user_pk: int, message_id: str, result: dict[str, Any]) ->
         if result.get("thread_event") in THREAD_EVENTS_SHOWN and result.get("thread_id"):
             thread = await Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").afirst()
             if thread is not None:
-                await apublish(user_pk=user_pk, event={"kind": "thread", "event": result["thread_event"],
-                                                       "thread_id": result["thread_id"], **thread})
+                await apublish(
+                    user_pk=user_pk,
+                    event={
+                        "kind": "thread",
+                        "event": result["thread_event"],
+                        "thread_id": result["thread_id"],
+                        **thread,
+                    },
+                )
         await apublish(user_pk=user_pk, event={"kind": "turn", "turn": result})
-        await apublish(user_pk=user_pk,
-                       event={"kind": "typing", "role": "assistant", "state": False, "message_id": message_id})
+        await apublish(
+            user_pk=user_pk,
+            event={"kind": "typing", "role": "assistant", "state": False, "message_id": message_id},
+        )
     except Exception:  # the reply is stored: a client that missed it gets it with "resume"
         logger.exception("could not announce the turn of message %s", message_id)
 

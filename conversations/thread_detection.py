@@ -113,32 +113,55 @@ def decide_thread(
         )
     if p_res >= model.resolution.threshold and p_res >= p_new:
         target, reason = active, "resolution of the active thread"
-        if best_other[1] is not None and best_other[0] >= RESOLVE_OTHER_SIMILARITY and best_other[0] > sims[0]:
+        if (
+            best_other[1] is not None
+            and best_other[0] >= RESOLVE_OTHER_SIMILARITY
+            and best_other[0] > sims[0]
+        ):
             target, reason = best_other[1], "resolution of the thread it talks about"
-        return ThreadDecision(ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason})
+        return ThreadDecision(
+            ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason}
+        )
     if p_new >= model.new_topic.threshold:
         if best_other[1] is not None and best_other[0] >= RETURN_SIMILARITY:
             return ThreadDecision(
-                ThreadEvent.RETURN, best_other[1].thread_id, round(p_new, 4),
+                ThreadEvent.RETURN,
+                best_other[1].thread_id,
+                round(p_new, 4),
                 {**signals, "reason": "new for the active thread, close to an earlier one"},
             )
-        return ThreadDecision(ThreadEvent.NEW_TOPIC, None, round(p_new, 4), {**signals, "reason": "scorer: new topic"})
+        return ThreadDecision(
+            ThreadEvent.NEW_TOPIC, None, round(p_new, 4), {**signals, "reason": "scorer: new topic"}
+        )
     words = content_words(text)
     novelty = len(words - active.state.vocabulary) / max(1, len(words))
-    unrelated = len(words) >= UNRELATED_MIN_WORDS and novelty >= UNRELATED_NOVELTY and sims[0] < UNRELATED_SIMILARITY
+    unrelated = (
+        len(words) >= UNRELATED_MIN_WORDS and novelty >= UNRELATED_NOVELTY and sims[0] < UNRELATED_SIMILARITY
+    )
     if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
         return ThreadDecision(
-            ThreadEvent.NEW_TOPIC, None, round(1 - sims[0], 4), {**signals, "reason": "unrelated to the active thread"}
+            ThreadEvent.NEW_TOPIC,
+            None,
+            round(1 - sims[0], 4),
+            {**signals, "reason": "unrelated to the active thread"},
         )
     if idle <= inactivity and active.current_session:
         return ThreadDecision(
-            ThreadEvent.FOLLOW_UP, active.thread_id, round(1 - p_new, 4), {**signals, "reason": "scorer: continues"}
+            ThreadEvent.FOLLOW_UP,
+            active.thread_id,
+            round(1 - p_new, 4),
+            {**signals, "reason": "scorer: continues"},
         )
     if sims[0] >= DORMANT_RETURN_SIMILARITY:
         return ThreadDecision(
-            ThreadEvent.RETURN, active.thread_id, round(1 - p_new, 4), {**signals, "reason": "back to a dormant thread"}
+            ThreadEvent.RETURN,
+            active.thread_id,
+            round(1 - p_new, 4),
+            {**signals, "reason": "back to a dormant thread"},
         )
     return ThreadDecision(
-        ThreadEvent.NEW_TOPIC, None, round(1 - sims[0], 4),
+        ThreadEvent.NEW_TOPIC,
+        None,
+        round(1 - sims[0], 4),
         {**signals, "reason": "the active thread went dormant or its session expired"},
     )

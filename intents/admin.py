@@ -23,7 +23,14 @@ class IntentCategoryForm(forms.ModelForm):
     class Meta:
         model = IntentCategory
         fields = (
-            "name", "description", "examples", "threshold", "on_low_confidence", "handoff", "system_prompt", "active",
+            "name",
+            "description",
+            "examples",
+            "threshold",
+            "on_low_confidence",
+            "handoff",
+            "system_prompt",
+            "active",
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -51,7 +58,10 @@ class IntentCategoryForm(forms.ModelForm):
             return data
         try:
             validate_intent_fields(
-                data.get("name"), data.get("description") or "", data.get("examples") or [], data.get("threshold")
+                data.get("name"),
+                data.get("description") or "",
+                data.get("examples") or [],
+                data.get("threshold"),
             )
         except ConfigError as exc:
             message = str(exc)

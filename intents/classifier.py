@@ -89,7 +89,10 @@ class IntentClassifier:
         if len(categories) > 1:
             weights, bias = _train(vectors, owner_array, len(categories))
         else:
-            weights, bias = np.zeros((dim, len(categories)), np.float32), np.zeros(len(categories), np.float32)
+            weights, bias = (
+                np.zeros((dim, len(categories)), np.float32),
+                np.zeros(len(categories), np.float32),
+            )
         return cls(tuple(categories), vectors, owner_array, centroids, weights, bias)
 
     def classify(self, embedding: np.ndarray, *, runners_up: int = 3) -> Classification:
@@ -105,7 +108,11 @@ class IntentClassifier:
         probs /= probs.sum()
         best = float(best_similarity.max())
         strength = float(
-            np.clip((best - OUT_OF_SCOPE_SIMILARITY) / (FULL_CONFIDENCE_SIMILARITY - OUT_OF_SCOPE_SIMILARITY), 0, 1)
+            np.clip(
+                (best - OUT_OF_SCOPE_SIMILARITY) / (FULL_CONFIDENCE_SIMILARITY - OUT_OF_SCOPE_SIMILARITY),
+                0,
+                1,
+            )
         )
         raw = probs * strength
         confidences = raw.copy()
@@ -118,7 +125,8 @@ class IntentClassifier:
             confidences[others] = raw[others] / rest * min(rest, 1.0 - confidences[top])
         order = np.argsort(-confidences, kind="stable")
         ranked = tuple(
-            IntentScore(self.categories[i].name, round(float(confidences[i]), 4)) for i in order[: runners_up + 1]
+            IntentScore(self.categories[i].name, round(float(confidences[i]), 4))
+            for i in order[: runners_up + 1]
         )
         if best < OUT_OF_SCOPE_SIMILARITY:
             # Out of scope: no category fits; the confidence is the (near-zero) best category's.

@@ -23,6 +23,7 @@ class IntentCategory(models.Model):
     examples = ArrayField(models.TextField(), default=list, blank=True)
     threshold = models.FloatField(null=True, blank=True)
     handoff = models.BooleanField(default=False, help_text="Always hand threads of this intent to a human.")
+
     class LowConfidence(models.TextChoices):
         HANDOFF = "handoff", "hand off to a human"
         CLARIFY = "clarify", "ask the user to clarify"

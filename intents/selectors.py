@@ -11,7 +11,11 @@ def intent_categories_active() -> list[IntentCategorySpec]:
     """The active categories of the admin, as the public value type."""
     return [
         IntentCategorySpec(
-            c.name, c.description, c.examples, threshold=c.threshold, handoff=c.handoff,
+            c.name,
+            c.description,
+            c.examples,
+            threshold=c.threshold,
+            handoff=c.handoff,
             on_low_confidence=c.on_low_confidence,
             system_prompt=c.system_prompt,
         )

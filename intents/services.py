@@ -30,7 +30,9 @@ def intent_categories_sync(
             defaults={
                 "description": spec.description,
                 "examples": list(spec.examples),
-                "threshold": spec.threshold if spec.threshold is not None else (thresholds or {}).get(spec.name),
+                "threshold": spec.threshold
+                if spec.threshold is not None
+                else (thresholds or {}).get(spec.name),
                 "handoff": spec.handoff,
                 "on_low_confidence": spec.on_low_confidence,
                 "system_prompt": spec.system_prompt,

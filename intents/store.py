@@ -70,7 +70,9 @@ class IntentStore:
             if self._snapshot is None or fingerprint != self._fingerprint:
                 categories = tuple(intent_categories_active())
                 self._snapshot = IntentSnapshot(
-                    categories, IntentClassifier.build(categories, self._embedder), {c.name: c for c in categories}
+                    categories,
+                    IntentClassifier.build(categories, self._embedder),
+                    {c.name: c for c in categories},
                 )
                 self._fingerprint = fingerprint
             return self._snapshot

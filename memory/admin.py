@@ -17,7 +17,11 @@ from .models import Memory
 from .services import memory_embed
 
 # source key -> the admin page of what it names
-_LINKED = {"thread": "conversations_thread", "session": "conversations_chatsession", "message": "conversations_message"}
+_LINKED = {
+    "thread": "conversations_thread",
+    "session": "conversations_chatsession",
+    "message": "conversations_message",
+}
 
 
 def _link(model: str, pk: Any) -> SafeString:
@@ -40,20 +44,31 @@ def provenance_html(source: dict[str, Any]) -> SafeString:
         if source.get(key):
             parts.append(format_html("{} {}", key, _link(model, source[key])))
     if source.get("messages"):
-        links = format_html_join(", ", "{}", ((_link("conversations_message", pk),) for pk in source["messages"]))
+        links = format_html_join(
+            ", ", "{}", ((_link("conversations_message", pk),) for pk in source["messages"])
+        )
         parts.append(format_html("messages {}", links))
     line = format_html_join("; ", "{}", ((part,) for part in parts)) if parts else format_html("{}", "(none)")
     merged = source.get("merged") or []
     if not merged:
         return line
-    earlier = format_html_join("", "<li>{}</li>", ((provenance_html(m),) for m in merged if isinstance(m, dict)))
+    earlier = format_html_join(
+        "", "<li>{}</li>", ((provenance_html(m),) for m in merged if isinstance(m, dict))
+    )
     return format_html("{}<br>merged from:<ul>{}</ul>", line, earlier)
 
 
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
     list_display = (
-        "short_content", "owner", "kind", "approved", "use_count", "last_used_at", "updated_at", "came_from",
+        "short_content",
+        "owner",
+        "kind",
+        "approved",
+        "use_count",
+        "last_used_at",
+        "updated_at",
+        "came_from",
     )
     list_filter = ("kind", "approved", ("user", admin.EmptyFieldListFilter), "embedding_model")
     actions = ["approve", "withdraw"]
@@ -61,7 +76,13 @@ class MemoryAdmin(admin.ModelAdmin):
     list_select_related = ("user",)
     exclude = ("embedding", "source")
     readonly_fields = (
-        "provenance", "approved", "embedding_model", "use_count", "created_at", "updated_at", "last_used_at",
+        "provenance",
+        "approved",
+        "embedding_model",
+        "use_count",
+        "created_at",
+        "updated_at",
+        "last_used_at",
     )
     raw_id_fields = ("user",)
     date_hierarchy = "updated_at"
@@ -91,7 +112,11 @@ class MemoryAdmin(admin.ModelAdmin):
     def came_from(self, obj: Memory) -> SafeString:
         thread = obj.source.get("thread")
         by = obj.source.get("by", "")
-        return format_html("{} {}", by, _link("conversations_thread", thread)) if thread else format_html("{}", by)
+        return (
+            format_html("{} {}", by, _link("conversations_thread", thread))
+            if thread
+            else format_html("{}", by)
+        )
 
     @admin.display(description="provenance")
     def provenance(self, obj: Memory) -> SafeString:

@@ -23,14 +23,19 @@ class Memory(models.Model):
         PATTERN = "pattern"  # a global resolution pattern
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories")
+    user = models.ForeignKey(
+        EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories"
+    )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     content = models.TextField()
     embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS)
     embedding_model = models.CharField(max_length=100)
-    source = models.JSONField(default=dict, blank=True, help_text="Provenance: thread, messages, who wrote it.")
+    source = models.JSONField(
+        default=dict, blank=True, help_text="Provenance: thread, messages, who wrote it."
+    )
     approved = models.BooleanField(
-        default=True, help_text="Global memories wait for staff review when memory_config.review_global is on."
+        default=True,
+        help_text="Global memories wait for staff review when memory_config.review_global is on.",
     )
     use_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -14,7 +14,9 @@ _PATTERNS = [
     (re.compile(r"\b\d{4,}\b"), "[number]"),
     # Names the user gives: "my name is Ann Lee", "I'm Bob", "this is Carol", "signed, Dave".
     (
-        re.compile(r"\b((?i:my name is|i am|i'm|this is|call me|signed,?))\s+([A-Z][a-z]+(?:\s+[A-Z][a-z]+)?)"),
+        re.compile(
+            r"\b((?i:my name is|i am|i'm|this is|call me|signed,?))\s+([A-Z][a-z]+(?:\s+[A-Z][a-z]+)?)"
+        ),
         r"\1 [name]",
     ),
 ]

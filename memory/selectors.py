@@ -61,7 +61,9 @@ def memory_candidates(*, user_id: int, embedding: np.ndarray, pool: int, exact_g
     # scan, no heap visits), then fetches the rows of the nearest only.
     nearest_ids = nearest(approved_global, exact=True).values("pk")[:pool]
     shared = approved_global.filter(pk__in=Subquery(nearest_ids)).order_by()
-    return own.union(shared.annotate(distance=CosineDistance("embedding", embedding)).values(*fields), all=True)
+    return own.union(
+        shared.annotate(distance=CosineDistance("embedding", embedding)).values(*fields), all=True
+    )
 
 
 def memory_search(
@@ -94,7 +96,9 @@ def memory_search(
         candidates = sorted(query, key=lambda r: r["distance"])[:pool]
     else:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(max(GLOBAL_EF_SEARCH, pool))])
+            cursor.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true)", [str(max(GLOBAL_EF_SEARCH, pool))]
+            )
             candidates = sorted(query, key=lambda r: r["distance"])[:pool]
     rows = [row for row in candidates if row["distance"] <= max_distance]
     for row in rows:

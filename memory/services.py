@@ -87,13 +87,21 @@ def memory_remember(
         )
         if nearest is not None and 1.0 - float(nearest.distance) >= DUPLICATE_SIMILARITY:
             history = nearest.source.get("merged", [])
-            nearest.source = {**source, "merged": [*history, {k: v for k, v in nearest.source.items() if k != "merged"}]}
+            nearest.source = {
+                **source,
+                "merged": [*history, {k: v for k, v in nearest.source.items() if k != "merged"}],
+            }
             nearest.content, nearest.embedding, nearest.embedding_model = content, vector, embedder.model_id
             nearest.save(update_fields=["content", "embedding", "embedding_model", "source", "updated_at"])
             return nearest, False
         memory = Memory.objects.create(
-            user=user, kind=kind, content=content, embedding=vector, embedding_model=embedder.model_id,
-            source=source, approved=approved,
+            user=user,
+            kind=kind,
+            content=content,
+            embedding=vector,
+            embedding_model=embedder.model_id,
+            source=source,
+            approved=approved,
         )
         if user is not None:
             memory_evict(user=user, keep=max_per_user)

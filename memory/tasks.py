@@ -35,10 +35,14 @@ SWEEP_WINDOW = 2 * SWEEP_EVERY  # each sweep looks this far back, so one late ru
 
 
 def _thread_messages(thread: Thread) -> list[Message]:
-    return list(Message.objects.filter(thread=thread).exclude(role=Message.Role.SYSTEM).order_by("created_at"))
+    return list(
+        Message.objects.filter(thread=thread).exclude(role=Message.Role.SYSTEM).order_by("created_at")
+    )
 
 
-def _memory_text(agent: Any, *, thread: Thread, messages: list[Message], extractive: str, ended: str) -> tuple[str, str]:
+def _memory_text(
+    agent: Any, *, thread: Thread, messages: list[Message], extractive: str, ended: str
+) -> tuple[str, str]:
     """The LLM's "Problem / What worked / Outcome" summary when online, else the extractive text.
 
     Returns:
@@ -55,7 +59,9 @@ def _memory_text(agent: Any, *, thread: Thread, messages: list[Message], extract
             )
         )
     except LLMError as exc:
-        logger.warning("memory summary of thread %s: LLM unavailable (%s); extractive text used", thread.pk, exc)
+        logger.warning(
+            "memory summary of thread %s: LLM unavailable (%s); extractive text used", thread.pk, exc
+        )
         return extractive, "extractive"
     if summary is None:
         logger.warning("memory summary of thread %s: unusable LLM reply; extractive text used", thread.pk)
@@ -86,7 +92,9 @@ def remember_resolution(thread_id: str) -> str:
         content=text,
         embedder=agent.embedder,
         source={
-            "thread": str(thread.pk), "messages": [str(m.pk) for m in messages[-10:]], "by": "resolution",
+            "thread": str(thread.pk),
+            "messages": [str(m.pk) for m in messages[-10:]],
+            "by": "resolution",
             "summary": how,
         },
         max_per_user=config.max_episodic_per_user,
@@ -144,8 +152,11 @@ def remember_session(session_id: str) -> str:
             content=text,
             embedder=agent.embedder,
             source={
-                "session": str(session.pk), "thread": str(thread.pk),
-                "messages": [str(m.pk) for m in messages[-10:]], "by": "session end", "summary": how,
+                "session": str(session.pk),
+                "thread": str(thread.pk),
+                "messages": [str(m.pk) for m in messages[-10:]],
+                "by": "session end",
+                "summary": how,
             },
             max_per_user=config.max_episodic_per_user,
         )

@@ -55,7 +55,9 @@ SUMMARY_SYSTEM = (
 SUMMARY_MAX_CHARS = 600
 
 
-async def llm_memory_summary(*, llm: Any, config: Any, thread: Thread, messages: list[Message], ended: str) -> str | None:
+async def llm_memory_summary(
+    *, llm: Any, config: Any, thread: Thread, messages: list[Message], ended: str
+) -> str | None:
     """Ask the LLM for a "Problem / What worked / Outcome" summary of a thread.
 
     Args:

@@ -99,8 +99,14 @@ def celery_worker(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Any]
     from agentflow_project.celery import app
 
     with django_db_blocker.unblock():
-        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING",
-                          shutdown_timeout=30) as worker:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker:
             yield worker
         from django.db import connections
 

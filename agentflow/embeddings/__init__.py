@@ -62,7 +62,9 @@ class MiniLMEmbedder(Embedder):
         if threads is None:
             raw = os.environ.get("AGENTFLOW_EMBEDDER_THREADS", "").strip()
             if raw and not (raw.isdigit() and int(raw) >= 1):
-                raise ValueError(f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}")
+                raise ValueError(
+                    f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}"
+                )
             threads = int(raw) if raw else 1
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -72,7 +72,9 @@ async def test_an_llm_error_leaves_the_scorer_decision(anthropic_client, fake_ll
     second = await agent.process_message(user_id="judged", message=SECOND)
 
     assert (second["thread_event"], second["thread_id"], second["content"]) == (
-        "FOLLOW_UP", first["thread_id"], "Still here."
+        "FOLLOW_UP",
+        first["thread_id"],
+        "Still here.",
     )
 
 

@@ -38,12 +38,18 @@ async def test_a_long_thread_sends_a_window_and_a_summary(anthropic_client, fake
     assert "- User: My login is broken." in system
     assert f"- User: {SCRIPT[1]}" in system
     first_request = fake_llm.requests[0]["body"]
-    first_system = first_request["system"] if isinstance(first_request["system"], str) else first_request["system"][0]["text"]
+    first_system = (
+        first_request["system"]
+        if isinstance(first_request["system"], str)
+        else first_request["system"][0]["text"]
+    )
     assert "summary" not in first_system
 
 
 def test_extractive_summary_keeps_the_opening_and_the_latest_lines() -> None:
-    messages = [Message(role="user", content=f"Message number {i}. More detail follows here.") for i in range(60)]
+    messages = [
+        Message(role="user", content=f"Message number {i}. More detail follows here.") for i in range(60)
+    ]
 
     summary = extractive_summary(messages, max_chars=300)
 

@@ -47,7 +47,12 @@ TURN_TIMEOUT = 20
 async def _agent(llm_client: Any = None) -> Any:
     # No thread judgement: the placement of a message must not call the LLM either in these tests.
     config = {"session_config": {"llm_thread_judgement": False}}
-    return await AgentFrameworkBuilder().with_intent_categories([ESCALATION]).with_config(config).build(llm_client)
+    return (
+        await AgentFrameworkBuilder()
+        .with_intent_categories([ESCALATION])
+        .with_config(config)
+        .build(llm_client)
+    )
 
 
 @pytest.fixture
@@ -110,7 +115,11 @@ async def test_an_escalating_turn_opens_one_escalation_and_the_bot_then_stays_si
     thread = await Thread.objects.aget(pk=first["thread_id"])
     escalation = await Escalation.objects.aget()
     assert (first["content"], first["handled_by"], first["escalated"]) == (HANDOFF_NOTICE, "handoff", True)
-    assert (escalation.thread_id, escalation.user_id, escalation.message_id) == (thread.pk, asked.user_id, asked.pk)
+    assert (escalation.thread_id, escalation.user_id, escalation.message_id) == (
+        thread.pk,
+        asked.user_id,
+        asked.pk,
+    )
     assert (escalation.status, escalation.holder_id, escalation.reason) == ("open", None, REASON)
     assert escalation.claimed_at is None and escalation.resolved_at is None
     assert await sync_to_async(thread_held_by_human)(thread=thread)
@@ -120,13 +129,18 @@ async def test_an_escalating_turn_opens_one_escalation_and_the_bot_then_stays_si
     held = await Message.objects.aget(pk=second["message_id"])
     assert second["thread_id"] == str(thread.pk)
     assert (second["status"], second["content"], second["handled_by"], second["escalated"]) == (
-        "done", None, "human", True,
+        "done",
+        None,
+        "human",
+        True,
     )
     assert "reply_id" not in second
     assert (held.status, held.handled_by, held.escalated) == ("done", "human", True)
     assert not await Message.objects.filter(reply_to=held).aexists()
     assert await sync_to_async(_roles_and_contents)(thread) == [
-        ("user", ASK_MANAGER), ("assistant", HANDOFF_NOTICE), ("user", FOLLOW_UP),
+        ("user", ASK_MANAGER),
+        ("assistant", HANDOFF_NOTICE),
+        ("user", FOLLOW_UP),
     ]
     assert await Escalation.objects.acount() == 1
     assert fake_llm.requests == []  # neither the hand-off notice nor the silent turn asked the LLM
@@ -204,7 +218,12 @@ async def test_staff_messages_reach_the_user_live_and_over_rest_and_no_one_else(
 
     reply = await sync_to_async(staff_reply)(thread=thread, staff_user=staff, content="  Hi, Dana here.  ")
     assert await alice.receive_json_from(timeout=5) == _frame("human_message", reply)
-    assert (reply.role, reply.content, reply.thread_id, reply.status) == ("human_agent", "Hi, Dana here.", thread.pk, "done")
+    assert (reply.role, reply.content, reply.thread_id, reply.status) == (
+        "human_agent",
+        "Hi, Dana here.",
+        thread.pk,
+        "done",
+    )
 
     await sync_to_async(escalation_resolve)(escalation=escalation, staff_user=staff)
     back = await Message.objects.aget(thread=thread, role="system", content=BOT_BACK_TEXT)
@@ -234,7 +253,9 @@ async def test_rest_and_websocket_turns_in_a_held_thread_have_no_reply(celery_wo
 
     async def post(text: str) -> Any:
         return await client.post(
-            "/api/users/alice/messages", {"message": text}, content_type="application/json",
+            "/api/users/alice/messages",
+            {"message": text},
+            content_type="application/json",
             headers={"X-API-Key": api_key},
         )
 
@@ -243,7 +264,12 @@ async def test_rest_and_websocket_turns_in_a_held_thread_have_no_reply(celery_wo
 
     body = response.json()
     assert response.status_code == 200, body
-    assert (body["status"], body["content"], body["handled_by"], body["escalated"]) == ("done", None, "human", True)
+    assert (body["status"], body["content"], body["handled_by"], body["escalated"]) == (
+        "done",
+        None,
+        "human",
+        True,
+    )
     assert (body["thread_id"], body["reply_id"]) == (first["thread_id"], None)
 
     alice = await _connect("alice")
@@ -251,7 +277,10 @@ async def test_rest_and_websocket_turns_in_a_held_thread_have_no_reply(celery_wo
     ack = await alice.receive_json_from()
     turn, _ = await receive_until(alice, "turn", timeout=TURN_TIMEOUT)
     assert (turn["type"], turn["message_id"], turn["content"], turn["handled_by"]) == (
-        "turn", ack["message_id"], None, "human",
+        "turn",
+        ack["message_id"],
+        None,
+        "human",
     )
     assert await Message.objects.filter(role="assistant").acount() == 1
     assert await Escalation.objects.acount() == 1
@@ -362,7 +391,9 @@ def test_the_queue_lists_and_filters_escalations(staff_client) -> None:
     escalation = _open_escalation()
 
     page = staff_client.get(reverse("admin:conversations_escalation_changelist"), {"status__exact": "open"})
-    claimed = staff_client.get(reverse("admin:conversations_escalation_changelist"), {"status__exact": "claimed"})
+    claimed = staff_client.get(
+        reverse("admin:conversations_escalation_changelist"), {"status__exact": "claimed"}
+    )
 
     assert page.status_code == 200
     assert list(page.context["cl"].result_list) == [escalation]

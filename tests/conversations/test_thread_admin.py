@@ -44,15 +44,23 @@ def _thread(user: Any = None, *, text: str, weight: int = 1, **fields: Any) -> T
     session = ChatSessionFactory(user=user) if user is not None else ChatSessionFactory()
     vector = get_embedder().embed_one(text)
     return ThreadFactory(
-        session=session, topic=text, topic_embedding=vector, opening_embedding=vector, last_user_embedding=vector,
-        topic_weight=weight, vocabulary=sorted(set(text.lower().split())), **fields,
+        session=session,
+        topic=text,
+        topic_embedding=vector,
+        opening_embedding=vector,
+        last_user_embedding=vector,
+        topic_weight=weight,
+        vocabulary=sorted(set(text.lower().split())),
+        **fields,
     )
 
 
 def _conversation(thread: Thread, *texts: str) -> list[Message]:
     """Alternating user and assistant messages in the thread, in order."""
     return [
-        MessageFactory(thread=thread, content=text, role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT)
+        MessageFactory(
+            thread=thread, content=text, role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT
+        )
         for i, text in enumerate(texts)
     ]
 
@@ -61,7 +69,9 @@ def _snapshot() -> dict[str, Any]:
     """Every thread, message placement and activity: compared before and after a refused change."""
     return {
         "threads": list(
-            Thread.objects.order_by("pk").values_list("pk", "status", "topic_weight", "resolution", "vocabulary")
+            Thread.objects.order_by("pk").values_list(
+                "pk", "status", "topic_weight", "resolution", "vocabulary"
+            )
         ),
         "messages": list(Message.objects.order_by("pk").values_list("pk", "thread_id")),
         "activities": ThreadActivity.objects.count(),
@@ -69,7 +79,9 @@ def _snapshot() -> dict[str, Any]:
 
 
 def _activities(thread: Thread) -> list[tuple[str, str]]:
-    return list(ThreadActivity.objects.filter(thread=thread).order_by("created_at").values_list("kind", "actor"))
+    return list(
+        ThreadActivity.objects.filter(thread=thread).order_by("created_at").values_list("kind", "actor")
+    )
 
 
 # --- services ----------------------------------------------------------------------------------
@@ -93,7 +105,9 @@ def test_staff_resolve_then_reopen(staff) -> None:
     thread_staff_resolve(thread=thread, staff_user=staff)  # already resolved: nothing happens
     thread.refresh_from_db()
     assert (thread.status, thread.resolution, thread.last_activity_at) == (
-        "resolved", "Password reset by phone", before,
+        "resolved",
+        "Password reset by phone",
+        before,
     )
     assert thread.resolved_at is not None
 
@@ -136,7 +150,10 @@ def test_merge_moves_messages_and_folds_the_topic(staff) -> None:
     for thread in (source, target):
         activity = ThreadActivity.objects.get(thread=thread)
         assert (activity.kind, activity.actor, activity.staff_user_id, activity.detail) == (
-            "merged", "staff", staff.pk, detail,
+            "merged",
+            "staff",
+            staff.pk,
+            detail,
         )
 
 
@@ -174,10 +191,17 @@ def test_split_moves_the_message_and_everything_after_it(staff) -> None:
     new = thread_split(message=switch, staff_user=staff)
 
     assert set(Message.objects.filter(thread=thread).values_list("pk", flat=True)) == {first.pk, reply.pk}
-    assert set(Message.objects.filter(thread=new).values_list("pk", flat=True)) == {switch.pk, switch_reply.pk}
+    assert set(Message.objects.filter(thread=new).values_list("pk", flat=True)) == {
+        switch.pk,
+        switch_reply.pk,
+    }
     vector = get_embedder().embed_one("Also my invoice is missing")
     assert (new.user_id, new.session_id, new.status, new.topic, new.topic_weight) == (
-        thread.user_id, switch.session_id, "open", "Also my invoice is missing", 1,
+        thread.user_id,
+        switch.session_id,
+        "open",
+        "Also my invoice is missing",
+        1,
     )
     for field in ("topic_embedding", "opening_embedding", "last_user_embedding"):
         np.testing.assert_allclose(np.asarray(getattr(new, field)), vector, rtol=1e-5, atol=1e-6)
@@ -188,8 +212,18 @@ def test_split_moves_the_message_and_everything_after_it(staff) -> None:
     detail = {"from": str(thread.pk), "to": str(new.pk), "messages": 2}
     for t in (thread, new):
         activity = ThreadActivity.objects.get(thread=t)
-        assert (activity.kind, activity.actor, activity.message_id, activity.staff_user_id, activity.detail) == (
-            "split", "staff", switch.pk, staff.pk, detail,
+        assert (
+            activity.kind,
+            activity.actor,
+            activity.message_id,
+            activity.staff_user_id,
+            activity.detail,
+        ) == (
+            "split",
+            "staff",
+            switch.pk,
+            staff.pk,
+            detail,
         )
 
 
@@ -215,12 +249,18 @@ def test_turns_record_their_activities() -> None:
 
     turns = [
         send(user_id="alice", message=text)
-        for text in ("My login is broken", "It says invalid password when I try", "Thanks, that fixed the login!")
+        for text in (
+            "My login is broken",
+            "It says invalid password when I try",
+            "Thanks, that fixed the login!",
+        )
     ]
 
     assert [t["thread_event"] for t in turns] == ["NEW_TOPIC", "FOLLOW_UP", "RESOLUTION"]
     activities = ThreadActivity.objects.order_by("created_at")
-    assert [(str(a.thread_id), a.kind, a.actor, str(a.message_id), a.user.external_id) for a in activities] == [
+    assert [
+        (str(a.thread_id), a.kind, a.actor, str(a.message_id), a.user.external_id) for a in activities
+    ] == [
         (t["thread_id"], kind, "user", t["message_id"], "alice")
         for t, kind in zip(turns, ["opened", "follow_up", "resolved"], strict=True)
     ]
@@ -286,12 +326,16 @@ def test_admin_merge_with_a_wrong_selection_changes_nothing(staff_client, select
 
 def test_admin_splits_at_a_message(staff_client) -> None:
     thread = _thread(text="My login is broken")
-    _, _, switch = _conversation(thread, "My login is broken", "Try resetting it", "Also my invoice is missing")
+    _, _, switch = _conversation(
+        thread, "My login is broken", "Try resetting it", "Also my invoice is missing"
+    )
 
     response = _action(staff_client, "message", "split_thread", [switch])
 
     new = Thread.objects.exclude(pk=thread.pk).get()
-    assert _shown(response) == [("success", "Split into the new thread \u201cAlso my invoice is missing\u201d.")]
+    assert _shown(response) == [
+        ("success", "Split into the new thread \u201cAlso my invoice is missing\u201d.")
+    ]
     assert list(new.messages.values_list("pk", flat=True)) == [switch.pk]
 
 
@@ -321,7 +365,8 @@ def test_thread_page_shows_the_activity_timeline_and_activities_are_listed(staff
 
     page = staff_client.get(reverse("admin:conversations_thread_change", args=[thread.pk]))
     listed = staff_client.get(
-        reverse("admin:conversations_threadactivity_changelist"), {"q": "alice", "kind": "resolved", "actor": "staff"}
+        reverse("admin:conversations_threadactivity_changelist"),
+        {"q": "alice", "kind": "resolved", "actor": "staff"},
     )
 
     assert page.status_code == 200

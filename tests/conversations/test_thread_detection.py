@@ -91,7 +91,9 @@ def test_related_message_follows_up_the_active_thread() -> None:
     assert decision.signals["profile"] == "task"
     assert decision.signals["p_new_topic"] < load_model("task").new_topic.threshold
     assert decision.confidence == pytest.approx(1 - decision.signals["p_new_topic"], abs=1e-4)
-    assert decision.signals["similarities"] == {"login": pytest.approx(_similarity(LOGIN_DETAIL, LOGIN), abs=1e-3)}
+    assert decision.signals["similarities"] == {
+        "login": pytest.approx(_similarity(LOGIN_DETAIL, LOGIN), abs=1e-3)
+    }
 
 
 def test_new_topic_cue_opens_a_thread_even_when_the_text_is_similar() -> None:
@@ -128,7 +130,9 @@ def test_thanks_resolves_the_thread_it_talks_about_not_the_active_one() -> None:
 
 
 def test_bare_thanks_resolves_the_active_thread() -> None:
-    decision = _decide("Thanks, that's all!", _candidate("s3", S3_SWITCH), _candidate("login", LOGIN, idle_minutes=5))
+    decision = _decide(
+        "Thanks, that's all!", _candidate("s3", S3_SWITCH), _candidate("login", LOGIN, idle_minutes=5)
+    )
 
     assert (decision.event, decision.thread_id) == ("RESOLUTION", "s3")
     assert decision.signals["reason"] == "resolution of the active thread"
@@ -153,7 +157,11 @@ def test_short_reply_follows_a_fresh_thread_but_not_a_stale_one() -> None:
     fresh = _decide("ok", _candidate("login", LOGIN, idle_minutes=29))
     stale = _decide("ok", _candidate("login", LOGIN, idle_minutes=31))
 
-    assert (fresh.event, fresh.thread_id, fresh.signals["reason"]) == ("FOLLOW_UP", "login", "scorer: continues")
+    assert (fresh.event, fresh.thread_id, fresh.signals["reason"]) == (
+        "FOLLOW_UP",
+        "login",
+        "scorer: continues",
+    )
     assert fresh.signals["active_idle_seconds"] == 29 * 60
     assert (stale.event, stale.thread_id) == ("NEW_TOPIC", None)
     assert stale.signals["active_idle_seconds"] == 31 * 60
@@ -433,6 +441,8 @@ async def test_double_texting_places_messages_in_arrival_order() -> None:
     assert later["thread_id"] == earlier["thread_id"]
     placed = [
         m.content
-        async for m in Message.objects.filter(role="user", thread_id=earlier["thread_id"]).order_by("created_at")
+        async for m in Message.objects.filter(role="user", thread_id=earlier["thread_id"]).order_by(
+            "created_at"
+        )
     ]
     assert placed == [LOGIN, LOGIN_DETAIL]

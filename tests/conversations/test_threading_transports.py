@@ -172,7 +172,10 @@ async def test_rest_login_s3_script_threads_resolves_and_lists(celery_worker, ap
     assert len(fake_llm.requests) == 5
 
     # PostgreSQL agrees with the API.
-    assert await _thread_rows("rest-alice") == {login: ("resolved", LOGIN, 2, THANKS), s3: ("open", S3, 1, "")}
+    assert await _thread_rows("rest-alice") == {
+        login: ("resolved", LOGIN, 2, THANKS),
+        s3: ("open", S3, 1, ""),
+    }
     assert await _user_messages("rest-alice") == [
         (LOGIN, login, "NEW_TOPIC", "done"),
         (FOLLOW, login, "FOLLOW_UP", "done"),
@@ -220,7 +223,9 @@ async def test_ws_login_s3_script_threads_and_resolves(celery_worker, api_key, f
     assert [str(stored[t["message_id"]].thread_id) for t in turns] == [login, login, s3, login]
     replies = [
         (str(m.reply_to_id), str(m.thread_id))
-        async for m in Message.objects.filter(user__external_id="ws-alice", role="assistant").order_by("created_at")
+        async for m in Message.objects.filter(user__external_id="ws-alice", role="assistant").order_by(
+            "created_at"
+        )
     ]
     assert replies == [(t["message_id"], t["thread_id"]) for t in turns]
     resolved = await Thread.objects.aget(pk=login)
@@ -263,7 +268,11 @@ async def test_malformed_messages_over_rest_and_ws_change_no_thread(celery_worke
     assert await Thread.objects.acount() == 1
     await thread.arefresh_from_db()
     assert (
-        thread.status, thread.topic, thread.topic_weight, thread.last_activity_at, thread.vocabulary
+        thread.status,
+        thread.topic,
+        thread.topic_weight,
+        thread.last_activity_at,
+        thread.vocabulary,
     ) == snapshot
     assert len(fake_llm.requests) == 1
     await communicator.disconnect()

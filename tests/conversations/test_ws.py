@@ -120,7 +120,9 @@ async def test_a_widget_origin_from_settings_may_open_the_chat(settings) -> None
         application, f"/ws/chat/?token={_token('alice')}", headers=[(b"origin", b"https://shop.example.com")]
     )
     other_port = WebsocketCommunicator(
-        application, f"/ws/chat/?token={_token('alice')}", headers=[(b"origin", b"https://shop.example.com:8443")]
+        application,
+        f"/ws/chat/?token={_token('alice')}",
+        headers=[(b"origin", b"https://shop.example.com:8443")],
     )
 
     assert (await allowed.connect())[0] is True
@@ -138,7 +140,9 @@ async def test_a_program_without_an_origin_header_is_let_in_by_its_token() -> No
 
     assert connected is True
     assert without_server_time(await communicator.receive_json_from()) == {
-        "type": "ready", "user_id": "alice", "protocol": 1,
+        "type": "ready",
+        "user_id": "alice",
+        "protocol": 1,
     }
     await communicator.disconnect()
 
@@ -233,25 +237,48 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> No
         ),
         (
             {"text_data": json.dumps({"type": "typing", "state": "yes"})},
-            {"type": "error", "code": "bad_frame", "message": "'state' must be true or false", "field": "state"},
+            {
+                "type": "error",
+                "code": "bad_frame",
+                "message": "'state' must be true or false",
+                "field": "state",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "ack"})},
-            {"type": "error", "code": "bad_frame", "message": "'message_id' must be a message id",
-             "field": "message_id"},
+            {
+                "type": "error",
+                "code": "bad_frame",
+                "message": "'message_id' must be a message id",
+                "field": "message_id",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "ack", "message_id": "not-a-uuid"})},
-            {"type": "error", "code": "not_found", "message": "message 'not-a-uuid' not found", "field": "message_id"},
+            {
+                "type": "error",
+                "code": "not_found",
+                "message": "message 'not-a-uuid' not found",
+                "field": "message_id",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "resume", "after": 42})},
-            {"type": "error", "code": "bad_frame", "message": "'after' must be a message id or null", "field": "after"},
+            {
+                "type": "error",
+                "code": "bad_frame",
+                "message": "'after' must be a message id or null",
+                "field": "after",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "resume", "after": "00000000-0000-0000-0000-000000000000"})},
-            {"type": "error", "code": "not_found", "field": "after",
-             "message": "message 00000000-0000-0000-0000-000000000000 not found for this user"},
+            {
+                "type": "error",
+                "code": "not_found",
+                "field": "after",
+                "message": "message 00000000-0000-0000-0000-000000000000 not found for this user",
+            },
         ),
         (
             {"text_data": json.dumps({"type": "message", "message": " \n "})},
@@ -364,11 +391,21 @@ async def test_a_message_is_acked_then_its_turn_arrives_and_is_stored(celery_wor
     assert [f["type"] for f in before if f["type"] != "delta"] == ["user_message", "typing", "thread"]
     assert before[0]["id"] == str(message.pk) and before[0]["client_message_id"] == "c-1"
     assert before[1] == {"type": "typing", "role": "assistant", "state": True, "message_id": str(message.pk)}
-    assert before[-1] == {"type": "thread", "event": "NEW_TOPIC", "thread_id": str(thread.pk), "status": "open",
-                          "topic": "My login is broken"}
+    assert before[-1] == {
+        "type": "thread",
+        "event": "NEW_TOPIC",
+        "thread_id": str(thread.pk),
+        "status": "open",
+        "topic": "My login is broken",
+    }
     assert [d["seq"] for d in deltas] == list(range(len(deltas))) and len(deltas) >= 1
     assert "".join(d["text"] for d in deltas) == "Reset your password from the sign-in page."
-    assert typing_off == {"type": "typing", "role": "assistant", "state": False, "message_id": str(message.pk)}
+    assert typing_off == {
+        "type": "typing",
+        "role": "assistant",
+        "state": False,
+        "message_id": str(message.pk),
+    }
     assert ack == {
         "type": "ack",
         "message_id": str(message.pk),

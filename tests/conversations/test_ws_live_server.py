@@ -43,7 +43,10 @@ async def _until(ws: Any, kind: str) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 async def test_a_real_client_streams_resends_idempotently_and_resumes_after_a_drop(
-    live_asgi_url, celery_worker, fake_llm, django_user_model  # noqa: F811
+    live_asgi_url,
+    celery_worker,
+    fake_llm,
+    django_user_model,  # noqa: F811
 ) -> None:
     from conversations.handoff import escalation_claim, escalation_open, staff_reply
     from conversations.models import Thread
@@ -73,7 +76,9 @@ async def test_a_real_client_streams_resends_idempotently_and_resumes_after_a_dr
         await ws.close()
 
         # While the widget is gone, staff write.
-        staff = await sync_to_async(django_user_model.objects.create_superuser)("ops", "o@example.com", "pw-12345678")
+        staff = await sync_to_async(django_user_model.objects.create_superuser)(
+            "ops", "o@example.com", "pw-12345678"
+        )
         thread = await Thread.objects.aget(pk=turn["thread_id"])
 
         def staff_writes() -> Message:

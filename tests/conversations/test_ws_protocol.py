@@ -42,7 +42,10 @@ async def _turn(communicator: WebsocketCommunicator, text: str, client_id: str) 
     assert ack["type"] == "ack", ack
     turn, before = await receive_until(communicator, "turn", timeout=TURN_TIMEOUT)
     assert await communicator.receive_json_from(timeout=TURN_TIMEOUT) == {
-        "type": "typing", "role": "assistant", "state": False, "message_id": ack["message_id"],
+        "type": "typing",
+        "role": "assistant",
+        "state": False,
+        "message_id": ack["message_id"],
     }
     return turn, before
 
@@ -71,11 +74,19 @@ def billing_agent():
 
     return (
         AgentFrameworkBuilder()
-        .with_intent_categories([
-            IntentCategory("BILLING", "Invoices and charges", ["Why was I charged twice?", "Where is my invoice?"],
-                           threshold=0.7),
-            IntentCategory("ORDERS", "Order status and delivery", ["Where is my order?", "Track my parcel"]),
-        ])
+        .with_intent_categories(
+            [
+                IntentCategory(
+                    "BILLING",
+                    "Invoices and charges",
+                    ["Why was I charged twice?", "Where is my invoice?"],
+                    threshold=0.7,
+                ),
+                IntentCategory(
+                    "ORDERS", "Order status and delivery", ["Where is my order?", "Track my parcel"]
+                ),
+            ]
+        )
         .with_config({"session_config": {"llm_thread_judgement": False}})
         .build_sync(default_backend())
     )
@@ -91,7 +102,9 @@ async def test_a_confident_reply_streams_and_a_doubtful_one_is_withheld_unstream
     clear_agent_cache()
     fake_llm.chunk_delay = 0.02
     fake_llm.enqueue(
-        FakeReply(text="<confidence>0.95</confidence>\nYou were charged twice because the first payment was retried."),
+        FakeReply(
+            text="<confidence>0.95</confidence>\nYou were charged twice because the first payment was retried."
+        ),
         FakeReply(text="<confidence>0.05</confidence>\nMaybe a bank error?"),
     )
     alice, bob = await _connect("alice"), await _connect("bob")
@@ -107,12 +120,16 @@ async def test_a_confident_reply_streams_and_a_doubtful_one_is_withheld_unstream
     # The draft never reached bob: what replaced it came whole, in one piece.
     assert [f["text"] for f in doubtful_frames if f["type"] == "delta"] == [HANDOFF_NOTICE]
     system = fake_llm.requests[0]["body"]["system"]
-    assert "Begin your answer with <confidence>X</confidence>" in (system if isinstance(system, str) else system[0]["text"])
+    assert "Begin your answer with <confidence>X</confidence>" in (
+        system if isinstance(system, str) else system[0]["text"]
+    )
     for communicator in (alice, bob):
         await communicator.disconnect()
 
 
-async def test_after_a_reconnect_resume_sends_exactly_what_was_missed(celery_worker, fake_llm, django_user_model) -> None:
+async def test_after_a_reconnect_resume_sends_exactly_what_was_missed(
+    celery_worker, fake_llm, django_user_model
+) -> None:
     fake_llm.enqueue(FakeReply(text="First answer."), FakeReply(text="Second answer."))
     tab = await _connect("alice")
     first_turn, _ = await _turn(tab, "My login is broken", "c-1")
@@ -122,7 +139,9 @@ async def test_after_a_reconnect_resume_sends_exactly_what_was_missed(celery_wor
     other_device = await _connect("alice")
     second_turn, _ = await _turn(other_device, "Still broken after the reset", "c-2")
     await other_device.disconnect()
-    staff = await sync_to_async(django_user_model.objects.create_superuser)("ops", "ops@example.com", "pw-123456789")
+    staff = await sync_to_async(django_user_model.objects.create_superuser)(
+        "ops", "ops@example.com", "pw-123456789"
+    )
     thread = await Thread.objects.aget(pk=first_turn["thread_id"])
 
     def staff_writes():
@@ -194,10 +213,18 @@ async def test_one_user_can_never_resume_or_ack_with_another_users_messages(cele
     await alice.send_json_to({"type": "resume", "after": None})
     own_history = await alice.receive_json_from()
 
-    assert refused_resume == {"type": "error", "code": "not_found", "field": "after",
-                              "message": f"message {bob_turn['reply_id']} not found for this user"}
-    assert refused_ack == {"type": "error", "code": "not_found", "field": "message_id",
-                           "message": f"message {bob_turn['reply_id']} not found for this user"}
+    assert refused_resume == {
+        "type": "error",
+        "code": "not_found",
+        "field": "after",
+        "message": f"message {bob_turn['reply_id']} not found for this user",
+    }
+    assert refused_ack == {
+        "type": "error",
+        "code": "not_found",
+        "field": "message_id",
+        "message": f"message {bob_turn['reply_id']} not found for this user",
+    }
     assert own_history == {"type": "history", "messages": [], "complete": True}
     assert await EndUser.objects.filter(last_read_message_id__isnull=False).acount() == 0
     assert await bob.receive_nothing(timeout=0.3)
@@ -205,7 +232,9 @@ async def test_one_user_can_never_resume_or_ack_with_another_users_messages(cele
         await communicator.disconnect()
 
 
-async def test_ack_records_the_read_position_moving_forward_only_and_tells_staff(celery_worker, fake_llm) -> None:
+async def test_ack_records_the_read_position_moving_forward_only_and_tells_staff(
+    celery_worker, fake_llm
+) -> None:
     fake_llm.enqueue(FakeReply(text="One."), FakeReply(text="Two."))
     alice = await _connect("alice")
     first, _ = await _turn(alice, "My login is broken", "c-1")
@@ -258,13 +287,18 @@ async def test_a_thread_staff_resolve_reaches_the_widget_as_a_thread_frame(
     fake_llm.enqueue(FakeReply(text="Let me check."))
     alice = await _connect("alice")
     turn, _ = await _turn(alice, "My login is broken", "c-1")
-    staff = await sync_to_async(django_user_model.objects.create_superuser)("ops", "ops@example.com", "pw-123456789")
+    staff = await sync_to_async(django_user_model.objects.create_superuser)(
+        "ops", "ops@example.com", "pw-123456789"
+    )
     thread = await Thread.objects.aget(pk=turn["thread_id"])
 
     await sync_to_async(thread_staff_resolve)(thread=thread, staff_user=staff, note="fixed")
 
     assert await alice.receive_json_from(timeout=TURN_TIMEOUT) == {
-        "type": "thread", "event": "resolved", "thread_id": turn["thread_id"], "status": "resolved",
+        "type": "thread",
+        "event": "resolved",
+        "thread_id": turn["thread_id"],
+        "status": "resolved",
         "topic": "My login is broken",
     }
     await alice.disconnect()
@@ -275,15 +309,20 @@ async def test_user_messages_from_rest_appear_live_on_the_users_sockets(api_key,
 
     alice = await _connect("alice")
     response = await AsyncClient().post(
-        "/api/users/alice/messages", {"message": "Hello from the app", "client_message_id": "r-1",
-                                      "wait_seconds": 0},
-        content_type="application/json", headers={"X-API-Key": api_key},
+        "/api/users/alice/messages",
+        {"message": "Hello from the app", "client_message_id": "r-1", "wait_seconds": 0},
+        content_type="application/json",
+        headers={"X-API-Key": api_key},
     )
     assert response.status_code == 202, response.content
     frame = await alice.receive_json_from(timeout=TURN_TIMEOUT)
 
     assert (frame["type"], frame["role"], frame["content"], frame["client_message_id"], frame["status"]) == (
-        "user_message", "user", "Hello from the app", "r-1", "pending",
+        "user_message",
+        "user",
+        "Hello from the app",
+        "r-1",
+        "pending",
     )
     assert frame["id"] == response.json()["message_id"]
     assert uuid.UUID(frame["id"])

@@ -30,7 +30,10 @@ async def _online_agent(client, *, orders_threshold: float | None = None):
 def _action(confidence: float, category: IntentCategory | None, event: str = "NEW_TOPIC", **config):
     classification = Classification(category.name if category else None, confidence, ())
     return confidence_action(
-        classification=classification, category=category, config=ConfidenceConfig(**config), thread_event=event
+        classification=classification,
+        category=category,
+        config=ConfidenceConfig(**config),
+        thread_event=event,
     )
 
 
@@ -72,7 +75,9 @@ async def test_a_clarify_category_asks_instead_of_handing_off() -> None:
     result = await agent.process_message(user_id="c1", message="Where is my order? It has not arrived")
 
     assert (result["intent"], result["escalated"], result["handled_by"]) == ("ORDERS", False, "clarify")
-    assert result["content"].startswith('[Offline mode] I want to get this right: is your question about "Order')
+    assert result["content"].startswith(
+        '[Offline mode] I want to get this right: is your question about "Order'
+    )
     assert await Escalation.objects.acount() == 0
 
 
@@ -90,7 +95,11 @@ async def test_below_the_threshold_the_llm_decides_the_intent(anthropic_client, 
     assert result["content"] == "It ships tomorrow."
     judge = [r["body"] for r in fake_llm.requests if r["body"].get("tool_choice")]
     assert judge[0]["tool_choice"] == {"type": "tool", "name": "choose_intent"}
-    assert judge[0]["tools"][0]["input_schema"]["properties"]["intent"]["enum"] == ["ORDERS", "RETURNS", "NONE"]
+    assert judge[0]["tools"][0]["input_schema"]["properties"]["intent"]["enum"] == [
+        "ORDERS",
+        "RETURNS",
+        "NONE",
+    ]
     stored = await Message.objects.aget(pk=result["message_id"])
     assert stored.thread_signals["intent_source"] == "llm"
 
@@ -127,7 +136,8 @@ def test_reply_confidence_combines_its_signals() -> None:
     )
     assert split_self_assessment("No tag here.") == ("No tag here.", None)
     assert reply_confidence(classification=0.8, self_assessment=None, retrieval=None) == (
-        0.8, {"classification": 0.8}
+        0.8,
+        {"classification": 0.8},
     )
     score, parts = reply_confidence(classification=0.8, self_assessment=0.3, retrieval=None)
     assert (score, parts) == (0.6, {"classification": 0.8, "self_assessment": 0.3})
@@ -162,7 +172,9 @@ async def test_a_confident_reply_is_sent_without_its_tag(anthropic_client, fake_
 
     from agentflow import pipeline
 
-    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="sure", message="Where is my order? It has not arrived")
+    stored, _ = await sync_to_async(pipeline.accept)(
+        agent, user_id="sure", message="Where is my order? It has not arrived"
+    )
     result = await agent.run_turn(stored.pk, on_text=collect)
 
     assert (result["content"], result["escalated"]) == ("It ships tomorrow.", False)

@@ -60,7 +60,9 @@ async def test_an_admin_edit_applies_to_the_next_message_of_a_built_agent() -> N
 async def test_categories_added_or_deactivated_in_the_admin_change_classification() -> None:
     agent = await AgentFrameworkBuilder().with_intent_categories(CATEGORIES).build(None)
     await Row.objects.acreate(
-        name="SHIPPING", description="Parcels and delivery", examples=["Where is my parcel?", "Track my delivery"]
+        name="SHIPPING",
+        description="Parcels and delivery",
+        examples=["Where is my parcel?", "Track my delivery"],
     )
     assert (await agent.classify("Where is my parcel? It has not arrived")).intent == "SHIPPING"
 
@@ -75,17 +77,23 @@ async def test_categories_added_or_deactivated_in_the_admin_change_classificatio
 
 @pytest.mark.django_db(transaction=True)
 async def test_code_seeds_thresholds_once_then_the_admin_owns_them() -> None:
-    await AgentFrameworkBuilder().with_intent_categories(CATEGORIES).with_confidence_thresholds(
-        {"OUTAGE": 0.7}
-    ).build(None)
+    await (
+        AgentFrameworkBuilder()
+        .with_intent_categories(CATEGORIES)
+        .with_confidence_thresholds({"OUTAGE": 0.7})
+        .build(None)
+    )
     row = await Row.objects.aget(name="OUTAGE")
     assert (row.threshold, row.source) == (0.7, "code")
 
     row.threshold = 0.2
     await row.asave()
-    await AgentFrameworkBuilder().with_intent_categories(CATEGORIES).with_confidence_thresholds(
-        {"OUTAGE": 0.9}
-    ).build(None)
+    await (
+        AgentFrameworkBuilder()
+        .with_intent_categories(CATEGORIES)
+        .with_confidence_thresholds({"OUTAGE": 0.9})
+        .build(None)
+    )
 
     assert (await Row.objects.aget(name="OUTAGE")).threshold == 0.2
 

@@ -24,7 +24,9 @@ from memory.services import memories_reembed, memory_add
 from memory.tasks import remember_resolution, remember_session, sweep_ended_sessions
 from memory.writing import SUMMARY_SYSTEM
 
-SUMMARY = "Problem: login fails with invalid password. What worked: a password reset from Settings. Outcome: fixed."
+SUMMARY = (
+    "Problem: login fails with invalid password. What worked: a password reset from Settings. Outcome: fixed."
+)
 
 
 class RenamedEmbedder(MiniLMEmbedder):
@@ -42,11 +44,17 @@ def _thread(user_id: str = "mem", *, resolved: bool = True, answered: bool = Tru
     thread = Thread.objects.get(pk=place(agent, message_id=message.pk)["thread_id"])
     if answered:
         Message.objects.create(
-            user=thread.user, session=thread.session, thread=thread, role=Message.Role.ASSISTANT,
-            content="Reset your password from Settings, then sign in again.", status=Message.Status.DONE,
+            user=thread.user,
+            session=thread.session,
+            thread=thread,
+            role=Message.Role.ASSISTANT,
+            content="Reset your password from Settings, then sign in again.",
+            status=Message.Status.DONE,
         )
     if resolved:
-        Thread.objects.filter(pk=thread.pk).update(status="resolved", resolution="Thanks, that fixed the login!")
+        Thread.objects.filter(pk=thread.pk).update(
+            status="resolved", resolution="Thanks, that fixed the login!"
+        )
     thread.refresh_from_db()
     return thread
 
@@ -141,7 +149,10 @@ def test_an_ended_session_remembers_its_unresolved_threads_once() -> None:
     )
     assert memory.kind == "episodic"
     assert {k: memory.source[k] for k in ("session", "thread", "by", "summary")} == {
-        "session": str(thread.session_id), "thread": str(thread.pk), "by": "session end", "summary": "extractive",
+        "session": str(thread.session_id),
+        "thread": str(thread.pk),
+        "by": "session end",
+        "summary": "extractive",
     }
     assert len(memory.source["messages"]) == 2
     assert Memory.objects.filter(user__isnull=True).count() == 0  # an unresolved thread teaches no pattern
@@ -170,9 +181,13 @@ def test_session_end_uses_the_llm_summary_online(fake_llm) -> None:
 
     memory = Memory.objects.get(user=thread.user)
     assert (memory.content, memory.source["summary"]) == (
-        "Problem: login fails. What worked: nothing yet. Outcome: unresolved.", "llm"
+        "Problem: login fails. What worked: nothing yet. Outcome: unresolved.",
+        "llm",
     )
-    assert "How it ended: unresolved when the session ended" in fake_llm.requests[0]["body"]["messages"][0]["content"]
+    assert (
+        "How it ended: unresolved when the session ended"
+        in fake_llm.requests[0]["body"]["messages"][0]["content"]
+    )
 
 
 @pytest.mark.django_db
@@ -230,7 +245,8 @@ def test_beat_runs_the_sweep_every_ten_minutes() -> None:
     from agentflow_project.celery import app
 
     assert app.conf.beat_schedule["memory-sweep-ended-sessions"] == {
-        "task": "memory.sweep_ended_sessions", "schedule": 600.0,
+        "task": "memory.sweep_ended_sessions",
+        "schedule": 600.0,
     }
 
 
@@ -249,15 +265,21 @@ def test_a_users_memory_is_found_when_thousands_of_others_are_closer() -> None:
     near = rng.standard_normal((2000, 384)).astype(np.float32) * 0.01
     near[:, 0] = 1.0
     Memory.objects.bulk_create(
-        Memory(user=others[i % 50], kind="fact", content=f"other {i}", embedding=v / np.linalg.norm(v),
-               embedding_model="m")
+        Memory(
+            user=others[i % 50],
+            kind="fact",
+            content=f"other {i}",
+            embedding=v / np.linalg.norm(v),
+            embedding_model="m",
+        )
         for i, v in enumerate(near)
     )
     alice = EndUser.objects.create(external_id="alice")
     own = query.copy()
     own[1] = 1.0  # similarity 0.7071
-    mine = Memory.objects.create(user=alice, kind="fact", content="mine", embedding=own / np.linalg.norm(own),
-                                 embedding_model="m")
+    mine = Memory.objects.create(
+        user=alice, kind="fact", content="mine", embedding=own / np.linalg.norm(own), embedding_model="m"
+    )
 
     found = memory_search(user=alice, embedding=query, limit=10, similarity_threshold=0.5)
 
@@ -276,13 +298,22 @@ def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatc
     vectors = rng.standard_normal((40, 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     Memory.objects.bulk_create(
-        Memory(user=None, kind="pattern", content=f"global {i}", embedding=v, embedding_model="m", approved=i != 0)
+        Memory(
+            user=None,
+            kind="pattern",
+            content=f"global {i}",
+            embedding=v,
+            embedding_model="m",
+            approved=i != 0,
+        )
         for i, v in enumerate(vectors)
     )
     alice = EndUser.objects.create(external_id="alice")
     query = vectors[0] + vectors[1]  # global 0 (not approved) and 1 are the nearest
 
-    found = memory_search(user=alice, embedding=query / np.linalg.norm(query), limit=3, similarity_threshold=0.0)
+    found = memory_search(
+        user=alice, embedding=query / np.linalg.norm(query), limit=3, similarity_threshold=0.0
+    )
 
     expected = sorted(range(1, 40), key=lambda i: -float(vectors[i] @ query))[:3]
     assert [m["content"] for m in found] == [f"global {i}" for i in expected]
@@ -295,12 +326,15 @@ def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatc
 @pytest.mark.django_db
 def test_only_global_memories_have_an_hnsw_index() -> None:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'memory_memory' AND indexdef LIKE '%hnsw%'")
+        cursor.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'memory_memory' AND indexdef LIKE '%hnsw%'"
+        )
         definitions = [row[0] for row in cursor.fetchall()]
 
     assert len(definitions) == 1
-    assert definitions[0].endswith("USING hnsw (embedding vector_cosine_ops) WITH (m='16', ef_construction='64') "
-                                   "WHERE (user_id IS NULL)")
+    assert definitions[0].endswith(
+        "USING hnsw (embedding vector_cosine_ops) WITH (m='16', ef_construction='64') WHERE (user_id IS NULL)"
+    )
 
 
 # --- re-embedding ----------------------------------------------------------------------------
@@ -332,7 +366,9 @@ def test_reembed_command_updates_stale_memories_with_a_progress_bar(stale_memori
     assert lines[-1].startswith("[" + "#" * 30 + "] 4/4 (100%)")
     assert set(Memory.objects.values_list("embedding_model", flat=True)) == {"minilm-renamed-v2"}
     memory = Memory.objects.get(content="Paid yearly")
-    np.testing.assert_allclose(np.asarray(memory.embedding), get_embedder().embed_one("Paid yearly"), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(memory.embedding), get_embedder().embed_one("Paid yearly"), atol=1e-6
+    )
 
     again = io.StringIO()
     call_command("agentflow_reembed", stdout=again, stderr=io.StringIO())
@@ -435,17 +471,26 @@ def test_admin_search_edit_and_delete(client, staff) -> None:
     assert response.status_code == 302
     memory.refresh_from_db()
     assert memory.content == "Uses the US region"
-    np.testing.assert_allclose(np.asarray(memory.embedding), embedder.embed_one("Uses the US region"), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(memory.embedding), embedder.embed_one("Uses the US region"), atol=1e-6
+    )
 
-    bad = client.post(reverse("admin:memory_memory_change", args=[memory.pk]), {"user": user.pk, "kind": "gossip",
-                                                                               "content": ""})
+    bad = client.post(
+        reverse("admin:memory_memory_change", args=[memory.pk]),
+        {"user": user.pk, "kind": "gossip", "content": ""},
+    )
     assert bad.status_code == 200 and bad.context["adminform"].form.errors.keys() == {"kind", "content"}
     memory.refresh_from_db()
     assert (memory.kind, memory.content) == ("fact", "Uses the US region")
 
-    added = client.post(reverse("admin:memory_memory_add"), {"kind": "pattern", "content": "Refunds take 5 days"})
+    added = client.post(
+        reverse("admin:memory_memory_add"), {"kind": "pattern", "content": "Refunds take 5 days"}
+    )
     assert added.status_code == 302
     assert Memory.objects.get(content="Refunds take 5 days").source == {"by": "staff dana"}
 
     client.post(reverse("admin:memory_memory_delete", args=[memory.pk]), {"post": "yes"})
-    assert set(Memory.objects.values_list("pk", flat=True)) == {other.pk, Memory.objects.get(content__startswith="Refunds").pk}
+    assert set(Memory.objects.values_list("pk", flat=True)) == {
+        other.pk,
+        Memory.objects.get(content__startswith="Refunds").pk,
+    }

@@ -16,13 +16,19 @@ from memory.services import memory_remember
 from memory.tasks import remember_resolution
 
 LOGIN = "Problem: My login is broken. What helped: Reset the password from Settings. Outcome: it works."
-LOGIN_AGAIN = "Problem: My login is broken. What helped: Reset the password from the Settings page. Outcome: works."
+LOGIN_AGAIN = (
+    "Problem: My login is broken. What helped: Reset the password from the Settings page. Outcome: works."
+)
 BILLING = "Problem: I was charged twice. What helped: A refund was issued. Outcome: refunded."
 
 
 def _remember(user: EndUser, content: str, *, keep: int = 100, thread: str = "t1") -> tuple[Memory, bool]:
     return memory_remember(
-        user=user, kind="episodic", content=content, embedder=get_embedder(), source={"thread": thread},
+        user=user,
+        kind="episodic",
+        content=content,
+        embedder=get_embedder(),
+        source={"thread": thread},
         max_per_user=keep,
     )
 
@@ -60,8 +66,13 @@ def test_eviction_drops_the_least_useful_then_the_oldest() -> None:
     bob = EndUser.objects.create(external_id="bob")
     _remember(bob, BILLING, keep=1)
     topics = ["password reset", "invoice download", "S3 bucket region", "API rate limits", "team invitations"]
-    made = [_remember(alice, f"Problem: {t}. What helped: the docs on {t}. Outcome: solved.", keep=3)[0] for t in topics[:3]]
-    Memory.objects.filter(pk=made[0].pk).update(use_count=5, last_used_at=timezone.now())  # the oldest, but useful
+    made = [
+        _remember(alice, f"Problem: {t}. What helped: the docs on {t}. Outcome: solved.", keep=3)[0]
+        for t in topics[:3]
+    ]
+    Memory.objects.filter(pk=made[0].pk).update(
+        use_count=5, last_used_at=timezone.now()
+    )  # the oldest, but useful
 
     for topic in topics[3:]:
         _remember(alice, f"Problem: {topic}. What helped: the docs on {topic}. Outcome: solved.", keep=3)
@@ -75,7 +86,9 @@ def test_eviction_drops_the_least_useful_then_the_oldest() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.integration
-async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(celery_worker, settings) -> None:
+async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(
+    celery_worker, settings
+) -> None:
     settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": True}
     agent = await (
         AgentFrameworkBuilder()
@@ -83,8 +96,12 @@ async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(c
         .with_config({"memory_config": {"similarity_threshold": 0.3}})
         .build(None)
     )
-    opened = await agent.process_message(user_id="mem", message="My login is broken, it says invalid password")
-    await agent.record_message(user_id="mem", content="Reset your password from Settings, then sign in again.")
+    opened = await agent.process_message(
+        user_id="mem", message="My login is broken, it says invalid password"
+    )
+    await agent.record_message(
+        user_id="mem", content="Reset your password from Settings, then sign in again."
+    )
     resolved = await agent.process_message(user_id="mem", message="Thanks, that fixed the login!")
     assert (resolved["thread_event"], resolved["thread_id"]) == ("RESOLUTION", opened["thread_id"])
 
@@ -136,14 +153,22 @@ def test_a_resolution_also_teaches_everyone_a_scrubbed_pattern(settings) -> None
     from agentflow.pipeline import accept, place
 
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
-    first = place(agent, message_id=accept(agent, user_id="ann", message="Order A-1001 never arrived, I'm Ann")[0].pk)
-    Thread.objects.filter(pk=first["thread_id"]).update(status="resolved", resolution="Thanks, ann@example.com got it")
+    first = place(
+        agent, message_id=accept(agent, user_id="ann", message="Order A-1001 never arrived, I'm Ann")[0].pk
+    )
+    Thread.objects.filter(pk=first["thread_id"]).update(
+        status="resolved", resolution="Thanks, ann@example.com got it"
+    )
 
     assert remember_resolution(first["thread_id"]) == "remembered"
 
     pattern = Memory.objects.get(user__isnull=True)
     assert pattern.kind == "pattern" and pattern.approved is True
-    assert "A-1001" not in pattern.content and "ann@example.com" not in pattern.content and "Ann" not in pattern.content
+    assert (
+        "A-1001" not in pattern.content
+        and "ann@example.com" not in pattern.content
+        and "Ann" not in pattern.content
+    )
     assert "[id]" in pattern.content and "[email]" in pattern.content
     assert pattern.source == {"thread": first["thread_id"], "by": "resolution"}
     personal = Memory.objects.get(user__external_id="ann")
@@ -157,15 +182,21 @@ def test_global_memories_under_review_are_not_used_until_approved() -> None:
     embedder = get_embedder()
     alice = EndUser.objects.create(external_id="alice")
     memory_remember(
-        user=None, kind="pattern", content=LOGIN, embedder=embedder, source={}, max_per_user=10, approved=False
+        user=None,
+        kind="pattern",
+        content=LOGIN,
+        embedder=embedder,
+        source={},
+        max_per_user=10,
+        approved=False,
     )
     vector = embedder.embed_one("My login is broken")
 
     assert memory_search(user=alice, embedding=vector, limit=5, similarity_threshold=0.3) == []
     Memory.objects.update(approved=True)
-    assert [m["scope"] for m in memory_search(user=alice, embedding=vector, limit=5, similarity_threshold=0.3)] == [
-        "global"
-    ]
+    assert [
+        m["scope"] for m in memory_search(user=alice, embedding=vector, limit=5, similarity_threshold=0.3)
+    ] == ["global"]
 
 
 @pytest.mark.django_db
@@ -174,7 +205,10 @@ def test_a_stated_preference_is_remembered_in_the_users_words() -> None:
     from memory.tasks import remember_preference
     from memory.writing import preference_statement
 
-    assert preference_statement("Hi there. Please email me, don't call. Thanks!") == "Please email me, don't call."
+    assert (
+        preference_statement("Hi there. Please email me, don't call. Thanks!")
+        == "Please email me, don't call."
+    )
     assert preference_statement("My login is broken") is None
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
     message = accept(agent, user_id="pref", message="The app crashes. Please email me, don't call.")[0]
@@ -195,7 +229,9 @@ def test_retrieval_prefers_useful_and_recent_memories_at_equal_similarity() -> N
     alice = EndUser.objects.create(external_id="alice")
     vector = embedder.embed_one(LOGIN)
     old = Memory.objects.create(user=alice, kind="fact", content=LOGIN, embedding=vector, embedding_model="m")
-    useful = Memory.objects.create(user=None, kind="pattern", content=LOGIN, embedding=vector, embedding_model="m")
+    useful = Memory.objects.create(
+        user=None, kind="pattern", content=LOGIN, embedding=vector, embedding_model="m"
+    )
     Memory.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timedelta(days=400))
     Memory.objects.filter(pk=useful.pk).update(use_count=10)
 
@@ -204,4 +240,6 @@ def test_retrieval_prefers_useful_and_recent_memories_at_equal_similarity() -> N
     assert [m["id"] for m in found] == [str(useful.pk), str(old.pk)]
     assert found[0]["similarity"] == found[1]["similarity"] == 1.0
     assert found[0]["score"] == round(rank_score(similarity=1.0, use_count=10, age_days=0), 4)
-    assert rank_score(similarity=0.8, use_count=0, age_days=0) > rank_score(similarity=0.7, use_count=10, age_days=0)
+    assert rank_score(similarity=0.8, use_count=0, age_days=0) > rank_score(
+        similarity=0.7, use_count=10, age_days=0
+    )

@@ -15,15 +15,42 @@ from intents.models import IntentCategory
 from intents.services import intent_categories_sync
 
 DEMO_CATEGORIES = [
-    Spec("QUERY", "General questions about using the product",
-         ["How do I reset my password?", "What is the API rate limit?", "How do I invite a teammate?",
-          "Where can I find my invoices?", "How do I configure S3 backups?"], threshold=0.5),
-    Spec("OUTAGE", "Production issues: something is down or erroring",
-         ["Service is down", "Error 500 on every request", "The dashboard won't load",
-          "My login is broken", "Deploys are failing since this morning"], threshold=0.7),
-    Spec("ESCALATION", "Urgent issues that need a human now",
-         ["Critical: production down", "I want to speak to a manager", "This is urgent, data loss",
-          "Security incident, we were breached"], threshold=0.0, handoff=True),
+    Spec(
+        "QUERY",
+        "General questions about using the product",
+        [
+            "How do I reset my password?",
+            "What is the API rate limit?",
+            "How do I invite a teammate?",
+            "Where can I find my invoices?",
+            "How do I configure S3 backups?",
+        ],
+        threshold=0.5,
+    ),
+    Spec(
+        "OUTAGE",
+        "Production issues: something is down or erroring",
+        [
+            "Service is down",
+            "Error 500 on every request",
+            "The dashboard won't load",
+            "My login is broken",
+            "Deploys are failing since this morning",
+        ],
+        threshold=0.7,
+    ),
+    Spec(
+        "ESCALATION",
+        "Urgent issues that need a human now",
+        [
+            "Critical: production down",
+            "I want to speak to a manager",
+            "This is urgent, data loss",
+            "Security incident, we were breached",
+        ],
+        threshold=0.0,
+        handoff=True,
+    ),
 ]
 
 
@@ -37,7 +64,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, admin_user: str, admin_password: str | None, **options: Any) -> None:
         created = intent_categories_sync(categories=DEMO_CATEGORIES)
         for spec in DEMO_CATEGORIES:
-            IntentCategory.objects.filter(name=spec.name, threshold__isnull=True).update(threshold=spec.threshold)
+            IntentCategory.objects.filter(name=spec.name, threshold__isnull=True).update(
+                threshold=spec.threshold
+            )
         self.stdout.write(f"intent categories: {created} created, {IntentCategory.objects.count()} in all")
         User = get_user_model()
         user = User.objects.filter(username=admin_user).first()

@@ -22,7 +22,9 @@ class Command(BaseCommand):
             db = settings.DATABASES["default"]
             pg = "embedded, running" if runtime.postgres_running() else "not running"
             where = db["HOST"] if db["HOST"].startswith("/") else f"{db['HOST']}:{db['PORT']}"
-            self.stdout.write(f"postgres: {where} ({'DATABASE_URL' if runtime.env_str('DATABASE_URL') else pg})")
+            self.stdout.write(
+                f"postgres: {where} ({'DATABASE_URL' if runtime.env_str('DATABASE_URL') else pg})"
+            )
             self.stdout.write(f"redis: {settings.REDIS_URL} ({settings.REDIS_SOURCE})")
             return
         stopped_pg = runtime.stop_postgres()

@@ -42,13 +42,21 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--batch-size", type=int, default=256, help="memories per batch and transaction (1-10000)")
+        parser.add_argument(
+            "--batch-size", type=int, default=256, help="memories per batch and transaction (1-10000)"
+        )
         parser.add_argument("--all", action="store_true", dest="everything", help="re-embed every memory")
         parser.add_argument("--embedder", help="dotted path of the embedder (default: AGENTFLOW['EMBEDDER'])")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     def handle(
-        self, *args: Any, batch_size: int, everything: bool, embedder: str | None, no_progress: bool, **options: Any
+        self,
+        *args: Any,
+        batch_size: int,
+        everything: bool,
+        embedder: str | None,
+        no_progress: bool,
+        **options: Any,
     ) -> None:
         if not 1 <= batch_size <= 10_000:
             raise CommandError(f"--batch-size must be from 1 to 10000; got {batch_size}")
