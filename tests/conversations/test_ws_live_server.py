@@ -46,7 +46,7 @@ async def test_a_real_client_streams_resends_idempotently_and_resumes_after_a_dr
     live_asgi_url,
     celery_worker,
     fake_llm,
-    django_user_model,  # noqa: F811
+    django_user_model,
 ) -> None:
     from conversations.handoff import escalation_claim, escalation_open, staff_reply
     from conversations.models import Thread
