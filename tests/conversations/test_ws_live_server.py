@@ -43,7 +43,7 @@ async def _until(ws: Any, kind: str) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 async def test_a_real_client_streams_resends_idempotently_and_resumes_after_a_drop(
-    live_asgi_url,
+    live_asgi_url,  # noqa: F811 (the imported fixture)
     celery_worker,
     fake_llm,
     django_user_model,
