@@ -16,6 +16,9 @@ run: $(STAMP) .env
 test: $(STAMP)
 	.ci/ensure-chromium
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo
+	$(PY) -m mypy
 	DJANGO_SETTINGS_MODULE=tests.settings $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest
 
@@ -26,7 +29,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 		echo "python3 -m venv failed; installing python3-venv"; \
 		apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
@@ -42,9 +45,10 @@ services-stop: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo
 
 typecheck: $(STAMP)
-	$(PY) -m mypy agentflow
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/turn_overhead.py

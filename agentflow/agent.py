@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +26,6 @@ HANDOFF_NOTICE = (
     "A human agent will reply here shortly."
 )
 OFFLINE_PREFIX = "[Offline mode] "
-ORDER_WAIT_SECONDS = 30.0
 NO_ANSWER_NOTICE = (
     "I couldn't complete an answer this time. Would you like a member of our team to take over?"
 )
@@ -50,15 +48,58 @@ class Agent:
         tools: ToolSource | None,
         embedder: Embedder,
         thread_model: Any,
+        record_id: int,
+        version: int = 1,
+        config_sources: Mapping[str, str] | None = None,
+        runs_jobs_inline: bool = False,
     ) -> None:
         self.config = config
-        self.intents = intents  # intents.store.IntentStore: the database's categories, kept fresh
+        self.config_sources = MappingProxyType(dict(config_sources or {}))
+        self.record_id = record_id  # conversations.models.Agent: the record every process rebuilds it from
+        self.version = version
+        self.intents = (
+            intents  # intents.store.IntentStore: the agent's categories in the database, kept fresh
+        )
         self.handlers = MappingProxyType(dict(handlers))
         self.middleware = middleware
         self.llm = llm
         self.tools = tools
         self.embedder = embedder
         self.thread_model = thread_model
+        # Built by a script (not resolved through the registry): its follow-up jobs (memory writing)
+        # run in this process, with this agent, instead of waiting for a worker that may not exist.
+        self.runs_jobs_inline = runs_jobs_inline
+
+    @property
+    def name(self) -> str:
+        """The agent's stable name (``config.name``): its record, URLs and chat tokens use it."""
+        return self.config.name
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration and where each value comes from.
+
+        Returns:
+            ``{"name", "version", "offline", "config", "sources", "categories", "handlers",
+            "middleware", "tools"}``: ``sources`` maps each explicitly set setting to its source
+            (``yaml:<path>``, ``dict``, ``env:<VAR>``, ``code``; absent means the default);
+            ``categories`` lists each intent category with its effective threshold and its source
+            (``code``, ``staff`` or ``default``). See docs/configuration.md for the precedence.
+        """
+        from intents.selectors import intent_threshold_sources
+
+        return {
+            "name": self.name,
+            "version": self.version,
+            "offline": self.offline,
+            "config": self.config.model_dump(mode="json", exclude={"tools_config"}),
+            "sources": dict(self.config_sources),
+            "categories": intent_threshold_sources(
+                agent_id=self.record_id, default=self.config.confidence_config.default_threshold
+            ),
+            "handlers": sorted(self.handlers),
+            "middleware": [type(mw).__name__ for mw in self.middleware],
+            "tools": self.tools is not None,
+        }
 
     @property
     def offline(self) -> bool:
@@ -93,35 +134,20 @@ class Agent:
             RateLimited: the user exceeded ``rate_limit_config``; nothing was stored.
             LLMError: the LLM failed; the message is stored with status ``failed``.
         """
-        stored, _ = await sync_to_async(pipeline.accept)(
+        received = await sync_to_async(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id
         )
-        return await self.run_turn(stored.pk)
+        return await self.run_turn(received.message.pk)
 
     async def run_turn(self, message_id: Any, *, on_text: TextCallback | None = None) -> TurnResult:
-        """Run (or re-read) the turn of a stored user message.
+        """Run (or re-read) the turn of a stored user message (``agentflow.runner.run_turn``).
 
         Messages of one user are placed in the order they arrived: if an earlier one is still
-        undecided, this one waits for it (up to ``ORDER_WAIT_SECONDS``).
+        undecided, this one waits for it (up to ``runner.ORDER_WAIT_SECONDS``).
         """
-        prepared = await self._in_order(pipeline.prepare, message_id=message_id)
-        if prepared.judgement is not None:
-            verdict = await self.judge_thread(prepared.judgement)
-            prepared = await self._in_order(pipeline.prepare, message_id=message_id, verdict=verdict)
-        if prepared.result is not None:
-            return prepared.result  # type: ignore[return-value]
-        if self.intent_unsure(prepared):
-            verdict = await self.judge_intent(prepared)
-            if verdict:
-                prepared = await sync_to_async(pipeline.reclassify)(self, prepared, **verdict)
-        try:
-            outcome = await self.respond(prepared, on_text=on_text)
-        except Exception as exc:
-            # Any failure (LLM, handler, middleware) marks the turn failed so it can be retried at once,
-            # as the Celery task does; otherwise the claim would block the message for STALE_CLAIM.
-            await sync_to_async(self.fail)(prepared, exc)
-            raise
-        return await sync_to_async(pipeline.finish)(self, prepared, outcome)  # type: ignore[return-value]
+        from .runner import run_turn
+
+        return await run_turn(self, message_id, on_text=on_text)
 
     async def detect_thread(self, *, user_id: str, message: str) -> dict[str, Any]:
         """Store a user message and place it in a thread, without replying.
@@ -130,18 +156,12 @@ class Agent:
         conversations. Returns ``thread_id``, ``thread_event``, ``thread_confidence``, the
         ``signals`` behind the decision and its timings (``embedding_ms``, ``decision_ms``).
         """
-        stored, _ = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
-        return await self._in_order(pipeline.place, message_id=stored.pk)
+        from .runner import run_step, sync_caller
 
-    async def _in_order(self, step: Any, *, message_id: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + ORDER_WAIT_SECONDS
-        while True:
-            try:
-                return await sync_to_async(step)(self, message_id=message_id, **kwargs)
-            except pipeline.EarlierMessagePending:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.02)
+        received = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
+        return await run_step(
+            sync_caller(True), self, pipeline.place, on_earlier="wait", message_id=received.message.pk
+        )
 
     async def record_message(self, *, user_id: str, content: str, role: str = "assistant") -> dict[str, Any]:
         """Append an assistant (or ``human_agent``) message to the user's most recent thread.
@@ -289,11 +309,6 @@ class Agent:
         return classifier.classify(embedding)
 
     # --- steps the transports compose ---------------------------------------------------------
-
-    def fail(self, prepared: pipeline.Prepared, exc: Exception) -> None:
-        from conversations.services import message_fail
-
-        message_fail(message_id=prepared.message_id, error=str(exc))
 
     async def respond(
         self, prepared: pipeline.Prepared, *, on_text: TextCallback | None = None

@@ -38,12 +38,15 @@ def ensure_schema() -> None:
         from django.db import connection
         from django.db.migrations.executor import MigrationExecutor
 
-        from agentflow_project.env import env_bool
-
         executor = MigrationExecutor(connection)
         plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
         if plan:
-            if not env_bool("AGENTFLOW_AUTO_MIGRATE", True):
+            if os.environ.get("AGENTFLOW_AUTO_MIGRATE", "true").strip().lower() in (
+                "0",
+                "false",
+                "no",
+                "off",
+            ):
                 raise RuntimeError(f"{len(plan)} migrations are not applied; run `python manage.py migrate`")
             logger.info("applying %d migrations", len(plan))
             call_command("migrate", interactive=False, verbosity=0)

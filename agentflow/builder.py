@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
-from .config import ConfigSource, resolve_config
+from . import built_here
+from .config import ConfigSource, resolve_config_with_sources
 from .context import Handler, Middleware
 from .errors import ConfigError
 from .types import IntentCategory
+
+if TYPE_CHECKING:
+    from .agent import Agent
 
 
 class AgentFrameworkBuilder:
@@ -36,11 +42,12 @@ class AgentFrameworkBuilder:
         self._log_level: str | None = None
 
     def with_intent_categories(self, categories: Sequence[IntentCategory]) -> AgentFrameworkBuilder:
-        """The domain's intents, written to the database at ``build()``.
+        """The agent's intents, written to the database (for this agent only) at ``build()``.
 
-        The database is the source of truth at run time: the agent classifies against all active
-        categories there, and ops staff own threshold, hand-off, active flag and prompt once a
-        category exists (code sets them only when it creates the category). See docs/configuration.md.
+        The database is the source of truth at run time: the agent classifies against its own active
+        categories there. Code sets every field it defines on each build, except the fields staff
+        changed in the admin, which keep the staff value (``build()`` logs a warning naming both).
+        See docs/configuration.md.
         """
         if isinstance(categories, (str, bytes)) or not isinstance(categories, Sequence):
             raise ConfigError("with_intent_categories takes a list of IntentCategory")
@@ -113,13 +120,17 @@ class AgentFrameworkBuilder:
         self._log_level = name
         return self
 
-    async def build(self, llm_client: Any = None, mcp_client: Any = None) -> Any:
-        """Validate the configuration and return the agent.
+    async def build(self, llm_client: Any = None, mcp_client: Any = None) -> Agent:
+        """Validate the configuration, register the agent by name and return it.
 
         Args:
             llm_client: an ``anthropic.AsyncAnthropic`` (or an ``agentflow.llm.LLMBackend``).
                 ``None`` or a client without an API key runs the agent in offline mode.
             mcp_client: a ``fastmcp.Client`` whose tools the LLM may call (optional).
+
+        Returns:
+            The immutable ``Agent``. This process runs the agent's turns and background jobs with
+            it; other processes rebuild it by name (see ``agentflow.registry``).
 
         Raises:
             ConfigError: naming what is wrong.
@@ -128,10 +139,10 @@ class AgentFrameworkBuilder:
 
         ensure_django()
         # Not thread-sensitive: build() may run inside a thread that is itself blocked in sync code
-        # (an async agent factory called from get_agent), where the shared thread would deadlock.
+        # (an async agent factory called from the registry), where the shared thread would deadlock.
         return await sync_to_async(self._build_in_own_thread, thread_sensitive=False)(llm_client, mcp_client)
 
-    def _build_in_own_thread(self, llm_client: Any, mcp_client: Any) -> Any:
+    def _build_in_own_thread(self, llm_client: Any, mcp_client: Any) -> Agent:
         from django.db import connections
 
         try:
@@ -139,13 +150,28 @@ class AgentFrameworkBuilder:
         finally:
             connections.close_all()  # this executor thread's own connections
 
-    def build_sync(self, llm_client: Any = None, mcp_client: Any = None) -> Any:
-        """``build()`` for synchronous code (Celery workers, management commands, agent factories)."""
+    def build_sync(
+        self,
+        llm_client: Any = None,
+        mcp_client: Any = None,
+        *,
+        name: str | None = None,
+        origin: str = "script",
+        local: bool = True,
+        stored: Any = None,
+    ) -> Agent:
+        """``build()`` for synchronous code (Celery workers, management commands, agent factories).
+
+        ``name``, ``origin`` and ``local`` are for ``agentflow.registry``: the name an agent is declared
+        under, where its definition lives, and whether this process should prefer this very object
+        (a script's build) over the registry's own. ``stored`` is an agent record to rebuild as it is
+        (nothing is registered or written).
+        """
         from .bootstrap import ensure_django
 
         ensure_django()
+        from conversations.agents import agent_register
         from conversations.thread_features import load_model
-        from intents.models import IntentCategory as IntentCategoryRow
         from intents.services import intent_categories_sync
         from intents.store import IntentStore
 
@@ -157,30 +183,60 @@ class AgentFrameworkBuilder:
 
         if self._log_level:
             _configure_logging(self._log_level)
+        sources = [*self._sources, {"name": name}] if name else list(self._sources)
         overrides = {"confidence_config": {"intent_specific": self._thresholds}} if self._thresholds else None
-        config = resolve_config(self._sources, overrides=overrides)
+        config, config_sources = resolve_config_with_sources(sources, overrides=overrides)
         try:
             llm = backend_for(llm_client)
             tools = tool_source_for(mcp_client)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         ensure_schema()
+        from intents.models import IntentCategory as IntentCategoryRow
+
         known = {c.name for c in self._categories or ()} | set(
-            IntentCategoryRow.objects.values_list("name", flat=True)
+            IntentCategoryRow.objects.filter(agent__name=config.name).values_list("name", flat=True)
         )
-        for name in [*config.confidence_config.intent_specific, *self._handlers]:
-            if known and name not in known:
-                raise ConfigError(f"{name!r} names no intent category; known: {', '.join(sorted(known))}")
-        # Only a valid configuration is recorded for the admin: a failed build leaves no trace.
-        if self._categories is not None:
+        for intent in [*config.confidence_config.intent_specific, *self._handlers]:
+            if known and intent not in known:
+                raise ConfigError(
+                    f"{intent!r} names no intent category of agent {config.name!r}; known: {', '.join(sorted(known))}"
+                )
+        if stored is not None:
+            record = stored
+        else:
+            # Only a valid configuration is recorded: a failed build leaves no trace.
+            code_parts = {
+                "handlers": sorted(self._handlers),
+                "middleware": [_qualname(mw) for mw in self._middleware],
+                "tools": mcp_client is not None,
+            }
+            record = agent_register(
+                name=config.name,
+                config=config.model_dump(mode="json", exclude={"tools_config"}),
+                fingerprint=self._fingerprint(code_parts),
+                code_parts=code_parts,
+                origin=origin,
+                sources=config_sources,
+            )
+            threshold_origin = {
+                intent: ("code" if intent in self._thresholds else "config")
+                for intent in config.confidence_config.intent_specific
+            }
             intent_categories_sync(
-                categories=self._categories, thresholds=config.confidence_config.intent_specific
+                agent=record,
+                categories=self._categories,
+                thresholds=config.confidence_config.intent_specific,
+                threshold_origin=threshold_origin,
             )
         embedder = get_embedder()
-        intents = IntentStore(embedder)
+        intents = IntentStore(embedder, agent_id=record.pk)
         intents.current()  # build the classifier now, not on the first message
-        return Agent(
+        agent = Agent(
             config=config,
+            config_sources=config_sources,
+            record_id=record.pk,
+            version=record.version,
             intents=intents,
             handlers=self._handlers,
             middleware=tuple(self._middleware),
@@ -188,7 +244,38 @@ class AgentFrameworkBuilder:
             tools=tools,
             embedder=embedder,
             thread_model=load_model(config.session_config.threading_profile),
+            runs_jobs_inline=local,
         )
+        if local:
+            built_here.remember(agent)
+        return agent
+
+    def _fingerprint(self, code_parts: Mapping[str, Any]) -> str:
+        """A hash of the code-side definition: categories, thresholds, handlers, middleware, tools."""
+        categories = [
+            [
+                c.name,
+                c.description,
+                list(c.examples),
+                c.threshold,
+                c.handoff,
+                c.system_prompt,
+                c.on_low_confidence,
+            ]
+            for c in self._categories or ()
+        ]
+        handlers = {k: _qualname(v) for k, v in sorted(self._handlers.items())}
+        blob = json.dumps(
+            [categories, sorted(self._thresholds.items()), handlers, dict(code_parts)],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _qualname(obj: Any) -> str:
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(obj).__name__)}"
 
 
 def _configure_logging(level: str) -> None:

@@ -134,7 +134,11 @@ class RateLimitConfig(_Section):
 class AgentFrameworkConfig(_Section):
     """Everything an agent is configured with. Immutable once built."""
 
-    name: str = Field("agentflow", min_length=1, max_length=100)
+    name: str = Field(
+        "agentflow",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="The agent's stable name: letters, digits, _ - . (used in URLs, tokens and the admin).",
+    )
     version: str = Field("1.0.0", max_length=50)
     session_config: SessionConfig = Field(default_factory=SessionConfig)
     memory_config: MemoryConfig = Field(default_factory=MemoryConfig)
@@ -251,6 +255,25 @@ def source_to_dict(source: ConfigSource, environ: Mapping[str, str]) -> dict[str
     )
 
 
+def _leaf_paths(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    paths: list[str] = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value and key != "tools_config":
+            paths.extend(_leaf_paths(value, path))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _source_label(source: ConfigSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"yaml:{source}"
+    if isinstance(source, AgentFrameworkConfig):
+        return "config object"
+    return "dict"
+
+
 def resolve_config(
     sources: list[ConfigSource],
     *,
@@ -262,24 +285,45 @@ def resolve_config(
     Raises:
         ConfigError: naming the bad field, and the environment variable when one set it.
     """
+    return resolve_config_with_sources(sources, environ=environ, overrides=overrides)[0]
+
+
+def resolve_config_with_sources(
+    sources: list[ConfigSource],
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[AgentFrameworkConfig, dict[str, str]]:
+    """``resolve_config``, and where each explicitly set value came from.
+
+    Returns:
+        The config, and ``{"llm_config.model": "env:AGENT_LLM_MODEL", ...}`` for every setting a
+        source set (``yaml:<path>``, ``dict``, ``config object``, ``env:<VAR>``, ``code``); settings
+        absent from the map have their defaults.
+    """
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
+    where: dict[str, str] = {}
     for source in sources:
-        data = deep_merge(data, source_to_dict(source, environ))
+        loaded = source_to_dict(source, environ)
+        data = deep_merge(data, loaded)
+        where.update(dict.fromkeys(_leaf_paths(loaded), _source_label(source)))
     env_data, origin = env_overrides(environ)
     data = deep_merge(data, env_data)
+    where.update({".".join(path): f"env:{var}" for path, var in origin.items()})
     if overrides:
         data = deep_merge(data, overrides)
+        where.update(dict.fromkeys(_leaf_paths(overrides), "code"))
     try:
-        return AgentFrameworkConfig.model_validate(data)
+        return AgentFrameworkConfig.model_validate(data), where
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc = tuple(str(part) for part in error["loc"])
-            where = ".".join(loc)
+            path = ".".join(loc)
             var = origin.get(loc)
             got = error.get("input")
-            label = f"{var} ({where})" if var else where
+            label = f"{var} ({path})" if var else path
             if error["type"] == "extra_forbidden":
                 problems.append(f"{label}: unknown setting")
             else:

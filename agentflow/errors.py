@@ -57,3 +57,18 @@ class LLMError(AgentFlowError):
     def __init__(self, message: str, *, transient: bool) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class AgentUnavailable(AgentFlowError):
+    """This process cannot run the agent faithfully (it is neither declared nor rebuildable here).
+
+    The message is marked failed with this reason; it is never run with another agent's settings.
+    """
+
+    code = "agent_unavailable"
+
+
+class Forbidden(AgentFlowError):
+    """The caller may not act on this agent (an API key limited to another agent); nothing changed."""
+
+    code = "forbidden"

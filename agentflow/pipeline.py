@@ -16,13 +16,13 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from conversations import handoff
 from conversations import selectors as conv_selectors
 from conversations import services as conv_services
-from conversations.models import Message, Thread, ThreadActivity
+from conversations import turns as conv_turns
+from conversations.models import Message, Thread
 from conversations.summaries import extractive_summary
 from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
 from conversations.thread_features import ThreadState
@@ -32,7 +32,8 @@ from memory.services import memories_mark_used
 from memory.writing import PREFERENCE
 
 from .context import TurnContext
-from .errors import InvalidInput, NotFound
+from .errors import AgentUnavailable, InvalidInput, NotFound
+from .jobs import queue_on_commit
 from .types import Classification, IntentCategory, IntentScore, ThreadEvent
 from .validation import clean_message
 
@@ -49,14 +50,6 @@ ORDER_WINDOW = timedelta(minutes=2)
 
 class EarlierMessagePending(Exception):
     """An earlier message of the same user has not been placed yet: try this one again shortly."""
-
-
-ACTIVITY_FOR_EVENT = {
-    ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
-    ThreadEvent.FOLLOW_UP: ThreadActivity.Kind.FOLLOW_UP,
-    ThreadEvent.RETURN: ThreadActivity.Kind.RETURNED,
-    ThreadEvent.RESOLUTION: ThreadActivity.Kind.RESOLVED,
-}
 
 
 @dataclass
@@ -96,10 +89,11 @@ class Outcome:
 
 def accept(
     agent: Agent, *, user_id: str, message: str, client_message_id: str | None = None
-) -> tuple[Message, bool]:
+) -> conv_services.Received:
     """Validate and store the user's message (pending). Raises InvalidInput / RateLimited."""
     cfg = agent.config
     return conv_services.message_receive(
+        agent_id=agent.record_id,
         user_id=user_id,
         content=message,
         client_message_id=client_message_id,
@@ -122,21 +116,6 @@ def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
         elif turns or role == "user":
             turns.append({"role": role, "content": text})
     return turns
-
-
-def _schedule(task_name: str, *args: Any) -> None:
-    """Queue a Celery task by name once the transaction commits (memory writing stays off the hot path).
-
-    By name, so the pipeline does not import the tasks (transports) that call it.
-    ``AGENTFLOW["BACKGROUND_JOBS"] = False`` turns this off (the test suite does, except where a test
-    exercises the jobs: a job left running would race other tests' database resets).
-    """
-    from celery import current_app
-    from django.conf import settings
-
-    if not settings.AGENTFLOW.get("BACKGROUND_JOBS", True):
-        return
-    transaction.on_commit(lambda: current_app.send_task(task_name, args=list(args)))
 
 
 def _earlier_pending(message: Message) -> bool:
@@ -175,6 +154,7 @@ class Judgement:
     message: str
     decision: ThreadDecision
     options: tuple[dict[str, Any], ...]  # {"label", "thread_id", "topic", "status", "active"}
+    embedding: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0, np.float32))
 
 
 SCORER_REASONS = ("scorer:", "resolution of", "new for the active thread")
@@ -210,8 +190,8 @@ def _apply_verdict(
             {**decision.signals, "llm_judgement": verdict or "unavailable"},
         )
     return ThreadDecision(
-        event,
-        None if event == ThreadEvent.NEW_TOPIC else by_id[target],
+        str(event),
+        None if event == ThreadEvent.NEW_TOPIC else by_id[str(target)],
         float(verdict.get("confidence") or 0.8),
         {**decision.signals, "reason": "LLM judgement", "scorer_decision": cheap, "llm_judgement": verdict},
     )
@@ -225,11 +205,13 @@ def decide_and_place(
     verdict: dict[str, Any] | None = None,
     allow_judgement: bool = False,
     remember: bool = True,
+    decision: ThreadDecision | None = None,
 ) -> Judgement | None:
     """Thread decision + intent, stored on the message. Call under the user's advisory lock.
 
     With ``allow_judgement``, an unsure decision is not stored but returned as a ``Judgement`` for
-    the LLM; the caller comes back with its ``verdict`` (``{}`` when there is none).
+    the LLM; the caller comes back with its ``verdict`` (``{}`` when there is none) and the
+    judgement's ``decision``, which is reused rather than scored again.
     """
     now = timezone.now()
     user = message.user
@@ -237,16 +219,19 @@ def decide_and_place(
     inactivity = timedelta(minutes=cfg.thread_inactivity_threshold)
     conv_services.threads_mark_dormant(user=user, idle=inactivity, now=now)
     threads = [t for t in conv_selectors.thread_candidates(user=user) if t.topic_embedding is not None]
-    started = time.perf_counter()
-    decision = decide_thread(
-        text=message.content,
-        embedding=embedding,
-        candidates=[_candidate(t, message.session_id) for t in threads],
-        now=now,
-        inactivity=inactivity,
-        model=agent.thread_model,
-    )
-    decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    if decision is None or (
+        decision.thread_id is not None and decision.thread_id not in {t.pk for t in threads}
+    ):
+        started = time.perf_counter()
+        decision = decide_thread(
+            text=message.content,
+            embedding=embedding,
+            candidates=[_candidate(t, message.session_id) for t in threads],
+            now=now,
+            inactivity=inactivity,
+            model=agent.thread_model,
+        )
+        decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
     if verdict is not None:
         decision = _apply_verdict(decision, verdict, threads)
     elif allow_judgement and _unsure(agent, decision):
@@ -260,67 +245,57 @@ def decide_and_place(
             }
             for i, t in enumerate(threads[:6])
         )
-        return Judgement(message.content, decision, options)
+        return Judgement(message.content, decision, options, embedding)
     classification = agent.classifier.classify(embedding)
-    if decision.thread_id is None:
-        thread = conv_services.thread_open(
-            user=user, session=message.session, text=message.content, embedding=embedding, now=now
-        )
-        if classification.intent:
-            thread.intent = classification.intent
-            thread.save(update_fields=["intent"])
-    else:
-        thread = next(t for t in threads if t.pk == decision.thread_id)
-        if decision.event == ThreadEvent.RESOLUTION:
-            conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
-            if remember and agent.config.memory_config.enabled:
-                _schedule("memory.remember_resolution", str(thread.pk))
-        else:
-            conv_services.thread_add_message(
-                thread=thread, text=message.content, embedding=embedding, now=now
-            )
-    if remember and agent.config.memory_config.enabled and PREFERENCE.search(message.content):
-        _schedule("memory.remember_preference", str(message.pk))
-    message.thread = thread
-    message.thread_event = decision.event
-    message.thread_confidence = round(decision.confidence, 4)
-    message.thread_signals = decision.signals
-    message.intent = classification.intent or ""
-    message.confidence = classification.confidence
-    message.intent_candidates = [
-        {"intent": s.name, "confidence": s.confidence} for s in classification.runners_up
-    ]
-    message.save(
-        update_fields=[
-            "thread",
-            "thread_event",
-            "thread_confidence",
-            "thread_signals",
-            "intent",
-            "confidence",
-            "intent_candidates",
-        ]
-    )
-    conv_services.thread_activity_record(
-        thread=thread,
-        kind=ACTIVITY_FOR_EVENT[decision.event],
+    target = None if decision.thread_id is None else next(t for t in threads if t.pk == decision.thread_id)
+    thread = conv_turns.message_place(
         message=message,
-        actor=ThreadActivity.Actor.USER,
+        event=decision.event,
+        thread=target,
+        confidence=decision.confidence,
+        signals=decision.signals,
+        intent=classification.intent,
+        intent_confidence=classification.confidence,
+        candidates=[{"intent": s.name, "confidence": s.confidence} for s in classification.runners_up],
+        embedding=embedding,
+        now=now,
     )
+    if remember and agent.config.memory_config.enabled:
+        if decision.event == ThreadEvent.RESOLUTION:
+            queue_on_commit("memory.remember_resolution", str(thread.pk))
+        if PREFERENCE.search(message.content):
+            queue_on_commit("memory.remember_preference", str(message.pk))
     return None
 
 
-def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = None) -> Prepared:
+def _message_of(agent: Agent, message_id: Any) -> Message:
+    """The user message of a turn, checked to belong to ``agent`` (never run with another's settings)."""
+    try:
+        message = conv_turns.message_for_turn(message_id=message_id)
+    except (Message.DoesNotExist, ValueError, TypeError):
+        raise NotFound(f"message {message_id} not found") from None
+    if message.user.agent_id != agent.record_id:
+        raise AgentUnavailable(
+            f"message {message_id} belongs to agent {message.user.agent.name!r}, not {agent.name!r}"
+        )
+    return message
+
+
+def prepare(
+    agent: Agent,
+    *,
+    message_id: Any,
+    verdict: dict[str, Any] | None = None,
+    judgement: Judgement | None = None,
+) -> Prepared:
     """Claim a stored user message and work out its thread, intent, history and memories.
 
     Idempotent: a finished turn returns its result; a turn another worker holds returns its state.
     When the thread scorer is unsure (and an LLM is available), nothing is placed yet: the result
-    carries a ``judgement`` for ``Agent.judge_thread``; call again with its ``verdict``.
+    carries a ``judgement`` for ``Agent.judge_thread``; call again with its ``verdict`` and the
+    ``judgement`` (its embedding and scores are reused).
     """
-    try:
-        message = Message.objects.select_related("user", "session").get(pk=message_id, role=Message.Role.USER)
-    except Message.DoesNotExist:
-        raise NotFound(f"message {message_id} not found") from None
+    message = _message_of(agent, message_id)
     key = str(message.pk)
     if message.status == Message.Status.DONE:
         return Prepared(key, result=conv_selectors.turn_result(message=message))
@@ -328,24 +303,32 @@ def prepare(agent: Agent, *, message_id: Any, verdict: dict[str, Any] | None = N
         message.refresh_from_db()
         return Prepared(key, result=conv_selectors.turn_result(message=message))
     started = time.perf_counter()
-    embedding = agent.embedder.embed_one(message.content)
+    if judgement is not None and judgement.embedding.size:
+        embedding = judgement.embedding
+    else:
+        embedding = agent.embedder.embed_one(message.content)
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
         message.refresh_from_db(
             fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"]
         )
         waiting = message.thread_id is None and _earlier_pending(message)
-        judgement = None
+        unsure = None
         if message.thread_id is None and not waiting:
-            judgement = decide_and_place(
-                agent, message, embedding, verdict=verdict, allow_judgement=verdict is None
+            unsure = decide_and_place(
+                agent,
+                message,
+                embedding,
+                verdict=verdict,
+                allow_judgement=verdict is None,
+                decision=judgement.decision if judgement is not None else None,
             )
     if waiting:
         conv_services.message_release(message_id=message.pk)
         raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
-    if judgement is not None:
+    if unsure is not None:
         conv_services.message_release(message_id=message.pk)
-        return Prepared(key, judgement=judgement)
+        return Prepared(key, judgement=unsure)
     thread: Thread = message.thread  # type: ignore[assignment]
     classification = Classification(
         message.intent or None,
@@ -413,13 +396,18 @@ def reclassify(agent: Agent, prepared: Prepared, *, intent: str, confidence: flo
     message = prepared.message
     old = prepared.ctx.classification
     runners = tuple(
-        s for s in (IntentScore(old.intent, old.confidence), *old.runners_up) if s.name and s.name != intent
+        s
+        for s in (IntentScore(old.intent or "", old.confidence), *old.runners_up)
+        if s.name and s.name != intent
     )
     classification = Classification(intent, round(confidence, 4), runners[:3])
-    message.intent, message.confidence = intent, classification.confidence
-    message.intent_candidates = [{"intent": s.name, "confidence": s.confidence} for s in runners[:3]]
-    message.thread_signals = {**message.thread_signals, "intent_source": source}
-    message.save(update_fields=["intent", "confidence", "intent_candidates", "thread_signals"])
+    conv_turns.message_reclassify(
+        message=message,
+        intent=intent,
+        confidence=classification.confidence,
+        candidates=[{"intent": s.name, "confidence": s.confidence} for s in runners[:3]],
+        source=source,
+    )
     category = agent.category(intent)
     action = confidence_action(
         classification=classification,
@@ -439,7 +427,7 @@ def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:
 
     For evaluation and for importing conversations. Returns the decision with its timings.
     """
-    message = Message.objects.select_related("user", "session").get(pk=message_id, role=Message.Role.USER)
+    message = _message_of(agent, message_id)
     if not conv_services.message_claim(message_id=message.pk, now=timezone.now(), stale_after=STALE_CLAIM):
         raise NotFound(f"message {message_id} is already being processed or done")
     started = time.perf_counter()
@@ -450,8 +438,7 @@ def place(agent: Agent, *, message_id: Any) -> dict[str, Any]:
         waiting = _earlier_pending(message)
         if not waiting:
             decide_and_place(agent, message, embedding, remember=False)
-            message.status = Message.Status.DONE
-            message.save(update_fields=["status"])
+            conv_turns.message_mark_placed(message=message)
     if waiting:
         conv_services.message_release(message_id=message.pk)
         raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
@@ -476,22 +463,12 @@ def record(agent: Agent, *, user_id: str, content: str, role: str) -> dict[str, 
     if role not in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT):
         raise InvalidInput("role must be 'assistant' or 'human_agent'", field="role")
     text = clean_message(content, max_chars=agent.config.input_config.max_message_chars)
-    user = conv_selectors.user_get(external_id=clean_user_id(user_id))
+    user = conv_selectors.user_get(agent_id=agent.record_id, external_id=clean_user_id(user_id))
     threads = conv_selectors.thread_candidates(user=user, limit=1)
     if not threads:
         raise InvalidInput("the user has no thread to add this message to", field="user_id")
     thread = threads[0]
-    now = timezone.now()
-    with transaction.atomic():
-        stored = Message.objects.create(
-            user=user,
-            session_id=thread.session_id,
-            thread=thread,
-            role=role,
-            content=text,
-            status=Message.Status.DONE,
-        )
-        conv_services.thread_add_reply(thread=thread, text=text, now=now)
+    stored = conv_turns.message_record(thread=thread, role=role, content=text)
     return {"message_id": str(stored.pk), "thread_id": str(thread.pk), "role": role}
 
 
@@ -525,22 +502,14 @@ def _held(
     )
 
 
-def _finish_held(message: Message, outcome: Outcome) -> None:
-    """Mark a turn in a human-held thread done, with no reply. Running it twice changes nothing more.
+def fail(prepared: Prepared, exc: BaseException) -> None:
+    """Mark a claimed turn failed (a resend, or the user's next message, is not blocked by it)."""
+    conv_services.message_fail(message_id=prepared.message_id, error=str(exc) or type(exc).__name__)
 
-    The thread stays in the queue: if staff handed it back meanwhile, the message (which got no bot
-    reply) opens a new escalation rather than go unanswered.
-    """
-    with transaction.atomic():
-        marked = (
-            Message.objects.filter(pk=message.pk)
-            .exclude(status=Message.Status.DONE)
-            .update(status=Message.Status.DONE, escalated=True, handled_by=outcome.handled_by, error="")
-        )
-        message.refresh_from_db()
-        if marked:
-            assert message.thread is not None
-            handoff.escalation_open(thread=message.thread, message=message, reason=outcome.escalation_reason)
+
+def release(prepared: Prepared) -> None:
+    """Give a claimed turn back (pending): its caller retries it shortly."""
+    conv_services.message_release(message_id=prepared.message_id)
 
 
 def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]:
@@ -552,13 +521,16 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     assert prepared.ctx is not None
     ctx = prepared.ctx
     latency_ms = round((time.perf_counter() - prepared.started) * 1000, 2)
-    message = prepared.message or Message.objects.select_related("user", "thread").get(pk=prepared.message_id)
+    message = prepared.message or _message_of(agent, prepared.message_id)
     reply: Message | None = None
     if prepared.held_by_human:
-        _finish_held(message, outcome)
+        conv_turns.turn_finish_held(
+            message=message, handled_by=outcome.handled_by, reason=outcome.escalation_reason
+        )
         result = conv_selectors.turn_result(message=message)
         logger.info(
-            "turn user=%s thread=%s event=%s intent=%s held by a human latency_ms=%.1f",
+            "turn agent=%s user=%s thread=%s event=%s intent=%s held by a human latency_ms=%.1f",
+            agent.name,
             ctx.user_id,
             ctx.thread_id,
             ctx.thread_event,
@@ -566,48 +538,29 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
             latency_ms,
         )
         return result
-    try:
-        with transaction.atomic():
-            reply = Message.objects.create(
-                user=message.user,
-                session_id=message.session_id,
-                thread_id=message.thread_id,
-                reply_to=message,
-                role=Message.Role.ASSISTANT,
-                content=outcome.text,
-                intent=message.intent,
-                confidence=outcome.confidence if outcome.confidence is not None else message.confidence,
-                thread_signals={"confidence": outcome.confidence_parts} if outcome.confidence_parts else {},
-                escalated=outcome.escalated,
-                offline=outcome.offline,
-                model=outcome.model,
-                usage=outcome.usage,
-                latency_ms=latency_ms,
-                llm_latency_ms=outcome.llm_latency_ms,
-                handled_by=outcome.handled_by,
-                memories_used=ctx.memories,
-                tool_calls=outcome.tool_calls,
-            )
-            message.status = Message.Status.DONE
-            message.escalated = outcome.escalated
-            message.error = ""
-            message.save(update_fields=["status", "escalated", "error"])
-            thread = message.thread
-            assert thread is not None
-            conv_services.thread_add_reply(thread=thread, text=outcome.text, now=timezone.now())
-            if outcome.escalated and not thread.escalated:
-                thread.escalated = True
-                thread.save(update_fields=["escalated"])
-            if outcome.escalated:
-                handoff.escalation_open(thread=thread, message=message, reason=outcome.escalation_reason)
-    except IntegrityError:
-        # Another run of this turn stored its reply first; that one stands.
-        message.refresh_from_db()
-        reply = None
+    reply = conv_turns.turn_finish(
+        message=message,
+        reply_fields={
+            "content": outcome.text,
+            "confidence": outcome.confidence if outcome.confidence is not None else message.confidence,
+            "thread_signals": {"confidence": outcome.confidence_parts} if outcome.confidence_parts else {},
+            "escalated": outcome.escalated,
+            "offline": outcome.offline,
+            "model": outcome.model,
+            "usage": outcome.usage,
+            "latency_ms": latency_ms,
+            "llm_latency_ms": outcome.llm_latency_ms,
+            "handled_by": outcome.handled_by,
+            "memories_used": ctx.memories,
+            "tool_calls": outcome.tool_calls,
+        },
+        escalation_reason=outcome.escalation_reason,
+    )
     memories_mark_used(memory_ids=[m["id"] for m in ctx.memories])
     result = conv_selectors.turn_result(message=message, reply=reply)
     logger.info(
-        "turn user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",
+        "turn agent=%s user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",
+        agent.name,
         ctx.user_id,
         ctx.thread_id,
         ctx.thread_event,

@@ -62,3 +62,14 @@ def env_list(name: str, default: list[str]) -> list[str]:
             f"{name} must be a comma-separated list with no empty items; got {value!r}"
         )
     return items
+
+
+def env_map(name: str, default: dict[str, str]) -> dict[str, str]:
+    """``key=value,key2=value2`` (values may hold ``:`` and ``.``, as dotted paths do)."""
+    result: dict[str, str] = {}
+    for item in env_list(name, []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ImproperlyConfigured(f"{name} must be a comma-separated list of name=value; got {item!r}")
+        result[key.strip()] = value.strip()
+    return result or dict(default)

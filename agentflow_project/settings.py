@@ -12,7 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
 from . import runtime
-from .env import env_bool, env_int, env_list, env_str
+from .env import env_bool, env_int, env_list, env_map, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "conversations",
     "intents",
     "memory",
+    "agentflow_project",  # the deployment's own commands (agentflow_run, agentflow_services)
 ]
 
 MIDDLEWARE = [
@@ -152,8 +153,13 @@ ANTHROPIC_BASE_URL = env_str("ANTHROPIC_BASE_URL")
 AGENTFLOW = {
     # YAML file with the framework configuration (AgentFrameworkConfig); AGENT_* variables override it.
     "CONFIG": env_str("AGENTFLOW_CONFIG") or None,
-    # Dotted path to the callable that builds the agent the workers run.
-    "AGENT_FACTORY": env_str("AGENTFLOW_AGENT_FACTORY", "agentflow.defaults.build_default_agent"),
+    # The agent the un-prefixed REST paths, old chat tokens and the demo page use.
+    "DEFAULT_AGENT": env_str("AGENTFLOW_DEFAULT_AGENT", "agentflow"),
+    # The agents every process can run: name -> dotted path of a function returning a builder or an
+    # agent ("support=myproject.agents:support_agent,shop=myproject.agents:shop_agent").
+    "AGENTS": env_map("AGENTFLOW_AGENTS", {}),
+    # Dotted path to the callable that builds the default agent unless AGENTS declares it.
+    "AGENT_FACTORY": env_str("AGENTFLOW_AGENT_FACTORY", "agentflow.registry.build_default_agent"),
     # Dotted path to the embedding backend (an agentflow.embeddings.Embedder subclass).
     "EMBEDDER": env_str("AGENTFLOW_EMBEDDER", "agentflow.embeddings.MiniLMEmbedder"),
     # How long POST /api/users/{id}/messages waits for the turn by default (seconds).

@@ -43,7 +43,9 @@ def origin_allowed(*, origin: str | None, path: str) -> bool:
         return True
     if not widget:
         return False
-    allowed = settings.AGENTFLOW.get("WIDGET_ORIGINS", [])
+    from agentflow.conf import conf
+
+    allowed = conf().WIDGET_ORIGINS
     return "*" in allowed or f"{parts.scheme}://{parts.netloc}".lower() in {
         o.lower().rstrip("/") for o in allowed
     }

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
-from agentflow.errors import InvalidInput, NotFound
-from memory.privacy import user_erase, user_export
+from agentflow.errors import InvalidInput
 
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import live_link, live_page
-from .models import ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
+from .models import Agent, ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
 from .services import (
     api_key_create,
     thread_split,
@@ -77,11 +75,15 @@ class ThreadActivityInline(ReadOnlyInline):
 
 @admin.register(EndUser)
 class EndUserAdmin(admin.ModelAdmin):
-    list_display = ("external_id", "display_name", "created_at", "last_seen_at", "live")
+    """End users, one row per agent they talk to. Export and erase are added by ``memory.admin``
+    (they cover memories too), which registers its subclass of this admin."""
+
+    list_display = ("external_id", "agent", "display_name", "created_at", "last_seen_at", "live")
+    list_filter = ("agent",)
+    list_select_related = ("agent",)
     search_fields = ("external_id", "display_name")
     readonly_fields = ("created_at", "last_seen_at", "live")
     inlines = [SessionInline, ThreadInline]
-    actions = ["export_users", "erase_users"]
 
     @admin.display(description="live")
     def live(self, obj: EndUser) -> str:
@@ -105,76 +107,11 @@ class EndUserAdmin(admin.ModelAdmin):
         context = {**self.admin_site.each_context(request), "opts": self.opts, "original": end_user}
         return live_page(request, end_user=end_user, admin_context=context)
 
-    @admin.action(description="Export selected users (JSON)")
-    def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
-        exports = [user_export(user=user) for user in queryset.order_by("external_id")]
-        response = HttpResponse(
-            json.dumps({"users": exports}, indent=2, ensure_ascii=False), content_type="application/json"
-        )
-        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
-        response["Content-Disposition"] = f'attachment; filename="agentflow-users-{stamp}.json"'
-        return response
-
-    @admin.action(description="Erase selected users and all their data", permissions=["delete"])
-    def erase_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse | None:
-        """A confirmation page listing what goes; the confirmed POST erases and reports the counts."""
-        users = list(queryset.order_by("external_id"))
-        if request.POST.get("confirm") != "yes":
-            rows = [
-                {
-                    "user": user,
-                    "sessions": user.sessions.count(),
-                    "threads": user.threads.count(),
-                    "messages": user.messages.count(),
-                    "escalations": user.escalations.count(),
-                    "memories": user.memories.count(),
-                }
-                for user in users
-            ]
-            context = {
-                **self.admin_site.each_context(request),
-                "opts": self.opts,
-                "title": "Erase users and all their data?",
-                "rows": rows,
-                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-            }
-            return TemplateResponse(request, "admin/conversations/enduser/erase_confirmation.html", context)
-        self._erase(request, users)
-        return None
-
-    def _erase(self, request: HttpRequest, users: list[EndUser]) -> None:
-        totals: Counter[str] = Counter()
-        erased = 0
-        for user in users:
-            try:
-                totals.update(user_erase(user=user))
-            except NotFound:  # erased meanwhile
-                continue
-            erased += 1
-        summary = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in totals.items())
-        self.message_user(
-            request, f"Erased {erased} user(s): {summary or 'nothing'}.", level=messages.SUCCESS
-        )
-
-    def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
-        # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
-        try:
-            user_erase(user=obj)
-        except NotFound:
-            pass
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> None:
-        for user in queryset:
-            try:
-                user_erase(user=user)
-            except NotFound:
-                pass
-
 
 @admin.register(ChatSession)
 class ChatSessionAdmin(admin.ModelAdmin):
     list_display = ("id", "user", "status", "started_at", "last_activity_at", "expires_at")
-    list_filter = ("status",)
+    list_filter = (("user__agent", admin.RelatedOnlyFieldListFilter), "status")
     search_fields = ("user__external_id", "id")
     list_select_related = ("user",)
     readonly_fields = (
@@ -193,7 +130,7 @@ class ThreadAdmin(admin.ModelAdmin):
     """A thread's page is its timeline: every message with the decisions taken on it."""
 
     list_display = ("topic", "user", "status", "intent", "escalated", "opened_at", "last_activity_at", "live")
-    list_filter = ("status", "escalated", "intent")
+    list_filter = (("user__agent", admin.RelatedOnlyFieldListFilter), "status", "escalated", "intent")
     search_fields = ("topic", "user__external_id", "resolution")
     list_select_related = ("user",)
     date_hierarchy = "opened_at"
@@ -260,7 +197,15 @@ class MessageAdmin(admin.ModelAdmin):
         "status",
         "latency_ms",
     )
-    list_filter = ("role", "status", "thread_event", "escalated", "offline", "intent")
+    list_filter = (
+        ("user__agent", admin.RelatedOnlyFieldListFilter),
+        "role",
+        "status",
+        "thread_event",
+        "escalated",
+        "offline",
+        "intent",
+    )
     search_fields = ("content", "user__external_id", "client_message_id")
     list_select_related = ("user",)
     date_hierarchy = "created_at"
@@ -293,7 +238,7 @@ class ThreadActivityAdmin(admin.ModelAdmin):
     """Every thread event with its time: what analytics count openings, returns and resolutions from."""
 
     list_display = ("created_at", "user", "thread", "kind", "actor", "staff_user")
-    list_filter = ("kind", "actor")
+    list_filter = (("user__agent", admin.RelatedOnlyFieldListFilter), "kind", "actor")
     search_fields = ("user__external_id",)
     list_select_related = ("user", "thread", "staff_user")
     date_hierarchy = "created_at"
@@ -308,17 +253,17 @@ class ThreadActivityAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "active", "created_at", "last_used_at")
-    list_filter = ("active",)
+    list_display = ("name", "prefix", "agent", "active", "created_at", "last_used_at")
+    list_filter = ("agent", "active")
     search_fields = ("name", "prefix")
-    fields = ("name", "active", "prefix", "created_at", "last_used_at")
+    fields = ("name", "agent", "active", "prefix", "created_at", "last_used_at")
     readonly_fields = ("prefix", "created_at", "last_used_at")
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
-        created, plain = api_key_create(name=obj.name)
+        created, plain = api_key_create(name=obj.name, agent=obj.agent)
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
             created.pk,
             created.prefix,
@@ -350,7 +295,11 @@ class EscalationAdmin(admin.ModelAdmin):
         "created_at",
         "live",
     )
-    list_filter = ("status", ("holder", admin.RelatedOnlyFieldListFilter))
+    list_filter = (
+        ("user__agent", admin.RelatedOnlyFieldListFilter),
+        "status",
+        ("holder", admin.RelatedOnlyFieldListFilter),
+    )
     search_fields = ("user__external_id", "reason", "thread__topic")
     list_select_related = ("user", "thread", "holder")
     date_hierarchy = "created_at"
@@ -466,3 +415,74 @@ class EscalationAdmin(admin.ModelAdmin):
             "change_url": change_url,
         }
         return TemplateResponse(request, "admin/conversations/escalation/reply.html", context)
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    """The agents of this deployment, as their builds registered them: read-only (they come from code
+    and configuration). Each shows its effective configuration, where each value came from, and its
+    intent categories' thresholds with their source."""
+
+    list_display = ("name", "version", "origin", "rebuildable", "user_count", "last_built_at")
+    search_fields = ("name",)
+    fields = (
+        "name",
+        "version",
+        "origin",
+        "rebuildable",
+        "code_parts",
+        "effective",
+        "thresholds",
+        "last_built_at",
+    )
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
+        return super().get_queryset(request).annotate(n_users=Count("users"))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="users", ordering="n_users")
+    def user_count(self, obj: Agent) -> int:
+        return getattr(obj, "n_users", 0)
+
+    @admin.display(description="rebuilt from its record", boolean=True)
+    def rebuildable(self, obj: Agent) -> bool:
+        return obj.portable
+
+    @admin.display(description="effective configuration (value — source)")
+    def effective(self, obj: Agent) -> SafeString:
+        rows = [
+            (path, json.dumps(value), obj.sources.get(path, "default"))
+            for path, value in _flatten(obj.config)
+        ]
+        return format_html(
+            "<table><tr><th>setting</th><th>value</th><th>source</th></tr>{}</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+        )
+
+    @admin.display(description="intent thresholds (value — source)")
+    def thresholds(self, obj: Agent) -> SafeString:
+        from intents.selectors import intent_threshold_sources
+
+        default = float(obj.config.get("confidence_config", {}).get("default_threshold", 0.5))
+        rows = [
+            (r["name"], r["threshold"], r["threshold_source"], "" if r["active"] else "(inactive)")
+            for r in intent_threshold_sources(agent_id=obj.pk, default=default)
+        ]
+        return format_html(
+            "<table>{}</table>", format_html_join("", "<tr><td>{}</td><td>{}</td><td>{} {}</td></tr>", rows)
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict) and data and prefix != "confidence_config.intent_specific":
+        items: list[tuple[str, Any]] = []
+        for key, value in data.items():
+            items.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return items
+    return [(prefix, data)]

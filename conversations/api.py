@@ -13,33 +13,24 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from django.conf import settings
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
 
-from agentflow import pipeline
-from agentflow.defaults import get_agent
-from agentflow.errors import InvalidInput
+from agentflow.conf import conf
+from agentflow.errors import Forbidden, InvalidInput
+from agentflow.jobs import queue_turn
 from agentflow.validation import clean_user_id
 
 from . import selectors
-from .chat_tokens import CHAT_TOKEN_SALT, chat_token_create, chat_token_user  # noqa: F401 (the consumer imports them)
+from .agents import AgentSettings, agent_settings, clean_agent_name
+from .chat_tokens import chat_token_create
 from .events import user_group
-from .models import Message
-from .tasks import enqueue_turn
+from .models import ApiKey, EndUser, Message
+from .schemas import ErrorOut
+from .services import message_receive
 
 router = Router(tags=["conversations"])
-
-
-class ErrorDetail(Schema):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorOut(Schema):
-    error: ErrorDetail
 
 
 class MessageIn(Schema):
@@ -122,11 +113,21 @@ class ChatTokenOut(Schema):
     token: str
     expires_in: int
     websocket_path: str
+    agent: str
 
 
-def _turn(message_id: Any) -> dict[str, Any]:
-    message = Message.objects.select_related("user").get(pk=message_id)
-    return selectors.turn_result(message=message)
+def _agent(request: HttpRequest, name: str | None) -> AgentSettings:
+    """The agent a request addresses (the default one on the un-prefixed paths), checked against the
+    API key's agent limit. Reads the agent's limits from its record; no agent is built here."""
+    found = agent_settings(name=clean_agent_name(name or conf().DEFAULT_AGENT))
+    key = getattr(request, "auth", None)
+    if isinstance(key, ApiKey) and key.agent_id is not None and key.agent_id != found.id:
+        raise Forbidden(f"this API key is limited to another agent than {found.name!r}")
+    return found
+
+
+def _user(request: HttpRequest, agent: str | None, user_id: str) -> EndUser:
+    return selectors.user_get(agent_id=_agent(request, agent).id, external_id=clean_user_id(user_id))
 
 
 async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seconds: float) -> None:
@@ -144,89 +145,189 @@ async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seco
             return  # the turn failed for good
 
 
-@router.post(
-    "/users/{user_id}/messages",
-    response={200: TurnOut, 202: TurnOut, 400: ErrorOut, 429: ErrorOut, 503: TurnOut},
-    summary="Send a user's message and get the turn result",
-)
-async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -> Status[dict[str, Any]]:
-    """Stores the message, runs its turn in a worker and waits up to ``wait_seconds`` for the reply.
-
-    200: the turn is done (the reply is in ``content``). 202: still running; poll
-    ``GET /api/users/{user_id}/messages/{message_id}``. 503: the turn failed (the LLM was
-    unavailable); the message is kept, and sending it again with the same ``client_message_id``
-    retries it.
-    """
-    agent = await sync_to_async(get_agent)()
-    message, created = await sync_to_async(pipeline.accept)(
-        agent, user_id=user_id, message=payload.message, client_message_id=payload.client_message_id
+async def _post_message(
+    request: HttpRequest, agent: str | None, user_id: str, payload: MessageIn
+) -> Status[dict[str, Any]]:
+    limits = await sync_to_async(_agent)(request, agent)
+    received = await sync_to_async(message_receive)(
+        agent_id=limits.id,
+        user_id=user_id,
+        content=payload.message,
+        client_message_id=payload.client_message_id,
+        ttl_seconds=limits.ttl_seconds,
+        max_chars=limits.max_message_chars,
+        rate_per_minute=limits.messages_per_minute,
     )
+    message = received.message
     message_id = str(message.pk)
-    wait = settings.AGENTFLOW["REST_WAIT_SECONDS"] if payload.wait_seconds is None else payload.wait_seconds
+    wait = conf().REST_WAIT_SECONDS if payload.wait_seconds is None else payload.wait_seconds
     layer = get_channel_layer()
-    # Sending a failed message's client_message_id again retries its turn (the task is idempotent).
-    run = created or message.status == Message.Status.FAILED
-    if wait > 0 and layer is not None and (run or message.status != Message.Status.DONE):
+    if wait > 0 and layer is not None and (received.run or message.status != Message.Status.DONE):
         channel = await layer.new_channel()
         group = user_group(message.user_id)
         await layer.group_add(group, channel)
         try:
-            if run:
-                await sync_to_async(enqueue_turn)(message.pk)
+            if received.run:
+                await sync_to_async(queue_turn)(message.pk)
             await _wait_for_turn(layer, channel, message_id, wait)
         finally:
             await layer.group_discard(group, channel)
-    elif run:
-        await sync_to_async(enqueue_turn)(message.pk)
-    result = await sync_to_async(_turn)(message.pk)
+    elif received.run:
+        await sync_to_async(queue_turn)(message.pk)
+    result = await sync_to_async(selectors.turn_result_for)(message_id=message.pk)
     status = {Message.Status.DONE: 200, Message.Status.FAILED: 503}.get(result["status"], 202)
     return Status(status, result)
 
 
-@router.get(
-    "/users/{user_id}/messages/{message_id}",
-    response={200: TurnOut, 404: ErrorOut},
-    summary="The turn result of a user message",
+_POST_DOC = """Stores the message, runs its turn in a worker and waits up to ``wait_seconds`` for the reply.
+
+200: the turn is done (the reply is in ``content``). 202: still running; poll the message's
+``GET .../messages/{message_id}``. 503: the turn failed (the LLM was unavailable); the message is
+kept, and sending it again with the same ``client_message_id`` retries it.
+"""
+_POST_RESPONSES = {
+    200: TurnOut,
+    202: TurnOut,
+    400: ErrorOut,
+    403: ErrorOut,
+    404: ErrorOut,
+    429: ErrorOut,
+    503: TurnOut,
+}
+
+
+@router.post(
+    "/agents/{agent}/users/{user_id}/messages",
+    response=_POST_RESPONSES,
+    summary="Send a user's message to an agent and get the turn result",
+    description=_POST_DOC,
 )
-def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, Any]:
-    user = selectors.user_get(external_id=clean_user_id(user_id))
+async def post_agent_message(
+    request: HttpRequest, agent: str, user_id: str, payload: MessageIn
+) -> Status[dict[str, Any]]:
+    return await _post_message(request, agent, user_id, payload)
+
+
+@router.post(
+    "/users/{user_id}/messages",
+    response=_POST_RESPONSES,
+    summary="Send a user's message (the default agent) and get the turn result",
+    description=_POST_DOC,
+)
+async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -> Status[dict[str, Any]]:
+    return await _post_message(request, None, user_id, payload)
+
+
+def _get_turn(request: HttpRequest, agent: str | None, user_id: str, message_id: str) -> dict[str, Any]:
+    user = _user(request, agent, user_id)
     message = selectors.message_get_for_user(user=user, message_id=message_id)
     if message.role != Message.Role.USER:
         raise InvalidInput("message_id must name a user message", field="message_id")
     return selectors.turn_result(message=message)
 
 
-@router.get("/users/{user_id}/sessions", response={200: list[SessionOut], 404: ErrorOut})
+@router.get(
+    "/agents/{agent}/users/{user_id}/messages/{message_id}",
+    response={200: TurnOut, 403: ErrorOut, 404: ErrorOut},
+    summary="The turn result of a user message",
+)
+def get_agent_turn(request: HttpRequest, agent: str, user_id: str, message_id: str) -> dict[str, Any]:
+    return _get_turn(request, agent, user_id, message_id)
+
+
+@router.get(
+    "/users/{user_id}/messages/{message_id}",
+    response={200: TurnOut, 403: ErrorOut, 404: ErrorOut},
+    summary="The turn result of a user message (the default agent)",
+)
+def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, Any]:
+    return _get_turn(request, None, user_id, message_id)
+
+
+@router.get(
+    "/agents/{agent}/users/{user_id}/sessions", response={200: list[SessionOut], 403: ErrorOut, 404: ErrorOut}
+)
+def list_agent_sessions(request: HttpRequest, agent: str, user_id: str) -> Any:
+    return list(selectors.sessions_for_user(user=_user(request, agent, user_id))[:100])
+
+
+@router.get("/users/{user_id}/sessions", response={200: list[SessionOut], 403: ErrorOut, 404: ErrorOut})
 def list_sessions(request: HttpRequest, user_id: str) -> Any:
-    user = selectors.user_get(external_id=clean_user_id(user_id))
-    return list(selectors.sessions_for_user(user=user)[:100])
+    return list(selectors.sessions_for_user(user=_user(request, None, user_id))[:100])
 
 
-@router.get("/users/{user_id}/threads", response={200: list[ThreadOut], 404: ErrorOut})
-def list_threads(
-    request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None
+def _list_threads(
+    request: HttpRequest, agent: str | None, user_id: str, session_id: str | None, status: str | None
 ) -> Any:
-    user = selectors.user_get(external_id=clean_user_id(user_id))
+    user = _user(request, agent, user_id)
     if status is not None and status not in ("open", "dormant", "resolved"):
         raise InvalidInput("status must be open, dormant or resolved", field="status")
     return list(selectors.threads_for_user(user=user, session_id=session_id, status=status)[:200])
 
 
-@router.get("/users/{user_id}/threads/{thread_id}/messages", response={200: list[MessageOut], 404: ErrorOut})
-def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> Any:
-    user = selectors.user_get(external_id=clean_user_id(user_id))
-    thread = selectors.thread_get_for_user(user=user, thread_id=thread_id)
+@router.get(
+    "/agents/{agent}/users/{user_id}/threads", response={200: list[ThreadOut], 403: ErrorOut, 404: ErrorOut}
+)
+def list_agent_threads(
+    request: HttpRequest, agent: str, user_id: str, session_id: str | None = None, status: str | None = None
+) -> Any:
+    return _list_threads(request, agent, user_id, session_id, status)
+
+
+@router.get("/users/{user_id}/threads", response={200: list[ThreadOut], 403: ErrorOut, 404: ErrorOut})
+def list_threads(
+    request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None
+) -> Any:
+    return _list_threads(request, None, user_id, session_id, status)
+
+
+def _thread_messages(request: HttpRequest, agent: str | None, user_id: str, thread_id: str) -> Any:
+    thread = selectors.thread_get_for_user(user=_user(request, agent, user_id), thread_id=thread_id)
     return list(selectors.messages_for_thread(thread=thread)[:1000])
+
+
+@router.get(
+    "/agents/{agent}/users/{user_id}/threads/{thread_id}/messages",
+    response={200: list[MessageOut], 403: ErrorOut, 404: ErrorOut},
+)
+def list_agent_thread_messages(request: HttpRequest, agent: str, user_id: str, thread_id: str) -> Any:
+    return _thread_messages(request, agent, user_id, thread_id)
+
+
+@router.get(
+    "/users/{user_id}/threads/{thread_id}/messages",
+    response={200: list[MessageOut], 403: ErrorOut, 404: ErrorOut},
+)
+def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> Any:
+    return _thread_messages(request, None, user_id, thread_id)
+
+
+def _chat_token(request: HttpRequest, agent: str | None, user_id: str) -> dict[str, Any]:
+    limits = _agent(request, agent)
+    return {
+        "token": chat_token_create(agent=limits.name, external_id=user_id),
+        "expires_in": conf().CHAT_TOKEN_TTL_SECONDS,
+        "websocket_path": "/ws/chat/",
+        "agent": limits.name,
+    }
+
+
+_TOKEN_SUMMARY = "A signed, expiring token for this end user's WebSocket chat with one agent"
+
+
+@router.post(
+    "/agents/{agent}/users/{user_id}/chat-token",
+    response={200: ChatTokenOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut},
+    summary=_TOKEN_SUMMARY,
+)
+def create_agent_chat_token(request: HttpRequest, agent: str, user_id: str) -> dict[str, Any]:
+    return _chat_token(request, agent, user_id)
 
 
 @router.post(
     "/users/{user_id}/chat-token",
-    response={200: ChatTokenOut, 400: ErrorOut},
-    summary="A signed, expiring token for this end user's WebSocket chat",
+    response={200: ChatTokenOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut},
+    summary=_TOKEN_SUMMARY + " (the default agent)",
 )
 def create_chat_token(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return {
-        "token": chat_token_create(external_id=user_id),
-        "expires_in": settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"],
-        "websocket_path": "/ws/chat/",
-    }
+    return _chat_token(request, None, user_id)

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partialmethod
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from agentflow import pipeline
-from agentflow.defaults import get_agent
 from agentflow.errors import InvalidInput, NotFound, RateLimited
+from agentflow.jobs import queue_turn
 
 from . import selectors, services
-from .chat_tokens import chat_token_user
+from .agents import agent_settings
+from .chat_tokens import chat_token_read
 from .events import STAFF_ONLY, apublish, user_group
 from .frames import JsonFrameConsumer
-from .models import EndUser, Message
-from .tasks import enqueue_turn
+from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
+from .live import escalations_for_staff, may_act, may_watch, staff_group
+from .models import EndUser, Escalation, Message
+from .selectors import thread_get_for_user
 
 logger = logging.getLogger("agentflow.ws")
 
@@ -44,6 +48,7 @@ class ChatConsumer(JsonFrameConsumer):
         "ping": "_on_ping",
     }
     user: EndUser
+    agent_name: str
     group: str
     _typing: tuple[bool, float] = (False, 0.0)
 
@@ -60,13 +65,24 @@ class ChatConsumer(JsonFrameConsumer):
             )
             return
         token = (query.get("token") or [""])[0]
-        external_id = chat_token_user(token) if token else None
-        if external_id is None:
+        claims = chat_token_read(token) if token else None
+        if claims is None:
             await self._refuse(
                 CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired"
             )
             return
-        self.user = await database_sync_to_async(services.user_get_or_create)(external_id=external_id)
+        agent_name, external_id = claims
+        try:
+            limits = await database_sync_to_async(agent_settings)(name=agent_name)
+        except NotFound:
+            await self._refuse(
+                CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {agent_name!r} does not exist"
+            )
+            return
+        self.agent_name = limits.name
+        self.user = await database_sync_to_async(services.user_get_or_create)(
+            agent_id=limits.id, external_id=external_id
+        )
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -75,6 +91,7 @@ class ChatConsumer(JsonFrameConsumer):
                 "type": "ready",
                 "protocol": PROTOCOL_VERSION,
                 "user_id": external_id,
+                "agent": limits.name,
                 "server_time": timezone.now().isoformat(),
             }
         )
@@ -94,12 +111,15 @@ class ChatConsumer(JsonFrameConsumer):
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
         try:
-            agent = await database_sync_to_async(get_agent)()
-            message, created = await database_sync_to_async(pipeline.accept)(
-                agent,
+            limits = await database_sync_to_async(agent_settings)(name=self.agent_name)
+            received = await database_sync_to_async(services.message_receive)(
+                agent_id=limits.id,
                 user_id=self.user.external_id,
-                message=frame.get("message"),
+                content=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
+                ttl_seconds=limits.ttl_seconds,
+                max_chars=limits.max_message_chars,
+                rate_per_minute=limits.messages_per_minute,
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
@@ -107,18 +127,19 @@ class ChatConsumer(JsonFrameConsumer):
         except RateLimited as exc:
             await self._error(exc.code, str(exc), retry_after=exc.retry_after, client_message_id=client_id)
             return
+        message = received.message
         await self._send(
             {
                 "type": "ack",
                 "message_id": str(message.pk),
                 "client_message_id": client_id,
-                "duplicate": not created,
+                "duplicate": not received.created,
             }
         )
-        if created or message.status == Message.Status.FAILED:  # a resent failed message is retried
-            await database_sync_to_async(enqueue_turn)(message.pk)
+        if received.run:  # new, or a resent failed message (retried)
+            await database_sync_to_async(queue_turn)(message.pk)
         elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
-            turn = await database_sync_to_async(_turn_of)(message)
+            turn = await database_sync_to_async(selectors.turn_result_for)(message_id=message.pk)
             await self._send({"type": "turn", **turn})
 
     async def _on_typing(self, frame: dict[str, Any]) -> None:
@@ -162,6 +183,192 @@ class ChatConsumer(JsonFrameConsumer):
             await self._send({"type": kind, **body})
 
 
-def _turn_of(message: Message) -> dict[str, Any]:
-    message = Message.objects.select_related("user").get(pk=message.pk)
-    return selectors.turn_result(message=message)
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+ESCALATION_ACTIONS = {
+    "claim": escalation_claim,
+    "release": escalation_release,
+    "hand_back": escalation_resolve,
+}
+
+
+class FrameError(Exception):
+    """A staff frame was refused; becomes an ``error`` frame. Nothing was changed."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+def _escalation_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise FrameError("bad_frame", "'escalation_id' must be an escalation's id", field="escalation_id")
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 0 < number < 2**63:  # not an id the database could hold
+        raise FrameError("not_found", f"escalation {value!r} not found for this user")
+    return number
+
+
+def staff_act(*, kind: str, staff_pk: int, end_user: EndUser, frame: dict[str, Any]) -> dict[str, Any]:
+    """Run one staff frame (``reply``, ``claim``, ``release``, ``hand_back``) through the services.
+
+    The staff account is read again, so a deactivated account or a withdrawn permission stops
+    acting at once, not at the next connection.
+
+    Returns:
+        The ``ack`` frame's fields.
+
+    Raises:
+        FrameError: the frame was refused; nothing changed.
+    """
+    staff_user = get_user_model().objects.filter(pk=staff_pk).first()
+    if not may_act(staff_user):
+        raise FrameError("forbidden", "you may not act on conversations (staff with escalation rights only)")
+    if kind == "reply":
+        thread_id, content = frame.get("thread_id"), frame.get("content")
+        if not isinstance(thread_id, str):
+            raise FrameError("bad_frame", "'thread_id' must be a string", field="thread_id")
+        if not isinstance(content, str):
+            raise FrameError("bad_frame", "'content' must be a string", field="content")
+        try:
+            thread = thread_get_for_user(user=end_user, thread_id=thread_id)
+        except NotFound as exc:
+            raise FrameError("not_found", str(exc), field="thread_id") from None
+        try:
+            message = staff_reply(thread=thread, staff_user=staff_user, content=content)
+        except InvalidInput as exc:
+            raise FrameError("invalid_input", str(exc), field="content") from None
+        except PermissionError as exc:
+            raise FrameError("forbidden", str(exc), field="thread_id") from None
+        return {"action": kind, "message_id": str(message.pk), "thread_id": str(thread.pk)}
+    escalation_id = _escalation_id(frame.get("escalation_id"))
+    escalation = Escalation.objects.filter(user=end_user, pk=escalation_id).first()
+    if escalation is None:
+        raise FrameError("not_found", f"escalation {escalation_id} not found for this user")
+    try:
+        ESCALATION_ACTIONS[kind](escalation=escalation, staff_user=staff_user)
+    except InvalidInput as exc:  # the escalation is not in a state that allows it (claimed, resolved)
+        raise FrameError("conflict", str(exc), escalation_id=escalation.pk) from None
+    except PermissionError as exc:  # another staff member holds it
+        raise FrameError("forbidden", str(exc), escalation_id=escalation.pk) from None
+    return {"action": kind, "escalation_id": escalation.pk}
+
+
+class StaffConsumer(JsonFrameConsumer):
+    """``/ws/staff/users/<user_pk>/``: one end user's conversation, live, for staff (see the module)."""
+
+    FRAMES = {
+        "reply": "_on_reply",
+        "claim": "_on_claim",
+        "release": "_on_release",
+        "hand_back": "_on_hand_back",
+        "typing": "_on_typing",
+        "resume": "_on_resume",
+        "ping": "_on_ping",
+    }
+    end_user: EndUser
+    staff_user: Any
+    staff_pk: int
+    _may_act: bool = False
+    _joined: tuple[str, ...] = ()
+
+    async def connect(self) -> None:
+        staff_user = self.scope.get("user")
+        if not await database_sync_to_async(may_watch)(staff_user):
+            # Accept first: a close before accepting reaches browsers as a bare HTTP 403 with no code.
+            await self._refuse("forbidden", "staff only: log in to the admin", CLOSE_FORBIDDEN)
+            return
+        end_user = await EndUser.objects.filter(pk=self.scope["url_route"]["kwargs"]["user_pk"]).afirst()
+        if end_user is None:
+            await self._refuse("not_found", "no such end user", CLOSE_NOT_FOUND)
+            return
+        self.end_user, self.staff_user, self.staff_pk = end_user, staff_user, staff_user.pk
+        self._may_act = await database_sync_to_async(may_act)(staff_user)
+        self._joined = (user_group(end_user.pk), staff_group(end_user.pk))
+        for group in self._joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        await self._send(
+            {
+                "type": "ready",
+                "protocol": 1,
+                "user_id": end_user.external_id,
+                "user_pk": end_user.pk,
+                "may_act": self._may_act,
+            }
+        )
+        await self._send_escalations()
+
+    async def disconnect(self, code: int) -> None:
+        for group in self._joined:
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def _refuse(self, code: str, message: str, close_code: int) -> None:
+        await self.accept()
+        await self._error(code, message)
+        await self.close(code=close_code)
+
+    async def _send_escalations(self) -> None:
+        rows = await database_sync_to_async(escalations_for_staff)(
+            user_pk=self.end_user.pk, staff_user=self.staff_user
+        )
+        await self._send({"type": "escalations", "escalations": rows})
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
+
+    async def _on_typing(self, frame: dict[str, Any]) -> None:
+        state = frame.get("state")
+        if not isinstance(state, bool):
+            await self._error("bad_frame", "'state' must be true or false", field="state")
+            return
+        if not self._may_act:
+            await self._error(
+                "forbidden", "you may not act on conversations (staff with escalation rights only)"
+            )
+            return
+        await apublish(
+            user_pk=self.end_user.pk, event={"kind": "typing", "role": "human_agent", "state": state}
+        )
+
+    def history_owner(self) -> EndUser:
+        return self.end_user
+
+    async def _on_action(self, kind: str, frame: dict[str, Any]) -> None:
+        try:
+            done = await database_sync_to_async(staff_act)(
+                kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
+            )
+        except FrameError as exc:
+            await self._error(exc.code, str(exc), action=kind, **exc.extra)
+            return
+        await self._send({"type": "ack", **done})
+        if kind in ESCALATION_ACTIONS:  # every staff page watching this user redraws its escalations
+            await self.channel_layer.group_send(staff_group(self.end_user.pk), {"type": "staff.changed"})
+
+    # The four staff actions share one handler (checks, the service call, the acknowledgement).
+    _on_reply = partialmethod(_on_action, "reply")
+    _on_claim = partialmethod(_on_action, "claim")
+    _on_release = partialmethod(_on_action, "release")
+    _on_hand_back = partialmethod(_on_action, "hand_back")
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        """An event of the end user's conversation: forwarded as a frame whose ``type`` is its kind."""
+        body = dict(event["event"])
+        kind = body.pop("kind", "event")
+        if kind == "turn" and isinstance(body.get("turn"), dict):
+            turn = body["turn"]
+            await self._send({"type": "turn", **turn})
+            if turn.get("escalated"):  # the turn may have opened an escalation
+                await self._send_escalations()
+            return
+        await self._send({"type": kind, **body})
+        if kind in ("human_joined", "bot_back"):  # claimed or handed back, here or in the admin queue
+            await self._send_escalations()
+
+    async def staff_changed(self, event: dict[str, Any]) -> None:
+        await self._send_escalations()

@@ -11,7 +11,7 @@ The user's connections are told live (``events.publish``, after the transaction 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -20,18 +20,15 @@ from agentflow.errors import InvalidInput
 from agentflow.validation import clean_message
 
 from .events import message_payload, publish_on_commit
-from .models import Escalation, Message, Thread
+from .models import Escalation, Message, StaffUser, Thread
 from .services import thread_add_reply
-
-if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser
 
 STAFF_REPLY_MAX_CHARS = 4000
 JOINED_TEXT = "A member of our team ({name}) has joined the conversation."
 BOT_BACK_TEXT = "The assistant is back in this conversation."
 
 
-def staff_name(staff_user: AbstractBaseUser) -> str:
+def staff_name(staff_user: StaffUser) -> str:
     """What the user is shown of a staff member: their first name, else their username."""
     return getattr(staff_user, "first_name", "") or staff_user.get_username()
 
@@ -69,7 +66,7 @@ def _locked(escalation: Escalation) -> Escalation:
     )
 
 
-def _may_act(escalation: Escalation, staff_user: AbstractBaseUser) -> bool:
+def _may_act(escalation: Escalation, staff_user: StaffUser) -> bool:
     """The holder of a claimed escalation, or a superuser, may release it or hand it back."""
     return escalation.holder_id == staff_user.pk or bool(getattr(staff_user, "is_superuser", False))
 
@@ -99,7 +96,7 @@ def escalation_open(*, thread: Thread, message: Message | None, reason: str) -> 
             return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).get()
 
 
-def escalation_claim(*, escalation: Escalation, staff_user: AbstractBaseUser) -> Escalation:
+def escalation_claim(*, escalation: Escalation, staff_user: StaffUser) -> Escalation:
     """A staff member takes the thread over (open -> claimed); the user is told who joined.
 
     Raises:
@@ -113,7 +110,7 @@ def escalation_claim(*, escalation: Escalation, staff_user: AbstractBaseUser) ->
         if escalation.status == Escalation.Status.RESOLVED:
             raise InvalidInput("this escalation is resolved: the bot has the thread back", field="escalation")
         escalation.status = Escalation.Status.CLAIMED
-        escalation.holder = staff_user  # type: ignore[assignment]
+        escalation.holder = staff_user
         escalation.claimed_at = timezone.now()
         escalation.save(update_fields=["status", "holder", "claimed_at"])
         notice = _thread_message(
@@ -125,7 +122,7 @@ def escalation_claim(*, escalation: Escalation, staff_user: AbstractBaseUser) ->
     return escalation
 
 
-def escalation_release(*, escalation: Escalation, staff_user: AbstractBaseUser) -> Escalation:
+def escalation_release(*, escalation: Escalation, staff_user: StaffUser) -> Escalation:
     """Put a claimed escalation back in the queue (claimed -> open). The bot stays silent meanwhile.
 
     Raises:
@@ -149,7 +146,7 @@ def escalation_release(*, escalation: Escalation, staff_user: AbstractBaseUser) 
     return escalation
 
 
-def escalation_resolve(*, escalation: Escalation, staff_user: AbstractBaseUser) -> Escalation:
+def escalation_resolve(*, escalation: Escalation, staff_user: StaffUser) -> Escalation:
     """Hand the thread back to the bot (-> resolved), leaving a marker message in the thread.
 
     Raises:
@@ -164,7 +161,7 @@ def escalation_resolve(*, escalation: Escalation, staff_user: AbstractBaseUser) 
             holder = staff_name(escalation.holder) if escalation.holder else "someone else"
             raise PermissionError(f"this escalation is held by {holder}; only they can hand it back")
         if escalation.holder_id is None:
-            escalation.holder = staff_user  # type: ignore[assignment]
+            escalation.holder = staff_user
         escalation.status = Escalation.Status.RESOLVED
         escalation.resolved_at = timezone.now()
         escalation.save(update_fields=["status", "holder", "resolved_at"])
@@ -173,7 +170,7 @@ def escalation_resolve(*, escalation: Escalation, staff_user: AbstractBaseUser) 
     return escalation
 
 
-def staff_reply(*, thread: Thread, staff_user: AbstractBaseUser, content: str) -> Message:
+def staff_reply(*, thread: Thread, staff_user: StaffUser, content: str) -> Message:
     """Store a staff member's reply in the thread (role ``human_agent``) and send it to the user live.
 
     Only the holder of the thread's claimed escalation may reply.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -11,14 +12,74 @@ from pgvector.django import VectorField
 
 EMBEDDING_DIMENSIONS = 384
 
+# A staff account (settings.AUTH_USER_MODEL, as request.user or a channels scope gives it); the
+# admin and the staff socket let only authenticated staff through to the services that take one.
+StaffUser = Any
 
-class EndUser(models.Model):
-    """A person chatting with the agent, known by the host application's stable id.
 
-    End users are not Django accounts: the host site owns their identity.
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class Agent(models.Model):
+    """A configured agent of this deployment: the record every process rebuilds it from.
+
+    ``build()`` registers or updates it by name. Every end user, and through them every session,
+    thread, message, escalation and episodic memory, belongs to one agent; so do intent categories
+    and global memories. ``config`` is the validated configuration (secrets in ``tools_config`` are
+    not stored); ``fingerprint`` hashes the code-side definition (categories, handlers, middleware,
+    tools), and ``version`` goes up whenever either changes, so processes know a cached agent is stale.
     """
 
-    external_id = models.CharField(max_length=255, unique=True, help_text="The host application's user id.")
+    name = models.CharField(
+        max_length=100,
+        unique=True,
+        help_text="The configuration's name (e.g. my_support_agent); used in URLs and chat tokens.",
+    )
+    config = models.JSONField(default=dict, blank=True, help_text="The validated configuration.")
+    sources = models.JSONField(
+        default=dict, blank=True, help_text="Where each explicitly set value came from (yaml, env, code...)."
+    )
+    fingerprint = models.CharField(max_length=64, blank=True, help_text="Hash of the code-side definition.")
+    version = models.PositiveIntegerField(default=1)
+    code_parts = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Handlers, middleware and tools defined in code: a process must load them from code.",
+    )
+    origin = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Where the definition lives: an AGENTFLOW_AGENTS dotted path, or 'script'.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_built_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(name__regex=AGENT_NAME_PATTERN), name="agent_name_slug"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def portable(self) -> bool:
+        """Whether its stored configuration alone rebuilds it faithfully (nothing defined in code)."""
+        return not any(self.code_parts.get(k) for k in ("handlers", "middleware", "tools"))
+
+
+class EndUser(models.Model):
+    """A person chatting with one agent, known by the host application's stable id.
+
+    End users are not Django accounts: the host site owns their identity. The same person talking to
+    two agents has two rows, so nothing of one agent's conversation is ever a candidate for another's;
+    export and erase act on every row of an external id.
+    """
+
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="users")
+    external_id = models.CharField(max_length=255, help_text="The host application's user id.")
     display_name = models.CharField(max_length=255, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -30,6 +91,10 @@ class EndUser(models.Model):
 
     class Meta:
         ordering = ["-last_seen_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "external_id"], name="enduser_unique_per_agent"),
+        ]
+        indexes = [models.Index(fields=["external_id"], name="enduser_external_id_idx")]
 
     def __str__(self) -> str:
         return self.external_id
@@ -213,6 +278,14 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=100, unique=True)
     prefix = models.CharField(max_length=12, db_index=True)
     key_hash = models.CharField(max_length=64, unique=True)
+    agent = models.ForeignKey(
+        Agent,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="api_keys",
+        help_text="Limit the key to this agent's users (empty: every agent).",
+    )
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

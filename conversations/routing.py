@@ -1,8 +1,7 @@
 from channels.auth import AuthMiddlewareStack
 from django.urls import path
 
-from .consumers import ChatConsumer
-from .live import StaffConsumer
+from .consumers import ChatConsumer, StaffConsumer
 
 websocket_urlpatterns = [
     path("ws/chat/", ChatConsumer.as_asgi()),

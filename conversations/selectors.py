@@ -21,11 +21,17 @@ def _uuid(value: object, what: str) -> uuid.UUID:
         raise NotFound(f"{what} {value!r} not found") from None
 
 
-def user_get(*, external_id: str) -> EndUser:
+def user_get(*, agent_id: int, external_id: str) -> EndUser:
+    """The agent's end user with this host id: the one way transports reach a user's data."""
     try:
-        return EndUser.objects.get(external_id=external_id)
+        return EndUser.objects.select_related("agent").get(agent_id=agent_id, external_id=external_id)
     except EndUser.DoesNotExist:
         raise NotFound(f"user {external_id!r} not found") from None
+
+
+def users_with_external_id(*, external_id: str) -> QuerySet[EndUser]:
+    """Every agent's end user with this host id (export and erase cover a person across agents)."""
+    return EndUser.objects.filter(external_id=external_id).select_related("agent").order_by("agent__name")
 
 
 def sessions_for_user(*, user: EndUser) -> QuerySet[ChatSession]:
@@ -173,6 +179,11 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
         # A turn that ended without a bot reply (a human holds the thread): it says who handles it.
         result.update(content=None, handled_by=message.handled_by)
     return result
+
+
+def turn_result_for(*, message_id: uuid.UUID | str) -> dict[str, Any]:
+    """``turn_result`` of a stored user message, read afresh by id."""
+    return turn_result(message=Message.objects.select_related("user").get(pk=message_id))
 
 
 def thread_held_by_human(*, thread: Thread) -> bool:

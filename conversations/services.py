@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from django.core.cache import cache
@@ -15,18 +16,17 @@ from django.utils import timezone
 
 from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput, RateLimited
+from agentflow.jobs import queue_on_commit
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
 from .events import message_payload, publish_on_commit
-from .models import ApiKey, ChatSession, EndUser, Message, Thread, ThreadActivity
+from .models import Agent, ApiKey, ChatSession, EndUser, Message, StaffUser, Thread, ThreadActivity
 from .thread_features import content_words
 
-if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser
 
-
-def user_get_or_create(*, external_id: str) -> EndUser:
-    user, _ = EndUser.objects.get_or_create(external_id=clean_user_id(external_id))
+def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
+    """The agent's end user with this host id, created on their first message."""
+    user, _ = EndUser.objects.get_or_create(agent_id=agent_id, external_id=clean_user_id(external_id))
     return user
 
 
@@ -37,15 +37,6 @@ def user_lock(*, user: EndUser) -> None:
     """
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4146, user.pk])
-
-
-def _schedule_task(task_name: str, *args: Any) -> None:
-    """Queue a Celery task by name on commit, behind the same gate as ``agentflow.pipeline._schedule``."""
-    from celery import current_app
-    from django.conf import settings
-
-    if settings.AGENTFLOW.get("BACKGROUND_JOBS", True):
-        transaction.on_commit(lambda: current_app.send_task(task_name, args=list(args)))
 
 
 def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
@@ -61,7 +52,7 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     for (
         session_id
     ) in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
-        _schedule_task("memory.remember_session", str(session_id))
+        queue_on_commit("memory.remember_session", str(session_id))
     if live is not None:
         live.last_activity_at = now
         live.expires_at = now + timedelta(seconds=live.ttl_seconds)
@@ -95,21 +86,38 @@ def rate_limit_check(*, user_id: str, per_minute: int, now: datetime) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Received:
+    """An incoming message as stored: ``run`` says whether its turn should be (re)started.
+
+    A new message runs; a resend (same ``client_message_id``) of a failed one runs again; a resend of
+    a pending, processing or finished one does not (its turn is under way or done).
+    """
+
+    message: Message
+    created: bool
+
+    @property
+    def run(self) -> bool:
+        return self.created or self.message.status == Message.Status.FAILED
+
+
 def message_receive(
     *,
+    agent_id: int,
     user_id: str,
     content: str,
     client_message_id: str | None = None,
     ttl_seconds: int,
     max_chars: int,
     rate_per_minute: int = 0,
-) -> tuple[Message, bool]:
+) -> Received:
     """Validate and store an incoming user message, pending its turn.
 
     Sending the same ``client_message_id`` twice returns the first message (``created`` False).
 
     Returns:
-        ``(message, created)``.
+        The stored message, whether it is new, and whether its turn should run (``Received.run``).
 
     Raises:
         InvalidInput: nothing was stored.
@@ -120,13 +128,15 @@ def message_receive(
     client_id = clean_client_message_id(client_message_id)
     now = timezone.now()
     if client_id:
-        existing = Message.objects.filter(user__external_id=external_id, client_message_id=client_id).first()
+        existing = Message.objects.filter(
+            user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
+        ).first()
         if existing is not None:
-            return existing, False
+            return Received(existing, created=False)
     rate_limit_check(user_id=external_id, per_minute=rate_per_minute, now=now)
     try:
         with transaction.atomic():
-            user = user_get_or_create(external_id=external_id)
+            user = user_get_or_create(agent_id=agent_id, external_id=external_id)
             EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
             session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
             message = Message.objects.create(
@@ -139,13 +149,15 @@ def message_receive(
             )
     except IntegrityError:
         # The same client id raced in from another process: the first one wins.
-        existing = Message.objects.filter(user__external_id=external_id, client_message_id=client_id).first()
+        existing = Message.objects.filter(
+            user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
+        ).first()
         if existing is None:
             raise
-        return existing, False
+        return Received(existing, created=False)
     # Every live connection of the user (other tabs, staff watching) sees the message arrive.
     publish_on_commit(user_pk=user.pk, event={"kind": "user_message", **message_payload(message)})
-    return message, True
+    return Received(message, created=True)
 
 
 def user_mark_read(*, user: EndUser, message_id: Any) -> Message:
@@ -295,7 +307,7 @@ def thread_activity_record(
     kind: str,
     message: Message | None = None,
     actor: str = ThreadActivity.Actor.SYSTEM,
-    staff_user: AbstractBaseUser | None = None,
+    staff_user: StaffUser | None = None,
     detail: dict[str, Any] | None = None,
 ) -> ThreadActivity:
     """Store one event of a thread's life, for its timeline and for analytics."""
@@ -314,7 +326,7 @@ def _locked(thread: Thread) -> Thread:
     return Thread.objects.select_for_update().get(pk=thread.pk)
 
 
-def thread_staff_resolve(*, thread: Thread, staff_user: AbstractBaseUser, note: str = "") -> Thread:
+def thread_staff_resolve(*, thread: Thread, staff_user: StaffUser, note: str = "") -> Thread:
     """Staff mark a thread resolved. A thread already resolved is left as it is (nothing recorded).
 
     ``last_activity_at`` is the user's activity, so a staff action leaves it alone.
@@ -352,7 +364,7 @@ def _publish_thread_change(thread: Thread, event: str) -> None:
     )
 
 
-def thread_staff_reopen(*, thread: Thread, staff_user: AbstractBaseUser) -> Thread:
+def thread_staff_reopen(*, thread: Thread, staff_user: StaffUser) -> Thread:
     """Staff reopen a resolved or dormant thread. An open thread is left as it is (nothing recorded)."""
     with transaction.atomic():
         thread = _locked(thread)
@@ -386,7 +398,7 @@ def _weighted_topic(target: Thread, source: Thread) -> tuple[np.ndarray | None, 
     return (t * target.topic_weight + s * source.topic_weight) / weight, weight
 
 
-def threads_merge(*, source: Thread, target: Thread, staff_user: AbstractBaseUser) -> Thread:
+def threads_merge(*, source: Thread, target: Thread, staff_user: StaffUser) -> Thread:
     """Move every message of ``source`` into ``target`` and fold the source's topic into it.
 
     The emptied source is marked resolved ("merged into <target id>") and loses its topic embedding,
@@ -443,7 +455,7 @@ def threads_merge(*, source: Thread, target: Thread, staff_user: AbstractBaseUse
     return target
 
 
-def thread_split(*, message: Message, staff_user: AbstractBaseUser) -> Thread:
+def thread_split(*, message: Message, staff_user: StaffUser) -> Thread:
     """Move a user message and every later message of its thread into a new thread of their own.
 
     The new thread's topic is the message: its text and its embedding.
@@ -500,14 +512,15 @@ def thread_split(*, message: Message, staff_user: AbstractBaseUser) -> Thread:
     return new
 
 
-def api_key_create(*, name: str) -> tuple[ApiKey, str]:
-    """Create a REST API key. The plain key is returned once and never stored."""
+def api_key_create(*, name: str, agent: Agent | None = None) -> tuple[ApiKey, str]:
+    """Create a REST API key, for every agent or limited to ``agent``. The plain key is returned once
+    and never stored."""
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise InvalidInput("API key name must be 1-100 characters", field="name")
     plain = "afk_" + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(
-        name=name, prefix=plain[:12], key_hash=hashlib.sha256(plain.encode()).hexdigest()
+        name=name, prefix=plain[:12], key_hash=hashlib.sha256(plain.encode()).hexdigest(), agent=agent
     )
     return key, plain
 

@@ -10,7 +10,7 @@ from .models import Message
 FIRST_SENTENCE = re.compile(r"^(.{1,160}?[.!?])(\s|$)", re.DOTALL)
 
 
-def _gist(text: str, limit: int = 160) -> str:
+def gist(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     match = FIRST_SENTENCE.match(text)
     gist = match.group(1) if match else text
@@ -27,12 +27,12 @@ def extractive_summary(messages: Sequence[Message], *, max_chars: int = 1200) ->
         if message.role == Message.Role.SYSTEM:
             continue
         who = {"user": "User", "assistant": "Assistant", "human_agent": "Human agent"}[message.role]
-        lines.append(f"- {who}: {_gist(message.content)}")
+        lines.append(f"- {who}: {gist(message.content)}")
     summary = "\n".join(lines)
     if len(summary) <= max_chars:
         return summary
     # Keep the opening (the problem) and the most recent lines (where things stand).
-    head, tail = lines[:2], []
+    head, tail = lines[:2], list[str]()
     budget = max_chars - sum(len(line) + 1 for line in head) - 20
     for line in reversed(lines[2:]):
         if budget - len(line) - 1 < 0:

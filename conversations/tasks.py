@@ -1,31 +1,31 @@
 """Celery tasks: run a stored user message's turn and tell the user's live connections.
 
-Tasks take ids and are idempotent: a turn that is done is only re-published; one that another
-worker holds is left alone. LLM I/O runs on an event loop kept per worker thread (Celery 5.7
-has no asyncio pool), so each thread keeps its own HTTP connections to the LLM provider.
+The task takes an id, resolves the message's agent through the registry and hands both to the one
+turn runner (``agentflow.runner.run_turn``); ordering and failure rules live there. What stays
+here is the queue's part: retrying later (an earlier message still pending, a transient LLM error,
+with backoff) and telling the user's connections. LLM I/O runs on an event loop kept per worker
+thread (Celery 5.7 has no asyncio pool), so each thread keeps its own HTTP connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from agentflow import pipeline
-from agentflow.defaults import get_agent
-from agentflow.errors import LLMError, NotFound
+from agentflow.errors import AgentUnavailable, LLMError, NotFound
+from agentflow.jobs import TURN_TASK, queue_turn
+from agentflow.loops import take_thread_loops, thread_loop
+from agentflow.registry import agent_for, cached_agents, default_agent
+from agentflow.runner import run_turn
 
 from .events import DeltaStream, apublish, publish
 from .models import Message, Thread
 
 logger = logging.getLogger("agentflow.tasks")
-_local = threading.local()
-_loops: list[asyncio.AbstractEventLoop] = []
-_loops_lock = threading.Lock()
 
 MAX_LLM_RETRIES = 3
 # Thread changes a chat client is told of as "thread" frames (a follow-up changes nothing visible).
@@ -33,25 +33,15 @@ THREAD_EVENTS_SHOWN = frozenset({"NEW_TOPIC", "RETURN", "RESOLUTION"})
 ORDER_RETRIES = 150  # x 0.2 s: how long a message waits for the user's earlier one
 
 
-def _thread_loop() -> asyncio.AbstractEventLoop:
-    loop = getattr(_local, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = asyncio.new_event_loop()
-        _local.loop = loop
-        with _loops_lock:
-            _loops.append(loop)
-    return loop
-
-
 @worker_ready.connect
 def _warm_up(**kwargs: Any) -> None:
-    """Build the agent and load the embedding model and the LLM SDK before the first turn.
+    """Build the default agent and load the embedding model and the LLM SDK before the first turn.
 
     Loading them lazily cost the first turns of a fresh worker seconds each (the SDK alone imports
     hundreds of modules), and under load every worker thread waited on that import.
     """
     try:
-        agent = get_agent()
+        agent = default_agent()
         agent.embedder.embed(["warm up"])
         import anthropic.types  # noqa: F401
     except Exception:  # a worker that cannot warm up still serves; the first turn reports the error
@@ -61,11 +51,7 @@ def _warm_up(**kwargs: Any) -> None:
 @worker_shutdown.connect
 def _close_thread_loops(**kwargs: Any) -> None:
     """Close the LLM clients each worker thread's loop holds, then the loops."""
-    from agentflow.defaults import cached_agents
-
-    with _loops_lock:
-        loops, _loops[:] = list(_loops), []
-    for loop in loops:
+    for loop in take_thread_loops():
         if loop.is_running() or loop.is_closed():
             continue
         for agent in cached_agents():
@@ -75,16 +61,49 @@ def _close_thread_loops(**kwargs: Any) -> None:
         loop.close()
 
 
-@shared_task(bind=True, acks_late=True, max_retries=None)
+def _agent_of(message_id: str) -> tuple[Any, int]:
+    """The agent a message belongs to, as this process runs it, and the message's end user pk."""
+    row = (
+        Message.objects.filter(pk=message_id, role=Message.Role.USER)
+        .values("user_id", "user__agent__name", "user__agent__version")
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"message {message_id} not found")
+    return agent_for(row["user__agent__name"], version=row["user__agent__version"]), row["user_id"]
+
+
+@shared_task(name=TURN_TASK, bind=True, acks_late=True, max_retries=None)
 def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     """Run the turn of stored user message ``message_id`` and publish its result."""
-    loop = _thread_loop()
-    agent = get_agent()
+    loop = thread_loop()
     try:
-        prepared = pipeline.prepare(agent, message_id=message_id)
-        if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message
-            verdict = loop.run_until_complete(agent.judge_thread(prepared.judgement))
-            prepared = pipeline.prepare(agent, message_id=message_id, verdict=verdict)
+        agent, user_pk = _agent_of(message_id)
+    except NotFound:
+        logger.warning("process_turn: message %s no longer exists", message_id)
+        return "missing"
+    except AgentUnavailable as exc:
+        # Never run with another agent's settings: the message fails, visibly, with the reason.
+        logger.error("process_turn: message %s: %s", message_id, exc)
+        from .services import message_fail
+
+        message_fail(message_id=message_id, error=f"agent unavailable: {exc}")
+        user_pk = Message.objects.values_list("user_id", flat=True).get(pk=message_id)
+        publish(
+            user_pk=user_pk,
+            event={
+                "kind": "error",
+                "code": exc.code,
+                "message": "The assistant is unavailable right now.",
+                "message_id": message_id,
+            },
+        )
+        return "failed"
+    final = llm_attempt >= MAX_LLM_RETRIES
+    try:
+        result = loop.run_until_complete(
+            _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final)
+        )
     except pipeline.EarlierMessagePending as exc:
         # Double-texting: the user's earlier message is placed first; this one follows shortly.
         if self.request.retries >= ORDER_RETRIES:
@@ -93,22 +112,8 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
-    user_pk = Message.objects.values_list("user_id", flat=True).get(pk=message_id)
-    if prepared.result is None and agent.intent_unsure(prepared):  # the LLM decides the intent
-        verdict = loop.run_until_complete(agent.judge_intent(prepared))
-        if verdict:
-            prepared = pipeline.reclassify(agent, prepared, **verdict)
-    if prepared.result is not None:
-        if prepared.result["status"] == Message.Status.DONE:
-            publish(user_pk=user_pk, event={"kind": "turn", "turn": prepared.result})
-        return str(prepared.result["status"])
-    try:
-        outcome = loop.run_until_complete(
-            _respond_streaming(agent, prepared, user_pk=user_pk, message_id=message_id)
-        )
     except LLMError as exc:
-        agent.fail(prepared, exc)
-        if exc.transient and llm_attempt < MAX_LLM_RETRIES:
+        if exc.transient and not final:
             raise self.retry(
                 exc=exc,
                 countdown=2 ** (llm_attempt + 1),
@@ -125,23 +130,28 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
             },
         )
         return "failed"
-    except Exception as exc:
-        agent.fail(prepared, exc)
-        raise
-    result = pipeline.finish(agent, prepared, outcome)
-    loop.run_until_complete(_announce(user_pk=user_pk, message_id=message_id, result=result))
-    return "done"
+    if result["status"] == Message.Status.DONE:
+        loop.run_until_complete(_announce(user_pk=user_pk, message_id=message_id, result=dict(result)))
+    return str(result["status"])
 
 
-async def _respond_streaming(agent: Any, prepared: Any, *, user_pk: int, message_id: str) -> Any:
-    """Run the reply, streaming its text to the user's connections as it is written."""
+async def _run_streaming(agent: Any, message_id: str, *, user_pk: int, final_attempt: bool) -> Any:
+    """Run the turn, streaming the reply's text to the user's connections as it is written."""
     await apublish(
         user_pk=user_pk,
         event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
     )
     stream = DeltaStream(user_pk=user_pk, message_id=message_id)
     try:
-        return await agent.respond(prepared, on_text=stream)
+        return await run_turn(
+            agent,
+            message_id,
+            on_text=stream,
+            on_earlier="raise",
+            final_attempt=final_attempt,
+            jobs_inline=False,
+            own_loop=True,
+        )
     finally:
         await stream.close()
 
@@ -170,8 +180,4 @@ async def _announce(*, user_pk: int, message_id: str, result: dict[str, Any]) ->
         logger.exception("could not announce the turn of message %s", message_id)
 
 
-def enqueue_turn(message_id: Any) -> None:
-    """Queue the turn once the surrounding transaction commits (call from a service or transport)."""
-    from django.db import transaction
-
-    transaction.on_commit(lambda: process_turn.delay(str(message_id)))
+enqueue_turn = queue_turn  # the name transports used before agentflow.jobs.queue_turn

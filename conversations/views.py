@@ -17,6 +17,10 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from agentflow.conf import conf
+from agentflow.errors import InvalidInput, NotFound
+
+from .agents import agent_settings
 from .chat_tokens import chat_token_create
 
 DEMO_USER_SESSION_KEY = "agentflow_demo_user"
@@ -46,13 +50,19 @@ def demo_page(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_GET
 def demo_chat_token(request: HttpRequest) -> JsonResponse:
-    """``{"token", "expires_in", "websocket_path"}`` for this browser's demo user (what a host backend returns)."""
+    """``{"token", "expires_in", "websocket_path", "agent"}`` for this browser's demo user (what a host
+    backend returns); ``?agent=<name>`` picks the agent (the widget's ``data-agent``), else the default."""
     _require_demo_page()
     user_id = demo_user_id(request.session)
+    try:
+        agent = agent_settings(name=request.GET.get("agent") or conf().DEFAULT_AGENT).name
+    except (InvalidInput, NotFound) as exc:
+        return JsonResponse({"error": {"code": exc.code, "message": str(exc), "field": "agent"}}, status=404)
     return JsonResponse(
         {
-            "token": chat_token_create(external_id=user_id),
-            "expires_in": settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"],
+            "token": chat_token_create(external_id=user_id, agent=agent),
+            "expires_in": conf().CHAT_TOKEN_TTL_SECONDS,
             "websocket_path": "/ws/chat/",
+            "agent": agent,
         }
     )

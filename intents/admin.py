@@ -11,6 +11,7 @@ from agentflow.errors import ConfigError
 from agentflow.validation import validate_intent_fields
 
 from .models import IntentCategory
+from .services import CODE_FIELDS
 
 
 class IntentCategoryForm(forms.ModelForm):
@@ -23,6 +24,7 @@ class IntentCategoryForm(forms.ModelForm):
     class Meta:
         model = IntentCategory
         fields = (
+            "agent",
             "name",
             "description",
             "examples",
@@ -31,7 +33,9 @@ class IntentCategoryForm(forms.ModelForm):
             "handoff",
             "system_prompt",
             "active",
+            "staff_edited",
         )
+        widgets = {"staff_edited": forms.HiddenInput}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,7 +57,7 @@ class IntentCategoryForm(forms.ModelForm):
         return super().save(commit=commit)
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or {}
         if self.errors:
             return data
         try:
@@ -70,20 +74,58 @@ class IntentCategoryForm(forms.ModelForm):
         return data
 
 
+def mark_staff_edited(obj: IntentCategory, changed: list[str]) -> None:
+    """Record which code-defined fields staff changed: from now on code no longer sets them."""
+    owned = set(changed) & set(CODE_FIELDS)
+    if owned and obj.pk:
+        obj.staff_edited = sorted(set(obj.staff_edited) | owned)
+
+
 @admin.register(IntentCategory)
 class IntentCategoryAdmin(admin.ModelAdmin):
     """The database is the source of truth: edits apply to the next message on every process.
 
-    Threshold, hand-off, active and prompt belong to staff; a category's description and examples
-    come from code (source "code") until staff edit them here (source becomes "admin").
+    Each category belongs to one agent. Code sets the fields it defines on every build until staff
+    change one here; from then on that field is the staff's ("Staff own" lists them; the action
+    "Let code set these fields again" hands them back).
     """
 
     form = IntentCategoryForm
-    readonly_fields = ("source", "updated_at")
-    list_display = ("name", "active", "threshold", "handoff", "example_count", "source", "updated_at")
-    list_filter = ("active", "handoff", "on_low_confidence", "source")
+    readonly_fields = ("source", "staff_owns", "updated_at")
+    list_display = (
+        "name",
+        "agent",
+        "active",
+        "threshold",
+        "threshold_source",
+        "handoff",
+        "example_count",
+        "updated_at",
+    )
+    list_filter = ("agent", "active", "handoff", "on_low_confidence", "source")
     list_editable = ("active", "threshold", "handoff")
     search_fields = ("name", "description")
+    actions = ("release_to_code",)
+
+    def save_model(self, request: Any, obj: IntentCategory, form: Any, change: bool) -> None:
+        # Called for the change form and for list_editable rows alike.
+        mark_staff_edited(obj, list(form.changed_data) if change else [])
+        super().save_model(request, obj, form, change)
+
+    @admin.display(description="threshold from")
+    def threshold_source(self, obj: IntentCategory) -> str:
+        if obj.threshold is None:
+            return "default"
+        return "staff" if "threshold" in obj.staff_edited else "code"
+
+    @admin.display(description="staff own")
+    def staff_owns(self, obj: IntentCategory) -> str:
+        return ", ".join(obj.staff_edited) or "nothing (code sets every field it defines)"
+
+    @admin.action(description="Let code set these categories' fields again")
+    def release_to_code(self, request: Any, queryset: Any) -> None:
+        count = queryset.update(staff_edited=[])
+        self.message_user(request, f"{count} categories: code sets their fields again on the next build.")
 
     @admin.display(description="examples")
     def example_count(self, obj: IntentCategory) -> int:

@@ -18,7 +18,10 @@ class IntentCategory(models.Model):
         CODE = "code", "defined in code"
         ADMIN = "admin", "created in the admin"
 
-    name = models.CharField(max_length=100, unique=True)
+    agent = models.ForeignKey(
+        "conversations.Agent", on_delete=models.CASCADE, related_name="intent_categories"
+    )
+    name = models.CharField(max_length=100)
     description = models.TextField(blank=True)
     examples = ArrayField(models.TextField(), default=list, blank=True)
     threshold = models.FloatField(null=True, blank=True)
@@ -36,6 +39,11 @@ class IntentCategory(models.Model):
         help_text="What happens below the threshold.",
     )
     active = models.BooleanField(default=True)
+    staff_edited = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Fields staff changed in the admin: code no longer sets them (see docs/configuration.md).",
+    )
     source = models.CharField(
         max_length=8,
         choices=Source.choices,
@@ -49,6 +57,7 @@ class IntentCategory(models.Model):
         ordering = ["name"]
         verbose_name_plural = "intent categories"
         constraints = [
+            models.UniqueConstraint(fields=["agent", "name"], name="intent_unique_name_per_agent"),
             models.CheckConstraint(
                 condition=Q(threshold__isnull=True) | Q(threshold__gte=0, threshold__lte=1),
                 name="intent_threshold_in_unit_interval",

@@ -51,7 +51,7 @@ def confidence_action(
 def clarifying_question(classification: Classification, categories: dict[str, IntentCategory]) -> str:
     """Ask which of the likely intents the user means, in the categories' own words."""
     names = [classification.intent, *(s.name for s in classification.runners_up)]
-    options = []
+    options: list[str] = []
     for name in names:
         category = categories.get(name or "")
         if category is None or len(options) == 3:

@@ -2,49 +2,95 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from agentflow.types import IntentCategory as IntentCategorySpec
 
 from .models import IntentCategory
 
+logger = logging.getLogger("agentflow.intents")
+
+# The fields code defines and staff may edit; a staff edit wins over code from then on.
+CODE_FIELDS = ("description", "examples", "threshold", "handoff", "on_low_confidence", "system_prompt")
+
+
+def _code_values(spec: IntentCategorySpec | None, threshold: float | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if spec is not None:
+        values = {
+            "description": spec.description,
+            "examples": list(spec.examples),
+            "handoff": spec.handoff,
+            "on_low_confidence": spec.on_low_confidence,
+            "system_prompt": spec.system_prompt,
+        }
+        if spec.threshold is not None:
+            threshold = spec.threshold
+    if threshold is not None:
+        values["threshold"] = threshold
+    return values
+
 
 def intent_categories_sync(
-    *, categories: Sequence[IntentCategorySpec], thresholds: Mapping[str, float] | None = None
+    *,
+    agent: Any,
+    categories: Sequence[IntentCategorySpec] | None,
+    thresholds: Mapping[str, float] | None = None,
+    threshold_origin: Mapping[str, str] | None = None,
 ) -> int:
-    """Write the categories defined in code to the database, the source of truth at run time.
+    """Write an agent's categories and thresholds defined in code to the database.
 
-    New ones are created with the code's threshold (the category's own, else ``thresholds``, i.e.
-    ``with_confidence_thresholds`` / ``intent_specific``), hand-off flag and prompt. For existing ones
-    the code's description and examples are written unless staff edited those in the admin (the
-    category's source is then "admin"); the fields staff own (threshold, hand-off, active, prompt)
-    are always kept.
+    The precedence (docs/configuration.md): a field code defines (description, examples, threshold,
+    hand-off, low-confidence policy, prompt; a threshold from the category, else
+    ``with_confidence_thresholds``, else ``intent_specific`` in the configuration) is written on every
+    build, unless staff changed that field in the admin: then the staff value stays and one warning
+    names the agent, the category, both values and the winner. Categories that code does not define
+    are left to staff, except for their thresholds named in ``thresholds``.
 
     Returns:
         How many categories were created.
     """
+    thresholds = dict(thresholds or {})
+    threshold_origin = dict(threshold_origin or {})
+    specs = {spec.name: spec for spec in categories or ()}
     created = 0
-    for spec in categories:
-        obj, was_created = IntentCategory.objects.get_or_create(
-            name=spec.name,
-            defaults={
-                "description": spec.description,
-                "examples": list(spec.examples),
-                "threshold": spec.threshold
-                if spec.threshold is not None
-                else (thresholds or {}).get(spec.name),
-                "handoff": spec.handoff,
-                "on_low_confidence": spec.on_low_confidence,
-                "system_prompt": spec.system_prompt,
-                "source": IntentCategory.Source.CODE,
-            },
-        )
-        if was_created:
-            created += 1
-        elif obj.source == IntentCategory.Source.CODE and (
-            obj.description != spec.description or list(obj.examples) != list(spec.examples)
-        ):
-            obj.description = spec.description
-            obj.examples = list(spec.examples)
-            obj.save(update_fields=["description", "examples", "updated_at"])
+    for name in [*specs, *(n for n in thresholds if n not in specs)]:
+        spec = specs.get(name)
+        values = _code_values(spec, thresholds.get(name))
+        if spec is None:
+            obj = IntentCategory.objects.filter(agent=agent, name=name).first()
+            if obj is None:
+                continue  # a threshold for a category that does not exist (build() checked the names)
+        else:
+            obj, was_created = IntentCategory.objects.get_or_create(
+                agent=agent, name=name, defaults={**values, "source": IntentCategory.Source.CODE}
+            )
+            if was_created:
+                created += 1
+                continue
+        changed: list[str] = []
+        for field, value in values.items():
+            current = list(getattr(obj, field)) if field == "examples" else getattr(obj, field)
+            if current == value:
+                continue
+            if field in obj.staff_edited:
+                origin = "the configuration" if threshold_origin.get(name) == "config" else "code"
+                logger.warning(
+                    "agent %s, intent %s: %s sets %s = %r but staff set %r in the admin; the staff value wins "
+                    "(clear it in the admin to let %s decide)",
+                    agent.name,
+                    name,
+                    origin,
+                    field,
+                    value,
+                    current,
+                    origin,
+                )
+                continue
+            setattr(obj, field, value)
+            changed.append(field)
+        if changed:
+            obj.save(update_fields=[*changed, "updated_at"])
     return created

@@ -25,8 +25,12 @@ from .models import IntentCategory
 from .selectors import intent_categories_active
 
 
-def categories_fingerprint() -> tuple[Any, ...]:
-    return tuple(IntentCategory.objects.aggregate(n=Count("id"), changed=Max("updated_at")).values())
+def categories_fingerprint(*, agent_id: int) -> tuple[Any, ...]:
+    return tuple(
+        IntentCategory.objects.filter(agent_id=agent_id)
+        .aggregate(n=Count("id"), changed=Max("updated_at"))
+        .values()
+    )
 
 
 class _CachingEmbedder(Embedder):
@@ -58,17 +62,18 @@ class IntentSnapshot:
 class IntentStore:
     """Per-agent cache of the active categories and their classifier, refreshed when they change."""
 
-    def __init__(self, embedder: Embedder) -> None:
+    def __init__(self, embedder: Embedder, *, agent_id: int) -> None:
+        self.agent_id = agent_id
         self._embedder = _CachingEmbedder(embedder)
         self._lock = threading.Lock()
         self._fingerprint: tuple[Any, ...] | None = None
         self._snapshot: IntentSnapshot | None = None
 
     def current(self) -> IntentSnapshot:
-        fingerprint = categories_fingerprint()
+        fingerprint = categories_fingerprint(agent_id=self.agent_id)
         with self._lock:
             if self._snapshot is None or fingerprint != self._fingerprint:
-                categories = tuple(intent_categories_active())
+                categories = tuple(intent_categories_active(agent_id=self.agent_id))
                 self._snapshot = IntentSnapshot(
                     categories,
                     IntentClassifier.build(categories, self._embedder),

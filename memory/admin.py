@@ -3,17 +3,27 @@ was last used."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from agentflow.embeddings import get_embedder
+from agentflow.errors import NotFound
+from conversations.admin import EndUserAdmin
+from conversations.models import EndUser
 
 from .models import Memory
+from .privacy import user_erase, user_export
 from .services import memory_embed
 
 # source key -> the admin page of what it names
@@ -62,6 +72,7 @@ def provenance_html(source: dict[str, Any]) -> SafeString:
 class MemoryAdmin(admin.ModelAdmin):
     list_display = (
         "short_content",
+        "agent",
         "owner",
         "kind",
         "approved",
@@ -70,7 +81,7 @@ class MemoryAdmin(admin.ModelAdmin):
         "updated_at",
         "came_from",
     )
-    list_filter = ("kind", "approved", ("user", admin.EmptyFieldListFilter), "embedding_model")
+    list_filter = ("agent", "kind", "approved", ("user", admin.EmptyFieldListFilter), "embedding_model")
     actions = ["approve", "withdraw"]
     search_fields = ("content", "user__external_id")
     list_select_related = ("user",)
@@ -103,7 +114,7 @@ class MemoryAdmin(admin.ModelAdmin):
 
     @admin.display(description="user", ordering="user__external_id")
     def owner(self, obj: Memory) -> SafeString:
-        if obj.user_id is None:
+        if obj.user is None:
             return format_html("{}", "(global)")
         url = reverse("admin:conversations_enduser_change", args=[obj.user_id])
         return format_html('<a href="{}">{}</a>', url, obj.user.external_id)
@@ -126,6 +137,83 @@ class MemoryAdmin(admin.ModelAdmin):
         # The embedding is not on the form: a new or edited content needs its vector, or search misses it.
         if not change:
             obj.source = {"by": f"staff {request.user.get_username()}"}
+        if obj.user is not None:
+            obj.agent_id = obj.user.agent_id  # a user's memory belongs to the user's agent
         if not change or "content" in form.changed_data:
             memory_embed(memory=obj, embedder=get_embedder())
         super().save_model(request, obj, form, change)
+
+
+class PrivacyEndUserAdmin(EndUserAdmin):
+    """The end users' admin with export and erase, which reach into memories as well."""
+
+    actions = ["export_users", "erase_users"]
+
+    @admin.action(description="Export selected users (JSON)")
+    def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
+        exports = [user_export(user=user) for user in queryset.order_by("external_id")]
+        response = HttpResponse(
+            json.dumps({"users": exports}, indent=2, ensure_ascii=False), content_type="application/json"
+        )
+        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+        response["Content-Disposition"] = f'attachment; filename="agentflow-users-{stamp}.json"'
+        return response
+
+    @admin.action(description="Erase selected users and all their data", permissions=["delete"])
+    def erase_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse | None:
+        """A confirmation page listing what goes; the confirmed POST erases and reports the counts."""
+        users = list(queryset.order_by("external_id"))
+        if request.POST.get("confirm") != "yes":
+            rows = [
+                {
+                    "user": user,
+                    "sessions": user.sessions.count(),
+                    "threads": user.threads.count(),
+                    "messages": user.messages.count(),
+                    "escalations": user.escalations.count(),
+                    "memories": user.memories.count(),
+                }
+                for user in users
+            ]
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": "Erase users and all their data?",
+                "rows": rows,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/conversations/enduser/erase_confirmation.html", context)
+        self._erase(request, users)
+        return None
+
+    def _erase(self, request: HttpRequest, users: list[EndUser]) -> None:
+        totals: Counter[str] = Counter()
+        erased = 0
+        for user in users:
+            try:
+                totals.update(user_erase(user=user))
+            except NotFound:  # erased meanwhile
+                continue
+            erased += 1
+        summary = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in totals.items())
+        self.message_user(
+            request, f"Erased {erased} user(s): {summary or 'nothing'}.", level=messages.SUCCESS
+        )
+
+    def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
+        # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
+        try:
+            user_erase(user=obj)
+        except NotFound:
+            pass
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> None:
+        for user in queryset:
+            try:
+                user_erase(user=user)
+            except NotFound:
+                pass
+
+
+admin.site.unregister(EndUser)
+admin.site.register(EndUser, PrivacyEndUserAdmin)

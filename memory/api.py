@@ -11,10 +11,9 @@ from django.http import HttpRequest
 from ninja import Router, Schema
 
 from agentflow.validation import clean_user_id
-from conversations.api import ErrorOut
-from conversations.selectors import user_get
+from conversations.schemas import ErrorOut
 
-from .privacy import user_erase, user_export
+from .privacy import person_erase, person_export
 
 router = Router(tags=["privacy"])
 
@@ -29,7 +28,7 @@ class ErasedOut(Schema):
     summary="Export everything stored about a user (JSON)",
 )
 def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return user_export(user=user_get(external_id=clean_user_id(user_id)))
+    return person_export(external_id=clean_user_id(user_id))
 
 
 @router.delete(
@@ -38,4 +37,4 @@ def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
     summary="Erase a user with their sessions, threads, messages, escalations and memories",
 )
 def erase_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return {"erased": user_erase(user=user_get(external_id=clean_user_id(user_id)))}
+    return {"erased": person_erase(external_id=clean_user_id(user_id))}

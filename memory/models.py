@@ -13,7 +13,7 @@ from conversations.models import EMBEDDING_DIMENSIONS, EndUser
 class Memory(models.Model):
     """A remembered fact, preference or resolution, with its embedding for similarity search.
 
-    ``user`` is ``None`` for global memories shared by all users.
+    ``user`` is ``None`` for global memories, shared by all users of ``agent`` (and no other agent).
     """
 
     class Kind(models.TextChoices):
@@ -23,6 +23,7 @@ class Memory(models.Model):
         PATTERN = "pattern"  # a global resolution pattern
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey("conversations.Agent", on_delete=models.CASCADE, related_name="memories")
     user = models.ForeignKey(
         EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories"
     )
@@ -58,7 +59,7 @@ class Memory(models.Model):
             ),
             # The approved global vectors, for memory_search's exact scan (an index-only scan).
             models.Index(
-                fields=["id"],
+                fields=["agent", "id"],
                 include=["embedding"],
                 condition=models.Q(user__isnull=True, approved=True),
                 name="memory_global_vectors",

@@ -228,3 +228,51 @@ def user_erase(*, user: EndUser) -> dict[str, int]:
     counts = {kind: per_model.get(label, 0) for label, kind in _ERASED_KINDS.items()}
     counts["global_memories_scrubbed"] = scrubbed
     return counts
+
+
+def person_export(*, external_id: str) -> dict[str, Any]:
+    """``user_export`` of a person across every agent they talked to (one end user row per agent).
+
+    The lists are concatenated; each session, thread and message says which agent it belongs to, and
+    ``agents`` names them all.
+
+    Raises:
+        NotFound: no agent has a user with this id.
+    """
+    from conversations.selectors import users_with_external_id
+
+    users = list(users_with_external_id(external_id=external_id))
+    if not users:
+        raise NotFound(f"user {external_id!r} not found")
+    merged: dict[str, Any] = {}
+    for user in users:
+        part = user_export(user=user)
+        for key in ("sessions", "threads", "messages"):
+            for row in part[key]:
+                row["agent"] = user.agent.name
+        if not merged:
+            merged = part
+            continue
+        for key, value in part.items():
+            if isinstance(value, list):
+                merged[key].extend(value)
+    merged["agents"] = [user.agent.name for user in users]
+    return merged
+
+
+def person_erase(*, external_id: str) -> dict[str, int]:
+    """``user_erase`` of a person's end user rows with every agent; the counts are added up.
+
+    Raises:
+        NotFound: no agent has a user with this id; nothing changed.
+    """
+    from conversations.selectors import users_with_external_id
+
+    users = list(users_with_external_id(external_id=external_id))
+    if not users:
+        raise NotFound(f"user {external_id!r} not found")
+    totals: dict[str, int] = {}
+    for user in users:
+        for kind, count in user_erase(user=user).items():
+            totals[kind] = totals.get(kind, 0) + count
+    return totals

@@ -28,33 +28,34 @@ def rank_score(*, similarity: float, use_count: int, age_days: int) -> float:
 GLOBAL_EF_SEARCH = 100  # HNSW candidate list for the global memories (pgvector's default is 40)
 GLOBAL_EXACT_MAX = 20_000  # up to this many approved global memories, they are scanned exactly
 _GLOBAL_COUNT_TTL = 300.0  # seconds a process trusts its count of approved global memories
-_global_count: tuple[float, int] = (-_GLOBAL_COUNT_TTL, 0)  # (when counted, monotonic; count)
+_global_counts: dict[int, tuple[float, int]] = {}  # agent id -> (when counted, monotonic; count)
 
 
-def approved_global_count(*, max_age: float = _GLOBAL_COUNT_TTL) -> int:
-    """How many approved global memories there are, counted at most every ``max_age`` seconds per
+def approved_global_count(*, agent_id: int, max_age: float = _GLOBAL_COUNT_TTL) -> int:
+    """How many approved global memories an agent has, counted at most every ``max_age`` seconds per
     process (it only chooses the search plan, so a few minutes' staleness is harmless)."""
-    global _global_count
-    counted_at, count = _global_count
+    counted_at, count = _global_counts.get(agent_id, (-max_age, 0))
     if time.monotonic() - counted_at >= max_age:
-        count = Memory.objects.filter(user__isnull=True, approved=True).count()
-        _global_count = (time.monotonic(), count)
+        count = Memory.objects.filter(agent_id=agent_id, user__isnull=True, approved=True).count()
+        _global_counts[agent_id] = (time.monotonic(), count)
     return count
 
 
-def memory_candidates(*, user_id: int, embedding: np.ndarray, pool: int, exact_globals: bool) -> Any:
+def memory_candidates(
+    *, user_id: int, agent_id: int, embedding: np.ndarray, pool: int, exact_globals: bool
+) -> Any:
     """The ``UNION ALL`` query of ``memory_search``: up to ``pool`` nearest of the user's own memories
-    and of the approved global ones, as ``values()`` rows with ``distance``."""
+    and of their agent's approved global ones, as ``values()`` rows with ``distance``."""
     fields = ("id", "kind", "content", "user_id", "distance", "use_count", "updated_at")
 
     def nearest(queryset: Any, *, exact: bool) -> Any:
-        distance = CosineDistance("embedding", embedding)
+        distance: Any = CosineDistance("embedding", embedding)
         # "+ 0" hides the ORDER BY from the HNSW index: the rows are found by the btree index, then sorted.
         distance = distance + Value(0.0, output_field=FloatField()) if exact else distance
         return queryset.annotate(distance=distance).order_by("distance").values(*fields)
 
     own = nearest(Memory.objects.filter(user_id=user_id), exact=True)[:pool]
-    approved_global = Memory.objects.filter(user__isnull=True, approved=True)
+    approved_global = Memory.objects.filter(agent_id=agent_id, user__isnull=True, approved=True)
     if not exact_globals:
         return own.union(nearest(approved_global, exact=False)[:pool], all=True)
     # The exact scan reads the vectors from the covering index memory_global_vectors (an index-only
@@ -89,9 +90,11 @@ def memory_search(
     max_distance = 1.0 - similarity_threshold
     now = timezone.now()
     pool = limit * 3
-    exact_globals = approved_global_count() <= GLOBAL_EXACT_MAX
+    exact_globals = approved_global_count(agent_id=user.agent_id) <= GLOBAL_EXACT_MAX
 
-    query = memory_candidates(user_id=user.pk, embedding=embedding, pool=pool, exact_globals=exact_globals)
+    query = memory_candidates(
+        user_id=user.pk, agent_id=user.agent_id, embedding=embedding, pool=pool, exact_globals=exact_globals
+    )
     if exact_globals:
         candidates = sorted(query, key=lambda r: r["distance"])[:pool]
     else:

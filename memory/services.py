@@ -16,15 +16,31 @@ from conversations.models import EndUser
 from .models import Memory
 
 
+def _agent_id(user: EndUser | None, agent_id: int | None) -> int:
+    if user is not None:
+        return user.agent_id
+    if agent_id is None:
+        raise ValueError("a global memory needs its agent (agent_id)")
+    return agent_id
+
+
 def memory_add(
-    *, user: EndUser | None, kind: str, content: str, embedder: Embedder, source: dict[str, Any] | None = None
+    *,
+    user: EndUser | None,
+    kind: str,
+    content: str,
+    embedder: Embedder,
+    source: dict[str, Any] | None = None,
+    agent_id: int | None = None,
 ) -> Memory:
+    """Store a memory as given (staff additions). ``user=None`` is global to ``agent_id``'s users."""
     content = content.strip()
     if not content:
         raise ValueError("a memory needs content")
     if kind not in Memory.Kind.values:
         raise ValueError(f"unknown memory kind {kind!r}; expected one of {Memory.Kind.values}")
     return Memory.objects.create(
+        agent_id=_agent_id(user, agent_id),
         user=user,
         kind=kind,
         content=content,
@@ -60,14 +76,15 @@ def memory_remember(
     source: dict[str, Any],
     max_per_user: int,
     approved: bool = True,
+    agent_id: int | None = None,
 ) -> tuple[Memory, bool]:
     """Store what was learned about a user; a near-duplicate updates the existing memory instead.
 
     De-duplication never deletes: the closest memory of the same user and kind (cosine similarity
     at least ``DUPLICATE_SIMILARITY``) takes the new content and embedding, and its provenance keeps
     both sources. Past ``max_per_user`` the least useful, then oldest, memories of the user go
-    (``memory_evict``). ``user=None`` writes a global memory (not evicted; ``approved`` False puts it
-    in the admin's review queue).
+    (``memory_evict``). ``user=None`` writes a global memory of agent ``agent_id`` (not evicted;
+    ``approved`` False puts it in the admin's review queue).
 
     Returns:
         ``(memory, created)``.
@@ -75,12 +92,13 @@ def memory_remember(
     content = content.strip()
     if not content:
         raise ValueError("a memory needs content")
+    owner = _agent_id(user, agent_id)
     vector = embedder.embed_one(content)
     with transaction.atomic():
-        with connection.cursor() as cursor:  # one writer per user: two resolutions cannot both insert
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk if user else 0])
+        with connection.cursor() as cursor:  # one writer per user (or agent): two cannot both insert
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk if user else -owner])
         nearest = (
-            Memory.objects.filter(user=user, kind=kind)
+            Memory.objects.filter(agent_id=owner, user=user, kind=kind)
             .annotate(distance=CosineDistance("embedding", vector))
             .order_by("distance")
             .first()
@@ -95,6 +113,7 @@ def memory_remember(
             nearest.save(update_fields=["content", "embedding", "embedding_model", "source", "updated_at"])
             return nearest, False
         memory = Memory.objects.create(
+            agent_id=owner,
             user=user,
             kind=kind,
             content=content,

@@ -14,9 +14,9 @@ from celery import shared_task
 from django.db.models import Q
 from django.utils import timezone
 
-from agentflow.defaults import get_agent
 from agentflow.errors import LLMError
-from conversations.models import ChatSession, Message, Thread
+from agentflow.registry import agent_for
+from conversations.models import ChatSession, EndUser, Message, Thread
 
 from .scrub import scrub_personal_data
 from .services import memory_remember
@@ -32,6 +32,11 @@ logger = logging.getLogger("agentflow.memory")
 
 SWEEP_EVERY = timedelta(minutes=10)  # how often beat runs memory.sweep_ended_sessions
 SWEEP_WINDOW = 2 * SWEEP_EVERY  # each sweep looks this far back, so one late run misses nothing
+
+
+def _agent_of(user: EndUser) -> Any:
+    """The agent whose user this is, as this process runs it: its own memory settings, never a default."""
+    return agent_for(user.agent.name, version=user.agent.version)
 
 
 def _thread_messages(thread: Thread) -> list[Message]:
@@ -50,10 +55,10 @@ def _memory_text(
     """
     if agent.offline:
         return extractive, "extractive"
-    from conversations.tasks import _thread_loop  # the worker thread's loop keeps its LLM clients
+    from agentflow.loops import thread_loop  # the worker thread's loop keeps its LLM clients
 
     try:
-        summary = _thread_loop().run_until_complete(
+        summary = thread_loop().run_until_complete(
             llm_memory_summary(
                 llm=agent.llm, config=agent.config.llm_config, thread=thread, messages=messages, ended=ended
             )
@@ -73,11 +78,15 @@ def _memory_text(
 def remember_resolution(thread_id: str) -> str:
     """Write (or refresh) the episodic memory of a resolved thread. Safe to run twice: the second
     write is a near-duplicate of the first and updates it."""
-    thread = Thread.objects.select_related("user").filter(pk=thread_id, status=Thread.Status.RESOLVED).first()
+    thread = (
+        Thread.objects.select_related("user", "user__agent")
+        .filter(pk=thread_id, status=Thread.Status.RESOLVED)
+        .first()
+    )
     if thread is None:
         return "not resolved"
     messages = _thread_messages(thread)
-    agent = get_agent()
+    agent = _agent_of(thread.user)
     config = agent.config.memory_config
     text, how = _memory_text(
         agent,
@@ -109,6 +118,7 @@ def remember_resolution(thread_id: str) -> str:
             source={"thread": str(thread.pk), "by": "resolution"},
             max_per_user=config.max_episodic_per_user,
             approved=not config.review_global,
+            agent_id=thread.user.agent_id,
         )
     return "remembered"
 
@@ -119,12 +129,12 @@ def remember_session(session_id: str) -> str:
     what was tried, and that it was left unresolved (resolved threads were remembered on
     resolution). Safe to run twice, and queued both when the user comes back after expiry and by
     the periodic sweep: a repeated write updates the same memory."""
-    session = ChatSession.objects.select_related("user").filter(pk=session_id).first()
+    session = ChatSession.objects.select_related("user", "user__agent").filter(pk=session_id).first()
     if session is None:
         return "missing"
     if session.status == ChatSession.Status.ACTIVE and session.expires_at > timezone.now():
         return "not ended"
-    agent = get_agent()
+    agent = _agent_of(session.user)
     config = agent.config.memory_config
     if not config.enabled:
         return "memory disabled"
@@ -183,13 +193,17 @@ def sweep_ended_sessions() -> int:
 @shared_task(name="memory.remember_preference", acks_late=True)
 def remember_preference(message_id: str) -> str:
     """Remember a preference the user stated ("email me, don't call"), in their own words."""
-    message = Message.objects.select_related("user").filter(pk=message_id, role=Message.Role.USER).first()
+    message = (
+        Message.objects.select_related("user", "user__agent")
+        .filter(pk=message_id, role=Message.Role.USER)
+        .first()
+    )
     if message is None:
         return "missing"
     statement = preference_statement(message.content)
     if statement is None:
         return "no preference"
-    agent = get_agent()
+    agent = _agent_of(message.user)
     memory_remember(
         user=message.user,
         kind="preference",

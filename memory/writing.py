@@ -6,16 +6,16 @@ import re
 from typing import Any
 
 from conversations.models import Message, Thread
-from conversations.summaries import _gist
+from conversations.summaries import gist
 
 
 def resolution_memory_text(*, thread: Thread, messages: list[Message]) -> str:
     """The problem (the opening message), what helped (the last answer before the resolution) and
     the outcome, in the user's and the agent's own words: it costs nothing and works offline."""
     answers = [m for m in messages if m.role in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT)]
-    helped = _gist(answers[-1].content, 240) if answers else "(no answer recorded)"
-    outcome = _gist(thread.resolution, 160) if thread.resolution else "resolved"
-    return f"Problem: {_gist(thread.topic, 200)} What helped: {helped} Outcome: {outcome}"
+    helped = gist(answers[-1].content, 240) if answers else "(no answer recorded)"
+    outcome = gist(thread.resolution, 160) if thread.resolution else "resolved"
+    return f"Problem: {gist(thread.topic, 200)} What helped: {helped} Outcome: {outcome}"
 
 
 PREFERENCE = re.compile(
@@ -36,8 +36,8 @@ def preference_statement(text: str) -> str | None:
 def session_memory_text(*, thread: Thread, messages: list[Message]) -> str:
     """What an unresolved thread of an ended session tried, in the conversation's own words."""
     answers = [m for m in messages if m.role in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT)]
-    tried = _gist(answers[-1].content, 240) if answers else "(no answer recorded)"
-    return f"Problem: {_gist(thread.topic, 200)} What was tried: {tried} Outcome: unresolved when the session ended."
+    tried = gist(answers[-1].content, 240) if answers else "(no answer recorded)"
+    return f"Problem: {gist(thread.topic, 200)} What was tried: {tried} Outcome: unresolved when the session ended."
 
 
 def had_real_exchange(messages: list[Message]) -> bool:
@@ -70,7 +70,7 @@ async def llm_memory_summary(
     Raises:
         LLMError: the caller falls back to the extractive text.
     """
-    lines = [f"{m.role}: {_gist(m.content, 400)}" for m in messages[-20:]]
+    lines = [f"{m.role}: {gist(m.content, 400)}" for m in messages[-20:]]
     prompt = f"Topic: {thread.topic}\nHow it ended: {ended}\n\nConversation:\n" + "\n".join(lines)
     reply = await llm.generate(
         system=SUMMARY_SYSTEM,

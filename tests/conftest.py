@@ -64,7 +64,7 @@ def _close_executor_connections() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fresh_agent_cache() -> Iterator[None]:
-    from agentflow.defaults import clear_agent_cache
+    from agentflow.registry import clear_agent_cache
 
     clear_agent_cache()
     yield

@@ -10,7 +10,14 @@ import uuid
 _RUN = os.environ.get("AGENTFLOW_TEST_RUN") or uuid.uuid4().hex[:8]
 for _var in [v for v in os.environ if v.startswith("AGENT_")]:
     del os.environ[_var]
-for _var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "AGENTFLOW_CONFIG", "AGENTFLOW_AGENT_FACTORY"):
+for _var in (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "AGENTFLOW_CONFIG",
+    "AGENTFLOW_AGENT_FACTORY",
+    "AGENTFLOW_AGENTS",
+    "AGENTFLOW_DEFAULT_AGENT",
+):
     os.environ.pop(_var, None)
 os.environ.update(
     {

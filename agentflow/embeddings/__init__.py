@@ -100,10 +100,11 @@ _instances: dict[str, Embedder] = {}
 
 def get_embedder(path: str | None = None) -> Embedder:
     """The process's embedder for ``AGENTFLOW["EMBEDDER"]`` (loaded once, thread-safe)."""
-    from django.conf import settings
     from django.utils.module_loading import import_string
 
-    dotted = path or settings.AGENTFLOW["EMBEDDER"]
+    from ..conf import conf
+
+    dotted = path or conf().EMBEDDER
     with _lock:
         if dotted not in _instances:
             cls = import_string(dotted)

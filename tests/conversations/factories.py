@@ -7,14 +7,25 @@ from datetime import timedelta
 import factory
 from django.utils import timezone
 
-from conversations.models import ChatSession, EndUser, Message, Thread
+from conversations.models import Agent, ChatSession, EndUser, Message, Thread
+
+
+class AgentFactory(factory.django.DjangoModelFactory):
+    """The default agent unless a test names another."""
+
+    class Meta:
+        model = Agent
+        django_get_or_create = ("name",)
+
+    name = "agentflow"
 
 
 class EndUserFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = EndUser
-        django_get_or_create = ("external_id",)
+        django_get_or_create = ("agent", "external_id")
 
+    agent = factory.SubFactory(AgentFactory)
     external_id = factory.Sequence(lambda n: f"user-{n}")
 
 

@@ -14,7 +14,7 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from agentflow.testing.fake_anthropic import FakeReply
-from conversations.api import chat_token_user
+from conversations.chat_tokens import chat_token_user
 from conversations.models import ApiKey, ChatSession, Message, Thread
 
 from .factories import ChatSessionFactory, EndUserFactory, MessageFactory, ThreadFactory

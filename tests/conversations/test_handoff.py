@@ -16,7 +16,7 @@ from agentflow.agent import HANDOFF_NOTICE
 from agentflow.errors import InvalidInput
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow_project.asgi import application
-from conversations.api import CHAT_TOKEN_SALT
+from conversations.chat_tokens import CHAT_TOKEN_SALT
 from conversations.handoff import (
     BOT_BACK_TEXT,
     escalation_claim,

@@ -15,11 +15,11 @@ from django.core import signing
 from django.test import Client
 
 from agentflow_project.asgi import application
-from conversations.api import CHAT_TOKEN_SALT
+from conversations.chat_tokens import CHAT_TOKEN_SALT
+from conversations.consumers import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from conversations.events import apublish
 from conversations.frames import MAX_FRAME_BYTES
 from conversations.handoff import BOT_BACK_TEXT, STAFF_REPLY_MAX_CHARS, escalation_claim, escalation_open
-from conversations.live import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from conversations.models import EndUser, Escalation, Message, Thread
 from tests.conftest import ORIGIN
 

@@ -13,7 +13,7 @@ from django.test import Client
 
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow_project.asgi import application
-from conversations.api import CHAT_TOKEN_SALT
+from conversations.chat_tokens import CHAT_TOKEN_SALT
 from conversations.consumers import CLOSE_UNAUTHORIZED
 from conversations.frames import MAX_FRAME_BYTES
 from conversations.models import ChatSession, EndUser, Message, Thread

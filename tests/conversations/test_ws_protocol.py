@@ -70,7 +70,7 @@ async def test_a_slow_reply_streams_in_batched_ordered_deltas(celery_worker, fak
 def billing_agent():
     """An agent whose replies the Confidence Evaluator judges (an intent, the LLM's self-assessment)."""
     from agentflow import AgentFrameworkBuilder, IntentCategory
-    from agentflow.defaults import default_backend
+    from agentflow.registry import default_backend
 
     return (
         AgentFrameworkBuilder()
@@ -96,7 +96,7 @@ async def test_a_confident_reply_streams_and_a_doubtful_one_is_withheld_unstream
     celery_worker, fake_llm, settings
 ) -> None:
     from agentflow.agent import HANDOFF_NOTICE
-    from agentflow.defaults import clear_agent_cache
+    from agentflow.registry import clear_agent_cache
 
     settings.AGENTFLOW = {**settings.AGENTFLOW, "AGENT_FACTORY": f"{__name__}.billing_agent"}
     clear_agent_cache()

@@ -63,8 +63,8 @@ def _thread(user_id: str = "mem", *, resolved: bool = True, answered: bool = Tru
 def fake_llm(fake_llm):
     """Online, and the LLM clients the task opened on this thread's loop are closed afterwards."""
     yield fake_llm
-    from agentflow.defaults import cached_agents
-    from conversations.tasks import _thread_loop
+    from agentflow.loops import thread_loop as _thread_loop
+    from agentflow.registry import cached_agents
 
     for agent in cached_agents():
         close = getattr(agent.llm, "aclose", None)

@@ -8,8 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from agentflow.defaults import get_agent
+from agentflow.conf import conf
 from agentflow.errors import AgentFlowError
+from agentflow.registry import agent_for
 
 
 class Command(BaseCommand):
@@ -17,12 +18,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--user", required=True, help="the end user's id")
+        parser.add_argument(
+            "--agent", default=None, help="the agent's name (default: AGENTFLOW_DEFAULT_AGENT)"
+        )
         parser.add_argument("message")
 
-    def handle(self, *args: Any, user: str, message: str, **options: Any) -> None:
-        agent = get_agent()
+    def handle(self, *args: Any, user: str, message: str, agent: str | None = None, **options: Any) -> None:
         try:
-            result = asyncio.run(self._turn(agent, user, message))
+            built = agent_for(agent or conf().DEFAULT_AGENT)
+        except AgentFlowError as exc:
+            raise CommandError(f"{exc.code}: {exc}") from None
+        try:
+            result = asyncio.run(self._turn(built, user, message))
         except AgentFlowError as exc:
             raise CommandError(f"{exc.code}: {exc}") from None
         self.stdout.write(json.dumps(result, indent=2, default=str))

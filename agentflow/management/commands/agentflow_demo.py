@@ -8,7 +8,9 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
+from agentflow.conf import conf
 from agentflow.types import IntentCategory as Spec
+from conversations.agents import agent_get_or_create
 from conversations.models import ApiKey
 from conversations.services import api_key_create
 from intents.models import IntentCategory
@@ -62,12 +64,10 @@ class Command(BaseCommand):
         parser.add_argument("--admin-password", default=None, help="default: a random one, printed")
 
     def handle(self, *args: Any, admin_user: str, admin_password: str | None, **options: Any) -> None:
-        created = intent_categories_sync(categories=DEMO_CATEGORIES)
-        for spec in DEMO_CATEGORIES:
-            IntentCategory.objects.filter(name=spec.name, threshold__isnull=True).update(
-                threshold=spec.threshold
-            )
-        self.stdout.write(f"intent categories: {created} created, {IntentCategory.objects.count()} in all")
+        agent = agent_get_or_create(name=conf().DEFAULT_AGENT)
+        created = intent_categories_sync(agent=agent, categories=DEMO_CATEGORIES)
+        count = IntentCategory.objects.filter(agent=agent).count()
+        self.stdout.write(f"agent {agent.name}: {created} intent categories created, {count} in all")
         User = get_user_model()
         user = User.objects.filter(username=admin_user).first()
         if user is None or admin_password:

@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow.errors import NotFound
-from conversations.selectors import user_get
-from memory.privacy import user_erase
+from conversations.selectors import users_with_external_id
+from memory.privacy import person_erase
 
 
 class Command(BaseCommand):
@@ -23,16 +23,14 @@ class Command(BaseCommand):
         parser.add_argument("--yes", action="store_true", help="confirm: erasing cannot be undone")
 
     def handle(self, *args: Any, user_id: str, yes: bool = False, **options: Any) -> None:
-        try:
-            user = user_get(external_id=user_id)
-        except NotFound:
-            raise CommandError(f"no user {user_id!r}: nothing erased") from None
+        if not users_with_external_id(external_id=user_id).exists():
+            raise CommandError(f"no user {user_id!r}: nothing erased")
         if not yes:
             raise CommandError(
                 f"erasing user {user_id!r} cannot be undone; pass --yes to confirm. Nothing was erased."
             )
         try:
-            counts = user_erase(user=user)
+            counts = person_erase(external_id=user_id)
         except NotFound:
             raise CommandError(f"no user {user_id!r}: nothing erased") from None
         self.stdout.write(json.dumps({"erased": counts}, indent=2))

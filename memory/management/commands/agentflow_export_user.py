@@ -9,8 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow.errors import NotFound
-from conversations.selectors import user_get
-from memory.privacy import user_export
+from memory.privacy import person_export
 
 
 class Command(BaseCommand):
@@ -22,10 +21,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, user_id: str, output: str | None = None, **options: Any) -> None:
         try:
-            user = user_get(external_id=user_id)
+            data = person_export(external_id=user_id)
         except NotFound:
             raise CommandError(f"no user {user_id!r}: nothing exported") from None
-        text = json.dumps(user_export(user=user), indent=2, ensure_ascii=False)
+        text = json.dumps(data, indent=2, ensure_ascii=False)
         if output is None:
             self.stdout.write(text)
             return

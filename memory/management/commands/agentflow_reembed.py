@@ -68,7 +68,7 @@ class Command(BaseCommand):
         if total == 0:
             self.stdout.write(f"Nothing to re-embed: every memory is embedded with {model.model_id}.")
             return
-        stream = self.stderr._out if hasattr(self.stderr, "_out") else sys.stderr
+        stream: Any = getattr(self.stderr, "_out", sys.stderr)
         bar = None if no_progress else ProgressBar(total, stream)
         done = memories_reembed(
             embedder=model, batch_size=batch_size, everything=everything, on_batch=bar.update if bar else None

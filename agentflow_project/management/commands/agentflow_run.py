@@ -113,7 +113,9 @@ class Command(BaseCommand):
                     connections.close_all()
                     runtime.stop_postgres()
         failed = [
-            c.args[2] for c in children if c.returncode not in (0, -signal.SIGTERM, None) and not stopping
+            str(c.args[2])  # type: ignore[index]
+            for c in children
+            if c.returncode not in (0, -signal.SIGTERM, None) and not stopping
         ]
         if failed:
             raise CommandError(f"{', '.join(failed)} exited unexpectedly; see the log above")

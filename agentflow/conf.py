@@ -1,0 +1,70 @@
+"""AgentFlow's Django settings as one typed, validated object, read when asked (never at import).
+
+``conf()`` reads ``settings.AGENTFLOW`` (a dict) and returns an ``AgentFlowSettings``; it is cheap
+(cached until Django's ``setting_changed`` fires), so transports read their limits here instead of
+building an agent. The keys are documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class AgentFlowSettings(BaseModel):
+    """``settings.AGENTFLOW``, validated. Keys are upper-case, as in Django settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    DEFAULT_AGENT: str = Field("agentflow", min_length=1, max_length=100)
+    AGENTS: dict[str, str] = Field(
+        default_factory=dict,
+        description="Agent name -> dotted path of a callable returning a builder or agent.",
+    )
+    CONFIG: str | None = None
+    AGENT_FACTORY: str = "agentflow.registry.build_default_agent"
+    EMBEDDER: str = "agentflow.embeddings.MiniLMEmbedder"
+    REST_WAIT_SECONDS: int = Field(30, ge=0, le=120)
+    BACKGROUND_JOBS: bool = True
+    CHAT_TOKEN_TTL_SECONDS: int = Field(3600, ge=60)
+    WIDGET_ORIGINS: list[str] = Field(default_factory=list)
+    DEMO_PAGE: bool = True
+
+    def agent_paths(self) -> dict[str, str]:
+        """Every declared agent: ``AGENTS``, plus the default agent from ``AGENT_FACTORY`` unless declared."""
+        return {self.DEFAULT_AGENT: self.AGENT_FACTORY, **self.AGENTS}
+
+
+_lock = threading.Lock()
+_cached: AgentFlowSettings | None = None
+
+
+def conf() -> AgentFlowSettings:
+    """The validated ``settings.AGENTFLOW``.
+
+    Raises:
+        ConfigError: a key is unknown or has a bad value.
+    """
+    global _cached
+    with _lock:
+        if _cached is None:
+            from django.conf import settings
+
+            raw: dict[str, Any] = dict(getattr(settings, "AGENTFLOW", {}) or {})
+            try:
+                _cached = AgentFlowSettings.model_validate(raw)
+            except ValidationError as exc:
+                problems = "; ".join(f"AGENTFLOW[{e['loc'][0]!r}]: {e['msg']}" for e in exc.errors())
+                raise ConfigError(f"invalid AGENTFLOW settings: {problems}") from None
+        return _cached
+
+
+def conf_reset() -> None:
+    """Forget the cached settings (Django's ``setting_changed`` calls this)."""
+    global _cached
+    with _lock:
+        _cached = None

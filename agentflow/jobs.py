@@ -1,0 +1,105 @@
+"""Follow-up jobs (memory writing, summaries): the one way any code queues one.
+
+``queue_on_commit("memory.remember_resolution", thread_id)`` runs the named Celery task once the
+surrounding transaction commits: on a Celery worker, or, while a turn of an agent built by a
+script runs (``inline_jobs``), on a small thread pool in this process, with that very agent. By
+name, so the code that queues does not import the transports (tasks) that run it.
+``AGENTFLOW["BACKGROUND_JOBS"] = False`` turns jobs off (the test suite does, except where a test
+exercises them: a job left running would race other tests' database resets).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from .conf import conf
+
+logger = logging.getLogger("agentflow.jobs")
+
+_inline: contextvars.ContextVar[bool] = contextvars.ContextVar("agentflow_inline_jobs", default=False)
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pending: set[Future[Any]] = set()
+
+
+@contextmanager
+def inline_jobs(enabled: bool = True) -> Iterator[None]:
+    """Run the jobs queued inside this block in this process (a script's agent has no worker)."""
+    token = _inline.set(enabled)
+    try:
+        yield
+    finally:
+        _inline.reset(token)
+
+
+def _run_inline(task_name: str, args: list[Any]) -> None:
+    from celery import current_app
+    from django.db import connections
+
+    try:
+        current_app.tasks[task_name].apply(args=args, throw=False)
+    except Exception:  # a job's failure never reaches the turn that queued it
+        logger.exception("inline job %s%r failed", task_name, tuple(args))
+    finally:
+        connections.close_all()
+
+
+def _submit_inline(task_name: str, args: list[Any]) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agentflow-job")
+        future = _pool.submit(_run_inline, task_name, args)
+        _pending.add(future)
+    future.add_done_callback(_pending.discard)
+
+
+def queue_on_commit(task_name: str, *args: Any) -> None:
+    """Queue the job ``task_name(*args)`` once the current transaction commits (now, outside one)."""
+    from django.db import transaction
+
+    if not conf().BACKGROUND_JOBS:
+        return
+    if _inline.get():
+        transaction.on_commit(lambda: _submit_inline(task_name, list(args)))
+        return
+
+    def send() -> None:
+        from celery import current_app
+
+        current_app.send_task(task_name, args=list(args))
+
+    transaction.on_commit(send)
+
+
+def wait_for_inline_jobs(timeout: float | None = None) -> None:
+    """Wait until the jobs queued in this process have run (tests; a script that exits waits anyway)."""
+    from concurrent.futures import wait
+
+    with _pool_lock:
+        pending = list(_pending)
+    wait(pending, timeout=timeout)
+
+
+TURN_TASK = "agentflow.process_turn"
+
+
+def queue_turn(message_id: Any) -> None:
+    """Queue the turn of a stored user message on a Celery worker once the transaction commits.
+
+    Always a worker (never inline, never off): REST and WebSocket transports hand every turn over.
+    """
+    from django.db import transaction
+
+    def send() -> None:
+        from celery import current_app
+
+        current_app.send_task(TURN_TASK, args=[str(message_id)])
+
+    transaction.on_commit(send)

@@ -1,0 +1,132 @@
+"""The one turn runner: every entry point (in-process call, REST, WebSocket, Celery) runs a stored
+user message's turn through ``run_turn``.
+
+A turn: claim and place the message (``pipeline.prepare``: thread, intent, history, memories), let
+the LLM place it when the thread scorer is unsure (the first pass's embedding and scores are reused),
+let the LLM decide the intent when the classifier is below the threshold, produce the reply
+(``Agent.respond``: middleware, hand-off, handler or LLM with tools), store it (``pipeline.finish``).
+The rules for ordering, retries and failure live here, once:
+
+- **ordering**: a message waits for the user's earlier, still undecided one. ``on_earlier="wait"``
+  polls here (in-process); ``"raise"`` lets ``EarlierMessagePending`` out so a queue can retry later.
+- **failure**: any error marks the message ``failed`` (a resend retries it), except a transient LLM
+  error when the caller will retry (``final_attempt=False``): the message goes back to ``pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from asgiref.sync import sync_to_async
+
+from . import pipeline
+from .errors import LLMError
+from .jobs import inline_jobs
+from .llm import TextCallback
+from .types import TurnResult
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+ORDER_WAIT_SECONDS = 30.0
+ORDER_POLL_SECONDS = 0.02
+
+
+def sync_caller(in_thread: bool) -> Callable[..., Awaitable[Any]]:
+    """How the runner calls the pipeline's synchronous (database) steps.
+
+    On a shared event loop (``process_message``) they run off the loop, through ``sync_to_async``; on
+    a loop of its own (a Celery worker thread runs one turn at a time) they run right here, in the
+    worker thread, with its own database connection.
+    """
+
+    async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if in_thread:
+            return await sync_to_async(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+async def run_step(
+    call: Callable[..., Awaitable[Any]], agent: Agent, step: Any, *, on_earlier: str, **kwargs: Any
+) -> Any:
+    """Run a synchronous pipeline step, waiting for the user's earlier message."""
+    deadline = time.monotonic() + ORDER_WAIT_SECONDS
+    while True:
+        try:
+            return await call(step, agent, **kwargs)
+        except pipeline.EarlierMessagePending:
+            if on_earlier != "wait" or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(ORDER_POLL_SECONDS)
+
+
+async def run_turn(
+    agent: Agent,
+    message_id: Any,
+    *,
+    on_text: TextCallback | None = None,
+    on_earlier: Literal["wait", "raise"] = "wait",
+    final_attempt: bool = True,
+    jobs_inline: bool | None = None,
+    own_loop: bool = False,
+) -> TurnResult:
+    """Run (or re-read) the turn of stored user message ``message_id`` with ``agent``.
+
+    Args:
+        agent: the message's agent (``AgentUnavailable`` if the message belongs to another).
+        message_id: the stored user message.
+        on_text: called with each piece of the reply's text as it is written (streaming).
+        on_earlier: ``"wait"`` for the user's earlier undecided message here, or ``"raise"``
+            ``pipeline.EarlierMessagePending`` for the caller to retry later.
+        final_attempt: False when the caller retries transient LLM errors itself.
+        jobs_inline: run follow-up jobs (memory writing) in this process; by default when the
+            agent was built by a script of this process.
+        own_loop: the caller's event loop runs this turn alone (a Celery worker thread): the
+            database steps run on this thread instead of hopping to asgiref's shared one.
+
+    Returns:
+        The turn's result; a turn that is done (or held by another worker) is re-read, not re-run.
+
+    Raises:
+        LLMError: the LLM failed (the message is ``failed``, or ``pending`` again if not final).
+        AgentUnavailable, NotFound, InvalidInput: the message cannot be run by this agent.
+    """
+    call = sync_caller(not own_loop)
+    with inline_jobs(agent.runs_jobs_inline if jobs_inline is None else jobs_inline):
+        prepared = await run_step(call, agent, pipeline.prepare, on_earlier=on_earlier, message_id=message_id)
+        if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message
+            verdict = await agent.judge_thread(prepared.judgement)
+            prepared = await run_step(
+                call,
+                agent,
+                pipeline.prepare,
+                on_earlier=on_earlier,
+                message_id=message_id,
+                verdict=verdict,
+                judgement=prepared.judgement,
+            )
+        if prepared.result is not None:
+            return prepared.result
+        try:
+            if agent.intent_unsure(prepared):  # the LLM decides the intent
+                intent = await agent.judge_intent(prepared)
+                if intent:
+                    prepared = await call(pipeline.reclassify, agent, prepared, **intent)
+            outcome = await agent.respond(prepared, on_text=on_text)
+        except LLMError as exc:
+            if exc.transient and not final_attempt:
+                await call(pipeline.release, prepared)
+            else:
+                await call(pipeline.fail, prepared, exc)
+            raise
+        except BaseException as exc:
+            # Any other failure (handler, middleware, cancellation) marks the turn failed so a resend
+            # retries it at once; otherwise the claim would block the message for STALE_CLAIM.
+            await call(pipeline.fail, prepared, exc)
+            raise
+        return await call(pipeline.finish, agent, prepared, outcome)

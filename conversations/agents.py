@@ -1,0 +1,144 @@
+"""The agent records: register, read, and the cheap per-agent limits transports need.
+
+``build()`` registers an agent by name (``agent_register``); every process then rebuilds it from the
+registry of dotted paths or from its stored configuration (``agentflow.registry``). Transports read
+an agent's limits with ``agent_settings`` (one indexed query, no model loading).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from agentflow.errors import InvalidInput, NotFound
+
+from .models import AGENT_NAME_PATTERN, Agent
+
+_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+
+
+def clean_agent_name(name: object) -> str:
+    """An agent name as used in URLs, tokens and settings.
+
+    Raises:
+        InvalidInput: not 1-100 letters, digits, ``_``, ``-`` or ``.`` (starting with a letter or digit).
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidInput(
+            "agent must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            field="agent",
+        )
+    return name
+
+
+def agent_get(*, name: str) -> Agent:
+    """The agent record named ``name``.
+
+    Raises:
+        NotFound: no agent of that name is registered.
+    """
+    try:
+        return Agent.objects.get(name=clean_agent_name(name))
+    except Agent.DoesNotExist:
+        raise NotFound(f"agent {name!r} not found") from None
+
+
+def agent_get_or_create(*, name: str) -> Agent:
+    """The agent record named ``name``, created empty (default configuration) if missing."""
+    agent, _ = Agent.objects.get_or_create(name=clean_agent_name(name), defaults={"origin": "created"})
+    return agent
+
+
+def agent_register(
+    *,
+    name: str,
+    config: Mapping[str, Any],
+    fingerprint: str,
+    code_parts: Mapping[str, Any],
+    origin: str,
+    sources: Mapping[str, str] | None = None,
+) -> Agent:
+    """Create or update an agent record from a validated build; ``version`` goes up on any change.
+
+    Safe from several processes at once (a row lock): the same definition registered twice leaves
+    one record and one version.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        agent, created = Agent.objects.select_for_update().get_or_create(
+            name=clean_agent_name(name),
+            defaults={
+                "config": dict(config),
+                "sources": dict(sources or {}),
+                "fingerprint": fingerprint,
+                "code_parts": dict(code_parts),
+                "origin": origin,
+                "last_built_at": now,
+            },
+        )
+        if created:
+            return agent
+        changed = (
+            agent.config != dict(config)
+            or agent.sources != dict(sources or {})
+            or agent.fingerprint != fingerprint
+            or agent.code_parts != dict(code_parts)
+        )
+        agent.last_built_at = now
+        fields = ["last_built_at"]
+        if changed:
+            agent.config, agent.fingerprint, agent.code_parts = dict(config), fingerprint, dict(code_parts)
+            agent.sources = dict(sources or {})
+            agent.version += 1
+            fields += ["config", "sources", "fingerprint", "code_parts", "version", "updated_at"]
+        if origin and agent.origin != origin and (origin != "script" or not agent.origin):
+            agent.origin = origin  # a declared dotted path is not overwritten by a script's build
+            fields.append("origin")
+        agent.save(update_fields=fields)
+        return agent
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What a transport needs to accept a message for an agent, read from its stored configuration."""
+
+    id: int
+    name: str
+    version: int
+    ttl_seconds: int
+    max_message_chars: int
+    messages_per_minute: int
+
+
+def agent_settings(*, name: str) -> AgentSettings:
+    """The limits of agent ``name`` from its record (one query; no agent is built).
+
+    An agent declared in ``AGENTFLOW["AGENTS"]`` that no process has built yet gets its record now,
+    with the default configuration until it is built.
+
+    Raises:
+        NotFound: no agent of that name is registered or declared.
+    """
+    from agentflow.conf import conf
+    from agentflow.config import AgentFrameworkConfig
+
+    try:
+        agent = agent_get(name=name)
+    except NotFound:
+        if name not in conf().agent_paths():
+            raise
+        agent = agent_get_or_create(name=name)  # declared in settings, not built anywhere yet
+    config = AgentFrameworkConfig.model_validate({**agent.config, "name": agent.name})
+    return AgentSettings(
+        id=agent.pk,
+        name=agent.name,
+        version=agent.version,
+        ttl_seconds=config.session_config.ttl_seconds,
+        max_message_chars=config.input_config.max_message_chars,
+        messages_per_minute=config.rate_limit_config.messages_per_minute,
+    )

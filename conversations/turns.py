@@ -1,0 +1,178 @@
+"""Writes of a turn: placing a user message in its thread, storing the reply, recording messages.
+
+The runtime (``agentflow.pipeline``) decides; these services write, each in the caller's
+transaction or their own short one. They are idempotent where a turn may run twice (a retried or
+redelivered task): the reply is unique per user message, and a finished message is never reopened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from agentflow.types import ThreadEvent
+
+from . import handoff
+from . import services as conv_services
+from .models import Message, Thread, ThreadActivity
+
+ACTIVITY_FOR_EVENT = {
+    ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
+    ThreadEvent.FOLLOW_UP: ThreadActivity.Kind.FOLLOW_UP,
+    ThreadEvent.RETURN: ThreadActivity.Kind.RETURNED,
+    ThreadEvent.RESOLUTION: ThreadActivity.Kind.RESOLVED,
+}
+
+
+def message_place(
+    *,
+    message: Message,
+    event: str,
+    thread: Thread | None,
+    confidence: float,
+    signals: Mapping[str, Any],
+    intent: str | None,
+    intent_confidence: float,
+    candidates: list[dict[str, Any]],
+    embedding: np.ndarray,
+    now: datetime,
+) -> Thread:
+    """Store a thread decision and the intent on a user message. Call under the user's lock.
+
+    ``thread`` None opens a new thread; a resolution resolves ``thread``; anything else adds the
+    message to it. The thread activity of the event is recorded.
+    """
+    if thread is None:
+        thread = conv_services.thread_open(
+            user=message.user, session=message.session, text=message.content, embedding=embedding, now=now
+        )
+        if intent:
+            thread.intent = intent
+            thread.save(update_fields=["intent"])
+    elif event == ThreadEvent.RESOLUTION:
+        conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
+    else:
+        conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
+    message.thread = thread
+    message.thread_event = event
+    message.thread_confidence = round(confidence, 4)
+    message.thread_signals = dict(signals)
+    message.intent = intent or ""
+    message.confidence = intent_confidence
+    message.intent_candidates = candidates
+    message.save(
+        update_fields=[
+            "thread",
+            "thread_event",
+            "thread_confidence",
+            "thread_signals",
+            "intent",
+            "confidence",
+            "intent_candidates",
+        ]
+    )
+    conv_services.thread_activity_record(
+        thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
+    )
+    return thread
+
+
+def message_reclassify(
+    *, message: Message, intent: str, confidence: float, candidates: list[dict[str, Any]], source: str
+) -> None:
+    """Store another intent decision (the LLM's) on a placed user message."""
+    message.intent, message.confidence = intent, confidence
+    message.intent_candidates = candidates
+    message.thread_signals = {**message.thread_signals, "intent_source": source}
+    message.save(update_fields=["intent", "confidence", "intent_candidates", "thread_signals"])
+
+
+def message_mark_placed(*, message: Message) -> None:
+    """Finish a message that was only placed in a thread (evaluation, imports): no reply."""
+    message.status = Message.Status.DONE
+    message.save(update_fields=["status"])
+
+
+def turn_finish_held(*, message: Message, handled_by: str, reason: str) -> None:
+    """Mark a turn in a human-held thread done, with no reply. Running it twice changes nothing more.
+
+    The thread stays in the queue: if staff handed it back meanwhile, the message (which got no bot
+    reply) opens a new escalation rather than go unanswered.
+    """
+    with transaction.atomic():
+        marked = (
+            Message.objects.filter(pk=message.pk)
+            .exclude(status=Message.Status.DONE)
+            .update(status=Message.Status.DONE, escalated=True, handled_by=handled_by, error="")
+        )
+        message.refresh_from_db()
+        if marked:
+            assert message.thread is not None
+            handoff.escalation_open(thread=message.thread, message=message, reason=reason)
+
+
+def turn_finish(
+    *, message: Message, reply_fields: Mapping[str, Any], escalation_reason: str
+) -> Message | None:
+    """Store the reply to ``message`` and mark the turn done. Running it twice stores one reply.
+
+    An escalated reply opens the thread's escalation (the hand-off queue; idempotent).
+
+    Returns:
+        The reply, or None when another run of this turn stored its reply first (that one stands).
+    """
+    escalated = bool(reply_fields.get("escalated"))
+    try:
+        with transaction.atomic():
+            reply = Message.objects.create(
+                user=message.user,
+                session_id=message.session_id,
+                thread_id=message.thread_id,
+                reply_to=message,
+                role=Message.Role.ASSISTANT,
+                intent=message.intent,
+                **reply_fields,
+            )
+            message.status = Message.Status.DONE
+            message.escalated = escalated
+            message.error = ""
+            message.save(update_fields=["status", "escalated", "error"])
+            thread = message.thread
+            assert thread is not None
+            conv_services.thread_add_reply(thread=thread, text=reply.content, now=timezone.now())
+            if escalated:
+                if not thread.escalated:
+                    thread.escalated = True
+                    thread.save(update_fields=["escalated"])
+                handoff.escalation_open(thread=thread, message=message, reason=escalation_reason)
+    except IntegrityError:
+        message.refresh_from_db()
+        return None
+    return reply
+
+
+def message_record(*, thread: Thread, role: str, content: str) -> Message:
+    """Append a finished assistant or human-agent message to ``thread`` (imports, evaluation)."""
+    with transaction.atomic():
+        stored = Message.objects.create(
+            user=thread.user,
+            session_id=thread.session_id,
+            thread=thread,
+            role=role,
+            content=content,
+            status=Message.Status.DONE,
+        )
+        conv_services.thread_add_reply(thread=thread, text=content, now=timezone.now())
+    return stored
+
+
+def message_for_turn(*, message_id: Any) -> Message:
+    """A user message with what its turn reads (user, its agent, session), or ``Message.DoesNotExist``."""
+    return Message.objects.select_related("user", "user__agent", "session").get(
+        pk=message_id, role=Message.Role.USER
+    )
