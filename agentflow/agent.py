@@ -160,7 +160,7 @@ class Agent:
 
         received = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
         return await run_step(
-            sync_caller(True), self, pipeline.place, on_earlier="wait", message_id=received.message.pk
+            sync_caller(), self, pipeline.place, on_earlier="wait", message_id=received.message.pk
         )
 
     async def record_message(self, *, user_id: str, content: str, role: str = "assistant") -> dict[str, Any]:

@@ -25,7 +25,7 @@ class AgentFlowSettings(BaseModel):
         default_factory=dict,
         description="Agent name -> dotted path of a callable returning a builder or agent.",
     )
-    CONFIG: str | None = None
+    CONFIG: str | dict[str, Any] | None = None
     AGENT_FACTORY: str = "agentflow.registry.build_default_agent"
     EMBEDDER: str = "agentflow.embeddings.MiniLMEmbedder"
     REST_WAIT_SECONDS: int = Field(30, ge=0, le=120)

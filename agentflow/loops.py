@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 _local = threading.local()
 _loops: list[asyncio.AbstractEventLoop] = []
@@ -30,3 +31,17 @@ def take_thread_loops() -> list[asyncio.AbstractEventLoop]:
     with _loops_lock:
         loops, _loops[:] = list(_loops), []
     return loops
+
+
+def thread_db_executor() -> ThreadPoolExecutor:
+    """This thread's own one-thread executor for database work its event loop awaits.
+
+    Django refuses ORM calls on a thread whose event loop is running, so a worker thread that awaits
+    the LLM on its loop does its database steps here: one extra thread (and one database connection)
+    per worker thread, not a thread per step.
+    """
+    executor = getattr(_local, "db_executor", None)
+    if executor is None:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-db")
+        _local.db_executor = executor
+    return executor

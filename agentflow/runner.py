@@ -16,8 +16,11 @@ The rules for ordering, retries and failure live here, once:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Literal
 
 from asgiref.sync import sync_to_async
@@ -35,18 +38,21 @@ ORDER_WAIT_SECONDS = 30.0
 ORDER_POLL_SECONDS = 0.02
 
 
-def sync_caller(in_thread: bool) -> Callable[..., Awaitable[Any]]:
-    """How the runner calls the pipeline's synchronous (database) steps.
+def sync_caller(executor: Executor | None = None) -> Callable[..., Awaitable[Any]]:
+    """How the runner calls the pipeline's synchronous (database) steps, off the event loop.
 
-    On a shared event loop (``process_message``) they run off the loop, through ``sync_to_async``; on
-    a loop of its own (a Celery worker thread runs one turn at a time) they run right here, in the
-    worker thread, with its own database connection.
+    On a shared event loop (``process_message``) through ``sync_to_async``; on a loop of its own
+    (a Celery worker thread) on ``executor``, that thread's one database thread
+    (``agentflow.loops.thread_db_executor``).
     """
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if in_thread:
+        if executor is None:
             return await sync_to_async(fn)(*args, **kwargs)
-        return fn(*args, **kwargs)
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(context.run, fn, *args, **kwargs)
+        )
 
     return call
 
@@ -73,7 +79,7 @@ async def run_turn(
     on_earlier: Literal["wait", "raise"] = "wait",
     final_attempt: bool = True,
     jobs_inline: bool | None = None,
-    own_loop: bool = False,
+    db_executor: Executor | None = None,
 ) -> TurnResult:
     """Run (or re-read) the turn of stored user message ``message_id`` with ``agent``.
 
@@ -86,8 +92,8 @@ async def run_turn(
         final_attempt: False when the caller retries transient LLM errors itself.
         jobs_inline: run follow-up jobs (memory writing) in this process; by default when the
             agent was built by a script of this process.
-        own_loop: the caller's event loop runs this turn alone (a Celery worker thread): the
-            database steps run on this thread instead of hopping to asgiref's shared one.
+        db_executor: where the database steps run when the caller's event loop is its own (a
+            Celery worker thread); by default, ``sync_to_async``.
 
     Returns:
         The turn's result; a turn that is done (or held by another worker) is re-read, not re-run.
@@ -96,7 +102,7 @@ async def run_turn(
         LLMError: the LLM failed (the message is ``failed``, or ``pending`` again if not final).
         AgentUnavailable, NotFound, InvalidInput: the message cannot be run by this agent.
     """
-    call = sync_caller(not own_loop)
+    call = sync_caller(db_executor)
     with inline_jobs(agent.runs_jobs_inline if jobs_inline is None else jobs_inline):
         prepared = await run_step(call, agent, pipeline.prepare, on_earlier=on_earlier, message_id=message_id)
         if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message

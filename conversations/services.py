@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from django.core.cache import cache
@@ -86,8 +85,7 @@ def rate_limit_check(*, user_id: str, per_minute: int, now: datetime) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(NamedTuple):
     """An incoming message as stored: ``run`` says whether its turn should be (re)started.
 
     A new message runs; a resend (same ``client_message_id``) of a failed one runs again; a resend of

@@ -10,20 +10,23 @@ thread (Celery 5.7 has no asyncio pool), so each thread keeps its own HTTP conne
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor
 from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
+from django.db import connections
 
 from agentflow import pipeline
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK, queue_turn
-from agentflow.loops import take_thread_loops, thread_loop
+from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
 
 from .events import DeltaStream, apublish, publish
 from .models import Message, Thread
+from .services import message_fail
 
 logger = logging.getLogger("agentflow.tasks")
 
@@ -76,19 +79,24 @@ def _agent_of(message_id: str) -> tuple[Any, int]:
 @shared_task(name=TURN_TASK, bind=True, acks_late=True, max_retries=None)
 def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     """Run the turn of stored user message ``message_id`` and publish its result."""
+    db = thread_db_executor()  # every database step of this task runs there (see agentflow.loops)
+    try:
+        return _process_turn(self, message_id, llm_attempt, db)
+    finally:
+        db.submit(connections.close_all).result()  # back to the pool between tasks
+
+
+def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) -> str:
     loop = thread_loop()
     try:
-        agent, user_pk = _agent_of(message_id)
+        agent, user_pk = db.submit(_agent_of, message_id).result()
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
     except AgentUnavailable as exc:
         # Never run with another agent's settings: the message fails, visibly, with the reason.
         logger.error("process_turn: message %s: %s", message_id, exc)
-        from .services import message_fail
-
-        message_fail(message_id=message_id, error=f"agent unavailable: {exc}")
-        user_pk = Message.objects.values_list("user_id", flat=True).get(pk=message_id)
+        user_pk = db.submit(_fail_unavailable, message_id, exc).result()
         publish(
             user_pk=user_pk,
             event={
@@ -102,19 +110,19 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     final = llm_attempt >= MAX_LLM_RETRIES
     try:
         result = loop.run_until_complete(
-            _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final)
+            _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db)
         )
     except pipeline.EarlierMessagePending as exc:
         # Double-texting: the user's earlier message is placed first; this one follows shortly.
-        if self.request.retries >= ORDER_RETRIES:
+        if task.request.retries >= ORDER_RETRIES:
             raise
-        raise self.retry(exc=exc, countdown=0.2) from exc
+        raise task.retry(exc=exc, countdown=0.2) from exc
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
     except LLMError as exc:
         if exc.transient and not final:
-            raise self.retry(
+            raise task.retry(
                 exc=exc,
                 countdown=2 ** (llm_attempt + 1),
                 args=(),
@@ -135,7 +143,14 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
     return str(result["status"])
 
 
-async def _run_streaming(agent: Any, message_id: str, *, user_pk: int, final_attempt: bool) -> Any:
+def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:
+    message_fail(message_id=message_id, error=f"agent unavailable: {exc}")
+    return int(Message.objects.values_list("user_id", flat=True).get(pk=message_id))
+
+
+async def _run_streaming(
+    agent: Any, message_id: str, *, user_pk: int, final_attempt: bool, db: Executor
+) -> Any:
     """Run the turn, streaming the reply's text to the user's connections as it is written."""
     await apublish(
         user_pk=user_pk,
@@ -150,7 +165,7 @@ async def _run_streaming(agent: Any, message_id: str, *, user_pk: int, final_att
             on_earlier="raise",
             final_attempt=final_attempt,
             jobs_inline=False,
-            own_loop=True,
+            db_executor=db,
         )
     finally:
         await stream.close()

@@ -33,9 +33,7 @@ class IntentCategoryForm(forms.ModelForm):
             "handoff",
             "system_prompt",
             "active",
-            "staff_edited",
         )
-        widgets = {"staff_edited": forms.HiddenInput}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,10 +72,13 @@ class IntentCategoryForm(forms.ModelForm):
         return data
 
 
-def mark_staff_edited(obj: IntentCategory, changed: list[str]) -> None:
+def mark_staff_edited(obj: IntentCategory) -> None:
     """Record which code-defined fields staff changed: from now on code no longer sets them."""
-    owned = set(changed) & set(CODE_FIELDS)
-    if owned and obj.pk:
+    before = IntentCategory.objects.filter(pk=obj.pk).values(*CODE_FIELDS).first() if obj.pk else None
+    if before is None:
+        return
+    owned = {field for field in CODE_FIELDS if getattr(obj, field) != before[field]}
+    if owned:
         obj.staff_edited = sorted(set(obj.staff_edited) | owned)
 
 
@@ -109,7 +110,7 @@ class IntentCategoryAdmin(admin.ModelAdmin):
 
     def save_model(self, request: Any, obj: IntentCategory, form: Any, change: bool) -> None:
         # Called for the change form and for list_editable rows alike.
-        mark_staff_edited(obj, list(form.changed_data) if change else [])
+        mark_staff_edited(obj)
         super().save_model(request, obj, form, change)
 
     @admin.display(description="threshold from")

@@ -18,6 +18,7 @@ from intents.models import IntentCategory
 from memory.models import Memory
 from memory.selectors import memory_search
 from memory.services import memory_add
+from tests.conversations.factories import default_agent_row
 
 pytestmark = pytest.mark.django_db
 
@@ -51,10 +52,14 @@ def rows():
     )
     first = async_to_sync(agent.process_message)(user_id="alice", message="My login is broken")
     async_to_sync(agent.process_message)(user_id="alice", message="It says my password is wrong")
-    user = EndUser.objects.get(external_id="alice")
+    user = EndUser.objects.get(agent__name="agentflow", external_id="alice")
     memory_add(user=user, kind="preference", content="Prefers email", embedder=agent.embedder)
     memory_add(
-        user=None, kind="pattern", content="Login issues: clear cookies first", embedder=agent.embedder
+        user=None,
+        agent_id=default_agent_row().pk,
+        kind="pattern",
+        content="Login issues: clear cookies first",
+        embedder=agent.embedder,
     )
     api_key_create(name="host-backend")
     return {
@@ -174,7 +179,7 @@ def test_intent_category_add_stores_examples_as_a_list(staff_client):
 
 def test_intent_category_edit_keeps_validation(staff_client):
     category = IntentCategory.objects.create(
-        name="QUERY", description="q", examples=["How do I"], threshold=0.5
+        agent=default_agent_row(), name="QUERY", description="q", examples=["How do I"], threshold=0.5
     )
     url = reverse("admin:intents_intentcategory_change", args=[category.pk])
 
@@ -189,7 +194,7 @@ def test_intent_category_edit_keeps_validation(staff_client):
 
 def test_intent_category_list_editable_rejects_out_of_range_threshold(staff_client):
     category = IntentCategory.objects.create(
-        name="QUERY", description="q", examples=["How do I"], threshold=0.5
+        agent=default_agent_row(), name="QUERY", description="q", examples=["How do I"], threshold=0.5
     )
 
     response = staff_client.post(
@@ -257,7 +262,7 @@ def test_api_key_edit_keeps_the_key(staff_client):
 
 def test_memory_added_in_the_admin_is_searchable(staff_client):
     embedder = get_embedder()
-    user = EndUser.objects.create(external_id="bob")
+    user = EndUser.objects.create(agent=default_agent_row(), external_id="bob")
 
     response = staff_client.post(
         reverse("admin:memory_memory_add"),
@@ -283,7 +288,13 @@ def test_memory_added_in_the_admin_is_searchable(staff_client):
 
 def test_memory_edited_in_the_admin_is_re_embedded(staff_client):
     embedder = get_embedder()
-    memory = memory_add(user=None, kind="fact", content="The office closes at 5pm", embedder=embedder)
+    memory = memory_add(
+        user=None,
+        agent_id=default_agent_row().pk,
+        kind="fact",
+        content="The office closes at 5pm",
+        embedder=embedder,
+    )
 
     response = staff_client.post(
         reverse("admin:memory_memory_change", args=[memory.pk]),
@@ -296,7 +307,7 @@ def test_memory_edited_in_the_admin_is_re_embedded(staff_client):
     )
 
     assert response.status_code == 302
-    someone = EndUser.objects.create(external_id="carol")
+    someone = EndUser.objects.create(agent=default_agent_row(), external_id="carol")
     found = memory_search(
         user=someone,
         embedding=embedder.embed_one("Support is open around the clock"),

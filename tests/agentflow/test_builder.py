@@ -381,7 +381,7 @@ async def test_failing_handler_marks_the_turn_failed_and_it_can_be_retried(anthr
         return "Refund issued."
 
     agent = await shop_builder().with_handlers({"RETURNS": returns}).build(anthropic_client)
-    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="u-h6", message=REFUND_QUESTION)
+    stored = (await sync_to_async(pipeline.accept)(agent, user_id="u-h6", message=REFUND_QUESTION)).message
 
     with pytest.raises(RuntimeError, match="refund service unreachable"):
         await agent.run_turn(stored.pk)
@@ -677,8 +677,9 @@ async def test_streaming_deltas_join_to_the_final_content(anthropic_client, fake
     text = "Your order A-1001 left our warehouse on Monday and arrives Thursday."
     fake_llm.enqueue(FakeReply(text=text))
     agent = await shop_builder().build(anthropic_client)
-    stored, created = await sync_to_async(pipeline.accept)(agent, user_id="u-s1", message=ORDER_QUESTION)
-    assert created is True and stored.status == Message.Status.PENDING
+    received = await sync_to_async(pipeline.accept)(agent, user_id="u-s1", message=ORDER_QUESTION)
+    stored = received.message
+    assert received.created is True and stored.status == Message.Status.PENDING
     deltas: list[str] = []
 
     async def on_text(delta: str) -> None:
@@ -700,7 +701,7 @@ async def test_streaming_with_a_tool_round(anthropic_client, fake_llm):
     )
     calls: list[dict] = []
     agent = await shop_builder().build(anthropic_client, order_tools(calls))
-    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="u-s2", message=ORDER_QUESTION)
+    stored = (await sync_to_async(pipeline.accept)(agent, user_id="u-s2", message=ORDER_QUESTION)).message
     deltas: list[str] = []
 
     async def on_text(delta: str) -> None:

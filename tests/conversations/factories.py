@@ -59,3 +59,8 @@ class MessageFactory(factory.django.DjangoModelFactory):
     role = Message.Role.USER
     content = factory.Sequence(lambda n: f"message {n}")
     status = Message.Status.DONE
+
+
+def default_agent_row() -> Agent:
+    """The default agent's record (the one agents built without a config name register as)."""
+    return Agent.objects.get_or_create(name="agentflow")[0]

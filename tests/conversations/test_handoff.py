@@ -149,7 +149,7 @@ async def test_an_escalating_turn_opens_one_escalation_and_the_bot_then_stays_si
 @pytest.mark.django_db(transaction=True)
 async def test_finishing_an_escalating_turn_twice_opens_one_escalation() -> None:
     agent = await _agent()
-    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=ASK_MANAGER)
+    stored = (await sync_to_async(pipeline.accept)(agent, user_id="alice", message=ASK_MANAGER)).message
     prepared = await sync_to_async(pipeline.prepare)(agent, message_id=stored.pk)
     outcome = await agent.respond(prepared)
 
@@ -161,7 +161,7 @@ async def test_finishing_an_escalating_turn_twice_opens_one_escalation() -> None
     assert await Message.objects.filter(role="assistant").acount() == 1
 
     # A turn in the now-held thread, finished twice, even after the thread was handed back between.
-    stored, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=FOLLOW_UP)
+    stored = (await sync_to_async(pipeline.accept)(agent, user_id="alice", message=FOLLOW_UP)).message
     prepared = await sync_to_async(pipeline.prepare)(agent, message_id=stored.pk)
     outcome = await agent.respond(prepared)
     assert (prepared.held_by_human, outcome.text, outcome.handled_by) == (True, "", "human")

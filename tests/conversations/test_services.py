@@ -16,11 +16,12 @@ from agentflow.errors import RateLimited
 from conversations.models import ChatSession, EndUser, Message
 from conversations.services import message_claim, message_receive
 
-from .factories import MessageFactory
+from .factories import MessageFactory, default_agent_row
 
 
 def _receive(text: str, client_message_id: str | None = None, rate_per_minute: int = 0):
     return message_receive(
+        agent_id=default_agent_row().pk,
         user_id="alice",
         content=text,
         client_message_id=client_message_id,
@@ -88,7 +89,12 @@ def test_simultaneous_sends_of_one_client_message_id_store_one_message() -> None
 def test_same_client_message_id_of_another_user_is_a_different_message() -> None:
     alice, _ = _receive("hello", "m-1")
     bob, created = message_receive(
-        user_id="bob", content="hello", client_message_id="m-1", ttl_seconds=3600, max_chars=4000
+        agent_id=default_agent_row().pk,
+        user_id="bob",
+        content="hello",
+        client_message_id="m-1",
+        ttl_seconds=3600,
+        max_chars=4000,
     )
 
     assert created is True

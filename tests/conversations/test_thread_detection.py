@@ -388,8 +388,8 @@ def test_simultaneous_turns_of_one_user_are_serialised_by_the_user_lock() -> Non
     users = ["alice", "bob", "carol"]
     pairs = [
         (
-            pipeline.accept(agent, user_id=u, message=LOGIN)[0].pk,
-            pipeline.accept(agent, user_id=u, message="My login is broken, I can't sign in")[0].pk,
+            pipeline.accept(agent, user_id=u, message=LOGIN).message.pk,
+            pipeline.accept(agent, user_id=u, message="My login is broken, I can't sign in").message.pk,
         )
         for u in users
     ]
@@ -426,8 +426,8 @@ def test_simultaneous_turns_of_one_user_are_serialised_by_the_user_lock() -> Non
 @pytest.mark.django_db(transaction=True)
 async def test_double_texting_places_messages_in_arrival_order() -> None:
     agent = await _agent()
-    first, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN)
-    second, _ = await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN_DETAIL)
+    first = (await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN)).message
+    second = (await sync_to_async(pipeline.accept)(agent, user_id="alice", message=LOGIN_DETAIL)).message
 
     # The later message is asked first: it waits for the earlier one instead of opening a thread.
     with pytest.raises(pipeline.EarlierMessagePending):

@@ -12,6 +12,7 @@ from intents.classifier import IntentClassifier
 from intents.models import IntentCategory
 from intents.selectors import intent_categories_active
 from intents.services import intent_categories_sync
+from tests.conversations.factories import default_agent_row
 
 SUPPORT = [
     Spec(
@@ -154,10 +155,11 @@ def test_category_without_examples_uses_its_description_or_name(embedder):
 @pytest.mark.django_db
 def test_sync_creates_code_categories():
     created = intent_categories_sync(
+        agent=default_agent_row(),
         categories=[
             Spec("QUERY", "General questions", ["How do I...?"], threshold=0.4, system_prompt="Be brief."),
             Spec("ESCALATION", "Urgent", ["Critical"], threshold=0.0, handoff=True),
-        ]
+        ],
     )
 
     assert created == 2
@@ -174,24 +176,34 @@ def test_sync_creates_code_categories():
 
 
 @pytest.mark.django_db
-def test_sync_updates_code_fields_and_keeps_admin_owned_ones():
-    intent_categories_sync(categories=[Spec("QUERY", "General questions", ["How do I...?"], threshold=0.4)])
+def test_sync_updates_code_fields_and_keeps_the_fields_staff_edited(caplog):
+    intent_categories_sync(
+        agent=default_agent_row(),
+        categories=[Spec("QUERY", "General questions", ["How do I...?"], threshold=0.4)],
+    )
+    # Staff changed these in the admin (the admin records which fields it saved).
     IntentCategory.objects.filter(name="QUERY").update(
-        threshold=0.65, handoff=True, active=False, system_prompt="Staff prompt"
+        threshold=0.65,
+        handoff=True,
+        active=False,
+        system_prompt="Staff prompt",
+        staff_edited=["handoff", "system_prompt", "threshold"],
     )
 
-    created = intent_categories_sync(
-        categories=[
-            Spec(
-                "QUERY",
-                "Questions about the product",
-                ["How do I...?", "What is...?"],
-                threshold=0.1,
-                system_prompt="Code prompt",
-            ),
-            Spec("OUTAGE", "Production issues", ["Service is down"]),
-        ]
-    )
+    with caplog.at_level("WARNING", logger="agentflow.intents"):
+        created = intent_categories_sync(
+            agent=default_agent_row(),
+            categories=[
+                Spec(
+                    "QUERY",
+                    "Questions about the product",
+                    ["How do I...?", "What is...?"],
+                    threshold=0.1,
+                    system_prompt="Code prompt",
+                ),
+                Spec("OUTAGE", "Production issues", ["Service is down"]),
+            ],
+        )
 
     assert created == 1
     query = IntentCategory.objects.get(name="QUERY")
@@ -204,15 +216,37 @@ def test_sync_updates_code_fields_and_keeps_admin_owned_ones():
         "Staff prompt",
     )
     assert IntentCategory.objects.count() == 2
+    warnings = sorted(r.getMessage() for r in caplog.records)
+    assert len(warnings) == 3
+    assert warnings[2] == (
+        "agent agentflow, intent QUERY: code sets threshold = 0.1 but staff set 0.65 in the admin; "
+        "the staff value wins (clear it in the admin to let code decide)"
+    )
+
+
+@pytest.mark.django_db
+def test_sync_sets_code_fields_staff_never_edited():
+    intent_categories_sync(
+        agent=default_agent_row(),
+        categories=[Spec("QUERY", "General questions", ["How do I...?"], threshold=0.4)],
+    )
+
+    intent_categories_sync(
+        agent=default_agent_row(),
+        categories=[Spec("QUERY", "General questions", ["How do I...?"], threshold=0.7, handoff=True)],
+    )
+
+    query = IntentCategory.objects.get(name="QUERY")
+    assert (query.threshold, query.handoff, query.staff_edited) == (0.7, True, [])
 
 
 @pytest.mark.django_db
 def test_sync_without_changes_does_not_touch_rows():
     specs = [Spec("QUERY", "General questions", ["How do I...?"])]
-    intent_categories_sync(categories=specs)
+    intent_categories_sync(agent=default_agent_row(), categories=specs)
     before = IntentCategory.objects.get(name="QUERY").updated_at
 
-    assert intent_categories_sync(categories=specs) == 0
+    assert intent_categories_sync(agent=default_agent_row(), categories=specs) == 0
 
     assert IntentCategory.objects.get(name="QUERY").updated_at == before
 
@@ -220,12 +254,22 @@ def test_sync_without_changes_does_not_touch_rows():
 @pytest.mark.django_db
 def test_active_categories_for_agents_built_from_the_admin():
     IntentCategory.objects.create(
-        name="ZETA", description="z", examples=["z"], threshold=0.3, handoff=True, system_prompt="p"
+        agent=default_agent_row(),
+        name="ZETA",
+        description="z",
+        examples=["z"],
+        threshold=0.3,
+        handoff=True,
+        system_prompt="p",
     )
-    IntentCategory.objects.create(name="ALPHA", description="a", examples=["a", "b"])
-    IntentCategory.objects.create(name="OFF", description="o", examples=["o"], active=False)
+    IntentCategory.objects.create(
+        agent=default_agent_row(), name="ALPHA", description="a", examples=["a", "b"]
+    )
+    IntentCategory.objects.create(
+        agent=default_agent_row(), name="OFF", description="o", examples=["o"], active=False
+    )
 
-    specs = intent_categories_active()
+    specs = intent_categories_active(agent_id=default_agent_row().pk)
 
     assert [s.name for s in specs] == ["ALPHA", "ZETA"]
     assert specs[0] == Spec("ALPHA", "a", ["a", "b"])

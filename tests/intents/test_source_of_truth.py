@@ -9,6 +9,7 @@ from django.test import AsyncClient, Client
 
 from agentflow import AgentFrameworkBuilder, IntentCategory
 from intents.models import IntentCategory as Row
+from tests.conversations.factories import default_agent_row
 
 CATEGORIES = [
     IntentCategory("OUTAGE", "Production issues", ["Service is down", "Error 500 on every request"]),
@@ -25,6 +26,7 @@ def _admin_client() -> Client:
 
 def _admin_post(client: Client, row: Row, **changes) -> int:
     data = {
+        "agent": row.agent_id,
         "name": row.name,
         "description": row.description,
         "examples": "\n".join(row.examples),
@@ -60,6 +62,7 @@ async def test_an_admin_edit_applies_to_the_next_message_of_a_built_agent() -> N
 async def test_categories_added_or_deactivated_in_the_admin_change_classification() -> None:
     agent = await AgentFrameworkBuilder().with_intent_categories(CATEGORIES).build(None)
     await Row.objects.acreate(
+        agent_id=agent.record_id,
         name="SHIPPING",
         description="Parcels and delivery",
         examples=["Where is my parcel?", "Track my delivery"],
@@ -76,7 +79,9 @@ async def test_categories_added_or_deactivated_in_the_admin_change_classificatio
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_code_seeds_thresholds_once_then_the_admin_owns_them() -> None:
+async def test_a_threshold_in_code_applies_until_staff_change_it_then_staff_win_with_a_warning(
+    caplog,
+) -> None:
     await (
         AgentFrameworkBuilder()
         .with_intent_categories(CATEGORIES)
@@ -84,25 +89,44 @@ async def test_code_seeds_thresholds_once_then_the_admin_owns_them() -> None:
         .build(None)
     )
     row = await Row.objects.aget(name="OUTAGE")
-    assert (row.threshold, row.source) == (0.7, "code")
+    assert (row.threshold, row.source, row.staff_edited) == (0.7, "code", [])
 
-    row.threshold = 0.2
-    await row.asave()
-    await (
-        AgentFrameworkBuilder()
+    agent = (
+        await AgentFrameworkBuilder()
         .with_intent_categories(CATEGORIES)
-        .with_confidence_thresholds({"OUTAGE": 0.9})
+        .with_confidence_thresholds({"OUTAGE": 0.8})
         .build(None)
     )
+    assert (await Row.objects.aget(name="OUTAGE")).threshold == 0.8  # no staff edit: code applies
+    assert agent.config.confidence_config.intent_specific == {"OUTAGE": 0.8}
 
-    assert (await Row.objects.aget(name="OUTAGE")).threshold == 0.2
+    client = await sync_to_async(_admin_client)()
+    assert await sync_to_async(_admin_post)(client, row, threshold="0.2") == 302
+    with caplog.at_level("WARNING", logger="agentflow.intents"):
+        agent = await (
+            AgentFrameworkBuilder()
+            .with_intent_categories(CATEGORIES)
+            .with_confidence_thresholds({"OUTAGE": 0.9})
+            .build(None)
+        )
+
+    row = await Row.objects.aget(name="OUTAGE")
+    assert (row.threshold, row.staff_edited) == (0.2, ["threshold"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "agent agentflow, intent OUTAGE: code sets threshold = 0.9 but staff set 0.2 in the admin; "
+        "the staff value wins (clear it in the admin to let code decide)"
+    ]
+    described = await sync_to_async(agent.describe)()
+    outage = next(c for c in described["categories"] if c["name"] == "OUTAGE")
+    assert (outage["threshold"], outage["threshold_source"]) == (0.2, "staff")
+    assert described["sources"]["confidence_config.intent_specific.OUTAGE"] == "code"
 
 
 @pytest.mark.django_db
 def test_staff_rewording_a_code_category_takes_it_over() -> None:
     from intents.services import intent_categories_sync
 
-    intent_categories_sync(categories=CATEGORIES)
+    intent_categories_sync(agent=default_agent_row(), categories=CATEGORIES)
     row = Row.objects.get(name="BILLING")
     client = _admin_client()
 
@@ -110,7 +134,7 @@ def test_staff_rewording_a_code_category_takes_it_over() -> None:
 
     row.refresh_from_db()
     assert (row.source, row.examples) == ("admin", ["Double charge on my card", "Invoice missing"])
-    intent_categories_sync(categories=CATEGORIES)  # a later deploy
+    intent_categories_sync(agent=default_agent_row(), categories=CATEGORIES)  # a later deploy
     row.refresh_from_db()
     assert row.examples == ["Double charge on my card", "Invoice missing"]
 
@@ -120,7 +144,9 @@ def test_staff_rewording_a_code_category_takes_it_over() -> None:
 async def test_an_admin_edit_reaches_a_running_worker(celery_worker, api_key) -> None:
     from intents.services import intent_categories_sync
 
-    await sync_to_async(intent_categories_sync)(categories=CATEGORIES)
+    await sync_to_async(intent_categories_sync)(
+        agent=await sync_to_async(default_agent_row)(), categories=CATEGORIES
+    )
     client = AsyncClient()
 
     async def post(user: str) -> dict:

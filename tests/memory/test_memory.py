@@ -12,6 +12,7 @@ from conversations.services import user_get_or_create
 from memory.models import Memory
 from memory.selectors import memory_search
 from memory.services import memories_mark_used, memory_add
+from tests.conversations.factories import default_agent_row
 
 QUESTION = "Can you contact me by email about my billing question?"
 EMAIL_PREF = "The user prefers to be contacted by email, not by phone"
@@ -33,14 +34,18 @@ def similarity(embedder, a: str, b: str) -> float:
 @pytest.fixture
 def memories(embedder):
     """Users A and B with their own memories, and two global ones."""
-    a = user_get_or_create(external_id="user-a")
-    b = user_get_or_create(external_id="user-b")
+    a = user_get_or_create(agent_id=default_agent_row().pk, external_id="user-a")
+    b = user_get_or_create(agent_id=default_agent_row().pk, external_id="user-b")
     rows = {
         "email_pref": memory_add(user=a, kind="preference", content=EMAIL_PREF, embedder=embedder),
         "colour": memory_add(user=a, kind="fact", content=COLOUR, embedder=embedder),
         "b_secret": memory_add(user=b, kind="episodic", content=B_SECRET, embedder=embedder),
-        "billing_sla": memory_add(user=None, kind="pattern", content=BILLING_SLA, embedder=embedder),
-        "password": memory_add(user=None, kind="pattern", content=PASSWORD, embedder=embedder),
+        "billing_sla": memory_add(
+            user=None, agent_id=default_agent_row().pk, kind="pattern", content=BILLING_SLA, embedder=embedder
+        ),
+        "password": memory_add(
+            user=None, agent_id=default_agent_row().pk, kind="pattern", content=PASSWORD, embedder=embedder
+        ),
     }
     return a, b, rows
 
@@ -50,7 +55,7 @@ def memories(embedder):
 
 @pytest.mark.django_db
 def test_memory_add_stores_content_embedding_and_provenance(embedder):
-    user = user_get_or_create(external_id="user-a")
+    user = user_get_or_create(agent_id=default_agent_row().pk, external_id="user-a")
 
     memory = memory_add(
         user=user,
@@ -78,7 +83,7 @@ def test_memory_add_stores_content_embedding_and_provenance(embedder):
 )
 def test_memory_add_rejects_bad_input(embedder, kind, content, error):
     with pytest.raises(ValueError, match=error):
-        memory_add(user=None, kind=kind, content=content, embedder=embedder)
+        memory_add(user=None, agent_id=default_agent_row().pk, kind=kind, content=content, embedder=embedder)
     assert Memory.objects.count() == 0
 
 
@@ -104,7 +109,7 @@ def test_users_never_see_each_others_memories(embedder, memories):
 @pytest.mark.django_db
 def test_global_memories_reach_every_user(embedder, memories):
     _, _, rows = memories
-    newcomer = user_get_or_create(external_id="user-c")
+    newcomer = user_get_or_create(agent_id=default_agent_row().pk, external_id="user-c")
 
     found = memory_search(
         user=newcomer, embedding=embedder.embed_one(QUESTION), limit=10, similarity_threshold=0.0

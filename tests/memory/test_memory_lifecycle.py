@@ -23,6 +23,7 @@ from memory.selectors import memory_search
 from memory.services import memories_reembed, memory_add
 from memory.tasks import remember_resolution, remember_session, sweep_ended_sessions
 from memory.writing import SUMMARY_SYSTEM
+from tests.conversations.factories import default_agent_row
 
 SUMMARY = (
     "Problem: login fails with invalid password. What worked: a password reset from Settings. Outcome: fixed."
@@ -42,6 +43,9 @@ def _thread(user_id: str = "mem", *, resolved: bool = True, answered: bool = Tru
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
     message = accept(agent, user_id=user_id, message="My login is broken, it says invalid password")[0]
     thread = Thread.objects.get(pk=place(agent, message_id=message.pk)["thread_id"])
+    from agentflow.registry import clear_agent_cache
+
+    clear_agent_cache()  # the memory tasks below resolve the agent as a worker does (its declared factory)
     if answered:
         Message.objects.create(
             user=thread.user,
@@ -259,13 +263,14 @@ def test_a_users_memory_is_found_when_thousands_of_others_are_closer() -> None:
     rng = np.random.default_rng(3)
     query = np.zeros(384, dtype=np.float32)
     query[0] = 1.0
-    others = [EndUser(external_id=f"other-{i}") for i in range(50)]
+    others = [EndUser(agent=default_agent_row(), external_id=f"other-{i}") for i in range(50)]
     EndUser.objects.bulk_create(others)
     others = list(EndUser.objects.filter(external_id__startswith="other-"))
     near = rng.standard_normal((2000, 384)).astype(np.float32) * 0.01
     near[:, 0] = 1.0
     Memory.objects.bulk_create(
         Memory(
+            agent=default_agent_row(),
             user=others[i % 50],
             kind="fact",
             content=f"other {i}",
@@ -274,11 +279,16 @@ def test_a_users_memory_is_found_when_thousands_of_others_are_closer() -> None:
         )
         for i, v in enumerate(near)
     )
-    alice = EndUser.objects.create(external_id="alice")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     own = query.copy()
     own[1] = 1.0  # similarity 0.7071
     mine = Memory.objects.create(
-        user=alice, kind="fact", content="mine", embedding=own / np.linalg.norm(own), embedding_model="m"
+        agent=default_agent_row(),
+        user=alice,
+        kind="fact",
+        content="mine",
+        embedding=own / np.linalg.norm(own),
+        embedding_model="m",
     )
 
     found = memory_search(user=alice, embedding=query, limit=10, similarity_threshold=0.5)
@@ -293,12 +303,13 @@ def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatc
     from memory import selectors
 
     monkeypatch.setattr(selectors, "GLOBAL_EXACT_MAX", exact_max)
-    monkeypatch.setattr(selectors, "_global_count", (-1e9, 0))  # count afresh
+    monkeypatch.setattr(selectors, "_global_counts", {})  # count afresh
     rng = np.random.default_rng(4)
     vectors = rng.standard_normal((40, 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     Memory.objects.bulk_create(
         Memory(
+            agent=default_agent_row(),
             user=None,
             kind="pattern",
             content=f"global {i}",
@@ -308,7 +319,7 @@ def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatc
         )
         for i, v in enumerate(vectors)
     )
-    alice = EndUser.objects.create(external_id="alice")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     query = vectors[0] + vectors[1]  # global 0 (not approved) and 1 are the nearest
 
     found = memory_search(
@@ -317,10 +328,12 @@ def test_global_memories_are_found_exactly_or_through_hnsw(exact_max, monkeypatc
 
     expected = sorted(range(1, 40), key=lambda i: -float(vectors[i] @ query))[:3]
     assert [m["content"] for m in found] == [f"global {i}" for i in expected]
-    assert selectors.approved_global_count() == 39
+    assert selectors.approved_global_count(agent_id=default_agent_row().pk) == 39
     Memory.objects.filter(content="global 2").delete()
-    assert selectors.approved_global_count() == 39  # counted at most every few minutes per process
-    assert selectors.approved_global_count(max_age=0) == 38
+    assert (
+        selectors.approved_global_count(agent_id=default_agent_row().pk) == 39
+    )  # counted at most every few minutes per process
+    assert selectors.approved_global_count(agent_id=default_agent_row().pk, max_age=0) == 38
 
 
 @pytest.mark.django_db
@@ -346,7 +359,7 @@ EMBEDDER_PATH = "tests.memory.test_memory_lifecycle.RenamedEmbedder"
 def stale_memories():
     """Five memories embedded by the current model, one already by the new one."""
     embedder = get_embedder()
-    user = EndUser.objects.create(external_id="alice")
+    user = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     texts = ["Prefers email", "Uses the EU region", "Has two seats", "Paid yearly", "Reset the password"]
     rows = [memory_add(user=user, kind="fact", content=t, embedder=embedder) for t in texts]
     Memory.objects.filter(pk=rows[-1].pk).update(embedding_model=RenamedEmbedder.model_id)
@@ -457,16 +470,22 @@ def test_admin_shows_provenance_links_and_last_use(client, staff) -> None:
 @pytest.mark.django_db
 def test_admin_search_edit_and_delete(client, staff) -> None:
     embedder = get_embedder()
-    user = EndUser.objects.create(external_id="alice")
+    user = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     memory = memory_add(user=user, kind="fact", content="Uses the EU region", embedder=embedder)
-    other = memory_add(user=None, kind="pattern", content="Invoices are emailed monthly", embedder=embedder)
+    other = memory_add(
+        user=None,
+        agent_id=default_agent_row().pk,
+        kind="pattern",
+        content="Invoices are emailed monthly",
+        embedder=embedder,
+    )
     client.force_login(staff)
 
     found = client.get(reverse("admin:memory_memory_changelist"), {"q": "alice"}).context["cl"].result_list
     assert list(found) == [memory]
     response = client.post(
         reverse("admin:memory_memory_change", args=[memory.pk]),
-        {"user": user.pk, "kind": "fact", "content": "Uses the US region"},
+        {"agent": user.agent_id, "user": user.pk, "kind": "fact", "content": "Uses the US region"},
     )
     assert response.status_code == 302
     memory.refresh_from_db()
@@ -477,14 +496,15 @@ def test_admin_search_edit_and_delete(client, staff) -> None:
 
     bad = client.post(
         reverse("admin:memory_memory_change", args=[memory.pk]),
-        {"user": user.pk, "kind": "gossip", "content": ""},
+        {"agent": user.agent_id, "user": user.pk, "kind": "gossip", "content": ""},
     )
     assert bad.status_code == 200 and bad.context["adminform"].form.errors.keys() == {"kind", "content"}
     memory.refresh_from_db()
     assert (memory.kind, memory.content) == ("fact", "Uses the US region")
 
     added = client.post(
-        reverse("admin:memory_memory_add"), {"kind": "pattern", "content": "Refunds take 5 days"}
+        reverse("admin:memory_memory_add"),
+        {"agent": user.agent_id, "kind": "pattern", "content": "Refunds take 5 days"},
     )
     assert added.status_code == 302
     assert Memory.objects.get(content="Refunds take 5 days").source == {"by": "staff dana"}

@@ -14,6 +14,7 @@ from conversations.models import ChatSession, EndUser, Thread
 from memory.models import Memory
 from memory.services import memory_remember
 from memory.tasks import remember_resolution
+from tests.conversations.factories import default_agent_row
 
 LOGIN = "Problem: My login is broken. What helped: Reset the password from Settings. Outcome: it works."
 LOGIN_AGAIN = (
@@ -35,7 +36,7 @@ def _remember(user: EndUser, content: str, *, keep: int = 100, thread: str = "t1
 
 @pytest.mark.django_db
 def test_a_near_duplicate_updates_the_memory_and_keeps_both_sources() -> None:
-    user = EndUser.objects.create(external_id="alice")
+    user = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     first, created = _remember(user, LOGIN, thread="t1")
 
     second, again = _remember(user, LOGIN_AGAIN, thread="t2")
@@ -49,8 +50,8 @@ def test_a_near_duplicate_updates_the_memory_and_keeps_both_sources() -> None:
 
 @pytest.mark.django_db
 def test_different_memories_are_kept_apart_and_per_user() -> None:
-    alice = EndUser.objects.create(external_id="alice")
-    bob = EndUser.objects.create(external_id="bob")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
+    bob = EndUser.objects.create(agent=default_agent_row(), external_id="bob")
     _remember(alice, LOGIN)
     _remember(alice, BILLING)
     _, created_for_bob = _remember(bob, LOGIN)
@@ -62,8 +63,8 @@ def test_different_memories_are_kept_apart_and_per_user() -> None:
 
 @pytest.mark.django_db
 def test_eviction_drops_the_least_useful_then_the_oldest() -> None:
-    alice = EndUser.objects.create(external_id="alice")
-    bob = EndUser.objects.create(external_id="bob")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
+    bob = EndUser.objects.create(agent=default_agent_row(), external_id="bob")
     _remember(bob, BILLING, keep=1)
     topics = ["password reset", "invoice download", "S3 bucket region", "API rate limits", "team invitations"]
     made = [
@@ -180,9 +181,10 @@ def test_global_memories_under_review_are_not_used_until_approved() -> None:
     from memory.selectors import memory_search
 
     embedder = get_embedder()
-    alice = EndUser.objects.create(external_id="alice")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     memory_remember(
         user=None,
+        agent_id=alice.agent_id,
         kind="pattern",
         content=LOGIN,
         embedder=embedder,
@@ -226,11 +228,23 @@ def test_retrieval_prefers_useful_and_recent_memories_at_equal_similarity() -> N
     from memory.selectors import memory_search, rank_score
 
     embedder = get_embedder()
-    alice = EndUser.objects.create(external_id="alice")
+    alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     vector = embedder.embed_one(LOGIN)
-    old = Memory.objects.create(user=alice, kind="fact", content=LOGIN, embedding=vector, embedding_model="m")
+    old = Memory.objects.create(
+        agent=default_agent_row(),
+        user=alice,
+        kind="fact",
+        content=LOGIN,
+        embedding=vector,
+        embedding_model="m",
+    )
     useful = Memory.objects.create(
-        user=None, kind="pattern", content=LOGIN, embedding=vector, embedding_model="m"
+        agent=default_agent_row(),
+        user=None,
+        kind="pattern",
+        content=LOGIN,
+        embedding=vector,
+        embedding_model="m",
     )
     Memory.objects.filter(pk=old.pk).update(updated_at=timezone.now() - timedelta(days=400))
     Memory.objects.filter(pk=useful.pk).update(use_count=10)

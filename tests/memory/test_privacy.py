@@ -18,6 +18,7 @@ from conversations.models import ChatSession, EndUser, Escalation, Message, Thre
 from memory.models import Memory
 from memory.privacy import user_erase, user_export
 from memory.services import memory_add
+from tests.conversations.factories import default_agent_row
 
 pytestmark = pytest.mark.django_db
 
@@ -46,8 +47,8 @@ def data(agent, staff):
         turns[external_id] = [
             async_to_sync(agent.process_message)(user_id=external_id, message=text) for text in texts
         ]
-    a = EndUser.objects.get(external_id="user-a")
-    b = EndUser.objects.get(external_id="user-b")
+    a = EndUser.objects.get(agent__name="agentflow", external_id="user-a")
+    b = EndUser.objects.get(agent__name="agentflow", external_id="user-b")
     a.display_name, a.metadata = "Ann", {"plan": "pro"}
     a.save(update_fields=["display_name", "metadata"])
     a_thread = Thread.objects.get(pk=turns["user-a"][0]["thread_id"])
@@ -63,6 +64,7 @@ def data(agent, staff):
     memory_add(user=b, kind="episodic", content="Lost a blue lamp order", embedder=embedder)
     shared = memory_add(
         user=None,
+        agent_id=default_agent_row().pk,
         kind="pattern",
         content="Login issues: reset the password",
         embedder=embedder,
@@ -75,6 +77,7 @@ def data(agent, staff):
     )
     other = memory_add(
         user=None,
+        agent_id=default_agent_row().pk,
         kind="pattern",
         content="Parcels: check the tracking page",
         embedder=embedder,
