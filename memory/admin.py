@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.db.models import QuerySet
@@ -68,6 +69,32 @@ def provenance_html(source: dict[str, Any]) -> SafeString:
     return format_html("{}<br>merged from:<ul>{}</ul>", line, earlier)
 
 
+class MemoryForm(forms.ModelForm):
+    """A user's memory belongs to the user's agent; a global one names its agent."""
+
+    class Meta:
+        model = Memory
+        fields = ("agent", "user", "kind", "content")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["agent"].required = False
+        self.fields[
+            "agent"
+        ].help_text = "Needed for a global memory; a user's memory follows the user's agent."
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        user, agent = data.get("user"), data.get("agent")
+        if user is not None:
+            data["agent"] = user.agent
+        elif agent is None and self.instance.agent_id is not None:
+            data["agent"] = self.instance.agent
+        elif agent is None:
+            self.add_error("agent", "A global memory belongs to one agent: choose it.")
+        return data
+
+
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
     list_display = (
@@ -84,8 +111,8 @@ class MemoryAdmin(admin.ModelAdmin):
     list_filter = ("agent", "kind", "approved", ("user", admin.EmptyFieldListFilter), "embedding_model")
     actions = ["approve", "withdraw"]
     search_fields = ("content", "user__external_id")
-    list_select_related = ("user",)
-    exclude = ("embedding", "source")
+    list_select_related = ("user", "agent")
+    form = MemoryForm
     readonly_fields = (
         "provenance",
         "approved",

@@ -131,6 +131,7 @@ def test_admin_requires_staff(client):
 
 def category_form(**overrides):
     data = {
+        "agent": str(default_agent_row().pk),
         "name": "ORDER_STATUS",
         "description": "Order tracking",
         "examples": "Where is my order\n\n  Delivery status  \nTrack my package\n",

@@ -122,7 +122,8 @@ async def test_threshold_for_unknown_intent_fails_the_build_and_records_nothing(
         await builder.build(anthropic_client)
 
     assert (
-        str(info.value) == "'REFUNDS' names no intent category; known: ORDER_STATUS, PRODUCT_SEARCH, RETURNS"
+        str(info.value)
+        == "'REFUNDS' names no intent category of agent 'agentflow'; known: ORDER_STATUS, PRODUCT_SEARCH, RETURNS"
     )
     assert await IntentCategoryRow.objects.acount() == 0
 

@@ -80,7 +80,7 @@ async def test_record_message_rejects_bad_input_and_stores_nothing() -> None:
 
 async def test_record_message_needs_a_thread() -> None:
     agent = await _agent()
-    await EndUser.objects.acreate(external_id="fresh")
+    await EndUser.objects.acreate(agent_id=agent.record_id, external_id="fresh")
 
     with pytest.raises(InvalidInput) as error:
         await agent.record_message(user_id="fresh", content="Hello from the past")
