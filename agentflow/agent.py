@@ -251,7 +251,7 @@ class Agent:
         ctx = prepared.ctx
         assert ctx is not None
         names = [n for n in [ctx.intent, *(s.name for s in ctx.classification.runners_up)] if n]
-        by_name = await sync_to_async(lambda: self.intents.current().by_name)()
+        by_name = prepared.by_name
         options = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
         if not options:
             return {}
@@ -342,8 +342,7 @@ class Agent:
         elif prepared.clarify:
             from intents.rules import clarifying_question
 
-            by_name = await sync_to_async(lambda: self.intents.current().by_name)()
-            outcome = pipeline.Outcome(clarifying_question(ctx.classification, by_name), "clarify")
+            outcome = pipeline.Outcome(clarifying_question(ctx.classification, prepared.by_name), "clarify")
         else:
             gate = self._confidence_gate(prepared, ctx, on_text)
             outcome = await self._llm_reply(prepared, ctx, gate.feed if gate is not None else on_text)
@@ -452,8 +451,10 @@ class Agent:
         draft = outcome.text
         reason = f"reply confidence {score:.2f} below the {ctx.intent} threshold {prepared.threshold:.2f}"
         if prepared.category.on_low_confidence == "clarify":
-            by_name = await sync_to_async(lambda: self.intents.current().by_name)()
-            outcome.text, outcome.handled_by = clarifying_question(ctx.classification, by_name), "clarify"
+            outcome.text, outcome.handled_by = (
+                clarifying_question(ctx.classification, prepared.by_name),
+                "clarify",
+            )
         else:
             outcome.text, outcome.handled_by, outcome.escalated = HANDOFF_NOTICE, "handoff", True
             outcome.escalation_reason = f"{reason}; withheld draft: {draft[:300]}"

@@ -68,6 +68,8 @@ class Prepared:
     human_reason: str = ""
     started: float = field(default_factory=time.perf_counter)
     held_by_human: bool = False  # a human holds the thread: the bot stays silent this turn
+    # The agent's intent categories by name, as of this turn (read once, in prepare).
+    by_name: dict[str, IntentCategory] = field(default_factory=dict)
 
 
 @dataclass
@@ -356,7 +358,8 @@ def prepare(
         if mem_cfg.enabled
         else []
     )
-    category = agent.category(classification.intent)
+    by_name = agent.intents.current().by_name
+    category = by_name.get(classification.intent) if classification.intent else None
     action = confidence_action(
         classification=classification,
         category=category,
@@ -387,6 +390,7 @@ def prepare(
         clarify=action.action == CLARIFY,
         human_reason=action.reason,
         started=started,
+        by_name=by_name,
     )
 
 
@@ -408,7 +412,7 @@ def reclassify(agent: Agent, prepared: Prepared, *, intent: str, confidence: flo
         candidates=[{"intent": s.name, "confidence": s.confidence} for s in runners[:3]],
         source=source,
     )
-    category = agent.category(intent)
+    category = prepared.by_name.get(intent)
     action = confidence_action(
         classification=classification,
         category=category,
@@ -495,6 +499,7 @@ def _held(
         message=message,
         ctx=ctx,
         category=agent.category(classification.intent),
+        by_name=agent.intents.current().by_name,
         needs_human=True,
         human_reason="a human holds this thread",
         started=started,

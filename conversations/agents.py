@@ -7,6 +7,7 @@ an agent's limits with ``agent_settings`` (one indexed query, no model loading).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def agent_settings(*, name: str) -> AgentSettings:
         NotFound: no agent of that name is registered or declared.
     """
     from agentflow.conf import conf
-    from agentflow.config import AgentFrameworkConfig
+    from agentflow.config import AgentFrameworkConfig, deep_merge, env_overrides
 
     try:
         agent = agent_get(name=name)
@@ -133,7 +134,10 @@ def agent_settings(*, name: str) -> AgentSettings:
         if name not in conf().agent_paths():
             raise
         agent = agent_get_or_create(name=name)  # declared in settings, not built anywhere yet
-    config = AgentFrameworkConfig.model_validate({**agent.config, "name": agent.name})
+    # The stored configuration is what the last build resolved; this process's AGENT_* variables
+    # still win over it, as they would in a build here (one precedence everywhere).
+    env_data, _ = env_overrides(os.environ)
+    config = AgentFrameworkConfig.model_validate(deep_merge({**agent.config, "name": agent.name}, env_data))
     return AgentSettings(
         id=agent.pk,
         name=agent.name,

@@ -139,8 +139,18 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
         )
         return "failed"
     if result["status"] == Message.Status.DONE:
-        loop.run_until_complete(_announce(user_pk=user_pk, message_id=message_id, result=dict(result)))
+        thread = db.submit(_thread_shown, dict(result)).result()
+        loop.run_until_complete(
+            _announce(user_pk=user_pk, message_id=message_id, result=dict(result), thread=thread)
+        )
     return str(result["status"])
+
+
+def _thread_shown(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The thread change a chat client is told of (a follow-up changes nothing visible)."""
+    if result.get("thread_event") not in THREAD_EVENTS_SHOWN or not result.get("thread_id"):
+        return None
+    return Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
 
 
 def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:
@@ -171,21 +181,21 @@ async def _run_streaming(
         await stream.close()
 
 
-async def _announce(*, user_pk: int, message_id: str, result: dict[str, Any]) -> None:
+async def _announce(
+    *, user_pk: int, message_id: str, result: dict[str, Any], thread: dict[str, Any] | None
+) -> None:
     """Tell the user's connections the turn is done: the thread change, the final reply, typing off."""
     try:
-        if result.get("thread_event") in THREAD_EVENTS_SHOWN and result.get("thread_id"):
-            thread = await Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").afirst()
-            if thread is not None:
-                await apublish(
-                    user_pk=user_pk,
-                    event={
-                        "kind": "thread",
-                        "event": result["thread_event"],
-                        "thread_id": result["thread_id"],
-                        **thread,
-                    },
-                )
+        if thread is not None:
+            await apublish(
+                user_pk=user_pk,
+                event={
+                    "kind": "thread",
+                    "event": result["thread_event"],
+                    "thread_id": result["thread_id"],
+                    **thread,
+                },
+            )
         await apublish(user_pk=user_pk, event={"kind": "turn", "turn": result})
         await apublish(
             user_pk=user_pk,

@@ -567,7 +567,7 @@ def test_chat_token_is_signed_for_the_user_and_stores_nothing(api_key: str) -> N
 
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"token", "expires_in", "websocket_path"}
+    assert set(body) == {"token", "expires_in", "websocket_path", "agent"}
     assert (body["expires_in"], body["websocket_path"]) == (3600, "/ws/chat/")
     assert chat_token_user(body["token"]) == "alice"
     assert chat_token_user(body["token"] + "x") is None
@@ -614,9 +614,15 @@ def test_openapi_schema_is_served() -> None:
         "/api/users/{user_id}/threads",
         "/api/users/{user_id}/threads/{thread_id}/messages",
         "/api/users/{user_id}/chat-token",
+        "/api/agents/{agent}/users/{user_id}/messages",
+        "/api/agents/{agent}/users/{user_id}/messages/{message_id}",
+        "/api/agents/{agent}/users/{user_id}/sessions",
+        "/api/agents/{agent}/users/{user_id}/threads",
+        "/api/agents/{agent}/users/{user_id}/threads/{thread_id}/messages",
+        "/api/agents/{agent}/users/{user_id}/chat-token",
     } <= set(schema["paths"])
     assert schema["paths"]["/api/users/{user_id}/messages"]["post"]["summary"] == (
-        "Send a user's message and get the turn result"
+        "Send a user's message (the default agent) and get the turn result"
     )
 
 

@@ -75,7 +75,7 @@ async def _connect(client: AsyncClient, api_key: str, user: str) -> WebsocketCom
     connected, _ = await communicator.connect()
     assert connected
     ready = without_server_time(await communicator.receive_json_from())
-    assert ready == {"type": "ready", "user_id": user, "protocol": 1}
+    assert ready == {"type": "ready", "user_id": user, "protocol": 1, "agent": "agentflow"}
     return communicator
 
 

@@ -51,7 +51,7 @@ def test_each_browser_gets_its_own_demo_user_kept_in_its_session(settings) -> No
 
     user = first.session[DEMO_USER_SESSION_KEY]
     assert DEMO_ID.fullmatch(user)
-    assert set(body) == {"token", "expires_in", "websocket_path"}
+    assert set(body) == {"token", "expires_in", "websocket_path", "agent"}
     assert (body["expires_in"], body["websocket_path"]) == (
         settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"],
         "/ws/chat/",

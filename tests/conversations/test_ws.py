@@ -39,7 +39,7 @@ async def _connect(user_id: str) -> WebsocketCommunicator:
     connected, _ = await communicator.connect()
     assert connected
     ready = without_server_time(await communicator.receive_json_from())
-    assert ready == {"type": "ready", "user_id": user_id, "protocol": 1}
+    assert ready == {"type": "ready", "user_id": user_id, "protocol": 1, "agent": "agentflow"}
     return communicator
 
 
@@ -143,6 +143,7 @@ async def test_a_program_without_an_origin_header_is_let_in_by_its_token() -> No
         "type": "ready",
         "user_id": "alice",
         "protocol": 1,
+        "agent": "agentflow",
     }
     await communicator.disconnect()
 
@@ -172,7 +173,7 @@ async def test_token_from_the_rest_api_opens_the_chat(api_key: str) -> None:
 
     assert connected
     ready = without_server_time(await communicator.receive_json_from())
-    assert ready == {"type": "ready", "user_id": "alice", "protocol": 1}
+    assert ready == {"type": "ready", "user_id": "alice", "protocol": 1, "agent": "agentflow"}
     await communicator.send_json_to({"type": "ping"})
     assert await communicator.receive_json_from() == {"type": "pong"}
     assert [u.external_id async for u in EndUser.objects.all()] == ["alice"]
