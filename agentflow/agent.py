@@ -50,6 +50,7 @@ class Agent:
         thread_model: Any,
         record_id: int,
         version: int = 1,
+        fingerprint: str = "",
         config_sources: Mapping[str, str] | None = None,
         runs_jobs_inline: bool = False,
     ) -> None:
@@ -57,6 +58,9 @@ class Agent:
         self.config_sources = MappingProxyType(dict(config_sources or {}))
         self.record_id = record_id  # conversations.models.Agent: the record every process rebuilds it from
         self.version = version
+        self.fingerprint = (
+            fingerprint  # of the code-side definition (categories, handlers, middleware, tools)
+        )
         self.intents = (
             intents  # intents.store.IntentStore: the agent's categories in the database, kept fresh
         )

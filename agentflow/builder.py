@@ -21,6 +21,8 @@ from .types import IntentCategory
 if TYPE_CHECKING:
     from .agent import Agent
 
+logger = logging.getLogger("agentflow.builder")
+
 
 class AgentFrameworkBuilder:
     """Fluent configuration of an agent, as in the seed README::
@@ -211,10 +213,18 @@ class AgentFrameworkBuilder:
                 "middleware": [_qualname(mw) for mw in self._middleware],
                 "tools": mcp_client is not None,
             }
+            fingerprint = self._fingerprint(code_parts)
+            earlier = built_here.get(config.name)
+            if earlier is not None and earlier.fingerprint != fingerprint:
+                logger.warning(
+                    "agent %r is defined again in this process with other categories, handlers or middleware; "
+                    "the new definition replaces it. Give each agent its own name: with_config({'name': ...})",
+                    config.name,
+                )
             record = agent_register(
                 name=config.name,
                 config=config.model_dump(mode="json", exclude={"tools_config"}),
-                fingerprint=self._fingerprint(code_parts),
+                fingerprint=fingerprint,
                 code_parts=code_parts,
                 origin=origin,
                 sources=config_sources,
@@ -237,6 +247,7 @@ class AgentFrameworkBuilder:
             config_sources=config_sources,
             record_id=record.pk,
             version=record.version,
+            fingerprint=record.fingerprint,
             intents=intents,
             handlers=self._handlers,
             middleware=tuple(self._middleware),

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from django.utils import timezone
+
 from agentflow.types import IntentCategory as IntentCategorySpec
 
 from .models import IntentCategory
@@ -48,6 +50,9 @@ def intent_categories_sync(
     build, unless staff changed that field in the admin: then the staff value stays and one warning
     names the agent, the category, both values and the winner. Categories that code does not define
     are left to staff, except for their thresholds named in ``thresholds``.
+
+    ``categories`` is the agent's whole list: a category code defined earlier that is no longer in it
+    is deactivated (staff can still see it in the admin); ``None`` leaves the categories as they are.
 
     Returns:
         How many categories were created.
@@ -93,4 +98,16 @@ def intent_categories_sync(
             changed.append(field)
         if changed:
             obj.save(update_fields=[*changed, "updated_at"])
+    if categories is not None:
+        gone = IntentCategory.objects.filter(
+            agent=agent, source=IntentCategory.Source.CODE, active=True
+        ).exclude(name__in=list(specs))
+        names = sorted(gone.values_list("name", flat=True))
+        if names:
+            gone.update(active=False, updated_at=timezone.now())
+            logger.warning(
+                "agent %s: intent categories %s are no longer defined in code; deactivated",
+                agent.name,
+                ", ".join(names),
+            )
     return created
