@@ -165,7 +165,7 @@ class AgentFrameworkBuilder:
         """``build()`` for synchronous code (Celery workers, management commands, agent factories).
 
         ``name``, ``origin`` and ``local`` are for ``agentflow.registry``: the name an agent is declared
-        under, where its definition lives, and whether this process should prefer this very object
+        under (the configuration must give the same one), where its definition lives, and whether this process should prefer this very object
         (a script's build) over the registry's own. ``stored`` is an agent record to rebuild as it is
         (nothing is registered or written).
         """
@@ -185,9 +185,10 @@ class AgentFrameworkBuilder:
 
         if self._log_level:
             _configure_logging(self._log_level)
-        sources = [*self._sources, {"name": name}] if name else list(self._sources)
         overrides = {"confidence_config": {"intent_specific": self._thresholds}} if self._thresholds else None
-        config, config_sources = resolve_config_with_sources(sources, overrides=overrides)
+        config, config_sources = resolve_config_with_sources(list(self._sources), overrides=overrides)
+        if name is not None and config.name != name:
+            raise ConfigError(f"{origin} built an agent named {config.name!r}; AGENTFLOW['AGENTS'] declares it as {name!r}")
         try:
             llm = backend_for(llm_client)
             tools = tool_source_for(mcp_client)

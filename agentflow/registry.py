@@ -80,10 +80,10 @@ def build_default_agent() -> Any:
     """The default agent's factory: ``AGENTFLOW["CONFIG"]`` (YAML), the admin's categories, the env key."""
     from .builder import AgentFrameworkBuilder
 
-    builder = AgentFrameworkBuilder()
+    builder = AgentFrameworkBuilder().with_config({"name": conf().DEFAULT_AGENT})
     path = conf().CONFIG
     if path:
-        builder.with_config(path)
+        builder.with_config(path)  # its own name, if it gives one, must match AGENTFLOW_DEFAULT_AGENT
     return builder
 
 

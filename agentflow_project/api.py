@@ -16,7 +16,7 @@ from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyHeader, SessionAuthIsStaff
 
-from agentflow.errors import InvalidInput, NotFound, RateLimited
+from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
 from conversations.api import router as conversations_router
 from conversations.services import api_key_check
 from memory.api import router as memory_router
@@ -65,6 +65,11 @@ def _invalid_input(request: HttpRequest, exc: InvalidInput) -> HttpResponse:
 @api.exception_handler(NotFound)
 def _not_found(request: HttpRequest, exc: NotFound) -> HttpResponse:
     return _error(request, 404, exc.code, str(exc))
+
+
+@api.exception_handler(Forbidden)
+def _forbidden(request: HttpRequest, exc: Forbidden) -> HttpResponse:
+    return _error(request, 403, exc.code, str(exc))
 
 
 @api.exception_handler(RateLimited)
