@@ -22,6 +22,14 @@ LOGIN_AGAIN = (
 BILLING = "Problem: I was charged twice. What helped: A refund was issued. Outcome: refunded."
 
 
+def share_globally(settings, *, review: bool) -> None:
+    """The workers' agent opts in to global lessons (off by default), with or without staff review."""
+    settings.AGENTFLOW = {
+        **settings.AGENTFLOW,
+        "CONFIG": {"memory_config": {"global_patterns": True, "review_global": review}},
+    }
+
+
 def _remember(user: EndUser, content: str, *, keep: int = 100, thread: str = "t1") -> tuple[Memory, bool]:
     return memory_remember(
         user=user,
@@ -90,6 +98,7 @@ async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(
     celery_worker, settings
 ) -> None:
     settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": True}
+    share_globally(settings, review=False)
     agent = await (
         AgentFrameworkBuilder()
         .with_intent_categories([])
@@ -144,7 +153,7 @@ def test_personal_data_is_scrubbed_from_shared_text() -> None:
     text = "My name is Ann Lee, order A-1001, account 98765432, mail ann@example.com, call +1 415 555 0100"
 
     assert scrub_personal_data(text) == (
-        "My name is [name], order [id], account [number], mail [email], call [phone]"
+        "My name is [name], order [id], account [account], mail [email], call [phone]"
     )
 
 
@@ -152,6 +161,7 @@ def test_personal_data_is_scrubbed_from_shared_text() -> None:
 def test_a_resolution_also_teaches_everyone_a_scrubbed_pattern(settings) -> None:
     from agentflow.pipeline import accept, place
 
+    share_globally(settings, review=False)
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
     first = place(
         agent, message_id=accept(agent, user_id="ann", message="Order A-1001 never arrived, I'm Ann")[0].pk
@@ -170,7 +180,7 @@ def test_a_resolution_also_teaches_everyone_a_scrubbed_pattern(settings) -> None
         and "Ann" not in pattern.content
     )
     assert "[id]" in pattern.content and "[email]" in pattern.content
-    assert pattern.source == {"thread": first["thread_id"], "by": "resolution"}
+    assert pattern.source == {"thread": first["thread_id"], "by": "resolution", "privacy": "scrubbed"}
     personal = Memory.objects.get(user__external_id="ann")
     assert "A-1001" in personal.content  # the user's own memory keeps the details
 
