@@ -6,7 +6,7 @@ Each line of the data is ``{"id", "text", "spans": [{"type", "start", "end", "te
 support-chat messages with the personal data in them labelled (PERSON, CREDENTIAL, ADDRESS, EMAIL,
 PHONE, CARD, ACCOUNT); messages with no spans are the negatives. A span counts as caught when the
 scrubbed text no longer contains it. Prints recall per type, the share of negatives the scrubber
-changed (false positives), the model's load time and ms per message (p50/p95, after loading).
+changed (false positives), the model's load time and memory, and ms per message (p50/p95, after loading).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -40,9 +41,11 @@ def main() -> None:
 
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     ner = not args.patterns_only
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     scrub_personal_data("Warm-up for Ann Lee.", ner=ner)  # loads the NER model once
     load_s = time.perf_counter() - started
+    rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
 
     caught: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
@@ -73,7 +76,7 @@ def main() -> None:
     all_caught, all_total = sum(caught.values()), sum(total.values())
     print(f"{'all':<12}{all_total:>7}{all_caught:>8}{all_caught / all_total:>8.3f}")
     print(f"negatives changed (false positives): {changed}/{negatives} = {changed / max(negatives, 1):.3f}")
-    print(f"first call (loads the model): {load_s * 1000:.0f} ms")
+    print(f"first call (loads the model): {load_s * 1000:.0f} ms, peak memory +{rss_mb:.0f} MB")
     print(f"ms per message: p50 {pct(timings, 50):.1f}, p95 {pct(timings, 95):.1f}, max {max(timings):.1f}")
 
 

@@ -104,3 +104,57 @@ def global_lesson(*, agent: Any, text: str, thread_id: str) -> tuple[str, dict[s
     if asks_for_secret(content):
         notes["held"] = "asks for a secret"
     return content, notes
+
+
+def global_memories_rescrub(*, embedder: Any, batch_size: int = 200) -> dict[str, int]:
+    """Scrub every global memory again with the current scrubber: for lessons written before it.
+
+    A memory whose text changes gets the scrubbed text and a new embedding and goes back to the
+    review queue; one that asks users for a secret is withdrawn into the queue too (``source.held``).
+    Others are left as they are. A batch per transaction, rows locked while they are rewritten.
+
+    Args:
+        embedder: embeds the scrubbed texts (the agent's embedder).
+        batch_size: memories per transaction.
+
+    Returns:
+        ``{"checked", "scrubbed", "withdrawn"}``: memories read, rewritten, and sent back to review.
+
+    Raises:
+        ValueError: ``batch_size`` below 1; nothing changed.
+    """
+    from django.db import transaction
+
+    from .models import Memory
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    counts = {"checked": 0, "scrubbed": 0, "withdrawn": 0}
+    after = None
+    while True:
+        with transaction.atomic():
+            queryset = Memory.objects.filter(user__isnull=True).order_by("pk")
+            if after is not None:
+                queryset = queryset.filter(pk__gt=after)
+            batch = list(queryset.select_for_update()[:batch_size])
+            if not batch:
+                return counts
+            for memory in batch:
+                content = scrub_personal_data(memory.content)
+                held = asks_for_secret(content)
+                if content == memory.content and not (held and memory.approved):
+                    continue
+                fields = ["approved", "source", "updated_at"]
+                if content != memory.content:
+                    memory.content, memory.embedding = content, embedder.embed_one(content)
+                    memory.embedding_model = embedder.model_id
+                    fields += ["content", "embedding", "embedding_model"]
+                    counts["scrubbed"] += 1
+                    memory.source = {**memory.source, "privacy": "rescrubbed"}
+                if held:
+                    memory.source = {**memory.source, "held": "asks for a secret"}
+                counts["withdrawn"] += memory.approved
+                memory.approved = False
+                memory.save(update_fields=fields)
+        after = batch[-1].pk
+        counts["checked"] += len(batch)

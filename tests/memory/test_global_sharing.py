@@ -350,3 +350,62 @@ async def test_other_users_get_the_lesson_only_as_quoted_data_and_never_as_text_
         close = getattr(cached.llm, "aclose", None)
         if close is not None:
             await close()
+
+
+# --- global memories written before this scrubber --------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_rescrub_cleans_old_global_memories_and_sends_them_back_to_review() -> None:
+    import io
+
+    from django.core.management import call_command
+
+    from memory.services import memory_add
+
+    embedder = get_embedder()
+    leaky = memory_add(
+        user=None, kind="pattern", content=f"Problem: {LEAK} Outcome: fixed", embedder=embedder
+    )
+    injected = memory_add(user=None, kind="pattern", content=f"Known {INJECTION}", embedder=embedder)
+    clean = memory_add(user=None, kind="pattern", content=RESET, embedder=embedder)
+    clean_before = Memory.objects.values_list("content", "embedding", "updated_at", "approved").get(
+        pk=clean.pk
+    )
+    out = io.StringIO()
+
+    call_command("agentflow_rescrub_global", stdout=out)
+
+    assert out.getvalue() == "Checked 3 global memories: 1 scrubbed again, 2 sent back to review.\n"
+    leaky.refresh_from_db()
+    assert leaky.content == "Problem: My login is broken for [name] (password [secret]) Outcome: fixed"
+    assert (leaky.approved, leaky.source["privacy"]) == (False, "rescrubbed")
+    assert list(leaky.embedding) == pytest.approx(list(embedder.embed_one(leaky.content)), abs=1e-5)
+    injected.refresh_from_db()
+    assert (injected.content, injected.approved, injected.source["held"]) == (
+        f"Known {INJECTION}",
+        False,
+        "asks for a secret",
+    )
+    after = Memory.objects.values_list("content", "embedding", "updated_at", "approved").get(pk=clean.pk)
+    assert (after[0], list(after[1]), after[2], after[3]) == (
+        clean_before[0],
+        list(clean_before[1]),
+        clean_before[2],
+        True,
+    )
+
+
+@pytest.mark.django_db
+def test_rescrub_refuses_a_bad_batch_size_and_changes_nothing() -> None:
+    from django.core.management import CommandError, call_command
+
+    from memory.services import memory_add
+
+    memory = memory_add(user=None, kind="pattern", content=f"Problem: {LEAK}", embedder=get_embedder())
+
+    with pytest.raises(CommandError, match="--batch-size must be from 1 to 10000; got 0"):
+        call_command("agentflow_rescrub_global", "--batch-size", "0")
+
+    memory.refresh_from_db()
+    assert (memory.content, memory.approved) == (f"Problem: {LEAK}", True)
