@@ -361,6 +361,7 @@ _NER_ENTITIES = {
     "US_SSN": ("[account]", 0.5),
 }
 _analyzer_lock = threading.Lock()
+_analyze_lock = threading.Lock()
 _analyzer: Any = None
 
 
@@ -401,7 +402,10 @@ def _ner_analyzer() -> Any:
 
 
 def _ner_spans(text: str) -> Iterator[tuple[int, int, str]]:
-    for found in _ner_analyzer().analyze(text=text, language="en", entities=list(_NER_ENTITIES)):
+    analyzer = _ner_analyzer()
+    with _analyze_lock:  # spaCy does not promise thread safety; the threads pool shares one model
+        results = analyzer.analyze(text=text, language="en", entities=list(_NER_ENTITIES))
+    for found in results:
         placeholder, min_score = _NER_ENTITIES[found.entity_type]
         found_text = text[found.start : found.end]
         if placeholder == "[name]" and (

@@ -115,6 +115,20 @@ def test_a_lesson_that_asks_for_a_password_is_held_for_review_even_with_review_o
     assert lesson.source["held"] == "asks for a secret"
 
 
+@pytest.mark.django_db
+def test_the_review_queue_shows_why_a_lesson_was_held(settings, client, django_user_model) -> None:
+    from django.urls import reverse
+
+    _use_config(settings, _config(share=True, review=False))
+    remember_resolution(str(_resolved_thread("ann", "My login is broken", f"Known {INJECTION}").pk))
+    lesson = Memory.objects.get(user__isnull=True)
+    client.force_login(django_user_model.objects.create_superuser("dana", "dana@example.com", "pw-123456789"))
+
+    page = client.get(reverse("admin:memory_memory_change", args=[lesson.pk])).content.decode()
+
+    assert "privacy: scrubbed; <strong>held for review: asks for a secret</strong>" in page
+
+
 @pytest.mark.parametrize(
     ("text", "asks"),
     [
