@@ -394,8 +394,9 @@ class Agent:
         if ctx.thread_summary:
             parts.append("Earlier in this conversation thread (summary):\n" + ctx.thread_summary)
         if ctx.memories:
-            lines = "\n".join(f"- ({m['scope']} {m['kind']}) {m['content']}" for m in ctx.memories)
-            parts.append("What you remember that may help (mention it when relevant):\n" + lines)
+            from memory.reference import memories_reference_block  # quoted data, never instructions
+
+            parts.append(memories_reference_block(ctx.memories))
         if self._wants_self_assessment(prepared):
             from intents.rules import SELF_ASSESSMENT_INSTRUCTION
 

@@ -188,7 +188,9 @@ class AgentFrameworkBuilder:
         overrides = {"confidence_config": {"intent_specific": self._thresholds}} if self._thresholds else None
         config, config_sources = resolve_config_with_sources(list(self._sources), overrides=overrides)
         if name is not None and config.name != name:
-            raise ConfigError(f"{origin} built an agent named {config.name!r}; AGENTFLOW['AGENTS'] declares it as {name!r}")
+            raise ConfigError(
+                f"{origin} built an agent named {config.name!r}; AGENTFLOW['AGENTS'] declares it as {name!r}"
+            )
         try:
             llm = backend_for(llm_client)
             tools = tool_source_for(mcp_client)

@@ -65,8 +65,13 @@ class MemoryConfig(_Section):
     max_episodic_per_user: int = Field(100, ge=1, le=100_000)
     similarity_threshold: float = Field(0.6, ge=0.0, le=1.0)
     top_k: int = Field(5, ge=1, le=50)
-    global_patterns: bool = Field(True, description="Share scrubbed resolution patterns with all users.")
-    review_global: bool = Field(False, description="Global memories wait for staff approval in the admin.")
+    global_patterns: bool = Field(
+        False,
+        description="Opt in: a resolution also teaches all users a lesson, scrubbed of personal data.",
+    )
+    review_global: bool = Field(
+        True, description="Global memories wait for staff approval in the admin before agents use them."
+    )
 
 
 class ConfidenceConfig(_Section):

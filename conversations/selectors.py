@@ -143,6 +143,19 @@ def messages_after(*, user: EndUser, after: object | None, limit: int) -> tuple[
     return rows[:limit], len(rows) <= limit
 
 
+_GLOBAL_MEMORY_FIELDS = ("id", "scope", "kind", "similarity")
+
+
+def memories_for_client(memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The memories a reply used, as an end user's client may see them: the user's own as stored;
+    any other (global) as id, scope, kind and similarity only, since its text came from other users'
+    conversations."""
+    return [
+        m if m.get("scope") == "user" else {k: m[k] for k in _GLOBAL_MEMORY_FIELDS if k in m}
+        for m in memories
+    ]
+
+
 def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, Any]:
     """The turn result of a user message: its decisions and, once done, the reply."""
     if reply is None:
@@ -169,7 +182,7 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
             model=reply.model,
             usage=reply.usage,
             latency_ms=reply.latency_ms,
-            memories_used=reply.memories_used,
+            memories_used=memories_for_client(reply.memories_used),
             escalated=message.escalated or reply.escalated,
             handled_by=reply.handled_by,
             llm_latency_ms=reply.llm_latency_ms,

@@ -150,7 +150,8 @@ def _thread_shown(result: dict[str, Any]) -> dict[str, Any] | None:
     """The thread change a chat client is told of (a follow-up changes nothing visible)."""
     if result.get("thread_event") not in THREAD_EVENTS_SHOWN or not result.get("thread_id"):
         return None
-    return Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
+    row = Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
+    return dict(row) if row is not None else None
 
 
 def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:

@@ -51,6 +51,10 @@ def provenance_html(source: dict[str, Any]) -> SafeString:
         parts.append(format_html("by {}", source["by"]))
     if source.get("summary"):
         parts.append(format_html("summary: {}", source["summary"]))
+    if source.get("privacy"):
+        parts.append(format_html("privacy: {}", source["privacy"]))
+    if source.get("held"):
+        parts.append(format_html("<strong>held for review: {}</strong>", source["held"]))
     for key, model in _LINKED.items():
         if source.get(key):
             parts.append(format_html("{} {}", key, _link(model, source[key])))

@@ -84,7 +84,7 @@ def memory_remember(
     at least ``DUPLICATE_SIMILARITY``) takes the new content and embedding, and its provenance keeps
     both sources. Past ``max_per_user`` the least useful, then oldest, memories of the user go
     (``memory_evict``). ``user=None`` writes a global memory of agent ``agent_id`` (not evicted;
-    ``approved`` False puts it in the admin's review queue).
+    ``approved`` False puts it in the admin's review queue, and takes an updated one back there).
 
     Returns:
         ``(memory, created)``.
@@ -110,7 +110,11 @@ def memory_remember(
                 "merged": [*history, {k: v for k, v in nearest.source.items() if k != "merged"}],
             }
             nearest.content, nearest.embedding, nearest.embedding_model = content, vector, embedder.model_id
-            nearest.save(update_fields=["content", "embedding", "embedding_model", "source", "updated_at"])
+            # New text for a global memory needs the same review as a new memory: back to the queue.
+            nearest.approved = nearest.approved and approved
+            nearest.save(
+                update_fields=["content", "embedding", "embedding_model", "source", "approved", "updated_at"]
+            )
             return nearest, False
         memory = Memory.objects.create(
             agent_id=owner,

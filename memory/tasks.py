@@ -18,8 +18,8 @@ from agentflow.errors import LLMError
 from agentflow.registry import agent_for
 from conversations.models import ChatSession, EndUser, Message, Thread
 
-from .scrub import scrub_personal_data
 from .services import memory_remember
+from .sharing import global_lesson
 from .writing import (
     had_real_exchange,
     llm_memory_summary,
@@ -109,15 +109,17 @@ def remember_resolution(thread_id: str) -> str:
         max_per_user=config.max_episodic_per_user,
     )
     if config.global_patterns:
-        # What worked, for everyone: scrubbed of personal data; provenance names the thread only.
+        # What worked, for everyone (opt-in): scrubbed, rewritten in generic terms when online and
+        # scrubbed again (memory.sharing); provenance names the thread only.
+        lesson, notes = global_lesson(agent=agent, text=text, thread_id=str(thread.pk))
         memory_remember(
             user=None,
             kind="pattern",
-            content=scrub_personal_data(text),
+            content=lesson,
             embedder=agent.embedder,
-            source={"thread": str(thread.pk), "by": "resolution"},
+            source={"thread": str(thread.pk), "by": "resolution", **notes},
             max_per_user=config.max_episodic_per_user,
-            approved=not config.review_global,
+            approved=not config.review_global and "held" not in notes,
             agent_id=thread.user.agent_id,
         )
     return "remembered"

@@ -88,9 +88,9 @@ def assistant_builder() -> AgentFrameworkBuilder:
     )
 
 
-async def _turn_settled(message_id: str, timeout: float = 20) -> None:
+async def _turn_settled(message_id: str, wait: float = 20) -> None:
     """Wait until a queued turn is no longer pending or processing (if a worker runs in this session)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait
     while await Message.objects.filter(pk=message_id, status__in=["pending", "processing"]).aexists():
         if time.monotonic() > deadline:
             return  # no worker in this run: the turn stays queued, and nothing races the reset

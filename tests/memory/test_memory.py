@@ -10,6 +10,7 @@ from agentflow.embeddings import get_embedder
 from agentflow.testing.fake_anthropic import FakeReply
 from conversations.services import user_get_or_create
 from memory.models import Memory
+from memory.reference import MEMORY_PREAMBLE
 from memory.selectors import memory_search
 from memory.services import memories_mark_used, memory_add
 from tests.conversations.factories import default_agent_row
@@ -216,6 +217,13 @@ async def test_turn_uses_the_users_and_global_memories(memories):
     ]
     assert [m["scope"] for m in used] == ["global", "user", "global"]
     assert all(m["similarity"] >= 0.3 for m in used)
+    # Global memories' text came from other users' conversations: the result carries no text of theirs.
+    assert [sorted(m) for m in used] == [
+        ["id", "kind", "scope", "similarity"],
+        ["content", "id", "kind", "scope", "score", "similarity"],
+        ["id", "kind", "scope", "similarity"],
+    ]
+    assert used[1]["content"] == EMAIL_PREF
     assert result["offline"] is True
     counts = {str(pk): n async for pk, n in Memory.objects.values_list("pk", "use_count")}
     assert counts == {
@@ -243,9 +251,15 @@ async def test_turn_memories_reach_the_llm_prompt(memories, anthropic_client, fa
 
     assert len(result["memories_used"]) == 2
     system = fake_llm.requests[0]["body"]["system"]
-    assert "What you remember that may help" in system
-    assert f"- (global pattern) {BILLING_SLA}" in system
-    assert f"- (user preference) {EMAIL_PREF}" in system
+    block = system[system.index("<memories>") : system.index("</memories>") + len("</memories>")]
+    assert system.count("<memories>") == 1 and system.count("</memories>") == 1
+    assert system.index(MEMORY_PREAMBLE) < system.index("<memories>")
+    assert block == (
+        "<memories>\n"
+        f'<memory n="1" scope="global" kind="pattern">{BILLING_SLA}</memory>\n'
+        f'<memory n="2" scope="user" kind="preference">{EMAIL_PREF}</memory>\n'
+        "</memories>"
+    )
     assert PASSWORD not in system and B_SECRET not in system and COLOUR not in system
 
 

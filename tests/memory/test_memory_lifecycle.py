@@ -25,6 +25,8 @@ from memory.tasks import remember_resolution, remember_session, sweep_ended_sess
 from memory.writing import SUMMARY_SYSTEM
 from tests.conversations.factories import default_agent_row
 
+from .test_memory_writing import share_globally
+
 SUMMARY = (
     "Problem: login fails with invalid password. What worked: a password reset from Settings. Outcome: fixed."
 )
@@ -100,8 +102,7 @@ def test_online_the_llm_summary_is_remembered(fake_llm) -> None:
     prompt = request["messages"][0]["content"]
     assert "How it ended: resolved: Thanks, that fixed the login!" in prompt
     assert "assistant: Reset your password from Settings, then sign in again." in prompt
-    pattern = Memory.objects.get(user__isnull=True)  # the global pattern is the scrubbed summary
-    assert pattern.content == SUMMARY
+    assert not Memory.objects.filter(user__isnull=True).exists()  # global lessons are opt-in
 
 
 @pytest.mark.django_db
@@ -443,7 +444,8 @@ def staff(django_user_model):
 
 
 @pytest.mark.django_db
-def test_admin_shows_provenance_links_and_last_use(client, staff) -> None:
+def test_admin_shows_provenance_links_and_last_use(client, staff, settings) -> None:
+    share_globally(settings, review=False)
     thread = _thread()
     remember_resolution(str(thread.pk))
     memory = Memory.objects.get(user=thread.user)

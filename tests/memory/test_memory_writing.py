@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from agentflow import AgentFrameworkBuilder
 from agentflow.embeddings import get_embedder
+from agentflow.registry import clear_agent_cache
 from conversations.models import ChatSession, EndUser, Thread
 from memory.models import Memory
 from memory.services import memory_remember
@@ -21,6 +22,14 @@ LOGIN_AGAIN = (
     "Problem: My login is broken. What helped: Reset the password from the Settings page. Outcome: works."
 )
 BILLING = "Problem: I was charged twice. What helped: A refund was issued. Outcome: refunded."
+
+
+def share_globally(settings, *, review: bool) -> None:
+    """The workers' agent opts in to global lessons (off by default), with or without staff review."""
+    settings.AGENTFLOW = {
+        **settings.AGENTFLOW,
+        "CONFIG": {"memory_config": {"global_patterns": True, "review_global": review}},
+    }
 
 
 def _remember(user: EndUser, content: str, *, keep: int = 100, thread: str = "t1") -> tuple[Memory, bool]:
@@ -91,10 +100,13 @@ async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(
     celery_worker, settings
 ) -> None:
     settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": True}
+    share_globally(settings, review=False)
     agent = await (
         AgentFrameworkBuilder()
         .with_intent_categories([])
-        .with_config({"memory_config": {"similarity_threshold": 0.3}})
+        .with_config(
+            {"memory_config": {"similarity_threshold": 0.3, "global_patterns": True, "review_global": False}}
+        )
         .build(None)
     )
     opened = await agent.process_message(
@@ -130,6 +142,8 @@ def test_remember_resolution_is_idempotent_and_ignores_open_threads() -> None:
     from agentflow.pipeline import accept, place  # the thread step alone, to build a resolved thread
 
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
+
+    clear_agent_cache()  # the memory tasks resolve the agent as a worker does
     first = place(agent, message_id=accept(agent, user_id="idem", message="My login is broken")[0].pk)
     assert remember_resolution(first["thread_id"]) == "not resolved"
     Thread.objects.filter(pk=first["thread_id"]).update(status="resolved", resolution="Thanks, fixed")
@@ -145,7 +159,7 @@ def test_personal_data_is_scrubbed_from_shared_text() -> None:
     text = "My name is Ann Lee, order A-1001, account 98765432, mail ann@example.com, call +1 415 555 0100"
 
     assert scrub_personal_data(text) == (
-        "My name is [name], order [id], account [number], mail [email], call [phone]"
+        "My name is [name], order [id], account [account], mail [email], call [phone]"
     )
 
 
@@ -153,7 +167,9 @@ def test_personal_data_is_scrubbed_from_shared_text() -> None:
 def test_a_resolution_also_teaches_everyone_a_scrubbed_pattern(settings) -> None:
     from agentflow.pipeline import accept, place
 
+    share_globally(settings, review=False)
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
+    clear_agent_cache()  # the memory tasks resolve the agent as a worker does
     first = place(
         agent, message_id=accept(agent, user_id="ann", message="Order A-1001 never arrived, I'm Ann")[0].pk
     )
@@ -171,7 +187,7 @@ def test_a_resolution_also_teaches_everyone_a_scrubbed_pattern(settings) -> None
         and "Ann" not in pattern.content
     )
     assert "[id]" in pattern.content and "[email]" in pattern.content
-    assert pattern.source == {"thread": first["thread_id"], "by": "resolution"}
+    assert pattern.source == {"thread": first["thread_id"], "by": "resolution", "privacy": "scrubbed"}
     personal = Memory.objects.get(user__external_id="ann")
     assert "A-1001" in personal.content  # the user's own memory keeps the details
 
@@ -213,6 +229,7 @@ def test_a_stated_preference_is_remembered_in_the_users_words() -> None:
     )
     assert preference_statement("My login is broken") is None
     agent = AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
+    clear_agent_cache()  # the memory tasks resolve the agent as a worker does
     message = accept(agent, user_id="pref", message="The app crashes. Please email me, don't call.")[0]
     place(agent, message_id=message.pk)
 
