@@ -21,7 +21,7 @@ from ninja.responses import Status
 from agentflow import pipeline
 from agentflow.defaults import get_agent
 from agentflow.errors import InvalidInput
-from agentflow.validation import clean_user_id
+from agentflow.validation import MESSAGE_PATTERN, clean_user_id
 
 from . import selectors
 from .chat_tokens import CHAT_TOKEN_SALT, chat_token_create, chat_token_user  # noqa: F401 (the consumer imports them)
@@ -42,11 +42,32 @@ class ErrorOut(Schema):
     error: ErrorDetail
 
 
+def responses(ok: dict[int, Any], *extra: int) -> dict[int, Any]:
+    """A route's responses: its own, the common errors (400, 401, 404, 422) and ``extra`` codes.
+
+    The user id, id and filter parameters are described in the schema by agentflow_project.api.
+    """
+    return {**ok, **{code: ErrorOut for code in (400, 401, 404, 422, *extra)}}
+
+
+CLIENT_ID_SCHEMA_PATTERN = r"^[A-Za-z0-9_.:\-]{0,100}$"  # CLIENT_ID_RE, or "" (none)
+
+
+# The schema documents what agentflow.validation checks; the checks stay there, so that a bad value
+# gets its clear 400 (invalid_input) rather than a pydantic 422 quoting a long pattern.
 class MessageIn(Schema):
-    message: str = Field(..., description="The user's message text.")
+    message: str = Field(
+        ...,
+        description=(
+            "The user's message text. Control characters (except newline and tab) are dropped and the"
+            " text is trimmed; something must remain. At most input_config.max_message_chars characters."
+        ),
+        json_schema_extra={"minLength": 1, "pattern": MESSAGE_PATTERN},
+    )
     client_message_id: str | None = Field(
         None,
         description="Your id for this message; sending it again returns the same turn (retried if it failed).",
+        json_schema_extra={"pattern": CLIENT_ID_SCHEMA_PATTERN},
     )
     wait_seconds: float | None = Field(
         None,
@@ -146,7 +167,7 @@ async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seco
 
 @router.post(
     "/users/{user_id}/messages",
-    response={200: TurnOut, 202: TurnOut, 400: ErrorOut, 429: ErrorOut, 503: TurnOut},
+    response=responses({200: TurnOut, 202: TurnOut, 503: TurnOut}, 413, 429),
     summary="Send a user's message and get the turn result",
 )
 async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -> Status[dict[str, Any]]:
@@ -185,7 +206,7 @@ async def post_message(request: HttpRequest, user_id: str, payload: MessageIn) -
 
 @router.get(
     "/users/{user_id}/messages/{message_id}",
-    response={200: TurnOut, 404: ErrorOut},
+    response=responses({200: TurnOut}),
     summary="The turn result of a user message",
 )
 def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, Any]:
@@ -196,13 +217,13 @@ def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, A
     return selectors.turn_result(message=message)
 
 
-@router.get("/users/{user_id}/sessions", response={200: list[SessionOut], 404: ErrorOut})
+@router.get("/users/{user_id}/sessions", response=responses({200: list[SessionOut]}))
 def list_sessions(request: HttpRequest, user_id: str) -> Any:
     user = selectors.user_get(external_id=clean_user_id(user_id))
     return list(selectors.sessions_for_user(user=user)[:100])
 
 
-@router.get("/users/{user_id}/threads", response={200: list[ThreadOut], 404: ErrorOut})
+@router.get("/users/{user_id}/threads", response=responses({200: list[ThreadOut]}))
 def list_threads(
     request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None
 ) -> Any:
@@ -212,7 +233,7 @@ def list_threads(
     return list(selectors.threads_for_user(user=user, session_id=session_id, status=status)[:200])
 
 
-@router.get("/users/{user_id}/threads/{thread_id}/messages", response={200: list[MessageOut], 404: ErrorOut})
+@router.get("/users/{user_id}/threads/{thread_id}/messages", response=responses({200: list[MessageOut]}))
 def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> Any:
     user = selectors.user_get(external_id=clean_user_id(user_id))
     thread = selectors.thread_get_for_user(user=user, thread_id=thread_id)
@@ -221,7 +242,7 @@ def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> 
 
 @router.post(
     "/users/{user_id}/chat-token",
-    response={200: ChatTokenOut, 400: ErrorOut},
+    response=responses({200: ChatTokenOut}),
     summary="A signed, expiring token for this end user's WebSocket chat",
 )
 def create_chat_token(request: HttpRequest, user_id: str) -> dict[str, Any]:
