@@ -99,17 +99,18 @@ def clean_user_id(user_id: object) -> str:
     """
     if not isinstance(user_id, str):
         raise InvalidInput(f"user_id must be a string; got {type(user_id).__name__}", field="user_id")
+    # Checked as sent, before trimming, so that the schema's pattern and maxLength say the same.
     if len(user_id) > USER_ID_MAX:
         raise InvalidInput(f"user_id must be at most {USER_ID_MAX} characters", field="user_id")
-    user_id = user_id.strip()
-    if not user_id:
-        raise InvalidInput("user_id must not be empty", field="user_id")
     if has_lone_surrogate(user_id) or "\ufffd" in user_id:
         raise InvalidInput("user_id must be valid Unicode text (UTF-8)", field="user_id")
     if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in user_id):
         raise InvalidInput("user_id must not contain control characters", field="user_id")
     if "/" in user_id:
         raise InvalidInput("user_id must not contain '/'", field="user_id")
+    user_id = user_id.strip()
+    if not user_id:
+        raise InvalidInput("user_id must not be empty", field="user_id")
     return user_id
 
 
