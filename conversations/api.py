@@ -17,6 +17,7 @@ from django.conf import settings
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
+from pydantic import field_validator
 
 from agentflow import pipeline
 from agentflow.defaults import get_agent
@@ -75,6 +76,14 @@ class MessageIn(Schema):
         le=120,
         description="How long to wait for the reply (default 30). 0: return at once (202).",
     )
+
+    @field_validator("wait_seconds", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        # pydantic's lax mode would read true as 1 second.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 class TurnOut(Schema):

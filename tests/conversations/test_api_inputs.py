@@ -265,3 +265,19 @@ def test_api_answers_are_never_cached(api_key: str, path: str) -> None:
 
     assert response.status_code in (200, 404)
     assert response["Cache-Control"] == "no-store"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_wait_seconds_refuses_true_and_false(api_key: str, value: str) -> None:
+    response = _post(Client(), api_key, '{"message": "hello", "wait_seconds": ' + value + "}")
+
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": {
+            "code": "invalid_request",
+            "message": "wait_seconds: Value error, must be a number, not true/false",
+            "field": "wait_seconds",
+        }
+    }
+    assert stored_counts() == NOTHING
