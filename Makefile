@@ -34,8 +34,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $(STAMP)
 
 # A development .env: debug on and a random secret key. Edit it to add ANTHROPIC_API_KEY.
+# umask 077: it holds secrets, so only its owner may read it (mode 0600).
 .env:
-	@printf 'DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=%s\n# ANTHROPIC_API_KEY=sk-ant-...\n' \
+	@umask 077 && printf 'DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=%s\n# ANTHROPIC_API_KEY=sk-ant-...\n' \
 		"$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env
 	@echo "wrote .env (development settings)"
 

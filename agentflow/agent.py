@@ -51,6 +51,7 @@ class Agent:
         record_id: int,
         version: int = 1,
         fingerprint: str = "",
+        shape: tuple[Any, ...] = (),
         config_sources: Mapping[str, str] | None = None,
         runs_jobs_inline: bool = False,
     ) -> None:
@@ -61,9 +62,9 @@ class Agent:
         self.fingerprint = (
             fingerprint  # of the code-side definition (categories, handlers, middleware, tools)
         )
-        self.intents = (
-            intents  # intents.store.IntentStore: the agent's categories in the database, kept fresh
-        )
+        self.shape = shape  # category names, handlers, middleware, tools: what tells two agents apart
+        # intents.store.IntentStore: the agent's categories in the database, kept fresh
+        self.intents = intents
         self.handlers = MappingProxyType(dict(handlers))
         self.middleware = middleware
         self.llm = llm

@@ -207,18 +207,19 @@ class AgentFrameworkBuilder:
                 raise ConfigError(
                     f"{intent!r} names no intent category of agent {config.name!r}; known: {', '.join(sorted(known))}"
                 )
+        code_parts = {
+            "handlers": sorted(self._handlers),
+            "middleware": [_qualname(mw) for mw in self._middleware],
+            "tools": mcp_client is not None,
+        }
         if stored is not None:
             record = stored
         else:
             # Only a valid configuration is recorded: a failed build leaves no trace.
-            code_parts = {
-                "handlers": sorted(self._handlers),
-                "middleware": [_qualname(mw) for mw in self._middleware],
-                "tools": mcp_client is not None,
-            }
             fingerprint = self._fingerprint(code_parts)
             earlier = built_here.get(config.name)
-            if earlier is not None and earlier.fingerprint != fingerprint:
+            shape = _shape(self._categories, code_parts)
+            if earlier is not None and earlier.shape != shape:
                 logger.warning(
                     "agent %r is defined again in this process with other categories, handlers or middleware; "
                     "the new definition replaces it. Give each agent its own name: with_config({'name': ...})",
@@ -251,6 +252,7 @@ class AgentFrameworkBuilder:
             record_id=record.pk,
             version=record.version,
             fingerprint=record.fingerprint,
+            shape=_shape(self._categories, code_parts),
             intents=intents,
             handlers=self._handlers,
             middleware=tuple(self._middleware),
@@ -285,6 +287,13 @@ class AgentFrameworkBuilder:
             default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _shape(categories: Sequence[IntentCategory] | None, code_parts: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two definitions different agents rather than two versions of one: the category
+    names, handlers, middleware and tools (thresholds and wording may change between versions)."""
+    names = tuple(sorted(c.name for c in categories)) if categories is not None else None
+    return (names, tuple(code_parts["handlers"]), tuple(code_parts["middleware"]), code_parts["tools"])
 
 
 def _qualname(obj: Any) -> str:

@@ -18,10 +18,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .validation import INTENT_NAME_RE
@@ -34,6 +34,17 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+def _not_a_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1: "messages_per_minute: true" would mean one a minute.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -41,10 +52,10 @@ class _Section(BaseModel):
 class SessionConfig(_Section):
     """Per-user sessions and threads."""
 
-    ttl_seconds: int = Field(
+    ttl_seconds: Int = Field(
         3600, ge=60, le=30 * 24 * 3600, description="Session lifetime after the last message."
     )
-    thread_inactivity_threshold: float = Field(
+    thread_inactivity_threshold: Float = Field(
         30, gt=0, le=30 * 24 * 60, description="Minutes of silence after which a thread goes dormant."
     )
     threading_profile: Literal["task", "chitchat"] = Field(
@@ -53,7 +64,7 @@ class SessionConfig(_Section):
     llm_thread_judgement: bool = Field(
         True, description="Ask the LLM where a message belongs when the scorer is unsure (never offline)."
     )
-    judgement_margin: float = Field(
+    judgement_margin: Float = Field(
         0.08, ge=0.0, le=0.5, description="How close to a scorer threshold counts as unsure."
     )
 
@@ -62,9 +73,9 @@ class MemoryConfig(_Section):
     """Episodic (per-user) and global memory."""
 
     enabled: bool = True
-    max_episodic_per_user: int = Field(100, ge=1, le=100_000)
-    similarity_threshold: float = Field(0.6, ge=0.0, le=1.0)
-    top_k: int = Field(5, ge=1, le=50)
+    max_episodic_per_user: Int = Field(100, ge=1, le=100_000)
+    similarity_threshold: Float = Field(0.6, ge=0.0, le=1.0)
+    top_k: Int = Field(5, ge=1, le=50)
     global_patterns: bool = Field(
         False,
         description="Opt in: a resolution also teaches all users a lesson, scrubbed of personal data.",
@@ -80,8 +91,8 @@ class ConfidenceConfig(_Section):
     A threshold is the confidence the agent needs to answer on its own; 0.0 means "always a human".
     """
 
-    default_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    intent_specific: dict[str, float] = Field(default_factory=dict)
+    default_threshold: Float = Field(0.5, ge=0.0, le=1.0)
+    intent_specific: dict[str, Float] = Field(default_factory=dict)
     llm_self_assessment: bool = Field(
         True,
         description="Ask the LLM to rate its reply; a low reply confidence goes to a human (or a question).",
@@ -115,25 +126,25 @@ class LLMConfig(_Section):
 
     provider: Literal["anthropic"] = "anthropic"
     model: str = Field("claude-sonnet-5-5", min_length=1, max_length=100)
-    temperature: float = Field(0.1, ge=0.0, le=1.0)
-    max_tokens: int = Field(1024, ge=1, le=64_000)
-    timeout_seconds: float = Field(60.0, gt=0, le=600)
-    max_retries: int = Field(2, ge=0, le=10)
-    max_tool_rounds: int = Field(5, ge=0, le=20)
-    history_messages: int = Field(20, ge=0, le=200, description="Thread messages sent as context.")
+    temperature: Float = Field(0.1, ge=0.0, le=1.0)
+    max_tokens: Int = Field(1024, ge=1, le=64_000)
+    timeout_seconds: Float = Field(60.0, gt=0, le=600)
+    max_retries: Int = Field(2, ge=0, le=10)
+    max_tool_rounds: Int = Field(5, ge=0, le=20)
+    history_messages: Int = Field(20, ge=0, le=200, description="Thread messages sent as context.")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
 
 class InputConfig(_Section):
     """Checks on incoming messages."""
 
-    max_message_chars: int = Field(4000, ge=1, le=100_000)
+    max_message_chars: Int = Field(4000, ge=1, le=100_000)
 
 
 class RateLimitConfig(_Section):
     """Per-user message rate limit (0 turns it off)."""
 
-    messages_per_minute: int = Field(30, ge=0, le=10_000)
+    messages_per_minute: Int = Field(30, ge=0, le=10_000)
 
 
 class AgentFrameworkConfig(_Section):

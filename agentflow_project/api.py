@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
@@ -17,7 +18,9 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyHeader, SessionAuthIsStaff
 
 from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
+from agentflow.validation import USER_ID_MAX, USER_ID_PATTERN
 from conversations.api import router as conversations_router
+from conversations.models import AGENT_NAME_PATTERN
 from conversations.services import api_key_check
 from memory.api import router as memory_router
 
@@ -39,7 +42,54 @@ class StaffSessionAuth(SessionAuthIsStaff):
         return super().__call__(request)
 
 
-api = NinjaAPI(
+USER_ID_DOC = (
+    "The host application's id for the end user, percent-encoded: 1-255 characters, not only spaces,"
+    " without control characters, U+FFFD or '/'. Bytes that are not UTF-8 (%FF) or an encoded '/'"
+    " (%2F) are refused (400 invalid_path)."
+)
+# What the views check by hand (agentflow.validation, the selectors), told to clients in the schema.
+PARAMETER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "user_id": {"minLength": 1, "maxLength": USER_ID_MAX, "pattern": USER_ID_PATTERN},
+    "message_id": {"format": "uuid"},
+    "thread_id": {"format": "uuid"},
+    "session_id": {"format": "uuid"},
+    "status": {"enum": ["open", "dormant", "resolved"]},
+    "agent": {"minLength": 1, "maxLength": 100, "pattern": AGENT_NAME_PATTERN},
+}
+
+
+class AgentFlowAPI(NinjaAPI):
+    def get_openapi_schema(self, **kwargs: Any) -> Any:
+        """The generated schema, completed with the checks the views make by hand.
+
+        Path and query parameters get the constraints of ``PARAMETER_SCHEMAS``; ``message`` gets its
+        ``maxLength`` from the default agent's stored configuration (``input_config.max_message_chars``;
+        other agents may set their own, and a longer message gets its 400).
+        """
+        from agentflow.conf import conf
+        from conversations.agents import agent_settings
+
+        schema = super().get_openapi_schema(**kwargs)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    extra = PARAMETER_SCHEMAS.get(parameter["name"])
+                    if extra is None:
+                        continue
+                    target = parameter["schema"]
+                    # An optional query parameter is anyOf [string, null]: constrain the string.
+                    for branch in target.get("anyOf", []):
+                        if branch.get("type") == "string":
+                            target = branch
+                    target.update(extra)
+                    if parameter["name"] == "user_id":
+                        parameter["description"] = USER_ID_DOC
+        limit = agent_settings(name=conf().DEFAULT_AGENT).max_message_chars
+        schema["components"]["schemas"]["MessageIn"]["properties"]["message"]["maxLength"] = limit
+        return schema
+
+
+api = AgentFlowAPI(
     title="AgentFlow API",
     version="1",
     description="Conversational agents with sessions, threading, intents, hand-off and memory.",
@@ -90,6 +140,12 @@ def _validation(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse
         for e in exc.errors
     )
     return _error(request, 422, "invalid_request", message or "invalid request", ".".join(loc) or None)
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_large(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return _error(request, 413, "too_large", f"the request body is over {limit} bytes")
 
 
 @api.exception_handler(AuthenticationError)

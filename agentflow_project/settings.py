@@ -31,6 +31,26 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
+# HTTPS (docs/operations.md, "Running in production"). Off by default, so that `make run` works over
+# plain HTTP; production sets them (manage.py check --deploy is clean with the documented set).
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Load balancers probe the health route over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^api/health$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+# Behind a TLS-terminating proxy: the header it sets on HTTPS requests, e.g. X-Forwarded-Proto (its
+# value must be "https"). Only set this when the proxy always sets or strips that header.
+_proxy_header = env_str("DJANGO_SECURE_PROXY_SSL_HEADER")
+if _proxy_header:
+    if not all(ch.isalnum() or ch == "-" for ch in _proxy_header):
+        raise ImproperlyConfigured(
+            f"DJANGO_SECURE_PROXY_SSL_HEADER must be a header name such as X-Forwarded-Proto; got {_proxy_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -51,6 +71,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # /api/: paths checked byte by byte, JSON errors only, Cache-Control: no-store.
+    "agentflow_project.api_http.ApiHttpMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -171,8 +193,9 @@ AGENTFLOW = {
     # Origins (scheme://host[:port]) of the sites whose pages may open the chat WebSocket (the widget
     # on a host site). Pages served from ALLOWED_HOSTS are always allowed; "*" allows any origin.
     "WIDGET_ORIGINS": env_list("AGENTFLOW_WIDGET_ORIGINS", []),
-    # Serve /demo/: the chat widget on a sample page, each browser its own demo end user.
-    "DEMO_PAGE": env_bool("AGENTFLOW_DEMO_PAGE", True),
+    # Serve /demo/: the chat widget on a sample page, each browser its own demo end user (and its own
+    # rate-limit budget, so LLM spend through it is unmetered). Off unless DEBUG or asked for.
+    "DEMO_PAGE": env_bool("AGENTFLOW_DEMO_PAGE", DEBUG),
 }
 
 LOGGING = {

@@ -16,28 +16,42 @@ from channels.layers import get_channel_layer
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
+from pydantic import field_validator
 
 from agentflow.conf import conf
 from agentflow.errors import Forbidden, InvalidInput
 from agentflow.jobs import queue_turn
-from agentflow.validation import clean_user_id
+from agentflow.validation import MESSAGE_PATTERN, clean_user_id
 
 from . import selectors
 from .agents import AgentSettings, agent_settings, clean_agent_name
 from .chat_tokens import chat_token_create
 from .events import user_group
 from .models import ApiKey, EndUser, Message
-from .schemas import ErrorOut
+from .schemas import responses
 from .services import message_receive
 
 router = Router(tags=["conversations"])
 
 
+CLIENT_ID_SCHEMA_PATTERN = r"^[A-Za-z0-9_.:\-]{0,100}$"  # CLIENT_ID_RE, or "" (none)
+
+
+# The schema documents what agentflow.validation checks; the checks stay there, so that a bad value
+# gets its clear 400 (invalid_input) rather than a pydantic 422 quoting a long pattern.
 class MessageIn(Schema):
-    message: str = Field(..., description="The user's message text.")
+    message: str = Field(
+        ...,
+        description=(
+            "The user's message text. Control characters (except newline and tab) are dropped and the"
+            " text is trimmed; something must remain. At most input_config.max_message_chars characters."
+        ),
+        json_schema_extra={"minLength": 1, "pattern": MESSAGE_PATTERN},
+    )
     client_message_id: str | None = Field(
         None,
         description="Your id for this message; sending it again returns the same turn (retried if it failed).",
+        json_schema_extra={"pattern": CLIENT_ID_SCHEMA_PATTERN},
     )
     wait_seconds: float | None = Field(
         None,
@@ -45,6 +59,14 @@ class MessageIn(Schema):
         le=120,
         description="How long to wait for the reply (default 30). 0: return at once (202).",
     )
+
+    @field_validator("wait_seconds", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        # pydantic's lax mode would read true as 1 second.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 class TurnOut(Schema):
@@ -185,15 +207,7 @@ _POST_DOC = """Stores the message, runs its turn in a worker and waits up to ``w
 ``GET .../messages/{message_id}``. 503: the turn failed (the LLM was unavailable); the message is
 kept, and sending it again with the same ``client_message_id`` retries it.
 """
-_POST_RESPONSES = {
-    200: TurnOut,
-    202: TurnOut,
-    400: ErrorOut,
-    403: ErrorOut,
-    404: ErrorOut,
-    429: ErrorOut,
-    503: TurnOut,
-}
+_POST_RESPONSES = responses({200: TurnOut, 202: TurnOut, 503: TurnOut}, 403, 413, 429)
 
 
 @router.post(
@@ -228,7 +242,7 @@ def _get_turn(request: HttpRequest, agent: str | None, user_id: str, message_id:
 
 @router.get(
     "/agents/{agent}/users/{user_id}/messages/{message_id}",
-    response={200: TurnOut, 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: TurnOut}, 403),
     summary="The turn result of a user message",
 )
 def get_agent_turn(request: HttpRequest, agent: str, user_id: str, message_id: str) -> dict[str, Any]:
@@ -237,21 +251,19 @@ def get_agent_turn(request: HttpRequest, agent: str, user_id: str, message_id: s
 
 @router.get(
     "/users/{user_id}/messages/{message_id}",
-    response={200: TurnOut, 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: TurnOut}, 403),
     summary="The turn result of a user message (the default agent)",
 )
 def get_turn(request: HttpRequest, user_id: str, message_id: str) -> dict[str, Any]:
     return _get_turn(request, None, user_id, message_id)
 
 
-@router.get(
-    "/agents/{agent}/users/{user_id}/sessions", response={200: list[SessionOut], 403: ErrorOut, 404: ErrorOut}
-)
+@router.get("/agents/{agent}/users/{user_id}/sessions", response=responses({200: list[SessionOut]}, 403))
 def list_agent_sessions(request: HttpRequest, agent: str, user_id: str) -> Any:
     return list(selectors.sessions_for_user(user=_user(request, agent, user_id))[:100])
 
 
-@router.get("/users/{user_id}/sessions", response={200: list[SessionOut], 403: ErrorOut, 404: ErrorOut})
+@router.get("/users/{user_id}/sessions", response=responses({200: list[SessionOut]}, 403))
 def list_sessions(request: HttpRequest, user_id: str) -> Any:
     return list(selectors.sessions_for_user(user=_user(request, None, user_id))[:100])
 
@@ -265,16 +277,14 @@ def _list_threads(
     return list(selectors.threads_for_user(user=user, session_id=session_id, status=status)[:200])
 
 
-@router.get(
-    "/agents/{agent}/users/{user_id}/threads", response={200: list[ThreadOut], 403: ErrorOut, 404: ErrorOut}
-)
+@router.get("/agents/{agent}/users/{user_id}/threads", response=responses({200: list[ThreadOut]}, 403))
 def list_agent_threads(
     request: HttpRequest, agent: str, user_id: str, session_id: str | None = None, status: str | None = None
 ) -> Any:
     return _list_threads(request, agent, user_id, session_id, status)
 
 
-@router.get("/users/{user_id}/threads", response={200: list[ThreadOut], 403: ErrorOut, 404: ErrorOut})
+@router.get("/users/{user_id}/threads", response=responses({200: list[ThreadOut]}, 403))
 def list_threads(
     request: HttpRequest, user_id: str, session_id: str | None = None, status: str | None = None
 ) -> Any:
@@ -288,7 +298,7 @@ def _thread_messages(request: HttpRequest, agent: str | None, user_id: str, thre
 
 @router.get(
     "/agents/{agent}/users/{user_id}/threads/{thread_id}/messages",
-    response={200: list[MessageOut], 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: list[MessageOut]}, 403),
 )
 def list_agent_thread_messages(request: HttpRequest, agent: str, user_id: str, thread_id: str) -> Any:
     return _thread_messages(request, agent, user_id, thread_id)
@@ -296,7 +306,7 @@ def list_agent_thread_messages(request: HttpRequest, agent: str, user_id: str, t
 
 @router.get(
     "/users/{user_id}/threads/{thread_id}/messages",
-    response={200: list[MessageOut], 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: list[MessageOut]}, 403),
 )
 def list_thread_messages(request: HttpRequest, user_id: str, thread_id: str) -> Any:
     return _thread_messages(request, None, user_id, thread_id)
@@ -317,7 +327,7 @@ _TOKEN_SUMMARY = "A signed, expiring token for this end user's WebSocket chat wi
 
 @router.post(
     "/agents/{agent}/users/{user_id}/chat-token",
-    response={200: ChatTokenOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: ChatTokenOut}, 403),
     summary=_TOKEN_SUMMARY,
 )
 def create_agent_chat_token(request: HttpRequest, agent: str, user_id: str) -> dict[str, Any]:
@@ -326,7 +336,7 @@ def create_agent_chat_token(request: HttpRequest, agent: str, user_id: str) -> d
 
 @router.post(
     "/users/{user_id}/chat-token",
-    response={200: ChatTokenOut, 400: ErrorOut, 403: ErrorOut, 404: ErrorOut},
+    response=responses({200: ChatTokenOut}, 403),
     summary=_TOKEN_SUMMARY + " (the default agent)",
 )
 def create_chat_token(request: HttpRequest, user_id: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A consumer lists its frame handlers in ``FRAMES`` (frame type -> coroutine method name); a frame
 that is not a JSON object with a known ``type`` gets an ``error`` frame and the connection stays
-open (docs/protocol.md, "Errors"). Both answer ``resume`` the same way, from the database, for the
+open (docs/protocol.md, "Errors"). So does JSON nested too deeply or holding a lone surrogate
+(``"\\ud800"``): Python's decoder accepts the latter, but no database or UTF-8 peer can take it. Both answer ``resume`` the same way, from the database, for the
 end user whose conversation they carry (``history_owner``).
 """
 
@@ -15,6 +16,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agentflow.errors import NotFound
+from agentflow.validation import has_lone_surrogate
 
 from .events import message_payload
 from .models import EndUser
@@ -22,6 +24,27 @@ from .selectors import messages_after
 
 MAX_FRAME_BYTES = 64 * 1024
 HISTORY_LIMIT = 200  # messages per "history" frame; "complete": false says more follow
+MAX_FRAME_DEPTH = 32  # nesting of arrays/objects; no frame of the protocol goes past 3
+
+
+def json_problem(value: Any) -> str | None:
+    """Why a decoded JSON value cannot be taken (too deep, a lone surrogate), or None when it can.
+
+    Iterative, so a hostile value cannot exhaust the stack here either.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                return "the frame holds a lone surrogate (\\ud800-\\udfff); strings must be valid Unicode"
+            continue
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_FRAME_DEPTH:
+                return f"the frame is nested deeper than {MAX_FRAME_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def history_page(*, user: EndUser, after: object | None) -> dict[str, Any]:
@@ -54,6 +77,12 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             frame = json.loads(text_data)
         except json.JSONDecodeError:
             await self._error("bad_json", "the frame is not valid JSON")
+            return
+        except RecursionError:  # the C decoder gives up on deep nesting (~1,000 levels)
+            await self._error("bad_json", f"the frame is nested deeper than {MAX_FRAME_DEPTH} levels")
+            return
+        if (problem := json_problem(frame)) is not None:
+            await self._error("bad_json", problem)
             return
         if not isinstance(frame, dict):
             await self._error("bad_frame", "a frame must be a JSON object with a 'type'")

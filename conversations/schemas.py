@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ninja import Schema
 
 
@@ -13,3 +15,11 @@ class ErrorDetail(Schema):
 
 class ErrorOut(Schema):
     error: ErrorDetail
+
+
+def responses(ok: dict[int, Any], *extra: int) -> dict[int, Any]:
+    """A route's responses: its own, the common errors (400, 401, 404, 422) and ``extra`` codes.
+
+    The user id, id and filter parameters are described in the schema by agentflow_project.api.
+    """
+    return {**ok, **{code: ErrorOut for code in (400, 401, 404, 422, *extra)}}

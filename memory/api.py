@@ -11,7 +11,7 @@ from django.http import HttpRequest
 from ninja import Router, Schema
 
 from agentflow.validation import clean_user_id
-from conversations.schemas import ErrorOut
+from conversations.schemas import responses
 
 from .privacy import person_erase, person_export
 
@@ -24,7 +24,7 @@ class ErasedOut(Schema):
 
 @router.get(
     "/users/{user_id}/export",
-    response={200: dict[str, Any], 400: ErrorOut, 404: ErrorOut},
+    response=responses({200: dict[str, Any]}),
     summary="Export everything stored about a user (JSON)",
 )
 def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
 
 @router.delete(
     "/users/{user_id}",
-    response={200: ErasedOut, 400: ErrorOut, 404: ErrorOut},
+    response=responses({200: ErasedOut}),
     summary="Erase a user with their sessions, threads, messages, escalations and memories",
 )
 def erase_user(request: HttpRequest, user_id: str) -> dict[str, Any]:

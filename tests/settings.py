@@ -30,6 +30,8 @@ os.environ.update(
         "AGENTFLOW_CHANNELS_PREFIX": f"agentflow-test-{_RUN}",
         "AGENTFLOW_CACHE_PREFIX": f"agentflow-test-{_RUN}",
         "AGENTFLOW_REST_WAIT_SECONDS": "20",
+        # The demo page is off unless DEBUG; the widget tests use it.
+        "AGENTFLOW_DEMO_PAGE": "true",
     }
 )
 

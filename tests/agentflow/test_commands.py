@@ -156,7 +156,7 @@ def test_services_status():
         assert postgres.endswith("(DATABASE_URL)")
     else:
         assert postgres.endswith("(embedded, running)")
-    assert redis == f"redis: {settings.REDIS_URL} ({settings.REDIS_SOURCE})"
+    assert redis == f"redis: {runtime.redacted_url(settings.REDIS_URL)} ({settings.REDIS_SOURCE})"
 
 
 def test_services_rejects_unknown_actions():

@@ -25,7 +25,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"postgres: {where} ({'DATABASE_URL' if runtime.env_str('DATABASE_URL') else pg})"
             )
-            self.stdout.write(f"redis: {settings.REDIS_URL} ({settings.REDIS_SOURCE})")
+            self.stdout.write(f"redis: {runtime.redacted_url(settings.REDIS_URL)} ({settings.REDIS_SOURCE})")
             return
         stopped_pg = runtime.stop_postgres()
         stopped_redis = runtime.stop_valkey()
