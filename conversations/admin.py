@@ -22,9 +22,10 @@ from django.utils.timesince import timesince
 from agentflow.errors import InvalidInput, NotFound
 from memory.privacy import user_erase, user_export
 
+from .audit import audit_record
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import live_link, live_page
-from .models import ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
+from .models import ApiKey, AuditEvent, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
 from .services import (
     api_key_create,
     thread_split,
@@ -107,7 +108,9 @@ class EndUserAdmin(admin.ModelAdmin):
 
     @admin.action(description="Export selected users (JSON)")
     def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
-        exports = [user_export(user=user) for user in queryset.order_by("external_id")]
+        exports = [
+            user_export(user=user, staff_user=request.user) for user in queryset.order_by("external_id")
+        ]
         response = HttpResponse(
             json.dumps({"users": exports}, indent=2, ensure_ascii=False), content_type="application/json"
         )
@@ -145,9 +148,11 @@ class EndUserAdmin(admin.ModelAdmin):
     def _erase(self, request: HttpRequest, users: list[EndUser]) -> None:
         totals: Counter[str] = Counter()
         erased = 0
+        # Django's admin log (the audit trail records each erase too); logged before the rows go.
+        self.log_deletions(request, EndUser.objects.filter(pk__in=[user.pk for user in users]))
         for user in users:
             try:
-                totals.update(user_erase(user=user))
+                totals.update(user_erase(user=user, staff_user=request.user))
             except NotFound:  # erased meanwhile
                 continue
             erased += 1
@@ -159,14 +164,14 @@ class EndUserAdmin(admin.ModelAdmin):
     def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
         # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
         try:
-            user_erase(user=obj)
+            user_erase(user=obj, staff_user=request.user)
         except NotFound:
             pass
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> None:
         for user in queryset:
             try:
-                user_erase(user=user)
+                user_erase(user=user, staff_user=request.user)
             except NotFound:
                 pass
 
@@ -220,6 +225,7 @@ class ThreadAdmin(admin.ModelAdmin):
         threads = list(queryset.exclude(status=Thread.Status.RESOLVED))
         for thread in threads:
             thread_staff_resolve(thread=thread, staff_user=request.user)
+            self.log_change(request, thread, "Resolved by staff.")
         self.message_user(request, f"Resolved {len(threads)} thread(s).", level=messages.SUCCESS)
 
     @admin.action(description="Reopen selected threads")
@@ -227,6 +233,7 @@ class ThreadAdmin(admin.ModelAdmin):
         threads = list(queryset.exclude(status=Thread.Status.OPEN))
         for thread in threads:
             thread_staff_reopen(thread=thread, staff_user=request.user)
+            self.log_change(request, thread, "Reopened by staff.")
         self.message_user(request, f"Reopened {len(threads)} thread(s).", level=messages.SUCCESS)
 
     @admin.action(description="Merge selected threads into the most recent one")
@@ -240,6 +247,8 @@ class ThreadAdmin(admin.ModelAdmin):
         target, sources = threads[0], threads[1:]
         for source in sources:
             threads_merge(source=source, target=target, staff_user=request.user)
+            self.log_change(request, source, f"Merged into {target.pk}.")
+            self.log_change(request, target, f"Merged {source.pk} into this thread.")
         self.message_user(
             request, f"Merged {len(sources)} thread(s) into “{target}”.", level=messages.SUCCESS
         )
@@ -282,6 +291,7 @@ class MessageAdmin(admin.ModelAdmin):
         except InvalidInput as exc:
             self.message_user(request, str(exc), level=messages.ERROR)
             return
+        self.log_change(request, selected[0], f"Split its thread here into the new thread {new.pk}.")
         self.message_user(request, f"Split into the new thread “{new}”.", level=messages.SUCCESS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -317,8 +327,23 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
+            audit_record(
+                action=AuditEvent.Action.API_KEY_CHANGE,
+                staff_user=request.user,
+                api_key=obj,
+                actor_kind=AuditEvent.Actor.STAFF,
+                target=obj,
+                detail={"changed": sorted(form.changed_data), "active": obj.active},
+            )
             return
         created, plain = api_key_create(name=obj.name)
+        audit_record(
+            action=AuditEvent.Action.API_KEY_CREATE,
+            staff_user=request.user,
+            api_key=created,
+            actor_kind=AuditEvent.Actor.STAFF,
+            target=created,
+        )
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
             created.pk,
             created.prefix,
@@ -391,6 +416,7 @@ class EscalationAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Escalation {escalation.pk}: {exc}.", level=messages.ERROR)
             else:
                 count += 1
+                self.log_change(request, escalation, f"{done}.")
         if count:
             self.message_user(request, f"{done} {count} escalation(s).", level=messages.SUCCESS)
 
@@ -455,6 +481,7 @@ class EscalationAdmin(admin.ModelAdmin):
             except (InvalidInput, PermissionError) as exc:
                 form.add_error("content", str(exc))
             else:
+                self.log_change(request, escalation, "Replied to the user.")
                 self.message_user(request, "Reply sent.", level=messages.SUCCESS)
                 return HttpResponseRedirect(change_url)
         context = {
@@ -466,3 +493,41 @@ class EscalationAdmin(admin.ModelAdmin):
             "change_url": change_url,
         }
         return TemplateResponse(request, "admin/conversations/escalation/reply.html", context)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit trail, read-only: nobody adds, edits or deletes a row here (append-only)."""
+
+    list_display = (
+        "created_at",
+        "action",
+        "actor_kind",
+        "staff_username",
+        "api_key_label",
+        "subject",
+        "target_type",
+        "target_id",
+        "ip",
+        "route",
+    )
+    list_filter = (
+        "action",
+        "actor_kind",
+        ("staff_user", admin.RelatedOnlyFieldListFilter),
+        ("api_key", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
+    search_fields = ("subject", "staff_username", "api_key_label", "target_id", "ip", "route")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+    actions = None
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -3,12 +3,20 @@
 A token stores nothing server-side: it is the end user's id signed with ``DJANGO_SECRET_KEY``, and it
 expires after ``AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"]``. The REST route for host backends and the demo
 page issue them; the chat consumer reads them.
+
+Erasing a user revokes their tokens (``chat_token_revoke``): the time of the erase is kept in Redis
+for longer than a token lives, and a token issued before it is refused (``chat_token_check``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
+from dataclasses import dataclass
+
 from django.conf import settings
 from django.core import signing
+from django.core.cache import cache
 
 from agentflow.validation import clean_user_id
 
@@ -21,11 +29,20 @@ def chat_token_create(*, external_id: str) -> str:
     Raises:
         InvalidInput: the user id is empty, too long or has control characters.
     """
-    return signing.dumps({"u": clean_user_id(external_id)}, salt=CHAT_TOKEN_SALT, compress=True)
+    payload = {"u": clean_user_id(external_id), "t": round(time.time(), 6)}
+    return signing.dumps(payload, salt=CHAT_TOKEN_SALT, compress=True)
 
 
-def chat_token_user(token: str) -> str | None:
-    """The end user a chat token was issued for, or None if it is forged or expired."""
+@dataclass(frozen=True)
+class ChatTokenClaims:
+    """What a valid chat token says: the end user, and when it was issued (Unix time)."""
+
+    external_id: str
+    issued_at: float
+
+
+def chat_token_claims(token: str) -> ChatTokenClaims | None:
+    """The claims of a chat token, or None if it is forged or expired (revocation is not checked)."""
     try:
         data = signing.loads(
             token, salt=CHAT_TOKEN_SALT, max_age=settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"]
@@ -33,4 +50,34 @@ def chat_token_user(token: str) -> str | None:
     except signing.BadSignature:
         return None
     user = data.get("u") if isinstance(data, dict) else None
-    return user if isinstance(user, str) else None
+    issued = data.get("t", 0.0) if isinstance(data, dict) else 0.0
+    if not isinstance(user, str) or not isinstance(issued, (int, float)):
+        return None
+    return ChatTokenClaims(external_id=user, issued_at=float(issued))
+
+
+def chat_token_user(token: str) -> str | None:
+    """The end user a chat token was issued for, or None if it is forged, expired or revoked."""
+    claims = chat_token_claims(token)
+    if claims is None or chat_token_revoked(claims=claims):
+        return None
+    return claims.external_id
+
+
+def _revocation_key(external_id: str) -> str:
+    return f"chat-revoked:{hashlib.sha256(external_id.encode()).hexdigest()[:32]}"
+
+
+def chat_token_revoke(*, external_id: str) -> None:
+    """Refuse every chat token of this user issued until now (their erase).
+
+    Kept for the token lifetime plus a minute: by then every earlier token has expired anyway.
+    """
+    ttl = settings.AGENTFLOW["CHAT_TOKEN_TTL_SECONDS"] + 60
+    cache.set(_revocation_key(external_id), time.time(), timeout=ttl)
+
+
+def chat_token_revoked(*, claims: ChatTokenClaims) -> bool:
+    """Whether the token was issued before its user's tokens were revoked."""
+    revoked_at = cache.get(_revocation_key(claims.external_id))
+    return revoked_at is not None and claims.issued_at <= float(revoked_at)

@@ -13,7 +13,9 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.utils import timezone
 
 from agentflow import pipeline
@@ -21,10 +23,11 @@ from agentflow.defaults import get_agent
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 
 from . import selectors, services
-from .chat_tokens import chat_token_user
+from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .events import STAFF_ONLY, apublish, user_group
-from .frames import JsonFrameConsumer
+from .frames import CLOSE_TOO_MANY, JsonFrameConsumer
 from .models import EndUser, Message
+from .ratelimit import ws_connection_acquire, ws_connection_release
 from .tasks import enqueue_turn
 
 logger = logging.getLogger("agentflow.ws")
@@ -33,6 +36,8 @@ PROTOCOL_VERSION = 1
 TYPING_REPEAT_SECONDS = 3.0  # a held "typing" state is passed on at most this often
 CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not reconnect
+CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -45,7 +50,9 @@ class ChatConsumer(JsonFrameConsumer):
     }
     user: EndUser
     group: str
+    claims: ChatTokenClaims
     _typing: tuple[bool, float] = (False, 0.0)
+    _counted_at: float = 0.0
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -60,12 +67,25 @@ class ChatConsumer(JsonFrameConsumer):
             )
             return
         token = (query.get("token") or [""])[0]
-        external_id = chat_token_user(token) if token else None
-        if external_id is None:
+        claims = chat_token_claims(token) if token else None
+        if claims is None:
             await self._refuse(
                 CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired"
             )
             return
+        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=claims):
+            await self._refuse(CLOSE_UNAUTHORIZED, "token_revoked", "this chat token was revoked")
+            return
+        external_id = claims.external_id
+        limit = settings.AGENTFLOW["RATE_LIMITS"]["WS_CONNECTIONS_PER_USER"]
+        if not await sync_to_async(ws_connection_acquire, thread_sensitive=False)(
+            user_id=external_id, channel=self.channel_name, limit=limit
+        ):
+            await self._refuse(
+                CLOSE_TOO_MANY, "too_many_connections", f"at most {limit} open connections per user"
+            )
+            return
+        self.claims, self._counted_at = claims, time.monotonic()
         self.user = await database_sync_to_async(services.user_get_or_create)(external_id=external_id)
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -87,12 +107,41 @@ class ChatConsumer(JsonFrameConsumer):
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        if getattr(self, "claims", None) is not None:
+            await sync_to_async(ws_connection_release, thread_sensitive=False)(
+                user_id=self.claims.external_id, channel=self.channel_name
+            )
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        now = time.monotonic()
+        if (
+            getattr(self, "claims", None) is not None and now - self._counted_at > CONNECTION_REFRESH_SECONDS
+        ):  # still open: keep counting it
+            self._counted_at = now
+            await sync_to_async(ws_connection_acquire, thread_sensitive=False)(
+                user_id=self.claims.external_id, channel=self.channel_name, limit=1_000_000
+            )
+        await super().receive(text_data=text_data, bytes_data=bytes_data)
+
+    async def _close_erased(self) -> None:
+        if not self._closing:
+            self._closing = True
+            await self._error("user_erased", "this user's data was erased; the conversation is closed")
+            await self.close(code=CLOSE_ERASED)
+
+    async def chat_erased(self, event: dict[str, Any]) -> None:
+        """The user was erased (``memory.privacy.user_erase``): close with 4410."""
+        await self._close_erased()
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:
         await self._send({"type": "pong"})
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
+        # Erased meanwhile (the close may still be on its way): store nothing, never re-create the user.
+        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=self.claims):
+            await self._close_erased()
+            return
         try:
             agent = await database_sync_to_async(get_agent)()
             message, created = await database_sync_to_async(pipeline.accept)(

@@ -2,7 +2,10 @@
 
 A consumer lists its frame handlers in ``FRAMES`` (frame type -> coroutine method name); a frame
 that is not a JSON object with a known ``type`` gets an ``error`` frame and the connection stays
-open (docs/protocol.md, "Errors"). Both answer ``resume`` the same way, from the database, for the
+open (docs/protocol.md, "Errors"). Every frame, whatever its type (ping, resume and typing too),
+counts against the connection's frame bucket (``AGENTFLOW["RATE_LIMITS"]["WS_FRAMES_PER_SECOND"]``,
+``WS_FRAME_BURST``): a frame over it gets a ``rate_limited`` error frame and is dropped, and a client
+that sends ``WS_FRAME_OVERFLOW_CLOSE`` frames in a row over it is closed with 4429. Both answer ``resume`` the same way, from the database, for the
 end user whose conversation they carry (``history_owner``).
 """
 
@@ -13,14 +16,17 @@ from typing import Any, ClassVar
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from agentflow.errors import NotFound
 
 from .events import message_payload
 from .models import EndUser
+from .ratelimit import FrameBucket
 from .selectors import messages_after
 
 MAX_FRAME_BYTES = 64 * 1024
+CLOSE_TOO_MANY = 4429  # frame flood, or too many connections for one user
 HISTORY_LIMIT = 200  # messages per "history" frame; "complete": false says more follow
 
 
@@ -36,6 +42,27 @@ def history_page(*, user: EndUser, after: object | None) -> dict[str, Any]:
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
     FRAMES: ClassVar[dict[str, str]] = {}
+    _frames: FrameBucket | None = None
+    _closing: bool = False
+
+    async def _flooded(self) -> bool:
+        """Count the frame against the connection's bucket; True if it must be dropped."""
+        if self._closing:
+            return True
+        if self._frames is None:
+            conf = settings.AGENTFLOW["RATE_LIMITS"]
+            self._frames = FrameBucket(per_second=conf["WS_FRAMES_PER_SECOND"], burst=conf["WS_FRAME_BURST"])
+        if self._frames.take():
+            return False
+        if self._frames.overflow >= settings.AGENTFLOW["RATE_LIMITS"]["WS_FRAME_OVERFLOW_CLOSE"]:
+            self._closing = True
+            await self._error("too_many_frames", "too many frames over the limit; closing")
+            await self.close(code=CLOSE_TOO_MANY)
+            return True
+        await self._error(
+            "rate_limited", "too many frames; this one was dropped", retry_after=self._frames.retry_after()
+        )
+        return True
 
     async def _send(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload, default=str))
@@ -44,6 +71,8 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         await self._send({"type": "error", "code": code, "message": message, **extra})
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if await self._flooded():
+            return
         if text_data is None:
             await self._error("bad_frame", "send JSON text frames")
             return

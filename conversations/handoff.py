@@ -19,8 +19,9 @@ from django.utils import timezone
 from agentflow.errors import InvalidInput
 from agentflow.validation import clean_message
 
+from .audit import audit_record
 from .events import message_payload, publish_on_commit
-from .models import Escalation, Message, Thread
+from .models import AuditEvent, Escalation, Message, Thread
 from .services import thread_add_reply
 
 if TYPE_CHECKING:
@@ -74,6 +75,16 @@ def _may_act(escalation: Escalation, staff_user: AbstractBaseUser) -> bool:
     return escalation.holder_id == staff_user.pk or bool(getattr(staff_user, "is_superuser", False))
 
 
+def _audit(action: str, escalation: Escalation, staff_user: AbstractBaseUser) -> None:
+    audit_record(
+        action=action,
+        staff_user=staff_user,
+        target=escalation,
+        end_user_pk=escalation.user_id,
+        detail={"thread_id": str(escalation.thread_id)},
+    )
+
+
 def escalation_open(*, thread: Thread, message: Message | None, reason: str) -> Escalation:
     """Put the thread in the hand-off queue. Idempotent: an unresolved escalation is returned as it is.
 
@@ -122,6 +133,7 @@ def escalation_claim(*, escalation: Escalation, staff_user: AbstractBaseUser) ->
             content=JOINED_TEXT.format(name=staff_name(staff_user)),
         )
         _publish_on_commit(kind="human_joined", message=notice)
+        _audit(AuditEvent.Action.ESCALATION_CLAIM, escalation, staff_user)
     return escalation
 
 
@@ -146,6 +158,7 @@ def escalation_release(*, escalation: Escalation, staff_user: AbstractBaseUser) 
         escalation.holder = None
         escalation.claimed_at = None
         escalation.save(update_fields=["status", "holder", "claimed_at"])
+        _audit(AuditEvent.Action.ESCALATION_RELEASE, escalation, staff_user)
     return escalation
 
 
@@ -170,6 +183,7 @@ def escalation_resolve(*, escalation: Escalation, staff_user: AbstractBaseUser) 
         escalation.save(update_fields=["status", "holder", "resolved_at"])
         marker = _thread_message(thread=escalation.thread, role=Message.Role.SYSTEM, content=BOT_BACK_TEXT)
         _publish_on_commit(kind="bot_back", message=marker)
+        _audit(AuditEvent.Action.ESCALATION_HAND_BACK, escalation, staff_user)
     return escalation
 
 
@@ -203,4 +217,11 @@ def staff_reply(*, thread: Thread, staff_user: AbstractBaseUser, content: str) -
             thread=Thread.objects.select_for_update().get(pk=thread.pk), text=text, now=timezone.now()
         )
         _publish_on_commit(kind="human_message", message=reply)
+        audit_record(
+            action=AuditEvent.Action.STAFF_REPLY,
+            staff_user=staff_user,
+            target=reply,
+            end_user_pk=thread.user_id,
+            detail={"thread_id": str(thread.pk), "escalation_id": escalation.pk, "chars": len(text)},
+        )
     return reply

@@ -27,6 +27,7 @@ from django.utils.html import format_html
 
 from agentflow.errors import InvalidInput, NotFound
 
+from .audit import audit_scope
 from .events import apublish, user_group
 from .frames import JsonFrameConsumer
 from .handoff import (
@@ -253,10 +254,12 @@ class StaffConsumer(JsonFrameConsumer):
         return self.end_user
 
     async def _on_action(self, kind: str, frame: dict[str, Any]) -> None:
+        client = self.scope.get("client") or [None]
         try:
-            done = await database_sync_to_async(staff_act)(
-                kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
-            )
+            with audit_scope(ip=client[0], route=f"WS {self.scope.get('path', '')} {kind}"):
+                done = await database_sync_to_async(staff_act)(
+                    kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
+                )
         except FrameError as exc:
             await self._error(exc.code, str(exc), action=kind, **exc.extra)
             return
@@ -286,6 +289,13 @@ class StaffConsumer(JsonFrameConsumer):
 
     async def staff_changed(self, event: dict[str, Any]) -> None:
         await self._send_escalations()
+
+    async def chat_erased(self, event: dict[str, Any]) -> None:
+        """The end user was erased: nothing is left to watch; close as for an unknown user."""
+        if not self._closing:
+            self._closing = True
+            await self._error("not_found", "this end user was erased")
+            await self.close(code=CLOSE_NOT_FOUND)
 
 
 def live_page(request: HttpRequest, *, end_user: EndUser, admin_context: dict[str, Any]) -> HttpResponse:

@@ -6,9 +6,12 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.http import HttpRequest
 
 from agentflow.errors import ConfigError
 from agentflow.validation import validate_intent_fields
+from conversations.audit import audit_record
+from conversations.models import AuditEvent
 
 from .models import IntentCategory
 
@@ -88,3 +91,21 @@ class IntentCategoryAdmin(admin.ModelAdmin):
     @admin.display(description="examples")
     def example_count(self, obj: IntentCategory) -> int:
         return len(obj.examples)
+
+    def save_model(self, request: HttpRequest, obj: IntentCategory, form: Any, change: bool) -> None:
+        """Save, then audit the edit (from the change form or the list's editable columns)."""
+        before = dict(form.initial) if change else {}
+        super().save_model(request, obj, form, change)
+        changed = sorted(form.changed_data)
+        if change and not changed:
+            return
+        detail: dict[str, Any] = {"name": obj.name, "changed": changed}
+        for field in ("threshold", "handoff", "active", "on_low_confidence"):
+            if field in changed:
+                detail[field] = {"from": before.get(field), "to": getattr(obj, field)}
+        audit_record(
+            action=AuditEvent.Action.CATEGORY_CHANGE if change else AuditEvent.Action.CATEGORY_CREATE,
+            staff_user=request.user,
+            target=obj,
+            detail=detail,
+        )

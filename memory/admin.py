@@ -12,6 +12,8 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from agentflow.embeddings import get_embedder
+from conversations.audit import audit_record
+from conversations.models import AuditEvent
 
 from .models import Memory
 from .services import memory_embed
@@ -87,14 +89,24 @@ class MemoryAdmin(admin.ModelAdmin):
     raw_id_fields = ("user",)
     date_hierarchy = "updated_at"
 
+    def _set_approved(self, request: HttpRequest, queryset: Any, approved: bool) -> int:
+        """Approve or withdraw the selected global memories that change; each is logged and audited."""
+        changing = list(queryset.filter(user__isnull=True).exclude(approved=approved))
+        Memory.objects.filter(pk__in=[memory.pk for memory in changing]).update(approved=approved)
+        action = AuditEvent.Action.MEMORY_APPROVE if approved else AuditEvent.Action.MEMORY_WITHDRAW
+        for memory in changing:
+            audit_record(action=action, staff_user=request.user, target=memory)
+            self.log_change(request, memory, "Approved." if approved else "Withdrawn from use.")
+        return len(changing)
+
     @admin.action(description="Approve selected global memories (the review queue)")
     def approve(self, request: HttpRequest, queryset: Any) -> None:
-        count = queryset.filter(user__isnull=True).update(approved=True)
+        count = self._set_approved(request, queryset, True)
         self.message_user(request, f"{count} global memories approved; agents may use them now.")
 
     @admin.action(description="Withdraw selected global memories from use")
     def withdraw(self, request: HttpRequest, queryset: Any) -> None:
-        count = queryset.filter(user__isnull=True).update(approved=False)
+        count = self._set_approved(request, queryset, False)
         self.message_user(request, f"{count} global memories withdrawn.")
 
     @admin.display(description="content")

@@ -12,6 +12,7 @@ from ninja import Router, Schema
 
 from agentflow.validation import clean_user_id
 from conversations.api import ErrorOut
+from conversations.audit import request_actor
 from conversations.selectors import user_get
 
 from .privacy import user_erase, user_export
@@ -29,7 +30,7 @@ class ErasedOut(Schema):
     summary="Export everything stored about a user (JSON)",
 )
 def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return user_export(user=user_get(external_id=clean_user_id(user_id)))
+    return user_export(user=user_get(external_id=clean_user_id(user_id)), **request_actor(request))
 
 
 @router.delete(
@@ -38,4 +39,5 @@ def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
     summary="Erase a user with their sessions, threads, messages, escalations and memories",
 )
 def erase_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return {"erased": user_erase(user=user_get(external_id=clean_user_id(user_id)))}
+    user = user_get(external_id=clean_user_id(user_id))
+    return {"erased": user_erase(user=user, **request_actor(request))}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 from django.db.models import Q, TextField
@@ -17,9 +17,24 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 
 from agentflow.errors import NotFound
-from conversations.models import ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
+from conversations.audit import audit_export_rows, audit_forget_subject, audit_record, subject_hash
+from conversations.chat_tokens import chat_token_revoke
+from conversations.events import user_erased_on_commit
+from conversations.models import (
+    ApiKey,
+    AuditEvent,
+    ChatSession,
+    EndUser,
+    Escalation,
+    Message,
+    Thread,
+    ThreadActivity,
+)
 
 from .models import Memory
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
 
 EXPORT_FORMAT = "agentflow.user-export/1"
 
@@ -44,20 +59,32 @@ def _str(value: object | None) -> str | None:
     return str(value) if value is not None else None
 
 
-def user_export(*, user: EndUser) -> dict[str, Any]:
+def user_export(
+    *, user: EndUser, staff_user: AbstractBaseUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, Any]:
     """Everything stored about ``user``, as plain JSON-serialisable data (ids and datetimes as strings).
 
     Embeddings and derived thread features are left out: they are not readable data about the user.
     Staff appear only as the escalation holder's username. Global memories are not the user's and are
-    not included.
+    not included. The export itself is audited (by ``staff_user``, ``api_key`` or the system), and
+    the audit rows about the user are part of it (``audit``).
 
     Args:
         user: the end user to export.
+        staff_user: the staff account asking (the admin).
+        api_key: the API key asking (REST).
 
     Returns:
         ``{"format", "exported_at", "user", "sessions", "threads", "messages", "activities",
-        "escalations", "memories"}``, each list oldest first.
+        "escalations", "memories", "audit"}``, each list oldest first.
     """
+    audit_record(
+        action=AuditEvent.Action.USER_EXPORT,
+        staff_user=staff_user,
+        api_key=api_key,
+        target=user,
+        subject=user.external_id,
+    )
     sessions = ChatSession.objects.filter(user=user).order_by("started_at", "id")
     threads = Thread.objects.filter(user=user).order_by("opened_at", "id")
     messages = Message.objects.filter(user=user).order_by("created_at", "id")
@@ -151,6 +178,7 @@ def user_export(*, user: EndUser) -> dict[str, Any]:
             }
             for mem in memories
         ],
+        "audit": audit_export_rows(external_id=user.external_id),
     }
 
 
@@ -196,15 +224,23 @@ def _global_provenance_scrub(*, refs: list[str]) -> int:
     return changed
 
 
-def user_erase(*, user: EndUser) -> dict[str, int]:
+def user_erase(
+    *, user: EndUser, staff_user: AbstractBaseUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, int]:
     """Delete everything stored about ``user``, in one transaction, and say how much went.
 
     The end user row goes and cascades to their sessions, threads, messages, thread activities,
     escalations and memories. Global memories stay, but the user's thread, message and session ids
-    are removed from their provenance.
+    are removed from their provenance. The audit rows about the user stay without their personal
+    data (``audit_forget_subject``); the erase is audited with a keyed hash of their id only.
+
+    Their chat tokens are revoked first (a message racing the erase then cannot bring the user
+    back), and once the erase commits their open chat sockets are closed (code 4410).
 
     Args:
         user: the end user to erase.
+        staff_user: the staff account erasing (the admin).
+        api_key: the API key erasing (REST).
 
     Returns:
         Rows deleted per kind (``users``, ``sessions``, ``threads``, ``messages``, ``activities``,
@@ -213,6 +249,9 @@ def user_erase(*, user: EndUser) -> dict[str, int]:
     Raises:
         NotFound: the user was already erased; nothing changed.
     """
+    if not EndUser.objects.filter(pk=user.pk).exists():
+        raise NotFound(f"user {user.external_id!r} not found")
+    chat_token_revoke(external_id=user.external_id)
     with transaction.atomic():
         locked = EndUser.objects.select_for_update().filter(pk=user.pk).first()
         if locked is None:
@@ -225,6 +264,16 @@ def user_erase(*, user: EndUser) -> dict[str, int]:
         scrubbed = _global_provenance_scrub(refs=refs)
         # The collector's own per-model counts: exactly what the cascade deleted, no count-then-delete race.
         _, per_model = EndUser.objects.filter(pk=locked.pk).delete()
-    counts = {kind: per_model.get(label, 0) for label, kind in _ERASED_KINDS.items()}
-    counts["global_memories_scrubbed"] = scrubbed
+        counts = {kind: per_model.get(label, 0) for label, kind in _ERASED_KINDS.items()}
+        counts["global_memories_scrubbed"] = scrubbed
+        audit_forget_subject(external_id=locked.external_id)
+        audit_record(
+            action=AuditEvent.Action.USER_ERASE,
+            staff_user=staff_user,
+            api_key=api_key,
+            target_type="enduser",
+            subject_hash=subject_hash(locked.external_id),
+            detail=counts,
+        )
+        user_erased_on_commit(user_pk=locked.pk)
     return counts

@@ -9,6 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow.errors import NotFound
+from conversations.audit import audit_scope
 from conversations.selectors import user_get
 from memory.privacy import user_export
 
@@ -25,7 +26,9 @@ class Command(BaseCommand):
             user = user_get(external_id=user_id)
         except NotFound:
             raise CommandError(f"no user {user_id!r}: nothing exported") from None
-        text = json.dumps(user_export(user=user), indent=2, ensure_ascii=False)
+        with audit_scope(ip=None, route="manage.py agentflow_export_user"):  # audited as the system
+            exported = user_export(user=user)
+        text = json.dumps(exported, indent=2, ensure_ascii=False)
         if output is None:
             self.stdout.write(text)
             return
