@@ -182,7 +182,12 @@ async def test_token_from_the_rest_api_opens_the_chat(api_key: str) -> None:
 # --- bad frames: an error frame, the connection stays open, nothing stored ----------------------
 
 
-async def test_bad_frames_get_error_frames_and_the_connection_stays_open() -> None:
+async def test_bad_frames_get_error_frames_and_the_connection_stays_open(settings) -> None:
+    # More bad frames than the default frame burst (test_ratelimit.py covers that limit).
+    settings.AGENTFLOW = {
+        **settings.AGENTFLOW,
+        "RATE_LIMITS": {**settings.AGENTFLOW["RATE_LIMITS"], "WS_FRAME_BURST": 100},
+    }
     communicator = await _connect("alice")
     frames: list[tuple[dict, dict]] = [
         (
