@@ -25,13 +25,13 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.db import models
 
-from .models import ApiKey, AuditEvent, EndUser
+from .models import ApiKey, AuditEvent, AuditQuerySet, EndUser
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser
@@ -143,7 +143,8 @@ def audit_forget_subject(*, external_id: str) -> int:
     Returns:
         How many rows were scrubbed.
     """
-    return AuditEvent.objects.filter(subject=external_id)._scrub(subject="", detail={}, target_id="")
+    rows = cast(AuditQuerySet, AuditEvent.objects.filter(subject=external_id))
+    return rows._scrub(subject="", detail={}, target_id="")
 
 
 def audit_export_rows(*, external_id: str) -> list[dict[str, Any]]:

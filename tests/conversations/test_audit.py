@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.contrib.admin.models import CHANGE, DELETION, LogEntry
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
@@ -399,3 +401,18 @@ def test_audit_admin_is_filterable_and_read_only(staff_client, staff) -> None:
         (Action.LOGIN, "staff", "ops", "", "", ""),
         (Action.USER_EXPORT, "system", "", "", "", "hana"),
     ]
+
+
+def test_export_and_erase_commands_are_audited_as_the_system() -> None:
+    EndUser.objects.create(external_id="ivan")
+
+    call_command("agentflow_export_user", "ivan", stdout=StringIO())
+    call_command("agentflow_erase_user", "ivan", "--yes", stdout=StringIO())
+
+    assert list(
+        AuditEvent.objects.order_by("id").values_list("action", "actor_kind", "subject", "route")
+    ) == [
+        (Action.USER_EXPORT, "system", "", "manage.py agentflow_export_user"),  # its subject erased since
+        (Action.USER_ERASE, "system", "", "manage.py agentflow_erase_user"),
+    ]
+    assert AuditEvent.objects.get(action=Action.USER_ERASE).subject_hash == subject_hash("ivan")
