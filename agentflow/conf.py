@@ -33,6 +33,7 @@ class AgentFlowSettings(BaseModel):
     CHAT_TOKEN_TTL_SECONDS: int = Field(3600, ge=60)
     WIDGET_ORIGINS: list[str] = Field(default_factory=list)
     DEMO_PAGE: bool = True
+    RATE_LIMITS: dict[str, int | float] = Field(default_factory=dict)
 
     def agent_paths(self) -> dict[str, str]:
         """Every declared agent: ``AGENTS``, plus the default agent from ``AGENT_FACTORY`` unless declared."""

@@ -142,9 +142,13 @@ class InputConfig(_Section):
 
 
 class RateLimitConfig(_Section):
-    """Per-user message rate limit (0 turns it off)."""
+    """Per-user message rate limit: a token bucket (``messages_per_minute`` 0 turns it off).
+
+    A user may send ``burst`` messages at once; the bucket refills at ``messages_per_minute``.
+    """
 
     messages_per_minute: Int = Field(30, ge=0, le=10_000)
+    burst: Int = Field(10, ge=1, le=10_000, description="Messages a user may send at once.")
 
 
 class AgentFrameworkConfig(_Section):

@@ -102,6 +102,7 @@ def accept(
         ttl_seconds=cfg.session_config.ttl_seconds,
         max_chars=cfg.input_config.max_message_chars,
         rate_per_minute=cfg.rate_limit_config.messages_per_minute,
+        rate_burst=cfg.rate_limit_config.burst,
     )
 
 

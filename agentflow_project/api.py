@@ -2,6 +2,10 @@
 
 Host backends authenticate with an ``X-API-Key`` header (keys are made in the admin or with
 ``manage.py agentflow_demo``); logged-in staff may use the API from the browser (the docs page).
+
+Every call with a valid key is audited (which key, which route, which end user) and counted against
+the key's and the client IP's rate limits; a wrong key is audited and counted against the client
+IP, which is refused outright (429) once it has guessed too often (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from ninja.security import APIKeyHeader, SessionAuthIsStaff
 from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
 from agentflow.validation import USER_ID_MAX, USER_ID_PATTERN
 from conversations.api import router as conversations_router
-from conversations.models import AGENT_NAME_PATTERN
+from conversations.audit import audit_record, client_ip
+from conversations.models import AGENT_NAME_PATTERN, ApiKey, AuditEvent
+from conversations.ratelimit import api_request_take, auth_failure_count, auth_failures_check
 from conversations.services import api_key_check
 from memory.api import router as memory_router
 
@@ -29,7 +35,36 @@ class ApiKeyAuth(APIKeyHeader):
     param_name = "X-API-Key"
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
-        return api_key_check(plain=key or "")
+        if not key:
+            return None  # no key: the staff session may still authenticate the request
+        ip = client_ip(request)
+        auth_failures_check(ip=ip)  # raises RateLimited for an address that keeps guessing
+        match = request.resolver_match
+        route = (
+            f"{request.method} /{match.route}" if match is not None else f"{request.method} {request.path}"
+        )
+        subject = str((match.kwargs if match is not None else {}).get("user_id", ""))
+        api_key = api_key_check(plain=key)
+        if api_key is None:
+            auth_failure_count(ip=ip)
+            known = ApiKey.objects.filter(prefix=key[:12]).first() if key.startswith("afk_") else None
+            audit_record(
+                action=AuditEvent.Action.API_AUTH_FAILED,
+                actor_kind=AuditEvent.Actor.ANONYMOUS,
+                api_key=known,
+                route=route,
+                detail={
+                    "reason": "unknown key"
+                    if known is None
+                    else "inactive key"
+                    if not known.active
+                    else "wrong key"
+                },
+            )
+            return None
+        api_request_take(api_key_pk=api_key.pk, ip=ip)  # raises RateLimited
+        audit_record(action=AuditEvent.Action.API_CALL, api_key=api_key, route=route, subject=subject[:255])
+        return api_key
 
 
 class StaffSessionAuth(SessionAuthIsStaff):

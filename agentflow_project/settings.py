@@ -6,6 +6,7 @@ ImproperlyConfigured naming the variable.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -62,6 +63,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "channels",
     "ninja",
+    "axes",
     "agentflow",
     "conversations",
     "intents",
@@ -80,7 +82,27 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Client IP and route of each request for the audit trail (conversations/audit.py).
+    "conversations.audit.AuditContextMiddleware",
+    # Admin login throttling; django-axes wants its middleware last.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# django-axes checks every login before the password does: after AGENTFLOW_ADMIN_LOGIN_FAILURES
+# failures for one username from one IP, that pair is locked out for AGENTFLOW_ADMIN_LOCKOUT_MINUTES.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("AGENTFLOW_ADMIN_LOGIN_THROTTLE", True)
+AXES_FAILURE_LIMIT = env_int("AGENTFLOW_ADMIN_LOGIN_FAILURES", 5, minimum=1, maximum=1000)
+AXES_COOLOFF_TIME = timedelta(
+    minutes=env_int("AGENTFLOW_ADMIN_LOCKOUT_MINUTES", 15, minimum=1, maximum=10080)
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"  # attempts in PostgreSQL, shown in the admin
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "agentflow_project.urls"
 ASGI_APPLICATION = "agentflow_project.asgi.application"
@@ -196,6 +218,20 @@ AGENTFLOW = {
     # Serve /demo/: the chat widget on a sample page, each browser its own demo end user (and its own
     # rate-limit budget, so LLM spend through it is unmetered). Off unless DEBUG or asked for.
     "DEMO_PAGE": env_bool("AGENTFLOW_DEMO_PAGE", DEBUG),
+    # Transport rate limits (token buckets in Redis: at most BURST at once, refilled at PER_MINUTE).
+    # The per-user message limit is the agent's rate_limit_config. See docs/configuration.md.
+    "RATE_LIMITS": {
+        "API_KEY_PER_MINUTE": env_int("AGENTFLOW_RATE_API_KEY_PER_MINUTE", 600, minimum=0),
+        "API_KEY_BURST": env_int("AGENTFLOW_RATE_API_KEY_BURST", 100, minimum=1),
+        "IP_PER_MINUTE": env_int("AGENTFLOW_RATE_IP_PER_MINUTE", 600, minimum=0),
+        "IP_BURST": env_int("AGENTFLOW_RATE_IP_BURST", 100, minimum=1),
+        "AUTH_FAILURES_PER_MINUTE": env_int("AGENTFLOW_RATE_AUTH_FAILURES_PER_MINUTE", 5, minimum=0),
+        "AUTH_FAILURES_BURST": env_int("AGENTFLOW_RATE_AUTH_FAILURES_BURST", 10, minimum=1),
+        "WS_FRAMES_PER_SECOND": env_int("AGENTFLOW_WS_FRAMES_PER_SECOND", 5, minimum=0),
+        "WS_FRAME_BURST": env_int("AGENTFLOW_WS_FRAME_BURST", 20, minimum=1),
+        "WS_FRAME_OVERFLOW_CLOSE": env_int("AGENTFLOW_WS_FRAME_OVERFLOW_CLOSE", 20, minimum=1),
+        "WS_CONNECTIONS_PER_USER": env_int("AGENTFLOW_WS_CONNECTIONS_PER_USER", 10, minimum=0),
+    },
 }
 
 LOGGING = {

@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
+# One API key from one address: the per-key and per-IP REST limits would throttle the bench itself.
+os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
+os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
 
 MESSAGES = [
     "My login is broken, it says invalid password",

@@ -20,9 +20,20 @@ from django.utils.timesince import timesince
 
 from agentflow.errors import InvalidInput
 
+from .audit import audit_record
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import live_link, live_page
-from .models import Agent, ApiKey, ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
+from .models import (
+    Agent,
+    ApiKey,
+    AuditEvent,
+    ChatSession,
+    EndUser,
+    Escalation,
+    Message,
+    Thread,
+    ThreadActivity,
+)
 from .services import (
     api_key_create,
     thread_split,
@@ -157,6 +168,7 @@ class ThreadAdmin(admin.ModelAdmin):
         threads = list(queryset.exclude(status=Thread.Status.RESOLVED))
         for thread in threads:
             thread_staff_resolve(thread=thread, staff_user=request.user)
+            self.log_change(request, thread, "Resolved by staff.")
         self.message_user(request, f"Resolved {len(threads)} thread(s).", level=messages.SUCCESS)
 
     @admin.action(description="Reopen selected threads")
@@ -164,6 +176,7 @@ class ThreadAdmin(admin.ModelAdmin):
         threads = list(queryset.exclude(status=Thread.Status.OPEN))
         for thread in threads:
             thread_staff_reopen(thread=thread, staff_user=request.user)
+            self.log_change(request, thread, "Reopened by staff.")
         self.message_user(request, f"Reopened {len(threads)} thread(s).", level=messages.SUCCESS)
 
     @admin.action(description="Merge selected threads into the most recent one")
@@ -177,6 +190,8 @@ class ThreadAdmin(admin.ModelAdmin):
         target, sources = threads[0], threads[1:]
         for source in sources:
             threads_merge(source=source, target=target, staff_user=request.user)
+            self.log_change(request, source, f"Merged into {target.pk}.")
+            self.log_change(request, target, f"Merged {source.pk} into this thread.")
         self.message_user(
             request, f"Merged {len(sources)} thread(s) into “{target}”.", level=messages.SUCCESS
         )
@@ -227,6 +242,7 @@ class MessageAdmin(admin.ModelAdmin):
         except InvalidInput as exc:
             self.message_user(request, str(exc), level=messages.ERROR)
             return
+        self.log_change(request, selected[0], f"Split its thread here into the new thread {new.pk}.")
         self.message_user(request, f"Split into the new thread “{new}”.", level=messages.SUCCESS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -262,8 +278,23 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
+            audit_record(
+                action=AuditEvent.Action.API_KEY_CHANGE,
+                staff_user=request.user,
+                api_key=obj,
+                actor_kind=AuditEvent.Actor.STAFF,
+                target=obj,
+                detail={"changed": sorted(form.changed_data), "active": obj.active},
+            )
             return
         created, plain = api_key_create(name=obj.name, agent=obj.agent)
+        audit_record(
+            action=AuditEvent.Action.API_KEY_CREATE,
+            staff_user=request.user,
+            api_key=created,
+            actor_kind=AuditEvent.Actor.STAFF,
+            target=created,
+        )
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
             created.pk,
             created.prefix,
@@ -340,6 +371,7 @@ class EscalationAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Escalation {escalation.pk}: {exc}.", level=messages.ERROR)
             else:
                 count += 1
+                self.log_change(request, escalation, f"{done}.")
         if count:
             self.message_user(request, f"{done} {count} escalation(s).", level=messages.SUCCESS)
 
@@ -404,6 +436,7 @@ class EscalationAdmin(admin.ModelAdmin):
             except (InvalidInput, PermissionError) as exc:
                 form.add_error("content", str(exc))
             else:
+                self.log_change(request, escalation, "Replied to the user.")
                 self.message_user(request, "Reply sent.", level=messages.SUCCESS)
                 return HttpResponseRedirect(change_url)
         context = {
@@ -415,6 +448,44 @@ class EscalationAdmin(admin.ModelAdmin):
             "change_url": change_url,
         }
         return TemplateResponse(request, "admin/conversations/escalation/reply.html", context)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit trail, read-only: nobody adds, edits or deletes a row here (append-only)."""
+
+    list_display = (
+        "created_at",
+        "action",
+        "actor_kind",
+        "staff_username",
+        "api_key_label",
+        "subject",
+        "target_type",
+        "target_id",
+        "ip",
+        "route",
+    )
+    list_filter = (
+        "action",
+        "actor_kind",
+        ("staff_user", admin.RelatedOnlyFieldListFilter),
+        ("api_key", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
+    search_fields = ("subject", "staff_username", "api_key_label", "target_id", "ip", "route")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+    actions = None
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Agent)

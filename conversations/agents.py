@@ -114,6 +114,7 @@ class AgentSettings:
     ttl_seconds: int
     max_message_chars: int
     messages_per_minute: int
+    burst: int
 
 
 def agent_settings(*, name: str) -> AgentSettings:
@@ -145,4 +146,5 @@ def agent_settings(*, name: str) -> AgentSettings:
         ttl_seconds=config.session_config.ttl_seconds,
         max_message_chars=config.input_config.max_message_chars,
         messages_per_minute=config.rate_limit_config.messages_per_minute,
+        burst=config.rate_limit_config.burst,
     )

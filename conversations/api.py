@@ -179,6 +179,7 @@ async def _post_message(
         ttl_seconds=limits.ttl_seconds,
         max_chars=limits.max_message_chars,
         rate_per_minute=limits.messages_per_minute,
+        rate_burst=limits.burst,
     )
     message = received.message
     message_id = str(message.pk)

@@ -4,3 +4,13 @@ from django.apps import AppConfig
 class ConversationsConfig(AppConfig):
     name = "conversations"
     verbose_name = "Conversations"
+
+    def ready(self) -> None:
+        from django.contrib.auth import signals
+
+        from . import audit
+
+        # Staff logins, failed logins and logouts go to the audit trail.
+        signals.user_logged_in.connect(audit.on_logged_in, dispatch_uid="agentflow.audit.login")
+        signals.user_logged_out.connect(audit.on_logged_out, dispatch_uid="agentflow.audit.logout")
+        signals.user_login_failed.connect(audit.on_login_failed, dispatch_uid="agentflow.audit.login_failed")

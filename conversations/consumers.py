@@ -14,21 +14,25 @@ from functools import partialmethod
 from typing import Any
 from urllib.parse import parse_qs
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from agentflow.conf import conf
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_turn
 
 from . import selectors, services
 from .agents import agent_settings
-from .chat_tokens import chat_token_read
+from .audit import audit_scope
+from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .events import STAFF_ONLY, apublish, user_group
-from .frames import JsonFrameConsumer
+from .frames import CLOSE_TOO_MANY, JsonFrameConsumer
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import escalations_for_staff, may_act, may_watch, staff_group
 from .models import EndUser, Escalation, Message
+from .ratelimit import ws_connection_acquire, ws_connection_release
 from .selectors import thread_get_for_user
 
 logger = logging.getLogger("agentflow.ws")
@@ -37,6 +41,8 @@ PROTOCOL_VERSION = 1
 TYPING_REPEAT_SECONDS = 3.0  # a held "typing" state is passed on at most this often
 CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not reconnect
+CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -50,7 +56,9 @@ class ChatConsumer(JsonFrameConsumer):
     user: EndUser
     agent_name: str
     group: str
+    claims: ChatTokenClaims
     _typing: tuple[bool, float] = (False, 0.0)
+    _counted_at: float = 0.0
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -65,20 +73,32 @@ class ChatConsumer(JsonFrameConsumer):
             )
             return
         token = (query.get("token") or [""])[0]
-        claims = chat_token_read(token) if token else None
+        claims = chat_token_claims(token) if token else None
         if claims is None:
             await self._refuse(
                 CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired"
             )
             return
-        agent_name, external_id = claims
+        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=claims):
+            await self._refuse(CLOSE_UNAUTHORIZED, "token_revoked", "this chat token was revoked")
+            return
         try:
-            limits = await database_sync_to_async(agent_settings)(name=agent_name)
+            limits = await database_sync_to_async(agent_settings)(name=claims.agent)
         except NotFound:
             await self._refuse(
-                CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {agent_name!r} does not exist"
+                CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {claims.agent!r} does not exist"
             )
             return
+        external_id = claims.external_id
+        limit = conf().RATE_LIMITS["WS_CONNECTIONS_PER_USER"]
+        if not await sync_to_async(ws_connection_acquire, thread_sensitive=False)(
+            user_id=external_id, channel=self.channel_name, limit=limit
+        ):
+            await self._refuse(
+                CLOSE_TOO_MANY, "too_many_connections", f"at most {limit} open connections per user"
+            )
+            return
+        self.claims, self._counted_at = claims, time.monotonic()
         self.agent_name = limits.name
         self.user = await database_sync_to_async(services.user_get_or_create)(
             agent_id=limits.id, external_id=external_id
@@ -104,12 +124,41 @@ class ChatConsumer(JsonFrameConsumer):
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        if getattr(self, "claims", None) is not None:
+            await sync_to_async(ws_connection_release, thread_sensitive=False)(
+                user_id=self.claims.external_id, channel=self.channel_name
+            )
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        now = time.monotonic()
+        if (
+            getattr(self, "claims", None) is not None and now - self._counted_at > CONNECTION_REFRESH_SECONDS
+        ):  # still open: keep counting it
+            self._counted_at = now
+            await sync_to_async(ws_connection_acquire, thread_sensitive=False)(
+                user_id=self.claims.external_id, channel=self.channel_name, limit=1_000_000
+            )
+        await super().receive(text_data=text_data, bytes_data=bytes_data)
+
+    async def _close_erased(self) -> None:
+        if not self._closing:
+            self._closing = True
+            await self._error("user_erased", "this user's data was erased; the conversation is closed")
+            await self.close(code=CLOSE_ERASED)
+
+    async def chat_erased(self, event: dict[str, Any]) -> None:
+        """The user was erased (``memory.privacy.user_erase``): close with 4410."""
+        await self._close_erased()
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:
         await self._send({"type": "pong"})
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
+        # Erased meanwhile (the close may still be on its way): store nothing, never re-create the user.
+        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=self.claims):
+            await self._close_erased()
+            return
         try:
             limits = await database_sync_to_async(agent_settings)(name=self.agent_name)
             received = await database_sync_to_async(services.message_receive)(
@@ -120,6 +169,7 @@ class ChatConsumer(JsonFrameConsumer):
                 ttl_seconds=limits.ttl_seconds,
                 max_chars=limits.max_message_chars,
                 rate_per_minute=limits.messages_per_minute,
+                rate_burst=limits.burst,
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
@@ -339,10 +389,12 @@ class StaffConsumer(JsonFrameConsumer):
         return self.end_user
 
     async def _on_action(self, kind: str, frame: dict[str, Any]) -> None:
+        client = self.scope.get("client") or [None]
         try:
-            done = await database_sync_to_async(staff_act)(
-                kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
-            )
+            with audit_scope(ip=client[0], route=f"WS {self.scope.get('path', '')} {kind}"):
+                done = await database_sync_to_async(staff_act)(
+                    kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
+                )
         except FrameError as exc:
             await self._error(exc.code, str(exc), action=kind, **exc.extra)
             return
@@ -372,3 +424,10 @@ class StaffConsumer(JsonFrameConsumer):
 
     async def staff_changed(self, event: dict[str, Any]) -> None:
         await self._send_escalations()
+
+    async def chat_erased(self, event: dict[str, Any]) -> None:
+        """The end user was erased: nothing is left to watch; close as for an unknown user."""
+        if not self._closing:
+            self._closing = True
+            await self._error("not_found", "this end user was erased")
+            await self.close(code=CLOSE_NOT_FOUND)

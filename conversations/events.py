@@ -67,6 +67,22 @@ def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:
     transaction.on_commit(lambda: publish(user_pk=user_pk, event=event))
 
 
+def user_erased_on_commit(*, user_pk: int) -> None:
+    """Once the erase commits, tell every connection of the user (and staff watching) to close."""
+    from django.db import transaction
+
+    def send() -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(user_group(user_pk), {"type": "chat.erased"})
+        except Exception:  # the sockets still cannot act: their tokens are revoked
+            logger.exception("could not close the sockets of erased user %s", user_pk)
+
+    transaction.on_commit(send)
+
+
 class DeltaStream:
     """Streams a reply's text to the user's connections as ``delta`` events, batched.
 

@@ -3,7 +3,11 @@
 A consumer lists its frame handlers in ``FRAMES`` (frame type -> coroutine method name); a frame
 that is not a JSON object with a known ``type`` gets an ``error`` frame and the connection stays
 open (docs/protocol.md, "Errors"). So does JSON nested too deeply or holding a lone surrogate
-(``"\\ud800"``): Python's decoder accepts the latter, but no database or UTF-8 peer can take it. Both answer ``resume`` the same way, from the database, for the
+(``"\\ud800"``): Python's decoder accepts the latter, but no database or UTF-8 peer can take it.
+Every frame, whatever its type (ping, resume and typing too), counts against the connection's frame
+bucket (``AGENTFLOW["RATE_LIMITS"]["WS_FRAMES_PER_SECOND"]``, ``WS_FRAME_BURST``): a frame over it
+gets a ``rate_limited`` error frame and is dropped, and a client that sends
+``WS_FRAME_OVERFLOW_CLOSE`` frames in a row over it is closed with 4429. Both answer ``resume`` the same way, from the database, for the
 end user whose conversation they carry (``history_owner``).
 """
 
@@ -15,14 +19,17 @@ from typing import Any, ClassVar
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from agentflow.conf import conf
 from agentflow.errors import NotFound
 from agentflow.validation import has_lone_surrogate
 
 from .events import message_payload
 from .models import EndUser
+from .ratelimit import FrameBucket
 from .selectors import messages_after
 
 MAX_FRAME_BYTES = 64 * 1024
+CLOSE_TOO_MANY = 4429  # frame flood, or too many connections for one user
 HISTORY_LIMIT = 200  # messages per "history" frame; "complete": false says more follow
 MAX_FRAME_DEPTH = 32  # nesting of arrays/objects; no frame of the protocol goes past 3
 
@@ -59,6 +66,29 @@ def history_page(*, user: EndUser, after: object | None) -> dict[str, Any]:
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
     FRAMES: ClassVar[dict[str, str]] = {}
+    _frames: FrameBucket | None = None
+    _closing: bool = False
+
+    async def _flooded(self) -> bool:
+        """Count the frame against the connection's bucket; True if it must be dropped."""
+        if self._closing:
+            return True
+        if self._frames is None:
+            limits = conf().RATE_LIMITS
+            self._frames = FrameBucket(
+                per_second=limits["WS_FRAMES_PER_SECOND"], burst=limits["WS_FRAME_BURST"]
+            )
+        if self._frames.take():
+            return False
+        if self._frames.overflow >= conf().RATE_LIMITS["WS_FRAME_OVERFLOW_CLOSE"]:
+            self._closing = True
+            await self._error("too_many_frames", "too many frames over the limit; closing")
+            await self.close(code=CLOSE_TOO_MANY)
+            return True
+        await self._error(
+            "rate_limited", "too many frames; this one was dropped", retry_after=self._frames.retry_after()
+        )
+        return True
 
     async def _send(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload, default=str))
@@ -67,6 +97,8 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         await self._send({"type": "error", "code": code, "message": message, **extra})
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if await self._flooded():
+            return
         if text_data is None:
             await self._error("bad_frame", "send JSON text frames")
             return

@@ -19,8 +19,9 @@ from django.utils import timezone
 from agentflow.errors import InvalidInput
 from agentflow.validation import clean_message
 
+from .audit import audit_record
 from .events import message_payload, publish_on_commit
-from .models import Escalation, Message, StaffUser, Thread
+from .models import AuditEvent, Escalation, Message, StaffUser, Thread
 from .services import thread_add_reply
 
 STAFF_REPLY_MAX_CHARS = 4000
@@ -71,6 +72,16 @@ def _may_act(escalation: Escalation, staff_user: StaffUser) -> bool:
     return escalation.holder_id == staff_user.pk or bool(getattr(staff_user, "is_superuser", False))
 
 
+def _audit(action: str, escalation: Escalation, staff_user: StaffUser) -> None:
+    audit_record(
+        action=action,
+        staff_user=staff_user,
+        target=escalation,
+        end_user_pk=escalation.user_id,
+        detail={"thread_id": str(escalation.thread_id)},
+    )
+
+
 def escalation_open(*, thread: Thread, message: Message | None, reason: str) -> Escalation:
     """Put the thread in the hand-off queue. Idempotent: an unresolved escalation is returned as it is.
 
@@ -119,6 +130,7 @@ def escalation_claim(*, escalation: Escalation, staff_user: StaffUser) -> Escala
             content=JOINED_TEXT.format(name=staff_name(staff_user)),
         )
         _publish_on_commit(kind="human_joined", message=notice)
+        _audit(AuditEvent.Action.ESCALATION_CLAIM, escalation, staff_user)
     return escalation
 
 
@@ -143,6 +155,7 @@ def escalation_release(*, escalation: Escalation, staff_user: StaffUser) -> Esca
         escalation.holder = None
         escalation.claimed_at = None
         escalation.save(update_fields=["status", "holder", "claimed_at"])
+        _audit(AuditEvent.Action.ESCALATION_RELEASE, escalation, staff_user)
     return escalation
 
 
@@ -167,6 +180,7 @@ def escalation_resolve(*, escalation: Escalation, staff_user: StaffUser) -> Esca
         escalation.save(update_fields=["status", "holder", "resolved_at"])
         marker = _thread_message(thread=escalation.thread, role=Message.Role.SYSTEM, content=BOT_BACK_TEXT)
         _publish_on_commit(kind="bot_back", message=marker)
+        _audit(AuditEvent.Action.ESCALATION_HAND_BACK, escalation, staff_user)
     return escalation
 
 
@@ -200,4 +214,11 @@ def staff_reply(*, thread: Thread, staff_user: StaffUser, content: str) -> Messa
             thread=Thread.objects.select_for_update().get(pk=thread.pk), text=text, now=timezone.now()
         )
         _publish_on_commit(kind="human_message", message=reply)
+        audit_record(
+            action=AuditEvent.Action.STAFF_REPLY,
+            staff_user=staff_user,
+            target=reply,
+            end_user_pk=thread.user_id,
+            detail={"thread_id": str(thread.pk), "escalation_id": escalation.pk, "chars": len(text)},
+        )
     return reply

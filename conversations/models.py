@@ -346,3 +346,96 @@ class Escalation(models.Model):
 
     def __str__(self) -> str:
         return f"escalation {self.pk} ({self.status}) of {self.thread_id}"
+
+
+class AuditQuerySet(models.QuerySet["AuditEvent"]):
+    """Audit rows are append-only: the ORM refuses bulk updates and deletes.
+
+    The one exception is ``conversations.audit.audit_forget_subject`` (erasing an end user strips
+    their personal data from the rows about them), which goes through ``_scrub``.
+    """
+
+    def update(self, **kwargs: object) -> int:
+        raise PermissionError("audit events are append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise PermissionError("audit events are append-only")
+
+    def _scrub(self, **kwargs: object) -> int:
+        return super().update(**kwargs)
+
+
+class AuditEvent(models.Model):
+    """One security-relevant action: who (staff, API key, system, end user) did what to what, when.
+
+    Append-only (see ``AuditQuerySet``); written by ``conversations.audit.audit_record`` only.
+    """
+
+    class Actor(models.TextChoices):
+        STAFF = "staff"
+        API_KEY = "api_key", "API key"
+        SYSTEM = "system"
+        END_USER = "end_user", "end user"
+        ANONYMOUS = "anonymous"
+
+    class Action(models.TextChoices):
+        LOGIN = "login"
+        LOGIN_FAILED = "login_failed", "login failed"
+        LOGOUT = "logout"
+        API_CALL = "api_call", "API call"
+        API_AUTH_FAILED = "api_auth_failed", "API key refused"
+        API_KEY_CREATE = "api_key_create", "API key created"
+        API_KEY_CHANGE = "api_key_change", "API key changed"
+        ESCALATION_CLAIM = "escalation_claim", "escalation claimed"
+        ESCALATION_RELEASE = "escalation_release", "escalation released"
+        ESCALATION_HAND_BACK = "escalation_hand_back", "escalation handed back"
+        STAFF_REPLY = "staff_reply", "staff reply"
+        THREAD_RESOLVE = "thread_resolve", "thread resolved"
+        THREAD_REOPEN = "thread_reopen", "thread reopened"
+        THREAD_MERGE = "thread_merge", "threads merged"
+        THREAD_SPLIT = "thread_split", "thread split"
+        MEMORY_APPROVE = "memory_approve", "memory approved"
+        MEMORY_WITHDRAW = "memory_withdraw", "memory withdrawn"
+        CATEGORY_CREATE = "category_create", "intent category created"
+        CATEGORY_CHANGE = "category_change", "intent category changed"
+        USER_EXPORT = "user_export", "user exported"
+        USER_ERASE = "user_erase", "user erased"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor_kind = models.CharField(max_length=16, choices=Actor.choices)
+    staff_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    staff_username = models.CharField(max_length=150, blank=True, help_text="Kept if the account goes.")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    api_key_label = models.CharField(max_length=120, blank=True, help_text="The key's name and prefix.")
+    action = models.CharField(max_length=32, choices=Action.choices, db_index=True)
+    target_type = models.CharField(max_length=32, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    subject = models.CharField(
+        max_length=255, blank=True, db_index=True, help_text="The end user concerned (their external id)."
+    )
+    subject_hash = models.CharField(
+        max_length=64, blank=True, help_text="Keyed hash of an erased user's id (the erase event only)."
+    )
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    route = models.CharField(max_length=255, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    objects = AuditQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["actor_kind", "created_at"])]
+
+    def __str__(self) -> str:
+        who = self.staff_username or self.api_key_label or self.actor_kind
+        return f"{self.action} by {who}"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        if not self._state.adding:
+            raise PermissionError("audit events are append-only")
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
+        raise PermissionError("audit events are append-only")

@@ -8,18 +8,29 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from agentflow.embeddings import get_embedder
-from agentflow.errors import InvalidInput, RateLimited
+from agentflow.errors import InvalidInput
 from agentflow.jobs import queue_on_commit
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
+from .audit import audit_record
 from .events import message_payload, publish_on_commit
-from .models import Agent, ApiKey, ChatSession, EndUser, Message, StaffUser, Thread, ThreadActivity
+from .models import (
+    Agent,
+    ApiKey,
+    AuditEvent,
+    ChatSession,
+    EndUser,
+    Message,
+    StaffUser,
+    Thread,
+    ThreadActivity,
+)
+from .ratelimit import user_message_take
 from .thread_features import content_words
 
 
@@ -65,24 +76,13 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     )
 
 
-def rate_limit_check(*, user_id: str, per_minute: int, now: datetime) -> None:
-    """Fixed one-minute window per user, counted in Redis, so every process shares it."""
-    if per_minute <= 0:
-        return
-    window = int(now.timestamp() // 60)
-    key = f"ratelimit:{hashlib.sha256(user_id.encode()).hexdigest()[:24]}:{window}"
-    cache.add(key, 0, timeout=70)
-    try:
-        count = cache.incr(key)
-    except ValueError:
-        # The key vanished between add and incr (evicted, or the cache was flushed): count afresh.
-        cache.add(key, 1, timeout=70)
-        count = 1
-    if count > per_minute:
-        raise RateLimited(
-            f"more than {per_minute} messages a minute; try again shortly",
-            retry_after=60 - now.timestamp() % 60,
-        )
+def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
+    """The user's message bucket (a token bucket in Redis, ``conversations.ratelimit``).
+
+    Raises:
+        RateLimited: more than ``burst`` messages at once, or over ``per_minute`` a minute.
+    """
+    user_message_take(user_id=user_id, per_minute=per_minute, burst=burst, now=now.timestamp())
 
 
 class Received(NamedTuple):
@@ -109,10 +109,13 @@ def message_receive(
     ttl_seconds: int,
     max_chars: int,
     rate_per_minute: int = 0,
+    rate_burst: int | None = None,
 ) -> Received:
     """Validate and store an incoming user message, pending its turn.
 
     Sending the same ``client_message_id`` twice returns the first message (``created`` False).
+    ``rate_per_minute`` and ``rate_burst`` are the user's message bucket (``burst`` None: the same
+    as ``rate_per_minute``; 0 per minute: no limit).
 
     Returns:
         The stored message, whether it is new, and whether its turn should run (``Received.run``).
@@ -131,7 +134,7 @@ def message_receive(
         ).first()
         if existing is not None:
             return Received(existing, created=False)
-    rate_limit_check(user_id=external_id, per_minute=rate_per_minute, now=now)
+    rate_limit_check(user_id=external_id, per_minute=rate_per_minute, burst=rate_burst, now=now)
     try:
         with transaction.atomic():
             user = user_get_or_create(agent_id=agent_id, external_id=external_id)
@@ -344,6 +347,13 @@ def thread_staff_resolve(*, thread: Thread, staff_user: StaffUser, note: str = "
             staff_user=staff_user,
             detail={"note": note[:2000]} if note else None,
         )
+        audit_record(
+            action=AuditEvent.Action.THREAD_RESOLVE,
+            staff_user=staff_user,
+            target=thread,
+            end_user_pk=thread.user_id,
+            detail={"note": note[:2000]} if note else None,
+        )
         _publish_thread_change(thread, "resolved")
     return thread
 
@@ -377,6 +387,13 @@ def thread_staff_reopen(*, thread: Thread, staff_user: StaffUser) -> Thread:
             kind=ThreadActivity.Kind.REOPENED,
             actor=ThreadActivity.Actor.STAFF,
             staff_user=staff_user,
+            detail={"from": previous},
+        )
+        audit_record(
+            action=AuditEvent.Action.THREAD_REOPEN,
+            staff_user=staff_user,
+            target=thread,
+            end_user_pk=thread.user_id,
             detail={"from": previous},
         )
         _publish_thread_change(thread, "reopened")
@@ -450,6 +467,13 @@ def threads_merge(*, source: Thread, target: Thread, staff_user: StaffUser) -> T
                 staff_user=staff_user,
                 detail=detail,
             )
+        audit_record(
+            action=AuditEvent.Action.THREAD_MERGE,
+            staff_user=staff_user,
+            target=target,
+            end_user_pk=target.user_id,
+            detail=detail,
+        )
     return target
 
 
@@ -507,6 +531,13 @@ def thread_split(*, message: Message, staff_user: StaffUser) -> Thread:
                 staff_user=staff_user,
                 detail=detail,
             )
+        audit_record(
+            action=AuditEvent.Action.THREAD_SPLIT,
+            staff_user=staff_user,
+            target=new,
+            end_user_pk=new.user_id,
+            detail={**detail, "message": str(message.pk)},
+        )
     return new
 
 

@@ -6,9 +6,12 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.http import HttpRequest
 
 from agentflow.errors import ConfigError
 from agentflow.validation import validate_intent_fields
+from conversations.audit import audit_record
+from conversations.models import AuditEvent
 
 from .models import IntentCategory
 from .services import CODE_FIELDS
@@ -108,11 +111,6 @@ class IntentCategoryAdmin(admin.ModelAdmin):
     search_fields = ("name", "description")
     actions = ("release_to_code",)
 
-    def save_model(self, request: Any, obj: IntentCategory, form: Any, change: bool) -> None:
-        # Called for the change form and for list_editable rows alike.
-        mark_staff_edited(obj)
-        super().save_model(request, obj, form, change)
-
     @admin.display(description="threshold from")
     def threshold_source(self, obj: IntentCategory) -> str:
         if obj.threshold is None:
@@ -131,3 +129,25 @@ class IntentCategoryAdmin(admin.ModelAdmin):
     @admin.display(description="examples")
     def example_count(self, obj: IntentCategory) -> int:
         return len(obj.examples)
+
+    def save_model(self, request: HttpRequest, obj: IntentCategory, form: Any, change: bool) -> None:
+        """Save, then audit the edit (from the change form or the list's editable columns).
+
+        The code-defined fields staff changed are recorded first: code no longer sets them.
+        """
+        before = dict(form.initial) if change else {}
+        mark_staff_edited(obj)
+        super().save_model(request, obj, form, change)
+        changed = sorted(form.changed_data)
+        if change and not changed:
+            return
+        detail: dict[str, Any] = {"name": obj.name, "changed": changed}
+        for field in ("threshold", "handoff", "active", "on_low_confidence"):
+            if field in changed:
+                detail[field] = {"from": before.get(field), "to": getattr(obj, field)}
+        audit_record(
+            action=AuditEvent.Action.CATEGORY_CHANGE if change else AuditEvent.Action.CATEGORY_CREATE,
+            staff_user=request.user,
+            target=obj,
+            detail=detail,
+        )

@@ -21,7 +21,8 @@ from django.utils.safestring import SafeString
 from agentflow.embeddings import get_embedder
 from agentflow.errors import NotFound
 from conversations.admin import EndUserAdmin
-from conversations.models import EndUser
+from conversations.audit import audit_record
+from conversations.models import AuditEvent, EndUser
 
 from .models import Memory
 from .privacy import user_erase, user_export
@@ -129,14 +130,24 @@ class MemoryAdmin(admin.ModelAdmin):
     raw_id_fields = ("user",)
     date_hierarchy = "updated_at"
 
+    def _set_approved(self, request: HttpRequest, queryset: Any, approved: bool) -> int:
+        """Approve or withdraw the selected global memories that change; each is logged and audited."""
+        changing = list(queryset.filter(user__isnull=True).exclude(approved=approved))
+        Memory.objects.filter(pk__in=[memory.pk for memory in changing]).update(approved=approved)
+        action = AuditEvent.Action.MEMORY_APPROVE if approved else AuditEvent.Action.MEMORY_WITHDRAW
+        for memory in changing:
+            audit_record(action=action, staff_user=request.user, target=memory)
+            self.log_change(request, memory, "Approved." if approved else "Withdrawn from use.")
+        return len(changing)
+
     @admin.action(description="Approve selected global memories (the review queue)")
     def approve(self, request: HttpRequest, queryset: Any) -> None:
-        count = queryset.filter(user__isnull=True).update(approved=True)
+        count = self._set_approved(request, queryset, True)
         self.message_user(request, f"{count} global memories approved; agents may use them now.")
 
     @admin.action(description="Withdraw selected global memories from use")
     def withdraw(self, request: HttpRequest, queryset: Any) -> None:
-        count = queryset.filter(user__isnull=True).update(approved=False)
+        count = self._set_approved(request, queryset, False)
         self.message_user(request, f"{count} global memories withdrawn.")
 
     @admin.display(description="content")
@@ -182,7 +193,9 @@ class PrivacyEndUserAdmin(EndUserAdmin):
 
     @admin.action(description="Export selected users (JSON)")
     def export_users(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> HttpResponse:
-        exports = [user_export(user=user) for user in queryset.order_by("external_id")]
+        exports = [
+            user_export(user=user, staff_user=request.user) for user in queryset.order_by("external_id")
+        ]
         response = HttpResponse(
             json.dumps({"users": exports}, indent=2, ensure_ascii=False), content_type="application/json"
         )
@@ -220,9 +233,11 @@ class PrivacyEndUserAdmin(EndUserAdmin):
     def _erase(self, request: HttpRequest, users: list[EndUser]) -> None:
         totals: Counter[str] = Counter()
         erased = 0
+        # Django's admin log (the audit trail records each erase too); logged before the rows go.
+        self.log_deletions(request, EndUser.objects.filter(pk__in=[user.pk for user in users]))
         for user in users:
             try:
-                totals.update(user_erase(user=user))
+                totals.update(user_erase(user=user, staff_user=request.user))
             except NotFound:  # erased meanwhile
                 continue
             erased += 1
@@ -234,14 +249,14 @@ class PrivacyEndUserAdmin(EndUserAdmin):
     def delete_model(self, request: HttpRequest, obj: EndUser) -> None:
         # Deleting from the admin is an erase: global memories' provenance is cleaned as well.
         try:
-            user_erase(user=obj)
+            user_erase(user=obj, staff_user=request.user)
         except NotFound:
             pass
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EndUser]) -> None:
         for user in queryset:
             try:
-                user_erase(user=user)
+                user_erase(user=user, staff_user=request.user)
             except NotFound:
                 pass
 

@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from ninja import Router, Schema
 
 from agentflow.validation import clean_user_id
+from conversations.audit import request_actor
 from conversations.schemas import responses
 
 from .privacy import person_erase, person_export
@@ -28,7 +29,7 @@ class ErasedOut(Schema):
     summary="Export everything stored about a user (JSON)",
 )
 def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return person_export(external_id=clean_user_id(user_id))
+    return person_export(external_id=clean_user_id(user_id), **request_actor(request))
 
 
 @router.delete(
@@ -37,4 +38,4 @@ def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
     summary="Erase a user with their sessions, threads, messages, escalations and memories",
 )
 def erase_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return {"erased": person_erase(external_id=clean_user_id(user_id))}
+    return {"erased": person_erase(external_id=clean_user_id(user_id), **request_actor(request))}

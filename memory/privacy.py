@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 from django.db.models import Q, TextField
@@ -17,9 +17,25 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 
 from agentflow.errors import NotFound
-from conversations.models import ChatSession, EndUser, Escalation, Message, Thread, ThreadActivity
+from conversations.audit import audit_export_rows, audit_forget_subject, audit_record, subject_hash
+from conversations.chat_tokens import chat_token_revoke
+from conversations.events import user_erased_on_commit
+from conversations.models import (
+    ApiKey,
+    AuditEvent,
+    ChatSession,
+    EndUser,
+    Escalation,
+    Message,
+    StaffUser,
+    Thread,
+    ThreadActivity,
+)
 
 from .models import Memory
+
+if TYPE_CHECKING:
+    pass
 
 EXPORT_FORMAT = "agentflow.user-export/1"
 
@@ -44,20 +60,32 @@ def _str(value: object | None) -> str | None:
     return str(value) if value is not None else None
 
 
-def user_export(*, user: EndUser) -> dict[str, Any]:
+def user_export(
+    *, user: EndUser, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, Any]:
     """Everything stored about ``user``, as plain JSON-serialisable data (ids and datetimes as strings).
 
     Embeddings and derived thread features are left out: they are not readable data about the user.
     Staff appear only as the escalation holder's username. Global memories are not the user's and are
-    not included.
+    not included. The export itself is audited (by ``staff_user``, ``api_key`` or the system), and
+    the audit rows about the user are part of it (``audit``).
 
     Args:
         user: the end user to export.
+        staff_user: the staff account asking (the admin).
+        api_key: the API key asking (REST).
 
     Returns:
         ``{"format", "exported_at", "user", "sessions", "threads", "messages", "activities",
-        "escalations", "memories"}``, each list oldest first.
+        "escalations", "memories", "audit"}``, each list oldest first.
     """
+    audit_record(
+        action=AuditEvent.Action.USER_EXPORT,
+        staff_user=staff_user,
+        api_key=api_key,
+        target=user,
+        subject=user.external_id,
+    )
     sessions = ChatSession.objects.filter(user=user).order_by("started_at", "id")
     threads = Thread.objects.filter(user=user).order_by("opened_at", "id")
     messages = Message.objects.filter(user=user).order_by("created_at", "id")
@@ -151,6 +179,7 @@ def user_export(*, user: EndUser) -> dict[str, Any]:
             }
             for mem in memories
         ],
+        "audit": audit_export_rows(external_id=user.external_id),
     }
 
 
@@ -196,15 +225,23 @@ def _global_provenance_scrub(*, refs: list[str]) -> int:
     return changed
 
 
-def user_erase(*, user: EndUser) -> dict[str, int]:
+def user_erase(
+    *, user: EndUser, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, int]:
     """Delete everything stored about ``user``, in one transaction, and say how much went.
 
     The end user row goes and cascades to their sessions, threads, messages, thread activities,
     escalations and memories. Global memories stay, but the user's thread, message and session ids
-    are removed from their provenance.
+    are removed from their provenance. The audit rows about the user stay without their personal
+    data (``audit_forget_subject``); the erase is audited with a keyed hash of their id only.
+
+    Their chat tokens are revoked first (a message racing the erase then cannot bring the user
+    back), and once the erase commits their open chat sockets are closed (code 4410).
 
     Args:
         user: the end user to erase.
+        staff_user: the staff account erasing (the admin).
+        api_key: the API key erasing (REST).
 
     Returns:
         Rows deleted per kind (``users``, ``sessions``, ``threads``, ``messages``, ``activities``,
@@ -213,6 +250,9 @@ def user_erase(*, user: EndUser) -> dict[str, int]:
     Raises:
         NotFound: the user was already erased; nothing changed.
     """
+    if not EndUser.objects.filter(pk=user.pk).exists():
+        raise NotFound(f"user {user.external_id!r} not found")
+    chat_token_revoke(external_id=user.external_id)
     with transaction.atomic():
         locked = EndUser.objects.select_for_update().filter(pk=user.pk).first()
         if locked is None:
@@ -225,12 +265,24 @@ def user_erase(*, user: EndUser) -> dict[str, int]:
         scrubbed = _global_provenance_scrub(refs=refs)
         # The collector's own per-model counts: exactly what the cascade deleted, no count-then-delete race.
         _, per_model = EndUser.objects.filter(pk=locked.pk).delete()
-    counts = {kind: per_model.get(label, 0) for label, kind in _ERASED_KINDS.items()}
-    counts["global_memories_scrubbed"] = scrubbed
+        counts = {kind: per_model.get(label, 0) for label, kind in _ERASED_KINDS.items()}
+        counts["global_memories_scrubbed"] = scrubbed
+        audit_forget_subject(external_id=locked.external_id)
+        audit_record(
+            action=AuditEvent.Action.USER_ERASE,
+            staff_user=staff_user,
+            api_key=api_key,
+            target_type="enduser",
+            subject_hash=subject_hash(locked.external_id),
+            detail=counts,
+        )
+        user_erased_on_commit(user_pk=locked.pk)
     return counts
 
 
-def person_export(*, external_id: str) -> dict[str, Any]:
+def person_export(
+    *, external_id: str, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, Any]:
     """``user_export`` of a person across every agent they talked to (one end user row per agent).
 
     The lists are concatenated; each session, thread and message says which agent it belongs to, and
@@ -246,7 +298,7 @@ def person_export(*, external_id: str) -> dict[str, Any]:
         raise NotFound(f"user {external_id!r} not found")
     merged: dict[str, Any] = {}
     for user in users:
-        part = user_export(user=user)
+        part = user_export(user=user, staff_user=staff_user, api_key=api_key)
         for key in ("sessions", "threads", "messages"):
             for row in part[key]:
                 row["agent"] = user.agent.name
@@ -260,7 +312,9 @@ def person_export(*, external_id: str) -> dict[str, Any]:
     return merged
 
 
-def person_erase(*, external_id: str) -> dict[str, int]:
+def person_erase(
+    *, external_id: str, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+) -> dict[str, int]:
     """``user_erase`` of a person's end user rows with every agent; the counts are added up.
 
     Raises:
@@ -273,6 +327,6 @@ def person_erase(*, external_id: str) -> dict[str, int]:
         raise NotFound(f"user {external_id!r} not found")
     totals: dict[str, int] = {}
     for user in users:
-        for kind, count in user_erase(user=user).items():
+        for kind, count in user_erase(user=user, staff_user=staff_user, api_key=api_key).items():
             totals[kind] = totals.get(kind, 0) + count
     return totals

@@ -87,8 +87,10 @@ def _delete_run_keys(pattern: str) -> None:
 
 @pytest.fixture(autouse=True)
 def _clear_rate_limits() -> Iterator[None]:
+    """Each test starts with full rate-limit buckets, no counted connections and no revoked tokens."""
     yield
     _delete_run_keys(f"agentflow-test-{_RUN}:*ratelimit:*")
+    _delete_run_keys(f"agentflow-test-{_RUN}:*chat-revoked:*")
 
 
 @pytest.fixture(scope="session")

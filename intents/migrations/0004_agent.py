@@ -17,7 +17,7 @@ def assign_default_agent(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("conversations", "0006_agent"),
+        ("conversations", "0007_agent"),
         ("intents", "0003_on_low_confidence"),
     ]
 

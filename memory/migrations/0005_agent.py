@@ -22,7 +22,7 @@ def assign_agents(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("conversations", "0006_agent"),
+        ("conversations", "0007_agent"),
         ("memory", "0004_global_vectors_covering"),
     ]
 

@@ -30,12 +30,7 @@ async def astored_counts() -> dict[str, int]:
 
 
 def use_up_rate_limit(user_id: str, per_minute: int) -> None:
-    """Spend the user's messages for the current minute, so that the next one is refused.
-
-    The limit counts per clock minute, so the last two seconds of a minute are waited out first.
-    """
-    if time.time() % 60 > 58:
-        time.sleep(61 - time.time() % 60)
+    """Empty the user's message bucket (``per_minute`` tokens), so that the next message is refused."""
     for _ in range(per_minute):
         rate_limit_check(user_id=user_id, per_minute=per_minute, now=timezone.now())
 

@@ -20,7 +20,8 @@ from conversations.consumers import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from conversations.events import apublish
 from conversations.frames import MAX_FRAME_BYTES
 from conversations.handoff import BOT_BACK_TEXT, STAFF_REPLY_MAX_CHARS, escalation_claim, escalation_open
-from conversations.models import EndUser, Escalation, Message, Thread
+from conversations.models import AuditEvent, EndUser, Escalation, Message, Thread
+from memory.privacy import user_erase
 from tests.conftest import ORIGIN
 
 from .factories import EndUserFactory, MessageFactory, ThreadFactory
@@ -662,3 +663,46 @@ def test_the_live_page_is_refused_to_anyone_but_staff(django_user_model, other_s
     client.force_login(other_staff)
     assert client.get(url).status_code == 200
     assert client.get("/admin/conversations/enduser/999999/live/").status_code == 404
+
+
+# --- audit trail and erase ------------------------------------------------------------------------
+
+
+async def test_staff_actions_over_the_socket_are_audited_with_account_and_route(staff, other_staff) -> None:
+    thread, escalation = await sync_to_async(_escalated_thread)("alice")
+    end_user = await EndUser.objects.aget(external_id="alice")
+    page, _ = await _watch(staff, end_user)
+    intruder, _ = await _watch(other_staff, end_user)
+
+    await page.send_json_to({"type": "claim", "escalation_id": escalation.pk})
+    await _next_of(page, "ack")
+    await intruder.send_json_to({"type": "release", "escalation_id": escalation.pk})  # not theirs
+    assert (await _next_of(intruder, "error"))["code"] == "forbidden"
+    await page.send_json_to({"type": "reply", "thread_id": str(thread.pk), "content": "Hi, Dana here"})
+    await _next_of(page, "ack")
+
+    rows = [
+        (e.action, e.actor_kind, e.staff_username, e.subject, e.route)
+        async for e in AuditEvent.objects.exclude(action=AuditEvent.Action.LOGIN).order_by("id")
+    ]
+    path = f"/ws/staff/users/{end_user.pk}/"
+    assert rows == [
+        ("escalation_claim", "staff", "ops", "alice", f"WS {path} claim"),
+        ("staff_reply", "staff", "ops", "alice", f"WS {path} reply"),
+    ]
+    for communicator in (page, intruder):
+        await communicator.disconnect()
+
+
+async def test_a_staff_page_watching_an_erased_user_is_closed_4404(staff) -> None:
+    end_user = await sync_to_async(EndUserFactory)(external_id="alice")
+    page, _ = await _watch(staff, end_user)
+
+    await sync_to_async(user_erase)(user=end_user)
+
+    assert await page.receive_json_from() == {
+        "type": "error",
+        "code": "not_found",
+        "message": "this end user was erased",
+    }
+    assert await page.receive_output() == {"type": "websocket.close", "code": CLOSE_NOT_FOUND}

@@ -399,7 +399,7 @@
   var state = {
     open: false,
     started: false,
-    stopped: false, // a configuration error (4403, 4400): no reconnecting
+    stopped: false, // a configuration error (4403, 4400) or an erased user (4410): no reconnecting
     socket: null,
     ready: false,
     token: null,
@@ -968,6 +968,10 @@
       state.stopped = true;
       setStatus("Chat is not available on this site.");
       console.error("AgentFlow widget: this page's origin is not allowed (AGENTFLOW_WIDGET_ORIGINS)");
+      return;
+    } else if (code === 4410) {
+      state.stopped = true; // the user's data was erased: this conversation is gone
+      setStatus("This conversation has ended.");
       return;
     } else if (code === 4400) {
       state.stopped = true;

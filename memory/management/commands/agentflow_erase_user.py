@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow.errors import NotFound
+from conversations.audit import audit_scope
 from conversations.selectors import users_with_external_id
 from memory.privacy import person_erase
 
@@ -30,7 +31,8 @@ class Command(BaseCommand):
                 f"erasing user {user_id!r} cannot be undone; pass --yes to confirm. Nothing was erased."
             )
         try:
-            counts = person_erase(external_id=user_id)
+            with audit_scope(ip=None, route="manage.py agentflow_erase_user"):  # audited as the system
+                counts = person_erase(external_id=user_id)
         except NotFound:
             raise CommandError(f"no user {user_id!r}: nothing erased") from None
         self.stdout.write(json.dumps({"erased": counts}, indent=2))

@@ -9,6 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow.errors import NotFound
+from conversations.audit import audit_scope
 from memory.privacy import person_export
 
 
@@ -21,7 +22,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, user_id: str, output: str | None = None, **options: Any) -> None:
         try:
-            data = person_export(external_id=user_id)
+            with audit_scope(ip=None, route="manage.py agentflow_export_user"):  # audited as the system
+                data = person_export(external_id=user_id)
         except NotFound:
             raise CommandError(f"no user {user_id!r}: nothing exported") from None
         text = json.dumps(data, indent=2, ensure_ascii=False)

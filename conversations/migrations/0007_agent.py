@@ -20,7 +20,7 @@ def assign_default_agent(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("conversations", "0005_enduser_read_position"),
+        ("conversations", "0006_audit_event"),
     ]
 
     operations = [
