@@ -327,4 +327,18 @@ def resolve_redis() -> RedisChoice:
         return RedisChoice(url, "REDIS_URL")
     if _answers("127.0.0.1", 6379):
         return RedisChoice("redis://127.0.0.1:6379/0", "localhost:6379")
-    return RedisChoice(ensure_valkey(), "embedded")
+    # The embedded server's address is known without starting it; ensure_services() starts it.
+    return RedisChoice(_valkey_url(valkey_port(), valkey_password()), "embedded")
+
+
+def ensure_services() -> None:
+    """Start (or attach to) the embedded servers the settings chose, when this deployment sets up.
+
+    Importing the settings starts nothing: PostgreSQL starts on the first connection
+    (``agentflow_project.embedded_db``), the embedded Valkey here, from ``AppConfig.ready()`` of this
+    project (never from the reusable apps, which a host project installs without it).
+    """
+    from django.conf import settings
+
+    if getattr(settings, "REDIS_SOURCE", "") == "embedded":
+        ensure_valkey()

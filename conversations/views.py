@@ -43,8 +43,14 @@ def demo_user_id(session: SessionBase) -> str:
 
 @require_GET
 def demo_page(request: HttpRequest) -> HttpResponse:
+    """The sample host page; ``?agent=<name>`` puts ``data-agent`` on the widget's tag."""
     _require_demo_page()
-    return render(request, "agentflow/demo.html")
+    agent = request.GET.get("agent") or ""
+    try:
+        agent = agent_settings(name=agent).name if agent else ""
+    except (InvalidInput, NotFound) as exc:
+        raise Http404(str(exc)) from None
+    return render(request, "agentflow/demo.html", {"agent": agent})
 
 
 @never_cache

@@ -175,3 +175,31 @@ def test_bad_variables_stop_start_up_naming_the_variable(env, message):
 
     assert result.returncode != 0
     assert f"ImproperlyConfigured: {message}" in result.stderr
+
+
+# --- importing the settings starts nothing --------------------------------------------------------
+
+
+def test_importing_the_settings_starts_no_database_server(tmp_path):
+    """With no DATABASE_URL the embedded PostgreSQL starts on the first connection, not on import."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+    env.update(
+        {
+            "AGENTFLOW_DATA_DIR": str(tmp_path),
+            "AGENTFLOW_SKIP_DOTENV": "1",
+            "DJANGO_DEBUG": "true",
+            "REDIS_URL": UNREACHABLE_REDIS,
+        }
+    )
+    code = (
+        "import agentflow_project.settings as s;"
+        "print(s.DATABASES['default']['ENGINE'], s.DATABASES['default']['HOST'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["agentflow_project.embedded_db", str(tmp_path.resolve() / "postgres")]
+    assert not (tmp_path / "postgres" / "postmaster.pid").exists()
+    assert not (tmp_path / "postgres" / "PG_VERSION").exists()  # not even initialised

@@ -84,8 +84,8 @@ def _watch(page: Page) -> dict[str, list[str]]:
     return seen
 
 
-async def _open_demo(page: Page, base_url: str) -> None:
-    await page.goto(f"{base_url}/demo/")
+async def _open_demo(page: Page, base_url: str, query: str = "") -> None:
+    await page.goto(f"{base_url}/demo/{query}")
     launcher = page.get_by_role("button", name=re.compile(r"^Open chat"))
     await expect(launcher).to_have_attribute("aria-expanded", "false")
     await launcher.click()
@@ -446,3 +446,32 @@ async def test_when_the_assistant_fails_retry_sends_the_same_message_again(
     assert await Message.objects.filter(role="assistant", reply_to=stored).acount() == 1
     assert seen == {"dialogs": [], "errors": []}
     await context.close()
+
+
+async def test_a_widget_with_data_agent_chats_with_that_agent(
+    live_asgi_url: str, chromium: Any, celery_worker: Any
+) -> None:
+    from agentflow import AgentFrameworkBuilder, IntentCategory
+
+    await (
+        AgentFrameworkBuilder()
+        .with_config({"name": "shop"})
+        .with_intent_categories([IntentCategory("ORDER_STATUS", "Order tracking", ["Where is my order"])])
+        .build(None)
+    )
+    page = await chromium.new_page()
+    await _open_demo(page, live_asgi_url, "?agent=shop")
+
+    await _send(page, "Where is my order?")
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant").last).to_contain_text(
+        "[Offline mode]", timeout=20_000
+    )
+
+    message = await Message.objects.select_related("user__agent").aget(role="user")
+    assert (message.user.agent.name, message.content, message.status) == (
+        "shop",
+        "Where is my order?",
+        "done",
+    )
+    assert message.intent == "ORDER_STATUS"
+    assert not await EndUser.objects.filter(agent__name="agentflow").aexists()

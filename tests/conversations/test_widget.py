@@ -153,3 +153,37 @@ async def test_a_demo_token_opens_the_chat_as_that_demo_user() -> None:
 
     assert connected
     assert (ready["type"], ready["user_id"]) == ("ready", user)
+
+
+def test_the_demo_token_names_the_agent_the_widget_asks_for() -> None:
+    from conversations.chat_tokens import chat_token_claims
+    from conversations.models import Agent
+
+    Agent.objects.create(name="shop")
+    client = Client()
+
+    shop = client.get("/demo/chat-token", {"agent": "shop"})
+    default = client.get("/demo/chat-token")
+    unknown = client.get("/demo/chat-token", {"agent": "nobody"})
+    bad = client.get("/demo/chat-token", {"agent": "no such agent"})
+
+    assert shop.status_code == 200 and shop.json()["agent"] == "shop"
+    assert chat_token_claims(shop.json()["token"]).agent == "shop"
+    assert default.json()["agent"] == "agentflow"
+    assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "agent"
+    assert bad.status_code == 404 and bad.json()["error"]["code"] == "invalid_input"
+    assert not EndUser.objects.exists()  # a token stores nothing
+
+
+def test_the_demo_page_puts_the_asked_agent_on_the_widget() -> None:
+    from conversations.models import Agent
+
+    Agent.objects.create(name="shop")
+
+    page = Client().get("/demo/", {"agent": "shop"}).content.decode()
+
+    assert re.findall(r"<script [^>]*></script>", page) == [
+        '<script src="/static/agentflow/widget.js" data-token-url="/demo/chat-token" data-agent="shop"'
+        ' data-title="Acme support" defer></script>'
+    ]
+    assert Client().get("/demo/", {"agent": "nobody"}).status_code == 404

@@ -7,6 +7,8 @@
  *           data-token-url="/chat-token" defer></script>
  *
  * data-token-url  (required) the host site's endpoint returning {"token": "..."} for the signed-in user
+ * data-agent      the agent to chat with (its name): sent to the token endpoint as ?agent=<name>, whose
+ *                 token is then bound to that agent; default: the endpoint's choice (the default agent)
  * data-server     the AgentFlow base URL (ws(s):// or http(s)://); default: where this script came from
  * data-title      the panel's title (default "Chat with us")
  * data-open       "true": open the panel on load
@@ -45,14 +47,28 @@
     return scheme + "//" + base.host + path;
   }
 
+  var AGENT_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
+  if (data.agent && !AGENT_NAME.test(data.agent)) {
+    console.error("AgentFlow widget: data-agent must be an agent's name (letters, digits, _ - .)");
+    return;
+  }
+
+  function withAgent(url, agent) {
+    if (!agent) return url;
+    var target = new URL(url, window.location.href);
+    target.searchParams.set("agent", agent);
+    return target.href;
+  }
+
   var config = {
-    tokenUrl: data.tokenUrl,
+    tokenUrl: withAgent(data.tokenUrl || "", data.agent),
+    agent: data.agent || "",
     server: wsBase(data.server),
     title: (data.title || "Chat with us").slice(0, 100),
     open: data.open === "true" || data.open === "",
     color: data.color && window.CSS && CSS.supports && CSS.supports("color", data.color) ? data.color : null,
   };
-  if (!config.tokenUrl) {
+  if (!data.tokenUrl) {
     console.error("AgentFlow widget: the script tag needs data-token-url");
     return;
   }
@@ -424,7 +440,7 @@
   var humanTyping = false;
 
   function storeKey() {
-    return STORE_PREFIX + config.server + ":" + state.userId;
+    return STORE_PREFIX + config.server + ":" + (config.agent ? config.agent + ":" : "") + state.userId;
   }
   function storePending() {
     if (!state.userId) return;
