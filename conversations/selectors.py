@@ -161,7 +161,7 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
     if reply is None:
         reply = Message.objects.filter(reply_to=message).first()
     result: dict[str, Any] = {
-        "status": message.status,
+        "status": str(message.status),
         "message_id": str(message.id),
         "user_id": message.user.external_id,
         "session_id": str(message.session_id),
