@@ -370,6 +370,9 @@ class FakeAnthropicServer:
         with self._lock:
             reply = self._queue.popleft() if self._queue else FakeReply()
         wait = self.latency + reply.delay
+        with self._lock:
+            if self._requests:
+                self._requests[-1]["waited"] = wait  # what the reply was held for (benchmarks, tests)
         if wait > 0:
             await asyncio.sleep(wait)
         if reply.is_error:
