@@ -1,7 +1,7 @@
 """SQL statements and transactions per turn stage; the web process's memory after one REST message.
 
-    python bench/turn_sql.py [--rounds 1] [--show]   # statements and transactions per stage
-    python bench/turn_sql.py --rss                    # web server RSS at start / after one message
+    python bench/turn_sql.py [--rounds 1] [--show] [--demo-categories]   # statements per stage
+    python bench/turn_sql.py --rss   # web server RSS at start / after one message
 
 Statements: the default agent, offline (no ``ANTHROPIC_API_KEY``), warmed up by one conversation,
 runs ``turn_overhead.MESSAGES`` for a fresh user, stage by stage in this one thread: ``accept``
@@ -9,7 +9,7 @@ runs ``turn_overhead.MESSAGES`` for a fresh user, stage by stage in this one thr
 the agent's ``respond`` and ``finish`` (store the reply). Each stage's statements go through
 ``connection.execute_wrapper``; transactions are the outermost ``transaction.atomic`` blocks that
 committed or rolled back, plus the statements run in autocommit (each its own transaction).
-``--show`` prints the statements of the first measured turn.
+``--show`` prints the statements of the first user's turns.
 
 RSS: starts daphne and a Celery worker (threads pool) on a free port with a queue of their own,
 posts one message to ``/api/users/bench-rss/messages`` and reads the web process's ``VmRSS``
@@ -47,8 +47,11 @@ os.environ["ANTHROPIC_API_KEY"] = ""  # offline mode, whatever .env says
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"  # the bench sends faster than a person
 os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
 os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
-# Follow-up jobs queued on commit go to a queue of this run (purged at the end), not a shared worker's.
+# Follow-up jobs queued on commit go to a queue of this run (purged at the end), not a shared worker's;
+# channel groups and cache keys are this checkout's own (another checkout may share the Redis server).
 os.environ.setdefault("AGENTFLOW_CELERY_QUEUE", f"bench-sql-{os.getpid()}")
+os.environ.setdefault("AGENTFLOW_CHANNELS_PREFIX", f"bench-{ROOT.name}")
+os.environ.setdefault("AGENTFLOW_CACHE_PREFIX", f"bench-{ROOT.name}")
 
 from turn_overhead import MESSAGES  # noqa: E402
 
@@ -102,7 +105,17 @@ def counting(tally: Tally) -> Iterator[None]:
         del conn.commit, conn.rollback  # back to the class's methods
 
 
-def default_agent() -> Any:
+def default_agent(demo_categories: bool) -> Any:
+    """The default agent, or (``demo_categories``) one built by a script with the demo's intent categories.
+
+    The default agent classifies against the categories its database holds; the demo's make two
+    checkouts' databases comparable (they are written at build, once per database).
+    """
+    if demo_categories:
+        from agentflow import AgentFrameworkBuilder
+        from agentflow.management.commands.agentflow_demo import DEMO_CATEGORIES
+
+        return AgentFrameworkBuilder().with_intent_categories(DEMO_CATEGORIES).build_sync(None)
     try:
         from agentflow.registry import default_agent as load
     except ImportError:  # before the agent-runtime rework
@@ -140,10 +153,12 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def statements(rounds: int, show: bool) -> None:
+def statements(rounds: int, show: bool, demo_categories: bool) -> None:
     from celery import current_app
 
-    agent = default_agent()
+    from intents.models import IntentCategory
+
+    agent = default_agent(demo_categories)
     if not getattr(agent, "offline", True):
         raise SystemExit("the agent is not offline: unset ANTHROPIC_API_KEY")
     warmup = f"bench-warmup-{uuid.uuid4().hex[:6]}"
@@ -160,7 +175,14 @@ def statements(rounds: int, show: bool) -> None:
     finally:
         current_app.control.purge()  # the follow-up jobs the turns queued on this run's queue
     turns = len(per_turn)
-    print(f"{turns} turns ({rounds} fresh user(s) x {len(MESSAGES)} messages), per turn:")
+    rows = IntentCategory.objects.filter(active=True)
+    if getattr(agent, "record_id", None) is not None:  # categories belong to an agent after the rework
+        rows = rows.filter(agent_id=agent.record_id)
+    categories = rows.count()
+    print(
+        f"agent {getattr(agent, 'name', 'default')}, offline, {categories} active intent categories;"
+        f" {turns} turns ({rounds} fresh user(s) x {len(MESSAGES)} messages), per turn:"
+    )
     totals = Tally()
     for name in STAGES:
         merged = Tally()
@@ -177,10 +199,11 @@ def statements(rounds: int, show: bool) -> None:
         print_line(name, merged, turns)
     print_line("total", totals, turns)
     if show:
-        for name in STAGES:
-            print(f"--- {name} (first turn)")
-            for sql in per_turn[0][name].sql:
-                print("   ", " ".join(sql.split())[:160])
+        for n, tallies in enumerate(per_turn[: len(MESSAGES)], 1):
+            for name in STAGES:
+                print(f"--- turn {n} {name}")
+                for sql in tallies[name].sql:
+                    print("   ", " ".join(sql.split())[:160])
 
 
 def print_line(name: str, t: Tally, turns: int) -> None:
@@ -205,7 +228,7 @@ def free_port() -> int:
 
 
 def web_rss() -> None:
-    from conversations.models import ApiKey, EndUser
+    from conversations.models import ApiKey
     from conversations.services import api_key_create
 
     port = free_port()
@@ -213,16 +236,37 @@ def web_rss() -> None:
     env = {**os.environ, "AGENTFLOW_CELERY_QUEUE": queue, "AGENTFLOW_WORKER_CONCURRENCY": "2"}
     logs = ROOT / ".data" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
-    worker_cmd = ["celery", "-A", "agentflow_project", "worker", "-P", "threads", "-c", "2", "-Q", queue]
     web = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "agentflow_project.asgi:application"],
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "agentflow_project.asgi:application",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(logs / "rss-web.log", "w"),
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", *worker_cmd, "-l", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "agentflow_project",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            "2",
+            "-Q",
+            queue,
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -270,7 +314,10 @@ def web_rss() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="fresh users, each sending all MESSAGES")
-    parser.add_argument("--show", action="store_true", help="print the first measured turn's statements")
+    parser.add_argument("--show", action="store_true", help="print the statements of the first user's turns")
+    parser.add_argument(
+        "--demo-categories", action="store_true", help="a script's agent with the demo's intent categories"
+    )
     parser.add_argument("--rss", action="store_true", help="measure the web process's RSS instead")
     args = parser.parse_args()
 
@@ -286,7 +333,7 @@ def main() -> None:
         if args.rss:
             web_rss()
         else:
-            statements(args.rounds, args.show)
+            statements(args.rounds, args.show, args.demo_categories)
     finally:
         EndUser.objects.filter(external_id__startswith="bench-").delete()
 
