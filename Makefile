@@ -36,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 # A development .env: debug on and a random secret key. Edit it to add ANTHROPIC_API_KEY.
 # umask 077: it holds secrets, so only its owner may read it (mode 0600).
 .env:
-	@umask 077 && printf 'DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=%s\n# ANTHROPIC_API_KEY=sk-ant-...\n' \
+	@umask 077 && printf 'DJANGO_DEBUG=true\nDJANGO_SECRET_KEY=%s\n# The demo is the seed'"'"'s support agent; the un-prefixed API paths address it.\nAGENTFLOW_DEFAULT_AGENT=support\n# ANTHROPIC_API_KEY=sk-ant-...\n' \
 		"$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env
 	@echo "wrote .env (development settings)"
 
