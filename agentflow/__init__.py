@@ -3,6 +3,8 @@
 Importing this package does not touch Django or the database; ``build()`` sets them up.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .builder import AgentFrameworkBuilder
 from .config import (
     AgentFrameworkConfig,
@@ -14,16 +16,28 @@ from .config import (
     SessionConfig,
 )
 from .context import HandlerResult, Middleware, TurnContext
-from .errors import AgentFlowError, ConfigError, InvalidInput, LLMError, NotFound, RateLimited
+from .errors import (
+    AgentFlowError,
+    AgentUnavailable,
+    ConfigError,
+    Forbidden,
+    InvalidInput,
+    LLMError,
+    NotFound,
+    RateLimited,
+)
 from .types import Classification, IntentCategory, IntentScore, ThreadEvent, TurnResult
 
 __all__ = [
+    "Agent",
     "AgentFlowError",
     "AgentFrameworkBuilder",
     "AgentFrameworkConfig",
+    "AgentUnavailable",
     "Classification",
     "ConfidenceConfig",
     "ConfigError",
+    "Forbidden",
     "HandlerResult",
     "InputConfig",
     "IntentCategory",
@@ -43,3 +57,15 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+def __getattr__(name: str) -> Any:
+    # ``Agent`` reaches Django models: imported on first use, so importing agentflow stays Django-free.
+    if name == "Agent":
+        from .agent import Agent
+
+        return Agent
+    raise AttributeError(f"module 'agentflow' has no attribute {name!r}")

@@ -43,6 +43,8 @@ def _run_inline(task_name: str, args: list[Any]) -> None:
     from django.db import connections
 
     try:
+        # A plain script never imported the task modules (a worker does, at start): import them now.
+        current_app.loader.import_default_modules()
         current_app.tasks[task_name].apply(args=args, throw=False)
     except Exception:  # a job's failure never reaches the turn that queued it
         logger.exception("inline job %s%r failed", task_name, tuple(args))

@@ -209,6 +209,7 @@ def decide_and_place(
     allow_judgement: bool = False,
     remember: bool = True,
     decision: ThreadDecision | None = None,
+    classifier: Any = None,
 ) -> Judgement | None:
     """Thread decision + intent, stored on the message. Call under the user's advisory lock.
 
@@ -249,7 +250,7 @@ def decide_and_place(
             for i, t in enumerate(threads[:6])
         )
         return Judgement(message.content, decision, options, embedding)
-    classification = agent.classifier.classify(embedding)
+    classification = (classifier or agent.classifier).classify(embedding)
     target = None if decision.thread_id is None else next(t for t in threads if t.pk == decision.thread_id)
     thread = conv_turns.message_place(
         message=message,
@@ -310,6 +311,7 @@ def prepare(
         embedding = judgement.embedding
     else:
         embedding = agent.embedder.embed_one(message.content)
+    snapshot = agent.intents.current()  # the agent's categories as of this turn: read once
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
         message.refresh_from_db(
@@ -325,6 +327,7 @@ def prepare(
                 verdict=verdict,
                 allow_judgement=verdict is None,
                 decision=judgement.decision if judgement is not None else None,
+                classifier=snapshot.classifier,
             )
     if waiting:
         conv_services.message_release(message_id=message.pk)
@@ -339,7 +342,7 @@ def prepare(
         tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
     )
     if conv_selectors.thread_held_by_human(thread=thread):
-        return _held(agent, message, thread, classification, started)
+        return _held(agent, message, thread, classification, started, snapshot.by_name)
     window = agent.config.llm_config.history_messages
     recent = conv_selectors.thread_history(thread=thread, limit=window, before=message)
     history = _history_for_llm(recent)
@@ -359,7 +362,7 @@ def prepare(
         if mem_cfg.enabled
         else []
     )
-    by_name = agent.intents.current().by_name
+    by_name = snapshot.by_name
     category = by_name.get(classification.intent) if classification.intent else None
     action = confidence_action(
         classification=classification,
@@ -478,7 +481,12 @@ def record(agent: Agent, *, user_id: str, content: str, role: str) -> dict[str, 
 
 
 def _held(
-    agent: Agent, message: Message, thread: Thread, classification: Classification, started: float
+    agent: Agent,
+    message: Message,
+    thread: Thread,
+    classification: Classification,
+    started: float,
+    by_name: dict[str, IntentCategory],
 ) -> Prepared:
     """A turn in a thread a human holds: no history, memories or reply; the human answers."""
     ctx = TurnContext(
@@ -499,8 +507,8 @@ def _held(
         str(message.pk),
         message=message,
         ctx=ctx,
-        category=agent.category(classification.intent),
-        by_name=agent.intents.current().by_name,
+        category=by_name.get(classification.intent) if classification.intent else None,
+        by_name=by_name,
         needs_human=True,
         human_reason="a human holds this thread",
         started=started,

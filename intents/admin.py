@@ -77,10 +77,11 @@ class IntentCategoryForm(forms.ModelForm):
 
 def mark_staff_edited(obj: IntentCategory) -> None:
     """Record which code-defined fields staff changed: from now on code no longer sets them."""
-    before = IntentCategory.objects.filter(pk=obj.pk).values(*CODE_FIELDS).first() if obj.pk else None
+    fields = (*CODE_FIELDS, "active")  # staff switching a category on or off owns that too
+    before = IntentCategory.objects.filter(pk=obj.pk).values(*fields).first() if obj.pk else None
     if before is None:
         return
-    owned = {field for field in CODE_FIELDS if getattr(obj, field) != before[field]}
+    owned = {field for field in fields if getattr(obj, field) != before[field]}
     if owned:
         obj.staff_edited = sorted(set(obj.staff_edited) | owned)
 

@@ -76,6 +76,9 @@ def intent_categories_sync(
                 created += 1
                 continue
         changed: list[str] = []
+        if not obj.active and "active" not in obj.staff_edited and obj.source == IntentCategory.Source.CODE:
+            obj.active = True  # code defines it again (it was dropped from an earlier build)
+            changed.append("active")
         for field, value in values.items():
             current = list(getattr(obj, field)) if field == "examples" else getattr(obj, field)
             if current == value:
@@ -84,7 +87,7 @@ def intent_categories_sync(
                 origin = "the configuration" if threshold_origin.get(name) == "config" else "code"
                 logger.warning(
                     "agent %s, intent %s: %s sets %s = %r but staff set %r in the admin; the staff value wins "
-                    "(clear it in the admin to let %s decide)",
+                    "(the admin action 'Let code set these categories' fields again' hands it back to %s)",
                     agent.name,
                     name,
                     origin,

@@ -12,6 +12,7 @@ from ninja import Router, Schema
 
 from agentflow.validation import clean_user_id
 from conversations.audit import request_actor
+from conversations.models import ApiKey
 from conversations.schemas import responses
 
 from .privacy import person_erase, person_export
@@ -29,7 +30,10 @@ class ErasedOut(Schema):
     summary="Export everything stored about a user (JSON)",
 )
 def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return person_export(external_id=clean_user_id(user_id), **request_actor(request))
+    """The person across every agent; with a key limited to one agent, with that agent only."""
+    return person_export(
+        external_id=clean_user_id(user_id), agent_id=_key_agent(request), **request_actor(request)
+    )
 
 
 @router.delete(
@@ -38,4 +42,13 @@ def export_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
     summary="Erase a user with their sessions, threads, messages, escalations and memories",
 )
 def erase_user(request: HttpRequest, user_id: str) -> dict[str, Any]:
-    return {"erased": person_erase(external_id=clean_user_id(user_id), **request_actor(request))}
+    """The person across every agent; with a key limited to one agent, with that agent only."""
+    erased = person_erase(
+        external_id=clean_user_id(user_id), agent_id=_key_agent(request), **request_actor(request)
+    )
+    return {"erased": erased}
+
+
+def _key_agent(request: HttpRequest) -> int | None:
+    key = getattr(request, "auth", None)
+    return key.agent_id if isinstance(key, ApiKey) else None

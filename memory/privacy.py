@@ -281,9 +281,14 @@ def user_erase(
 
 
 def person_export(
-    *, external_id: str, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+    *,
+    external_id: str,
+    agent_id: int | None = None,
+    staff_user: StaffUser | None = None,
+    api_key: ApiKey | None = None,
 ) -> dict[str, Any]:
-    """``user_export`` of a person across every agent they talked to (one end user row per agent).
+    """``user_export`` of a person across every agent they talked to (one end user row per agent), or
+    with agent ``agent_id`` only.
 
     The lists are concatenated; each session, thread and message says which agent it belongs to, and
     ``agents`` names them all.
@@ -293,7 +298,7 @@ def person_export(
     """
     from conversations.selectors import users_with_external_id
 
-    users = list(users_with_external_id(external_id=external_id))
+    users = [u for u in users_with_external_id(external_id=external_id) if agent_id in (None, u.agent_id)]
     if not users:
         raise NotFound(f"user {external_id!r} not found")
     merged: dict[str, Any] = {}
@@ -313,20 +318,26 @@ def person_export(
 
 
 def person_erase(
-    *, external_id: str, staff_user: StaffUser | None = None, api_key: ApiKey | None = None
+    *,
+    external_id: str,
+    agent_id: int | None = None,
+    staff_user: StaffUser | None = None,
+    api_key: ApiKey | None = None,
 ) -> dict[str, int]:
-    """``user_erase`` of a person's end user rows with every agent; the counts are added up.
+    """``user_erase`` of a person's end user rows with every agent (or agent ``agent_id`` only), in one
+    transaction; the counts are added up.
 
     Raises:
         NotFound: no agent has a user with this id; nothing changed.
     """
     from conversations.selectors import users_with_external_id
 
-    users = list(users_with_external_id(external_id=external_id))
+    users = [u for u in users_with_external_id(external_id=external_id) if agent_id in (None, u.agent_id)]
     if not users:
         raise NotFound(f"user {external_id!r} not found")
     totals: dict[str, int] = {}
-    for user in users:
-        for kind, count in user_erase(user=user, staff_user=staff_user, api_key=api_key).items():
-            totals[kind] = totals.get(kind, 0) + count
+    with transaction.atomic():  # all of the person's rows, or none
+        for user in users:
+            for kind, count in user_erase(user=user, staff_user=staff_user, api_key=api_key).items():
+                totals[kind] = totals.get(kind, 0) + count
     return totals

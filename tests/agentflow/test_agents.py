@@ -467,3 +467,81 @@ def test_admin_lists_filter_by_agent(django_user_model) -> None:
     }
     assert detail.status_code == 200
     assert b"InventoryMiddleware" in detail.content and b"session_config.ttl_seconds" in detail.content
+
+
+SCRIPT_AGENT = """
+import asyncio
+from agentflow import AgentFrameworkBuilder, IntentCategory
+
+async def main():
+    agent = await (AgentFrameworkBuilder()
+        .with_config({"name": "scripted", "memory_config": {"max_episodic_per_user": 500}})
+        .with_intent_categories([IntentCategory("LOGIN", "Sign-in problems", ["My login is broken"])])
+        .build(None))
+    await agent.process_message(user_id="sam", message="My login is broken, it says invalid password")
+    await agent.record_message(user_id="sam", content="Reset your password from Settings.")
+    await agent.process_message(user_id="sam", message="Thanks, that fixed the login!")
+
+asyncio.run(main())
+"""
+
+
+def test_a_script_with_no_worker_writes_its_agents_memories_itself(settings, tmp_path) -> None:
+    """The seed's quick start as a plain script: no Celery worker runs, yet the memory of the
+    resolved thread is written, by the script's own process, with the script's agent."""
+    import os
+    import subprocess
+    import sys
+
+    db = settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "agentflow_project.settings",
+        "DATABASE_URL": f"postgresql://{db['USER']}:@/{db['NAME']}?host={db['HOST']}",
+        "AGENTFLOW_CELERY_QUEUE": "nobody-consumes-this",
+        "AGENTFLOW_BACKGROUND_JOBS": "true",
+        "AGENTFLOW_AUTO_MIGRATE": "false",
+        "DJANGO_DEBUG": "true",
+    }
+    env.pop("ANTHROPIC_API_KEY", None)
+    script = tmp_path / "quickstart.py"
+    script.write_text(SCRIPT_AGENT)
+
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    memory = Memory.objects.get(user__external_id="sam", kind="episodic")
+    assert memory.agent.name == "scripted"
+    assert memory.content.startswith("Problem: My login is broken, it says invalid password")
+
+
+def test_a_key_limited_to_one_agent_exports_and_erases_only_that_agents_user() -> None:
+    support = support_builder().build_sync(None)
+    shop = shop_builder().build_sync(None)
+    for agent in (support, shop):
+        user_get_or_create(agent_id=agent.record_id, external_id="fay")
+    _, shop_key = api_key_create(name="shop-site", agent=AgentRow.objects.get(name="shop"))
+    _, any_key = api_key_create(name="everything")
+    client = Client()
+
+    limited = client.get("/api/users/fay/export", headers={"X-API-Key": shop_key}).json()
+    everything = client.get("/api/users/fay/export", headers={"X-API-Key": any_key}).json()
+    erased = client.delete("/api/users/fay", headers={"X-API-Key": shop_key})
+
+    assert limited["agents"] == ["shop"] and everything["agents"] == ["shop", "support"]
+    assert erased.status_code == 200 and erased.json()["erased"]["users"] == 1
+    assert list(EndUser.objects.values_list("agent__name", flat=True)) == ["support"]
+
+
+def test_a_category_code_defines_again_comes_back_unless_staff_switched_it_off() -> None:
+    AgentFrameworkBuilder().with_intent_categories(SUPPORT).build_sync(None)
+    AgentFrameworkBuilder().with_intent_categories(SUPPORT[:2]).build_sync(None)  # ESCALATION dropped
+    assert not CategoryRow.objects.get(name="ESCALATION").active
+    CategoryRow.objects.filter(name="OUTAGE").update(active=False, staff_edited=["active"])  # staff: off
+
+    AgentFrameworkBuilder().with_intent_categories(SUPPORT).build_sync(None)
+
+    active = dict(CategoryRow.objects.values_list("name", "active"))
+    assert active == {"QUERY": True, "OUTAGE": False, "ESCALATION": True}

@@ -187,7 +187,7 @@ def test_sync_updates_code_fields_and_keeps_the_fields_staff_edited(caplog):
         handoff=True,
         active=False,
         system_prompt="Staff prompt",
-        staff_edited=["handoff", "system_prompt", "threshold"],
+        staff_edited=["active", "handoff", "system_prompt", "threshold"],
     )
 
     with caplog.at_level("WARNING", logger="agentflow.intents"):
@@ -220,7 +220,7 @@ def test_sync_updates_code_fields_and_keeps_the_fields_staff_edited(caplog):
     assert len(warnings) == 3
     assert warnings[2] == (
         "agent agentflow, intent QUERY: code sets threshold = 0.1 but staff set 0.65 in the admin; "
-        "the staff value wins (clear it in the admin to let code decide)"
+        "the staff value wins (the admin action 'Let code set these categories' fields again' hands it back to code)"
     )
 
 

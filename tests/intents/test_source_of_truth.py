@@ -114,7 +114,7 @@ async def test_a_threshold_in_code_applies_until_staff_change_it_then_staff_win_
     assert (row.threshold, row.staff_edited) == (0.2, ["threshold"])
     assert [r.getMessage() for r in caplog.records] == [
         "agent agentflow, intent OUTAGE: code sets threshold = 0.9 but staff set 0.2 in the admin; "
-        "the staff value wins (clear it in the admin to let code decide)"
+        "the staff value wins (the admin action 'Let code set these categories' fields again' hands it back to code)"
     ]
     described = await sync_to_async(agent.describe)()
     outage = next(c for c in described["categories"] if c["name"] == "OUTAGE")
