@@ -100,6 +100,8 @@ def _materialise(made: Any, *, name: str, origin: str) -> Agent:
         raise ConfigError(
             f"{origin} returned {type(made).__name__}; expected an AgentFrameworkBuilder or an Agent"
         )
+    # A factory that called build() itself made a script's agent; declared, its jobs go to the workers.
+    made.runs_jobs_inline = False
     if made.name != name:
         raise ConfigError(
             f"{origin} built an agent named {made.name!r}; AGENTFLOW['AGENTS'] declares it as {name!r}"
