@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -126,9 +127,19 @@ class Agent:
     # --- public API -------------------------------------------------------------------------
 
     async def process_message(
-        self, *, user_id: str, message: str, client_message_id: str | None = None
+        self,
+        *,
+        user_id: str,
+        message: str,
+        client_message_id: str | None = None,
+        on_text: Callable[[str], Any] | None = None,
     ) -> TurnResult:
         """Run one turn for one user and return its result.
+
+        Args:
+            on_text: called with each piece of the reply's text as the LLM writes it (a plain or an
+                async function), for callers that show the reply as it comes; ``stream_message``
+                gives the same as events.
 
         Returns:
             A dict with ``content``, ``session_id``, ``thread_id``, ``thread_event``, ``intent``,
@@ -142,7 +153,61 @@ class Agent:
         received = await sync_to_async(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id
         )
-        return await self.run_turn(received.message.pk)
+        return await self.run_turn(received.message.pk, on_text=_awaitable(on_text))
+
+    async def stream_message(
+        self, *, user_id: str, message: str, client_message_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run one turn and yield its events as they happen, the same the WebSocket sends::
+
+            async for event in agent.stream_message(user_id="alice", message="My login is broken"):
+                if event["type"] == "delta":
+                    print(event["text"], end="", flush=True)
+
+        Yields:
+            ``{"type": "ack", "message_id", "client_message_id", "duplicate"}`` once the message is
+            stored; ``{"type": "delta", "message_id", "seq", "text"}`` for each piece of the reply
+            as it is written (none when the reply is not streamed: a hand-off, a handler, a reply
+            the Confidence Evaluator withholds); ``{"type": "thread", "event", "thread_id",
+            "status", "topic"}`` when the turn opened, returned to or resolved a thread; last
+            ``{"type": "turn", ...}``, the turn result of ``process_message``.
+
+        Raises:
+            As ``process_message``, after the events so far. Leaving the loop early cancels the turn
+            (the message is then ``failed``, and resending its ``client_message_id`` retries it).
+        """
+        received = await sync_to_async(pipeline.accept)(
+            self, user_id=user_id, message=message, client_message_id=client_message_id
+        )
+        message_id = str(received.message.pk)
+        yield {
+            "type": "ack",
+            "message_id": message_id,
+            "client_message_id": client_message_id,
+            "duplicate": not received.created,
+        }
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def on_text(text: str) -> None:
+            pieces.put_nowait(text)
+
+        turn = asyncio.ensure_future(self.run_turn(received.message.pk, on_text=on_text))
+        turn.add_done_callback(lambda _: pieces.put_nowait(None))
+        seq = 0
+        try:
+            while (text := await pieces.get()) is not None:
+                yield {"type": "delta", "message_id": message_id, "seq": seq, "text": text}
+                seq += 1
+        finally:
+            if not turn.done():
+                turn.cancel()
+        result = turn.result()
+        from conversations.selectors import thread_change_shown
+
+        thread = await sync_to_async(thread_change_shown)(result=dict(result))
+        if thread is not None:
+            yield {"type": "thread", **thread}
+        yield {"type": "turn", **result}
 
     async def run_turn(self, message_id: Any, *, on_text: TextCallback | None = None) -> TurnResult:
         """Run (or re-read) the turn of a stored user message (``agentflow.runner.run_turn``).
@@ -579,3 +644,14 @@ class _ConfidenceGate:
             if rest:
                 await self._send(rest)
         self._pending = ""
+
+
+def _awaitable(callback: Callable[[str], Any] | None) -> TextCallback | None:
+    """``on_text`` as the runner wants it: a plain function is called inline, an async one awaited."""
+    if callback is None or inspect.iscoroutinefunction(callback):
+        return callback
+
+    async def call(text: str) -> None:
+        callback(text)
+
+    return call

@@ -199,6 +199,21 @@ def turn_result_for(*, message_id: uuid.UUID | str) -> dict[str, Any]:
     return turn_result(message=Message.objects.select_related("user").get(pk=message_id))
 
 
+# Thread changes a chat client is told of as "thread" events (a follow-up changes nothing visible).
+THREAD_EVENTS_SHOWN = frozenset({"NEW_TOPIC", "RETURN", "RESOLUTION"})
+
+
+def thread_change_shown(*, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``thread`` event of a finished turn (``event``, ``thread_id``, ``status``, ``topic``), or
+    None when the turn only followed up on a thread."""
+    if result.get("thread_event") not in THREAD_EVENTS_SHOWN or not result.get("thread_id"):
+        return None
+    row = Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
+    if row is None:
+        return None
+    return {"event": result["thread_event"], "thread_id": result["thread_id"], **row}
+
+
 def thread_held_by_human(*, thread: Thread) -> bool:
     """Whether a human holds the thread (an open or claimed escalation): the bot stays silent in it."""
     return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).exists()

@@ -25,14 +25,13 @@ from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
 
 from .events import DeltaStream, apublish, publish
-from .models import Message, Thread
+from .models import Message
+from .selectors import thread_change_shown
 from .services import message_fail
 
 logger = logging.getLogger("agentflow.tasks")
 
 MAX_LLM_RETRIES = 3
-# Thread changes a chat client is told of as "thread" frames (a follow-up changes nothing visible).
-THREAD_EVENTS_SHOWN = frozenset({"NEW_TOPIC", "RETURN", "RESOLUTION"})
 ORDER_RETRIES = 150  # x 0.2 s: how long a message waits for the user's earlier one
 
 
@@ -139,19 +138,11 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
         )
         return "failed"
     if result["status"] == Message.Status.DONE:
-        thread = db.submit(_thread_shown, dict(result)).result()
+        thread = db.submit(lambda: thread_change_shown(result=dict(result))).result()
         loop.run_until_complete(
             _announce(user_pk=user_pk, message_id=message_id, result=dict(result), thread=thread)
         )
     return str(result["status"])
-
-
-def _thread_shown(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The thread change a chat client is told of (a follow-up changes nothing visible)."""
-    if result.get("thread_event") not in THREAD_EVENTS_SHOWN or not result.get("thread_id"):
-        return None
-    row = Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
-    return dict(row) if row is not None else None
 
 
 def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:
@@ -188,15 +179,7 @@ async def _announce(
     """Tell the user's connections the turn is done: the thread change, the final reply, typing off."""
     try:
         if thread is not None:
-            await apublish(
-                user_pk=user_pk,
-                event={
-                    "kind": "thread",
-                    "event": result["thread_event"],
-                    "thread_id": result["thread_id"],
-                    **thread,
-                },
-            )
+            await apublish(user_pk=user_pk, event={"kind": "thread", **thread})
         await apublish(user_pk=user_pk, event={"kind": "turn", "turn": result})
         await apublish(
             user_pk=user_pk,

@@ -545,3 +545,45 @@ def test_a_category_code_defines_again_comes_back_unless_staff_switched_it_off()
 
     active = dict(CategoryRow.objects.values_list("name", "active"))
     assert active == {"QUERY": True, "OUTAGE": False, "ESCALATION": True}
+
+
+async def test_stream_message_yields_the_websockets_events_in_order(anthropic_client, fake_llm) -> None:
+    agent = (
+        await AgentFrameworkBuilder()
+        .with_config({"confidence_config": {"llm_self_assessment": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(FakeReply(text="Reset your password from Settings, then sign in again."))
+
+    events = [e async for e in agent.stream_message(user_id="gus", message="My login is broken")]
+
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "ack" and kinds[-2:] == ["thread", "turn"] and set(kinds[1:-2]) == {"delta"}
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+    assert "".join(d["text"] for d in deltas) == events[-1]["content"]
+    assert events[-1]["content"] == "Reset your password from Settings, then sign in again."
+    assert events[-2] == {
+        "type": "thread",
+        "event": "NEW_TOPIC",
+        "thread_id": events[-1]["thread_id"],
+        "status": "open",
+        "topic": "My login is broken",
+    }
+    assert events[0]["message_id"] == events[-1]["message_id"] and events[0]["duplicate"] is False
+
+
+async def test_process_message_calls_a_plain_on_text_with_the_reply_as_it_is_written(
+    anthropic_client, fake_llm
+) -> None:
+    agent = (
+        await AgentFrameworkBuilder()
+        .with_config({"confidence_config": {"llm_self_assessment": False}})
+        .build(anthropic_client)
+    )
+    fake_llm.enqueue(FakeReply(text="One moment, checking your order."))
+    pieces: list[str] = []
+
+    result = await agent.process_message(user_id="hal", message="Where is my order?", on_text=pieces.append)
+
+    assert "".join(pieces) == result["content"] == "One moment, checking your order."
