@@ -115,7 +115,7 @@ def test_demo_is_idempotent_and_keeps_admin_edits():
     key_hash = ApiKey.objects.get(name="demo").key_hash
     # staff changes in the admin (which records the fields staff own from then on)
     IntentCategory.objects.filter(name="OUTAGE").update(
-        threshold=0.85, active=False, staff_edited=["threshold"]
+        threshold=0.85, active=False, staff_edited=["active", "threshold"]
     )
 
     second = run("agentflow_demo")
