@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,13 @@ def use_bench_database() -> dict:
     return original
 
 
+def bench_agent() -> Any:
+    """The agent the bench's users and memories belong to (its own, so nothing else is measured)."""
+    from conversations.models import Agent
+
+    return Agent.objects.get_or_create(name="bench-memory")[0]
+
+
 def insert_real_path(n: int) -> float:
     """Rows/s through memory_remember with the real embedder (distinct texts, 20 users)."""
     from agentflow.embeddings import get_embedder
@@ -96,7 +104,8 @@ def insert_real_path(n: int) -> float:
 
     embedder = get_embedder()
     embedder.embed_one("warm up")
-    users = [EndUser.objects.create(external_id=f"real-{i}") for i in range(20)]
+    agent = bench_agent()
+    users = [EndUser.objects.create(agent=agent, external_id=f"real-{i}") for i in range(20)]
     products = [
         "invoice",
         "password",
@@ -137,8 +146,9 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
 
     from conversations.models import EndUser
 
+    agent = bench_agent()
     EndUser.objects.bulk_create(
-        [EndUser(external_id=f"bench-user-{i:05d}") for i in range(users)], batch_size=5000
+        [EndUser(agent=agent, external_id=f"bench-user-{i:05d}") for i in range(users)], batch_size=5000
     )
     user_pks = list(
         EndUser.objects.filter(external_id__startswith="bench-user-")
@@ -154,12 +164,13 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
     started = time.perf_counter()
     with conn.cursor() as cursor:
         with cursor.copy(
-            "COPY memory_memory (id, user_id, kind, content, embedding, embedding_model, source, approved, "
-            "use_count, created_at, updated_at) FROM STDIN (FORMAT BINARY)"
+            "COPY memory_memory (id, agent_id, user_id, kind, content, embedding, embedding_model, source, "
+            "approved, use_count, created_at, updated_at) FROM STDIN (FORMAT BINARY)"
         ) as copy:
             copy.set_types(
                 [
                     "uuid",
+                    "int8",
                     "int8",
                     "varchar",
                     "text",
@@ -185,6 +196,7 @@ def bulk_load(rows: int, users: int, seed: int) -> tuple[float, list[int]]:
                     copy.write_row(
                         (
                             uuid.uuid4(),
+                            agent.pk,
                             user,
                             kind,
                             f"synthetic memory {i}",
@@ -293,9 +305,10 @@ def explain(user_pk: int) -> list[str]:
     from memory import selectors
 
     vector = unit_vectors(np.random.default_rng(7), 1)[0]
-    exact = selectors.approved_global_count() <= selectors.GLOBAL_EXACT_MAX
+    agent_id = bench_agent().pk
+    exact = selectors.approved_global_count(agent_id=agent_id) <= selectors.GLOBAL_EXACT_MAX
     query = selectors.memory_candidates(
-        user_id=user_pk, embedding=vector, pool=3 * TOP_K, exact_globals=exact
+        user_id=user_pk, agent_id=agent_id, embedding=vector, pool=3 * TOP_K, exact_globals=exact
     )
     sql, params = query.query.sql_with_params()
     with transaction.atomic(), connection.cursor() as cursor:
@@ -416,7 +429,9 @@ def main() -> None:
             f"insert, bulk COPY (binary vectors)           {rate:10,.0f} rows/s"
             f"  (load + VACUUM ANALYZE {time.perf_counter() - started:.0f} s)"
         )
-        globals_ = selectors.approved_global_count(max_age=0)  # the loaded data, not a count from before
+        globals_ = selectors.approved_global_count(
+            agent_id=bench_agent().pk, max_age=0
+        )  # the loaded data, not a count from before
         how = "exact scan" if globals_ <= selectors.GLOBAL_EXACT_MAX else "HNSW"
         print(f"approved global memories: {globals_:,} -> {how}; per-user memories: exact scan")
         latencies, recall, sizes = retrieval(user_pks, args.queries, args.exact_queries, args.seed)
