@@ -91,11 +91,16 @@ def load(path: Path, limit: int | None) -> list[dict]:
 async def main_async(args: argparse.Namespace) -> None:
     from agentflow import AgentFrameworkBuilder
 
-    task = await AgentFrameworkBuilder().with_intent_categories([]).build(None)
+    task = (
+        await AgentFrameworkBuilder()
+        .with_config({"name": "eval-task"})
+        .with_intent_categories([])
+        .build(None)
+    )
     chat = await (
         AgentFrameworkBuilder()
         .with_intent_categories([])
-        .with_config({"session_config": {"threading_profile": "chitchat"}})
+        .with_config({"name": "eval-chitchat", "session_config": {"threading_profile": "chitchat"}})
         .build(None)
     )
     sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
