@@ -56,7 +56,7 @@ __all__ = [
     "TurnResult",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from .agent import Agent
