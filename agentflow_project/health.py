@@ -51,6 +51,14 @@ async def _check_database() -> dict[str, Any]:
     return {}
 
 
+class StaleHeartbeat(LookupError):
+    """The newest worker heartbeat is older than ``WORKER_MAX_AGE_SECONDS``."""
+
+    def __init__(self, message: str, *, age: float) -> None:
+        super().__init__(message)
+        self.age = age
+
+
 def _redis_client(timeout: float) -> Any:
     import redis.asyncio
 
@@ -97,8 +105,9 @@ async def _check_worker() -> dict[str, Any]:
         raise LookupError("no Celery worker has sent a heartbeat (is a worker running on this queue?)")
     age = round(max(0.0, now - float(newest[0][1])), 1)
     if age > health.WORKER_MAX_AGE_SECONDS:
-        raise LookupError(
-            f"the newest worker heartbeat is {age:.0f} s old (limit {health.WORKER_MAX_AGE_SECONDS:.0f} s)"
+        raise StaleHeartbeat(
+            f"the newest worker heartbeat is {round(age)} s old (limit {health.WORKER_MAX_AGE_SECONDS:.0f} s)",
+            age=age,
         )
     return {"heartbeat_age_seconds": age, "workers": fresh}
 
@@ -121,6 +130,8 @@ async def _run(name: str, limit: float) -> dict[str, Any]:
         error = f"no answer within {limit:g} s"
     except Exception as exc:  # a probe reports every failure, whatever its kind
         error = f"{type(exc).__name__}: {exc}"[:500]
+        if isinstance(exc, StaleHeartbeat):
+            extra["heartbeat_age_seconds"] = exc.age
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     return {"ok": error is None, "latency_ms": latency_ms, "error": error, **extra}
 

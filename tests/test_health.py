@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg_pool
 import pytest
 import redis
 from django.conf import settings as django_settings
@@ -14,15 +12,9 @@ from django.db import connection
 from django.test import Client
 
 from agentflow_project.heartbeat import heartbeat_key, worker_heartbeat_beat, worker_heartbeat_forget
+from tests.faults import POOL_TIMEOUT, dead_redis_url, refused_pool
 
 OK = {"ok": True, "error": None}
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _without_latency(components: dict[str, Any]) -> dict[str, Any]:
@@ -41,19 +33,9 @@ def fresh_queue(settings: Any) -> Iterator[str]:
 
 @pytest.fixture
 def pool_timeout() -> Iterator[None]:
-    """The database pool refuses every connection (as when PostgreSQL is down or the pool is drained)."""
-    pool = connection.pool
-    original = pool.getconn
-
-    def refuse(timeout: float | None = None) -> Any:
-        raise psycopg_pool.PoolTimeout("couldn't get a connection after 20.00 sec")
-
     connection.close()  # this thread's connection goes back; the next query asks the pool
-    pool.getconn = refuse  # type: ignore[method-assign]
-    try:
+    with refused_pool():
         yield
-    finally:
-        pool.getconn = original  # type: ignore[method-assign]
 
 
 def test_live_answers_without_touching_any_component() -> None:
@@ -104,17 +86,17 @@ def test_ready_is_503_without_a_worker_heartbeat(fresh_queue: str) -> None:
 @pytest.mark.django_db
 def test_ready_is_503_when_the_newest_heartbeat_is_too_old(fresh_queue: str) -> None:
     client = redis.Redis.from_url(django_settings.REDIS_URL)
-    now, _ = client.time()
-    client.zadd(heartbeat_key(), {"celery@gone": now - 100})
+    seconds, micros = client.time()
+    client.zadd(heartbeat_key(), {"celery@gone": seconds + micros / 1_000_000 - 100})
 
     response = Client().get("/api/health/ready")
 
     assert response.status_code == 503
     worker = response.json()["components"]["worker"]
-    assert (worker["ok"], worker["error"]) == (
-        False,
-        "LookupError: the newest worker heartbeat is 100 s old (limit 30 s)",
-    )
+    assert (worker["ok"], worker["workers"]) == (False, 0)
+    assert worker["heartbeat_age_seconds"] >= 100
+    age = round(worker["heartbeat_age_seconds"])
+    assert worker["error"] == f"StaleHeartbeat: the newest worker heartbeat is {age} s old (limit 30 s)"
 
 
 @pytest.mark.django_db
@@ -131,7 +113,7 @@ def test_heartbeat_makes_ready_and_a_stopping_worker_removes_it(fresh_queue: str
 
 @pytest.mark.django_db
 def test_ready_is_503_when_redis_and_the_channel_layer_are_down(settings: Any) -> None:
-    dead = f"redis://127.0.0.1:{unused_port()}/0"
+    dead = dead_redis_url()
     settings.REDIS_URL = dead
     settings.CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [dead]}}
@@ -159,7 +141,7 @@ def test_ready_and_health_are_503_when_the_database_pool_refuses(pool_timeout: N
     assert (body["status"], body["ready"], body["offline"]) == ("unavailable", False, True)
     database = body["components"]["database"]
     assert database["ok"] is False
-    assert database["error"] == "OperationalError: couldn't get a connection after 20.00 sec"
+    assert database["error"] == f"OperationalError: {POOL_TIMEOUT}"
     assert ready.json()["components"]["database"]["error"] == database["error"]
     assert body["components"]["redis"]["ok"] is True
 
