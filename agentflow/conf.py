@@ -15,6 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 
 
+class HealthSettings(BaseModel):
+    """``AGENTFLOW["HEALTH"]``: the readiness probe and the worker heartbeat (docs/operations.md, "Health")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    CHECK_TIMEOUT_SECONDS: float = Field(2.0, gt=0, le=30)
+    WORKER_HEARTBEAT_SECONDS: float = Field(10.0, gt=0, le=300)
+    WORKER_MAX_AGE_SECONDS: float = Field(30.0, gt=0, le=3600)
+    RETRY_AFTER_SECONDS: int = Field(5, ge=1, le=3600)
+
+
 class AgentFlowSettings(BaseModel):
     """``settings.AGENTFLOW``, validated. Keys are upper-case, as in Django settings."""
 
@@ -34,6 +45,7 @@ class AgentFlowSettings(BaseModel):
     WIDGET_ORIGINS: list[str] = Field(default_factory=list)
     DEMO_PAGE: bool = True
     RATE_LIMITS: dict[str, int | float] = Field(default_factory=dict)
+    HEALTH: HealthSettings = Field(default_factory=HealthSettings)
 
     def agent_paths(self) -> dict[str, str]:
         """Every declared agent: ``AGENTS``, plus the default agent from ``AGENT_FACTORY`` unless declared."""

@@ -10,25 +10,31 @@ IP, which is refused outright (429) once it has guessed too often (docs/configur
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import connection
 from django.http import HttpRequest, HttpResponse
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.responses import Status
 from ninja.security import APIKeyHeader, SessionAuthIsStaff
+from pydantic import Field as PydanticField
 
 from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
+from agentflow.unavailable import UNAVAILABLE_ERRORS, retry_after_seconds, unavailable_message
 from agentflow.validation import USER_ID_MAX, USER_ID_PATTERN
+from agentflow_project.health import health_components
 from conversations.api import router as conversations_router
 from conversations.audit import audit_record, client_ip
 from conversations.models import AGENT_NAME_PATTERN, ApiKey, AuditEvent
 from conversations.ratelimit import api_request_take, auth_failure_count, auth_failures_check
 from conversations.services import api_key_check
 from memory.api import router as memory_router
+
+logger = logging.getLogger("agentflow.api")
 
 
 class ApiKeyAuth(APIKeyHeader):
@@ -164,6 +170,18 @@ def _rate_limited(request: HttpRequest, exc: RateLimited) -> HttpResponse:
     return response
 
 
+def _unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """PostgreSQL, Redis or the channel layer is down: a JSON 503 with Retry-After, never a 500."""
+    logger.warning("%s %s: unavailable (%s: %s)", request.method, request.path, type(exc).__name__, exc)
+    response = _error(request, 503, "unavailable", unavailable_message(exc))
+    response["Retry-After"] = str(retry_after_seconds())
+    return response
+
+
+for _error_class in UNAVAILABLE_ERRORS:
+    api.add_exception_handler(_error_class, _unavailable)  # type: ignore[arg-type]
+
+
 @api.exception_handler(NinjaValidationError)
 def _validation(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
     first = exc.errors[0] if exc.errors else {}
@@ -194,15 +212,95 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     return _error(request, exc.status_code, code, str(exc))
 
 
-@api.get("/health", auth=None, tags=["operations"], summary="Liveness and configuration")
-def health(request: HttpRequest) -> dict[str, Any]:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    return {
-        "status": "ok",
+class ComponentOut(Schema):
+    ok: bool
+    latency_ms: float
+    error: str | None
+
+
+class WorkerComponentOut(ComponentOut):
+    heartbeat_age_seconds: float | None = PydanticField(description="age of the newest worker heartbeat")
+    workers: int = PydanticField(description="workers with a heartbeat younger than the limit")
+
+
+class ComponentsOut(Schema):
+    database: ComponentOut
+    redis: ComponentOut
+    channel_layer: ComponentOut
+    worker: WorkerComponentOut
+
+
+class LiveOut(Schema):
+    status: str
+
+
+class ReadyOut(Schema):
+    status: str = PydanticField(description='"ok", or "unavailable" when a component is not ok')
+    components: ComponentsOut
+
+
+class HealthOut(Schema):
+    status: str = PydanticField(description='"ok" while PostgreSQL answers, else "unavailable"')
+    offline: bool
+    redis: str
+    ready: bool = PydanticField(description="every component is ok (as GET /api/health/ready)")
+    components: ComponentsOut
+
+
+def _health_status(response: HttpResponse, ok: bool) -> None:
+    if not ok:
+        response["Retry-After"] = str(retry_after_seconds())
+
+
+@api.get(
+    "/health/live",
+    auth=None,
+    response=LiveOut,
+    tags=["operations"],
+    summary="Liveness: the process answers (checks nothing else)",
+)
+async def health_live(request: HttpRequest) -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@api.get(
+    "/health/ready",
+    auth=None,
+    response={200: ReadyOut, 503: ReadyOut},
+    tags=["operations"],
+    summary="Readiness: PostgreSQL, Redis, the channel layer and a live worker",
+    description="200 when every component is ok; 503 with Retry-After when one is not.",
+)
+async def health_ready(request: HttpRequest, response: HttpResponse) -> Status[dict[str, Any]]:
+    components = await health_components()
+    ok = all(c["ok"] for c in components.values())
+    _health_status(response, ok)
+    return Status(200 if ok else 503, {"status": "ok" if ok else "unavailable", "components": components})
+
+
+@api.get(
+    "/health",
+    auth=None,
+    response={200: HealthOut, 503: HealthOut},
+    tags=["operations"],
+    summary="Health and configuration",
+    description=(
+        "200 while PostgreSQL answers (as before), 503 with Retry-After when it does not; `ready` and"
+        " `components` report every component (see GET /api/health/ready)."
+    ),
+)
+async def health(request: HttpRequest, response: HttpResponse) -> Status[dict[str, Any]]:
+    components = await health_components()
+    ok = components["database"]["ok"]
+    _health_status(response, ok)
+    body = {
+        "status": "ok" if ok else "unavailable",
         "offline": not settings.ANTHROPIC_API_KEY,
         "redis": settings.REDIS_SOURCE,
+        "ready": all(c["ok"] for c in components.values()),
+        "components": components,
     }
+    return Status(200 if ok else 503, body)
 
 
 api.add_router("/", conversations_router)

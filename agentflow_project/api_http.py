@@ -8,6 +8,8 @@
   ``invalid_path``, and so is an encoded ``/`` (``%2F``) inside a segment: user ids cannot hold ``/``.
 * **JSON errors.** Every 4xx/5xx that is not JSON already (Django's HTML 404 for an unknown route,
   ninja's bare 405, a 500) becomes the API's error shape ``{"error": {"code", "message"}}``.
+* **Components down.** A PostgreSQL, Redis or channel-layer failure that escapes the API's own
+  handlers (``agentflow.unavailable``) becomes a JSON 503 ``unavailable`` with ``Retry-After``.
 * **No caching.** Responses carry ``Cache-Control: no-store``: they hold users' conversations and
   exports, which no browser or proxy should keep.
 """
@@ -22,6 +24,8 @@ from urllib.parse import unquote_to_bytes
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 
+from agentflow.unavailable import is_unavailable, retry_after_seconds, unavailable_message
+
 API_PREFIX = "/api/"
 ERROR_CODES = {
     400: "bad_request",
@@ -29,6 +33,7 @@ ERROR_CODES = {
     405: "method_not_allowed",
     413: "too_large",
     500: "server_error",
+    503: "unavailable",
 }
 
 
@@ -84,6 +89,14 @@ class ApiHttpMiddleware:
         refused = self._refuse_path(request)
         return self._finish(request, refused or await self.get_response(request))
 
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """A view's infrastructure failure (one the ninja handlers did not answer): JSON 503."""
+        if not request.path_info.startswith(API_PREFIX) or not is_unavailable(exception):
+            return None
+        response = api_error(503, "unavailable", unavailable_message(exception))
+        response["Retry-After"] = str(retry_after_seconds())
+        return response
+
     @staticmethod
     def _refuse_path(request: HttpRequest) -> HttpResponse | None:
         scope = getattr(request, "scope", None)
@@ -108,6 +121,8 @@ class ApiHttpMiddleware:
         elif status == 405:
             allowed = response.get("Allow", "")
             message = f"{request.method} is not allowed here" + (f"; allowed: {allowed}" if allowed else "")
+        elif status == 503:
+            message = "a component is unavailable; try again shortly"
         elif status >= 500:
             message = "internal error; it has been logged"
         else:

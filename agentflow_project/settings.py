@@ -35,8 +35,8 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 # HTTPS (docs/operations.md, "Running in production"). Off by default, so that `make run` works over
 # plain HTTP; production sets them (manage.py check --deploy is clean with the documented set).
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
-# Load balancers probe the health route over plain HTTP.
-SECURE_REDIRECT_EXEMPT = [r"^api/health$"]
+# Load balancers and Kubernetes probe the health routes over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^api/health(/live|/ready)?$"]
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
 CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
 SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
@@ -231,6 +231,13 @@ AGENTFLOW = {
         "WS_FRAME_BURST": env_int("AGENTFLOW_WS_FRAME_BURST", 20, minimum=1),
         "WS_FRAME_OVERFLOW_CLOSE": env_int("AGENTFLOW_WS_FRAME_OVERFLOW_CLOSE", 20, minimum=1),
         "WS_CONNECTIONS_PER_USER": env_int("AGENTFLOW_WS_CONNECTIONS_PER_USER", 10, minimum=0),
+    },
+    # Readiness probe and worker heartbeat (docs/operations.md, "Health").
+    "HEALTH": {
+        "CHECK_TIMEOUT_SECONDS": env_int("AGENTFLOW_HEALTH_TIMEOUT_SECONDS", 2, minimum=1, maximum=30),
+        "WORKER_HEARTBEAT_SECONDS": env_int("AGENTFLOW_WORKER_HEARTBEAT_SECONDS", 10, minimum=1, maximum=300),
+        "WORKER_MAX_AGE_SECONDS": env_int("AGENTFLOW_WORKER_MAX_AGE_SECONDS", 30, minimum=1, maximum=3600),
+        "RETRY_AFTER_SECONDS": env_int("AGENTFLOW_RETRY_AFTER_SECONDS", 5, minimum=1, maximum=3600),
     },
 }
 

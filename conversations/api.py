@@ -6,13 +6,16 @@ Thin: parse, call one service or selector, serialize. The turn itself runs in a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from datetime import datetime
 from typing import Any
 
+import redis.exceptions
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
+from django.db import connections
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
@@ -30,6 +33,11 @@ from .events import user_group
 from .models import ApiKey, EndUser, Message
 from .schemas import responses
 from .services import message_receive
+
+logger = logging.getLogger("agentflow.api")
+# The channel layer (channels-redis) failing under the wait: the message is stored, so it is queued
+# anyway and the caller gets 202 (poll) rather than an error.
+CHANNEL_LAYER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
 
 router = Router(tags=["conversations"])
 
@@ -152,6 +160,13 @@ def _user(request: HttpRequest, agent: str | None, user_id: str) -> EndUser:
     return selectors.user_get(agent_id=_agent(request, agent).id, external_id=clean_user_id(user_id))
 
 
+def connections_release() -> None:
+    """Give this thread's database connections back to the pool (those inside a transaction stay)."""
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close()
+
+
 async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
@@ -185,17 +200,24 @@ async def _post_message(
     message_id = str(message.pk)
     wait = conf().REST_WAIT_SECONDS if payload.wait_seconds is None else payload.wait_seconds
     layer = get_channel_layer()
+    queued = False
     if wait > 0 and layer is not None and (received.run or message.status != Message.Status.DONE):
-        channel = await layer.new_channel()
-        group = user_group(message.user_id)
-        await layer.group_add(group, channel)
         try:
-            if received.run:
-                await sync_to_async(queue_turn)(message.pk)
-            await _wait_for_turn(layer, channel, message_id, wait)
-        finally:
-            await layer.group_discard(group, channel)
-    elif received.run:
+            channel = await layer.new_channel()
+            group = user_group(message.user_id)
+            await layer.group_add(group, channel)
+            try:
+                if received.run:
+                    await sync_to_async(queue_turn)(message.pk)
+                    queued = True
+                # No database connection stays checked out of the pool while this request waits.
+                await sync_to_async(connections_release)()
+                await _wait_for_turn(layer, channel, message_id, wait)
+            finally:
+                await layer.group_discard(group, channel)
+        except CHANNEL_LAYER_ERRORS as exc:
+            logger.warning("message %s: not waiting, the channel layer failed (%s)", message_id, exc)
+    if received.run and not queued:
         await sync_to_async(queue_turn)(message.pk)
     result = await sync_to_async(selectors.turn_result_for)(message_id=message.pk)
     status = {Message.Status.DONE: 200, Message.Status.FAILED: 503}.get(result["status"], 202)

@@ -9,11 +9,19 @@ bucket (``AGENTFLOW["RATE_LIMITS"]["WS_FRAMES_PER_SECOND"]``, ``WS_FRAME_BURST``
 gets a ``rate_limited`` error frame and is dropped, and a client that sends
 ``WS_FRAME_OVERFLOW_CLOSE`` frames in a row over it is closed with 4429. Both answer ``resume`` the same way, from the database, for the
 end user whose conversation they carry (``history_owner``).
+
+A component that fails under a connection (PostgreSQL, Redis, the channel layer:
+``agentflow.unavailable``), while connecting or handling any frame or event, ends it with an
+``error`` frame ``unavailable`` (with ``retry_after`` seconds) and close code 1013 (try again later),
+instead of a dropped socket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from contextlib import suppress
 from typing import Any, ClassVar
 
 from channels.db import database_sync_to_async
@@ -21,12 +29,20 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agentflow.conf import conf
 from agentflow.errors import NotFound
+from agentflow.unavailable import (
+    UNAVAILABLE_ERRORS,
+    WS_CLOSE_TRY_AGAIN_LATER,
+    retry_after_seconds,
+    unavailable_message,
+)
 from agentflow.validation import has_lone_surrogate
 
 from .events import message_payload
 from .models import EndUser
 from .ratelimit import FrameBucket
 from .selectors import messages_after
+
+logger = logging.getLogger("agentflow.ws")
 
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_MANY = 4429  # frame flood, or too many connections for one user
@@ -68,6 +84,32 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     FRAMES: ClassVar[dict[str, str]] = {}
     _frames: FrameBucket | None = None
     _closing: bool = False
+    _accepted: bool = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except UNAVAILABLE_ERRORS as exc:
+            logger.warning("websocket closed 1013: a component is down (%s: %s)", type(exc).__name__, exc)
+            if not hasattr(self, "base_send"):
+                self.base_send = send
+            await self._close_unavailable(exc)
+
+    async def _close_unavailable(self, exc: Exception) -> None:
+        """Tell the client which component is down and close with 1013; then release what can be."""
+        if not self._closing:
+            self._closing = True
+            with suppress(Exception):  # the client may be gone already
+                if not self._accepted:
+                    await self.accept()
+                await self._error("unavailable", unavailable_message(exc), retry_after=retry_after_seconds())
+                await self.close(code=WS_CLOSE_TRY_AGAIN_LATER)
+        with suppress(Exception):  # best effort: leave the group, give back the connection count
+            await asyncio.wait_for(self.disconnect(WS_CLOSE_TRY_AGAIN_LATER), 2)
+
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        self._accepted = True
+        await super().accept(subprotocol=subprotocol, headers=headers)
 
     async def _flooded(self) -> bool:
         """Count the frame against the connection's bucket; True if it must be dropped."""

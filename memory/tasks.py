@@ -86,6 +86,10 @@ def remember_resolution(thread_id: str) -> str:
     if thread is None:
         return "not resolved"
     messages = _thread_messages(thread)
+    # What helped came before the user said so: the bot's answer to the thanks is not the fix (and the
+    # job may run before or after that answer is stored).
+    resolving = {m.pk for m in messages if m.role == Message.Role.USER and m.thread_event == "RESOLUTION"}
+    messages = [m for m in messages if m.reply_to_id not in resolving]
     agent = _agent_of(thread.user)
     config = agent.config.memory_config
     text, how = _memory_text(

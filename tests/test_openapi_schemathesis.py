@@ -57,7 +57,7 @@ def test_every_operation_answers_as_its_schema_says(
     operations = [result.ok() for result in schema.get_all_operations()]
 
     for operation in operations:
-        if mode == GenerationMode.NEGATIVE and operation.label == "GET /api/health":
+        if mode == GenerationMode.NEGATIVE and operation.label.startswith("GET /api/health"):
             continue  # no parameters and no body: there is nothing to get wrong
         try:
             _fuzz(operation, mode, api_key)
@@ -65,6 +65,6 @@ def test_every_operation_answers_as_its_schema_says(
             failures[operation.label] = f"{type(exc).__name__}: {exc}"
 
     assert (
-        len(operations) == 15
-    )  # health, export, erase, and six routes each on the default and per-agent paths
+        len(operations) == 17
+    )  # health (3), export, erase, and six routes each on the default and per-agent paths
     assert failures == {}

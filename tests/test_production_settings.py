@@ -87,7 +87,7 @@ def test_the_https_variables_reach_the_settings() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "True True True 31536000 True True ('HTTP_X_FORWARDED_PROTO', 'https')"
-        " ['https://chat.example.com'] ['^api/health$']"
+        " ['https://chat.example.com'] ['^api/health(/live|/ready)?$']"
     )
 
 

@@ -1,0 +1,108 @@
+"""The Celery workers' heartbeat in Redis, which the readiness probe reads (docs/operations.md, "Health").
+
+Every worker process writes its hostname into one sorted set per queue, scored with Redis's own clock
+(``TIME``, so hosts with skewed clocks agree), every ``AGENTFLOW["HEALTH"]["WORKER_HEARTBEAT_SECONDS"]``
+from a thread started by a worker bootstep, and removes it when it stops. The readiness probe
+(``agentflow_project.health``) reads the newest score. A worker whose Redis is down keeps trying.
+
+This module is imported by ``agentflow_project.celery``: it imports nothing of Django at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+
+logger = logging.getLogger("agentflow.health")
+
+# KEYS[1] the set; ARGV[1] the worker; ARGV[2] forget entries older than this (s); ARGV[3] key TTL (s).
+BEAT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return tostring(now)
+"""
+FORGET_AFTER_SECONDS = 3600  # entries of workers that died without saying so are dropped after this
+
+
+def heartbeat_key() -> str:
+    """The sorted set of this deployment's workers (one per turn queue, ``AGENTFLOW_CELERY_QUEUE``)."""
+    from django.conf import settings
+
+    return f"agentflow:health:workers:{settings.CELERY_TASK_DEFAULT_QUEUE}"
+
+
+def _client() -> Any:
+    import redis
+    from django.conf import settings
+
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+
+
+def worker_heartbeat_beat(*, hostname: str, client: Any = None) -> None:
+    """Record that the worker ``hostname`` is alive now (one Redis round trip)."""
+    own = client is None
+    client = client or _client()
+    try:
+        client.eval(BEAT_SCRIPT, 1, heartbeat_key(), hostname, FORGET_AFTER_SECONDS, FORGET_AFTER_SECONDS)
+    finally:
+        if own:
+            client.close()
+
+
+def worker_heartbeat_forget(*, hostname: str) -> None:
+    """Remove the worker ``hostname`` from the set (it is stopping)."""
+    client = _client()
+    try:
+        client.zrem(heartbeat_key(), hostname)
+    finally:
+        client.close()
+
+
+class WorkerHeartbeat(bootsteps.StartStopStep):
+    """Worker bootstep: a daemon thread that beats until the worker stops."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hostname = ""
+
+    def start(self, parent: Any) -> None:
+        self._hostname = str(parent.hostname)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="agentflow-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from agentflow.conf import conf
+
+        interval = conf().HEALTH.WORKER_HEARTBEAT_SECONDS
+        client = _client()
+        try:
+            while True:
+                try:
+                    worker_heartbeat_beat(hostname=self._hostname, client=client)
+                except Exception as exc:  # Redis down: keep beating, readiness shows the gap
+                    logger.warning("worker heartbeat not written: %s: %s", type(exc).__name__, exc)
+                if self._stop.wait(interval):
+                    return
+        finally:
+            client.close()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        try:
+            worker_heartbeat_forget(hostname=self._hostname)
+        except Exception as exc:
+            logger.warning("worker heartbeat not removed: %s: %s", type(exc).__name__, exc)
+
+    shutdown = stop
