@@ -122,12 +122,13 @@ class ChatConsumer(JsonFrameConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
-        if getattr(self, "group", None):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        # The connection count first: with the channel layer down (a 1013 close), group_discard fails.
         if getattr(self, "claims", None) is not None:
             await sync_to_async(ws_connection_release, thread_sensitive=False)(
                 user_id=self.claims.external_id, channel=self.channel_name
             )
+        if getattr(self, "group", None):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         now = time.monotonic()
