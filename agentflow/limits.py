@@ -1,0 +1,39 @@
+"""How long a turn may take, and the recovery windows derived from it (one place for the numbers).
+
+A turn's longest LLM call is ``LLMConfig.timeout_seconds`` x (``max_retries`` + 1) with the defaults
+(60 s x 3 = 180 s); the turn gets a minute more for the database steps, tools and the thread and
+intent judgements. Every other window follows from that, so they stay consistent:
+
+- ``TURN_SOFT_LIMIT`` (240 s): the worker cancels a turn still running (the message is ``failed``,
+  the client told); ``TURN_HARD_LIMIT`` (270 s) is Celery's ``time_limit`` (prefork pools).
+- ``STALE_CLAIM`` (300 s): a ``processing`` claim older than this belongs to a dead worker and can be
+  taken over. Longer than the hard limit, so a live turn is never taken over.
+- ``VISIBILITY_TIMEOUT`` (360 s): Redis redelivers an unacknowledged turn task after this (a worker
+  killed mid-turn). Longer than the stale-claim window, so a redelivered task normally finds the claim
+  stale and takes it over; one that still finds it live retries when it goes stale.
+- ``PENDING_GRACE`` (60 s): a ``pending`` message older than this was never queued or was lost.
+- The recovery sweep (``conversations.recover_unanswered``) runs every ``SWEEP_EVERY`` (30 s),
+  re-queues a stuck message at most every ``REQUEUE_SPACING`` (120 s), and marks it ``failed`` once it
+  has been re-queued ``MAX_REQUEUES`` (3) times and is still unanswered.
+
+An agent configured with a longer LLM timeout or more SDK retries than the defaults needs
+``TURN_SOFT_LIMIT`` raised to match (see docs/operations.md, "Failure and recovery").
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from .config import LLMConfig
+
+_LLM = LLMConfig()
+LONGEST_LLM_CALL = timedelta(seconds=_LLM.timeout_seconds * (_LLM.max_retries + 1))
+TURN_SOFT_LIMIT = LONGEST_LLM_CALL + timedelta(seconds=60)
+TURN_HARD_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=30)
+STALE_CLAIM = TURN_HARD_LIMIT + timedelta(seconds=30)
+VISIBILITY_TIMEOUT = STALE_CLAIM + timedelta(seconds=60)
+
+PENDING_GRACE = timedelta(seconds=60)
+SWEEP_EVERY = timedelta(seconds=30)
+REQUEUE_SPACING = timedelta(seconds=120)
+MAX_REQUEUES = 3
