@@ -16,7 +16,7 @@ from .context import Handler, HandlerResult, Middleware, TurnContext
 from .embeddings import Embedder
 from .errors import LLMError
 from .llm import LLMBackend, TextCallback
-from .tools import ToolSource
+from .tools import ToolSource, tools_or_unavailable
 from .types import Classification, IntentCategory, TurnResult
 
 logger = logging.getLogger("agentflow.agent")
@@ -474,10 +474,12 @@ class Agent:
         messages: list[dict[str, Any]] = [*ctx.history, {"role": "user", "content": ctx.message}]
         if messages[0]["role"] != "user":
             messages = messages[1:]
-        tools = await self.tools.list_tools() if self.tools is not None and not self.offline else None
+        tools, missing = (None, None)
+        if self.tools is not None and not self.offline:
+            tools, missing = await tools_or_unavailable(self.tools)  # unreachable: the turn runs without
         system = self.system_prompt(prepared, ctx)
         usage = {"input_tokens": 0, "output_tokens": 0}
-        calls: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = [missing] if missing is not None else []
         texts: list[str] = []  # the text of every round: what a streaming client was shown
         llm_ms = 0.0
         for round_ in range(cfg.max_tool_rounds + 1):
