@@ -170,7 +170,9 @@ class FallbackConfig(_Section):
     enabled: bool = True
     reply: str = Field(DEFAULT_FALLBACK_REPLY, min_length=1, max_length=4000)
     escalate: bool = True
-    breaker_failures: Int = Field(5, ge=1, le=1000, description="Transient LLM failures within the window that open the breaker.")
+    breaker_failures: Int = Field(
+        5, ge=1, le=1000, description="Transient LLM failures within the window that open the breaker."
+    )
     breaker_window_seconds: Int = Field(60, ge=1, le=3600)
     breaker_open_seconds: Int = Field(30, ge=1, le=3600)
 

@@ -62,7 +62,9 @@ class MCPToolSource(ToolSource):
         return text, bool(result.is_error)
 
 
-async def tools_or_unavailable(source: ToolSource) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+async def tools_or_unavailable(
+    source: ToolSource,
+) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
     """The source's tools, or ``(None, record)`` when its server cannot be reached.
 
     An unreachable MCP server must not fail the turn: the LLM answers without those tools, a warning
@@ -72,7 +74,12 @@ async def tools_or_unavailable(source: ToolSource) -> tuple[list[dict[str, Any]]
         return await source.list_tools(), None
     except Exception as exc:
         logger.warning("tools unavailable, the turn runs without them: %s", exc)
-        return None, {"name": "list_tools", "input": {}, "is_error": True, "error": f"tools unavailable: {exc}"}
+        return None, {
+            "name": "list_tools",
+            "input": {},
+            "is_error": True,
+            "error": f"tools unavailable: {exc}",
+        }
 
 
 def _input_schema(tool: Any) -> dict[str, Any] | None:
