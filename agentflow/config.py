@@ -161,8 +161,9 @@ class FallbackConfig(_Section):
     """What a turn does when the LLM is down (after the SDK's and the worker's retries).
 
     With ``enabled``, the user gets ``reply`` (stored as the assistant's reply, ``handled_by``
-    ``fallback``) and, with ``escalate``, the thread goes to the human hand-off queue. A circuit
-    breaker shared through Redis opens after ``breaker_failures`` transient LLM failures within
+    ``fallback``) and, with ``escalate``, the thread goes to the human hand-off queue (``escalate``
+    also makes an offline-mode reply open the escalation its notice promises). A circuit breaker
+    shared through Redis opens after ``breaker_failures`` transient LLM failures within
     ``breaker_window_seconds``: for ``breaker_open_seconds`` turns skip the LLM and get the fallback
     at once; then one trial call decides (a success closes it, a failure opens it again).
     """

@@ -85,8 +85,11 @@ def fallback_outcome(agent: Agent, reason: str) -> pipeline.Outcome:
     )
 
 
-def offline_escalation(outcome: pipeline.Outcome) -> None:
-    """An offline reply promises that staff pick the message up: open that escalation."""
-    if outcome.handled_by == "offline" and not outcome.escalated:
+def offline_escalation(agent: Agent, outcome: pipeline.Outcome) -> None:
+    """An offline reply promises that staff pick the message up: open that escalation.
+
+    With ``fallback_config.escalate`` (the default); the thread then waits for a human.
+    """
+    if outcome.handled_by == "offline" and not outcome.escalated and agent.config.fallback_config.escalate:
         outcome.escalated = True
         outcome.escalation_reason = OFFLINE_REASON

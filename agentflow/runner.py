@@ -130,9 +130,9 @@ async def run_turn(
                     if intent:
                         prepared = await call(pipeline.reclassify, agent, prepared, **intent)
                 outcome = await agent.respond(prepared, on_text=on_text)
-                if outcome.handled_by == "llm":
+                if outcome.model and not outcome.offline:  # the LLM answered: close the breaker
                     degrade.breaker_success(agent)
-                degrade.offline_escalation(outcome)
+                degrade.offline_escalation(agent, outcome)
         except LLMError as exc:
             opened = exc.transient and degrade.breaker_failure(agent)
             if exc.transient and not final_attempt and not opened:
