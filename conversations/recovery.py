@@ -43,7 +43,9 @@ def _count_key(message_id: Any) -> str:
 
 def stuck_filter(*, now: datetime, grace: timedelta, stale_after: timedelta) -> Q:
     """User messages that nothing is answering: pending past the grace period, or under a stale claim."""
-    return Q(role=Message.Role.USER) & (
+    # role and status spelled out as in the partial index conversations_message_unanswered (0008).
+    unanswered = Q(role=Message.Role.USER, status__in=[Message.Status.PENDING, Message.Status.PROCESSING])
+    return unanswered & (
         Q(status=Message.Status.PENDING, created_at__lt=now - grace)
         | Q(status=Message.Status.PROCESSING, processing_started_at__lt=now - stale_after)
     )
