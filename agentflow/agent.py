@@ -137,7 +137,8 @@ class Agent:
         Raises:
             InvalidInput: empty, oversized or malformed input; nothing was stored.
             RateLimited: the user exceeded ``rate_limit_config``; nothing was stored.
-            LLMError: the LLM failed; the message is stored with status ``failed``.
+            LLMError: the LLM failed and no fallback reply applies (a non-transient error, or
+                ``fallback_config.enabled`` false); the message is stored with status ``failed``.
         """
         received = await sync_to_async(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id

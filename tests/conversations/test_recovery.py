@@ -213,10 +213,11 @@ def test_a_redelivered_task_meeting_a_live_claim_retries_instead_of_acking(celer
     assert len(fake_llm.requests) == 1
 
 
+@pytest.mark.parametrize("status", [429, 529])
 def test_failed_is_written_only_after_the_last_llm_attempt(
-    celery_worker, fake_llm, no_sdk_retries, status_log
+    celery_worker, fake_llm, no_sdk_retries, status_log, status
 ) -> None:
-    fake_llm.enqueue_error(529, retry_after=0, times=2)
+    fake_llm.enqueue_error(status, retry_after=0, times=2)
     fake_llm.enqueue(FakeReply(text="Recovered."))
     message = _accept("r-7", "Where is my parcel?")
 
