@@ -5,7 +5,8 @@ A turn's longest LLM call is ``LLMConfig.timeout_seconds`` x (``max_retries`` + 
 intent judgements. Every other window follows from that, so they stay consistent:
 
 - ``TURN_SOFT_LIMIT`` (240 s): the worker cancels a turn still running (the message is ``failed``,
-  the client told); ``TURN_HARD_LIMIT`` (270 s) is Celery's ``time_limit`` (prefork pools).
+  the client told). Celery's own limits (enforced by prefork pools only) come after it, so the clean
+  cancel happens first: ``CELERY_SOFT_LIMIT`` (255 s) and ``TURN_HARD_LIMIT`` (270 s, ``time_limit``).
 - ``STALE_CLAIM`` (300 s): a ``processing`` claim older than this belongs to a dead worker and can be
   taken over. Longer than the hard limit, so a live turn is never taken over.
 - ``VISIBILITY_TIMEOUT`` (360 s): Redis redelivers an unacknowledged turn task after this (a worker
@@ -29,6 +30,7 @@ from .config import LLMConfig
 _LLM = LLMConfig()
 LONGEST_LLM_CALL = timedelta(seconds=_LLM.timeout_seconds * (_LLM.max_retries + 1))
 TURN_SOFT_LIMIT = LONGEST_LLM_CALL + timedelta(seconds=60)
+CELERY_SOFT_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=15)
 TURN_HARD_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=30)
 STALE_CLAIM = TURN_HARD_LIMIT + timedelta(seconds=30)
 VISIBILITY_TIMEOUT = STALE_CLAIM + timedelta(seconds=60)

@@ -86,7 +86,7 @@ def _agent_of(message_id: str) -> tuple[Any, int]:
     bind=True,
     acks_late=True,
     max_retries=None,
-    soft_time_limit=limits.TURN_SOFT_LIMIT.total_seconds(),
+    soft_time_limit=limits.CELERY_SOFT_LIMIT.total_seconds(),
     time_limit=limits.TURN_HARD_LIMIT.total_seconds(),
 )
 def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:

@@ -153,7 +153,7 @@ def test_the_recovery_windows_are_consistent():
     from agentflow_project.celery import app
     from conversations.tasks import process_turn
 
-    assert (process_turn.soft_time_limit, process_turn.time_limit) == (240, 270)
+    assert (process_turn.soft_time_limit, process_turn.time_limit) == (255, 270)
     assert app.conf.broker_transport_options == {"visibility_timeout": 360}
     assert app.conf.beat_schedule["conversations-recover-unanswered"] == {
         "task": "conversations.recover_unanswered",
