@@ -17,19 +17,35 @@ intent judgements. Every other window follows from that, so they stay consistent
   re-queues a stuck message at most every ``REQUEUE_SPACING`` (120 s), and marks it ``failed`` once it
   has been re-queued ``MAX_REQUEUES`` (3) times and is still unanswered.
 
-An agent configured with a longer LLM timeout or more SDK retries than the defaults needs
-``TURN_SOFT_LIMIT`` raised to match (see docs/operations.md, "Failure and recovery").
+An agent configured with a longer LLM timeout or more SDK retries than the defaults needs a longer
+turn: set ``AGENTFLOW_TURN_TIME_LIMIT`` (seconds, 30-3600; read once at start, the same in every web
+and worker process) and every window above follows (see docs/operations.md, "Failure and recovery").
 """
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from .config import LLMConfig
+from .errors import ConfigError
+
+TURN_LIMIT_VARIABLE = "AGENTFLOW_TURN_TIME_LIMIT"
+
+
+def _turn_limit(default: timedelta) -> timedelta:
+    """``AGENTFLOW_TURN_TIME_LIMIT`` (whole seconds, 30-3600), or ``default``."""
+    raw = os.environ.get(TURN_LIMIT_VARIABLE, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 30 <= int(raw) <= 3600:
+        raise ConfigError(f"{TURN_LIMIT_VARIABLE} must be whole seconds from 30 to 3600 (got {raw!r})")
+    return timedelta(seconds=int(raw))
+
 
 _LLM = LLMConfig()
 LONGEST_LLM_CALL = timedelta(seconds=_LLM.timeout_seconds * (_LLM.max_retries + 1))
-TURN_SOFT_LIMIT = LONGEST_LLM_CALL + timedelta(seconds=60)
+TURN_SOFT_LIMIT = _turn_limit(LONGEST_LLM_CALL + timedelta(seconds=60))
 CELERY_SOFT_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=15)
 TURN_HARD_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=30)
 STALE_CLAIM = TURN_HARD_LIMIT + timedelta(seconds=30)

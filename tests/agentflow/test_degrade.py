@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from django.conf import settings
 from django.core.cache import cache
@@ -159,3 +163,30 @@ def test_the_recovery_windows_are_consistent():
         "task": "conversations.recover_unanswered",
         "schedule": 30.0,
     }
+
+
+def _limits_in_a_new_process(value: str) -> subprocess.CompletedProcess[str]:
+    code = (
+        "from agentflow import limits as l; "
+        "print(*(int(w.total_seconds()) for w in (l.TURN_SOFT_LIMIT, l.CELERY_SOFT_LIMIT,"
+        " l.TURN_HARD_LIMIT, l.STALE_CLAIM, l.VISIBILITY_TIMEOUT)))"
+    )
+    env = {**os.environ, "AGENTFLOW_TURN_TIME_LIMIT": value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+
+
+def test_the_turn_time_limit_variable_moves_every_window():
+    done = _limits_in_a_new_process("600")
+
+    assert (done.returncode, done.stdout) == (0, "600 615 630 660 720\n")
+
+
+@pytest.mark.parametrize("value", ["10", "3601", "1.5", "abc", "-60"])
+def test_a_bad_turn_time_limit_stops_start_up(value):
+    done = _limits_in_a_new_process(value)
+
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"agentflow.errors.ConfigError: AGENTFLOW_TURN_TIME_LIMIT must be whole seconds from 30 to 3600"
+        f" (got {value!r})"
+    )
