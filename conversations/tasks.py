@@ -165,8 +165,11 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
         # claim would be stale instead of acking this task away; by then it is done or taken over.
         stale_in = db.submit(claim_retry_in, message_id=message_id).result()
         if stale_in is not None:
+            logger.info(
+                "process_turn: message %s is held by another worker; again in %s s", message_id, stale_in
+            )
             raise task.retry(
-                countdown=stale_in, kwargs={"message_id": message_id, "llm_attempt": llm_attempt}
+                countdown=stale_in, args=(), kwargs={"message_id": message_id, "llm_attempt": llm_attempt}
             )
     if result["status"] == Message.Status.DONE:
         thread = db.submit(_thread_shown, dict(result)).result()

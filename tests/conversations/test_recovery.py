@@ -8,6 +8,7 @@ every 30 s); stuck messages are made by writing the state a dead worker leaves b
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -199,16 +200,25 @@ async def _receive(layer: Any, channel: str) -> dict[str, Any]:
 # --- redelivery and retries ------------------------------------------------------------------
 
 
-def test_a_redelivered_task_meeting_a_live_claim_retries_instead_of_acking(celery_worker, fake_llm) -> None:
+def test_a_redelivered_task_meeting_a_live_claim_retries_instead_of_acking(
+    celery_worker, fake_llm, monkeypatch, caplog
+) -> None:
+    # A short stale-claim window, so the retry comes back within the test.
+    monkeypatch.setattr(limits, "STALE_CLAIM", timedelta(seconds=3))
+    monkeypatch.setattr(pipeline, "STALE_CLAIM", timedelta(seconds=3))
     fake_llm.enqueue(FakeReply(text="After the claim went stale."))
     message = _accept("r-6", "Where is my parcel?")
-    # Another worker claimed it and died; its claim goes stale in about 2 s.
-    claimed = timezone.now() - limits.STALE_CLAIM + timedelta(seconds=2)
-    Message.objects.filter(pk=message.pk).update(status="processing", processing_started_at=claimed)
+    # Another worker claimed it a moment ago and died.
+    Message.objects.filter(pk=message.pk).update(status="processing", processing_started_at=timezone.now())
 
-    _queue(message)  # the broker redelivers the dead worker's task
-    _wait_for(lambda: _status(message) == "done")
+    with caplog.at_level(logging.INFO, logger="agentflow.tasks"):
+        _queue(message)  # the broker redelivers the dead worker's task: it meets the live claim
+        _wait_for(lambda: _status(message) == "done")
 
+    held = [r.getMessage() for r in caplog.records if "is held by another worker" in r.getMessage()]
+    assert len(held) == 1 and held[0].startswith(
+        f"process_turn: message {message.pk} is held by another worker"
+    )
     assert _replies(message) == [("After the claim went stale.", "llm")]
     assert len(fake_llm.requests) == 1
 
