@@ -17,7 +17,7 @@ from .context import Handler, HandlerResult, Middleware, TurnContext
 from .embeddings import Embedder
 from .errors import LLMError
 from .llm import LLMBackend, TextCallback
-from .tools import ToolSource
+from .tools import ToolSource, tools_or_unavailable
 from .types import Classification, IntentCategory, TurnResult
 
 logger = logging.getLogger("agentflow.agent")
@@ -148,7 +148,8 @@ class Agent:
         Raises:
             InvalidInput: empty, oversized or malformed input; nothing was stored.
             RateLimited: the user exceeded ``rate_limit_config``; nothing was stored.
-            LLMError: the LLM failed; the message is stored with status ``failed``.
+            LLMError: the LLM failed and no fallback reply applies (a non-transient error, or
+                ``fallback_config.enabled`` false); the message is stored with status ``failed``.
         """
         received = await sync_to_async(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id
@@ -539,10 +540,12 @@ class Agent:
         messages: list[dict[str, Any]] = [*ctx.history, {"role": "user", "content": ctx.message}]
         if messages[0]["role"] != "user":
             messages = messages[1:]
-        tools = await self.tools.list_tools() if self.tools is not None and not self.offline else None
+        tools, missing = (None, None)
+        if self.tools is not None and not self.offline:
+            tools, missing = await tools_or_unavailable(self.tools)  # unreachable: the turn runs without
         system = self.system_prompt(prepared, ctx)
         usage = {"input_tokens": 0, "output_tokens": 0}
-        calls: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = [missing] if missing is not None else []
         texts: list[str] = []  # the text of every round: what a streaming client was shown
         llm_ms = 0.0
         for round_ in range(cfg.max_tool_rounds + 1):

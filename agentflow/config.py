@@ -151,6 +151,33 @@ class RateLimitConfig(_Section):
     burst: Int = Field(10, ge=1, le=10_000, description="Messages a user may send at once.")
 
 
+DEFAULT_FALLBACK_REPLY = (
+    "Sorry, I can't answer right now: our assistant is temporarily unavailable. "
+    "Your message is saved and a member of our team will reply here."
+)
+
+
+class FallbackConfig(_Section):
+    """What a turn does when the LLM is down (after the SDK's and the worker's retries).
+
+    With ``enabled``, the user gets ``reply`` (stored as the assistant's reply, ``handled_by``
+    ``fallback``) and, with ``escalate``, the thread goes to the human hand-off queue (``escalate``
+    also makes an offline-mode reply open the escalation its notice promises). A circuit breaker
+    shared through Redis opens after ``breaker_failures`` transient LLM failures within
+    ``breaker_window_seconds``: for ``breaker_open_seconds`` turns skip the LLM and get the fallback
+    at once; then one trial call decides (a success closes it, a failure opens it again).
+    """
+
+    enabled: bool = True
+    reply: str = Field(DEFAULT_FALLBACK_REPLY, min_length=1, max_length=4000)
+    escalate: bool = True
+    breaker_failures: Int = Field(
+        5, ge=1, le=1000, description="Transient LLM failures within the window that open the breaker."
+    )
+    breaker_window_seconds: Int = Field(60, ge=1, le=3600)
+    breaker_open_seconds: Int = Field(30, ge=1, le=3600)
+
+
 class AgentFrameworkConfig(_Section):
     """Everything an agent is configured with. Immutable once built."""
 
@@ -166,6 +193,7 @@ class AgentFrameworkConfig(_Section):
     llm_config: LLMConfig = Field(default_factory=LLMConfig)
     input_config: InputConfig = Field(default_factory=InputConfig)
     rate_limit_config: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    fallback_config: FallbackConfig = Field(default_factory=FallbackConfig)
     tools_config: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-integration settings for handlers and tools (free-form)."
     )
@@ -179,6 +207,7 @@ _ENV_SECTIONS = {
     "LLM": "llm_config",
     "INPUT": "input_config",
     "RATE_LIMIT": "rate_limit_config",
+    "FALLBACK": "fallback_config",
 }
 _ENV_TOP = {"AGENT_NAME": "name", "AGENT_VERSION": "version"}
 _SUBST_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -31,6 +31,7 @@ from memory.selectors import memory_search
 from memory.services import memories_mark_used
 from memory.writing import PREFERENCE
 
+from . import limits
 from .context import TurnContext
 from .errors import AgentUnavailable, InvalidInput, NotFound
 from .jobs import queue_on_commit
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("agentflow.turn")
 
-STALE_CLAIM = timedelta(minutes=10)
+STALE_CLAIM = limits.STALE_CLAIM  # longer than a turn may run (agentflow.limits)
 # Messages of one user are placed in threads in the order they arrived; an earlier one younger than
 # this that is still undecided makes a later one wait (an older one is presumed lost).
 ORDER_WINDOW = timedelta(minutes=2)

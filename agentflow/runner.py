@@ -11,6 +11,9 @@ The rules for ordering, retries and failure live here, once:
   polls here (in-process); ``"raise"`` lets ``EarlierMessagePending`` out so a queue can retry later.
 - **failure**: any error marks the message ``failed`` (a resend retries it), except a transient LLM
   error when the caller will retry (``final_attempt=False``): the message goes back to ``pending``.
+- **degradation** (``agentflow.degrade``): a transient LLM error on the last attempt, or an open
+  circuit breaker, gives the fallback reply (and a hand-off) instead of ``failed`` when
+  ``fallback_config.enabled``; an offline reply opens the escalation its notice promises.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from asgiref.sync import sync_to_async
 
-from . import pipeline
+from . import degrade, pipeline
 from .errors import LLMError
 from .jobs import inline_jobs
 from .llm import TextCallback
@@ -106,7 +109,7 @@ async def run_turn(
     with inline_jobs(agent.runs_jobs_inline if jobs_inline is None else jobs_inline):
         prepared = await run_step(call, agent, pipeline.prepare, on_earlier=on_earlier, message_id=message_id)
         if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message
-            verdict = await agent.judge_thread(prepared.judgement)
+            verdict = {} if degrade.breaker_is_open(agent) else await agent.judge_thread(prepared.judgement)
             prepared = await run_step(
                 call,
                 agent,
@@ -119,20 +122,37 @@ async def run_turn(
         if prepared.result is not None:
             return prepared.result
         try:
-            if agent.intent_unsure(prepared):  # the LLM decides the intent
-                intent = await agent.judge_intent(prepared)
-                if intent:
-                    prepared = await call(pipeline.reclassify, agent, prepared, **intent)
-            outcome = await agent.respond(prepared, on_text=on_text)
-        except LLMError as exc:
-            if exc.transient and not final_attempt:
-                await call(pipeline.release, prepared)
+            if not prepared.held_by_human and degrade.breaker_is_open(agent):
+                outcome = await _fallback(agent, degrade.CIRCUIT_OPEN_REASON, on_text)
             else:
+                if agent.intent_unsure(prepared):  # the LLM decides the intent
+                    intent = await agent.judge_intent(prepared)
+                    if intent:
+                        prepared = await call(pipeline.reclassify, agent, prepared, **intent)
+                outcome = await agent.respond(prepared, on_text=on_text)
+                if outcome.model and not outcome.offline:  # the LLM answered: close the breaker
+                    degrade.breaker_success(agent)
+                degrade.offline_escalation(agent, outcome)
+        except LLMError as exc:
+            opened = exc.transient and degrade.breaker_failure(agent)
+            if exc.transient and not final_attempt and not opened:
+                await call(pipeline.release, prepared)
+                raise
+            if not (exc.transient and agent.config.fallback_config.enabled):
                 await call(pipeline.fail, prepared, exc)
-            raise
+                raise
+            outcome = await _fallback(agent, str(exc), on_text)
         except BaseException as exc:
             # Any other failure (handler, middleware, cancellation) marks the turn failed so a resend
             # retries it at once; otherwise the claim would block the message for STALE_CLAIM.
             await call(pipeline.fail, prepared, exc)
             raise
         return await call(pipeline.finish, agent, prepared, outcome)
+
+
+async def _fallback(agent: Agent, reason: str, on_text: TextCallback | None) -> pipeline.Outcome:
+    """The fallback reply (the LLM is down), streamed like any reply."""
+    outcome = degrade.fallback_outcome(agent, reason)
+    if on_text is not None:
+        await on_text(outcome.text)
+    return outcome

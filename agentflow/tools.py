@@ -62,6 +62,26 @@ class MCPToolSource(ToolSource):
         return text, bool(result.is_error)
 
 
+async def tools_or_unavailable(
+    source: ToolSource,
+) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """The source's tools, or ``(None, record)`` when its server cannot be reached.
+
+    An unreachable MCP server must not fail the turn: the LLM answers without those tools, a warning
+    is logged, and ``record`` (a ``tool_calls`` entry, shown in the admin) says why they were missing.
+    """
+    try:
+        return await source.list_tools(), None
+    except Exception as exc:
+        logger.warning("tools unavailable, the turn runs without them: %s", exc)
+        return None, {
+            "name": "list_tools",
+            "input": {},
+            "is_error": True,
+            "error": f"tools unavailable: {exc}",
+        }
+
+
 def _input_schema(tool: Any) -> dict[str, Any] | None:
     schema = getattr(tool, "input_schema", None)
     return schema if schema is not None else getattr(tool, "inputSchema", None)

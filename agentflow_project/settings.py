@@ -12,6 +12,8 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
+from agentflow import limits as _limits
+
 from . import runtime
 from .env import env_bool, env_int, env_list, env_map, env_str
 
@@ -165,6 +167,9 @@ CELERY_TASK_ALWAYS_EAGER = False
 CELERY_WORKER_CONCURRENCY = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
 CELERY_WORKER_POOL = "threads"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Redis redelivers a turn task not acknowledged after this (a worker killed mid-turn). kombu's default is
+# an hour; it must stay above the longest turn and the stale-claim window (agentflow.limits: 360 s).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(_limits.VISIBILITY_TIMEOUT.total_seconds())}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -6,9 +6,18 @@ class ConversationsConfig(AppConfig):
     verbose_name = "Conversations"
 
     def ready(self) -> None:
+        from celery import current_app
         from django.contrib.auth import signals
 
-        from . import audit
+        from agentflow.limits import SWEEP_EVERY
+
+        from . import audit, recovery
+
+        # Celery beat (``agentflow_run`` starts the worker with -B) re-queues unanswered messages.
+        current_app.conf.beat_schedule.setdefault(
+            "conversations-recover-unanswered",
+            {"task": recovery.RECOVER_TASK, "schedule": SWEEP_EVERY.total_seconds()},
+        )
 
         # Staff logins, failed logins and logouts go to the audit trail.
         signals.user_logged_in.connect(audit.on_logged_in, dispatch_uid="agentflow.audit.login")

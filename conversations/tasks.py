@@ -9,6 +9,7 @@ thread (Celery 5.7 has no asyncio pool), so each thread keeps its own HTTP conne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import Executor
 from typing import Any
@@ -17,7 +18,7 @@ from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 from django.db import connections
 
-from agentflow import pipeline
+from agentflow import limits, pipeline
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK, queue_turn
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
@@ -26,13 +27,17 @@ from agentflow.runner import run_turn
 
 from .events import DeltaStream, apublish, publish
 from .models import Message
+from .recovery import claim_retry_in
 from .selectors import thread_change_shown
 from .services import message_fail
 
 logger = logging.getLogger("agentflow.tasks")
 
 MAX_LLM_RETRIES = 3
-ORDER_RETRIES = 150  # x 0.2 s: how long a message waits for the user's earlier one
+# How long a message waits for the user's earlier one: 50 retries 0.2 s apart, then 2 s apart until
+# the earlier one is outside pipeline.ORDER_WINDOW (it no longer blocks), plus a margin.
+ORDER_FAST_RETRIES = 50
+ORDER_RETRIES = ORDER_FAST_RETRIES + int(pipeline.ORDER_WINDOW.total_seconds() / 2) + 10
 
 
 @worker_ready.connect
@@ -75,9 +80,20 @@ def _agent_of(message_id: str) -> tuple[Any, int]:
     return agent_for(row["user__agent__name"], version=row["user__agent__version"]), row["user_id"]
 
 
-@shared_task(name=TURN_TASK, bind=True, acks_late=True, max_retries=None)
+@shared_task(
+    name=TURN_TASK,
+    bind=True,
+    acks_late=True,
+    max_retries=None,
+    soft_time_limit=limits.CELERY_SOFT_LIMIT.total_seconds(),
+    time_limit=limits.TURN_HARD_LIMIT.total_seconds(),
+)
 def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
-    """Run the turn of stored user message ``message_id`` and publish its result."""
+    """Run the turn of stored user message ``message_id`` and publish its result.
+
+    The threads pool does not enforce Celery's time limits, so the turn is also cancelled here after
+    ``TURN_SOFT_LIMIT`` (the message is failed and the client told).
+    """
     db = thread_db_executor()  # every database step of this task runs there (see agentflow.loops)
     try:
         return _process_turn(self, message_id, llm_attempt, db)
@@ -109,13 +125,19 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
     final = llm_attempt >= MAX_LLM_RETRIES
     try:
         result = loop.run_until_complete(
-            _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db)
+            asyncio.wait_for(
+                _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db),
+                timeout=limits.TURN_SOFT_LIMIT.total_seconds(),
+            )
         )
+    except TimeoutError:
+        return _timed_out(message_id, user_pk, db)
     except pipeline.EarlierMessagePending as exc:
         # Double-texting: the user's earlier message is placed first; this one follows shortly.
         if task.request.retries >= ORDER_RETRIES:
             raise
-        raise task.retry(exc=exc, countdown=0.2) from exc
+        countdown = 0.2 if task.request.retries < ORDER_FAST_RETRIES else 2.0
+        raise task.retry(exc=exc, countdown=countdown) from exc
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
@@ -137,12 +159,40 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
             },
         )
         return "failed"
+    if result["status"] == Message.Status.PROCESSING:
+        # Another worker holds the message (a redelivered or re-queued task): come back when its
+        # claim would be stale instead of acking this task away; by then it is done or taken over.
+        stale_in = db.submit(claim_retry_in, message_id=message_id).result()
+        if stale_in is not None:
+            logger.info(
+                "process_turn: message %s is held by another worker; again in %s s", message_id, stale_in
+            )
+            raise task.retry(
+                countdown=stale_in, args=(), kwargs={"message_id": message_id, "llm_attempt": llm_attempt}
+            )
     if result["status"] == Message.Status.DONE:
         thread = db.submit(lambda: thread_change_shown(result=dict(result))).result()
         loop.run_until_complete(
             _announce(user_pk=user_pk, message_id=message_id, result=dict(result), thread=thread)
         )
     return str(result["status"])
+
+
+def _timed_out(message_id: str, user_pk: int, db: Executor) -> str:
+    """The turn ran past ``TURN_SOFT_LIMIT`` and was cancelled: the message fails, the client is told."""
+    seconds = int(limits.TURN_SOFT_LIMIT.total_seconds())
+    logger.error("process_turn: message %s ran over %s s and was cancelled", message_id, seconds)
+    db.submit(message_fail, message_id=message_id, error=f"the turn took longer than {seconds} s").result()
+    publish(
+        user_pk=user_pk,
+        event={
+            "kind": "error",
+            "code": "turn_timeout",
+            "message": "The assistant took too long to answer. Please send your message again.",
+            "message_id": message_id,
+        },
+    )
+    return "failed"
 
 
 def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:

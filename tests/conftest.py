@@ -91,6 +91,8 @@ def _clear_rate_limits() -> Iterator[None]:
     yield
     _delete_run_keys(f"agentflow-test-{_RUN}:*ratelimit:*")
     _delete_run_keys(f"agentflow-test-{_RUN}:*chat-revoked:*")
+    _delete_run_keys(f"agentflow-test-{_RUN}:*llm-breaker:*")
+    _delete_run_keys(f"agentflow-test-{_RUN}:*recovery:*")
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,10 @@ from agentflow import (
     pipeline,
 )
 from agentflow.agent import HANDOFF_NOTICE, NO_ANSWER_NOTICE, OFFLINE_PREFIX
+from agentflow.degrade import OFFLINE_REASON
 from agentflow.llm import OFFLINE_NOTICE
 from agentflow.testing.fake_anthropic import FakeReply, ToolCall
-from conversations.models import EndUser, Message, Thread
+from conversations.models import EndUser, Escalation, Message, Thread
 from intents.models import IntentCategory as IntentCategoryRow
 
 SHOP = [
@@ -242,10 +243,15 @@ async def test_offline_without_a_client(fake_llm):
     assert first["content"] == OFFLINE_NOTICE
     assert first["content"].startswith("[Offline mode]")
     assert first["offline"] is True and first["handled_by"] == "offline" and first["model"] == "offline"
-    assert first["escalated"] is False
+    # The notice promises that staff pick the message up: the escalation is opened (issue 11).
+    assert first["escalated"] is True
+    escalation = await Escalation.objects.aget(thread_id=first["thread_id"])
+    assert (escalation.status, escalation.reason) == ("open", OFFLINE_REASON)
     assert first["thread_event"] == "NEW_TOPIC" and first["intent"] == "ORDER_STATUS"
+    # The thread now waits for a human: the bot stays silent rather than repeat the notice.
     assert second["thread_event"] == "FOLLOW_UP" and second["thread_id"] == first["thread_id"]
-    assert second["content"].startswith("[Offline mode]")
+    assert (second["status"], second["handled_by"], second["content"]) == ("done", "human", None)
+    assert await Escalation.objects.acount() == 1
     assert fake_llm.requests == []
 
 
@@ -266,11 +272,13 @@ async def test_offline_with_a_keyless_client_sends_nothing(fake_llm, monkeypatch
     )
     assert agent.offline is True
 
-    by_llm = await agent.process_message(user_id="u-keyless", message=ORDER_QUESTION)
-    by_handler = await agent.process_message(user_id="u-keyless", message=REFUND_QUESTION)
-    by_human = await agent.process_message(user_id="u-keyless", message="Show me running shoes in size 10")
+    # Separate users: an offline LLM reply escalates its thread, and a held thread gets no bot reply.
+    by_llm = await agent.process_message(user_id="u-keyless-1", message=ORDER_QUESTION)
+    by_handler = await agent.process_message(user_id="u-keyless-2", message=REFUND_QUESTION)
+    by_human = await agent.process_message(user_id="u-keyless-3", message="Show me running shoes in size 10")
 
     assert by_llm["content"] == OFFLINE_NOTICE and by_llm["offline"] is True
+    assert by_llm["escalated"] is True
     assert by_handler["content"] == OFFLINE_PREFIX + "Returns are free within 30 days."
     assert by_handler["handled_by"] == "handler:RETURNS" and by_handler["offline"] is True
     assert by_human["content"] == OFFLINE_PREFIX + HANDOFF_NOTICE and by_human["escalated"] is True
@@ -601,7 +609,8 @@ async def test_usage_adds_up_over_tool_rounds(anthropic_client, fake_llm):
 
 # --- LLM errors ------------------------------------------------------------------------------
 
-NO_RETRIES = {"llm_config": {"max_retries": 0}}
+# These tests are about failing: no fallback reply (tests/conversations/test_recovery.py has those).
+NO_RETRIES = {"llm_config": {"max_retries": 0}, "fallback_config": {"enabled": False}}
 
 
 @db
@@ -632,7 +641,11 @@ async def test_rate_limit_exhausted_is_transient_and_the_message_fails(anthropic
 @db
 async def test_sdk_retries_before_giving_up(anthropic_client, fake_llm):
     fake_llm.enqueue_error(429, retry_after=0, times=3)
-    agent = await shop_builder().with_config({"llm_config": {"max_retries": 2}}).build(anthropic_client)
+    agent = await (
+        shop_builder()
+        .with_config({"llm_config": {"max_retries": 2}, "fallback_config": {"enabled": False}})
+        .build(anthropic_client)
+    )
 
     with pytest.raises(LLMError) as info:
         await agent.process_message(user_id="u-e2", message=ORDER_QUESTION)

@@ -54,3 +54,15 @@ async def receive_until(communicator, kind: str, *, timeout: float = 20) -> tupl
 def without_server_time(frame: dict) -> dict:
     """A ``ready`` frame minus its clock reading, for exact comparison."""
     return {k: v for k, v in frame.items() if k != "server_time"}
+
+
+async def turn_settled(message_id: str, wait: float = 20) -> None:
+    """Wait until a queued turn is no longer pending or processing, when a Celery worker runs in this
+    session (a turn still running when the test ends races the next test's database reset)."""
+    import asyncio
+
+    deadline = time.monotonic() + wait
+    while await Message.objects.filter(pk=message_id, status__in=["pending", "processing"]).aexists():
+        if time.monotonic() > deadline:
+            return  # no worker in this run: the turn stays queued, and nothing races the reset
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from agentflow_project.asgi import application
 from conversations.models import EndUser
 
 from .factories import MessageFactory
-from .helpers import astored_counts, stored_counts
+from .helpers import astored_counts, stored_counts, turn_settled
 
 NOTHING = {"users": 0, "sessions": 0, "threads": 0, "messages": 0}
 
@@ -192,7 +192,7 @@ async def test_an_encoded_slash_in_a_user_id_is_400(api_key: str) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_percent_encoded_utf8_user_ids_are_the_decoded_string(api_key: str) -> None:
+async def test_percent_encoded_utf8_user_ids_are_the_decoded_string(api_key: str, celery_worker) -> None:
     status, _, body = await _asgi(
         b"/api/users/j%C3%BCrgen%20k/messages",
         api_key=api_key,
@@ -203,6 +203,7 @@ async def test_percent_encoded_utf8_user_ids_are_the_decoded_string(api_key: str
     assert status == 202
     assert body["user_id"] == "jürgen k"
     assert await EndUser.objects.filter(external_id="jürgen k").aexists()
+    await turn_settled(body["message_id"])
 
 
 @pytest.mark.django_db

@@ -48,14 +48,15 @@ def _admin_post(client: Client, row: Row, **changes) -> int:
 async def test_an_admin_edit_applies_to_the_next_message_of_a_built_agent() -> None:
     agent = await AgentFrameworkBuilder().with_intent_categories(CATEGORIES).build(None)
     before = await agent.process_message(user_id="u1", message="The service is down for everyone")
-    assert (before["intent"], before["escalated"]) == ("OUTAGE", False)
+    # Offline (no key): the offline reply escalates too; the category's hand-off shows in handled_by.
+    assert (before["intent"], before["handled_by"]) == ("OUTAGE", "offline")
 
     row = await Row.objects.aget(name="OUTAGE")
     client = await sync_to_async(_admin_client)()
     assert await sync_to_async(_admin_post)(client, row, handoff=True) == 302
 
     after = await agent.process_message(user_id="u2", message="The service is down for everyone")
-    assert (after["intent"], after["escalated"]) == ("OUTAGE", True)
+    assert (after["intent"], after["escalated"], after["handled_by"]) == ("OUTAGE", True, "handoff")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -165,5 +166,6 @@ async def test_an_admin_edit_reaches_a_running_worker(celery_worker, api_key) ->
     await row.asave()
     after = await post("w2")
 
-    assert (before["intent"], before["escalated"]) == ("OUTAGE", False)
+    # Offline (no key): the offline reply escalates too; the category's hand-off shows in handled_by.
+    assert (before["intent"], before["handled_by"]) == ("OUTAGE", "offline")
     assert (after["intent"], after["escalated"], after["handled_by"]) == ("OUTAGE", True, "handoff")

@@ -105,7 +105,15 @@ async def test_a_resolved_thread_is_remembered_and_a_later_session_receives_it(
         AgentFrameworkBuilder()
         .with_intent_categories([])
         .with_config(
-            {"memory_config": {"similarity_threshold": 0.3, "global_patterns": True, "review_global": False}}
+            {
+                "memory_config": {
+                    "similarity_threshold": 0.3,
+                    "global_patterns": True,
+                    "review_global": False,
+                },
+                # offline replies must answer every message here, not hand the thread to a human
+                "fallback_config": {"escalate": False},
+            }
         )
         .build(None)
     )

@@ -31,7 +31,13 @@ UNAUTHORIZED = {
 
 @pytest.fixture
 def agent():
-    return AgentFrameworkBuilder().with_intent_categories([]).build_sync(None)
+    # Offline, without the offline escalation: the escalations here are the ones the test opens.
+    return (
+        AgentFrameworkBuilder()
+        .with_intent_categories([])
+        .with_config({"fallback_config": {"escalate": False}})
+        .build_sync(None)
+    )
 
 
 @pytest.fixture
