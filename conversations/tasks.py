@@ -112,16 +112,7 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
         # Never run with another agent's settings: the message fails, visibly, with the reason.
         logger.error("process_turn: message %s: %s", message_id, exc)
         user_pk = db.submit(_fail_unavailable, message_id, exc).result()
-        publish(
-            user_pk=user_pk,
-            event={
-                "kind": "error",
-                "code": exc.code,
-                "message": "The assistant is unavailable right now.",
-                "message_id": message_id,
-            },
-        )
-        return "failed"
+        return _tell_failed(user_pk=user_pk, message_id=message_id, code=exc.code)
     final = llm_attempt >= MAX_LLM_RETRIES
     try:
         result = loop.run_until_complete(
@@ -149,16 +140,7 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
                 args=(),
                 kwargs={"message_id": message_id, "llm_attempt": llm_attempt + 1},
             ) from exc
-        publish(
-            user_pk=user_pk,
-            event={
-                "kind": "error",
-                "code": exc.code,
-                "message": "The assistant is unavailable right now.",
-                "message_id": message_id,
-            },
-        )
-        return "failed"
+        return _tell_failed(user_pk=user_pk, message_id=message_id, code=exc.code)
     if result["status"] == Message.Status.PROCESSING:
         # Another worker holds the message (a redelivered or re-queued task): come back when its
         # claim would be stale instead of acking this task away; by then it is done or taken over.
@@ -183,15 +165,19 @@ def _timed_out(message_id: str, user_pk: int, db: Executor) -> str:
     seconds = int(limits.TURN_SOFT_LIMIT.total_seconds())
     logger.error("process_turn: message %s ran over %s s and was cancelled", message_id, seconds)
     db.submit(message_fail, message_id=message_id, error=f"the turn took longer than {seconds} s").result()
-    publish(
+    return _tell_failed(
         user_pk=user_pk,
-        event={
-            "kind": "error",
-            "code": "turn_timeout",
-            "message": "The assistant took too long to answer. Please send your message again.",
-            "message_id": message_id,
-        },
+        message_id=message_id,
+        code="turn_timeout",
+        text="The assistant took too long to answer. Please send your message again.",
     )
+
+
+def _tell_failed(
+    *, user_pk: int, message_id: str, code: str, text: str = "The assistant is unavailable right now."
+) -> str:
+    """Tell the user's connections that the turn of ``message_id`` failed for good."""
+    publish(user_pk=user_pk, event={"kind": "error", "code": code, "message": text, "message_id": message_id})
     return "failed"
 
 
