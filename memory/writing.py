@@ -8,11 +8,24 @@ from typing import Any
 from conversations.models import Message, Thread
 from conversations.summaries import gist
 
+# Replies that say nothing about the problem: the offline notice, the hand-off notice, the LLM-outage
+# fallback. They are never "what helped".
+NOT_AN_ANSWER = frozenset({"offline", "handoff", "fallback"})
+
+
+def answers_of(messages: list[Message]) -> list[Message]:
+    """The agent's and staff's real answers in a thread (notices left out), oldest first."""
+    return [
+        m
+        for m in messages
+        if m.role in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT) and m.handled_by not in NOT_AN_ANSWER
+    ]
+
 
 def resolution_memory_text(*, thread: Thread, messages: list[Message]) -> str:
     """The problem (the opening message), what helped (the last answer before the resolution) and
     the outcome, in the user's and the agent's own words: it costs nothing and works offline."""
-    answers = [m for m in messages if m.role in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT)]
+    answers = answers_of(messages)
     helped = gist(answers[-1].content, 240) if answers else "(no answer recorded)"
     outcome = gist(thread.resolution, 160) if thread.resolution else "resolved"
     return f"Problem: {gist(thread.topic, 200)} What helped: {helped} Outcome: {outcome}"
@@ -35,7 +48,7 @@ def preference_statement(text: str) -> str | None:
 
 def session_memory_text(*, thread: Thread, messages: list[Message]) -> str:
     """What an unresolved thread of an ended session tried, in the conversation's own words."""
-    answers = [m for m in messages if m.role in (Message.Role.ASSISTANT, Message.Role.HUMAN_AGENT)]
+    answers = answers_of(messages)
     tried = gist(answers[-1].content, 240) if answers else "(no answer recorded)"
     return f"Problem: {gist(thread.topic, 200)} What was tried: {tried} Outcome: unresolved when the session ended."
 

@@ -11,11 +11,11 @@ from django.utils import timezone
 from agentflow import AgentFrameworkBuilder
 from agentflow.embeddings import get_embedder
 from agentflow.registry import clear_agent_cache
-from conversations.models import ChatSession, EndUser, Thread
+from conversations.models import ChatSession, EndUser, Message, Thread
 from memory.models import Memory
 from memory.services import memory_remember
 from memory.tasks import remember_resolution
-from tests.conversations.factories import default_agent_row
+from tests.conversations.factories import MessageFactory, ThreadFactory, default_agent_row
 
 LOGIN = "Problem: My login is broken. What helped: Reset the password from Settings. Outcome: it works."
 LOGIN_AGAIN = (
@@ -281,4 +281,24 @@ def test_retrieval_prefers_useful_and_recent_memories_at_equal_similarity() -> N
     assert found[0]["score"] == round(rank_score(similarity=1.0, use_count=10, age_days=0), 4)
     assert rank_score(similarity=0.8, use_count=0, age_days=0) > rank_score(
         similarity=0.7, use_count=10, age_days=0
+    )
+
+
+@pytest.mark.django_db
+def test_notices_are_never_what_helped() -> None:
+    from memory.writing import resolution_memory_text
+
+    thread = ThreadFactory(topic="My login is broken")
+    thread.resolution = "Thanks, that fixed it"
+    MessageFactory(thread=thread, role="assistant", content="Reset it from Settings.", handled_by="llm")
+    MessageFactory(
+        thread=thread, role="assistant", content="[Offline mode] No AI assistant…", handled_by="offline"
+    )
+    MessageFactory(
+        thread=thread, role="assistant", content="A human will reply here shortly.", handled_by="handoff"
+    )
+    messages = list(Message.objects.filter(thread=thread).order_by("created_at"))
+
+    assert resolution_memory_text(thread=thread, messages=messages) == (
+        "Problem: My login is broken What helped: Reset it from Settings. Outcome: Thanks, that fixed it"
     )
