@@ -1,0 +1,270 @@
+"""`manage.py agentflow_run` as an operator runs it: a real daphne and a real Celery worker (with its
+embedded beat) as child processes, on a port and a turn queue of their own, against the test database.
+
+The worker is killed with SIGKILL and must come back while the web server keeps answering; SIGTERM
+must drain the turn in flight, kill what outlives the drain bound, exit 0 and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from agentflow.testing.fake_anthropic import FakeAnthropicServer
+from conversations.models import Message
+from tests.faults import unused_port
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 60  # the bound on waits for the children to come up (loaded CI machines are slow)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, process group) of ``pid``, or None when it is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[2])
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            found[int(entry.name)] = stat
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    processes = _processes()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, (parent, _) in processes.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _child(pid: int, word: str) -> int | None:
+    """The child of ``pid`` whose command line contains ``word`` (``"celery"``, ``"daphne"``)."""
+    for child, (parent, _) in _processes().items():
+        if parent != pid:
+            continue
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if word.encode() in argv:
+            return child
+    return None
+
+
+def _get(port: int, path: str) -> tuple[int | None, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, None
+
+
+def _until(what: str, check: Callable[[], Any], *, seconds: float = STARTUP_SECONDS) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not within {seconds} s")
+
+
+class Run:
+    """One ``agentflow_run`` process and its combined output."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path, queue: str) -> None:
+        self.process, self.port, self.log, self.queue = process, port, log, queue
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def ready(self) -> int:
+        """Wait until the readiness probe sees every component (the worker's heartbeat included)."""
+        _until("GET /api/health/ready answering 200", lambda: _get(self.port, "/api/health/ready")[0] == 200)
+        return _until("the worker child", lambda: _child(self.process.pid, "celery"))
+
+
+@pytest.fixture
+def agentflow_run(settings: Any, tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    runs: list[Run] = []
+
+    def start(**extra_env: str) -> Run:
+        db = settings.DATABASES["default"]
+        port = unused_port()
+        queue = f"agentflow-run-test-{uuid.uuid4().hex[:8]}"
+        env = {
+            **os.environ,
+            "AGENTFLOW_WORKER_CONCURRENCY": "2",  # --concurrency's default
+            "DJANGO_SETTINGS_MODULE": "agentflow_project.settings",
+            "DATABASE_URL": f"postgresql://{db['USER']}:@/{db['NAME']}?host={db['HOST']}",
+            "REDIS_URL": settings.REDIS_URL,
+            "AGENTFLOW_CELERY_QUEUE": queue,
+            "AGENTFLOW_DATA_DIR": str(tmp_path),  # the beat's schedule file
+            "AGENTFLOW_AUTO_MIGRATE": "false",
+            "AGENTFLOW_WORKER_HEARTBEAT_SECONDS": "1",
+            "DJANGO_DEBUG": "true",
+            **extra_env,
+        }
+        log = tmp_path / f"agentflow_run-{len(runs)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                # --keep-services: the suite's PostgreSQL and Redis stay up
+                [sys.executable, "manage.py", "agentflow_run", "--port", str(port), "--keep-services"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        runs.append(Run(process, port, log, queue))
+        return runs[-1]
+
+    yield start
+    for run in runs:  # a failed test leaves nothing running
+        left = _descendants(run.process.pid)
+        for pid in left | {run.process.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.process.wait()
+        client = redis.Redis.from_url(settings.REDIS_URL)  # the run's queue, bindings and heartbeats go too
+        try:
+            client.delete(
+                run.queue,
+                f"_kombu.binding.{run.queue}",
+                f"_kombu.binding_permanent.{run.queue}",
+                f"agentflow:health:workers:{run.queue}",
+            )
+        finally:
+            client.close()
+
+
+def _newest_heartbeat(settings: Any, queue: str) -> float:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        newest = client.zrevrange(f"agentflow:health:workers:{queue}", 0, 0, withscores=True)
+        return float(newest[0][1]) if newest else 0.0
+    finally:
+        client.close()
+
+
+def _redis_now(settings: Any) -> float:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        seconds, micros = client.time()
+        return seconds + micros / 1_000_000
+    finally:
+        client.close()
+
+
+def test_a_killed_worker_is_restarted_while_the_web_server_keeps_answering(
+    agentflow_run: Callable[..., Run], settings: Any
+) -> None:
+    run = agentflow_run()
+    worker = run.ready()
+    daphne = _child(run.process.pid, "daphne")
+    assert daphne is not None
+    beat_group = {pid for pid, (_, group) in _processes().items() if group == worker}
+    assert len(beat_group) >= 2  # the worker and its embedded beat, in the worker's own process group
+    killed_at = _redis_now(settings)
+
+    os.kill(worker, signal.SIGKILL)
+    live: list[int | None] = []
+
+    def restarted() -> int | None:
+        live.append(_get(run.port, "/api/health/live")[0])
+        new = _child(run.process.pid, "celery")
+        return (
+            new if new not in (None, worker) and _newest_heartbeat(settings, run.queue) > killed_at else None
+        )
+
+    new_worker = _until("a new worker with a fresh heartbeat", restarted)
+
+    assert set(live) == {200}  # the web server answered all along
+    assert _child(run.process.pid, "daphne") == daphne  # and was never restarted
+    assert run.process.poll() is None
+    assert not {pid for pid, (_, group) in _processes().items() if group == worker}  # no orphaned beat
+    output = run.output()
+    assert "the worker (celery) exited unexpectedly (exit code -9 (SIGKILL))" in output
+    assert f"restarted the worker (celery) (pid {new_worker})" in output
+    assert _get(run.port, "/api/health/ready")[0] == 200
+
+
+def test_sigterm_drains_the_turn_in_flight_and_exits_0_leaving_no_process(
+    agentflow_run: Callable[..., Run], fake_llm: FakeAnthropicServer, api_key: str
+) -> None:
+    fake_llm.latency = 3.0
+    run = agentflow_run(AGENTFLOW_DRAIN_SECONDS="30")
+    run.ready()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{run.port}/api/users/drain/messages",
+        data=json.dumps({"message": "finish me before you stop", "wait_seconds": 0}).encode(),
+        headers={"X-API-Key": api_key, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        accepted = json.loads(response.read())
+    _until("the turn's first LLM call", lambda: fake_llm.requests)  # the turn is in flight
+    children = _descendants(run.process.pid)
+
+    run.process.send_signal(signal.SIGTERM)
+    code = run.process.wait(timeout=30 + 15)
+
+    assert code == 0
+    message = Message.objects.get(pk=accepted["message_id"])
+    assert message.status == Message.Status.DONE
+    assert message.reply.content == "Echo: finish me before you stop"
+    assert not {pid for pid in children if _stat(pid) is not None}
+    assert "did not stop within" not in run.output()
+
+
+def test_sigterm_kills_what_outlives_the_drain_bound_and_exits_0(
+    agentflow_run: Callable[..., Run], fake_llm: FakeAnthropicServer, api_key: str
+) -> None:
+    fake_llm.latency = 60.0  # a turn far longer than the drain bound
+    run = agentflow_run(AGENTFLOW_DRAIN_SECONDS="2")
+    run.ready()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{run.port}/api/users/stuck/messages",
+        data=json.dumps({"message": "never finished", "wait_seconds": 0}).encode(),
+        headers={"X-API-Key": api_key, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+    _until("the turn's first LLM call", lambda: fake_llm.requests)
+    children = _descendants(run.process.pid)
+
+    run.process.send_signal(signal.SIGTERM)
+    code = run.process.wait(timeout=2 + 15)
+
+    assert code == 0
+    assert not {pid for pid in children if _stat(pid) is not None}
+    assert "the worker (celery) did not stop within 2 s; killing it" in run.output()
