@@ -23,6 +23,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -342,3 +343,70 @@ def ensure_services() -> None:
 
     if getattr(settings, "REDIS_SOURCE", "") == "embedded":
         ensure_valkey()
+
+
+# --- The processes of a deployment ---------------------------------------------------------------
+
+
+def web_command(*, port: int, host: str = "127.0.0.1", python: str | None = None) -> list[str]:
+    """The web server's command line (daphne), as ``manage.py agentflow_run`` and the benches start it.
+
+    A deep accept queue (1,024): a burst of widget (re)connections is not refused.
+    """
+    interface = host.replace(":", "\\:")
+    return [
+        python or sys.executable,
+        "-m",
+        "daphne",
+        "-e",
+        f"tcp:port={port}:interface={interface}:backlog=1024",
+        "agentflow_project.asgi:application",
+    ]
+
+
+def worker_command(
+    *,
+    concurrency: int,
+    queue: str,
+    loglevel: str = "INFO",
+    beat_schedule: Path | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """A Celery worker's command line (threads pool); with ``beat_schedule``, beat runs inside it."""
+    command = [
+        python or sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "agentflow_project",
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(concurrency),
+        "-Q",
+        queue,
+        "-l",
+        loglevel,
+    ]
+    if beat_schedule is not None:
+        command += ["-B", "-s", str(beat_schedule)]  # periodic jobs (memory sweep, recovery)
+    return command
+
+
+def wait_for_http(url: str, *, seconds: float = 60, what: str = "the web server") -> None:
+    """Wait until ``url`` answers (any HTTP status), or raise ``RuntimeError`` after ``seconds``."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer {url} within {seconds:.0f} s") from None
+            time.sleep(0.3)

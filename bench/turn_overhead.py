@@ -83,6 +83,8 @@ def free_port() -> int:
 
 
 def through_rest(turns: int, server_url: str, api_key: str) -> list[float]:
+    from agentflow_project import runtime
+
     port = free_port()
     env = {
         **os.environ,
@@ -94,29 +96,14 @@ def through_rest(turns: int, server_url: str, api_key: str) -> list[float]:
     logs.mkdir(parents=True, exist_ok=True)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-p", str(port), "agentflow_project.asgi:application"],
+            runtime.web_command(port=port),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(logs / "web.log", "w"),
         ),
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "agentflow_project",
-                "worker",
-                "-P",
-                "threads",
-                "-c",
-                "8",
-                "-Q",
-                f"bench-{port}",
-                "-l",
-                "WARNING",
-            ],
+            runtime.worker_command(concurrency=8, queue=f"bench-{port}", loglevel="WARNING"),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -126,15 +113,7 @@ def through_rest(turns: int, server_url: str, api_key: str) -> list[float]:
     print(f"server and worker logs: {logs}")
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/api/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the web server did not start") from None
-                time.sleep(0.3)
+        runtime.wait_for_http(base + "/api/health/live")
 
         def post(user: str, text: str) -> dict:
             request = urllib.request.Request(

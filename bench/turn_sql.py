@@ -228,6 +228,7 @@ def free_port() -> int:
 
 
 def web_rss() -> None:
+    from agentflow_project import runtime
     from conversations.models import ApiKey
     from conversations.services import api_key_create
 
@@ -237,36 +238,14 @@ def web_rss() -> None:
     logs = ROOT / ".data" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     web = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "agentflow_project.asgi:application",
-        ],
+        runtime.web_command(port=port),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(logs / "rss-web.log", "w"),
     )
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "agentflow_project",
-            "worker",
-            "-P",
-            "threads",
-            "-c",
-            "2",
-            "-Q",
-            queue,
-        ],
+        runtime.worker_command(concurrency=2, queue=queue, loglevel="WARNING"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -275,15 +254,7 @@ def web_rss() -> None:
     key, plain = api_key_create(name=f"bench-rss-{uuid.uuid4().hex[:8]}")
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/api/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the web server did not start (see {logs})") from None
-                time.sleep(0.3)
+        runtime.wait_for_http(base + "/api/health/live", what=f"the web server (see {logs})")
         started_kib = rss_kib(web.pid)
         request = urllib.request.Request(
             f"{base}/api/users/bench-rss/messages",

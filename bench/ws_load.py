@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -75,18 +74,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {seconds} s") from None
-            time.sleep(0.3)
 
 
 class Stats:
@@ -332,6 +319,7 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
+    from agentflow_project import runtime
     from conversations.chat_tokens import chat_token_create
     from conversations.models import EndUser
     from memory.privacy import user_erase
@@ -371,36 +359,16 @@ def main() -> None:
             stderr=open(logs / "ws-llm.log", "w"),
         ),
         "server": subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-e",
-                f"tcp:port={web_port}:interface=127.0.0.1:backlog=1024",
-                "agentflow_project.asgi:application",
-            ],
+            runtime.web_command(port=web_port),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(logs / "ws-web.log", "w"),
         ),
         "worker": subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "agentflow_project",
-                "worker",
-                "-P",
-                "threads",
-                "-c",
-                str(args.concurrency),
-                "-Q",
-                f"ws-load-{run}",
-                "-l",
-                args.log_level,
-            ],
+            runtime.worker_command(
+                concurrency=args.concurrency, queue=f"ws-load-{run}", loglevel=args.log_level
+            ),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -414,7 +382,7 @@ def main() -> None:
     )
     try:
         base = f"http://127.0.0.1:{web_port}"
-        wait_http(base + "/api/health", 60)
+        runtime.wait_for_http(base + "/api/health/live")
         with socket.create_connection(("127.0.0.1", llm_port), timeout=30):
             pass
         # Warm up: the worker loads the embedding model and opens its connections.

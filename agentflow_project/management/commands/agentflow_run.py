@@ -123,40 +123,15 @@ class Command(BaseCommand):
         # The worker sizes its database pool from this (see runtime.database_settings).
         worker_env = {**os.environ, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
         children = [
-            _Child(
-                "web server (daphne)",
-                # A deep accept queue: a burst of widget (re)connections is not refused.
-                [
-                    python,
-                    "-m",
-                    "daphne",
-                    "-e",
-                    f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}:backlog=1024",
-                    "agentflow_project.asgi:application",
-                ],
-            ),
+            _Child("web server (daphne)", runtime.web_command(port=port, host=host, python=python)),
             _Child(
                 "worker (celery)",
-                [
-                    python,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "agentflow_project",
-                    "worker",
-                    "-P",
-                    "threads",
-                    "-c",
-                    str(concurrency),
-                    "-Q",
-                    settings.CELERY_TASK_DEFAULT_QUEUE,
-                    "-l",
-                    "INFO",
-                    # embedded beat: periodic jobs such as memory.sweep_ended_sessions
-                    "-B",
-                    "-s",
-                    str(runtime.data_dir() / "celerybeat-schedule"),
-                ],
+                runtime.worker_command(
+                    concurrency=concurrency,
+                    queue=settings.CELERY_TASK_DEFAULT_QUEUE,
+                    beat_schedule=runtime.data_dir() / "celerybeat-schedule",
+                    python=python,
+                ),
                 env=worker_env,
             ),
         ]
