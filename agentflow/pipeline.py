@@ -22,6 +22,7 @@ from django.utils import timezone
 from conversations import selectors as conv_selectors
 from conversations import services as conv_services
 from conversations import turns as conv_turns
+from conversations.agents import AgentSettings, message_accept
 from conversations.models import Message, Thread
 from conversations.summaries import extractive_summary
 from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
@@ -94,16 +95,9 @@ def accept(
     agent: Agent, *, user_id: str, message: str, client_message_id: str | None = None
 ) -> conv_services.Received:
     """Validate and store the user's message (pending). Raises InvalidInput / RateLimited."""
-    cfg = agent.config
-    return conv_services.message_receive(
-        agent_id=agent.record_id,
-        user_id=user_id,
-        content=message,
-        client_message_id=client_message_id,
-        ttl_seconds=cfg.session_config.ttl_seconds,
-        max_chars=cfg.input_config.max_message_chars,
-        rate_per_minute=cfg.rate_limit_config.messages_per_minute,
-        rate_burst=cfg.rate_limit_config.burst,
+    limits = AgentSettings.of(id=agent.record_id, name=agent.name, version=agent.version, config=agent.config)
+    return message_accept(
+        limits=limits, user_id=user_id, message=message, client_message_id=client_message_id
     )
 
 

@@ -19,6 +19,7 @@ from django.utils import timezone
 from agentflow.errors import InvalidInput, NotFound
 
 from .models import AGENT_NAME_PATTERN, Agent
+from .services import Received, message_receive
 
 _NAME_RE = re.compile(AGENT_NAME_PATTERN)
 
@@ -116,6 +117,19 @@ class AgentSettings:
     messages_per_minute: int
     burst: int
 
+    @classmethod
+    def of(cls, *, id: int, name: str, version: int, config: Any) -> AgentSettings:
+        """The limits of a validated ``AgentFrameworkConfig``."""
+        return cls(
+            id=id,
+            name=name,
+            version=version,
+            ttl_seconds=config.session_config.ttl_seconds,
+            max_message_chars=config.input_config.max_message_chars,
+            messages_per_minute=config.rate_limit_config.messages_per_minute,
+            burst=config.rate_limit_config.burst,
+        )
+
 
 def agent_settings(*, name: str) -> AgentSettings:
     """The limits of agent ``name`` from its record (one query; no agent is built).
@@ -139,12 +153,26 @@ def agent_settings(*, name: str) -> AgentSettings:
     # still win over it, as they would in a build here (one precedence everywhere).
     env_data, _ = env_overrides(os.environ)
     config = AgentFrameworkConfig.model_validate(deep_merge({**agent.config, "name": agent.name}, env_data))
-    return AgentSettings(
-        id=agent.pk,
-        name=agent.name,
-        version=agent.version,
-        ttl_seconds=config.session_config.ttl_seconds,
-        max_message_chars=config.input_config.max_message_chars,
-        messages_per_minute=config.rate_limit_config.messages_per_minute,
-        burst=config.rate_limit_config.burst,
+    return AgentSettings.of(id=agent.pk, name=agent.name, version=agent.version, config=config)
+
+
+def message_accept(
+    *, limits: AgentSettings, user_id: str, message: Any, client_message_id: Any = None
+) -> Received:
+    """Validate and store an incoming user message for the agent of ``limits`` (pending its turn).
+
+    The one way every entry point (in-process, REST, WebSocket) accepts a message.
+
+    Raises:
+        InvalidInput, RateLimited: nothing was stored.
+    """
+    return message_receive(
+        agent_id=limits.id,
+        user_id=user_id,
+        content=message,
+        client_message_id=client_message_id,
+        ttl_seconds=limits.ttl_seconds,
+        max_chars=limits.max_message_chars,
+        rate_per_minute=limits.messages_per_minute,
+        rate_burst=limits.burst,
     )

@@ -27,12 +27,11 @@ from agentflow.jobs import queue_turn
 from agentflow.validation import MESSAGE_PATTERN, clean_user_id
 
 from . import selectors
-from .agents import AgentSettings, agent_settings, clean_agent_name
+from .agents import AgentSettings, agent_settings, clean_agent_name, message_accept
 from .chat_tokens import chat_token_create
 from .events import user_group
 from .models import ApiKey, EndUser, Message
 from .schemas import responses
-from .services import message_receive
 
 logger = logging.getLogger("agentflow.api")
 # The channel layer (channels-redis) failing under the wait: the message is stored, so it is queued
@@ -186,15 +185,8 @@ async def _post_message(
     request: HttpRequest, agent: str | None, user_id: str, payload: MessageIn
 ) -> Status[dict[str, Any]]:
     limits = await sync_to_async(_agent)(request, agent)
-    received = await sync_to_async(message_receive)(
-        agent_id=limits.id,
-        user_id=user_id,
-        content=payload.message,
-        client_message_id=payload.client_message_id,
-        ttl_seconds=limits.ttl_seconds,
-        max_chars=limits.max_message_chars,
-        rate_per_minute=limits.messages_per_minute,
-        rate_burst=limits.burst,
+    received = await sync_to_async(message_accept)(
+        limits=limits, user_id=user_id, message=payload.message, client_message_id=payload.client_message_id
     )
     message = received.message
     message_id = str(message.pk)

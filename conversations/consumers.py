@@ -24,7 +24,7 @@ from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_turn
 
 from . import selectors, services
-from .agents import agent_settings
+from .agents import agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .events import STAFF_ONLY, apublish, user_group
@@ -162,15 +162,11 @@ class ChatConsumer(JsonFrameConsumer):
             return
         try:
             limits = await database_sync_to_async(agent_settings)(name=self.agent_name)
-            received = await database_sync_to_async(services.message_receive)(
-                agent_id=limits.id,
+            received = await database_sync_to_async(message_accept)(
+                limits=limits,
                 user_id=self.user.external_id,
-                content=frame.get("message"),  # the service checks it
+                message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
-                ttl_seconds=limits.ttl_seconds,
-                max_chars=limits.max_message_chars,
-                rate_per_minute=limits.messages_per_minute,
-                rate_burst=limits.burst,
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
