@@ -20,7 +20,7 @@ from django.db import connections
 
 from agentflow import limits, pipeline
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
-from agentflow.jobs import TURN_TASK, queue_turn
+from agentflow.jobs import TURN_TASK
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
@@ -223,6 +223,3 @@ async def _announce(
         )
     except Exception:  # the reply is stored: a client that missed it gets it with "resume"
         logger.exception("could not announce the turn of message %s", message_id)
-
-
-enqueue_turn = queue_turn  # the name transports used before agentflow.jobs.queue_turn
