@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 
 from . import pipeline
 from .config import AgentFrameworkConfig
-from .context import Handler, HandlerResult, Middleware, TurnContext
+from .context import Handler, HandlerResult, Middleware, TurnContext, turn_scope
 from .embeddings import Embedder
 from .errors import LLMError
 from .llm import LLMBackend, TextCallback
@@ -563,7 +563,8 @@ class Agent:
             messages.append({"role": "assistant", "content": reply.content})
             results = []
             for call in reply.tool_calls:
-                text, is_error = await self.tools.call_tool(call["name"], call.get("input") or {})
+                with turn_scope(ctx):  # a tool that records what it did knows whose turn it was
+                    text, is_error = await self.tools.call_tool(call["name"], call.get("input") or {})
                 calls.append({"name": call["name"], "input": call.get("input") or {}, "is_error": is_error})
                 results.append(
                     {"type": "tool_result", "tool_use_id": call["id"], "content": text, "is_error": is_error}

@@ -181,7 +181,8 @@ class AgentFrameworkBuilder:
         from .bootstrap import ensure_schema
         from .embeddings import get_embedder
         from .llm import backend_for
-        from .tools import tool_source_for
+        from .outbound import jira_tool
+        from .tools import CombinedToolSource, tool_source_for
 
         if self._log_level:
             _configure_logging(self._log_level)
@@ -196,6 +197,9 @@ class AgentFrameworkBuilder:
             tools = tool_source_for(mcp_client)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+        jira = jira_tool(config)  # tools_config.jira_integration: the LLM's create_ticket tool
+        if jira is not None:
+            tools = jira if tools is None else CombinedToolSource(tools, jira)
         ensure_schema()
         from intents.models import IntentCategory as IntentCategoryRow
 

@@ -6,6 +6,8 @@ Sources, weakest first (see docs/configuration.md):
 2. ``with_config(...)``: a YAML file path, a dict or an ``AgentFrameworkConfig`` (several calls
    deep-merge, later ones winning); ``${VAR}`` / ``${VAR:-default}`` in strings are substituted
    from the environment;
+   Secrets in ``tools_config`` (a Slack webhook URL, a Jira token) must be ``${VAR}`` references:
+   a literal one is refused (``agentflow.integrations.settings``);
 3. ``AGENT_*`` environment variables (``AGENT_NAME``, ``AGENT_SESSION_TTL_SECONDS``,
    ``AGENT_CONFIDENCE_DEFAULT_THRESHOLD``, ``AGENT_LLM_MODEL``...): deployment overrides;
 4. explicit builder calls such as ``with_confidence_thresholds``.
@@ -24,6 +26,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .integrations.settings import check_integrations, refuse_literal_secrets
 from .validation import INTENT_NAME_RE
 
 logger = logging.getLogger("agentflow.config")
@@ -285,6 +288,7 @@ def source_to_dict(source: ConfigSource, environ: Mapping[str, str]) -> dict[str
     if isinstance(source, AgentFrameworkConfig):
         return source.model_dump(exclude_unset=True)
     if isinstance(source, Mapping):
+        refuse_literal_secrets(source, source="a dict passed to with_config")
         return substitute_env(dict(source), environ)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -298,6 +302,7 @@ def source_to_dict(source: ConfigSource, environ: Mapping[str, str]) -> dict[str
             return {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        refuse_literal_secrets(loaded, source=f"config file {str(path)!r}")
         return substitute_env(dict(loaded), environ)
     raise ConfigError(
         f"with_config takes a YAML path, a dict or an AgentFrameworkConfig; got {type(source).__name__}"
@@ -364,17 +369,19 @@ def resolve_config_with_sources(
         data = deep_merge(data, overrides)
         where.update(dict.fromkeys(_leaf_paths(overrides), "code"))
     try:
-        return AgentFrameworkConfig.model_validate(data), where
+        config = AgentFrameworkConfig.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc = tuple(str(part) for part in error["loc"])
             path = ".".join(loc)
             var = origin.get(loc)
-            got = error.get("input")
+            got = "..." if loc and loc[0] == "tools_config" else error.get("input")  # may hold secrets
             label = f"{var} ({path})" if var else path
             if error["type"] == "extra_forbidden":
                 problems.append(f"{label}: unknown setting")
             else:
                 problems.append(f"{label}: {error['msg']} (got {got!r})")
         raise ConfigError("invalid AgentFlow configuration: " + "; ".join(problems)) from None
+    check_integrations(config.tools_config)
+    return config, where

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,3 +75,21 @@ class Middleware:
     async def after_turn(self, ctx: TurnContext, reply: str) -> str:
         """After the reply is produced, before it is stored and sent. Returns the reply to keep."""
         return reply
+
+
+_current_turn: ContextVar[TurnContext | None] = ContextVar("agentflow_current_turn", default=None)
+
+
+@contextmanager
+def turn_scope(ctx: TurnContext) -> Iterator[None]:
+    """Within this block (a tool call), ``current_turn()`` is ``ctx``: a tool knows whose turn it serves."""
+    token = _current_turn.set(ctx)
+    try:
+        yield
+    finally:
+        _current_turn.reset(token)
+
+
+def current_turn() -> TurnContext | None:
+    """The turn a tool is being called for, if any (also in threads started with its context)."""
+    return _current_turn.get()

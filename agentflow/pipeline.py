@@ -35,6 +35,7 @@ from memory.writing import PREFERENCE
 from . import limits
 from .context import TurnContext
 from .errors import AgentUnavailable, InvalidInput, NotFound
+from .integrations.settings import slack_settings
 from .jobs import queue_on_commit
 from .types import Classification, IntentCategory, IntentScore, ThreadEvent
 from .validation import clean_message
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("agentflow.turn")
 
+NOTIFY_TASK = "agentflow.notify_slack"  # conversations.notifications
 STALE_CLAIM = limits.STALE_CLAIM  # longer than a turn may run (agentflow.limits)
 # Messages of one user are placed in threads in the order they arrived; an earlier one younger than
 # this that is still undecided makes a later one wait (an older one is presumed lost).
@@ -514,6 +516,19 @@ def _held(
 def fail(prepared: Prepared, exc: BaseException) -> None:
     """Mark a claimed turn failed (a resend, or the user's next message, is not blocked by it)."""
     conv_services.message_fail(message_id=prepared.message_id, error=str(exc) or type(exc).__name__)
+    if prepared.ctx is not None:
+        notify_slack(prepared.ctx.config, event="failure", message_id=prepared.message_id)
+
+
+def notify_slack(config: Any, *, event: str, message_id: Any) -> None:
+    """Queue the Slack notice of ``event`` about a user message, if ``slack_integration`` asks for it."""
+    try:
+        slack = slack_settings(config.tools_config)
+    except Exception:  # checked when the agent was built; a notice never fails a turn
+        logger.exception("slack_integration settings unreadable")
+        return
+    if slack is not None and event in slack.notify_on:
+        queue_on_commit(NOTIFY_TASK, str(message_id), event)
 
 
 def release(prepared: Prepared) -> None:
@@ -536,6 +551,9 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
         conv_turns.turn_finish_held(
             message=message, handled_by=outcome.handled_by, reason=outcome.escalation_reason
         )
+        # Handed back meanwhile, the message opened a new escalation; otherwise the job finds the
+        # thread's escalation already announced and posts nothing.
+        notify_slack(agent.config, event="escalation", message_id=message.pk)
         result = conv_selectors.turn_result(message=message)
         logger.info(
             "turn agent=%s user=%s thread=%s event=%s intent=%s held by a human latency_ms=%.1f",
@@ -565,6 +583,8 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
         },
         escalation_reason=outcome.escalation_reason,
     )
+    if outcome.escalated and reply is not None:
+        notify_slack(agent.config, event="escalation", message_id=message.pk)
     memories_mark_used(memory_ids=[m["id"] for m in ctx.memories])
     result = conv_selectors.turn_result(message=message, reply=reply)
     logger.info(

@@ -98,3 +98,47 @@ def tool_source_for(mcp_client: Any) -> ToolSource | None:
             f" got {type(mcp_client).__name__}"
         )
     return MCPToolSource(mcp_client)
+
+
+class CombinedToolSource(ToolSource):
+    """Several tool sources as one (an MCP server's tools and the integrations' tools).
+
+    A source whose tools cannot be listed is left out of this turn with a warning (the others stay);
+    a tool name two sources share goes to the first.
+    """
+
+    def __init__(self, *sources: ToolSource) -> None:
+        self.sources = sources
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        specs: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        failures: list[Exception] = []
+        for source in self.sources:
+            try:
+                listed = await source.list_tools()
+            except Exception as exc:
+                logger.warning(
+                    "tools of %s unavailable, the turn runs without them: %s", type(source).__name__, exc
+                )
+                failures.append(exc)
+                continue
+            for spec in listed:
+                if spec["name"] in seen:
+                    logger.warning("tool %s is offered twice; the first source's is kept", spec["name"])
+                    continue
+                seen.add(spec["name"])
+                specs.append(spec)
+        if failures and len(failures) == len(self.sources):
+            raise failures[0]
+        return specs
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
+        for source in self.sources:
+            try:
+                names = {spec["name"] for spec in await source.list_tools()}
+            except Exception:
+                continue
+            if name in names:
+                return await source.call_tool(name, arguments)
+        return f"unknown tool {name}", True

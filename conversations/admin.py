@@ -157,7 +157,7 @@ class ThreadAdmin(admin.ModelAdmin):
         "live",
     )
     inlines = [ThreadActivityInline, MessageInline]
-    actions = ["resolve_threads", "reopen_threads", "merge_threads"]
+    actions = ["resolve_threads", "reopen_threads", "merge_threads", "create_jira_issue"]
 
     @admin.display(description="live")
     def live(self, obj: Thread) -> str:
@@ -195,6 +195,52 @@ class ThreadAdmin(admin.ModelAdmin):
         self.message_user(
             request, f"Merged {len(sources)} thread(s) into “{target}”.", level=messages.SUCCESS
         )
+
+    @admin.action(description="Create Jira issue (summary and transcript)")
+    def create_jira_issue(self, request: HttpRequest, queryset: QuerySet[Thread]) -> None:
+        """One Jira issue per selected thread (tools_config.jira_integration of the thread's agent);
+        each key, or the reason it failed, is recorded in the audit trail and shown here."""
+        from agentflow.errors import AgentUnavailable
+        from agentflow.integrations.settings import jira_settings
+        from agentflow.outbound import thread_jira_issue
+        from agentflow.registry import agent_for
+
+        threads = list(queryset.select_related("user__agent")[: self.JIRA_BATCH + 1])
+        if len(threads) > self.JIRA_BATCH:
+            self.message_user(
+                request, f"Select at most {self.JIRA_BATCH} threads at a time.", level=messages.ERROR
+            )
+            return
+        for thread in threads:
+            agent_row = thread.user.agent
+            try:
+                settings = jira_settings(
+                    agent_for(agent_row.name, version=agent_row.version).config.tools_config
+                )
+            except AgentUnavailable as exc:
+                self.message_user(request, f"“{thread}”: {exc}", level=messages.ERROR)
+                continue
+            if settings is None or not settings.project_key:
+                self.message_user(
+                    request,
+                    f"Agent {agent_row.name} has no complete jira_integration (server_url, auth_token, project_key).",
+                    level=messages.ERROR,
+                )
+                continue
+            result = thread_jira_issue(settings=settings, thread=thread, staff_user=request.user)
+            if result.key:
+                self.log_change(request, thread, f"Jira issue {result.key} created.")
+                self.message_user(
+                    request, f"Created Jira issue {result.key} for “{thread}”.", level=messages.SUCCESS
+                )
+            else:
+                self.message_user(
+                    request,
+                    f"Jira issue for “{thread}” not created: {result.response.describe()}",
+                    level=messages.ERROR,
+                )
+
+    JIRA_BATCH = 10
 
 
 @admin.register(Message)

@@ -400,6 +400,8 @@ class AuditEvent(models.Model):
         CATEGORY_CHANGE = "category_change", "intent category changed"
         USER_EXPORT = "user_export", "user exported"
         USER_ERASE = "user_erase", "user erased"
+        SLACK_NOTIFY = "slack_notify", "Slack notification"
+        JIRA_ISSUE = "jira_issue", "Jira issue"
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     actor_kind = models.CharField(max_length=16, choices=Actor.choices)

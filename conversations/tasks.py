@@ -25,6 +25,7 @@ from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
 
+from . import notifications  # noqa: F401  (registers the Slack notice job with the workers)
 from .events import DeltaStream, apublish, publish
 from .models import Message
 from .recovery import claim_retry_in
