@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("agentflow.integrations")
 
+WITHHELD_MARK = "; withheld draft:"  # how agentflow.agent words a reply withheld for low confidence
+
 
 def _excerpt(settings: SlackSettings, text: str) -> str:
     if settings.excerpt == "none":
@@ -46,6 +48,15 @@ def _excerpt(settings: SlackSettings, text: str) -> str:
     text = " ".join(text.split())
     limit = settings.excerpt_chars
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _reason(settings: SlackSettings, reason: str) -> str:
+    """The hand-off reason as the post shows it: it may quote the withheld draft, which quotes the user."""
+    if settings.excerpt == "none":
+        reason = reason.split(WITHHELD_MARK, 1)[0]
+    elif settings.excerpt == "scrubbed":
+        reason = scrub_personal_data(reason, ner=False)
+    return reason[:500]
 
 
 def _admin_link(settings: SlackSettings, target: Escalation | Message) -> str:
@@ -82,7 +93,7 @@ def slack_notice(
         event=event,
         agent=agent.name,
         user=message.user.external_id,
-        reason=reason[:500],
+        reason=_reason(settings, reason),
         excerpt=_excerpt(settings, text),
         intent=message.intent,
         thread_topic=message.thread.topic[:100] if message.thread is not None else "",

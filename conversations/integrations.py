@@ -128,14 +128,6 @@ def jira_issue_record(
     )
 
 
-def jira_issues_for_thread(*, thread: Thread) -> list[str]:
-    """The keys of the Jira issues created for a thread, oldest first."""
-    rows = AuditEvent.objects.filter(
-        action=AuditEvent.Action.JIRA_ISSUE, target_type="thread", target_id=str(thread.pk)
-    ).order_by("created_at", "id")
-    return [row.detail["issue_key"] for row in rows if row.detail.get("issue_key")]
-
-
 def thread_issue_text(*, thread: Thread) -> tuple[str, str]:
     """A Jira summary and description for a thread: its topic, its gist and its latest messages."""
     messages = list(

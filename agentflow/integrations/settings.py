@@ -63,6 +63,11 @@ class SlackSettings(_Integration):
         "scrubbed", description="How much of the user's message the post shows."
     )
     excerpt_chars: int = Field(300, ge=20, le=2000)
+    channel: str = Field(
+        "",
+        max_length=80,
+        description="A channel override (legacy webhooks only; app webhooks post to theirs).",
+    )
     admin_base_url: str = Field(
         "", description="The admin's public base URL (https://ops.example.com): posts link to the escalation."
     )

@@ -80,4 +80,7 @@ def payload(notice: Notice) -> dict[str, Any]:
 
 def send(settings: SlackSettings, notice: Notice) -> HttpResult:
     """Post ``notice`` once (the caller retries: a Celery job, with backoff)."""
-    return post_json(settings.webhook_url, payload(notice), timeout=settings.timeout_seconds)
+    body = payload(notice)
+    if settings.channel:
+        body["channel"] = settings.channel
+    return post_json(settings.webhook_url, body, timeout=settings.timeout_seconds)
