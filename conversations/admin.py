@@ -196,7 +196,7 @@ class ThreadAdmin(admin.ModelAdmin):
             request, f"Merged {len(sources)} thread(s) into “{target}”.", level=messages.SUCCESS
         )
 
-    @admin.action(description="Create Jira issue (summary and transcript)")
+    @admin.action(description="Create Jira issue (summary and transcript)", permissions=["change"])
     def create_jira_issue(self, request: HttpRequest, queryset: QuerySet[Thread]) -> None:
         """One Jira issue per selected thread (tools_config.jira_integration of the thread's agent);
         each key, or the reason it failed, is recorded in the audit trail and shown here."""
