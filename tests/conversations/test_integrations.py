@@ -482,3 +482,48 @@ def test_the_action_reports_a_refusal_and_an_agent_without_jira(
     assert len(jira_server.requests) == 1
     [row] = AuditEvent.objects.filter(action="jira_issue")
     assert (row.detail["outcome"], row.detail["status"], row.target_id) == ("failed", 403, str(refused.pk))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_messages_in_a_held_thread_do_not_post_the_escalation_again(
+    anthropic_client, slack_server, settings
+) -> None:
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "BACKGROUND_JOBS": True}
+    agent = await _escalating_agent(anthropic_client)
+
+    await agent.process_message(user_id="bob", message="I want to speak to a manager")
+    held = await agent.process_message(user_id="bob", message="Hello? I am still waiting for the manager")
+    await sync_to_async(wait_for_inline_jobs)(timeout=20)
+
+    assert held["handled_by"] == "human"
+    assert len(slack_server.requests) == 1
+    assert [d["outcome"] for _, _, d in await sync_to_async(_audit)("slack_notify")] == ["sent"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_runs_at_once_post_once(anthropic_client, slack_server) -> None:
+    import threading
+
+    from django.db import connections
+
+    agent = async_to_sync(_escalating_agent)(anthropic_client)  # background jobs off: no job of its own
+    result = async_to_sync(agent.process_message)(user_id="bob", message="I want to speak to a manager")
+    slack_server.enqueue(200, "ok", delay=1.0)  # the first post is slow: the second run finds it in flight
+    outcomes: list[str] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(notify_slack.apply(args=[result["message_id"], "escalation"]).result)
+        finally:
+            connections.close_all()
+
+    first = threading.Thread(target=run)
+    first.start()
+    _wait_for(lambda: len(slack_server.requests) == 1)
+    run()
+    first.join(timeout=20)
+    later = notify_slack.apply(args=[result["message_id"], "escalation"]).result
+
+    assert (sorted(outcomes), later) == (["busy", "sent"], "duplicate")
+    assert len(slack_server.requests) == 1
+    assert [d["outcome"] for _, _, d in _audit("slack_notify")] == ["sent"]
