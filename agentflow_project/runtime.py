@@ -115,9 +115,9 @@ def database_settings() -> dict[str, Any]:
             f"AGENTFLOW_DB_POOL_MIN ({pool_min}) must not exceed AGENTFLOW_DB_POOL_MAX ({pool_max})"
         )
     pool_timeout = env_int("AGENTFLOW_DB_POOL_TIMEOUT_SECONDS", 20, minimum=1, maximum=300)
-    # Behind PgBouncer in transaction mode a server connection is shared between transactions:
-    # no session state (startup options) and no server-side cursors, which live across transactions.
-    transaction_pooler = env_bool("AGENTFLOW_DB_TRANSACTION_POOLER", False)
+    # Behind PgBouncer: it refuses (or, told to ignore it, drops) the "options" startup parameter, and in
+    # transaction mode a server connection is shared between transactions, so no server-side cursors.
+    external_pooler = env_bool("AGENTFLOW_DB_EXTERNAL_POOLER", False)
     if url:
         if not url.startswith(("postgres://", "postgresql://")):
             raise ImproperlyConfigured(
@@ -145,7 +145,7 @@ def database_settings() -> dict[str, Any]:
     if pool_max > 1:
         # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).
         config["OPTIONS"]["pool"] = {"min_size": pool_min, "max_size": pool_max, "timeout": pool_timeout}
-    if transaction_pooler:
+    if external_pooler:
         # Prepared statements are off already (Django's psycopg default, prepare_threshold=None).
         # hnsw.iterative_scan is then set on the database instead (docs/deployment.md, "Scaling out").
         config["DISABLE_SERVER_SIDE_CURSORS"] = True

@@ -20,7 +20,7 @@ VARIABLES = (
     "AGENTFLOW_DB_POOL_MAX",
     "AGENTFLOW_DB_POOL_MIN",
     "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS",
-    "AGENTFLOW_DB_TRANSACTION_POOLER",
+    "AGENTFLOW_DB_EXTERNAL_POOLER",
 )
 
 
@@ -72,8 +72,8 @@ def test_a_pool_of_one_is_no_pool(env: pytest.MonkeyPatch) -> None:
             "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS must be at most 300",
         ),
         (
-            {"AGENTFLOW_DB_TRANSACTION_POOLER": "sometimes"},
-            "AGENTFLOW_DB_TRANSACTION_POOLER must be a boolean",
+            {"AGENTFLOW_DB_EXTERNAL_POOLER": "sometimes"},
+            "AGENTFLOW_DB_EXTERNAL_POOLER must be a boolean",
         ),
     ],
 )
@@ -89,10 +89,10 @@ def test_bad_values_name_the_variable(
     assert str(info.value).startswith(message)
 
 
-def test_behind_a_transaction_pooler_no_session_state_and_no_server_side_cursors(
+def test_behind_pgbouncer_no_session_state_and_no_server_side_cursors(
     env: pytest.MonkeyPatch,
 ) -> None:
-    env.setenv("AGENTFLOW_DB_TRANSACTION_POOLER", "true")
+    env.setenv("AGENTFLOW_DB_EXTERNAL_POOLER", "true")
 
     config = database_settings()
 

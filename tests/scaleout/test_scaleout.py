@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -131,6 +132,19 @@ async def _websocket_turns(
     return turn, pushed
 
 
+def _sample_connections(database_url: str, peaks: Counter[str], stop: threading.Event) -> None:
+    """Until ``stop``: the most client connections seen at once from each address (this one's excluded)."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        while not stop.is_set():
+            rows = connection.execute(
+                "SELECT host(client_addr), count(*) FROM pg_stat_activity"
+                " WHERE client_addr IS NOT NULL AND pid <> pg_backend_pid() GROUP BY 1"
+            ).fetchall()
+            for address, count in rows:
+                peaks[address] = max(peaks[address], count)
+            stop.wait(0.05)
+
+
 def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: Lan, run_dir: Path) -> None:
     started = time.monotonic()
     hosts = {
@@ -208,6 +222,10 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
                 logs=list(logs.values()),
             ).result()
         ready = time.monotonic()
+        # While the turns run: the most connections each host holds on PostgreSQL (pg_stat_activity).
+        peaks: Counter[str] = Counter()
+        sampling = threading.Event()
+        sampler = _on(lan, hosts["client"]).submit(_sample_connections, database_url, peaks, sampling)
 
         # A burst of REST turns, half through each web server, each waiting for its reply.
         run = uuid.uuid4().hex[:6]
@@ -229,6 +247,8 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
             asyncio.run, _websocket_turns(webs[0], webs[1], api_key, ws_marker, pushed_marker)
         ).result()
         driven = time.monotonic()
+        sampling.set()
+        sampler.result()
 
         for (_, _, marker), (status, body) in zip(rest, answers, strict=True):
             assert (status, body["status"], body["content"]) == (200, "done", f"Echo: {marker}"), body
@@ -279,8 +299,15 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
         for web in webs:
             status, health = client.submit(http, "GET", f"{web}/api/health/ready").result()
             assert status == 200 and all(c["ok"] for c in health["components"].values()), health
+        # Each process stays within its own pool (AGENTFLOW_DB_POOL_MAX: 4 per web, -c + 4 per worker).
+        by_host = {hosts[name].address: name for name in ("web1", "web2", "worker1", "worker2")}
+        held = {by_host.get(address, address): count for address, count in peaks.items()}
+        assert set(held) <= set(by_host.values()), held
+        assert all(held.get(web, 0) <= 4 for web in ("web1", "web2")), held
+        assert all(held.get(w, 0) <= WORKER_CONCURRENCY + 4 for w in ("worker1", "worker2")), held
         print(
             f"\nscale-out: turns per worker {dict(sorted(per_worker.items()))}, REST posts per web {per_web},"
+            f" peak PostgreSQL connections per host {dict(sorted(held.items()))},"
             f" WebSocket turns on web1 2; setup {migrated - started:.1f} s (migrate included),"
             f" workers ready {ready - migrated:.1f} s, REST burst {burst - ready:.1f} s,"
             f" WebSocket {driven - burst:.1f} s,"
