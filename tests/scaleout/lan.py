@@ -53,8 +53,9 @@ def unavailable_reason() -> str | None:
     """Why this process cannot build a LAN of namespaces here, or None when it can (it tries one)."""
     if os.geteuid() != 0:
         return f"network namespaces need root; running as uid {os.geteuid()}"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
+    for tool, package in (("ip", "iproute2"), ("setpriv", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` ({package}) is not installed"
     probe = f"{PREFIX}-{os.getpid()}-probe"
     try:
         _ip("netns", "add", probe)
@@ -133,9 +134,13 @@ class Lan:
         self.hosts: dict[str, Host] = {}
         self.processes: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
         self._namespaces: list[str] = []
-        self.bridge_namespace = self._add_namespace("lan")
-        _ip("-n", self.bridge_namespace, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.bridge_namespace, "link", "set", "br0", "up")
+        try:
+            self.bridge_namespace = self._add_namespace("lan")
+            _ip("-n", self.bridge_namespace, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.bridge_namespace, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def _add_namespace(self, name: str) -> str:
         namespace = f"{self.run}-{name}"
@@ -243,7 +248,7 @@ class Lan:
         for namespace in self._namespaces:
             _kill_all(namespace, grace=2.0)  # what a process forked (PostgreSQL's backends)
         for host in self.hosts.values():
-            try:
+            try:  # deleting one end of a veth pair deletes both
                 _ip("-n", self.bridge_namespace, "link", "del", host.name)
             except subprocess.CalledProcessError:
                 pass

@@ -155,6 +155,8 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
         ]
     }  # fmt: skip
     client = _on(lan, hosts["client"], workers=REST_TURNS)
+    sampler_pool = _on(lan, hosts["client"])
+    sampling = threading.Event()
     llm = FakeAnthropicServer(host=hosts["llm"].address, port=LLM_PORT, latency=LLM_LATENCY)
     with lan.inside(hosts["llm"]):
         llm.start()  # its serving thread starts here, so it lives on the llm host
@@ -224,8 +226,7 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
         ready = time.monotonic()
         # While the turns run: the most connections each host holds on PostgreSQL (pg_stat_activity).
         peaks: Counter[str] = Counter()
-        sampling = threading.Event()
-        sampler = _on(lan, hosts["client"]).submit(_sample_connections, database_url, peaks, sampling)
+        sampler = sampler_pool.submit(_sample_connections, database_url, peaks, sampling)
 
         # A burst of REST turns, half through each web server, each waiting for its reply.
         run = uuid.uuid4().hex[:6]
@@ -319,7 +320,9 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: La
             print(f"--- {name}\n{tail(log, 40)}", file=sys.stderr)
         raise
     finally:
-        client.shutdown(wait=False, cancel_futures=True)
+        sampling.set()
+        for pool in (client, sampler_pool):  # their threads live in the client namespace: let them end
+            pool.shutdown(wait=False, cancel_futures=True)
         llm.stop()
 
 
