@@ -145,7 +145,8 @@ def _sample_connections(database_url: str, peaks: Counter[str], stop: threading.
             stop.wait(0.05)
 
 
-def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(lan: Lan, run_dir: Path) -> None:
+def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(run_dir: Path, lan: Lan) -> None:
+    # run_dir first: pytest tears down in reverse, so the processes stop before their folder goes.
     started = time.monotonic()
     hosts = {
         name: lan.add_host(name, number)
