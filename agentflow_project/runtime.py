@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_int, env_str
+from .env import env_bool, env_int, env_str
 
 logger = logging.getLogger("agentflow.runtime")
 
@@ -108,6 +108,16 @@ def database_settings() -> dict[str, Any]:
     # Each Celery worker thread holds a connection while it runs a turn; leave room for the rest.
     concurrency = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
     pool_max = env_int("AGENTFLOW_DB_POOL_MAX", min(concurrency + 4, 90), minimum=1, maximum=90)
+    # Connections each process keeps open while idle (0: none once the pool has shrunk back).
+    pool_min = env_int("AGENTFLOW_DB_POOL_MIN", min(1, pool_max), minimum=0, maximum=90)
+    if pool_min > pool_max:
+        raise ImproperlyConfigured(
+            f"AGENTFLOW_DB_POOL_MIN ({pool_min}) must not exceed AGENTFLOW_DB_POOL_MAX ({pool_max})"
+        )
+    pool_timeout = env_int("AGENTFLOW_DB_POOL_TIMEOUT_SECONDS", 20, minimum=1, maximum=300)
+    # Behind PgBouncer: it refuses (or, told to ignore it, drops) the "options" startup parameter, and in
+    # transaction mode a server connection is shared between transactions, so no server-side cursors.
+    external_pooler = env_bool("AGENTFLOW_DB_EXTERNAL_POOLER", False)
     if url:
         if not url.startswith(("postgres://", "postgresql://")):
             raise ImproperlyConfigured(
@@ -134,10 +144,15 @@ def database_settings() -> dict[str, Any]:
     config.setdefault("OPTIONS", {})
     if pool_max > 1:
         # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).
-        config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_max, "timeout": 20}
-    # pgvector 0.8: filtered HNSW scans keep going until they have enough rows (set per connection
-    # so similarity queries need no extra round trip).
-    config["OPTIONS"].setdefault("options", "-c hnsw.iterative_scan=relaxed_order")
+        config["OPTIONS"]["pool"] = {"min_size": pool_min, "max_size": pool_max, "timeout": pool_timeout}
+    if external_pooler:
+        # Prepared statements are off already (Django's psycopg default, prepare_threshold=None).
+        # hnsw.iterative_scan is then set on the database instead (docs/deployment.md, "Scaling out").
+        config["DISABLE_SERVER_SIDE_CURSORS"] = True
+    else:
+        # pgvector 0.8: filtered HNSW scans keep going until they have enough rows (set per connection
+        # so similarity queries need no extra round trip).
+        config["OPTIONS"].setdefault("options", "-c hnsw.iterative_scan=relaxed_order")
     config["CONN_HEALTH_CHECKS"] = False
     return config
 

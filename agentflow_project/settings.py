@@ -140,7 +140,9 @@ CHANNEL_LAYERS = {
             # pop: an idle WebSocket or a waiting REST call would then die with a TimeoutError.
             "hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}],
             "prefix": env_str("AGENTFLOW_CHANNELS_PREFIX", "agentflow"),
-            "capacity": 1000,
+            # Messages waiting per channel; a process's WebSockets share one receive channel, so a web
+            # process holding many streaming sockets needs more (over it, group_send drops).
+            "capacity": env_int("AGENTFLOW_CHANNEL_CAPACITY", 1000, minimum=100, maximum=100_000),
             "expiry": 60,
         },
     }

@@ -20,7 +20,8 @@ async tests alike. Replies are taken from a FIFO queue; when the queue is empty 
 reply is ``"Echo: <last user text>"``. ``server.latency`` (seconds) is slept before every
 response and ``FakeReply.delay`` adds to it, which makes it usable to model a fixed LLM
 latency in benchmarks. Every request is recorded in ``server.requests`` as
-``{"method", "path", "headers", "body"}`` (``body`` is the parsed JSON or ``None``).
+``{"method", "path", "headers", "body", "peer"}`` (``body`` is the parsed JSON or ``None``,
+``peer`` the client's IP address).
 
 Endpoints: ``POST /v1/messages`` (plain JSON or, with ``"stream": true``, the real SSE
 event sequence) and ``POST /v1/messages/count_tokens``. Errors use the real body shape
@@ -332,7 +333,13 @@ class FakeAnthropicServer:
         headers = {k: request.headers[k] for k in _RECORDED_HEADERS if k in request.headers}
         with self._lock:
             self._requests.append(
-                {"method": request.method, "path": request.path, "headers": headers, "body": body}
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "headers": headers,
+                    "body": body,
+                    "peer": request.remote,  # the client's address: which host (worker) called
+                }
             )
         api_key = request.headers.get("x-api-key", "")
         bearer = request.headers.get("authorization", "")

@@ -1,0 +1,130 @@
+"""The settings that decide how many processes fit on one PostgreSQL and one Redis, from the environment:
+the database pool (min, max, wait), PgBouncer's transaction mode and the channel layer's capacity."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from agentflow_project.runtime import database_settings
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+URL = "postgresql://agentflow:secret@db.example:5432/agentflow"
+VARIABLES = (
+    "AGENTFLOW_WORKER_CONCURRENCY",
+    "AGENTFLOW_DB_POOL_MAX",
+    "AGENTFLOW_DB_POOL_MIN",
+    "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS",
+    "AGENTFLOW_DB_EXTERNAL_POOLER",
+)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", URL)
+    return monkeypatch
+
+
+def test_the_defaults_follow_the_worker_concurrency(env: pytest.MonkeyPatch) -> None:
+    config = database_settings()
+
+    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 20, "timeout": 20}
+    assert config["OPTIONS"]["options"] == "-c hnsw.iterative_scan=relaxed_order"
+    assert not config.get("DISABLE_SERVER_SIDE_CURSORS")
+
+    env.setenv("AGENTFLOW_WORKER_CONCURRENCY", "8")
+    assert database_settings()["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 12, "timeout": 20}
+
+
+def test_pool_min_max_and_wait_are_set_per_process(env: pytest.MonkeyPatch) -> None:
+    env.setenv("AGENTFLOW_DB_POOL_MAX", "4")
+    env.setenv("AGENTFLOW_DB_POOL_MIN", "0")
+    env.setenv("AGENTFLOW_DB_POOL_TIMEOUT_SECONDS", "5")
+
+    assert database_settings()["OPTIONS"]["pool"] == {"min_size": 0, "max_size": 4, "timeout": 5}
+
+
+def test_a_pool_of_one_is_no_pool(env: pytest.MonkeyPatch) -> None:
+    env.setenv("AGENTFLOW_DB_POOL_MAX", "1")
+
+    assert "pool" not in database_settings()["OPTIONS"]
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"AGENTFLOW_DB_POOL_MIN": "5", "AGENTFLOW_DB_POOL_MAX": "4"},
+            "AGENTFLOW_DB_POOL_MIN (5) must not exceed AGENTFLOW_DB_POOL_MAX (4)",
+        ),
+        ({"AGENTFLOW_DB_POOL_MIN": "-1"}, "AGENTFLOW_DB_POOL_MIN must be at least 0; got -1"),
+        ({"AGENTFLOW_DB_POOL_MIN": "one"}, "AGENTFLOW_DB_POOL_MIN must be a whole number; got 'one'"),
+        ({"AGENTFLOW_DB_POOL_TIMEOUT_SECONDS": "0"}, "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS must be at least 1"),
+        (
+            {"AGENTFLOW_DB_POOL_TIMEOUT_SECONDS": "301"},
+            "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS must be at most 300",
+        ),
+        (
+            {"AGENTFLOW_DB_EXTERNAL_POOLER": "sometimes"},
+            "AGENTFLOW_DB_EXTERNAL_POOLER must be a boolean",
+        ),
+    ],
+)
+def test_bad_values_name_the_variable(
+    env: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    for name, value in variables.items():
+        env.setenv(name, value)
+
+    with pytest.raises(ImproperlyConfigured) as info:
+        database_settings()
+
+    assert str(info.value).startswith(message)
+
+
+def test_behind_pgbouncer_no_session_state_and_no_server_side_cursors(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.setenv("AGENTFLOW_DB_EXTERNAL_POOLER", "true")
+
+    config = database_settings()
+
+    assert config["DISABLE_SERVER_SIDE_CURSORS"] is True
+    assert "options" not in config["OPTIONS"]  # PgBouncer refuses (or drops) the startup parameter
+    assert "prepare_threshold" not in config["OPTIONS"]  # Django's default: no prepared statements
+    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 20, "timeout": 20}
+
+
+def _settings_value(expression: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTFLOW_", "DJANGO_"))}
+    env.update(
+        {
+            "AGENTFLOW_SKIP_DOTENV": "1",
+            "AGENTFLOW_DATA_DIR": str(tmp_path),
+            "DJANGO_DEBUG": "true",
+            "DATABASE_URL": URL,
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            **variables,
+        }
+    )
+    code = f"import agentflow_project.settings as s; print({expression})"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_channel_layer_capacity_comes_from_the_environment(tmp_path: Path) -> None:
+    expression = "s.CHANNEL_LAYERS['default']['CONFIG']['capacity']"
+
+    assert _settings_value(expression, tmp_path).stdout.strip() == "1000"
+    assert _settings_value(expression, tmp_path, AGENTFLOW_CHANNEL_CAPACITY="5000").stdout.strip() == "5000"
+    too_small = _settings_value(expression, tmp_path, AGENTFLOW_CHANNEL_CAPACITY="50")
+    assert too_small.returncode != 0
+    assert "AGENTFLOW_CHANNEL_CAPACITY must be at least 100; got 50" in too_small.stderr
