@@ -252,7 +252,12 @@ def test_a_new_message_reopens_the_thread_and_clears_its_old_resolution(status: 
     thread_add_message(thread=thread, text="It is broken again", embedding=vector, now=timezone.now())
 
     thread.refresh_from_db()
-    assert (thread.status, thread.resolved_at, thread.resolution, thread.topic_weight) == ("open", None, "", 2)
+    assert (thread.status, thread.resolved_at, thread.resolution, thread.topic_weight) == (
+        "open",
+        None,
+        "",
+        2,
+    )
 
 
 def test_turns_record_their_activities() -> None:
