@@ -523,6 +523,9 @@ class EscalationAdmin(ConsoleModelAdmin):
             extra_context = {
                 **(extra_context or {}),
                 **self._reply_context(request, escalation, StaffReplyForm()),
+                # Every field is read-only: the buttons above act, there is nothing to save.
+                "show_save": False,
+                "show_save_and_continue": False,
             }
         return super().change_view(request, object_id, form_url, extra_context)
 

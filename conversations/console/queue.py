@@ -55,7 +55,7 @@ def reason_label(escalation: Escalation) -> str:
     """
     reason = escalation.reason.strip() or "no reason recorded"
     message = escalation.message
-    if message is not None and message.intent and f"intent {message.intent}" not in reason:
+    if message is not None and message.intent and message.intent not in reason:
         confidence = f" at {message.confidence:.2f}" if message.confidence is not None else ""
         reason = f"{reason} (intent {message.intent}{confidence})"
     return reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib import admin
 from django.urls import reverse
+from django.utils import timezone
 from playwright.async_api import Page, expect
 
 from conversations.handoff import escalation_claim
 from conversations.models import CannedReply, Escalation, Message
+from tests.conversations.factories import MessageFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -106,8 +109,21 @@ def _seed(staff: Any) -> None:
     escalation = Escalation.objects.get(thread_id=turn["thread_id"])
     escalation_claim(escalation=escalation, staff_user=staff)
     user = escalation.user
+    MessageFactory(
+        thread=escalation.thread, content="Hello? Is anyone there? The shop says my card is blocked."
+    )
+    for who, text, minutes in (
+        ("maria.k", "I want to speak to a manager about my refund", 22),
+        ("jo-88", "Error 500 on every page since this morning", 9),
+        ("li.wei", "How do I change the email on my account?", 1),
+    ):
+        other = async_to_sync(agent.process_message)(user_id=who, message=text)
+        Escalation.objects.filter(thread_id=other["thread_id"]).update(
+            created_at=timezone.now() - timedelta(minutes=minutes)
+        )
     api_key_create(name="host backend of the shop", agent=user.agent)
     CannedReply.objects.create(title="Looking into it", body="Thanks, I am looking into it right now.")
+    CannedReply.objects.create(title="Refund timing", body="Refunds reach your card within 5 working days.")
     memory_add(user=user, kind="fact", content="Prefers email over phone. " * 4, embedder=get_embedder())
     Group.objects.create(name="support agents")
     attempt = AccessAttempt.objects.create(
@@ -179,12 +195,21 @@ async def test_every_admin_list_and_change_page_fits_1280_by_800(
         reverse("admin:conversations_enduser_live", args=[(await Escalation.objects.afirst()).user_id]),
     ]
     urls = [url for _, changelist, change in pages for url in (changelist, change)] + extra
+    claimed = await Escalation.objects.filter(status="claimed").afirst()
+    inbox_url = reverse("admin:conversations_escalation_inbox") + f"?e={claimed.pk}"
+    escalation_url = reverse("admin:conversations_escalation_change", args=[claimed.pk])
+    urls += [inbox_url, escalation_url]
+    shots = {inbox_url: "inbox.png", escalation_url: "escalation.png"}
     for url in urls:
         response = await page.goto(f"{live_asgi_url}{url}")
         assert response is not None and response.status == 200, url
         found = await page.evaluate(OVERFLOWING)
         if found:
             problems[url] = found
+        if SCREENSHOTS is not None and url in shots:
+            if url == inbox_url:
+                await page.wait_for_function("window.AgentFlowInbox.queueReady")
+            await page.screenshot(path=str(SCREENSHOTS / shots[url]))
     assert problems == {}, "\n".join(f"{url}: {found}" for url, found in problems.items())
     assert len(urls) >= 2 * 15
     await context.close()
