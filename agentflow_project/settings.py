@@ -181,7 +181,9 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
+# Every console page shows times in this zone, in the format of formats/en/formats.py.
+TIME_ZONE = env_str("AGENTFLOW_TIME_ZONE", "UTC")
+FORMAT_MODULE_PATH = ["agentflow_project.formats"]
 USE_I18N = True
 USE_TZ = True
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django import forms
@@ -14,19 +16,25 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.dateformat import format as date_format
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.text import Truncator
 from django.utils.timesince import timesince
 
 from agentflow.errors import InvalidInput
 
 from .audit import audit_record
+from .console.admin_base import ConsoleModelAdmin
+from .console.queue import reason_label
+from .console.views import inbox_action, inbox_reply, inbox_view
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import live_link, live_page
 from .models import (
     Agent,
     ApiKey,
     AuditEvent,
+    CannedReply,
     ChatSession,
     EndUser,
     Escalation,
@@ -41,6 +49,11 @@ from .services import (
     thread_staff_resolve,
     threads_merge,
 )
+
+
+def _stamp(value: datetime) -> str:
+    """A timestamp as every console page shows it: the site's time zone, one format."""
+    return date_format(timezone.localtime(value), "Y-m-d H:i")
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -85,7 +98,7 @@ class ThreadActivityInline(ReadOnlyInline):
 
 
 @admin.register(EndUser)
-class EndUserAdmin(admin.ModelAdmin):
+class EndUserAdmin(ConsoleModelAdmin):
     """End users, one row per agent they talk to. Export and erase are added by ``memory.admin``
     (they cover memories too), which registers its subclass of this admin."""
 
@@ -120,7 +133,7 @@ class EndUserAdmin(admin.ModelAdmin):
 
 
 @admin.register(ChatSession)
-class ChatSessionAdmin(admin.ModelAdmin):
+class ChatSessionAdmin(ConsoleModelAdmin):
     list_display = ("id", "user", "status", "started_at", "last_activity_at", "expires_at")
     list_filter = (("user__agent", admin.RelatedOnlyFieldListFilter), "status")
     search_fields = ("user__external_id", "id")
@@ -137,23 +150,38 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Thread)
-class ThreadAdmin(admin.ModelAdmin):
+class ThreadAdmin(ConsoleModelAdmin):
     """A thread's page is its timeline: every message with the decisions taken on it."""
 
-    list_display = ("topic", "user", "status", "intent", "escalated", "opened_at", "last_activity_at", "live")
+    list_display = ("topic_short", "user", "status", "intent", "escalated", "last_activity_at", "live")
+    list_display_links = ("topic_short",)
     list_filter = (("user__agent", admin.RelatedOnlyFieldListFilter), "status", "escalated", "intent")
     search_fields = ("topic", "user__external_id", "resolution")
     list_select_related = ("user",)
     date_hierarchy = "opened_at"
-    exclude = ("topic_embedding",)
+    # The thread's state, read-only and in words: the detector's vectors and vocabulary are its own
+    # working data (staff change a thread with the actions: resolve, reopen, merge, split).
+    fields = (
+        "topic",
+        ("user", "session"),
+        ("status", "intent", "escalated"),
+        ("opened_at", "last_activity_at", "resolved_at"),
+        "resolution",
+        "detector_state",
+        "live",
+    )
     readonly_fields = (
-        "id",
+        "topic",
         "user",
         "session",
+        "status",
+        "intent",
+        "escalated",
         "opened_at",
         "last_activity_at",
         "resolved_at",
-        "topic_weight",
+        "resolution",
+        "detector_state",
         "live",
     )
     inlines = [ThreadActivityInline, MessageInline]
@@ -162,6 +190,32 @@ class ThreadAdmin(admin.ModelAdmin):
     @admin.display(description="live")
     def live(self, obj: Thread) -> str:
         return live_link(user_pk=obj.user_id)
+
+    @admin.display(description="topic", ordering="topic")
+    def topic_short(self, obj: Thread) -> str:
+        return Truncator(str(obj)).chars(70)
+
+    @admin.display(description="what the thread detector keeps")
+    def detector_state(self, obj: Thread) -> SafeString:
+        vectors = [
+            label
+            for label, value in (
+                ("topic", obj.topic_embedding),
+                ("opening message", obj.opening_embedding),
+                ("last user message", obj.last_user_embedding),
+            )
+            if value is not None
+        ]
+        words = list(obj.vocabulary or [])
+        return format_html(
+            "<p>Topic folded from {} user message(s). Embeddings stored: {}.</p>"
+            "<p>Words seen ({}): {}</p><p>Last reply it compares with: {}</p>",
+            obj.topic_weight,
+            ", ".join(vectors) or "none",
+            len(words),
+            ", ".join(words[-80:]) or "none",
+            Truncator(obj.last_assistant_text).chars(300) or "none",
+        )
 
     @admin.action(description="Resolve selected threads")
     def resolve_threads(self, request: HttpRequest, queryset: QuerySet[Thread]) -> None:
@@ -244,7 +298,7 @@ class ThreadAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ConsoleModelAdmin):
     list_display = (
         "created_at",
         "user",
@@ -296,7 +350,7 @@ class MessageAdmin(admin.ModelAdmin):
 
 
 @admin.register(ThreadActivity)
-class ThreadActivityAdmin(admin.ModelAdmin):
+class ThreadActivityAdmin(ConsoleModelAdmin):
     """Every thread event with its time: what analytics count openings, returns and resolutions from."""
 
     list_display = ("created_at", "user", "thread", "kind", "actor", "staff_user")
@@ -314,7 +368,7 @@ class ThreadActivityAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ConsoleModelAdmin):
     list_display = ("name", "prefix", "agent", "active", "created_at", "last_used_at")
     list_filter = ("agent", "active")
     search_fields = ("name", "prefix")
@@ -358,31 +412,45 @@ class StaffReplyForm(forms.Form):
 
 
 @admin.register(Escalation)
-class EscalationAdmin(admin.ModelAdmin):
-    """The hand-off queue: claim a thread, reply as a human agent, hand it back to the bot."""
+class EscalationAdmin(ConsoleModelAdmin):
+    """The hand-off queue: claim a thread, reply as a human agent, hand it back to the bot.
 
-    list_display = (
-        "id",
-        "status",
-        "holder",
-        "thread_link",
-        "user",
-        "short_reason",
-        "age",
-        "created_at",
-        "live",
-    )
+    The inbox (``conversations.console``) is the page staff work from; this list is the full record.
+    """
+
+    list_display = ("id", "status", "holder", "thread_link", "user", "short_reason", "waiting", "live")
+    list_display_links = ("id", "status")
     list_filter = (
         ("user__agent", admin.RelatedOnlyFieldListFilter),
         "status",
         ("holder", admin.RelatedOnlyFieldListFilter),
     )
     search_fields = ("user__external_id", "reason", "thread__topic")
-    list_select_related = ("user", "thread", "holder")
+    list_select_related = ("user", "thread", "holder", "message")
     date_hierarchy = "created_at"
-    readonly_fields = [*(f.name for f in Escalation._meta.fields), "live"]
+    fields = (
+        ("status", "holder"),
+        ("user", "thread"),
+        "trigger",
+        "reason_shown",
+        ("created_at", "claimed_at", "resolved_at"),
+        "live",
+    )
+    readonly_fields = [
+        "status",
+        "holder",
+        "user",
+        "thread",
+        "trigger",
+        "reason_shown",
+        "created_at",
+        "claimed_at",
+        "resolved_at",
+        "live",
+    ]
     actions = ["claim", "release", "hand_back"]
     change_form_template = "admin/conversations/escalation/change_form.html"
+    change_list_template = "admin/conversations/escalation/change_list.html"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -393,7 +461,7 @@ class EscalationAdmin(admin.ModelAdmin):
     @admin.display(description="thread")
     def thread_link(self, obj: Escalation) -> str:
         url = reverse("admin:conversations_thread_change", args=[obj.thread_id])
-        return format_html('<a href="{}">{}</a>', url, obj.thread)
+        return format_html('<a href="{}">{}</a>', url, Truncator(str(obj.thread)).chars(60))
 
     @admin.display(description="live")
     def live(self, obj: Escalation) -> str:
@@ -401,11 +469,28 @@ class EscalationAdmin(admin.ModelAdmin):
 
     @admin.display(description="reason")
     def short_reason(self, obj: Escalation) -> str:
-        return obj.reason[:80]
+        return Truncator(reason_label(obj)).chars(90)
 
-    @admin.display(description="age")
-    def age(self, obj: Escalation) -> str:
-        return timesince(obj.created_at, timezone.now())
+    @admin.display(description="reason")
+    def reason_shown(self, obj: Escalation) -> str:
+        return reason_label(obj)
+
+    @admin.display(description="message that asked for a human")
+    def trigger(self, obj: Escalation) -> str:
+        return obj.message.content if obj.message is not None else "-"
+
+    @admin.display(description="since", ordering="created_at")
+    def waiting(self, obj: Escalation) -> str:
+        """Open: how long it has waited; claimed: how long it has been held; resolved: when."""
+        if obj.status == Escalation.Status.RESOLVED and obj.resolved_at:
+            return format_html('<span title="{}">resolved</span>', _stamp(obj.resolved_at))
+        since = (
+            obj.claimed_at if obj.status == Escalation.Status.CLAIMED and obj.claimed_at else obj.created_at
+        )
+        verb = "held" if obj.status == Escalation.Status.CLAIMED else "waiting"
+        return format_html(
+            '<span title="{}">{} {}</span>', _stamp(since), verb, timesince(since, timezone.now())
+        )
 
     def _apply(self, request: HttpRequest, queryset: QuerySet[Escalation], service: Any, done: str) -> None:
         """Run one service per selected escalation; report each refusal (that one is left unchanged)."""
@@ -434,12 +519,28 @@ class EscalationAdmin(admin.ModelAdmin):
         self._apply(request, queryset, escalation_resolve, "Handed back")
 
     def get_urls(self) -> list[URLPattern]:
-        reply = path(
-            "<path:object_id>/reply/",
-            self.admin_site.admin_view(self.reply_view),
-            name="conversations_escalation_reply",
-        )
-        return [reply, *super().get_urls()]
+        view = self.admin_site.admin_view
+        own = [
+            path(
+                "inbox/", view(partial(inbox_view, model_admin=self)), name="conversations_escalation_inbox"
+            ),
+            path(
+                "inbox/<str:object_id>/reply/",
+                view(partial(inbox_reply, model_admin=self)),
+                name="conversations_escalation_inbox_reply",
+            ),
+            path(
+                "inbox/<str:object_id>/<str:action>/",
+                view(partial(inbox_action, model_admin=self)),
+                name="conversations_escalation_inbox_action",
+            ),
+            path(
+                "<path:object_id>/reply/",
+                view(self.reply_view),
+                name="conversations_escalation_reply",
+            ),
+        ]
+        return [*own, *super().get_urls()]
 
     def _reply_context(
         self, request: HttpRequest, escalation: Escalation, form: StaffReplyForm
@@ -450,6 +551,10 @@ class EscalationAdmin(admin.ModelAdmin):
             "thread_messages": Message.objects.filter(thread_id=escalation.thread_id).order_by("created_at"),
             "can_reply": escalation.status == Escalation.Status.CLAIMED
             and escalation.holder_id == request.user.pk,
+            "may_claim": escalation.status == Escalation.Status.OPEN,
+            "may_release": escalation.status == Escalation.Status.CLAIMED,
+            "may_hand_back": escalation.status != Escalation.Status.RESOLVED,
+            "inbox_url": reverse("admin:conversations_escalation_inbox") + f"?e={escalation.pk}",
         }
 
     def change_view(
@@ -464,6 +569,9 @@ class EscalationAdmin(admin.ModelAdmin):
             extra_context = {
                 **(extra_context or {}),
                 **self._reply_context(request, escalation, StaffReplyForm()),
+                # Every field is read-only: the buttons above act, there is nothing to save.
+                "show_save": False,
+                "show_save_and_continue": False,
             }
         return super().change_view(request, object_id, form_url, extra_context)
 
@@ -497,7 +605,7 @@ class EscalationAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ConsoleModelAdmin):
     """The audit trail, read-only: nobody adds, edits or deletes a row here (append-only)."""
 
     list_display = (
@@ -535,7 +643,7 @@ class AuditEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
+class AgentAdmin(ConsoleModelAdmin):
     """The agents of this deployment, as their builds registered them: read-only (they come from code
     and configuration). Each shows its effective configuration, where each value came from, and its
     intent categories' thresholds with their source."""
@@ -603,3 +711,17 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
             items.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return items
     return [(prefix, data)]
+
+
+@admin.register(CannedReply)
+class CannedReplyAdmin(ConsoleModelAdmin):
+    """Ready-made replies the inbox offers (per agent, or for all); 1-9 insert the first nine."""
+
+    list_display = ("title", "agent", "position", "short_body")
+    list_editable = ("position",)
+    list_filter = ("agent",)
+    search_fields = ("title", "body")
+
+    @admin.display(description="reply")
+    def short_body(self, obj: CannedReply) -> str:
+        return Truncator(obj.body).chars(80)

@@ -27,7 +27,8 @@ from . import selectors, services
 from .agents import agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
-from .events import STAFF_ONLY, apublish, user_group
+from .console.queue import inbox_row_by_id, row_payload
+from .events import STAFF_ONLY, STAFF_QUEUE_GROUP, apublish, user_group
 from .frames import CLOSE_TOO_MANY, JsonFrameConsumer
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import escalations_for_staff, may_act, may_watch, staff_group
@@ -428,3 +429,53 @@ class StaffConsumer(JsonFrameConsumer):
             self._closing = True
             await self._error("not_found", "this end user was erased")
             await self.close(code=CLOSE_NOT_FOUND)
+
+
+class StaffQueueConsumer(JsonFrameConsumer):
+    """``/ws/staff/queue/``: the hand-off inbox's live feed, for staff who may watch conversations.
+
+    Sends ``escalation_opened`` with the new escalation's inbox row when a turn hands a thread to a
+    human, and ``escalation_changed`` (``escalation_id``, ``status``, the row or null once resolved)
+    when one is claimed, released or handed back. The page that gets them decides how to alert.
+    """
+
+    FRAMES = {"ping": "_on_ping"}
+    staff_user: Any
+    _joined: bool = False
+
+    async def connect(self) -> None:
+        staff_user = self.scope.get("user")
+        if not await database_sync_to_async(may_watch)(staff_user):
+            await self.accept()
+            await self._error("forbidden", "staff only: log in to the admin")
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.staff_user = staff_user
+        await self.channel_layer.group_add(STAFF_QUEUE_GROUP, self.channel_name)
+        self._joined = True
+        await self.accept()
+        await self._send({"type": "ready", "protocol": 1})
+
+    async def disconnect(self, code: int) -> None:
+        if self._joined:
+            await self.channel_layer.group_discard(STAFF_QUEUE_GROUP, self.channel_name)
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
+
+    async def staff_queue(self, event: dict[str, Any]) -> None:
+        body = event["event"]
+        row = await database_sync_to_async(inbox_row_by_id)(
+            escalation_id=body["escalation_id"], staff_user=self.staff_user
+        )
+        payload = row_payload(row) if row is not None else None
+        if body["kind"] == "escalation_opened" and payload is None:
+            return  # resolved already: nothing to alert about
+        await self._send(
+            {
+                "type": body["kind"],
+                "escalation_id": body["escalation_id"],
+                "status": body.get("status", "open"),
+                "escalation": payload,
+            }
+        )

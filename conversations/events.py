@@ -67,6 +67,26 @@ def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:
     transaction.on_commit(lambda: publish(user_pk=user_pk, event=event))
 
 
+STAFF_QUEUE_GROUP = "staff.queue"
+
+
+def staff_queue_publish_on_commit(*, event: dict[str, Any]) -> None:
+    """Tell every open staff inbox about an escalation (``kind``: ``escalation_opened`` or
+    ``escalation_changed``, with ``escalation_id``), once the surrounding transaction commits."""
+    from django.db import transaction
+
+    def send() -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(STAFF_QUEUE_GROUP, {"type": "staff.queue", "event": event})
+        except Exception:  # a lost alert must not fail the turn: the inbox lists it on its next load
+            logger.exception("could not publish %s to the staff inbox", event.get("kind"))
+
+    transaction.on_commit(send)
+
+
 def user_erased_on_commit(*, user_pk: int) -> None:
     """Once the erase commits, tell every connection of the user (and staff watching) to close."""
     from django.db import transaction

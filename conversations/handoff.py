@@ -20,7 +20,7 @@ from agentflow.errors import InvalidInput
 from agentflow.validation import clean_message
 
 from .audit import audit_record
-from .events import message_payload, publish_on_commit
+from .events import message_payload, publish_on_commit, staff_queue_publish_on_commit
 from .models import AuditEvent, Escalation, Message, StaffUser, Thread
 from .services import thread_add_reply
 
@@ -73,6 +73,10 @@ def _may_act(escalation: Escalation, staff_user: StaffUser) -> bool:
 
 
 def _audit(action: str, escalation: Escalation, staff_user: StaffUser) -> None:
+    """Record a staff action on an escalation, and tell every open inbox that it changed."""
+    staff_queue_publish_on_commit(
+        event={"kind": "escalation_changed", "escalation_id": escalation.pk, "status": escalation.status}
+    )
     audit_record(
         action=action,
         staff_user=staff_user,
@@ -100,9 +104,11 @@ def escalation_open(*, thread: Thread, message: Message | None, reason: str) -> 
             return existing
         try:
             with transaction.atomic():
-                return Escalation.objects.create(
+                created = Escalation.objects.create(
                     thread=thread, user_id=thread.user_id, message=message, reason=reason[:2000]
                 )
+            staff_queue_publish_on_commit(event={"kind": "escalation_opened", "escalation_id": created.pk})
+            return created
         except IntegrityError:  # opened concurrently: that one stands
             return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).get()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -83,6 +84,7 @@ def escalations_for_staff(*, user_pk: int, staff_user: Any) -> list[dict[str, An
             and escalation.holder_id == staff_user.pk,
             "may_act": escalation.holder_id in (None, staff_user.pk) or superuser,
             "created_at": escalation.created_at.isoformat(),
+            "claimed_at": escalation.claimed_at.isoformat() if escalation.claimed_at else None,
         }
         for escalation in rows
     ]
@@ -106,6 +108,7 @@ def live_page(request: HttpRequest, *, end_user: EndUser, admin_context: dict[st
             "userPk": end_user.pk,
             "maxChars": STAFF_REPLY_MAX_CHARS,
             "mayAct": may_act(request.user),
+            "timeZone": settings.TIME_ZONE,
         },
     }
     return TemplateResponse(request, "admin/conversations/enduser/live.html", context)

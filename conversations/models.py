@@ -441,3 +441,26 @@ class AuditEvent(models.Model):
 
     def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
         raise PermissionError("audit events are append-only")
+
+
+class CannedReply(models.Model):
+    """A ready-made staff reply, per agent (none: every agent's), inserted into the inbox's reply box."""
+
+    agent = models.ForeignKey(
+        Agent,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="canned_replies",
+        help_text="Empty: offered for every agent.",
+    )
+    title = models.CharField(max_length=100)
+    body = models.TextField(max_length=4000)
+    position = models.PositiveSmallIntegerField(default=0, help_text="Lower first; 1-9 are shortcuts.")
+
+    class Meta:
+        ordering = ["position", "title"]
+        verbose_name_plural = "canned replies"
+
+    def __str__(self) -> str:
+        return self.title

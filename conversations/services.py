@@ -251,7 +251,8 @@ def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now:
     if thread.status != Thread.Status.OPEN:
         thread.status = Thread.Status.OPEN
         thread.resolved_at = None
-        fields += ["status", "resolved_at"]
+        thread.resolution = ""  # the old resolution no longer describes a thread that is open again
+        fields += ["status", "resolved_at", "resolution"]
     thread.save(update_fields=fields)
     return thread
 
@@ -381,7 +382,8 @@ def thread_staff_reopen(*, thread: Thread, staff_user: StaffUser) -> Thread:
         previous = thread.status
         thread.status = Thread.Status.OPEN
         thread.resolved_at = None
-        thread.save(update_fields=["status", "resolved_at"])
+        thread.resolution = ""
+        thread.save(update_fields=["status", "resolved_at", "resolution"])
         thread_activity_record(
             thread=thread,
             kind=ThreadActivity.Kind.REOPENED,

@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from agentflow.errors import ConfigError
 from agentflow.validation import validate_intent_fields
 from conversations.audit import audit_record
+from conversations.console.admin_base import ConsoleModelAdmin
 from conversations.models import AuditEvent
 
 from .models import IntentCategory
@@ -87,7 +88,7 @@ def mark_staff_edited(obj: IntentCategory) -> None:
 
 
 @admin.register(IntentCategory)
-class IntentCategoryAdmin(admin.ModelAdmin):
+class IntentCategoryAdmin(ConsoleModelAdmin):
     """The database is the source of truth: edits apply to the next message on every process.
 
     Each category belongs to one agent. Code sets the fields it defines on every build until staff

@@ -22,6 +22,7 @@ from agentflow.embeddings import get_embedder
 from agentflow.errors import NotFound
 from conversations.admin import EndUserAdmin
 from conversations.audit import audit_record
+from conversations.console.admin_base import ConsoleModelAdmin
 from conversations.models import AuditEvent, EndUser
 
 from .models import Memory
@@ -101,7 +102,7 @@ class MemoryForm(forms.ModelForm):
 
 
 @admin.register(Memory)
-class MemoryAdmin(admin.ModelAdmin):
+class MemoryAdmin(ConsoleModelAdmin):
     list_display = (
         "short_content",
         "agent",

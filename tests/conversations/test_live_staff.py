@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -66,6 +67,19 @@ def _escalated_thread(external_id: str) -> tuple[Thread, Escalation]:
     return thread, escalation_open(thread=thread, message=asked, reason="the user asked for a human")
 
 
+class _ClaimTime:
+    """Equal to an ISO timestamp at or after ``after`` (when the escalation was claimed)."""
+
+    def __init__(self, after: datetime) -> None:
+        self.after = after
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and datetime.fromisoformat(other) >= self.after
+
+    def __repr__(self) -> str:
+        return f"<a claim time after {self.after.isoformat()}>"
+
+
 def _escalation_row(
     escalation: Escalation, *, status: str, holder: str | None, held_by_me: bool
 ) -> dict[str, Any]:
@@ -79,6 +93,7 @@ def _escalation_row(
         "held_by_me": held_by_me,
         "may_act": True,
         "created_at": escalation.created_at.isoformat(),
+        "claimed_at": _ClaimTime(escalation.created_at) if status == "claimed" else None,
     }
 
 
@@ -632,6 +647,7 @@ def test_the_live_page_shows_the_conversation_to_staff(staff) -> None:
         "userPk": thread.user_id,
         "maxChars": STAFF_REPLY_MAX_CHARS,
         "mayAct": True,
+        "timeZone": "UTC",
     }
     assert [m.content for m in response.context["recent_messages"]] == [
         ASK,

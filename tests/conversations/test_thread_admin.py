@@ -17,6 +17,7 @@ from agentflow.errors import InvalidInput
 from conversations.models import Message, Thread, ThreadActivity
 from conversations.services import (
     thread_activity_record,
+    thread_add_message,
     thread_split,
     thread_staff_reopen,
     thread_staff_resolve,
@@ -114,7 +115,7 @@ def test_staff_resolve_then_reopen(staff) -> None:
     thread_staff_reopen(thread=thread, staff_user=staff)
     thread_staff_reopen(thread=thread, staff_user=staff)  # already open: nothing happens
     thread.refresh_from_db()
-    assert (thread.status, thread.resolved_at) == ("open", None)
+    assert (thread.status, thread.resolved_at, thread.resolution) == ("open", None, "")
 
     activities = list(ThreadActivity.objects.filter(thread=thread).order_by("created_at"))
     assert [(a.kind, a.actor, a.staff_user_id, a.detail) for a in activities] == [
@@ -241,6 +242,22 @@ def test_split_at_the_first_message_or_a_reply_is_refused(staff) -> None:
 
 
 # --- the turn pipeline -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["resolved", "dormant"])
+def test_a_new_message_reopens_the_thread_and_clears_its_old_resolution(status: str) -> None:
+    thread = _thread(text="My login is broken", status=status, resolved_at=timezone.now(), resolution="Fixed")
+    vector = get_embedder().embed_one("It is broken again")
+
+    thread_add_message(thread=thread, text="It is broken again", embedding=vector, now=timezone.now())
+
+    thread.refresh_from_db()
+    assert (thread.status, thread.resolved_at, thread.resolution, thread.topic_weight) == (
+        "open",
+        None,
+        "",
+        2,
+    )
 
 
 def test_turns_record_their_activities() -> None:

@@ -43,9 +43,18 @@
     return node;
   }
 
+  // The console's one timestamp format (YYYY-MM-DD HH:MM), in the site's time zone (TIME_ZONE).
+  const STAMP = new Intl.DateTimeFormat("en-CA", {
+    timeZone: config.timeZone || "UTC", year: "numeric", month: "2-digit", day: "2-digit",
+    hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+  });
+
   function timeLabel(iso) {
     const date = iso ? new Date(iso) : new Date();
-    return isNaN(date) ? "" : date.toLocaleTimeString();
+    if (isNaN(date)) return "";
+    const part = {};
+    STAMP.formatToParts(date).forEach(function (p) { part[p.type] = p.value; });
+    return part.year + "-" + part.month + "-" + part.day + " " + part.hour + ":" + part.minute;
   }
 
   function messageItem(role, metaText, content) {
@@ -151,7 +160,9 @@
       const li = element("li");
       li.appendChild(element("strong", "", row.topic || "(no topic)"));
       const holder = row.status === "claimed" ? " by " + (row.held_by_me ? "you" : row.holder || "someone") : "";
-      li.appendChild(element("div", "", row.status + holder + " · since " + timeLabel(row.created_at)));
+      // Claimed: since the claim (how long it has been held); open: since it was opened.
+      const since = row.status === "claimed" && row.claimed_at ? row.claimed_at : row.created_at;
+      li.appendChild(element("div", "", row.status + holder + " · since " + timeLabel(since)));
       if (row.reason) li.appendChild(element("div", "help", row.reason));
       const actions = element("div");
       if (row.status === "open") actions.appendChild(button("Claim", "claim", row.id, true));
