@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('conversations', '0008_message_unanswered_index'),
+        ('conversations', '0009_audit_integration_actions'),
     ]
 
     operations = [
