@@ -13,14 +13,12 @@ def test_an_external_database_and_redis_are_named_with_their_secrets_masked(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://app:s3cret@db.example.com:5432/agentflow")
-    settings.DATABASES = {
-        "default": {
-            "USER": "app",
-            "PASSWORD": "s3cret",
-            "HOST": "db.example.com",
-            "PORT": 5432,
-            "NAME": "agentflow",
-        }
+    database = {
+        "USER": "app",
+        "PASSWORD": "s3cret",
+        "HOST": "db.example.com",
+        "PORT": 5432,
+        "NAME": "agentflow",
     }
     settings.REDIS_URL, settings.REDIS_SOURCE = "redis://:hunter2@cache.example.com:6379/0", "REDIS_URL"
     settings.ANTHROPIC_API_KEY, settings.ANTHROPIC_BASE_URL = "sk-ant-secret", ""
