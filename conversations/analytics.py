@@ -12,7 +12,7 @@ What counts as what:
 * *escalation rate*: of the threads opened in the range, the share that ever had an escalation;
 * *time to first human response*: for each escalation created in the range, from its creation to the
   first human-agent message in its thread after it (escalations still waiting are counted apart);
-* *LLM latency*: ``llm_latency_ms`` of the bot's replies (offline replies have none);
+* *LLM latency*: ``llm_latency_ms`` of the bot's replies, offline ones left out (no model ran);
 * *tokens and cost*: ``usage`` of the bot's replies, priced per model with ``AGENTFLOW["MODEL_PRICES"]``
   (US dollars per million input / output tokens); a model without a price has tokens but no cost;
 * *offline turns*: bot replies written in offline mode; *failed turns*: user messages whose turn failed.
@@ -231,7 +231,10 @@ def first_human_response(scope: Scope) -> dict[str, Any]:
 
 def llm_latency(scope: Scope) -> dict[str, Any]:
     """p50 and p95 of the LLM's latency (ms) per day and over the range."""
-    replies = _messages(scope).filter(role=Message.Role.ASSISTANT, llm_latency_ms__isnull=False)
+    # Offline replies store llm_latency_ms 0.0 (no model was called): they are no latency sample.
+    replies = _messages(scope).filter(
+        role=Message.Role.ASSISTANT, offline=False, llm_latency_ms__isnull=False
+    )
     percentiles = {
         "replies": Count("created_at"),
         "p50_ms": Percentile("llm_latency_ms", 0.5),

@@ -68,7 +68,16 @@ def seed() -> dict[str, Any]:
     # B: billing, answered offline, left open.
     b = _thread(alice, at(1, 11), "Refund please", "BILLING")
     _message(b, at(1, 11), Message.Role.USER, intent="BILLING", confidence=0.7)
-    _message(b, at(1, 11, 0, 1), Message.Role.ASSISTANT, model="offline", offline=True)
+    # As the turn stores it: an offline reply has model "offline", no tokens and an LLM latency of 0.
+    _message(
+        b,
+        at(1, 11, 0, 1),
+        Message.Role.ASSISTANT,
+        model="offline",
+        offline=True,
+        usage={"input_tokens": 0, "output_tokens": 0},
+        llm_latency_ms=0.0,
+    )
 
     # Day 2. C: the same topic again, escalated, no human reply yet; then a turn that failed.
     c = _thread(alice, at(2, 9), "Refund please", "BILLING", escalated=True)
