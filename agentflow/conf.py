@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -24,6 +24,24 @@ class HealthSettings(BaseModel):
     WORKER_HEARTBEAT_SECONDS: float = Field(10.0, gt=0, le=300)
     WORKER_MAX_AGE_SECONDS: float = Field(30.0, gt=0, le=3600)
     RETRY_AFTER_SECONDS: int = Field(5, ge=1, le=3600)
+
+
+class ModelPrice(BaseModel):
+    """What a model costs, in US dollars per million input and output tokens (the dashboard's cost)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+# List prices (USD per million tokens) of the models the configuration names; AGENTFLOW["MODEL_PRICES"]
+# (or AGENTFLOW_MODEL_PRICES) adds models or overrides these. Check them against your own contract.
+DEFAULT_MODEL_PRICES: dict[str, ModelPrice] = {
+    "claude-opus-5-5": ModelPrice(input=5.0, output=25.0),
+    "claude-sonnet-5-5": ModelPrice(input=3.0, output=15.0),
+    "claude-haiku-5-5": ModelPrice(input=1.0, output=5.0),
+}
 
 
 class AgentFlowSettings(BaseModel):
@@ -46,6 +64,29 @@ class AgentFlowSettings(BaseModel):
     DEMO_PAGE: bool = True
     RATE_LIMITS: dict[str, int | float] = Field(default_factory=dict)
     HEALTH: HealthSettings = Field(default_factory=HealthSettings)
+    MODEL_PRICES: dict[str, ModelPrice] = Field(
+        default_factory=lambda: dict(DEFAULT_MODEL_PRICES),
+        description="Model -> price per million tokens; merged over DEFAULT_MODEL_PRICES.",
+    )
+
+    @field_validator("MODEL_PRICES", mode="before")
+    @classmethod
+    def _prices(cls, value: Any) -> Any:
+        """Merge over the defaults; a price may be ``{"input": 3, "output": 15}`` or ``"3:15"``."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = dict(DEFAULT_MODEL_PRICES)
+        for model, price in value.items():
+            if isinstance(price, str):
+                inputs, sep, outputs = price.partition(":")
+                try:
+                    price = {"input": float(inputs), "output": float(outputs)} if sep else price
+                except ValueError:
+                    raise ValueError(
+                        f"price of {model!r} must be INPUT:OUTPUT dollars; got {price!r}"
+                    ) from None
+            merged[model] = price
+        return merged
 
     def agent_paths(self) -> dict[str, str]:
         """Every declared agent: ``AGENTS``, plus the default agent from ``AGENT_FACTORY`` unless declared."""

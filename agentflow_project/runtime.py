@@ -425,3 +425,39 @@ def wait_for_http(url: str, *, seconds: float = 60, what: str = "the web server"
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not answer {url} within {seconds:.0f} s") from None
             time.sleep(0.3)
+
+
+# --- What this deployment uses, said once at start-up -------------------------------------------
+
+
+def describe_services(*, llm_model: str | None, database: dict[str, Any] | None = None) -> list[str]:
+    """One line each for the database, Redis and the LLM this process uses, secrets masked.
+
+    Args:
+        llm_model: the default agent's model (None: not known), shown when the LLM is online.
+        database: the database settings (default: ``DATABASES["default"]``).
+    """
+    from django.conf import settings
+
+    database = settings.DATABASES["default"] if database is None else database
+    if env_str("DATABASE_URL"):
+        options = database.get("OPTIONS") or {}
+        where = str(database.get("HOST") or options.get("host") or "local socket")
+        if database.get("PORT"):
+            where += f":{database['PORT']}"
+        user = f"{database['USER']}@" if database.get("USER") else ""
+        db_line = f"database: PostgreSQL {user}{where}/{database['NAME']} (DATABASE_URL)"
+    else:
+        db_line = f"database: embedded PostgreSQL in {postgres_dir()}"
+    source = getattr(settings, "REDIS_SOURCE", "")
+    redis_from = {"REDIS_URL": "REDIS_URL", "localhost:6379": "found on localhost:6379"}.get(
+        source, "embedded Valkey"
+    )
+    redis_line = f"redis: {redacted_url(settings.REDIS_URL)} ({redis_from})"
+    if settings.ANTHROPIC_API_KEY:
+        llm_line = f"LLM: online, model {llm_model or 'as configured'}"
+        if settings.ANTHROPIC_BASE_URL:
+            llm_line += f" via {redacted_url(settings.ANTHROPIC_BASE_URL)}"
+    else:
+        llm_line = "LLM: OFFLINE (no ANTHROPIC_API_KEY): replies say so and offer a human"
+    return [db_line, redis_line, llm_line]

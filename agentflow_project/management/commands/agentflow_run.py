@@ -58,6 +58,20 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _default_model() -> str | None:
+    """The default agent's LLM model: its stored configuration, under this process's AGENT_* variables."""
+    from agentflow.conf import conf
+    from agentflow.config import AgentFrameworkConfig, deep_merge, env_overrides
+    from conversations.models import Agent
+
+    try:
+        stored = Agent.objects.filter(name=conf().DEFAULT_AGENT).values_list("config", flat=True).first()
+        env_data, _ = env_overrides(os.environ)
+        return AgentFrameworkConfig.model_validate(deep_merge(stored or {}, env_data)).llm_config.model
+    except Exception:  # a start-up note only: never keep the product from starting
+        return None
+
+
 @dataclass
 class _Child:
     """One supervised child process and its restart bookkeeping."""
@@ -147,6 +161,8 @@ class Command(BaseCommand):
             for child in children:
                 child.start()
             mode = "OFFLINE (no ANTHROPIC_API_KEY)" if not settings.ANTHROPIC_API_KEY else "online"
+            for line in runtime.describe_services(llm_model=_default_model()):
+                self.stdout.write(f"agentflow_run: {line}")
             self.stdout.write(
                 self.style.SUCCESS(
                     f"AgentFlow is starting ({mode}): http://{host}:{port}/admin/  API docs http://{host}:{port}/api/docs"
