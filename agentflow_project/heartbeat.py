@@ -15,6 +15,8 @@ import threading
 from typing import Any
 
 from celery import bootsteps
+from celery.apps.worker import Worker as CommandLineWorker
+from celery.signals import worker_ready
 
 logger = logging.getLogger("agentflow.health")
 
@@ -65,17 +67,32 @@ def worker_heartbeat_forget(*, hostname: str) -> None:
 
 
 class WorkerHeartbeat(bootsteps.StartStopStep):
-    """Worker bootstep: a daemon thread that beats until the worker stops."""
+    """Worker bootstep: a daemon thread that beats until the worker stops.
+
+    A command-line worker beats only once it is ready to take turns: Celery sends ``worker_ready``
+    when the worker starts consuming, and the worker's warm-up (``conversations.tasks``, connected when
+    the task modules were imported, so before this step's receiver) loads the agent and the embedding
+    model first. Beating from the start made readiness green 17-19 s before a fresh worker took a
+    turn. An embedded worker (tests) sends no ``worker_ready`` and beats at once.
+    """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._hostname = ""
+
+    def _on_ready(self, **kwargs: Any) -> None:
+        self._ready.set()
 
     def start(self, parent: Any) -> None:
         self._hostname = str(parent.hostname)
         self._stop.clear()
+        if isinstance(parent, CommandLineWorker):
+            worker_ready.connect(self._on_ready, weak=False)
+        else:
+            self._ready.set()
         self._thread = threading.Thread(target=self._run, name="agentflow-heartbeat", daemon=True)
         self._thread.start()
 
@@ -83,6 +100,9 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         from agentflow.conf import conf
 
         interval = conf().HEALTH.WORKER_HEARTBEAT_SECONDS
+        while not self._ready.wait(0.5):
+            if self._stop.is_set():
+                return
         client = _client()
         try:
             while True:
@@ -97,6 +117,7 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
+        worker_ready.disconnect(self._on_ready)
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

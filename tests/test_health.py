@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,12 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test import Client
 
-from agentflow_project.heartbeat import heartbeat_key, worker_heartbeat_beat, worker_heartbeat_forget
+from agentflow_project.heartbeat import (
+    WorkerHeartbeat,
+    heartbeat_key,
+    worker_heartbeat_beat,
+    worker_heartbeat_forget,
+)
 from tests.faults import POOL_TIMEOUT, dead_redis_url, refused_pool
 
 OK = {"ok": True, "error": None}
@@ -109,6 +115,34 @@ def test_heartbeat_makes_ready_and_a_stopping_worker_removes_it(fresh_queue: str
 
     assert (ready["ok"], ready["workers"]) == (True, 1)
     assert (gone["ok"], gone["workers"]) == (False, 0)
+
+
+def _workers_in_heartbeat() -> list[bytes]:
+    return list(redis.Redis.from_url(django_settings.REDIS_URL).zrange(heartbeat_key(), 0, -1))
+
+
+@pytest.mark.django_db
+def test_a_command_line_worker_beats_only_once_it_is_ready(fresh_queue: str) -> None:
+    """Readiness stays red while a fresh worker warms up: the heartbeat waits for ``worker_ready``."""
+    from celery.apps.worker import Worker as CommandLineWorker
+    from celery.signals import worker_ready
+
+    parent = CommandLineWorker.__new__(CommandLineWorker)  # the step reads only its hostname
+    parent.hostname = "celery@warming-up"
+    step = WorkerHeartbeat(parent)
+    step.start(parent)
+    try:
+        time.sleep(1.5)
+        before = _workers_in_heartbeat()
+        worker_ready.send(sender=None)
+        deadline = time.monotonic() + 10
+        while not _workers_in_heartbeat() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = _workers_in_heartbeat()
+    finally:
+        step.stop(parent)
+
+    assert (before, after, _workers_in_heartbeat()) == ([], [b"celery@warming-up"], [])
 
 
 @pytest.mark.django_db
