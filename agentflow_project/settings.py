@@ -76,7 +76,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # /api/: paths checked byte by byte, JSON errors only, Cache-Control: no-store.
-    "agentflow_project.api_http.ApiHttpMiddleware",
+    "agentflow.web.http.ApiHttpMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -1,13 +1,9 @@
+"""The deployment's URLs: the admin, and AgentFlow's routes exactly as a host project includes them."""
+
 from django.contrib import admin
-from django.urls import path
-
-from conversations import views as conversations_views
-
-from .api import api
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/", api.urls),
-    path("demo/", conversations_views.demo_page, name="agentflow-demo"),
-    path("demo/chat-token", conversations_views.demo_chat_token, name="agentflow-demo-chat-token"),
+    path("", include("agentflow.web.urls")),
 ]

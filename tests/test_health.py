@@ -11,7 +11,7 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test import Client
 
-from agentflow_project.heartbeat import heartbeat_key, worker_heartbeat_beat, worker_heartbeat_forget
+from agentflow.worker import heartbeat_key, worker_heartbeat_beat, worker_heartbeat_forget
 from tests.faults import POOL_TIMEOUT, dead_redis_url, refused_pool
 
 OK = {"ok": True, "error": None}
@@ -150,7 +150,7 @@ def test_ready_and_health_are_503_when_the_database_pool_refuses(pool_timeout: N
 def test_ready_times_out_a_component_that_does_not_answer(settings: Any, monkeypatch: Any) -> None:
     import asyncio
 
-    from agentflow_project import health
+    from agentflow.web import health
 
     async def hang() -> dict[str, Any]:
         await asyncio.Event().wait()

@@ -3,9 +3,10 @@
 Every worker process writes its hostname into one sorted set per queue, scored with Redis's own clock
 (``TIME``, so hosts with skewed clocks agree), every ``AGENTFLOW["HEALTH"]["WORKER_HEARTBEAT_SECONDS"]``
 from a thread started by a worker bootstep, and removes it when it stops. The readiness probe
-(``agentflow_project.health``) reads the newest score. A worker whose Redis is down keeps trying.
+(``agentflow.web.health``) reads the newest score. A worker whose Redis is down keeps trying.
 
-This module is imported by ``agentflow_project.celery``: it imports nothing of Django at import time.
+This module is imported by a project's Celery app (``celery_setup``): it imports nothing of Django at
+import time.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ def heartbeat_key() -> str:
     """The sorted set of this deployment's workers (one per turn queue, ``AGENTFLOW_CELERY_QUEUE``)."""
     from django.conf import settings
 
-    return f"agentflow:health:workers:{settings.CELERY_TASK_DEFAULT_QUEUE}"
+    queue = getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", None) or "celery"
+    return f"agentflow:health:workers:{queue}"
 
 
 def _client() -> Any:
     import redis
-    from django.conf import settings
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    from agentflow.conf import redis_url
+
+    return redis.Redis.from_url(redis_url(), socket_timeout=5, socket_connect_timeout=5)
 
 
 def worker_heartbeat_beat(*, hostname: str, client: Any = None) -> None:
@@ -106,3 +109,12 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             logger.warning("worker heartbeat not removed: %s: %s", type(exc).__name__, exc)
 
     shutdown = stop
+
+
+def celery_setup(app: Any) -> None:
+    """Add AgentFlow's worker steps to a project's Celery app: the heartbeat the readiness probe reads.
+
+    Call it once where the project makes its Celery app (``app = Celery(...)``;
+    ``app.autodiscover_tasks()``; ``celery_setup(app)``).
+    """
+    app.steps["worker"].add(WorkerHeartbeat)
