@@ -8,7 +8,7 @@ building an agent. The keys are documented in docs/configuration.md.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,6 +24,32 @@ class HealthSettings(BaseModel):
     WORKER_HEARTBEAT_SECONDS: float = Field(10.0, gt=0, le=300)
     WORKER_MAX_AGE_SECONDS: float = Field(30.0, gt=0, le=3600)
     RETRY_AFTER_SECONDS: int = Field(5, ge=1, le=3600)
+
+
+class LogSettings(BaseModel):
+    """``AGENTFLOW["LOGS"]``: structured logs (docs/operations.md, "Logs")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    FORMAT: Literal["text", "json"] = "text"
+    MESSAGE_TEXT: bool = False  # put users' messages and replies in the turn log line
+
+
+class MetricsSettings(BaseModel):
+    """``AGENTFLOW["METRICS"]``: who may read ``/metrics``, and the worker's own port (docs/operations.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ENABLED: bool = True
+    # Clients allowed without a token: addresses or networks (CIDR). Loopback by default.
+    ALLOWED_IPS: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    # A bearer token that allows any client (``Authorization: Bearer <token>``); empty: none.
+    TOKEN: str = ""
+    STAFF: bool = True  # logged-in staff may read /metrics from the browser
+    QUEUE: bool = True  # compute the queue's depth and age at scrape time (one SQL aggregate)
+    # The worker serves its metrics on this port (0: it does not); on WORKER_ADDRESS.
+    WORKER_PORT: int = Field(0, ge=0, le=65535)
+    WORKER_ADDRESS: str = "127.0.0.1"
 
 
 # ``AGENTFLOW["RATE_LIMITS"]``'s defaults: a project sets only the keys it changes (docs/configuration.md).
@@ -61,6 +87,8 @@ class AgentFlowSettings(BaseModel):
     DEMO_PAGE: bool = False
     RATE_LIMITS: dict[str, int | float] = Field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     HEALTH: HealthSettings = Field(default_factory=HealthSettings)
+    LOGS: LogSettings = Field(default_factory=LogSettings)
+    METRICS: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("RATE_LIMITS")
     @classmethod

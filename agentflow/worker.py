@@ -17,6 +17,8 @@ from typing import Any
 
 from celery import bootsteps
 
+from agentflow import metrics
+
 logger = logging.getLogger("agentflow.health")
 
 # KEYS[1] the set; ARGV[1] the worker; ARGV[2] forget entries older than this (s); ARGV[3] key TTL (s).
@@ -91,7 +93,10 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             while True:
                 try:
                     worker_heartbeat_beat(hostname=self._hostname, client=client)
+                    metrics.WORKER_HEARTBEATS.inc()
+                    metrics.WORKER_LAST_HEARTBEAT.set_to_current_time()
                 except Exception as exc:  # Redis down: keep beating, readiness shows the gap
+                    metrics.WORKER_HEARTBEAT_FAILURES.inc()
                     logger.warning("worker heartbeat not written: %s: %s", type(exc).__name__, exc)
                 if self._stop.wait(interval):
                     return
@@ -111,10 +116,79 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
     shutdown = stop
 
 
-def celery_setup(app: Any) -> None:
-    """Add AgentFlow's worker steps to a project's Celery app: the heartbeat the readiness probe reads.
+class WorkerMetricsServer(bootsteps.StartStopStep):
+    """Worker bootstep: serve this worker's Prometheus metrics on ``AGENTFLOW["METRICS"]["WORKER_PORT"]``.
 
-    Call it once where the project makes its Celery app (``app = Celery(...)``;
-    ``app.autodiscover_tasks()``; ``celery_setup(app)``).
+    Off when the port is 0 (the default). prometheus-client's own HTTP server, on a daemon thread.
     """
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        from prometheus_client import start_http_server
+
+        from agentflow.conf import conf
+
+        settings = conf().METRICS
+        if not settings.ENABLED or not settings.WORKER_PORT:
+            return
+        self._server, self._thread = start_http_server(settings.WORKER_PORT, addr=settings.WORKER_ADDRESS)
+        logger.info("worker metrics on http://%s:%s/metrics", settings.WORKER_ADDRESS, settings.WORKER_PORT)
+
+    def stop(self, parent: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    shutdown = stop
+
+
+REQUEST_ID_HEADER = "agentflow_request_id"
+
+
+def _task_published(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Carry the request id of the logs into the task the request queues."""
+    import structlog
+
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id and headers is not None:
+        headers.setdefault(REQUEST_ID_HEADER, request_id)
+
+
+def _task_started(task_id: str = "", task: Any = None, **kwargs: Any) -> None:
+    """Bind the task's ids (and the request id it came with) to its logs."""
+    from agentflow import logs
+
+    logs.unbind_all()
+    request = getattr(task, "request", None)
+    request_id = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        REQUEST_ID_HEADER
+    )
+    logs.bind(task=getattr(task, "name", ""), task_id=task_id, request_id=request_id)
+
+
+def _task_ended(**kwargs: Any) -> None:
+    from agentflow import logs
+
+    logs.unbind_all()
+
+
+def celery_setup(app: Any) -> None:
+    """Add AgentFlow's worker steps to a project's Celery app.
+
+    The heartbeat the readiness probe reads, the worker's metrics server
+    (``AGENTFLOW["METRICS"]["WORKER_PORT"]``), and the ids of each task in its logs (the request id
+    of the web request that queued it included). Call it once where the project makes its Celery
+    app (``app = Celery(...)``; ``app.autodiscover_tasks()``; ``celery_setup(app)``).
+    """
+    from celery import signals
+
     app.steps["worker"].add(WorkerHeartbeat)
+    app.steps["worker"].add(WorkerMetricsServer)
+    signals.before_task_publish.connect(_task_published, weak=False, dispatch_uid="agentflow-request-id")
+    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="agentflow-task-ids")
+    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="agentflow-task-ids-end")

@@ -155,7 +155,8 @@ def test_host_project_migrates_and_runs_turns_over_rest_and_websocket(
     ).split()[-1]
     assert key.startswith("afk_")
 
-    port = unused_port()
+    port, worker_metrics = unused_port(), unused_port()
+    env["HOSTPROJECT_WORKER_METRICS_PORT"] = str(worker_metrics)
     queue = env["HOSTPROJECT_PREFIX"]
     worker = ["celery", "-A", "hostproject", "worker", "-P", "threads", "-c", "2", "-Q", queue, "-l", "INFO"]
     processes("worker", [sys.executable, "-m", *worker, "--without-mingle", "--without-gossip"], env)
@@ -228,3 +229,30 @@ def test_host_project_migrates_and_runs_turns_over_rest_and_websocket(
         "Hi over REST",
         "Hi over WS",
     ]
+
+    # The host's worker counted both turns on its own metrics port; its web server counts sockets.
+    worker = _samples(httpx.get(f"http://127.0.0.1:{worker_metrics}/metrics").text)
+    assert worker[("agentflow_turns_total", (("agent", "support"), ("intent", ""), ("outcome", "llm")))] == 2
+    tokens = body["usage"]["output_tokens"] + turn["usage"]["output_tokens"]
+    model = (("kind", "output"), ("model", "claude-sonnet-5-5"))
+    assert worker[("agentflow_llm_tokens_total", model)] == tokens
+    web = _samples(httpx.get(f"{base}/metrics").text)
+    assert web[("agentflow_websocket_connections", (("kind", "chat"),))] == 0
+    assert ("agentflow_turns_total", (("agent", "support"), ("intent", ""), ("outcome", "llm"))) not in web
+
+    # The worker's log is JSON lines; the turn's carries its ids, and the request id of the REST call.
+    lines = [json.loads(x) for x in (tmp_path / "worker.log").read_text().splitlines() if x.startswith("{")]
+    turn_lines = [x for x in lines if x.get("logger") == "agentflow.turn"]
+    assert [x["message_id"] for x in turn_lines] == [body["message_id"], turn["message_id"]]
+    assert turn_lines[0]["request_id"] == response.headers["X-Request-ID"]
+    assert not any("Hi over" in json.dumps(x) for x in lines)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

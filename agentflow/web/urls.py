@@ -16,9 +16,11 @@ from django.urls import path
 from conversations import views as conversations_views
 
 from .api import api
+from .metrics import metrics_view
 
 urlpatterns = [
     path("api/", api.urls),
+    path("metrics", metrics_view, name="agentflow-metrics"),
     path("demo/", conversations_views.demo_page, name="agentflow-demo"),
     path("demo/chat-token", conversations_views.demo_chat_token, name="agentflow-demo-chat-token"),
 ]

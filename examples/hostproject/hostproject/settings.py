@@ -9,6 +9,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from agentflow.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "hostproject-example-key-change-me-in-production")
@@ -32,6 +34,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Optional: a request id in the logs (and the turn's), returned as X-Request-ID.
+    "agentflow.web.http.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Optional: /api/ paths checked byte by byte, JSON errors, Cache-Control: no-store.
     "agentflow.web.http.ApiHttpMiddleware",
@@ -109,4 +113,10 @@ ANTHROPIC_BASE_URL = os.environ.get("ANTHROPIC_BASE_URL", "")
 AGENTFLOW = {
     "DEFAULT_AGENT": "support",
     "REST_WAIT_SECONDS": 20,
+    "LOGS": {"FORMAT": os.environ.get("HOSTPROJECT_LOG_FORMAT", "json")},
+    # The worker serves its Prometheus metrics here (0: not at all); /metrics is on the web server.
+    "METRICS": {"WORKER_PORT": int(os.environ.get("HOSTPROJECT_WORKER_METRICS_PORT", "0"))},
 }
+
+# AgentFlow's loggers as JSON lines with the turn's and request's ids (or "text").
+LOGGING = logging_config(format=AGENTFLOW["LOGS"]["FORMAT"])
