@@ -236,3 +236,33 @@ def test_the_worker_serves_nothing_without_a_port(settings: Any) -> None:
     step = WorkerMetricsServer(parent=None)
     step.start(parent=None)
     assert step._server is None
+
+
+def test_the_grafana_dashboard_parses_and_uses_only_metrics_that_exist() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from agentflow import metrics
+    from agentflow.web.metrics import QueueCollector
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy/grafana/agentflow.json").read_text()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for expr in exprs for name in re.findall(r"\bagentflow_[a-z_]+\b", expr)}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    families = [
+        family
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+        for family in value.describe()
+    ] + list(QueueCollector().collect())
+    exposed = {family.name + suffix for family in families for suffix in suffixes[family.type]}
+    assert len(dashboard["panels"]) == 10
+    assert len(used) == 11
+    assert used <= exposed, used - exposed
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
