@@ -535,7 +535,7 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     with metrics.stage_timer(agent.name, "store"):
         result = _store(agent, prepared, outcome)
     ctx = prepared.ctx
-    if outcome.model and outcome.llm_latency_ms is not None:
+    if outcome.model and not outcome.offline and outcome.llm_latency_ms is not None:  # the LLM answered
         metrics.stage_observe(agent.name, "llm", outcome.llm_latency_ms / 1000)
     metrics.stage_observe(agent.name, "total", time.perf_counter() - prepared.started)
     metrics.turn_count(

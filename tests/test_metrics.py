@@ -117,6 +117,29 @@ async def test_metrics_after_turns_count_turns_stages_tokens_and_errors(celery_w
     assert 0 <= timezone.now().timestamp() - last <= 30
 
 
+@pytest.mark.integration
+async def test_an_offline_turn_counts_as_offline_and_escalated(celery_worker, api_key):
+    client = AsyncClient()
+    before = await _scrape(client)
+    response = await client.post(
+        "/api/users/metrics-offline/messages",
+        {"message": "is anyone there?"},
+        content_type="application/json",
+        headers={"X-API-Key": api_key},
+    )
+    body = response.json()
+    assert (body["status"], body["offline"], body["escalated"]) == ("done", True, True)
+    after = await _scrape(client)
+    intent = body["intent"] or ""
+    assert (
+        _delta(before, after, "agentflow_turns_total", agent="agentflow", intent=intent, outcome="offline")
+        == 1
+    )
+    assert _delta(before, after, "agentflow_escalations_total", agent="agentflow", intent=intent) == 1
+    assert _delta(before, after, "agentflow_turn_stage_seconds_count", agent="agentflow", stage="llm") == 0
+    assert _delta(before, after, "agentflow_turn_stage_seconds_count", agent="agentflow", stage="total") == 1
+
+
 def test_queue_depth_and_age_are_read_from_postgresql_at_scrape_time() -> None:
     agent = default_agent_row()
     old = MessageFactory(status=Message.Status.PENDING, thread__session__user__agent=agent)
