@@ -19,7 +19,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from agentflow import metrics
+from agentflow import logs, metrics
 from agentflow.conf import conf
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_turn
@@ -110,6 +110,7 @@ class ChatConsumer(JsonFrameConsumer):
         await self.accept()
         self._metered = True
         metrics.WEBSOCKET_CONNECTIONS.labels(kind="chat").inc()
+        logs.bind(agent=limits.name, user_id=external_id)  # this connection's log records
         await self._send(
             {
                 "type": "ready",
