@@ -213,16 +213,7 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [
-            models.Index(fields=["thread", "created_at"]),
-            models.Index(fields=["user", "created_at"]),
-            # The unanswered user messages (the queue /metrics reports, the recovery sweep): a few rows.
-            models.Index(
-                fields=["created_at"],
-                condition=Q(status__in=["pending", "processing"]),
-                name="message_unanswered_idx",
-            ),
-        ]
+        indexes = [models.Index(fields=["thread", "created_at"]), models.Index(fields=["user", "created_at"])]
         constraints = [
             models.UniqueConstraint(
                 fields=["user", "client_message_id"],

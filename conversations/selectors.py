@@ -228,7 +228,8 @@ def messages_unanswered_by_agent() -> list[dict[str, Any]]:
     """User messages waiting for their turn, per agent and status (``pending``, ``processing``).
 
     Each row: ``agent``, ``status``, ``count`` and ``oldest`` (the oldest one's ``created_at``). One
-    aggregate over the partial index ``message_unanswered_idx``: cheap enough for every scrape.
+    aggregate over the partial index ``conversations_message_unanswered`` (migration 0008): cheap
+    enough for every scrape.
     """
     from django.db.models import Count, Min
 

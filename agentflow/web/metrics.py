@@ -4,7 +4,7 @@ Access (``AGENTFLOW["METRICS"]``): a client in ``ALLOWED_IPS`` (loopback by defa
 address, never a forwarded header), a request with ``Authorization: Bearer <TOKEN>``, or logged-in
 staff (``STAFF``). Anyone else gets 403; with ``ENABLED`` off, 404.
 
-The queue gauges are computed at scrape time from PostgreSQL (one aggregate,
+The queue gauges are computed at scrape time from PostgreSQL (one aggregate over a partial index,
 ``conversations.selectors.messages_unanswered_by_agent``), so every web process reports the same
 numbers; take them from one (``max`` or ``avg`` in PromQL). With ``PROMETHEUS_MULTIPROC_DIR`` set,
 the process metrics are those of every process writing to that folder.
