@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from agentflow.conf import DEFAULT_RATE_LIMITS, anthropic_api_key, conf, redis_url
+from agentflow.conf import DEFAULT_RATE_LIMITS, anthropic_api_key, conf, conf_reset, redis_url
 from agentflow.errors import ConfigError
 
 
-def test_a_project_that_sets_nothing_gets_every_default(settings: Any) -> None:
-    del settings.AGENTFLOW
-    del settings.REDIS_URL
-    del settings.ANTHROPIC_API_KEY
+@pytest.fixture
+def no_settings(settings: Any) -> Iterator[Any]:
+    """Deleting a setting sends no ``setting_changed`` (pytest-django), so the cache is reset by hand,
+    before and after: the suite's own ``AGENTFLOW`` must be read again by the next test."""
+    conf_reset()
+    yield settings
+    conf_reset()
+
+
+def test_a_project_that_sets_nothing_gets_every_default(no_settings: Any) -> None:
+    del no_settings.AGENTFLOW
+    del no_settings.REDIS_URL
+    del no_settings.ANTHROPIC_API_KEY
+    conf_reset()
     values = conf()
     assert (values.DEFAULT_AGENT, values.DEMO_PAGE, values.REST_WAIT_SECONDS) == ("agentflow", False, 30)
     assert values.RATE_LIMITS == DEFAULT_RATE_LIMITS
