@@ -8,7 +8,7 @@ building an agent. The keys are documented in docs/configuration.md.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -44,6 +44,47 @@ DEFAULT_MODEL_PRICES: dict[str, ModelPrice] = {
 }
 
 
+class LogSettings(BaseModel):
+    """``AGENTFLOW["LOGS"]``: structured logs (docs/operations.md, "Logs")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    FORMAT: Literal["text", "json"] = "text"
+    MESSAGE_TEXT: bool = False  # put users' messages and replies in the turn log line
+
+
+class MetricsSettings(BaseModel):
+    """``AGENTFLOW["METRICS"]``: who may read ``/metrics``, and the worker's own port (docs/operations.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ENABLED: bool = True
+    # Clients allowed without a token: addresses or networks (CIDR). Loopback by default.
+    ALLOWED_IPS: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    # A bearer token that allows any client (``Authorization: Bearer <token>``); empty: none.
+    TOKEN: str = ""
+    STAFF: bool = True  # logged-in staff may read /metrics from the browser
+    QUEUE: bool = True  # compute the queue's depth and age at scrape time (one SQL aggregate)
+    # The worker serves its metrics on this port (0: it does not); on WORKER_ADDRESS.
+    WORKER_PORT: int = Field(0, ge=0, le=65535)
+    WORKER_ADDRESS: str = "127.0.0.1"
+
+
+# ``AGENTFLOW["RATE_LIMITS"]``'s defaults: a project sets only the keys it changes (docs/configuration.md).
+DEFAULT_RATE_LIMITS: dict[str, int | float] = {
+    "API_KEY_PER_MINUTE": 600,
+    "API_KEY_BURST": 100,
+    "IP_PER_MINUTE": 600,
+    "IP_BURST": 100,
+    "AUTH_FAILURES_PER_MINUTE": 5,
+    "AUTH_FAILURES_BURST": 10,
+    "WS_FRAMES_PER_SECOND": 5,
+    "WS_FRAME_BURST": 20,
+    "WS_FRAME_OVERFLOW_CLOSE": 20,
+    "WS_CONNECTIONS_PER_USER": 10,
+}
+
+
 class AgentFlowSettings(BaseModel):
     """``settings.AGENTFLOW``, validated. Keys are upper-case, as in Django settings."""
 
@@ -61,8 +102,8 @@ class AgentFlowSettings(BaseModel):
     BACKGROUND_JOBS: bool = True
     CHAT_TOKEN_TTL_SECONDS: int = Field(3600, ge=60)
     WIDGET_ORIGINS: list[str] = Field(default_factory=list)
-    DEMO_PAGE: bool = True
-    RATE_LIMITS: dict[str, int | float] = Field(default_factory=dict)
+    DEMO_PAGE: bool = False
+    RATE_LIMITS: dict[str, int | float] = Field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     HEALTH: HealthSettings = Field(default_factory=HealthSettings)
     MODEL_PRICES: dict[str, ModelPrice] = Field(
         default_factory=lambda: dict(DEFAULT_MODEL_PRICES),
@@ -87,6 +128,17 @@ class AgentFlowSettings(BaseModel):
                     ) from None
             merged[model] = price
         return merged
+
+    LOGS: LogSettings = Field(default_factory=LogSettings)
+    METRICS: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @field_validator("RATE_LIMITS")
+    @classmethod
+    def _rate_limit_defaults(cls, value: dict[str, int | float]) -> dict[str, int | float]:
+        unknown = sorted(set(value) - set(DEFAULT_RATE_LIMITS))
+        if unknown:
+            raise ValueError(f"unknown rate limit(s) {unknown}; known: {sorted(DEFAULT_RATE_LIMITS)}")
+        return {**DEFAULT_RATE_LIMITS, **value}
 
     def agent_paths(self) -> dict[str, str]:
         """Every declared agent: ``AGENTS``, plus the default agent from ``AGENT_FACTORY`` unless declared."""
@@ -115,6 +167,30 @@ def conf() -> AgentFlowSettings:
                 problems = "; ".join(f"AGENTFLOW[{e['loc'][0]!r}]: {e['msg']}" for e in exc.errors())
                 raise ConfigError(f"invalid AGENTFLOW settings: {problems}") from None
         return _cached
+
+
+def redis_url() -> str:
+    """``settings.REDIS_URL``: the Redis of the rate limits, the health checks and the worker heartbeat.
+
+    A host project that sets none gets ``redis://127.0.0.1:6379/0`` (docs/host-project.md).
+    """
+    from django.conf import settings
+
+    return str(getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/0")
+
+
+def anthropic_api_key() -> str:
+    """``settings.ANTHROPIC_API_KEY``, or "" (offline mode) when the project sets none."""
+    from django.conf import settings
+
+    return str(getattr(settings, "ANTHROPIC_API_KEY", "") or "")
+
+
+def anthropic_base_url() -> str:
+    """``settings.ANTHROPIC_BASE_URL``, or "" (the SDK's default endpoint)."""
+    from django.conf import settings
+
+    return str(getattr(settings, "ANTHROPIC_BASE_URL", "") or "")
 
 
 def conf_reset() -> None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .config import LLMConfig
 from .errors import LLMError
 
@@ -174,11 +175,13 @@ class AnthropicBackend(LLMBackend):
                         await on_text(text)
                     message = await stream.get_final_message()
         except anthropic.APIStatusError as exc:
+            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(exc.status_code))
             transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
             raise LLMError(
                 f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient
             ) from exc
         except anthropic.APIConnectionError as exc:  # includes APITimeoutError
+            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(None))
             raise LLMError(f"could not reach the Anthropic API: {exc}", transient=True) from exc
         latency_ms = (time.perf_counter() - started) * 1000
         blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
@@ -187,6 +190,7 @@ class AnthropicBackend(LLMBackend):
             "input_tokens": int(message.usage.input_tokens or 0),
             "output_tokens": int(message.usage.output_tokens or 0),
         }
+        metrics.llm_call_count(model=config.model, usage=usage)
         return LLMReply(
             text=text,
             model=message.model,

@@ -32,7 +32,8 @@ from memory.selectors import memory_search
 from memory.services import memories_mark_used
 from memory.writing import PREFERENCE
 
-from . import limits
+from . import limits, metrics
+from .conf import conf
 from .context import TurnContext
 from .errors import AgentUnavailable, InvalidInput, NotFound
 from .integrations.settings import slack_settings
@@ -224,14 +225,15 @@ def decide_and_place(
         decision.thread_id is not None and decision.thread_id not in {t.pk for t in threads}
     ):
         started = time.perf_counter()
-        decision = decide_thread(
-            text=message.content,
-            embedding=embedding,
-            candidates=[_candidate(t, message.session_id) for t in threads],
-            now=now,
-            inactivity=inactivity,
-            model=agent.thread_model,
-        )
+        with metrics.stage_timer(agent.name, "thread"):
+            decision = decide_thread(
+                text=message.content,
+                embedding=embedding,
+                candidates=[_candidate(t, message.session_id) for t in threads],
+                now=now,
+                inactivity=inactivity,
+                model=agent.thread_model,
+            )
         decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
     if verdict is not None:
         decision = _apply_verdict(decision, verdict, threads)
@@ -247,7 +249,8 @@ def decide_and_place(
             for i, t in enumerate(threads[:6])
         )
         return Judgement(message.content, decision, options, embedding)
-    classification = (classifier or agent.classifier).classify(embedding)
+    with metrics.stage_timer(agent.name, "classify"):
+        classification = (classifier or agent.classifier).classify(embedding)
     target = None if decision.thread_id is None else next(t for t in threads if t.pk == decision.thread_id)
     thread = conv_turns.message_place(
         message=message,
@@ -307,7 +310,8 @@ def prepare(
     if judgement is not None and judgement.embedding.size:
         embedding = judgement.embedding
     else:
-        embedding = agent.embedder.embed_one(message.content)
+        with metrics.stage_timer(agent.name, "embed"):
+            embedding = agent.embedder.embed_one(message.content)
     snapshot = agent.intents.current()  # the agent's categories as of this turn: read once
     with transaction.atomic():
         conv_services.user_lock(user=message.user)
@@ -349,16 +353,15 @@ def prepare(
             conv_selectors.thread_earlier_than_window(thread=thread, window=window, before=message)
         )
     mem_cfg = agent.config.memory_config
-    memories = (
-        memory_search(
-            user=message.user,
-            embedding=embedding,
-            limit=mem_cfg.top_k,
-            similarity_threshold=mem_cfg.similarity_threshold,
-        )
-        if mem_cfg.enabled
-        else []
-    )
+    memories: list[dict[str, Any]] = []
+    if mem_cfg.enabled:
+        with metrics.stage_timer(agent.name, "retrieve"):
+            memories = memory_search(
+                user=message.user,
+                embedding=embedding,
+                limit=mem_cfg.top_k,
+                similarity_threshold=mem_cfg.similarity_threshold,
+            )
     by_name = snapshot.by_name
     category = by_name.get(classification.intent) if classification.intent else None
     action = confidence_action(
@@ -513,9 +516,10 @@ def _held(
     )
 
 
-def fail(prepared: Prepared, exc: BaseException) -> None:
+def fail(prepared: Prepared, exc: BaseException, *, agent: str = "") -> None:
     """Mark a claimed turn failed (a resend, or the user's next message, is not blocked by it)."""
     conv_services.message_fail(message_id=prepared.message_id, error=str(exc) or type(exc).__name__)
+    metrics.turn_count(agent=agent, intent=prepared.ctx.intent if prepared.ctx else None, outcome="failed")
     if prepared.ctx is not None:
         notify_slack(prepared.ctx.config, event="failure", message_id=prepared.message_id)
 
@@ -543,6 +547,23 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
     human holds, no reply is stored: the user message is done, ``handled_by`` is ``human``.
     """
     assert prepared.ctx is not None
+    with metrics.stage_timer(agent.name, "store"):
+        result = _store(agent, prepared, outcome)
+    ctx = prepared.ctx
+    if outcome.model and not outcome.offline and outcome.llm_latency_ms is not None:  # the LLM answered
+        metrics.stage_observe(agent.name, "llm", outcome.llm_latency_ms / 1000)
+    metrics.stage_observe(agent.name, "total", time.perf_counter() - prepared.started)
+    metrics.turn_count(
+        agent=agent.name,
+        intent=ctx.intent,
+        outcome="human" if prepared.held_by_human else outcome.handled_by.split(":")[0],
+        escalated=outcome.escalated and not prepared.held_by_human,
+    )
+    return result
+
+
+def _store(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]:
+    assert prepared.ctx is not None
     ctx = prepared.ctx
     latency_ms = round((time.perf_counter() - prepared.started) * 1000, 2)
     message = prepared.message or _message_of(agent, prepared.message_id)
@@ -563,6 +584,7 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
             ctx.thread_event,
             ctx.intent,
             latency_ms,
+            extra=_turn_fields(ctx, outcome, latency_ms),
         )
         return result
     reply = conv_turns.turn_finish(
@@ -598,5 +620,24 @@ def finish(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
         outcome.escalated,
         outcome.handled_by,
         latency_ms,
+        extra=_turn_fields(ctx, outcome, latency_ms),
     )
     return result
+
+
+def _turn_fields(ctx: TurnContext, outcome: Outcome, latency_ms: float) -> dict[str, Any]:
+    """The turn log line's fields for structured logs; the text only with ``AGENTFLOW_LOG_MESSAGE_TEXT``."""
+    fields: dict[str, Any] = {
+        "thread_event": ctx.thread_event,
+        "intent": ctx.intent or "",
+        "confidence": ctx.confidence,
+        "escalated": outcome.escalated,
+        "handled_by": outcome.handled_by,
+        "latency_ms": latency_ms,
+        "llm_latency_ms": outcome.llm_latency_ms,
+        "input_tokens": outcome.usage.get("input_tokens", 0),
+        "output_tokens": outcome.usage.get("output_tokens", 0),
+    }
+    if conf().LOGS.MESSAGE_TEXT:
+        fields.update(text=ctx.message, reply=outcome.text)
+    return fields

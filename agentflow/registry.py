@@ -41,11 +41,12 @@ _cache: dict[str, tuple[Any, Agent]] = {}  # name -> (key, agent) for declared /
 
 def anthropic_client_factory() -> Any:
     from anthropic import AsyncAnthropic
-    from django.conf import settings
 
-    kwargs: dict[str, Any] = {"api_key": settings.ANTHROPIC_API_KEY}
-    if settings.ANTHROPIC_BASE_URL:
-        kwargs["base_url"] = settings.ANTHROPIC_BASE_URL
+    from .conf import anthropic_api_key, anthropic_base_url
+
+    kwargs: dict[str, Any] = {"api_key": anthropic_api_key()}
+    if anthropic_base_url():
+        kwargs["base_url"] = anthropic_base_url()
     try:
         from anthropic import DefaultAioHttpClient
 
@@ -64,11 +65,10 @@ def default_backend() -> Any:
     ``None`` (offline mode) without ``ANTHROPIC_API_KEY``.
     """
     global _backend
-    from django.conf import settings
-
+    from .conf import anthropic_api_key
     from .llm import AnthropicBackend
 
-    if not settings.ANTHROPIC_API_KEY:
+    if not anthropic_api_key():
         return None
     with _lock:
         if _backend is None:

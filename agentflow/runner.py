@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from asgiref.sync import sync_to_async
 
-from . import degrade, pipeline
+from . import degrade, logs, pipeline
 from .errors import LLMError
 from .jobs import inline_jobs
 from .llm import TextCallback
@@ -74,6 +74,7 @@ async def run_step(
             await asyncio.sleep(ORDER_POLL_SECONDS)
 
 
+@logs.turn_logging
 async def run_turn(
     agent: Agent,
     message_id: Any,
@@ -121,6 +122,7 @@ async def run_turn(
             )
         if prepared.result is not None:
             return prepared.result
+        logs.turn_bind(prepared.ctx)
         try:
             if not prepared.held_by_human and degrade.breaker_is_open(agent):
                 outcome = await _fallback(agent, degrade.CIRCUIT_OPEN_REASON, on_text)
@@ -139,13 +141,13 @@ async def run_turn(
                 await call(pipeline.release, prepared)
                 raise
             if not (exc.transient and agent.config.fallback_config.enabled):
-                await call(pipeline.fail, prepared, exc)
+                await call(pipeline.fail, prepared, exc, agent=agent.name)
                 raise
             outcome = await _fallback(agent, str(exc), on_text)
         except BaseException as exc:
             # Any other failure (handler, middleware, cancellation) marks the turn failed so a resend
             # retries it at once; otherwise the claim would block the message for STALE_CLAIM.
-            await call(pipeline.fail, prepared, exc)
+            await call(pipeline.fail, prepared, exc, agent=agent.name)
             raise
         return await call(pipeline.finish, agent, prepared, outcome)
 

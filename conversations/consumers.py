@@ -19,6 +19,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from agentflow import logs, metrics
 from agentflow.conf import conf
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_turn
@@ -60,6 +61,7 @@ class ChatConsumer(JsonFrameConsumer):
     claims: ChatTokenClaims
     _typing: tuple[bool, float] = (False, 0.0)
     _counted_at: float = 0.0
+    _metered: bool = False  # counted in agentflow_websocket_connections
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -107,6 +109,9 @@ class ChatConsumer(JsonFrameConsumer):
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        self._metered = True
+        metrics.WEBSOCKET_CONNECTIONS.labels(kind="chat").inc()
+        logs.bind(agent=limits.name, user_id=external_id)  # this connection's log records
         await self._send(
             {
                 "type": "ready",
@@ -123,6 +128,9 @@ class ChatConsumer(JsonFrameConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
+        if self._metered:
+            self._metered = False
+            metrics.WEBSOCKET_CONNECTIONS.labels(kind="chat").dec()
         # The connection count first: with the channel layer down (a 1013 close), group_discard fails.
         if getattr(self, "claims", None) is not None:
             await sync_to_async(ws_connection_release, thread_sensitive=False)(
@@ -323,6 +331,7 @@ class StaffConsumer(JsonFrameConsumer):
     staff_pk: int
     _may_act: bool = False
     _joined: tuple[str, ...] = ()
+    _metered: bool = False
 
     async def connect(self) -> None:
         staff_user = self.scope.get("user")
@@ -340,6 +349,8 @@ class StaffConsumer(JsonFrameConsumer):
         for group in self._joined:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        self._metered = True
+        metrics.WEBSOCKET_CONNECTIONS.labels(kind="staff").inc()
         await self._send(
             {
                 "type": "ready",
@@ -352,6 +363,9 @@ class StaffConsumer(JsonFrameConsumer):
         await self._send_escalations()
 
     async def disconnect(self, code: int) -> None:
+        if self._metered:
+            self._metered = False
+            metrics.WEBSOCKET_CONNECTIONS.labels(kind="staff").dec()
         for group in self._joined:
             await self.channel_layer.group_discard(group, self.channel_name)
 

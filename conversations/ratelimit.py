@@ -24,10 +24,9 @@ import time
 from typing import Any
 
 import redis
-from django.conf import settings
 from django.core.cache import cache
 
-from agentflow.conf import conf
+from agentflow.conf import conf, redis_url
 from agentflow.errors import RateLimited
 
 _BUCKET = """
@@ -82,7 +81,7 @@ def _redis() -> redis.Redis:
     global _client
     with _lock:
         if _client is None:
-            _client = redis.Redis.from_url(settings.REDIS_URL)
+            _client = redis.Redis.from_url(redis_url())
             _scripts["bucket"] = _client.register_script(_BUCKET)
             _scripts["connections"] = _client.register_script(_CONNECTIONS)
         return _client

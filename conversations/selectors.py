@@ -222,3 +222,26 @@ def thread_held_by_human(*, thread: Thread) -> bool:
 def escalation_unresolved_for_thread(*, thread: Thread) -> Escalation | None:
     """The thread's open or claimed escalation, if any (at most one exists)."""
     return Escalation.objects.filter(thread=thread).exclude(status=Escalation.Status.RESOLVED).first()
+
+
+def messages_unanswered_by_agent() -> list[dict[str, Any]]:
+    """User messages waiting for their turn, per agent and status (``pending``, ``processing``).
+
+    Each row: ``agent``, ``status``, ``count`` and ``oldest`` (the oldest one's ``created_at``). One
+    aggregate over the partial index ``conversations_message_unanswered`` (migration 0008): cheap
+    enough for every scrape.
+    """
+    from django.db.models import Count, Min
+
+    rows = (
+        Message.objects.filter(
+            role=Message.Role.USER, status__in=[Message.Status.PENDING, Message.Status.PROCESSING]
+        )
+        .values("user__agent__name", "status")
+        .annotate(count=Count("id"), oldest=Min("created_at"))
+        .order_by()
+    )
+    return [
+        {"agent": r["user__agent__name"], "status": r["status"], "count": r["count"], "oldest": r["oldest"]}
+        for r in rows
+    ]

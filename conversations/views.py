@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import secrets
 
-from django.conf import settings
 from django.contrib.sessions.backends.base import SessionBase
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
@@ -28,7 +27,7 @@ _DEMO_USER_ID = re.compile(r"demo-[0-9a-f]{16}")
 
 
 def _require_demo_page() -> None:
-    if not settings.AGENTFLOW["DEMO_PAGE"]:
+    if not conf().DEMO_PAGE:
         raise Http404("the demo page is off (AGENTFLOW_DEMO_PAGE=false)")
 
 

@@ -12,7 +12,7 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test import Client
 
-from agentflow_project.heartbeat import (
+from agentflow.worker import (
     WorkerHeartbeat,
     heartbeat_key,
     worker_heartbeat_beat,
@@ -184,7 +184,7 @@ def test_ready_and_health_are_503_when_the_database_pool_refuses(pool_timeout: N
 def test_ready_times_out_a_component_that_does_not_answer(settings: Any, monkeypatch: Any) -> None:
     import asyncio
 
-    from agentflow_project import health
+    from agentflow.web import health
 
     async def hang() -> dict[str, Any]:
         await asyncio.Event().wait()

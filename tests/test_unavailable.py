@@ -14,7 +14,7 @@ from django.db.utils import OperationalError
 from django.test import AsyncClient, Client, RequestFactory
 
 import conversations.api
-from agentflow_project.api_http import ApiHttpMiddleware
+from agentflow.web.http import ApiHttpMiddleware
 from agentflow_project.asgi import application
 from conversations import ratelimit
 from conversations.chat_tokens import chat_token_create

@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -24,6 +26,7 @@ from urllib.parse import unquote_to_bytes
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 
+from agentflow import logs
 from agentflow.unavailable import is_unavailable, retry_after_seconds, unavailable_message
 
 API_PREFIX = "/api/"
@@ -132,3 +135,52 @@ class ApiHttpMiddleware:
             if response.has_header(header):
                 converted[header] = response[header]
         return converted
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class RequestIdMiddleware:
+    """Give every request an id for the logs (``request_id``), and return it as ``X-Request-ID``.
+
+    A well-formed ``X-Request-ID`` from the client or a proxy (1-64 letters, digits, ``._:-``) is kept;
+    otherwise a new one is made. The id is bound to the request's logs (``agentflow.logs``) and
+    carried into the Celery tasks it queues. Put it first in ``MIDDLEWARE``.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _begin(request: HttpRequest) -> str:
+        offered = request.headers.get("X-Request-ID", "")
+        request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        logs.unbind_all()
+        logs.bind(request_id=request_id)
+        return request_id
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self.is_async:
+            return self.__acall__(request)
+        request_id = self._begin(request)
+        try:
+            response = self.get_response(request)
+        finally:
+            logs.unbind_all()
+        response["X-Request-ID"] = request_id
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        request_id = self._begin(request)
+        try:
+            response = await self.get_response(request)
+        finally:
+            logs.unbind_all()
+        response["X-Request-ID"] = request_id
+        return response

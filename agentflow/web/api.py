@@ -1,4 +1,4 @@
-"""The REST API: django-ninja, OpenAPI docs at /api/docs, one error shape for every failure.
+"""The REST API object: django-ninja, OpenAPI docs at /api/docs, one error shape for every failure.
 
 Host backends authenticate with an ``X-API-Key`` header (keys are made in the admin or with
 ``manage.py agentflow_demo``); logged-in staff may use the API from the browser (the docs page).
@@ -23,16 +23,18 @@ from ninja.responses import Status
 from ninja.security import APIKeyHeader, SessionAuthIsStaff
 from pydantic import Field as PydanticField
 
+from agentflow.conf import anthropic_api_key
 from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
 from agentflow.unavailable import UNAVAILABLE_ERRORS, retry_after_seconds, unavailable_message
 from agentflow.validation import USER_ID_MAX, USER_ID_PATTERN
-from agentflow_project.health import health_components
 from conversations.api import router as conversations_router
 from conversations.audit import audit_record, client_ip
 from conversations.models import AGENT_NAME_PATTERN, ApiKey, AuditEvent
 from conversations.ratelimit import api_request_take, auth_failure_count, auth_failures_check
 from conversations.services import api_key_check
 from memory.api import router as memory_router
+
+from .health import health_components
 
 logger = logging.getLogger("agentflow.api")
 
@@ -295,8 +297,8 @@ async def health(request: HttpRequest, response: HttpResponse) -> Status[dict[st
     _health_status(response, ok)
     body = {
         "status": "ok" if ok else "unavailable",
-        "offline": not settings.ANTHROPIC_API_KEY,
-        "redis": settings.REDIS_SOURCE,
+        "offline": not anthropic_api_key(),
+        "redis": getattr(settings, "REDIS_SOURCE", "REDIS_URL"),
         "ready": all(c["ok"] for c in components.values()),
         "components": components,
     }

@@ -3,9 +3,10 @@
 Every worker process writes its hostname into one sorted set per queue, scored with Redis's own clock
 (``TIME``, so hosts with skewed clocks agree), every ``AGENTFLOW["HEALTH"]["WORKER_HEARTBEAT_SECONDS"]``
 from a thread started by a worker bootstep, and removes it when it stops. The readiness probe
-(``agentflow_project.health``) reads the newest score. A worker whose Redis is down keeps trying.
+(``agentflow.web.health``) reads the newest score. A worker whose Redis is down keeps trying.
 
-This module is imported by ``agentflow_project.celery``: it imports nothing of Django at import time.
+This module is imported by a project's Celery app (``celery_setup``): it imports nothing of Django at
+import time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from celery import bootsteps
 from celery.apps.worker import Worker as CommandLineWorker
 from celery.signals import worker_ready
+
+from agentflow import metrics
 
 logger = logging.getLogger("agentflow.health")
 
@@ -36,14 +39,16 @@ def heartbeat_key() -> str:
     """The sorted set of this deployment's workers (one per turn queue, ``AGENTFLOW_CELERY_QUEUE``)."""
     from django.conf import settings
 
-    return f"agentflow:health:workers:{settings.CELERY_TASK_DEFAULT_QUEUE}"
+    queue = getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", None) or "celery"
+    return f"agentflow:health:workers:{queue}"
 
 
 def _client() -> Any:
     import redis
-    from django.conf import settings
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    from agentflow.conf import redis_url
+
+    return redis.Redis.from_url(redis_url(), socket_timeout=5, socket_connect_timeout=5)
 
 
 def worker_heartbeat_beat(*, hostname: str, client: Any = None) -> None:
@@ -108,7 +113,10 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             while True:
                 try:
                     worker_heartbeat_beat(hostname=self._hostname, client=client)
+                    metrics.WORKER_HEARTBEATS.inc()
+                    metrics.WORKER_LAST_HEARTBEAT.set_to_current_time()
                 except Exception as exc:  # Redis down: keep beating, readiness shows the gap
+                    metrics.WORKER_HEARTBEAT_FAILURES.inc()
                     logger.warning("worker heartbeat not written: %s: %s", type(exc).__name__, exc)
                 if self._stop.wait(interval):
                     return
@@ -127,3 +135,81 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             logger.warning("worker heartbeat not removed: %s: %s", type(exc).__name__, exc)
 
     shutdown = stop
+
+
+class WorkerMetricsServer(bootsteps.StartStopStep):
+    """Worker bootstep: serve this worker's Prometheus metrics on ``AGENTFLOW["METRICS"]["WORKER_PORT"]``.
+
+    Off when the port is 0 (the default). prometheus-client's own HTTP server, on a daemon thread.
+    """
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        from prometheus_client import start_http_server
+
+        from agentflow.conf import conf
+
+        settings = conf().METRICS
+        if not settings.ENABLED or not settings.WORKER_PORT:
+            return
+        self._server, self._thread = start_http_server(settings.WORKER_PORT, addr=settings.WORKER_ADDRESS)
+        logger.info("worker metrics on http://%s:%s/metrics", settings.WORKER_ADDRESS, settings.WORKER_PORT)
+
+    def stop(self, parent: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    shutdown = stop
+
+
+REQUEST_ID_HEADER = "agentflow_request_id"
+
+
+def _task_published(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Carry the request id of the logs into the task the request queues."""
+    import structlog
+
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id and headers is not None:
+        headers.setdefault(REQUEST_ID_HEADER, request_id)
+
+
+def _task_started(task_id: str = "", task: Any = None, **kwargs: Any) -> None:
+    """Bind the task's ids (and the request id it came with) to its logs."""
+    from agentflow import logs
+
+    logs.unbind_all()
+    request = getattr(task, "request", None)
+    request_id = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        REQUEST_ID_HEADER
+    )
+    logs.bind(task=getattr(task, "name", ""), task_id=task_id, request_id=request_id)
+
+
+def _task_ended(**kwargs: Any) -> None:
+    from agentflow import logs
+
+    logs.unbind_all()
+
+
+def celery_setup(app: Any) -> None:
+    """Add AgentFlow's worker steps to a project's Celery app.
+
+    The heartbeat the readiness probe reads, the worker's metrics server
+    (``AGENTFLOW["METRICS"]["WORKER_PORT"]``), and the ids of each task in its logs (the request id
+    of the web request that queued it included). Call it once where the project makes its Celery
+    app (``app = Celery(...)``; ``app.autodiscover_tasks()``; ``celery_setup(app)``).
+    """
+    from celery import signals
+
+    app.steps["worker"].add(WorkerHeartbeat)
+    app.steps["worker"].add(WorkerMetricsServer)
+    signals.before_task_publish.connect(_task_published, weak=False, dispatch_uid="agentflow-request-id")
+    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="agentflow-task-ids")
+    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="agentflow-task-ids-end")

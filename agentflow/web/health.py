@@ -7,11 +7,11 @@
   connection is returned right after);
 * ``redis``: ``PING`` on a fresh connection to ``REDIS_URL``;
 * ``channel_layer``: a message sent to a private channel of this process and received back;
-* ``worker``: the newest Celery worker heartbeat (``agentflow_project.heartbeat``) is younger than
+* ``worker``: the newest Celery worker heartbeat (``agentflow.worker``) is younger than
   ``WORKER_MAX_AGE_SECONDS``, by Redis's clock.
 
 Each reports ``ok``, ``latency_ms`` and ``error`` (None when ok). The routes are in
-``agentflow_project/api.py``; docs/operations.md ("Health") explains them for Kubernetes probes.
+``agentflow/web/api.py``; docs/operations.md ("Health") explains them for Kubernetes probes.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import SyncToAsync
-from django.conf import settings
 
-from agentflow.conf import conf
-
-from .heartbeat import heartbeat_key
+from agentflow.conf import conf, redis_url
+from agentflow.worker import heartbeat_key
 
 COMPONENTS = ("database", "redis", "channel_layer", "worker")
 # Database checks run here, never on the request's thread: a hung connect keeps at most two threads.
@@ -62,9 +60,7 @@ class StaleHeartbeat(LookupError):
 def _redis_client(timeout: float) -> Any:
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(
-        settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    return redis.asyncio.Redis.from_url(redis_url(), socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 async def _check_redis() -> dict[str, Any]:
