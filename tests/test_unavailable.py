@@ -141,11 +141,11 @@ async def test_waiting_posts_hold_no_database_connection(
     all_waiting = asyncio.Barrier(waiting)
     seen: list[int] = []
 
-    async def measured_wait(layer: Any, channel: str, message_id: str, seconds: float) -> None:
+    async def measured_wait(*, message_id: Any, seconds: float) -> None:
         await all_waiting.wait()  # every request has stored its message and is about to wait
         seen.append(checked_out())
 
-    monkeypatch.setattr(conversations.api, "_wait_for_turn", measured_wait)
+    monkeypatch.setattr(conversations.api, "turn_settled_wait", measured_wait)
 
     async def post(i: int) -> Any:
         # Each request on its own thread, as Django's ASGI handler runs them (ThreadSensitiveContext).
