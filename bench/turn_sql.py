@@ -228,6 +228,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def model_mapped(pid: int) -> bool:
+    """Whether the process has onnxruntime's library mapped (it loaded the embedding model)."""
+    return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -281,6 +286,8 @@ def web_rss() -> None:
             f" status {body.get('status')}, offline {body.get('offline')}, {took:.0f} ms)"
         )
         print(f"worker RSS after it        {worker_kib / 1024:7.1f} MiB")
+        for name, pid in (("web", web.pid), ("worker", worker.pid)):
+            print(f"onnxruntime (the embedding model) mapped in the {name} process: {model_mapped(pid)}")
     finally:
         for p in (web, worker):
             p.terminate()
