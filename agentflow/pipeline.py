@@ -386,7 +386,8 @@ def _prepared(
         message.confidence or 0.0,
         tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
     )
-    held = getattr(thread, "held_by_human", None)  # read with the thread candidates
+    # Read with the thread candidates; a thread the message just opened has no escalation.
+    held = False if fresh_thread else getattr(thread, "held_by_human", None)
     if held is None:
         held = conv_selectors.thread_held_by_human(thread=thread)
     if held:
