@@ -203,6 +203,7 @@ async def agentflow_load(
     from anthropic import AsyncAnthropic
 
     from agentflow import AgentFrameworkBuilder
+    from agentflow.jobs import wait_for_inline_jobs
     from agentflow.management.commands.agentflow_demo import DEMO_CATEGORIES
     from agentflow.types import IntentCategory as Spec
 
@@ -215,7 +216,7 @@ async def agentflow_load(
         )
         .build(client)
     )
-    run = uuid.uuid4().hex[:8]
+    run = f"{os.environ.get('PEER_RATIO_LOAD', 'X')}-{uuid.uuid4().hex[:8]}"
     for i in range(3):  # warm-up: model, classifier, pool, HTTP keep-alive
         await agent.process_message(
             user_id=f"bench-warm-{run}", message=user_message(templates, colors, 0, i)
@@ -244,6 +245,9 @@ async def agentflow_load(
     began = time.perf_counter()
     await asyncio.gather(*(user_loop(u) for u in range(users)))
     wall = time.perf_counter() - began
+    # The memory jobs the turns queued run on a pool of this process: their CPU is the turns' too
+    # (the peer remembers inside its turn), and the users must not be deleted under them.
+    await asyncio.to_thread(wait_for_inline_jobs, 300)
     cpu = meter.stop()
     done = len(latencies)
     return {
@@ -268,6 +272,7 @@ def agentflow_side(args: argparse.Namespace) -> None:
 
     django.setup()
     from django.core.management import call_command
+    from django.db.models import Q
 
     from conversations.models import EndUser
 
@@ -276,9 +281,15 @@ def agentflow_side(args: argparse.Namespace) -> None:
     templates, colors = peer_messages(args.peer_script)
     try:
         result = asyncio.run(agentflow_load(users, turns, args.llm_url, templates, colors))
+        print("RESULT_JSON " + json.dumps(result), flush=True)
     finally:
-        EndUser.objects.filter(external_id__startswith="bench-").delete()
-    print("RESULT_JSON " + json.dumps(result))
+        try:
+            mine = Q(external_id__startswith=f"bench-{args.load}-") | Q(
+                external_id__startswith=f"bench-warm-{args.load}-"
+            )
+            EndUser.objects.filter(mine).delete()
+        except Exception as exc:  # a cleanup that fails does not lose the figures
+            print(f"could not delete the bench users: {exc}", file=sys.stderr)
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -308,7 +319,7 @@ def run_agentflow(load: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--peer-script",
                 str(args.peer_script),
             ],
-            env={**os.environ, "PEER_RATIO_LLM_PID": str(llm.pid)},
+            env={**os.environ, "PEER_RATIO_LLM_PID": str(llm.pid), "PEER_RATIO_LOAD": load},
             capture_output=True,
             text=True,
             timeout=1800,
