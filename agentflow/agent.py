@@ -17,6 +17,7 @@ from .context import Handler, HandlerResult, Middleware, TurnContext, turn_scope
 from .embeddings import Embedder
 from .errors import LLMError
 from .llm import LLMBackend, TextCallback
+from .loops import shared_db_executor, sync_caller_waits
 from .tools import ToolSource, tools_or_unavailable
 from .types import Classification, IntentCategory, TurnResult
 
@@ -151,7 +152,7 @@ class Agent:
             LLMError: the LLM failed and no fallback reply applies (a non-transient error, or
                 ``fallback_config.enabled`` false); the message is stored with status ``failed``.
         """
-        received = await sync_to_async(pipeline.accept)(
+        received = await _db(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id
         )
         return await self.run_turn(received.message.pk, on_text=_awaitable(on_text))
@@ -177,7 +178,7 @@ class Agent:
             As ``process_message``, after the events so far. Leaving the loop early cancels the turn
             (the message is then ``failed``, and resending its ``client_message_id`` retries it).
         """
-        received = await sync_to_async(pipeline.accept)(
+        received = await _db(pipeline.accept)(
             self, user_id=user_id, message=message, client_message_id=client_message_id
         )
         message_id = str(received.message.pk)
@@ -229,7 +230,7 @@ class Agent:
         """
         from .runner import run_step, sync_caller
 
-        received = await sync_to_async(pipeline.accept)(self, user_id=user_id, message=message)
+        received = await _db(pipeline.accept)(self, user_id=user_id, message=message)
         return await run_step(
             sync_caller(), self, pipeline.place, on_earlier="wait", message_id=received.message.pk
         )
@@ -239,7 +240,7 @@ class Agent:
 
         It becomes context for the next thread decision, as a reply would.
         """
-        return await sync_to_async(pipeline.record)(self, user_id=user_id, content=content, role=role)
+        return await _db(pipeline.record)(self, user_id=user_id, content=content, role=role)
 
     async def judge_thread(self, judgement: pipeline.Judgement) -> dict[str, Any]:
         """Ask the LLM where a message belongs when the thread scorer is unsure.
@@ -648,6 +649,14 @@ class _ConfidenceGate:
             if rest:
                 await self._send(rest)
         self._pending = ""
+
+
+def _db(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a coroutine function on the process's database threads (``loops.shared_db_executor``):
+    concurrent in-process turns do not queue behind ``sync_to_async``'s one thread-sensitive thread."""
+    if sync_caller_waits():  # a sync caller's thread (and transaction), or a request's context
+        return sync_to_async(fn)
+    return sync_to_async(fn, thread_sensitive=False, executor=shared_db_executor())
 
 
 def _awaitable(callback: Callable[[str], Any] | None) -> TextCallback | None:

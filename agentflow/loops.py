@@ -7,6 +7,7 @@ connections to the LLM provider across tasks.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,3 +46,45 @@ def thread_db_executor() -> ThreadPoolExecutor:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-db")
         _local.db_executor = executor
     return executor
+
+
+_shared: ThreadPoolExecutor | None = None
+SHARED_DB_THREADS = 8
+
+
+def shared_db_executor() -> ThreadPoolExecutor:
+    """The process's pool of threads for the database steps of turns run on a shared event loop
+    (``Agent.process_message``). ``sync_to_async``'s default (thread-sensitive) would run every
+    concurrent turn's steps, the embedding included, on one thread, one after another.
+
+    Each thread keeps its own database connection: size the pool (``AGENTFLOW_DB_POOL_MAX``) above
+    ``AGENTFLOW_INPROCESS_DB_THREADS`` (default 8) plus the process's other users of the database.
+    """
+    global _shared
+    with _loops_lock:
+        if _shared is None:
+            raw = os.environ.get("AGENTFLOW_INPROCESS_DB_THREADS", "").strip()
+            if raw and not (raw.isdigit() and int(raw) >= 1):
+                raise ValueError(
+                    f"AGENTFLOW_INPROCESS_DB_THREADS must be a whole number of at least 1; got {raw!r}"
+                )
+            _shared = ThreadPoolExecutor(
+                max_workers=int(raw) if raw else SHARED_DB_THREADS, thread_name_prefix="agentflow-turn-db"
+            )
+        return _shared
+
+
+def sync_caller_waits() -> bool:
+    """Whether the running coroutine belongs to a synchronous caller's thread or a request's context:
+    ``async_to_sync`` from a sync thread (a test, a sync view in a transaction) or a Django request's
+    ``ThreadSensitiveContext``. Its database steps then stay on that thread (``sync_to_async``'s
+    thread-sensitive mode), in the caller's connection and transaction; only turns on a plain event
+    loop of their own (``asyncio.run``, a script) use ``shared_db_executor``.
+    """
+    from asgiref.sync import AsyncToSync, SyncToAsync
+
+    if getattr(AsyncToSync.executors, "current", None) is not None:
+        return True
+    if SyncToAsync.thread_sensitive_context.get(None) is not None:
+        return True
+    return asyncio.get_running_loop() in AsyncToSync.loop_thread_executors

@@ -28,6 +28,7 @@ from conversations.summaries import extractive_summary
 from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
 from conversations.thread_features import ThreadState
 from intents.rules import CLARIFY, HANDOFF, confidence_action
+from intents.store import IntentSnapshot, fingerprint_annotations, fingerprint_of
 from memory.selectors import memory_search
 from memory.services import memories_mark_used
 from memory.writing import PREFERENCE
@@ -208,19 +209,22 @@ def decide_and_place(
     remember: bool = True,
     decision: ThreadDecision | None = None,
     classifier: Any = None,
+    claim: bool = False,
 ) -> Judgement | None:
-    """Thread decision + intent, stored on the message. Call under the user's advisory lock.
+    """Thread decision + intent, stored on the message. Call under the user's lock.
 
     With ``allow_judgement``, an unsure decision is not stored but returned as a ``Judgement`` for
     the LLM; the caller comes back with its ``verdict`` (``{}`` when there is none) and the
-    judgement's ``decision``, which is reused rather than scored again.
+    judgement's ``decision``, which is reused rather than scored again. With ``claim``, the
+    message's placement also claims it for this turn (one write).
     """
     now = timezone.now()
     user = message.user
     cfg = agent.config.session_config
     inactivity = timedelta(minutes=cfg.thread_inactivity_threshold)
-    conv_services.threads_mark_dormant(user=user, idle=inactivity, now=now)
-    threads = [t for t in conv_selectors.thread_candidates(user=user) if t.topic_embedding is not None]
+    candidates = conv_selectors.thread_candidates(user=user)  # read once: dormancy and the decision
+    conv_services.threads_mark_dormant(user=user, idle=inactivity, now=now, threads=candidates)
+    threads = [t for t in candidates if t.topic_embedding is not None]
     if decision is None or (
         decision.thread_id is not None and decision.thread_id not in {t.pk for t in threads}
     ):
@@ -263,6 +267,7 @@ def decide_and_place(
         candidates=[{"intent": s.name, "confidence": s.confidence} for s in classification.runners_up],
         embedding=embedding,
         now=now,
+        claim=claim,
     )
     if remember and agent.config.memory_config.enabled:
         if decision.event == ThreadEvent.RESOLUTION:
@@ -272,10 +277,22 @@ def decide_and_place(
     return None
 
 
-def _message_of(agent: Agent, message_id: Any) -> Message:
-    """The user message of a turn, checked to belong to ``agent`` (never run with another's settings)."""
+def _message_of(agent: Agent, message_id: Any, *, lock: bool = False) -> Message:
+    """The user message of a turn, checked to belong to ``agent`` (never run with another's settings).
+
+    ``lock``: under the message's and its user's row locks, with the agent's intent-category
+    fingerprint (``categories_n``, ``categories_changed``) read in the same statement.
+    """
+    annotations = (
+        {
+            **fingerprint_annotations(agent_ref="user__agent_id"),
+            "earlier_undecided": conv_selectors.earlier_undecided_annotation(window=ORDER_WINDOW),
+        }
+        if lock
+        else None
+    )
     try:
-        message = conv_turns.message_for_turn(message_id=message_id)
+        message = conv_turns.message_for_turn(message_id=message_id, lock=lock, annotations=annotations)
     except (Message.DoesNotExist, ValueError, TypeError):
         raise NotFound(f"message {message_id} not found") from None
     if message.user.agent_id != agent.record_id:
@@ -299,53 +316,92 @@ def prepare(
     carries a ``judgement`` for ``Agent.judge_thread``; call again with its ``verdict`` and the
     ``judgement`` (its embedding and scores are reused).
     """
-    message = _message_of(agent, message_id)
-    key = str(message.pk)
-    if message.status == Message.Status.DONE:
-        return Prepared(key, result=conv_selectors.turn_result(message=message))
-    if not conv_services.message_claim(message_id=message.pk, now=timezone.now(), stale_after=STALE_CLAIM):
-        message.refresh_from_db()
-        return Prepared(key, result=conv_selectors.turn_result(message=message))
-    started = time.perf_counter()
-    if judgement is not None and judgement.embedding.size:
-        embedding = judgement.embedding
-    else:
-        with metrics.stage_timer(agent.name, "embed"):
-            embedding = agent.embedder.embed_one(message.content)
-    snapshot = agent.intents.current()  # the agent's categories as of this turn: read once
+    # One transaction: the message and its user are row-locked (the claim and the user's lock, so
+    # double-texted messages are placed in order), placed and claimed in one write, and read for the
+    # reply. A turn that cannot go on (done, held elsewhere, an earlier message pending, the LLM to
+    # judge the thread first) leaves the message as it was.
     with transaction.atomic():
-        conv_services.user_lock(user=message.user)
-        message.refresh_from_db(
-            fields=["thread", "thread_event", "intent", "confidence", "intent_candidates"]
-        )
-        waiting = message.thread_id is None and _earlier_pending(message)
-        unsure = None
-        if message.thread_id is None and not waiting:
-            unsure = decide_and_place(
-                agent,
-                message,
-                embedding,
-                verdict=verdict,
-                allow_judgement=verdict is None,
-                decision=judgement.decision if judgement is not None else None,
-                classifier=snapshot.classifier,
+        message = _message_of(agent, message_id, lock=True)
+        key = str(message.pk)
+        now = timezone.now()
+        if message.status == Message.Status.DONE or not conv_turns.message_claimable(
+            message=message, now=now, stale_after=STALE_CLAIM
+        ):
+            return Prepared(key, result=conv_selectors.turn_result(message=message))
+        if message.thread_id is not None:  # placed by an earlier attempt: claim it, keep its place
+            conv_turns.message_claim_locked(message=message, now=now)
+            return _prepared(agent, message, embedding=None, snapshot=None, fresh_thread=False)
+        if message.earlier_undecided:  # type: ignore[attr-defined]  # read with the message
+            raise EarlierMessagePending(
+                f"an earlier message of user {message.user.external_id} is still pending"
             )
-    if waiting:
-        conv_services.message_release(message_id=message.pk)
-        raise EarlierMessagePending(f"an earlier message of user {message.user.external_id} is still pending")
-    if unsure is not None:
-        conv_services.message_release(message_id=message.pk)
-        return Prepared(key, judgement=unsure)
+        started = time.perf_counter()
+        if judgement is not None and judgement.embedding.size:
+            embedding = judgement.embedding
+        else:
+            with metrics.stage_timer(agent.name, "embed"):
+                embedding = agent.embedder.embed_one(message.content)
+        # The agent's categories as of this turn: read once, with the message.
+        snapshot = agent.intents.current(fingerprint=fingerprint_of(message))
+        unsure = decide_and_place(
+            agent,
+            message,
+            embedding,
+            verdict=verdict,
+            allow_judgement=verdict is None,
+            decision=judgement.decision if judgement is not None else None,
+            classifier=snapshot.classifier,
+            claim=True,
+        )
+        if unsure is not None:
+            return Prepared(key, judgement=unsure)
+        return _prepared(
+            agent,
+            message,
+            embedding=embedding,
+            snapshot=snapshot,
+            fresh_thread=message.thread_event == ThreadEvent.NEW_TOPIC,
+            started=started,
+        )
+
+
+def _prepared(
+    agent: Agent,
+    message: Message,
+    *,
+    embedding: np.ndarray | None,
+    snapshot: IntentSnapshot | None,
+    fresh_thread: bool,
+    started: float | None = None,
+) -> Prepared:
+    """A claimed, placed message's turn: history, memories and the confidence rules.
+
+    ``embedding``/``snapshot`` None (a retried turn): computed here. ``fresh_thread``: the message
+    opened its thread just now, so there is no history to read.
+    """
+    key = str(message.pk)
+    if started is None:
+        started = time.perf_counter()
+    if embedding is None:
+        embedding = agent.embedder.embed_one(message.content)
+    if snapshot is None:
+        snapshot = agent.intents.current(fingerprint=fingerprint_of(message))
     thread: Thread = message.thread  # type: ignore[assignment]
     classification = Classification(
         message.intent or None,
         message.confidence or 0.0,
         tuple(IntentScore(c["intent"], c["confidence"]) for c in message.intent_candidates),
     )
-    if conv_selectors.thread_held_by_human(thread=thread):
+    # Read with the thread candidates; a thread the message just opened has no escalation.
+    held = False if fresh_thread else getattr(thread, "held_by_human", None)
+    if held is None:
+        held = conv_selectors.thread_held_by_human(thread=thread)
+    if held:
         return _held(agent, message, thread, classification, started, snapshot.by_name)
     window = agent.config.llm_config.history_messages
-    recent = conv_selectors.thread_history(thread=thread, limit=window, before=message)
+    recent = (
+        [] if fresh_thread else conv_selectors.thread_history(thread=thread, limit=window, before=message)
+    )
     history = _history_for_llm(recent)
     summary = ""
     if len(recent) == window:  # the window is full: older messages get a running summary

@@ -32,6 +32,7 @@ from . import degrade, logs, pipeline
 from .errors import LLMError
 from .jobs import inline_jobs
 from .llm import TextCallback
+from .loops import shared_db_executor, sync_caller_waits
 from .types import TurnResult
 
 if TYPE_CHECKING:
@@ -44,17 +45,18 @@ ORDER_POLL_SECONDS = 0.02
 def sync_caller(executor: Executor | None = None) -> Callable[..., Awaitable[Any]]:
     """How the runner calls the pipeline's synchronous (database) steps, off the event loop.
 
-    On a shared event loop (``process_message``) through ``sync_to_async``; on a loop of its own
-    (a Celery worker thread) on ``executor``, that thread's one database thread
+    On a shared event loop (``process_message``) on the process's pool of database threads
+    (``agentflow.loops.shared_db_executor``: concurrent turns do not queue behind one thread); on a
+    loop of its own (a Celery worker thread) on ``executor``, that thread's one database thread
     (``agentflow.loops.thread_db_executor``).
     """
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if executor is None:
+        if executor is None and sync_caller_waits():  # stay in the sync caller's thread and transaction
             return await sync_to_async(fn)(*args, **kwargs)
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
-            executor, functools.partial(context.run, fn, *args, **kwargs)
+            executor or shared_db_executor(), functools.partial(context.run, fn, *args, **kwargs)
         )
 
     return call

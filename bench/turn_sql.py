@@ -183,6 +183,19 @@ def statements(rounds: int, show: bool, demo_categories: bool) -> None:
         f"agent {getattr(agent, 'name', 'default')}, offline, {categories} active intent categories;"
         f" {turns} turns ({rounds} fresh user(s) x {len(MESSAGES)} messages), per turn:"
     )
+    print_stages(per_turn, turns)
+    later = [t for n, t in enumerate(per_turn) if n % len(MESSAGES)]  # not a user's first message
+    print(f"of which a returning user's ({len(later)} turns: not the user's first message), per turn:")
+    print_stages(later, len(later))
+    if show:
+        for n, tallies in enumerate(per_turn[: len(MESSAGES)], 1):
+            for name in STAGES:
+                print(f"--- turn {n} {name}")
+                for sql in tallies[name].sql:
+                    print("   ", " ".join(sql.split())[:160])
+
+
+def print_stages(per_turn: list[dict[str, Tally]], turns: int) -> None:
     totals = Tally()
     for name in STAGES:
         merged = Tally()
@@ -198,12 +211,6 @@ def statements(rounds: int, show: bool, demo_categories: bool) -> None:
         totals.autocommit += merged.autocommit
         print_line(name, merged, turns)
     print_line("total", totals, turns)
-    if show:
-        for n, tallies in enumerate(per_turn[: len(MESSAGES)], 1):
-            for name in STAGES:
-                print(f"--- turn {n} {name}")
-                for sql in tallies[name].sql:
-                    print("   ", " ".join(sql.split())[:160])
 
 
 def print_line(name: str, t: Tally, turns: int) -> None:
@@ -219,6 +226,11 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def model_mapped(pid: int) -> bool:
+    """Whether the process has onnxruntime's library mapped (it loaded the embedding model)."""
+    return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def free_port() -> int:
@@ -274,6 +286,8 @@ def web_rss() -> None:
             f" status {body.get('status')}, offline {body.get('offline')}, {took:.0f} ms)"
         )
         print(f"worker RSS after it        {worker_kib / 1024:7.1f} MiB")
+        for name, pid in (("web", web.pid), ("worker", worker.pid)):
+            print(f"onnxruntime (the embedding model) mapped in the {name} process: {model_mapped(pid)}")
     finally:
         for p in (web, worker):
             p.terminate()

@@ -5,16 +5,13 @@ Thin: parse, call one service or selector, serialize. The turn itself runs in a 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from datetime import datetime
 from typing import Any
 
 import redis.exceptions
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.db import connections
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
@@ -29,14 +26,15 @@ from agentflow.validation import MESSAGE_PATTERN, clean_user_id
 from . import selectors
 from .agents import AgentSettings, agent_settings, clean_agent_name, message_accept
 from .chat_tokens import chat_token_create
-from .events import user_group
 from .models import ApiKey, EndUser, Message
 from .schemas import responses
+from .turn_results import turn_settled_clear, turn_settled_wait
 
 logger = logging.getLogger("agentflow.api")
-# The channel layer (channels-redis) failing under the wait: the message is stored, so it is queued
-# anyway and the caller gets 202 (poll) rather than an error.
-CHANNEL_LAYER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+# Redis failing under the wait: the message is stored and queued, so the caller gets its current
+# state (202: poll) rather than an error.
+WAIT_ERRORS = (redis.exceptions.RedisError, ConnectionError, OSError)
+TERMINAL = (Message.Status.DONE, Message.Status.FAILED)
 
 router = Router(tags=["conversations"])
 
@@ -166,21 +164,6 @@ def connections_release() -> None:
             conn.close()
 
 
-async def _wait_for_turn(channel_layer: Any, channel: str, message_id: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        try:
-            event = await asyncio.wait_for(channel_layer.receive(channel), remaining)
-        except TimeoutError:
-            return
-        body = event.get("event", {})
-        kind = body.get("kind")
-        if kind == "turn" and (body.get("turn") or {}).get("message_id") == message_id:
-            return
-        if kind == "error" and body.get("message_id") == message_id:
-            return  # the turn failed for good
-
-
 async def _post_message(
     request: HttpRequest, agent: str | None, user_id: str, payload: MessageIn
 ) -> Status[dict[str, Any]]:
@@ -189,28 +172,25 @@ async def _post_message(
         limits=limits, user_id=user_id, message=payload.message, client_message_id=payload.client_message_id
     )
     message = received.message
-    message_id = str(message.pk)
     wait = conf().REST_WAIT_SECONDS if payload.wait_seconds is None else payload.wait_seconds
-    layer = get_channel_layer()
-    queued = False
-    if wait > 0 and layer is not None and (received.run or message.status != Message.Status.DONE):
-        try:
-            channel = await layer.new_channel()
-            group = user_group(message.user_id)
-            await layer.group_add(group, channel)
-            try:
-                if received.run:
-                    await sync_to_async(queue_turn)(message.pk)
-                    queued = True
-                # No database connection stays checked out of the pool while this request waits.
-                await sync_to_async(connections_release)()
-                await _wait_for_turn(layer, channel, message_id, wait)
-            finally:
-                await layer.group_discard(group, channel)
-        except CHANNEL_LAYER_ERRORS as exc:
-            logger.warning("message %s: not waiting, the channel layer failed (%s)", message_id, exc)
-    if received.run and not queued:
+    waiting = wait > 0 and (received.run or message.status not in TERMINAL)
+    try:
+        if waiting and received.run and not received.created:  # a failed turn again: not its old end
+            await turn_settled_clear(message_id=message.pk)
+    except WAIT_ERRORS as exc:
+        logger.warning("message %s: not waiting, Redis failed (%s)", message.pk, exc)
+        waiting = False
+    if received.run:
         await sync_to_async(queue_turn)(message.pk)
+    if waiting:
+        # No database connection stays checked out of the pool while this request waits, and the
+        # wait is on this message's own Redis list (conversations.turn_results), not on the user's
+        # channel group: a turn that settled before the wait began is not missed either.
+        await sync_to_async(connections_release)()
+        try:
+            await turn_settled_wait(message_id=message.pk, seconds=wait)
+        except WAIT_ERRORS as exc:
+            logger.warning("message %s: not waiting, Redis failed (%s)", message.pk, exc)
     result = await sync_to_async(selectors.turn_result_for)(message_id=message.pk)
     status = {Message.Status.DONE: 200, Message.Status.FAILED: 503}.get(result["status"], 202)
     return Status(status, result)

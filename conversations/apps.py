@@ -11,12 +11,20 @@ class ConversationsConfig(AppConfig):
 
         from agentflow.limits import SWEEP_EVERY
 
-        from . import audit, recovery
+        from . import audit, housekeeping, recovery
 
         # Celery beat (``agentflow_run`` starts the worker with -B) re-queues unanswered messages.
         current_app.conf.beat_schedule.setdefault(
             "conversations-recover-unanswered",
             {"task": recovery.RECOVER_TASK, "schedule": SWEEP_EVERY.total_seconds()},
+        )
+        # ... and marks expired sessions and idle threads (no turn does it for everyone).
+        current_app.conf.beat_schedule.setdefault(
+            "conversations-housekeeping",
+            {
+                "task": housekeeping.HOUSEKEEPING_TASK,
+                "schedule": housekeeping.HOUSEKEEPING_EVERY.total_seconds(),
+            },
         )
 
         # Staff logins, failed logins and logouts go to the audit trail.

@@ -53,6 +53,23 @@ async def apublish(*, user_pk: int, event: dict[str, Any]) -> None:
     await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
 
 
+async def listeners_exist(*, user_pk: int) -> bool:
+    """Whether any connection listens on the user's group (a chat socket, a staff page).
+
+    One ``ZCARD`` on the group's sorted set in channels-redis (what ``group_send`` reads first);
+    True whenever that cannot be told (another channel layer, Redis trouble): then events are sent.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    try:
+        group = user_group(user_pk)
+        connection = layer.connection(layer.consistent_hash(group))
+        return bool(await connection.zcard(layer._group_key(group)))
+    except Exception:  # not channels-redis, or Redis failing: send, as before
+        return True
+
+
 def publish(*, user_pk: int, event: dict[str, Any]) -> None:
     try:
         async_to_sync(apublish)(user_pk=user_pk, event=event)
@@ -109,11 +126,16 @@ class DeltaStream:
     The first piece goes out at once (time to first token); later pieces are gathered for up to
     ``interval`` seconds, so a fast model does not cost one channel-layer send per token.
     Use as ``on_text`` of ``Agent.respond``, then ``await stream.close()`` to send what is left.
+
+    A reply nobody watches live (a REST caller, a user with no socket open) is not streamed: whether
+    anyone listens is asked once, at the first piece (``listeners_exist``). A socket that opens
+    later in the reply gets the whole text with the ``turn`` event, as one that reconnects does.
     """
 
     def __init__(self, *, user_pk: int, message_id: str, interval: float = 0.05) -> None:
         self.user_pk, self.message_id, self.interval = user_pk, message_id, interval
         self.seq = 0
+        self._listened: bool | None = None
         self._buffer: list[str] = []
         self._last_sent = 0.0
         self._timer: asyncio.Task[None] | None = None
@@ -121,6 +143,10 @@ class DeltaStream:
 
     async def __call__(self, text: str) -> None:
         if not text:
+            return
+        if self._listened is None:
+            self._listened = await listeners_exist(user_pk=self.user_pk)
+        if not self._listened:
             return
         self._buffer.append(text)
         wait = self._last_sent + self.interval - asyncio.get_running_loop().time()

@@ -28,6 +28,7 @@ from agentflow.jobs import TURN_TASK
 
 from .events import publish
 from .models import Message
+from .turn_results import turn_settled_on_commit
 
 logger = logging.getLogger("agentflow.recovery")
 
@@ -131,6 +132,7 @@ def _fail(pk: Any, *, now: datetime, grace: timedelta, stale_after: timedelta, r
     ).update(status=Message.Status.FAILED, error=error)
     if failed:
         logger.error("message %s failed: %s", pk, error)
+        turn_settled_on_commit(message_id=pk, status=Message.Status.FAILED)
     return failed == 1
 
 

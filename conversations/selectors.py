@@ -4,10 +4,10 @@ that is where per-user isolation is enforced."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
 from agentflow.errors import NotFound
 
@@ -65,16 +65,22 @@ def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
 
 def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     """Where a new message may belong, most recently active first: the user's unresolved threads,
-    led by the most recent thread even when it was just resolved ("thanks! one more thing...")."""
-    threads = list(
+    led by the most recent thread even when it was just resolved ("thanks! one more thing...").
+
+    One query. Each thread carries ``held_by_human`` (an open or claimed escalation: the bot stays
+    silent in it), so the turn need not ask again for the thread it picks.
+    """
+    latest = Thread.objects.filter(user=user).order_by("-last_activity_at").values("pk")[:1]
+    unresolved = Escalation.objects.filter(thread=OuterRef("pk")).exclude(status=Escalation.Status.RESOLVED)
+    threads: list[Thread] = list(
         Thread.objects.filter(user=user)
-        .exclude(status=Thread.Status.RESOLVED)
-        .order_by("-last_activity_at")[:limit]
+        .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk=Subquery(latest)))
+        .annotate(held_by_human=Exists(unresolved))
+        .order_by("-last_activity_at")[: limit + 1]
     )
-    latest = Thread.objects.filter(user=user).order_by("-last_activity_at").first()
-    if latest is not None and latest.status == Thread.Status.RESOLVED:
-        threads.insert(0, latest)
-    return threads
+    if threads and threads[0].status == Thread.Status.RESOLVED:
+        return threads  # the latest, resolved, then up to ``limit`` unresolved ones
+    return threads[:limit]
 
 
 def earlier_undecided_exists(*, user: EndUser, before: datetime, since: datetime) -> bool:
@@ -87,6 +93,23 @@ def earlier_undecided_exists(*, user: EndUser, before: datetime, since: datetime
         created_at__lt=before,
         created_at__gte=since,
     ).exists()
+
+
+def earlier_undecided_annotation(*, window: timedelta) -> Exists:
+    """``earlier_undecided_exists`` as an expression on a message row (the user's messages sent in
+    ``window`` before it), read with the message. Under a lock the statement waited for, it can
+    see an earlier message as still undecided when it was just placed: the turn then waits and
+    reads again, which is safe; it never misses one that was undecided when the statement began."""
+    return Exists(
+        Message.objects.filter(
+            user_id=OuterRef("user_id"),
+            role=Message.Role.USER,
+            thread__isnull=True,
+            status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
+            created_at__lt=OuterRef("created_at"),
+            created_at__gte=OuterRef("created_at") - window,
+        )
+    )
 
 
 def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -32,6 +32,7 @@ from .models import (
 )
 from .ratelimit import user_message_take
 from .thread_features import content_words
+from .turn_results import turn_settled_on_commit
 
 
 def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
@@ -41,38 +42,85 @@ def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
 
 
 def user_lock(*, user: EndUser) -> None:
-    """Serialise this user's turn decisions until the current transaction ends.
+    """Serialise this user's turn decisions until the current transaction ends: the user's row lock.
 
-    Two messages sent together ("double-texting") then never both open a thread for one topic.
+    Two messages sent together ("double-texting") then never both open a thread for one topic. The
+    turn takes the same lock with the message it reads (``turns.message_for_turn(lock=True)``), in
+    one statement; a new session is opened under it too (``message_receive``). ``FOR NO KEY
+    UPDATE``: the foreign-key checks of other transactions (``FOR KEY SHARE`` on the user, at their
+    commit) do not wait for it, so a turn finishing and the next one placing cannot deadlock.
     """
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4146, user.pk])
+    list(EndUser.objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk", flat=True))
 
 
 def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
-    """The user's live session, or a new one if the last expired (expired ones are marked)."""
+    """The user's live session, or a new one if the last expired (expired ones are marked).
+
+    Call in a transaction that holds the user's row lock (``message_receive`` takes it), so two
+    messages arriving together open one session.
+    """
     live = (
         ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__gt=now)
         .order_by("-last_activity_at")
         .first()
     )
-    ended = ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__lte=now)
-    ended_ids = list(ended.values_list("pk", flat=True))
-    ended.update(status=ChatSession.Status.EXPIRED, ended_at=F("expires_at"))
-    for (
-        session_id
-    ) in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
-        queue_on_commit("memory.remember_session", str(session_id))
     if live is not None:
-        live.last_activity_at = now
-        live.expires_at = now + timedelta(seconds=live.ttl_seconds)
-        live.save(update_fields=["last_activity_at", "expires_at"])
+        session_extend(session=live, now=now)
         return live
+    # Sessions are marked expired here, when the next one opens, and by the beat's housekeeping for
+    # users who never come back (``conversations.housekeeping``): never on every message.
+    sessions_mark_expired(user=user, now=now)
     return ChatSession.objects.create(
         user=user,
         ttl_seconds=ttl_seconds,
         last_activity_at=now,
         expires_at=now + timedelta(seconds=ttl_seconds),
+    )
+
+
+def session_extend(*, session: ChatSession, now: datetime) -> None:
+    """A message arrived in a live session: its expiry slides to ``ttl_seconds`` from now."""
+    session.last_activity_at = now
+    session.expires_at = now + timedelta(seconds=session.ttl_seconds)
+    session.save(update_fields=["last_activity_at", "expires_at"])
+
+
+def sessions_mark_expired(*, now: datetime, user: EndUser | None = None, batch: int = 1000) -> int:
+    """Mark active sessions past their expiry expired (one user's, or everyone's: at most ``batch``
+    a call) and queue their memory."""
+    ended = ChatSession.objects.filter(status=ChatSession.Status.ACTIVE, expires_at__lte=now)
+    if user is not None:
+        ended = ended.filter(user=user)
+    ended_ids = list(ended.order_by("expires_at").values_list("pk", flat=True)[:batch])
+    if not ended_ids:
+        return 0
+    count = ChatSession.objects.filter(pk__in=ended_ids, status=ChatSession.Status.ACTIVE).update(
+        status=ChatSession.Status.EXPIRED, ended_at=F("expires_at")
+    )
+    for (
+        session_id
+    ) in ended_ids:  # memory.remember_session: what its unresolved threads tried (off the hot path)
+        queue_on_commit("memory.remember_session", str(session_id))
+    return count
+
+
+# ``last_seen_at`` is written at most this often per user: it is for people reading the admin, and a
+# write on every message was one of the turn's statements.
+LAST_SEEN_EVERY = timedelta(minutes=1)
+
+
+def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatSession | None:
+    """The user's live session with its user, in one query (the common case of a message)."""
+    return (
+        ChatSession.objects.select_related("user")
+        .filter(
+            user__agent_id=agent_id,
+            user__external_id=external_id,
+            status=ChatSession.Status.ACTIVE,
+            expires_at__gt=now,
+        )
+        .order_by("-last_activity_at")
+        .first()
     )
 
 
@@ -137,9 +185,18 @@ def message_receive(
     rate_limit_check(user_id=external_id, per_minute=rate_per_minute, burst=rate_burst, now=now)
     try:
         with transaction.atomic():
-            user = user_get_or_create(agent_id=agent_id, external_id=external_id)
-            EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
-            session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
+            live = _live_session_of(agent_id=agent_id, external_id=external_id, now=now)
+            if live is not None:  # a session to extend: no lock needed, nothing is opened
+                user, session = live.user, live
+                session_extend(session=session, now=now)
+                if user.last_seen_at is None or user.last_seen_at < now - LAST_SEEN_EVERY:
+                    EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
+            else:
+                user = user_get_or_create(agent_id=agent_id, external_id=external_id)
+                # The UPDATE locks the user's row until commit: simultaneous first messages (or
+                # messages after an expiry) open one session between them.
+                EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
+                session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
             message = Message.objects.create(
                 user=user,
                 session=session,
@@ -204,9 +261,14 @@ def message_release(*, message_id: Any) -> None:
 
 
 def message_fail(*, message_id: Any, error: str) -> None:
-    Message.objects.filter(pk=message_id).exclude(status=Message.Status.DONE).update(
-        status=Message.Status.FAILED, error=error[:2000]
+    """Mark a turn failed for good (a resend retries it); a request waiting on it wakes up."""
+    failed = (
+        Message.objects.filter(pk=message_id)
+        .exclude(status=Message.Status.DONE)
+        .update(status=Message.Status.FAILED, error=error[:2000])
     )
+    if failed:
+        turn_settled_on_commit(message_id=message_id, status=Message.Status.FAILED)
 
 
 VOCABULARY_LIMIT = 300
@@ -225,12 +287,13 @@ def _vocabulary(existing: list[str], text: str) -> list[str]:
 
 
 def thread_open(
-    *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime
+    *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime, intent: str = ""
 ) -> Thread:
     return Thread.objects.create(
         user=user,
         session=session,
         topic=text[:255],
+        intent=intent,
         topic_embedding=embedding,
         opening_embedding=embedding,
         last_user_embedding=embedding,
@@ -280,23 +343,56 @@ def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None,
     return thread
 
 
-def threads_mark_dormant(*, user: EndUser, idle: timedelta, now: datetime) -> int:
+def threads_mark_dormant(
+    *, user: EndUser, idle: timedelta, now: datetime, threads: list[Thread] | None = None
+) -> int:
     """Mark the user's idle open threads dormant, recording a ``dormant`` activity on each.
 
-    Called under the user's advisory lock, so the ids read here are the ones updated.
+    ``threads``: the user's threads as the caller just read them (a turn's candidates, under the
+    user's lock): only those are looked at, and nothing is read or written when none is idle. The
+    beat's ``threads_mark_dormant_all`` marks the rest.
     """
-    ids = list(
-        Thread.objects.filter(
-            user=user, status=Thread.Status.OPEN, last_activity_at__lt=now - idle
-        ).values_list("pk", flat=True)
-    )
+    if threads is None:
+        ids = list(
+            Thread.objects.filter(
+                user=user, status=Thread.Status.OPEN, last_activity_at__lt=now - idle
+            ).values_list("pk", flat=True)
+        )
+    else:
+        idle_ones = [t for t in threads if t.status == Thread.Status.OPEN and t.last_activity_at < now - idle]
+        for thread in idle_ones:
+            thread.status = Thread.Status.DORMANT
+        ids = [t.pk for t in idle_ones]
     if not ids:
         return 0
     with transaction.atomic():
-        count = Thread.objects.filter(pk__in=ids).update(status=Thread.Status.DORMANT)
-        ThreadActivity.objects.bulk_create(
-            ThreadActivity(thread_id=pk, user=user, kind=ThreadActivity.Kind.DORMANT) for pk in ids
+        count = Thread.objects.filter(pk__in=ids, status=Thread.Status.OPEN).update(
+            status=Thread.Status.DORMANT
         )
+        ThreadActivity.objects.bulk_create(
+            ThreadActivity(thread_id=pk, user_id=user.pk, kind=ThreadActivity.Kind.DORMANT) for pk in ids
+        )
+    return count
+
+
+def threads_mark_dormant_all(*, idle_by_agent: dict[int, timedelta], now: datetime, batch: int = 500) -> int:
+    """The beat's part: mark every agent's idle open threads dormant (``idle_by_agent``: each agent's
+    inactivity threshold), at most ``batch`` per agent a run, each with its ``dormant`` activity."""
+    count = 0
+    for agent_id, idle in idle_by_agent.items():
+        with transaction.atomic():
+            rows = list(
+                Thread.objects.select_for_update(skip_locked=True)
+                .filter(user__agent_id=agent_id, status=Thread.Status.OPEN, last_activity_at__lt=now - idle)
+                .values_list("pk", "user_id")[:batch]
+            )
+            if not rows:
+                continue
+            count += Thread.objects.filter(pk__in=[pk for pk, _ in rows]).update(status=Thread.Status.DORMANT)
+            ThreadActivity.objects.bulk_create(
+                ThreadActivity(thread_id=pk, user_id=user_id, kind=ThreadActivity.Kind.DORMANT)
+                for pk, user_id in rows
+            )
     return count
 
 

@@ -8,7 +8,7 @@ redelivered task): the reply is unique per user message, and a finished message 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from agentflow.types import ThreadEvent
 from . import handoff
 from . import services as conv_services
 from .models import Message, Thread, ThreadActivity
+from .turn_results import turn_settled_on_commit
 
 ACTIVITY_FOR_EVENT = {
     ThreadEvent.NEW_TOPIC: ThreadActivity.Kind.OPENED,
@@ -41,19 +42,23 @@ def message_place(
     candidates: list[dict[str, Any]],
     embedding: np.ndarray,
     now: datetime,
+    claim: bool = False,
 ) -> Thread:
     """Store a thread decision and the intent on a user message. Call under the user's lock.
 
     ``thread`` None opens a new thread; a resolution resolves ``thread``; anything else adds the
-    message to it. The thread activity of the event is recorded.
+    message to it. The thread activity of the event is recorded. With ``claim``, the same write
+    claims the message for this turn (``processing``; see ``message_claim_locked``).
     """
     if thread is None:
         thread = conv_services.thread_open(
-            user=message.user, session=message.session, text=message.content, embedding=embedding, now=now
+            user=message.user,
+            session=message.session,
+            text=message.content,
+            embedding=embedding,
+            now=now,
+            intent=intent or "",
         )
-        if intent:
-            thread.intent = intent
-            thread.save(update_fields=["intent"])
     elif event == ThreadEvent.RESOLUTION:
         conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
     else:
@@ -65,17 +70,19 @@ def message_place(
     message.intent = intent or ""
     message.confidence = intent_confidence
     message.intent_candidates = candidates
-    message.save(
-        update_fields=[
-            "thread",
-            "thread_event",
-            "thread_confidence",
-            "thread_signals",
-            "intent",
-            "confidence",
-            "intent_candidates",
-        ]
-    )
+    fields = [
+        "thread",
+        "thread_event",
+        "thread_confidence",
+        "thread_signals",
+        "intent",
+        "confidence",
+        "intent_candidates",
+    ]
+    if claim:
+        message.status, message.processing_started_at, message.error = Message.Status.PROCESSING, now, ""
+        fields += ["status", "processing_started_at", "error"]
+    message.save(update_fields=fields)
     conv_services.thread_activity_record(
         thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
     )
@@ -114,6 +121,7 @@ def turn_finish_held(*, message: Message, handled_by: str, reason: str) -> None:
         if marked:
             assert message.thread is not None
             handoff.escalation_open(thread=message.thread, message=message, reason=reason)
+            turn_settled_on_commit(message_id=message.pk, status=Message.Status.DONE)
 
 
 def turn_finish(
@@ -150,6 +158,7 @@ def turn_finish(
                     thread.escalated = True
                     thread.save(update_fields=["escalated"])
                 handoff.escalation_open(thread=thread, message=message, reason=escalation_reason)
+            turn_settled_on_commit(message_id=message.pk, status=Message.Status.DONE)
     except IntegrityError:
         message.refresh_from_db()
         return None
@@ -171,8 +180,36 @@ def message_record(*, thread: Thread, role: str, content: str) -> Message:
     return stored
 
 
-def message_for_turn(*, message_id: Any) -> Message:
-    """A user message with what its turn reads (user, its agent, session), or ``Message.DoesNotExist``."""
-    return Message.objects.select_related("user", "user__agent", "session").get(
-        pk=message_id, role=Message.Role.USER
+def message_for_turn(
+    *, message_id: Any, lock: bool = False, annotations: Mapping[str, Any] | None = None
+) -> Message:
+    """A user message with what its turn reads (user, its agent, session), or ``Message.DoesNotExist``.
+
+    ``lock``: row-lock the message and its user until the transaction ends (the turn's claim and the
+    user's lock, ``services.user_lock``, in the same statement). ``annotations``: more to read with
+    it (the intent categories' fingerprint).
+    """
+    rows = Message.objects.select_related("user", "user__agent", "session")
+    if lock:
+        rows = rows.select_for_update(no_key=True, of=("self", "user"))
+    if annotations:
+        rows = rows.annotate(**annotations)
+    return rows.get(pk=message_id, role=Message.Role.USER)
+
+
+def message_claimable(*, message: Message, now: datetime, stale_after: timedelta) -> bool:
+    """Whether a turn may claim ``message`` (read under its row lock): pending or failed, or held by
+    a worker for longer than ``stale_after`` (that worker died). The rule of ``message_claim``."""
+    if message.status in (Message.Status.PENDING, Message.Status.FAILED):
+        return True
+    return (
+        message.status == Message.Status.PROCESSING
+        and message.processing_started_at is not None
+        and message.processing_started_at < now - stale_after
     )
+
+
+def message_claim_locked(*, message: Message, now: datetime) -> None:
+    """Claim a message read under its row lock, one that is already placed (a retried turn)."""
+    message.status, message.processing_started_at, message.error = Message.Status.PROCESSING, now, ""
+    message.save(update_fields=["status", "processing_started_at", "error"])

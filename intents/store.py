@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from django.db.models import Count, Max
+from django.db.models import Count, Max, OuterRef, Subquery
 
 from agentflow.embeddings import Embedder
 from agentflow.types import IntentCategory as Spec
@@ -31,6 +31,24 @@ def categories_fingerprint(*, agent_id: int) -> tuple[Any, ...]:
         .aggregate(n=Count("id"), changed=Max("updated_at"))
         .values()
     )
+
+
+def fingerprint_annotations(*, agent_ref: str) -> dict[str, Any]:
+    """The fingerprint as two scalar subqueries, for a query that reads a row with an agent id
+    (``agent_ref``, an ``OuterRef`` path): the turn reads it with its message, in the same statement.
+
+    ``fingerprint_of`` turns the annotated row's values into what ``categories_fingerprint`` returns.
+    """
+    rows = IntentCategory.objects.filter(agent_id=OuterRef(agent_ref)).order_by().values("agent_id")
+    return {
+        "categories_n": Subquery(rows.annotate(n=Count("id")).values("n")[:1]),
+        "categories_changed": Subquery(rows.annotate(changed=Max("updated_at")).values("changed")[:1]),
+    }
+
+
+def fingerprint_of(row: Any) -> tuple[Any, ...]:
+    """The fingerprint read through ``fingerprint_annotations`` (no categories: no group, NULL)."""
+    return (row.categories_n or 0, row.categories_changed)
 
 
 class _CachingEmbedder(Embedder):
@@ -69,8 +87,10 @@ class IntentStore:
         self._fingerprint: tuple[Any, ...] | None = None
         self._snapshot: IntentSnapshot | None = None
 
-    def current(self) -> IntentSnapshot:
-        fingerprint = categories_fingerprint(agent_id=self.agent_id)
+    def current(self, *, fingerprint: tuple[Any, ...] | None = None) -> IntentSnapshot:
+        """The categories and classifier as of ``fingerprint`` (read now when not given)."""
+        if fingerprint is None:
+            fingerprint = categories_fingerprint(agent_id=self.agent_id)
         with self._lock:
             if self._snapshot is None or fingerprint != self._fingerprint:
                 categories = tuple(intent_categories_active(agent_id=self.agent_id))

@@ -138,14 +138,15 @@ async def test_waiting_posts_hold_no_database_connection(
         stats = pool.get_stats()
         return int(stats["pool_size"] - stats["pool_available"])
 
-    all_waiting = asyncio.Barrier(waiting)
+    all_waiting, all_measured = asyncio.Barrier(waiting), asyncio.Barrier(waiting)
     seen: list[int] = []
 
-    async def measured_wait(layer: Any, channel: str, message_id: str, seconds: float) -> None:
+    async def measured_wait(*, message_id: Any, seconds: float) -> None:
         await all_waiting.wait()  # every request has stored its message and is about to wait
         seen.append(checked_out())
+        await all_measured.wait()  # none reads its result (a connection) before all have measured
 
-    monkeypatch.setattr(conversations.api, "_wait_for_turn", measured_wait)
+    monkeypatch.setattr(conversations.api, "turn_settled_wait", measured_wait)
 
     async def post(i: int) -> Any:
         # Each request on its own thread, as Django's ASGI handler runs them (ThreadSensitiveContext).
