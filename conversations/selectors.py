@@ -77,16 +77,37 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     return threads
 
 
-def earlier_undecided_exists(*, user: EndUser, before: datetime, since: datetime) -> bool:
-    """Whether a message the user sent earlier (after ``since``) still waits for its thread decision."""
-    return Message.objects.filter(
-        user=user,
-        role=Message.Role.USER,
-        thread__isnull=True,
-        status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
-        created_at__lt=before,
-        created_at__gte=since,
-    ).exists()
+def earlier_undecided_exists(
+    *,
+    user: EndUser,
+    before: datetime,
+    since: datetime,
+    pending_since: datetime | None = None,
+    claimed_since: datetime | None = None,
+) -> bool:
+    """Whether a message the user sent earlier (after ``since``) still waits for its thread decision.
+
+    With ``pending_since`` / ``claimed_since``, a ``pending`` message stored before ``pending_since``
+    (its task was lost: the recovery sweep re-queues it) and a ``processing`` one claimed before
+    ``claimed_since`` (its worker died) do not count: a stuck message never holds up the next ones.
+    """
+    live = Q()
+    if pending_since is not None or claimed_since is not None:
+        live = Q(status=Message.Status.PENDING, created_at__gte=pending_since or since) | Q(
+            status=Message.Status.PROCESSING, processing_started_at__gte=claimed_since or since
+        )
+    return (
+        Message.objects.filter(
+            user=user,
+            role=Message.Role.USER,
+            thread__isnull=True,
+            status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
+            created_at__lt=before,
+            created_at__gte=since,
+        )
+        .filter(live)
+        .exists()
+    )
 
 
 def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:
