@@ -93,8 +93,11 @@ def earlier_undecided_exists(
     """
     live = Q()
     if pending_since is not None or claimed_since is not None:
-        live = Q(status=Message.Status.PENDING, created_at__gte=pending_since or since) | Q(
-            status=Message.Status.PROCESSING, processing_started_at__gte=claimed_since or since
+        recent = pending_since or since
+        live = (
+            Q(status=Message.Status.PENDING, created_at__gte=recent)
+            | Q(status=Message.Status.PENDING, processing_started_at__gte=recent)  # given back, retried
+            | Q(status=Message.Status.PROCESSING, processing_started_at__gte=claimed_since or since)
         )
     return (
         Message.objects.filter(

@@ -16,8 +16,9 @@ users) or the WebSocket (the other half), one at a time, retrying a refused send
 
 After the load it waits for ``/api/health/ready``, lets the stack settle (at most 60 s of health) and
 checks the database for the scenario's users: every accepted message stored once (``lost``:
-accepted but not stored; ``duplicated``: a marker stored twice), answered (``done`` with one reply) or
-``failed`` with the client told, none left ``pending``/``processing`` (``stuck``). ``recover_s`` is the
+accepted but not stored; ``duplicated``: a marker stored twice), answered (``done`` with one reply),
+``held`` (``done`` in a thread a human holds: the LLM outage's fallback escalated it) or ``failed``
+with the client told, none left ``pending``/``processing`` (``stuck``). ``recover_s`` is the
 time from the component's return until the first message sent after it is answered.
 """
 
@@ -69,6 +70,7 @@ class Row:
     accepted: int = 0
     stored: int = 0
     answered: int = 0
+    held: int = 0  # done without a bot reply: a human holds the thread (the LLM outage's escalation)
     failed: int = 0
     stuck: int = 0
     duplicated: int = 0
@@ -217,7 +219,7 @@ class Users:
                         deadline = time.monotonic() + ANSWER_TIMEOUT
                         while record.outcome is None and time.monotonic() < deadline:
                             self.where[i] = f"waiting {record.marker} accepted={record.accepted}"
-                            frame = await ws.receive(timeout=deadline - time.monotonic())
+                            frame = await asyncio.wait_for(ws.receive(), deadline - time.monotonic())
                             if frame.type != aiohttp.WSMsgType.TEXT:
                                 raise ConnectionError(f"socket {frame.type.name}")
                             body = json.loads(frame.data)
@@ -363,27 +365,47 @@ def check(crowd: Users, row: Row) -> None:
     rows = list(
         Message.objects.filter(
             role=Message.Role.USER, user__external_id__startswith=crowd.prefix + "-u"
-        ).values_list("content", "status", "reply__id")
+        ).values_list("content", "status", "reply__id", "handled_by")
     )
-    by_marker: dict[str, list[tuple[str, Any]]] = {}
-    for content, status, reply in rows:
+    by_marker: dict[str, list[tuple[str, Any, str]]] = {}
+    for content, status, reply, handled_by in rows:
         marker = content[1 : content.index("]")]
-        by_marker.setdefault(marker, []).append((status, reply))
+        by_marker.setdefault(marker, []).append((status, reply, handled_by))
     told = {r.marker for r in crowd.sent if r.outcome == "failed"}
+
+    def answered(v: list[tuple[str, Any, str]]) -> bool:
+        return any(s == "done" and r for s, r, _ in v)
+
+    def held(v: list[tuple[str, Any, str]]) -> bool:  # a human holds the thread (after an escalation)
+        return not answered(v) and any(s == "done" and h == "human" for s, _, h in v)
+
+    def failed(v: list[tuple[str, Any, str]]) -> bool:
+        return all(s == "failed" for s, _, _ in v)
+
     row.stored = len(by_marker)
     row.duplicated = sum(len(v) - 1 for v in by_marker.values())
-    row.answered = sum(1 for v in by_marker.values() if any(s == "done" and r for s, r in v))
-    row.failed = sum(1 for v in by_marker.values() if all(s == "failed" for s, _ in v))
-    row.stuck = sum(1 for v in by_marker.values() if any(s in ("pending", "processing") for s, _ in v))
-    row.untold = sum(1 for m, v in by_marker.items() if all(s == "failed" for s, _ in v) and m not in told)
+    row.answered = sum(1 for v in by_marker.values() if answered(v))
+    row.held = sum(1 for v in by_marker.values() if held(v))
+    row.failed = sum(1 for v in by_marker.values() if failed(v))
+    row.stuck = row.stored - row.answered - row.held - row.failed
+    row.untold = sum(1 for m, v in by_marker.items() if failed(v) and m not in told)
     row.lost = sum(1 for r in crowd.sent if r.accepted and r.marker not in by_marker)
-    # done without a reply (a human holds the thread) never happens here: count it as stuck
-    row.stuck += sum(1 for v in by_marker.values() if any(s == "done" and not r for s, r in v))
 
 
 # --- the table ---------------------------------------------------------------------------------------
 
-COLUMNS = ["scenario", "sent", "accepted", "stored", "answered", "failed", "stuck", "duplicated", "recover_s"]
+COLUMNS = [
+    "scenario",
+    "sent",
+    "accepted",
+    "stored",
+    "answered",
+    "held",
+    "failed",
+    "stuck",
+    "duplicated",
+    "recover_s",
+]
 
 
 def table(rows: list[Row]) -> str:
@@ -427,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--after", type=float, default=15.0, help="seconds the load goes on after the component is back"
     )
+    parser.add_argument(
+        "--turn-limit",
+        type=int,
+        default=12,
+        help="AGENTFLOW_TURN_TIME_LIMIT of the stack (10-59: short windows)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--keep", action="store_true", help="keep .data/chaos/<run> (logs) afterwards")
     args = parser.parse_args(argv)
@@ -434,10 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or not scenarios:
         parser.error(f"unknown scenario {unknown}; choose from {', '.join(SCENARIOS)}")
-    if args.users < 1 or args.seconds < 5:
-        parser.error("--users must be at least 1 and --seconds at least 5")
+    if args.users < 1 or args.seconds < 5 or not 10 <= args.turn_limit <= 3600:
+        parser.error("--users must be at least 1, --seconds at least 5 and --turn-limit 10 to 3600")
     main_guard()
-    stack = Stack(keep=args.keep)
+    stack = Stack(keep=args.keep, turn_limit=args.turn_limit)
     rows: list[Row] = []
     began = time.monotonic()
     try:
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 drive(stack, api_key, tokens_for, scenario, args.users, args.seconds, args.after)
             )
             rows.append(row)
-            print(f"{scenario}: {json.dumps(asdict(row))}", flush=True)
+            print(f"{scenario} ({time.monotonic() - began:.0f} s): {json.dumps(asdict(row))}", flush=True)
         print(table(rows))
         print(f"total {time.monotonic() - began:.0f} s")
         if args.json:

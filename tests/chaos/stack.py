@@ -63,7 +63,10 @@ class ModalLLM(FakeAnthropicServer):
 class Stack:
     """One chaos stack. ``start()`` brings everything up; ``stop()`` tears everything down."""
 
-    def __init__(self, *, concurrency: int = 8, keep: bool = False) -> None:
+    def __init__(
+        self, *, concurrency: int = 8, keep: bool = False, turn_limit: int = TURN_TIME_LIMIT
+    ) -> None:
+        self.turn_limit = turn_limit
         self.run = f"{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
         self.dir = ROOT / ".data" / "chaos" / self.run
         self.logs = self.dir / "logs"
@@ -119,7 +122,7 @@ class Stack:
                 "AGENTFLOW_CHANNELS_PREFIX": f"chaos-{self.run}",
                 "AGENTFLOW_CACHE_PREFIX": f"chaos-{self.run}",
                 "AGENTFLOW_WORKER_CONCURRENCY": str(self.concurrency),
-                "AGENTFLOW_TURN_TIME_LIMIT": str(TURN_TIME_LIMIT),
+                "AGENTFLOW_TURN_TIME_LIMIT": str(self.turn_limit),
                 "AGENTFLOW_BACKGROUND_JOBS": "false",
                 "AGENTFLOW_LOG_LEVEL": "INFO",
                 "AGENTFLOW_WORKER_HEARTBEAT_SECONDS": "2",
