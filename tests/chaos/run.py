@@ -37,7 +37,7 @@ from typing import Any
 
 from .stack import Stack, main_guard
 
-SCENARIOS = ["worker-kill", "redis-8s", "redis-20s", "postgres-restart", "llm-outage", "web-restart"]
+SCENARIOS = ["worker-kill", "redis-8s", "redis-20s", "postgres-restart", "web-restart", "llm-outage"]
 SETTLE_AFTER_HEALTH = 60.0
 ANSWER_TIMEOUT = 75.0  # how long a client waits for an accepted message's outcome
 
