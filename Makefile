@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install services-stop lint typecheck bench
+.PHONY: run test install services-stop lint typecheck bench chaos
 
 # Install everything, migrate, load the demo, start the web server and the worker.
 run: $(STAMP) .env
@@ -53,3 +53,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/turn_overhead.py
+
+# The full chaos suite (docs/operations.md, "Chaos suite"): its own stack, six faults, one table.
+chaos: $(STAMP)
+	$(PY) -m tests.chaos.run

@@ -18,12 +18,16 @@ intent judgements. Every other window follows from that, so they stay consistent
   has been re-queued ``MAX_REQUEUES`` (3) times and is still unanswered.
 
 An agent configured with a longer LLM timeout or more SDK retries than the defaults needs a longer
-turn: set ``AGENTFLOW_TURN_TIME_LIMIT`` (seconds, 30-3600; read once at start, the same in every web
+turn: set ``AGENTFLOW_TURN_TIME_LIMIT`` (seconds, 10-3600; read once at start, the same in every web
 and worker process) and every window above follows (see docs/operations.md, "Failure and recovery").
+Below a minute (a test or chaos stack with a fast LLM) the margins and the recovery windows shrink in
+proportion (x limit/60), so that stale claims and lost tasks are recovered in seconds; at 12 s:
+15 / 18 / 24 / 36 s, pending grace 12 s, sweep every 6 s, re-queue spacing 24 s.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -34,24 +38,32 @@ TURN_LIMIT_VARIABLE = "AGENTFLOW_TURN_TIME_LIMIT"
 
 
 def _turn_limit(default: timedelta) -> timedelta:
-    """``AGENTFLOW_TURN_TIME_LIMIT`` (whole seconds, 30-3600), or ``default``."""
+    """``AGENTFLOW_TURN_TIME_LIMIT`` (whole seconds, 10-3600), or ``default``."""
     raw = os.environ.get(TURN_LIMIT_VARIABLE, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not 30 <= int(raw) <= 3600:
-        raise ConfigError(f"{TURN_LIMIT_VARIABLE} must be whole seconds from 30 to 3600 (got {raw!r})")
+    if not raw.isdigit() or not 10 <= int(raw) <= 3600:
+        raise ConfigError(f"{TURN_LIMIT_VARIABLE} must be whole seconds from 10 to 3600 (got {raw!r})")
     return timedelta(seconds=int(raw))
 
 
 _LLM = LLMConfig()
 LONGEST_LLM_CALL = timedelta(seconds=_LLM.timeout_seconds * (_LLM.max_retries + 1))
 TURN_SOFT_LIMIT = _turn_limit(LONGEST_LLM_CALL + timedelta(seconds=60))
-CELERY_SOFT_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=15)
-TURN_HARD_LIMIT = TURN_SOFT_LIMIT + timedelta(seconds=30)
-STALE_CLAIM = TURN_HARD_LIMIT + timedelta(seconds=30)
-VISIBILITY_TIMEOUT = STALE_CLAIM + timedelta(seconds=60)
+_SCALE = min(1.0, TURN_SOFT_LIMIT.total_seconds() / 60)
 
-PENDING_GRACE = timedelta(seconds=60)
-SWEEP_EVERY = timedelta(seconds=30)
-REQUEUE_SPACING = timedelta(seconds=120)
+
+def _window(seconds: int) -> timedelta:
+    """``seconds``, shrunk in proportion for a turn limit below a minute."""
+    return timedelta(seconds=math.ceil(seconds * _SCALE))
+
+
+CELERY_SOFT_LIMIT = TURN_SOFT_LIMIT + _window(15)
+TURN_HARD_LIMIT = TURN_SOFT_LIMIT + _window(30)
+STALE_CLAIM = TURN_HARD_LIMIT + _window(30)
+VISIBILITY_TIMEOUT = STALE_CLAIM + _window(60)
+
+PENDING_GRACE = _window(60)
+SWEEP_EVERY = _window(30)
+REQUEUE_SPACING = _window(120)
 MAX_REQUEUES = 3

@@ -121,8 +121,15 @@ def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
 
 
 def _earlier_pending(message: Message) -> bool:
+    # A stuck earlier message (pending past the grace period, or under a stale claim) never blocks:
+    # the recovery sweep answers it, later ones go on meanwhile.
+    now = timezone.now()
     return conv_selectors.earlier_undecided_exists(
-        user=message.user, before=message.created_at, since=message.created_at - ORDER_WINDOW
+        user=message.user,
+        before=message.created_at,
+        since=message.created_at - ORDER_WINDOW,
+        pending_since=now - limits.PENDING_GRACE,
+        claimed_since=now - STALE_CLAIM,
     )
 
 
@@ -286,7 +293,13 @@ def _message_of(agent: Agent, message_id: Any, *, lock: bool = False) -> Message
     annotations = (
         {
             **fingerprint_annotations(agent_ref="user__agent_id"),
-            "earlier_undecided": conv_selectors.earlier_undecided_annotation(window=ORDER_WINDOW),
+            # A stuck earlier message (pending past the grace period, or under a stale claim) never
+            # blocks: the recovery sweep answers it, later ones go on meanwhile.
+            "earlier_undecided": conv_selectors.earlier_undecided_annotation(
+                window=ORDER_WINDOW,
+                pending_since=timezone.now() - limits.PENDING_GRACE,
+                claimed_since=timezone.now() - STALE_CLAIM,
+            ),
         }
         if lock
         else None

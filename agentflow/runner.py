@@ -10,7 +10,8 @@ The rules for ordering, retries and failure live here, once:
 - **ordering**: a message waits for the user's earlier, still undecided one. ``on_earlier="wait"``
   polls here (in-process); ``"raise"`` lets ``EarlierMessagePending`` out so a queue can retry later.
 - **failure**: any error marks the message ``failed`` (a resend retries it), except a transient LLM
-  error when the caller will retry (``final_attempt=False``): the message goes back to ``pending``.
+  error when the caller will retry (``final_attempt=False``) and a database or Redis outage
+  (``agentflow.unavailable``): the message goes back to ``pending`` and the error goes up to be retried.
 - **degradation** (``agentflow.degrade``): a transient LLM error on the last attempt, or an open
   circuit breaker, gives the fallback reply (and a hand-off) instead of ``failed`` when
   ``fallback_config.enabled``; an offline reply opens the escalation its notice promises.
@@ -19,6 +20,7 @@ The rules for ordering, retries and failure live here, once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import time
@@ -34,6 +36,7 @@ from .jobs import inline_jobs
 from .llm import TextCallback
 from .loops import shared_db_executor, sync_caller_waits
 from .types import TurnResult
+from .unavailable import is_unavailable
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -147,6 +150,12 @@ async def run_turn(
                 raise
             outcome = await _fallback(agent, str(exc), on_text)
         except BaseException as exc:
+            if is_unavailable(exc):
+                # PostgreSQL or Redis went away mid-turn: give the claim back (if the database lets us)
+                # for the caller to retry the turn once it returns; never ``failed`` for a blip.
+                with contextlib.suppress(Exception):
+                    await call(pipeline.release, prepared)
+                raise
             # Any other failure (handler, middleware, cancellation) marks the turn failed so a resend
             # retries it at once; otherwise the claim would block the message for STALE_CLAIM.
             await call(pipeline.fail, prepared, exc, agent=agent.name)

@@ -153,7 +153,10 @@ def database_settings() -> dict[str, Any]:
         # pgvector 0.8: filtered HNSW scans keep going until they have enough rows (set per connection
         # so similarity queries need no extra round trip).
         config["OPTIONS"].setdefault("options", "-c hnsw.iterative_scan=relaxed_order")
-    config["CONN_HEALTH_CHECKS"] = False
+    # With the pool, Django passes psycopg_pool's check_connection: a pooled connection is tested (one
+    # cheap round trip) before it is handed out, so after a PostgreSQL restart no request or turn gets
+    # a dead connection ("the connection is closed").
+    config["CONN_HEALTH_CHECKS"] = True
     return config
 
 

@@ -161,6 +161,8 @@ CACHES = {
 
 # Celery: Redis broker, threads pool (LLM calls are I/O; Celery 5.7 has no asyncio pool).
 CELERY_BROKER_URL = REDIS_URL
+# kombu's Redis transport with one fix: the worker survives a Redis outage (agentflow_project/broker.py).
+CELERY_BROKER_TRANSPORT = "agentflow_project.broker:Transport"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = env_str("AGENTFLOW_CELERY_QUEUE", "agentflow")

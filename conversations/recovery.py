@@ -46,8 +46,11 @@ def stuck_filter(*, now: datetime, grace: timedelta, stale_after: timedelta) -> 
     """User messages that nothing is answering: pending past the grace period, or under a stale claim."""
     # role and status spelled out as in the partial index conversations_message_unanswered (0008).
     unanswered = Q(role=Message.Role.USER, status__in=[Message.Status.PENDING, Message.Status.PROCESSING])
+    # A pending message given back by its task (processing_started_at: when) is stuck only once the
+    # grace period has passed since then too: its task is retrying it (LLM backoff, an outage).
+    given_back_long_ago = Q(processing_started_at__isnull=True) | Q(processing_started_at__lt=now - grace)
     return unanswered & (
-        Q(status=Message.Status.PENDING, created_at__lt=now - grace)
+        (Q(status=Message.Status.PENDING, created_at__lt=now - grace) & given_back_long_ago)
         | Q(status=Message.Status.PROCESSING, processing_started_at__lt=now - stale_after)
     )
 

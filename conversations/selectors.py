@@ -83,19 +83,47 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     return threads[:limit]
 
 
-def earlier_undecided_exists(*, user: EndUser, before: datetime, since: datetime) -> bool:
-    """Whether a message the user sent earlier (after ``since``) still waits for its thread decision."""
-    return Message.objects.filter(
-        user=user,
-        role=Message.Role.USER,
-        thread__isnull=True,
-        status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
-        created_at__lt=before,
-        created_at__gte=since,
-    ).exists()
+def _live_undecided(*, pending_since: datetime | None, claimed_since: datetime | None) -> Q:
+    """The undecided messages that still hold up later ones. With ``pending_since`` and
+    ``claimed_since``, a ``pending`` message stored (or given back) before ``pending_since`` (its task
+    was lost: the recovery sweep re-queues it) and a ``processing`` one claimed before
+    ``claimed_since`` (its worker died) do not count: a stuck message never holds up the next ones."""
+    if pending_since is None or claimed_since is None:
+        return Q()
+    return (
+        Q(status=Message.Status.PENDING, created_at__gte=pending_since)
+        | Q(status=Message.Status.PENDING, processing_started_at__gte=pending_since)  # given back, retried
+        | Q(status=Message.Status.PROCESSING, processing_started_at__gte=claimed_since)
+    )
 
 
-def earlier_undecided_annotation(*, window: timedelta) -> Exists:
+def earlier_undecided_exists(
+    *,
+    user: EndUser,
+    before: datetime,
+    since: datetime,
+    pending_since: datetime | None = None,
+    claimed_since: datetime | None = None,
+) -> bool:
+    """Whether a message the user sent earlier (after ``since``) still waits for its thread decision
+    (stuck ones excluded, see ``_live_undecided``)."""
+    return (
+        Message.objects.filter(
+            user=user,
+            role=Message.Role.USER,
+            thread__isnull=True,
+            status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
+            created_at__lt=before,
+            created_at__gte=since,
+        )
+        .filter(_live_undecided(pending_since=pending_since, claimed_since=claimed_since))
+        .exists()
+    )
+
+
+def earlier_undecided_annotation(
+    *, window: timedelta, pending_since: datetime | None = None, claimed_since: datetime | None = None
+) -> Exists:
     """``earlier_undecided_exists`` as an expression on a message row (the user's messages sent in
     ``window`` before it), read with the message. Under a lock the statement waited for, it can
     see an earlier message as still undecided when it was just placed: the turn then waits and
@@ -108,7 +136,7 @@ def earlier_undecided_annotation(*, window: timedelta) -> Exists:
             status__in=[Message.Status.PENDING, Message.Status.PROCESSING],
             created_at__lt=OuterRef("created_at"),
             created_at__gte=OuterRef("created_at") - window,
-        )
+        ).filter(_live_undecided(pending_since=pending_since, claimed_since=claimed_since))
     )
 
 

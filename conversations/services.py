@@ -254,9 +254,13 @@ def message_claim(*, message_id: Any, now: datetime, stale_after: timedelta) -> 
 
 
 def message_release(*, message_id: Any) -> None:
-    """Give a claimed message back (it has to wait for an earlier one of the same user)."""
+    """Give a claimed message back (its task retries it: an earlier message, an LLM or database error).
+
+    ``processing_started_at`` keeps when it was given back: the recovery sweep leaves a message alone
+    that long after (its task is about to retry it) instead of re-queueing a second copy.
+    """
     Message.objects.filter(pk=message_id, status=Message.Status.PROCESSING).update(
-        status=Message.Status.PENDING, processing_started_at=None
+        status=Message.Status.PENDING, processing_started_at=timezone.now()
     )
 
 

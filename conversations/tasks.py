@@ -10,7 +10,9 @@ thread (Celery 5.7 has no asyncio pool), so each thread keeps its own HTTP conne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 from concurrent.futures import Executor
 from typing import Any
 
@@ -24,6 +26,7 @@ from agentflow.jobs import TURN_TASK
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
+from agentflow.unavailable import is_unavailable, unavailable_component
 
 from . import notifications  # noqa: F401  (registers the Slack notice job with the workers)
 from .events import DeltaStream, apublish, publish
@@ -35,6 +38,9 @@ from .services import message_fail
 logger = logging.getLogger("agentflow.tasks")
 
 MAX_LLM_RETRIES = 3
+# A database or Redis outage inside a turn: retried 8 times, 1, 2, 4 ... 30 s apart (about two minutes).
+INFRA_RETRIES = 8
+INFRA_BACKOFF_CAP = 30
 # How long a message waits for the user's earlier one: 50 retries 0.2 s apart, then 2 s apart until
 # the earlier one is outside pipeline.ORDER_WINDOW (it no longer blocks), plus a margin.
 ORDER_FAST_RETRIES = 50
@@ -89,17 +95,43 @@ def _agent_of(message_id: str) -> tuple[Any, int]:
     soft_time_limit=limits.CELERY_SOFT_LIMIT.total_seconds(),
     time_limit=limits.TURN_HARD_LIMIT.total_seconds(),
 )
-def process_turn(self: Any, message_id: str, llm_attempt: int = 0) -> str:
+def process_turn(self: Any, message_id: str, llm_attempt: int = 0, infra_attempt: int = 0) -> str:
     """Run the turn of stored user message ``message_id`` and publish its result.
 
     The threads pool does not enforce Celery's time limits, so the turn is also cancelled here after
-    ``TURN_SOFT_LIMIT`` (the message is failed and the client told).
+    ``TURN_SOFT_LIMIT`` (the message is failed and the client told). PostgreSQL or Redis going away
+    (``agentflow.unavailable``) is retried with backoff and jitter, up to ``INFRA_RETRIES`` times; the
+    message stays ``pending`` meanwhile (and the recovery sweep re-queues it if even the retry
+    cannot be queued, Redis being down).
     """
     db = thread_db_executor()  # every database step of this task runs there (see agentflow.loops)
     try:
         return _process_turn(self, message_id, llm_attempt, db)
+    except Exception as exc:
+        if not is_unavailable(exc) or infra_attempt >= INFRA_RETRIES:
+            raise
+        countdown = infra_backoff(infra_attempt)
+        logger.warning(
+            "process_turn: message %s: %s unavailable (%s); again in %.1f s",
+            message_id,
+            unavailable_component(exc),
+            type(exc).__name__,
+            countdown,
+        )
+        raise self.retry(
+            exc=exc,
+            countdown=countdown,
+            args=(),
+            kwargs={"message_id": message_id, "llm_attempt": llm_attempt, "infra_attempt": infra_attempt + 1},
+        ) from exc
     finally:
-        db.submit(connections.close_all).result()  # back to the pool between tasks
+        with contextlib.suppress(Exception):  # a dead connection is dropped by the pool's check
+            db.submit(connections.close_all).result()  # back to the pool between tasks
+
+
+def infra_backoff(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based) after an outage: 1, 2, 4 ... 30, +-25 % jitter."""
+    return float(min(INFRA_BACKOFF_CAP, 2**attempt) * random.uniform(0.75, 1.25))
 
 
 def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) -> str:
@@ -191,10 +223,13 @@ async def _run_streaming(
     agent: Any, message_id: str, *, user_pk: int, final_attempt: bool, db: Executor
 ) -> Any:
     """Run the turn, streaming the reply's text to the user's connections as it is written."""
-    await apublish(
-        user_pk=user_pk,
-        event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
-    )
+    try:
+        await apublish(
+            user_pk=user_pk,
+            event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
+        )
+    except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
+        logger.warning("could not publish typing for message %s", message_id, exc_info=True)
     stream = DeltaStream(user_pk=user_pk, message_id=message_id)
     try:
         return await run_turn(

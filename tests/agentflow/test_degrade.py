@@ -181,12 +181,18 @@ def test_the_turn_time_limit_variable_moves_every_window():
     assert (done.returncode, done.stdout) == (0, "600 615 630 660 720\n")
 
 
-@pytest.mark.parametrize("value", ["10", "3601", "1.5", "abc", "-60"])
+def test_a_turn_time_limit_under_a_minute_shrinks_the_margins_too():
+    done = _limits_in_a_new_process("12")
+
+    assert (done.returncode, done.stdout) == (0, "12 15 18 24 36\n")
+
+
+@pytest.mark.parametrize("value", ["9", "3601", "1.5", "abc", "-60"])
 def test_a_bad_turn_time_limit_stops_start_up(value):
     done = _limits_in_a_new_process(value)
 
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        f"agentflow.errors.ConfigError: AGENTFLOW_TURN_TIME_LIMIT must be whole seconds from 30 to 3600"
+        f"agentflow.errors.ConfigError: AGENTFLOW_TURN_TIME_LIMIT must be whole seconds from 10 to 3600"
         f" (got {value!r})"
     )

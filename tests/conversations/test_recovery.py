@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -27,10 +28,11 @@ from agentflow.config import DEFAULT_FALLBACK_REPLY
 from agentflow.jobs import TURN_TASK
 from agentflow.registry import default_agent
 from agentflow.testing.fake_anthropic import FakeReply
-from conversations import tasks
+from conversations import services, tasks
 from conversations.events import user_group
 from conversations.models import Escalation, Message
 from conversations.recovery import UNANSWERED_NOTICE, messages_recover
+from tests.faults import refused_pool
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
@@ -121,6 +123,47 @@ def test_a_pending_message_never_queued_is_requeued_and_answered_once(celery_wor
     assert _replies(message) == [("Found it.", "llm")]
     assert len(fake_llm.requests) == 1
     assert messages_recover(now=now + timedelta(hours=1)) == {"requeued": 0, "failed": 0, "waiting": 0}
+
+
+def test_the_sweep_leaves_a_message_its_task_gave_back_for_a_retry(celery_worker, fake_llm) -> None:
+    fake_llm.enqueue(FakeReply(text="Answered after the retry."))
+    message = _accept("r-14", "Where is my parcel?")
+    old = timezone.now() - limits.PENDING_GRACE - timedelta(minutes=5)
+    Message.objects.filter(pk=message.pk).update(created_at=old, status="processing")
+    services.message_release(message_id=message.pk)  # its task gave it back (LLM or outage retry)
+    released = Message.objects.values_list("processing_started_at", flat=True).get(pk=message.pk)
+    later = released + limits.PENDING_GRACE + timedelta(seconds=1)
+
+    assert _status(message) == "pending"
+    assert messages_recover() == {"requeued": 0, "failed": 0, "waiting": 0}  # its task retries it
+    assert messages_recover(now=later) == {"requeued": 1, "failed": 0, "waiting": 0}  # that task is lost
+    _wait_for(lambda: _status(message) == "done")
+
+    assert _replies(message) == [("Answered after the retry.", "llm")]
+
+
+def test_a_database_outage_inside_a_turn_is_retried_not_failed(celery_worker, fake_llm) -> None:
+    fake_llm.enqueue(FakeReply(text="Back again."))
+    message = _accept("r-15", "Where is my parcel?")
+    retried = threading.Event()
+
+    class Retried(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "database unavailable" in record.getMessage():
+                retried.set()
+
+    handler = Retried()
+    logging.getLogger("agentflow.tasks").addHandler(handler)
+    try:
+        with refused_pool():  # PostgreSQL is down when the worker takes the turn
+            _queue(message)
+            assert retried.wait(30)
+    finally:
+        logging.getLogger("agentflow.tasks").removeHandler(handler)
+    _wait_for(lambda: _status(message) == "done")
+
+    assert _replies(message) == [("Back again.", "llm")]
+    assert Message.objects.get(pk=message.pk).error == ""
 
 
 def test_a_stale_claim_of_a_dead_worker_is_taken_over(celery_worker, fake_llm) -> None:
@@ -298,22 +341,39 @@ def test_a_stuck_earlier_message_does_not_block_a_later_one(celery_worker, fake_
     assert _replies(earlier) == [("Earlier answered.", "llm")]
 
 
-def test_a_later_message_waits_for_an_earlier_one_the_sweep_requeues(celery_worker, fake_llm) -> None:
-    fake_llm.enqueue(FakeReply(text="Earlier answered."))
+def test_a_later_message_does_not_wait_for_an_earlier_one_stuck_past_the_grace(
+    celery_worker, fake_llm
+) -> None:
     fake_llm.enqueue(FakeReply(text="Later answered."))
+    fake_llm.enqueue(FakeReply(text="Earlier answered."))
     earlier = _accept("r-11", "Where is my parcel?")  # stored, never queued (its web server died)
     sent = timezone.now() - limits.PENDING_GRACE - timedelta(seconds=30)  # past the grace, in ORDER_WINDOW
     Message.objects.filter(pk=earlier.pk).update(created_at=sent)
     later = _accept("r-11", "And my refund?")
 
-    _queue(later)  # waits: the earlier one is recent and undecided
+    _queue(later)  # the earlier one is stuck: the later one does not wait for it
+    _wait_for(lambda: _status(later) == "done")
+    assert _status(earlier) == "pending"
     assert messages_recover() == {"requeued": 1, "failed": 0, "waiting": 0}
+    _wait_for(lambda: _status(earlier) == "done")
+
+    assert _replies(later) == [("Later answered.", "llm")]
+    assert _replies(earlier) == [("Earlier answered.", "llm")]
+
+
+def test_a_later_message_does_not_wait_for_an_earlier_one_under_a_stale_claim(
+    celery_worker, fake_llm
+) -> None:
+    earlier = _accept("r-13", "Where is my parcel?")
+    Message.objects.filter(pk=earlier.pk).update(  # claimed by a worker that died before placing it
+        status="processing", processing_started_at=timezone.now() - limits.STALE_CLAIM - timedelta(seconds=1)
+    )
+    later = _accept("r-13", "And my refund?")
+
+    _queue(later)
     _wait_for(lambda: _status(later) == "done")
 
-    assert _replies(earlier) == [("Earlier answered.", "llm")]
-    assert _replies(later) == [("Later answered.", "llm")]
-    first = Message.objects.get(reply_to=earlier).created_at
-    assert first < Message.objects.get(reply_to=later).created_at  # in the order they were sent
+    assert _status(earlier) == "processing"  # the sweep's business, not the later message's
 
 
 # --- graceful degradation --------------------------------------------------------------------
