@@ -38,6 +38,8 @@ RETURN_CUES = re.compile(
     re.IGNORECASE,
 )
 
+# The not-fixed cue without "again", which also ends fixes ("it's moving again"): for the veto.
+STILL_BROKEN = re.compile(NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", ""), re.IGNORECASE)
 # "Closing" words that may come with a negation and still end the thread ("nope, that's all").
 CLOSING = re.compile(r"\b(that'?s (all|it|everything)|bye|goodbye|nothing else|all set)\b", re.IGNORECASE)
 
@@ -74,7 +76,7 @@ class ThreadDecision:
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
     that didn't help"): never a resolution, whatever the scorer makes of the topic words."""
-    return bool(NOT_FIXED_CUE.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
+    return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

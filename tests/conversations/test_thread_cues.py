@@ -141,6 +141,7 @@ def test_features_carry_the_cues_and_prototype_similarities() -> None:
         ("It didn't work at first, but restarting fixed it", False),
         ("Nope, that's all, thanks", False),
         ("Thanks, that fixed it!", False),
+        ("The readings are coming through again since the reset", False),
     ],
 )
 def test_not_fixed_yet_vetoes_a_resolution_only_without_a_fix_or_a_closing(text: str, vetoed: bool) -> None:
