@@ -4,14 +4,16 @@ A user message is scored against the thread it would continue (the active one) w
 features: cosine similarities to the thread's opening, last user message and running topic,
 lexical novelty, discourse cues (thanks/that's all, requests, "also/another", acknowledgements,
 the assistant having just asked "anything else?"), whether the previous user message was a
-question (read off its stored embedding by a linear probe: an answer rarely opens a topic), and the
-message's own embedding. Two logistic regressions turn them into P(new topic) and P(resolution).
+question (read off its stored embedding by a linear probe: an answer rarely opens a topic), support
+chat cues (saying what fixed it, "still broken", "by the way / one more thing"), similarity to
+resolution / new-topic / not-fixed prototype centroids, and the message's own embedding. Two
+logistic regressions turn them into P(new topic) and P(resolution).
 
-The weights live in ``data/thread_model.json``, one set per *profile*: ``task`` (support desks,
-shops, assistants: trained on the Schema-Guided Dialogue dev split) and ``chitchat`` (open talk:
-trained on TIAGE train). ``bench/train_thread_model.py`` rebuilds them from the datasets with this
-very module, so training and serving compute the same features.
-"""
+The weights live in ``data/thread_model.json`` (with its ``version``), one set per *profile*:
+``task`` (support desks, shops, assistants: trained on the Schema-Guided Dialogue dev split and the
+tuning part of bench/data/support_turns.jsonl) and ``chitchat`` (open talk: trained on TIAGE
+train). ``bench/train_thread_model.py`` rebuilds them from the datasets with this very module, so
+training and serving compute the same features."""
 
 from __future__ import annotations
 
