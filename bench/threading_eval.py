@@ -1,6 +1,8 @@
 """Thread decisions against public topic-shift data, through the public API, offline (no LLM).
 
     python bench/threading_eval.py [--datasets ../shared/datasets] [--limit N]
+    python bench/threading_eval.py --support [--part tune|heldout|all]
+    python bench/threading_eval.py --sgd-test PATH --tiage-test PATH   # held-out files, same format
 
 Each dialogue is replayed as one fresh end user: user turns go through ``agent.detect_thread``
 (stored, placed in a thread, no reply), SGD's system turns through ``agent.record_message`` as the
@@ -11,6 +13,12 @@ Our events map to the datasets' labels: FOLLOW_UP -> CONTINUATION, NEW_TOPIC and
 NEW_TOPIC, RESOLUTION -> RESOLUTION. FIRST turns are not scored. Prints precision / recall / F1 per
 label, macro-F1, and milliseconds per decision (embedding + decision; and the whole detect_thread
 call with its storage). Rows belong to users named eval-*, deleted at the end.
+
+``--support`` replays our hand-written support chats (bench/data/support_turns.jsonl, task profile)
+and prints, for the tuning and the held-out part separately, per-label F1 (RETURN counted as a topic
+shift), the share of resolutions and of topic shifts placed right (the targets: >= 90 %), the share
+right per kind of turn ("thanks-detail", "still-broken", "one-more", ...), and the turns it missed.
+The held-out part is never used by bench/train_thread_model.py.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
@@ -63,7 +72,7 @@ def report(
         print(f"  {what:<28} p50 {pct(values, 50):6.2f} ms  p95 {pct(values, 95):6.2f} ms")
 
 
-async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None):
+async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None, rows: list | None = None):
     gold, predicted = [], []
     timings: dict[str, list[float]] = {"decision (embedding+decide)": [], "detect_thread call": []}
     for dialogue in dialogues:
@@ -80,12 +89,53 @@ async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None
                 continue
             gold.append(turn["label"])
             predicted.append(TO_LABEL[decision["thread_event"]])
+            if rows is not None:
+                rows.append((dialogue["dialogue_id"], turn, decision["thread_event"]))
     return gold, predicted, timings
 
 
 def load(path: Path, limit: int | None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
+
+
+SUPPORT_TO_LABEL = {"FOLLOW_UP": "CONTINUATION", "RETURN": "NEW_TOPIC"}
+
+
+async def support_async(task, parts: list[str]) -> None:
+    from support_data import load_support
+
+    for part in parts:
+        dialogues = load_support(part)
+        for d in dialogues:  # the replay compares labels in the datasets' vocabulary
+            for t in d["turns"]:
+                if t["speaker"] == "USER":
+                    t["gold_event"] = t["label"]
+                    t["label"] = SUPPORT_TO_LABEL.get(t["label"], t["label"])
+        rows: list = []
+        gold, predicted, timings = await replay(task, dialogues, user_speakers={"USER"}, rows=rows)
+        name = f"support chats, {part} part ({len(dialogues)} dialogues; task profile)"
+        report(name, gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
+        right = {
+            "resolutions right": [
+                TO_LABEL[e] == "RESOLUTION" for _, t, e in rows if t["gold_event"] == "RESOLUTION"
+            ],
+            "topic shifts right": [
+                TO_LABEL[e] == "NEW_TOPIC" for _, t, e in rows if t["gold_event"] in ("NEW_TOPIC", "RETURN")
+            ],
+            "follow-ups right": [e == "FOLLOW_UP" for _, t, e in rows if t["gold_event"] == "FOLLOW_UP"],
+            "returns placed as RETURN": [e == "RETURN" for _, t, e in rows if t["gold_event"] == "RETURN"],
+        }
+        for what, hits in right.items():
+            if hits:
+                print(f"  {what:<26} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
+        kinds: dict[str, list[bool]] = {}
+        for _, t, e in rows:
+            kinds.setdefault(t["kind"], []).append(TO_LABEL[e] == t["label"])
+        print("  by kind: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
+        for dialogue_id, t, e in rows:
+            if TO_LABEL[e] != t["label"]:
+                print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -103,18 +153,35 @@ async def main_async(args: argparse.Namespace) -> None:
         .with_config({"name": "eval-chitchat", "session_config": {"threading_profile": "chitchat"}})
         .build(None)
     )
+    if args.support:
+        await support_async(task, ["tune", "heldout"] if args.part == "all" else [args.part])
+        return
     sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
     gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"})
     report("SGD dev (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
     tiage = load(args.datasets / "tiage_threads" / "dev.jsonl", args.limit)
     gold, predicted, timings = await replay(chat, tiage, user_speakers=None)
     report("TIAGE dev (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
+    if args.sgd_test:
+        gold, predicted, timings = await replay(task, load(args.sgd_test, args.limit), user_speakers={"USER"})
+        report(
+            "SGD test (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings
+        )
+    if args.tiage_test:
+        gold, predicted, timings = await replay(chat, load(args.tiage_test, args.limit), user_speakers=None)
+        report("TIAGE test (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--limit", type=int, default=None, help="dialogues per dataset (default: all)")
+    parser.add_argument("--support", action="store_true", help="our support-chat set instead")
+    parser.add_argument("--part", choices=("tune", "heldout", "all"), default="all")
+    parser.add_argument("--sgd-test", type=Path, default=None, help="a held-out SGD-style file to score too")
+    parser.add_argument(
+        "--tiage-test", type=Path, default=None, help="a held-out TIAGE-style file to score too"
+    )
     args = parser.parse_args()
     import django
 

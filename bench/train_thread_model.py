@@ -2,18 +2,30 @@
 
     python bench/train_thread_model.py [--datasets ../shared/datasets]
 
-Profiles: ``task`` from the Schema-Guided Dialogue dev split (NEW_TOPIC and RESOLUTION scorers),
+Profiles: ``task`` from the Schema-Guided Dialogue dev split plus the *tuning* part of our own
+support-chat set (bench/data/support_turns.jsonl; its held-out part is never read here), and
 ``chitchat`` from TIAGE train (NEW_TOPIC; its RESOLUTION scorer is the task one: TIAGE has no
 resolutions). Features come from conversations.thread_features, the module that serves them, with
-the gold segmentation as the thread state (teacher forcing). One of them reads "was the previous user
-message a question?" off its embedding with a linear probe, fitted first on both datasets' texts
-(label: the text has a "?") and shared by the profiles. Thresholds are picked by 5-fold
-cross-validation by dialogue; the cross-validated F1 is printed, an honest estimate for unseen data.
+the gold segmentation as the thread state (teacher forcing).
+
+Two things are fitted before the scorers and shared by the profiles: a linear probe that reads "was
+the previous user message a question?" off its embedding, and three prototype centroids (resolution,
+new topic, not yet fixed) from the hand-written sentences below.
+
+Settings are chosen for data the model has not seen: 5 folds that hold out whole groups (SGD
+dialogues by the domain of their first service, support dialogues by their domain, TIAGE by
+dialogue). For each scorer, the L2 strength (on the hand features, and how much stronger on the 384
+embedding dimensions, or no embedding at all) is picked by the out-of-fold F1 minus the standard
+deviation of the per-fold F1, the threshold by the out-of-fold F1 (for the task profile, the mean
+of SGD's and the support chats', so that neither kind of data drowns the other); the per-fold
+spread is printed. The final weights are then fitted on all the training rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import hashlib
 import json
 import os
 import sys
@@ -23,20 +35,79 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 
-L2 = 0.03
+# (L2 of the hand features, how many times stronger on the embedding dimensions; None: no embedding).
+# A stronger penalty on the 384 embedding dimensions keeps the scorer from memorising the training
+# topics ("cleaning the roller" as a resolution) instead of the cues that carry over.
+GRID = ((0.03, 1.0), (0.03, 10.0), (0.1, 3.0), (0.03, None))
+FOLDS = 5
+SUPPORT_WEIGHT = 3.0  # a support-chat row counts this much against an SGD row (212 rows vs 2,862)
 PROBE_L2 = 0.01
 PROBE_ITERATIONS = 300
+THRESHOLDS = np.arange(0.2, 0.8, 0.025)
+
+# Written for the prototypes, not taken from any evaluation set.
+PROTOTYPE_SENTENCES = {
+    "resolution": [
+        "That fixed it, thanks.",
+        "It works now.",
+        "Problem solved.",
+        "That did the trick!",
+        "All sorted now, thank you.",
+        "Restarting it solved the problem.",
+        "It's working again.",
+        "I got it working.",
+        "Never mind, I figured it out.",
+        "The money has arrived in my account.",
+        "It showed up today, thanks.",
+        "Everything is fine now.",
+        "Changing the setting worked.",
+        "Great, that's all I needed.",
+        "Thank you, goodbye.",
+    ],
+    "new_topic": [
+        "By the way, I have another question.",
+        "One more thing: how do I change my plan?",
+        "Also, a different question.",
+        "And how do I update my address?",
+        "Separate question about my bill.",
+        "Unrelated, but can you help with my account?",
+        "While I have you, can I ask something else?",
+        "Another issue: my invoice is wrong.",
+        "Different topic, do you ship abroad?",
+        "One last question, what are your opening hours?",
+    ],
+    "not_fixed": [
+        "It still doesn't work.",
+        "Same error as before.",
+        "That didn't help.",
+        "Nothing changed.",
+        "Still broken.",
+        "No luck, it fails again.",
+        "I tried that and it's still not working.",
+        "It's better but still not right.",
+        "Now it shows a different error.",
+        "It worked once and then stopped again.",
+    ],
+}
 
 
 def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+TO_TARGET = {"FOLLOW_UP": "CONTINUATION", "RETURN": "NEW_TOPIC"}
+
+
 def examples(dialogues: list[dict], embed, *, user_speakers: set[str] | None):
-    """(features, label, dialogue index) for every labelled user turn after the first."""
+    """(features, label, dialogue index) for every labelled user turn after the first.
+
+    Support dialogues name each user turn's thread, so a RETURN goes back to that thread's state;
+    SGD and TIAGE only mark where a new thread starts.
+    """
     from conversations.thread_features import ThreadState, content_words, turn_features
 
     texts = sorted({t["utterance"] for d in dialogues for t in d["turns"]})
@@ -44,6 +115,7 @@ def examples(dialogues: list[dict], embed, *, user_speakers: set[str] | None):
     rows, labels, groups = [], [], []
     for gi, dialogue in enumerate(dialogues):
         state: ThreadState | None = None
+        threads: dict[int, ThreadState] = {}
         for turn in dialogue["turns"]:
             text = turn["utterance"]
             is_user = user_speakers is None or turn["speaker"] in user_speakers
@@ -55,17 +127,24 @@ def examples(dialogues: list[dict], embed, *, user_speakers: set[str] | None):
             v = vectors[text]
             if turn["label"] == "FIRST" or state is None:
                 state = ThreadState(v, v, v.copy(), content_words(text))
+                threads[turn.get("thread", 0)] = state
                 continue
+            label = TO_TARGET.get(turn["label"], turn["label"])
             rows.append(turn_features(text, v, state))
-            labels.append(turn["label"])
+            labels.append(label)
             groups.append(gi)
-            if turn["label"] == "NEW_TOPIC":
+            if turn["label"] == "RETURN" and turn["thread"] in threads:
+                previous_assistant = state.last_assistant_text
+                state = threads[turn["thread"]]
+                state.last_assistant_text = previous_assistant
+            elif label == "NEW_TOPIC":
                 state = ThreadState(v, v, v.copy(), content_words(text), state.last_assistant_text)
-            else:
-                state.last_user = v
-                state.centroid = state.centroid + v
-                state.vocabulary |= content_words(text)
-                state.user_turns += 1
+                threads[turn.get("thread", len(threads))] = state
+                continue
+            state.last_user = v
+            state.centroid = state.centroid + v
+            state.vocabulary |= content_words(text)
+            state.user_turns += 1
             if user_speakers is None:  # every turn is a user turn (TIAGE): no assistant text
                 state.last_assistant_text = ""
     return np.asarray(rows), np.asarray(labels), np.asarray(groups)
@@ -91,44 +170,118 @@ def train_question_probe(dialogues: list[dict], embed) -> dict:
     }
 
 
-def train_scorer(x: np.ndarray, y: np.ndarray, groups: np.ndarray, name: str) -> dict:
-    from conversations.thread_features import f1, fit_logistic
+def train_prototypes(embed) -> dict:
+    from conversations.thread_features import PROTOTYPES, set_prototypes
 
-    oof = np.zeros(len(y))
-    for k in range(5):
-        train = (groups % 5) != k
-        w, b, mean, scale = fit_logistic(x[train], y[train], l2=L2)
-        oof[~train] = 1 / (1 + np.exp(-(((x[~train] - mean) / scale) @ w + b)))
-    scored = [(f1(y.astype(bool), oof >= t), float(t)) for t in np.arange(0.2, 0.8, 0.025)]
-    best_f1, threshold = max(scored)
+    rows = []
+    for name in PROTOTYPES:
+        centroid = np.asarray(embed(PROTOTYPE_SENTENCES[name])).mean(axis=0)
+        rows.append(centroid / np.linalg.norm(centroid))
+    set_prototypes(np.asarray(rows))
+    return {name: [round(float(v), 6) for v in row] for name, row in zip(PROTOTYPES, rows, strict=True)}
+
+
+def _fold_f1(y: np.ndarray, p: np.ndarray, folds: np.ndarray, threshold: float) -> np.ndarray:
+    from conversations.thread_features import f1
+
+    return np.asarray([f1(y[folds == k] > 0, p[folds == k] >= threshold) for k in range(FOLDS)])
+
+
+def train_scorer(
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    weight: np.ndarray,
+    name: str,
+    *,
+    report_masks: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Pick the regularisation and the threshold on grouped folds, then fit on everything.
+
+    With ``report_masks`` (kinds of data: SGD, support chat), each kind counts equally: the
+    threshold maximises the mean of their out-of-fold F1, and a setting scores that mean minus the
+    standard deviation of the per-fold F1.
+    """
+    from conversations.thread_features import N_HAND, f1, fit_logistic
+
+    def penalty(l2: float, embedding_factor: float | None) -> np.ndarray:
+        width = N_HAND if embedding_factor is None else x.shape[1]
+        strengths = np.full(width, l2)
+        strengths[N_HAND:] *= embedding_factor or 1.0
+        return strengths
+
+    def objective(p: np.ndarray, threshold: float) -> float:
+        if not report_masks:
+            return float(_fold_f1(y, p, folds, threshold).mean())
+        return float(np.mean([f1(y[m] > 0, p[m] >= threshold) for m in report_masks.values()]))
+
+    best = None
+    for l2, embedding_factor in GRID:
+        cols = x if embedding_factor is not None else x[:, :N_HAND]
+        strengths = penalty(l2, embedding_factor)
+        oof = np.zeros(len(y))
+        for k in range(FOLDS):
+            train = folds != k
+            w, b, mean, scale = fit_logistic(cols[train], y[train], l2=strengths, sample_weight=weight[train])
+            oof[~train] = 1 / (1 + np.exp(-(((cols[~train] - mean) / scale) @ w + b)))
+        value, threshold = max((objective(oof, float(t)), float(t)) for t in THRESHOLDS)
+        fold_f1 = _fold_f1(y, oof, folds, threshold)
+        score = value - fold_f1.std()
+        print(
+            f"    {name:<10} l2={l2:<5} embedding x{embedding_factor!s:<5} objective {value:.3f};"
+            f" folds F1 {fold_f1.mean():.3f} ± {fold_f1.std():.3f} (min {fold_f1.min():.3f}) at {threshold:.3f}"
+        )
+        if best is None or score > best[0]:
+            best = (score, l2, embedding_factor, threshold, fold_f1, oof)
+    assert best is not None
+    _, l2, embedding_factor, threshold, fold_f1, oof = best
+    parts = {
+        part: round(f1(y[mask] > 0, oof[mask] >= threshold), 4) for part, mask in (report_masks or {}).items()
+    }
     print(
-        f"  {name:<10} cross-validated F1 {best_f1:.3f} at threshold {threshold:.3f} (n={len(y)}, positives={int(y.sum())})"
+        f"  {name:<10} chosen l2={l2} embedding x{embedding_factor} threshold {threshold:.3f}:"
+        f" fold F1 {fold_f1.mean():.3f} ± {fold_f1.std():.3f} [{fold_f1.min():.3f}, {fold_f1.max():.3f}]"
+        f" out-of-fold by kind {parts} (n={len(y)}, positives={int(y.sum())})"
     )
-    w, b, mean, scale = fit_logistic(x, y, l2=L2)
+    cols = x if embedding_factor is not None else x[:, :N_HAND]
+    w, b, mean, scale = fit_logistic(cols, y, l2=penalty(l2, embedding_factor), sample_weight=weight)
     return {
         "weights": [round(float(v), 6) for v in w],
         "bias": round(float(b), 6),
         "mean": [round(float(v), 6) for v in mean],
         "scale": [round(float(v), 6) for v in scale],
         "threshold": round(threshold, 3),
-        "cv_f1": round(best_f1, 4),
+        "l2": l2,
+        "embedding_l2_factor": embedding_factor,
+        "folds_f1": [round(float(v), 4) for v in fold_f1],
+        "oof_f1_by_kind": parts,
     }
+
+
+def _round_robin(keys: list[str]) -> dict[str, int]:
+    """Each group key to a fold, spread evenly over the folds in sorted order."""
+    return {key: i % FOLDS for i, key in enumerate(sorted(set(keys)))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--cache", type=Path, default=None, help="keep the texts' embeddings in this .npz")
     args = parser.parse_args()
 
     import django
 
     django.setup()
+    from support_data import load_support
+
     from agentflow.embeddings import get_embedder
-    from conversations.thread_features import MODEL_PATH
+    from conversations.thread_features import MODEL_PATH, N_HAND
 
     embedder = get_embedder()
-
     seen: dict[str, np.ndarray] = {}
+    if args.cache and args.cache.exists():
+        with np.load(args.cache) as cached:
+            seen.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
 
     def embed(texts: list[str]) -> list[np.ndarray]:
         missing = [t for t in dict.fromkeys(texts) if t not in seen]
@@ -138,25 +291,60 @@ def main() -> None:
 
     sgd = load(args.datasets / "sgd_threads" / "dev.jsonl")
     tiage = load(args.datasets / "tiage_threads" / "train.jsonl")
-    probe = train_question_probe(sgd + tiage, embed)
+    support = load_support("tune")
+    probe = train_question_probe(sgd + tiage + support, embed)
+    if args.cache:
+        embed([t["utterance"] for d in support for t in d["turns"]])
+        embed([s for sentences in PROTOTYPE_SENTENCES.values() for s in sentences])
+        np.savez(args.cache, texts=np.asarray(list(seen)), vectors=np.asarray(list(seen.values())))
+    prototypes = train_prototypes(embed)
     profiles = {}
-    print("task profile (SGD dev):")
-    x, labels, groups = examples(sgd, embed, user_speakers={"USER"})
-    task_new = train_scorer(x, (labels == "NEW_TOPIC").astype(float), groups, "NEW_TOPIC")
-    task_res = train_scorer(x, (labels == "RESOLUTION").astype(float), groups, "RESOLUTION")
-    profiles["task"] = {"NEW_TOPIC": task_new, "RESOLUTION": task_res}
-    print("chitchat profile (TIAGE train):")
-    x, labels, groups = examples(tiage, embed, user_speakers=None)
-    chat_new = train_scorer(x, (labels == "NEW_TOPIC").astype(float), groups, "NEW_TOPIC")
-    profiles["chitchat"] = {"NEW_TOPIC": chat_new, "RESOLUTION": task_res}
-    MODEL_PATH.parent.mkdir(exist_ok=True)
-    MODEL_PATH.write_text(
-        json.dumps(
-            {"embedding_model": embedder.model_id, "l2": L2, "question_probe": probe, "profiles": profiles},
-            separators=(",", ":"),
-        )
+
+    print(f"task profile (SGD dev + {len(support)} support dialogues), folds by domain:")
+    x_sgd, y_sgd, g_sgd = examples(sgd, embed, user_speakers={"USER"})
+    x_sup, y_sup, g_sup = examples(support, embed, user_speakers={"USER"})
+    sgd_fold = _round_robin([d["services"][0].split("_")[0] for d in sgd])
+    sup_fold = _round_robin([d["domain"] for d in support])
+    folds = np.concatenate(
+        [
+            [sgd_fold[sgd[g]["services"][0].split("_")[0]] for g in g_sgd],
+            [sup_fold[support[g]["domain"]] for g in g_sup],
+        ]
     )
-    print(f"wrote {MODEL_PATH} ({MODEL_PATH.stat().st_size // 1024} KiB)")
+    x = np.concatenate([x_sgd, x_sup])
+    labels = np.concatenate([y_sgd, y_sup])
+    weight = np.concatenate([np.ones(len(y_sgd)), np.full(len(y_sup), SUPPORT_WEIGHT)])
+    masks = {
+        "sgd": np.arange(len(labels)) < len(y_sgd),
+        "support": np.arange(len(labels)) >= len(y_sgd),
+    }
+    task_new = train_scorer(
+        x, (labels == "NEW_TOPIC").astype(float), folds, weight, "NEW_TOPIC", report_masks=masks
+    )
+    task_res = train_scorer(
+        x, (labels == "RESOLUTION").astype(float), folds, weight, "RESOLUTION", report_masks=masks
+    )
+    profiles["task"] = {"NEW_TOPIC": task_new, "RESOLUTION": task_res}
+
+    print("chitchat profile (TIAGE train), folds by dialogue:")
+    x, labels, groups = examples(tiage, embed, user_speakers=None)
+    chat_new = train_scorer(
+        x, (labels == "NEW_TOPIC").astype(float), groups % FOLDS, np.ones(len(labels)), "NEW_TOPIC"
+    )
+    profiles["chitchat"] = {"NEW_TOPIC": chat_new, "RESOLUTION": task_res}
+
+    body = {
+        "embedding_model": embedder.model_id,
+        "n_hand": N_HAND,
+        "question_probe": probe,
+        "prototypes": prototypes,
+        "profiles": profiles,
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    version = f"{dt.date.today():%Y%m%d}-{digest}"
+    MODEL_PATH.parent.mkdir(exist_ok=True)
+    MODEL_PATH.write_text(json.dumps({"version": version, **body}, separators=(",", ":")))
+    print(f"wrote {MODEL_PATH} version {version} ({MODEL_PATH.stat().st_size // 1024} KiB)")
 
 
 if __name__ == "__main__":

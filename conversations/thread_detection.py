@@ -24,7 +24,7 @@ import numpy as np
 
 from agentflow.types import ThreadEvent
 
-from .thread_features import ThreadModel, ThreadState, content_words, turn_features
+from .thread_features import FIX_CUE, NOT_FIXED_CUE, ThreadModel, ThreadState, content_words, turn_features
 
 NEW_TOPIC_CUES = re.compile(
     r"\b(actually,? (a |one )?(different|another|other|new|unrelated)|different (question|topic|issue|thing)"
@@ -37,6 +37,11 @@ RETURN_CUES = re.compile(
     r"|regarding (the|my) (earlier|previous))\b",
     re.IGNORECASE,
 )
+
+# The not-fixed cue without "again", which also ends fixes ("it's moving again"): for the veto.
+STILL_BROKEN = re.compile(NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", ""), re.IGNORECASE)
+# "Closing" words that may come with a negation and still end the thread ("nope, that's all").
+CLOSING = re.compile(r"\b(that'?s (all|it|everything)|bye|goodbye|nothing else|all set)\b", re.IGNORECASE)
 
 RETURN_SIMILARITY = 0.45  # a new-topic message this close to an earlier open thread goes back to it
 CUED_RETURN_SIMILARITY = 0.25  # with an explicit "back to ..."
@@ -68,6 +73,12 @@ class ThreadDecision:
     signals: dict[str, Any] = field(default_factory=dict)
 
 
+def not_fixed_yet(text: str) -> bool:
+    """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
+    that didn't help"): never a resolution, whatever the scorer makes of the topic words."""
+    return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     norm = float(np.linalg.norm(b))
     return float(a @ b) / norm if norm else 0.0
@@ -97,6 +108,7 @@ def decide_thread(
     idle = now - active.last_activity_at
     signals: dict[str, Any] = {
         "profile": model.profile,
+        "model_version": model.version,
         "p_new_topic": round(p_new, 4),
         "p_resolution": round(p_res, 4),
         "similarities": {str(c.thread_id): s for c, s in zip(candidates, sims, strict=True)},
@@ -111,7 +123,9 @@ def decide_thread(
         return ThreadDecision(
             ThreadEvent.RETURN, best_other[1].thread_id, 0.85, {**signals, "reason": "return cue"}
         )
-    if p_res >= model.resolution.threshold and p_res >= p_new:
+    if p_res >= model.resolution.threshold and not_fixed_yet(text):
+        signals["resolution_vetoed"] = "not fixed yet"
+    elif p_res >= model.resolution.threshold and p_res >= p_new:
         target, reason = active, "resolution of the active thread"
         if (
             best_other[1] is not None

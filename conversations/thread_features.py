@@ -4,14 +4,16 @@ A user message is scored against the thread it would continue (the active one) w
 features: cosine similarities to the thread's opening, last user message and running topic,
 lexical novelty, discourse cues (thanks/that's all, requests, "also/another", acknowledgements,
 the assistant having just asked "anything else?"), whether the previous user message was a
-question (read off its stored embedding by a linear probe: an answer rarely opens a topic), and the
-message's own embedding. Two logistic regressions turn them into P(new topic) and P(resolution).
+question (read off its stored embedding by a linear probe: an answer rarely opens a topic), support
+chat cues (saying what fixed it, "still broken", "by the way / one more thing"), similarity to
+resolution / new-topic / not-fixed prototype centroids, and the message's own embedding. Two
+logistic regressions turn them into P(new topic) and P(resolution).
 
-The weights live in ``data/thread_model.json``, one set per *profile*: ``task`` (support desks,
-shops, assistants: trained on the Schema-Guided Dialogue dev split) and ``chitchat`` (open talk:
-trained on TIAGE train). ``bench/train_thread_model.py`` rebuilds them from the datasets with this
-very module, so training and serving compute the same features.
-"""
+The weights live in ``data/thread_model.json`` (with its ``version``), one set per *profile*:
+``task`` (support desks, shops, assistants: trained on the Schema-Guided Dialogue dev split and the
+tuning part of bench/data/support_turns.jsonl) and ``chitchat`` (open talk: trained on TIAGE
+train). ``bench/train_thread_model.py`` rebuilds them from the datasets with this very module, so
+training and serving compute the same features."""
 
 from __future__ import annotations
 
@@ -54,7 +56,35 @@ STOPWORDS = frozenset(
     " and with do what how find some any get look also one am was were have has had not no yes ok okay so"
     " just but or if we our your they them he she his her its from by about as will would could should".split()
 )
-N_HAND = 16
+# Resolution language beyond thank-you/goodbye: saying what fixed it ("switching the port solved it",
+# "X did the trick", "it's on my statement now"). Past tense or "now": "that works for me" in a
+# booking is a continuation, not a fix.
+FIX_CUE = re.compile(
+    r"\b(fixed|solved|sorted|resolved|did the trick|did it|that was it|worked|works (now|fine|again|perfectly)"
+    r"|(it'?s|it is|they'?re|everything'?s|all) (working|fine|back|clear|in|on|sorted)( now| again)?\b(?! (still|not))"
+    r"|working (now|again|fine)|all (good|working|sorted|done)|(got|gets|getting) it( working| back)?"
+    r"|went through|arrived|landed|cleared|shows (up|it)|showed up|appeared|back (up|online|to normal)"
+    r"|no (more|longer)|now (i|it|we|they|the|my)\b|never mind|nevermind|forget it|figured it out|found it)",
+    re.IGNORECASE,
+)
+# Not fixed yet: "still broken", "same error", "that didn't help".
+NOT_FIXED_CUE = re.compile(
+    r"\b(still|same (error|thing|message|problem|issue|loop)|didn'?t|doesn'?t|does not|did not|isn'?t|won'?t"
+    r"|can'?t|cannot|not (working|fixed|solved|loading|showing|there)|no luck|nothing (happens|changed)"
+    r"|nope|again\b(?! now)|keeps|only (partly|partially)|but (now|the|it|still)|less|better,? but)",
+    re.IGNORECASE,
+)
+# Discourse markers that open another subject in support chat.
+TOPIC_MARKER = re.compile(
+    r"(\b(by the way|btw|one more (thing|question)|one last (thing|question)|another (question|thing|issue)"
+    r"|(a |one )?(separate|different|unrelated|other) (question|issue|thing|matter|problem)|separately|unrelated"
+    r"|while i have you|on another note|totally different|quick question)\b"
+    r"|\b(also|forget (it|that|the [a-z]+)),"
+    r"|^\s*(and|also|oh,? and|plus) (how|what|where|when|can|could|is|are|do|does|why|who)\b)",
+    re.IGNORECASE,
+)
+PROTOTYPES = ("resolution", "new_topic", "not_fixed")
+N_HAND = 28
 
 
 def content_words(text: str) -> set[str]:
@@ -79,6 +109,23 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 _question_probe: tuple[np.ndarray, float] | None = None
+_prototypes: np.ndarray | None = None
+
+
+def prototypes() -> np.ndarray:
+    """Unit centroids (one row per entry of PROTOTYPES) of hand-written example sentences of a
+    resolution, a new topic and a not-yet-fixed follow-up, embedded when the model was trained."""
+    global _prototypes
+    if _prototypes is None:
+        data = json.loads(MODEL_PATH.read_text())["prototypes"]
+        _prototypes = np.asarray([data[name] for name in PROTOTYPES], dtype=np.float32)
+    return _prototypes
+
+
+def set_prototypes(vectors: np.ndarray) -> None:
+    """Use these prototype centroids instead of the shipped ones (training)."""
+    global _prototypes
+    _prototypes = np.asarray(vectors, dtype=np.float32)
 
 
 def question_probe() -> tuple[np.ndarray, float]:
@@ -102,19 +149,24 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
     probe_w, probe_b = question_probe()
     z = min(30.0, max(-30.0, float(state.last_user @ probe_w) + probe_b))
     previous_question = 1.0 / (1.0 + float(np.exp(-z)))
+    similarity_opening = _cos(embedding, state.opening)
     similarity_last = _cos(embedding, state.last_user)
+    similarity_topic = _cos(embedding, state.centroid)
     words = content_words(text)
     novelty = len(words - state.vocabulary) / max(1, len(words))
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    anything_else = float(bool(ANYTHING_ELSE.search(state.last_assistant_text)))
+    request = float(bool(REQUEST_CUE.search(text)))
+    shift = float(bool(SHIFT_CUE.search(text)))
     hand = [
-        _cos(embedding, state.opening),
+        similarity_opening,
         similarity_last,
-        _cos(embedding, state.centroid),
+        similarity_topic,
         novelty,
-        float(bool(ANYTHING_ELSE.search(state.last_assistant_text))),
+        anything_else,
         float(bool(RESOLUTION_CUE.search(text))),
-        float(bool(REQUEST_CUE.search(text))),
-        float(bool(SHIFT_CUE.search(text))),
+        request,
+        shift,
         float("?" in text),
         min(len(text.split()), 30) / 30,
         float(bool(ACK_START.match(text))),
@@ -123,6 +175,17 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
         min(state.user_turns, 10) / 10,
         previous_question,
         previous_question * similarity_last,
+        float(bool(FIX_CUE.search(text))),
+        float(bool(NOT_FIXED_CUE.search(text))),
+        float(bool(TOPIC_MARKER.search(text))),
+        float(bool(FIX_CUE.search(text)) and not NOT_FIXED_CUE.search(text)),
+        *(prototypes() @ embedding).tolist(),
+        float(bool(RESOLUTION_CUE.search(text))) * (1.0 - float(bool(TOPIC_MARKER.search(text)))),
+        # a request about something else: what a topic shift looks like in any domain
+        request * (1.0 - similarity_opening),
+        request * anything_else,
+        shift * (1.0 - similarity_topic),
+        novelty * (1.0 - similarity_topic),
     ]
     return np.concatenate([np.asarray(hand, dtype=np.float32), embedding.astype(np.float32)])
 
@@ -138,7 +201,8 @@ class Scorer:
     threshold: float
 
     def probability(self, features: np.ndarray) -> float:
-        z = float(((features - self.mean) / self.scale) @ self.weights + self.bias)
+        x = features[: self.weights.shape[0]]  # a scorer without embedding weights reads the hand features
+        z = float(((x - self.mean) / self.scale) @ self.weights + self.bias)
         return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -147,6 +211,7 @@ class ThreadModel:
     profile: str
     new_topic: Scorer
     resolution: Scorer
+    version: str = ""
 
     def score(self, features: np.ndarray) -> tuple[float, float]:
         return self.new_topic.probability(features), self.resolution.probability(features)
@@ -166,30 +231,47 @@ def _scorer(data: dict) -> Scorer:
 def load_model(profile: str, path: str = str(MODEL_PATH)) -> ThreadModel:
     """The shipped weights of a profile (``task`` or ``chitchat``)."""
     data = json.loads(Path(path).read_text())
+    if data.get("n_hand") != N_HAND:
+        raise ValueError(
+            f"{path} was trained for {data.get('n_hand')} hand features, this code computes {N_HAND}:"
+            " retrain it with bench/train_thread_model.py"
+        )
     if profile not in data["profiles"]:
         raise ValueError(f"unknown threading profile {profile!r}; known: {sorted(data['profiles'])}")
     entry = data["profiles"][profile]
-    return ThreadModel(profile, _scorer(entry["NEW_TOPIC"]), _scorer(entry["RESOLUTION"]))
+    return ThreadModel(
+        profile, _scorer(entry["NEW_TOPIC"]), _scorer(entry["RESOLUTION"]), str(data.get("version", ""))
+    )
 
 
 # --- training (used by bench/train_thread_model.py) ------------------------------------------
 
 
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, *, l2: float, iterations: int = 800, rate: float = 0.5
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float | np.ndarray,
+    iterations: int = 800,
+    rate: float = 0.5,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """Plain batch gradient descent with L2; returns (weights, bias, mean, scale)."""
+    """Plain batch gradient descent with L2 (optionally weighted rows); returns (weights, bias, mean, scale).
+
+    ``l2`` may be one strength per feature (e.g. stronger on the embedding dimensions than on the
+    hand features)."""
     mean = x.mean(axis=0)
     scale = x.std(axis=0) + 1e-6
     xs = (x - mean) / scale
     w = np.zeros(xs.shape[1])
     b = 0.0
-    n = len(y)
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    sw = sw / sw.sum()
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(xs @ w + b)))
-        grad = p - y
-        w -= rate * (xs.T @ grad / n + l2 * w)
-        b -= rate * float(grad.mean())
+        grad = (p - y) * sw
+        w -= rate * (xs.T @ grad + l2 * w)
+        b -= rate * float(grad.sum())
     return w, b, mean, scale
 
 

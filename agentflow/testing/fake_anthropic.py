@@ -17,7 +17,8 @@ without any network access or API key::
 
 The server runs its own asyncio loop in a daemon thread, so it is usable from sync and
 async tests alike. Replies are taken from a FIFO queue; when the queue is empty the
-reply is ``"Echo: <last user text>"``. ``server.latency`` (seconds) is slept before every
+reply is ``"Echo: <last user text>"``, unless ``server.responder`` (a function of the request
+body returning a ``FakeReply`` or ``None``) scripts one from the request. ``server.latency`` (seconds) is slept before every
 response and ``FakeReply.delay`` adds to it, which makes it usable to model a fixed LLM
 latency in benchmarks. Every request is recorded in ``server.requests`` as
 ``{"method", "path", "headers", "body", "peer"}`` (``body`` is the parsed JSON or ``None``,
@@ -42,6 +43,7 @@ import signal
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +211,9 @@ class FakeAnthropicServer:
         self.port = port
         self.latency = latency
         self.chunk_delay = 0.0  # seconds slept between streamed deltas
+        # Consulted when the queue is empty: a reply worked out from the request (benchmarks that
+        # script verdicts per message); None falls back to the echo.
+        self.responder: Callable[[dict[str, Any]], FakeReply | None] | None = None
         self._lock = threading.Lock()
         self._queue: deque[FakeReply] = deque()
         self._requests: list[dict[str, Any]] = []
@@ -319,6 +324,7 @@ class FakeAnthropicServer:
         with self._lock:
             self._queue.clear()
             self._requests.clear()
+        self.responder = None
         self.latency = 0.0
         self.chunk_delay = 0.0
 
@@ -375,7 +381,9 @@ class FakeAnthropicServer:
         if failure is not None:
             return failure
         with self._lock:
-            reply = self._queue.popleft() if self._queue else FakeReply()
+            reply = self._queue.popleft() if self._queue else None
+        if reply is None:
+            reply = (self.responder(body) if self.responder is not None else None) or FakeReply()
         wait = self.latency + reply.delay
         with self._lock:
             if self._requests:

@@ -226,3 +226,33 @@ def test_sync_client_and_separate_server() -> None:
         sync_client.close()
     with pytest.raises(RuntimeError):
         _ = srv.base_url
+
+
+@pytest.mark.asyncio
+async def test_responder_scripts_a_reply_from_the_request_when_the_queue_is_empty(
+    server: FakeAnthropicServer, client: AsyncAnthropic
+) -> None:
+    seen: list[str] = []
+
+    def responder(body: dict) -> FakeReply | None:
+        text = body["messages"][-1]["content"]
+        seen.append(text)
+        return FakeReply(text=f"scripted for {text}") if "Paris" in text else None
+
+    server.responder = responder
+    server.enqueue(FakeReply(text="queued first"))
+
+    queued = await client.messages.create(model=MODEL, max_tokens=50, messages=USER)
+    scripted = await client.messages.create(model=MODEL, max_tokens=50, messages=USER)
+    echoed = await client.messages.create(
+        model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "And in Rome?"}]
+    )
+
+    assert [m.content[0].text for m in (queued, scripted, echoed)] == [  # type: ignore[union-attr]
+        "queued first",
+        "scripted for What is the weather in Paris?",
+        "Echo: And in Rome?",
+    ]
+    assert seen == ["What is the weather in Paris?", "And in Rome?"]  # not asked while the queue had a reply
+    server.reset()
+    assert server.responder is None

@@ -27,7 +27,7 @@ from agentflow import limits, pipeline
 from agentflow.config import DEFAULT_FALLBACK_REPLY
 from agentflow.jobs import TURN_TASK
 from agentflow.registry import default_agent
-from agentflow.testing.fake_anthropic import FakeReply
+from agentflow.testing.fake_anthropic import FakeReply, last_user_text
 from conversations import services, tasks
 from conversations.events import user_group
 from conversations.models import Escalation, Message
@@ -344,8 +344,13 @@ def test_a_stuck_earlier_message_does_not_block_a_later_one(celery_worker, fake_
 def test_a_later_message_does_not_wait_for_an_earlier_one_stuck_past_the_grace(
     celery_worker, fake_llm
 ) -> None:
-    fake_llm.enqueue(FakeReply(text="Later answered."))
-    fake_llm.enqueue(FakeReply(text="Earlier answered."))
+    def answer(body: dict) -> FakeReply | None:
+        if body.get("tool_choice"):  # a thread judgement, if the scorer is unsure: the scorer stands
+            return None
+        asked = last_user_text(body["messages"])
+        return FakeReply(text="Later answered." if "refund" in asked else "Earlier answered.")
+
+    fake_llm.responder = answer  # replies by message, whether or not a judgement comes first
     earlier = _accept("r-11", "Where is my parcel?")  # stored, never queued (its web server died)
     sent = timezone.now() - limits.PENDING_GRACE - timedelta(seconds=30)  # past the grace, in ORDER_WINDOW
     Message.objects.filter(pk=earlier.pk).update(created_at=sent)

@@ -1,0 +1,41 @@
+"""The hand-written support-chat set (bench/data/support_turns.jsonl): loading and its fixed split.
+
+Each line is one dialogue::
+
+    {"dialogue_id": "printers-01", "domain": "printers", "split": "tune",
+     "turns": [{"speaker": "USER", "utterance": "...", "label": "FIRST", "kind": null, "thread": 0},
+               {"speaker": "SYSTEM", "utterance": "...", "label": null}, ...]}
+
+User-turn labels are thread events: FIRST, FOLLOW_UP (clarifications, "still broken", partial fixes),
+RESOLUTION (thanks, thanks with what fixed it, "never mind, found it"), NEW_TOPIC ("by the way",
+"one more thing", "and how do I ...?" after an unrelated problem) and RETURN (back to an earlier
+thread; ``thread`` is the thread returned to). ``kind`` names the shape (``thanks-detail``,
+``partial``, ``still-broken``, ``one-more``, ``return``, ...). ``thread`` numbers the user's threads
+in order of opening, so training can replay the gold segmentation.
+
+The split is fixed by a hash of the dialogue id (about a third held out), so adding dialogues never
+moves old ones between parts. Nothing is tuned on the held-out part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+SUPPORT_PATH = Path(__file__).resolve().parent / "data" / "support_turns.jsonl"
+
+
+def support_split(dialogue_id: str) -> str:
+    """'heldout' for about one dialogue in three, 'tune' for the rest; depends only on the id."""
+    digest = hashlib.sha256(dialogue_id.encode()).digest()
+    return "heldout" if digest[0] % 3 == 0 else "tune"
+
+
+def load_support(part: str | None = None, path: Path = SUPPORT_PATH) -> list[dict]:
+    """Dialogues of one part ('tune' or 'heldout'), or all of them; checks the stored split."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["split"] != support_split(row["dialogue_id"]):
+            raise ValueError(f"{row['dialogue_id']}: stored split {row['split']!r} disagrees with its hash")
+    return [r for r in rows if part is None or r["split"] == part]
