@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from .handoff import (
@@ -108,7 +108,7 @@ def live_page(request: HttpRequest, *, end_user: EndUser, admin_context: dict[st
             "userPk": end_user.pk,
             "maxChars": STAFF_REPLY_MAX_CHARS,
             "mayAct": may_act(request.user),
-            "timeZone": settings.TIME_ZONE,
+            "timeZone": timezone.get_current_timezone_name(),
         },
     }
     return TemplateResponse(request, "admin/conversations/enduser/live.html", context)

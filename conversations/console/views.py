@@ -13,13 +13,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin import ModelAdmin
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from agentflow.errors import InvalidInput
@@ -117,7 +117,7 @@ def inbox_view(request: HttpRequest, model_admin: ModelAdmin) -> HttpResponse:
             "selected": selected.pk if selected else None,
             "threadId": str(selected.thread_id) if selected else None,
             "maxChars": STAFF_REPLY_MAX_CHARS,
-            "timeZone": settings.TIME_ZONE,
+            "timeZone": timezone.get_current_timezone_name(),
             "inboxUrl": reverse("admin:conversations_escalation_inbox"),
             "show": show,
         },
