@@ -92,6 +92,19 @@ class OfflineBackend(LLMBackend):
         return LLMReply(text=OFFLINE_NOTICE, model="offline", stop_reason="offline", offline=True)
 
 
+def _copy_for_another_loop(client: Any) -> Any:
+    """``client`` with the same settings and a connection pool of its own (see ``AnthropicBackend``)."""
+    import anthropic
+
+    pool = getattr(client, "_client", None)
+    fresh = (
+        anthropic.DefaultAioHttpClient()
+        if isinstance(pool, anthropic.DefaultAioHttpClient)
+        else anthropic.DefaultAsyncHttpxClient()
+    )
+    return client.copy(http_client=fresh)
+
+
 def _has_key(client: Any) -> bool:
     return bool(getattr(client, "api_key", None) or getattr(client, "auth_token", None))
 
@@ -99,14 +112,19 @@ def _has_key(client: Any) -> bool:
 class AnthropicBackend(LLMBackend):
     """Anthropic's Messages API via ``anthropic.AsyncAnthropic``.
 
-    Give either a ``client`` (used as is, on the event loop it was made for) or a ``client_factory``
-    (one client per event loop, so Celery worker threads each keep their own connections).
+    Give either a ``client`` or a ``client_factory`` (one client per event loop, so Celery worker
+    threads each keep their own connections). A given ``client`` serves the event loop that first
+    uses it; another loop (a script's memory jobs run on their own threads) gets a copy of it with a
+    connection pool of its own: a pooled connection belongs to one loop, and sharing it failed those
+    calls with "Connection error". A copy keeps the key, base URL, headers and options, and gets the
+    SDK's default HTTP client of the same kind (httpx or aiohttp).
     """
 
     def __init__(self, client: Any = None, *, client_factory: Callable[[], Any] | None = None) -> None:
         if (client is None) == (client_factory is None):
             raise ValueError("AnthropicBackend needs exactly one of client or client_factory")
         self._client = client
+        self._client_loop: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None
         self._factory = client_factory
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -125,13 +143,15 @@ class AnthropicBackend(LLMBackend):
             await client.close()
 
     def client(self) -> Any:
-        if self._client is not None:
-            return self._client
         loop = asyncio.get_running_loop()
+        if self._client is not None:
+            home = self._client_loop() if self._client_loop is not None else None
+            if home is None or home is loop or home.is_closed():
+                self._client_loop = weakref.ref(loop)
+                return self._client
         client = self._per_loop.get(loop)
         if client is None:
-            assert self._factory is not None
-            client = self._factory()
+            client = self._factory() if self._factory is not None else _copy_for_another_loop(self._client)
             self._per_loop[loop] = client
         return client
 

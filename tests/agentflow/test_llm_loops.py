@@ -1,0 +1,45 @@
+"""A client given at build time serves every event loop: other threads' loops get a copy with their own pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from agentflow.config import LLMConfig
+from agentflow.llm import AnthropicBackend
+from agentflow.testing.fake_anthropic import FakeReply
+
+
+def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives(
+    anthropic_client, fake_llm
+) -> None:
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    for n in range(3):
+        fake_llm.enqueue(FakeReply(text=f"reply {n}"))
+    main_loop = asyncio.new_event_loop()
+    other: list[str] = []
+
+    async def ask() -> str:
+        reply = await backend.generate(
+            system="s", messages=[{"role": "user", "content": "hi"}], config=config
+        )
+        return reply.text
+
+    def in_thread() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            other.append(loop.run_until_complete(ask()))
+        finally:
+            loop.close()
+
+    try:
+        first = main_loop.run_until_complete(ask())  # the client's pool now holds a connection of main_loop
+        worker = threading.Thread(target=in_thread)
+        worker.start()
+        worker.join(30)
+        last = main_loop.run_until_complete(ask())
+    finally:
+        main_loop.close()
+
+    assert (first, other, last) == ("reply 0", ["reply 1"], "reply 2")
