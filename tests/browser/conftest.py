@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from playwright.async_api import expect
 
 CHROMIUM = os.environ.get("AGENTFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -123,3 +124,19 @@ async def chromium() -> AsyncIterator[Any]:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         await browser.close()
+
+
+EXPECT_TIMEOUT_MS = 30_000  # a shared 2-core machine: the default 5 s flaked under load
+
+
+@pytest.fixture(autouse=True)
+def _expect_timeout() -> None:
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+
+
+@pytest.fixture
+def staff(django_user_model: Any) -> Any:
+    """A superuser for the console pages (the inbox greets her by name)."""
+    return django_user_model.objects.create_superuser(
+        "ops", "ops@example.com", "ops-password-123", first_name="Dana"
+    )

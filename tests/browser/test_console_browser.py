@@ -28,7 +28,6 @@ from tests.conversations.factories import MessageFactory
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_MS = 30_000
 WIDGET = "agentflow-chat"
 SCREENSHOTS = (
     Path(os.environ.get("AGENTFLOW_SCREENSHOTS", "")) if os.environ.get("AGENTFLOW_SCREENSHOTS") else None
@@ -59,18 +58,6 @@ OVERFLOWING = """() => {
   }
   return found;
 }"""
-
-
-@pytest.fixture(autouse=True)
-def _expect_timeout() -> None:
-    expect.set_options(timeout=TIMEOUT_MS)
-
-
-@pytest.fixture
-def staff(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_superuser(
-        "ops", "ops@example.com", "ops-password-123", first_name="Dana"
-    )
 
 
 async def _login(page: Page, base_url: str, next_path: str = "/admin/") -> None:

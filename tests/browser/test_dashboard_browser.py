@@ -44,11 +44,6 @@ CHART_DATA = """() => Object.fromEntries(Object.entries(window.agentflowDashboar
 ]))"""
 
 
-@pytest.fixture
-def staff(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
-
-
 async def _login(page: Page, base: str, next_url: str) -> None:
     await page.goto(f"{base}/admin/login/?next={next_url}")
     await page.fill("#id_username", "ops")

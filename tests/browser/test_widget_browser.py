@@ -27,7 +27,6 @@ from conversations.models import EndUser, Message, Thread
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 WIDGET = "agentflow-chat"
-TIMEOUT_MS = 30_000
 REPLY = (
     "Here is **bold** advice: <img src=x onerror=alert(1)> and `code`, "
     "see [the docs](https://example.com/docs) or [this](javascript:alert(2)). "
@@ -42,18 +41,6 @@ RECORD_STREAM = """() => {
     if (node) window.streamed.push(node.textContent);
   }).observe(root, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
-
-
-@pytest.fixture(autouse=True)
-def _expect_timeout() -> None:
-    expect.set_options(timeout=TIMEOUT_MS)
-
-
-@pytest.fixture
-def staff(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_superuser(
-        "ops", "ops@example.com", "ops-password-123", first_name="Dana"
-    )
 
 
 async def _read_position(user_pk: int) -> str:
