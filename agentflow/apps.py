@@ -13,5 +13,6 @@ class AgentflowConfig(AppConfig):
 
         admin.site.site_header = "AgentFlow ops console"
         if not anthropic_api_key():
-            admin.site.site_header += " — OFFLINE MODE: no ANTHROPIC_API_KEY, the bot offers humans"
+            # Short enough to stay on one line at 1280 px; the tooltip in base_site.html says why.
+            admin.site.site_header += " — OFFLINE MODE"
         admin.site.site_title = "AgentFlow"

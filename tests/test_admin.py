@@ -116,7 +116,9 @@ def test_header_shows_offline_mode_without_a_key(staff_client, settings):
     page = staff_client.get(reverse("admin:index"))
 
     assert page.status_code == 200
-    assert "OFFLINE MODE" in page.content.decode()
+    html = page.content.decode()
+    assert "AgentFlow ops console — OFFLINE MODE" in html
+    assert 'title="No ANTHROPIC_API_KEY is set' in html
 
 
 def test_admin_requires_staff(client):
