@@ -583,7 +583,8 @@ class Agent:
             handled_by="offline" if reply.offline else "llm",
             model=reply.model,
             usage=usage,
-            llm_latency_ms=round(llm_ms, 2),
+            # Offline, no model ran: no latency to record (None, not a 0.0 that would skew the figures).
+            llm_latency_ms=None if reply.offline else round(llm_ms, 2),
             tool_calls=calls,
         )
 

@@ -231,7 +231,7 @@ def first_human_response(scope: Scope) -> dict[str, Any]:
 
 def llm_latency(scope: Scope) -> dict[str, Any]:
     """p50 and p95 of the LLM's latency (ms) per day and over the range."""
-    # Offline replies store llm_latency_ms 0.0 (no model was called): they are no latency sample.
+    # Offline replies store no llm_latency_ms (no model was called); older rows may hold 0.0.
     replies = _messages(scope).filter(
         role=Message.Role.ASSISTANT, offline=False, llm_latency_ms__isnull=False
     )

@@ -279,6 +279,7 @@ async def test_offline_with_a_keyless_client_sends_nothing(fake_llm, monkeypatch
 
     assert by_llm["content"] == OFFLINE_NOTICE and by_llm["offline"] is True
     assert by_llm["escalated"] is True
+    assert by_llm["llm_latency_ms"] is None  # no model ran: no latency sample for the dashboard
     assert by_handler["content"] == OFFLINE_PREFIX + "Returns are free within 30 days."
     assert by_handler["handled_by"] == "handler:RETURNS" and by_handler["offline"] is True
     assert by_human["content"] == OFFLINE_PREFIX + HANDOFF_NOTICE and by_human["escalated"] is True
