@@ -78,8 +78,21 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     )
 
 
+# A session's expiry is pushed forward only once it has slid this far (at most a tenth of the TTL):
+# the write was one of a turn's statements on nearly every message of a conversation.
+EXTEND_EVERY = timedelta(minutes=1)
+
+
 def session_extend(*, session: ChatSession, now: datetime) -> None:
-    """A message arrived in a live session: its expiry slides to ``ttl_seconds`` from now."""
+    """A message arrived in a live session: its expiry slides to ``ttl_seconds`` from now.
+
+    Written only when the new expiry is later than the stored one by ``EXTEND_EVERY`` (or a tenth
+    of the TTL, if less): the session then ends at most that much earlier than a full TTL after
+    its last message, and ``last_activity_at`` lags by as much.
+    """
+    ttl = timedelta(seconds=session.ttl_seconds)
+    if now + ttl - session.expires_at < min(EXTEND_EVERY, ttl / 10):
+        return
     session.last_activity_at = now
     session.expires_at = now + timedelta(seconds=session.ttl_seconds)
     session.save(update_fields=["last_activity_at", "expires_at"])
