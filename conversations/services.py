@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput
 from agentflow.jobs import queue_on_commit
+from agentflow.prepared import PreparedQuery
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
 from .audit import audit_record
@@ -124,6 +125,11 @@ LAST_SEEN_EVERY = timedelta(minutes=1)
 
 def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatSession | None:
     """The user's live session with its user, in one query (the common case of a message)."""
+    rows = _LIVE_SESSION.run(agent_id=agent_id, external_id=external_id, now=now)
+    return rows[0] if rows else None
+
+
+def _live_session(*, agent_id: int, external_id: str, now: datetime) -> QuerySet[ChatSession]:
     return (
         ChatSession.objects.select_related("user")
         .filter(
@@ -132,9 +138,12 @@ def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatS
             status=ChatSession.Status.ACTIVE,
             expires_at__gt=now,
         )
-        .order_by("-last_activity_at")
-        .first()
+        .order_by("-last_activity_at")[:1]
     )
+
+
+# Read on every message: compiled once per connection (agentflow.prepared).
+_LIVE_SESSION = PreparedQuery(_live_session)
 
 
 def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
