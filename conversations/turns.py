@@ -147,13 +147,11 @@ def turn_finish(
                 intent=message.intent,
                 **reply_fields,
             )
-            message.status = Message.Status.DONE
-            message.escalated = escalated
-            message.error = ""
-            message.save(update_fields=["status", "escalated", "error"])
             thread = message.thread
             assert thread is not None
-            conv_services.thread_add_reply(thread=thread, text=reply.content, now=timezone.now())
+            conv_services.turn_mark_done_with_reply(
+                message=message, thread=thread, text=reply.content, escalated=escalated, now=timezone.now()
+            )
             if escalated:
                 if not thread.escalated:
                     thread.escalated = True
