@@ -5,11 +5,18 @@ over ``FallbackConfig.breaker_window_seconds`` and an open-until key. While it i
 LLM and get the fallback reply at once, so a dead provider is not hammered by every turn's retries.
 After it closes, the first failure opens it again at once (``tripped``); a success clears it. If Redis
 itself is unreachable the breaker counts nothing and stays closed (turns then call the LLM as usual).
+
+Each process remembers for ``CLEAN_FOR`` that it found the breaker clean (no failures, not open, not
+tripped): within that time its turns neither read the keys nor clear them after a success (two Redis
+round trips a turn otherwise). A failure in this process forgets it at once; another process's
+failures or opening are seen here at most ``CLEAN_FOR`` later.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from django.core.cache import cache
@@ -25,20 +32,43 @@ CIRCUIT_OPEN_REASON = "LLM circuit breaker open"
 OFFLINE_REASON = "offline mode: no LLM is configured, a human has to answer"
 
 
+CLEAN_FOR = 1.0  # seconds
+
+# Agent name -> time.monotonic() until which this process takes the breaker to be clean.
+_clean_until: dict[str, float] = {}
+_clean_lock = threading.Lock()
+
+
 def _keys(agent: Agent) -> tuple[str, str, str]:
     base = f"llm-breaker:{agent.name}"
     return f"{base}:failures", f"{base}:open", f"{base}:tripped"
+
+
+def _known_clean(agent: Agent) -> bool:
+    return _clean_until.get(agent.name, 0.0) > time.monotonic()
+
+
+def _set_clean(agent: Agent, clean: bool) -> None:
+    with _clean_lock:
+        if clean:
+            _clean_until[agent.name] = time.monotonic() + CLEAN_FOR
+        else:
+            _clean_until.pop(agent.name, None)
 
 
 def breaker_is_open(agent: Agent) -> bool:
     """Whether turns of ``agent`` should skip the LLM now."""
     if agent.offline or not agent.config.fallback_config.enabled:
         return False
+    if _known_clean(agent):
+        return False
     try:
-        return cache.get(_keys(agent)[1]) is not None
+        found = cache.get_many(list(_keys(agent)))
     except Exception as exc:  # Redis down: fail open (call the LLM), never fail the turn
         logger.warning("LLM circuit breaker unavailable: %s", exc)
         return False
+    _set_clean(agent, not found)
+    return _keys(agent)[1] in found
 
 
 def breaker_failure(agent: Agent) -> bool:
@@ -47,6 +77,7 @@ def breaker_failure(agent: Agent) -> bool:
     if not cfg.enabled:
         return False
     failures_key, open_key, tripped_key = _keys(agent)
+    _set_clean(agent, False)
     try:
         cache.add(failures_key, 0, timeout=cfg.breaker_window_seconds)
         failures = cache.incr(failures_key)
@@ -68,8 +99,11 @@ def breaker_failure(agent: Agent) -> bool:
 
 def breaker_success(agent: Agent) -> None:
     """An LLM call succeeded: forget the failures and close the breaker."""
+    if _known_clean(agent):
+        return
     try:
         cache.delete_many(list(_keys(agent)))
+        _set_clean(agent, True)
     except Exception as exc:
         logger.warning("LLM circuit breaker unavailable: %s", exc)
 

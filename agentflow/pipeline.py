@@ -39,6 +39,7 @@ from .context import TurnContext
 from .errors import AgentUnavailable, InvalidInput, NotFound
 from .integrations.settings import slack_settings
 from .jobs import queue_on_commit
+from .prepared import PreparedQuery
 from .types import Classification, IntentCategory, IntentScore, ThreadEvent
 from .validation import clean_message
 
@@ -284,28 +285,44 @@ def decide_and_place(
     return None
 
 
+def _locked_turn_message(*, message_id: Any, pending_since: Any, claimed_since: Any) -> Any:
+    return conv_turns.message_for_turn_rows(
+        message_id=message_id,
+        lock=True,
+        annotations={
+            **fingerprint_annotations(agent_ref="user__agent_id"),
+            # A stuck earlier message (pending past the grace period, or under a stale claim) never
+            # blocks: the recovery sweep answers it, later ones go on meanwhile.
+            "earlier_undecided": conv_selectors.earlier_undecided_annotation(
+                window=ORDER_WINDOW, pending_since=pending_since, claimed_since=claimed_since
+            ),
+        },
+    )
+
+
+# The turn's first statement, compiled once per connection (it was the costliest query to build).
+_LOCKED_TURN_MESSAGE = PreparedQuery(_locked_turn_message)
+
+
 def _message_of(agent: Agent, message_id: Any, *, lock: bool = False) -> Message:
     """The user message of a turn, checked to belong to ``agent`` (never run with another's settings).
 
     ``lock``: under the message's and its user's row locks, with the agent's intent-category
     fingerprint (``categories_n``, ``categories_changed``) read in the same statement.
     """
-    annotations = (
-        {
-            **fingerprint_annotations(agent_ref="user__agent_id"),
-            # A stuck earlier message (pending past the grace period, or under a stale claim) never
-            # blocks: the recovery sweep answers it, later ones go on meanwhile.
-            "earlier_undecided": conv_selectors.earlier_undecided_annotation(
-                window=ORDER_WINDOW,
-                pending_since=timezone.now() - limits.PENDING_GRACE,
-                claimed_since=timezone.now() - STALE_CLAIM,
-            ),
-        }
-        if lock
-        else None
-    )
     try:
-        message = conv_turns.message_for_turn(message_id=message_id, lock=lock, annotations=annotations)
+        if lock:
+            now = timezone.now()
+            rows = _LOCKED_TURN_MESSAGE.run(
+                message_id=Message._meta.pk.to_python(message_id),
+                pending_since=now - limits.PENDING_GRACE,
+                claimed_since=now - STALE_CLAIM,
+            )
+            if not rows:
+                raise Message.DoesNotExist
+            message = rows[0]
+        else:
+            message = conv_turns.message_for_turn(message_id=message_id)
     except (Message.DoesNotExist, ValueError, TypeError):
         raise NotFound(f"message {message_id} not found") from None
     if message.user.agent_id != agent.record_id:

@@ -10,6 +10,7 @@ from typing import Any
 from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
 from agentflow.errors import NotFound
+from agentflow.prepared import PreparedQuery
 
 from .models import ChatSession, EndUser, Escalation, Message, Thread
 
@@ -63,6 +64,21 @@ def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
         raise NotFound(f"thread {thread_id} not found for this user") from None
 
 
+def _thread_candidates(*, user_id: int, limit: int) -> QuerySet[Thread]:
+    latest = Thread.objects.filter(user_id=user_id).order_by("-last_activity_at").values("pk")[:1]
+    unresolved = Escalation.objects.filter(thread=OuterRef("pk")).exclude(status=Escalation.Status.RESOLVED)
+    return (
+        Thread.objects.filter(user_id=user_id)
+        .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk=Subquery(latest)))
+        .annotate(held_by_human=Exists(unresolved))
+        .order_by("-last_activity_at")[: limit + 1]
+    )
+
+
+# Read on every turn: compiled once per connection (agentflow.prepared).
+_THREAD_CANDIDATES = PreparedQuery(_thread_candidates)
+
+
 def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     """Where a new message may belong, most recently active first: the user's unresolved threads,
     led by the most recent thread even when it was just resolved ("thanks! one more thing...").
@@ -70,14 +86,7 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     One query. Each thread carries ``held_by_human`` (an open or claimed escalation: the bot stays
     silent in it), so the turn need not ask again for the thread it picks.
     """
-    latest = Thread.objects.filter(user=user).order_by("-last_activity_at").values("pk")[:1]
-    unresolved = Escalation.objects.filter(thread=OuterRef("pk")).exclude(status=Escalation.Status.RESOLVED)
-    threads: list[Thread] = list(
-        Thread.objects.filter(user=user)
-        .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk=Subquery(latest)))
-        .annotate(held_by_human=Exists(unresolved))
-        .order_by("-last_activity_at")[: limit + 1]
-    )
+    threads: list[Thread] = _THREAD_CANDIDATES.run(shape={"limit": limit}, user_id=user.pk)
     if threads and threads[0].status == Thread.Status.RESOLVED:
         return threads  # the latest, resolved, then up to ``limit`` unresolved ones
     return threads[:limit]
@@ -142,10 +151,25 @@ def earlier_undecided_annotation(
 
 def thread_history(*, thread: Thread, limit: int, before: Message | None = None) -> list[Message]:
     """The thread's last ``limit`` finished messages, oldest first."""
-    messages = Message.objects.filter(thread=thread).exclude(status=Message.Status.PENDING)
-    if before is not None:
-        messages = messages.filter(created_at__lt=before.created_at)
-    return list(reversed(messages.order_by("-created_at")[:limit]))
+    if before is None:
+        rows = _THREAD_HISTORY.run(shape={"limit": limit, "bounded": False}, thread_id=thread.pk)
+    else:
+        rows = _THREAD_HISTORY.run(
+            shape={"limit": limit, "bounded": True}, thread_id=thread.pk, before=before.created_at
+        )
+    return list(reversed(rows))
+
+
+def _thread_history(
+    *, thread_id: Any, limit: int, bounded: bool, before: datetime | None = None
+) -> QuerySet[Message]:
+    messages = Message.objects.filter(thread_id=thread_id).exclude(status=Message.Status.PENDING)
+    if bounded:
+        messages = messages.filter(created_at__lt=before)
+    return messages.order_by("-created_at")[:limit]
+
+
+_THREAD_HISTORY = PreparedQuery(_thread_history)
 
 
 def thread_earlier_than_window(

@@ -8,13 +8,14 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput
 from agentflow.jobs import queue_on_commit
+from agentflow.prepared import PreparedQuery
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
 from .audit import audit_record
@@ -78,8 +79,21 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     )
 
 
+# A session's expiry is pushed forward only once it has slid this far (at most a tenth of the TTL):
+# the write was one of a turn's statements on nearly every message of a conversation.
+EXTEND_EVERY = timedelta(minutes=1)
+
+
 def session_extend(*, session: ChatSession, now: datetime) -> None:
-    """A message arrived in a live session: its expiry slides to ``ttl_seconds`` from now."""
+    """A message arrived in a live session: its expiry slides to ``ttl_seconds`` from now.
+
+    Written only when the new expiry is later than the stored one by ``EXTEND_EVERY`` (or a tenth
+    of the TTL, if less): the session then ends at most that much earlier than a full TTL after
+    its last message, and ``last_activity_at`` lags by as much.
+    """
+    ttl = timedelta(seconds=session.ttl_seconds)
+    if now + ttl - session.expires_at < min(EXTEND_EVERY, ttl / 10):
+        return
     session.last_activity_at = now
     session.expires_at = now + timedelta(seconds=session.ttl_seconds)
     session.save(update_fields=["last_activity_at", "expires_at"])
@@ -111,6 +125,11 @@ LAST_SEEN_EVERY = timedelta(minutes=1)
 
 def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatSession | None:
     """The user's live session with its user, in one query (the common case of a message)."""
+    rows = _LIVE_SESSION.run(agent_id=agent_id, external_id=external_id, now=now)
+    return rows[0] if rows else None
+
+
+def _live_session(*, agent_id: int, external_id: str, now: datetime) -> QuerySet[ChatSession]:
     return (
         ChatSession.objects.select_related("user")
         .filter(
@@ -119,9 +138,12 @@ def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatS
             status=ChatSession.Status.ACTIVE,
             expires_at__gt=now,
         )
-        .order_by("-last_activity_at")
-        .first()
+        .order_by("-last_activity_at")[:1]
     )
+
+
+# Read on every message: compiled once per connection (agentflow.prepared).
+_LIVE_SESSION = PreparedQuery(_live_session)
 
 
 def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
@@ -324,13 +346,54 @@ def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now:
     return thread
 
 
-def thread_add_reply(*, thread: Thread, text: str, now: datetime) -> Thread:
-    """An assistant or human-agent message joined the thread: it is context for the next decision."""
+REPLY_FIELDS = ("last_activity_at", "last_assistant_text", "vocabulary")
+
+
+def _thread_take_reply(*, thread: Thread, text: str, now: datetime) -> None:
     thread.last_activity_at = now
     thread.last_assistant_text = text[:2000]
     thread.vocabulary = _vocabulary(thread.vocabulary, text)
-    thread.save(update_fields=["last_activity_at", "last_assistant_text", "vocabulary"])
+
+
+def thread_add_reply(*, thread: Thread, text: str, now: datetime) -> Thread:
+    """An assistant or human-agent message joined the thread: it is context for the next decision."""
+    _thread_take_reply(thread=thread, text=text, now=now)
+    thread.save(update_fields=list(REPLY_FIELDS))
     return thread
+
+
+def turn_mark_done_with_reply(
+    *, message: Message, thread: Thread, text: str, escalated: bool, now: datetime
+) -> None:
+    """A turn's reply is stored: its user message is done and the reply joins the thread (as
+    ``thread_add_reply``), in one statement (a data-modifying CTE: two UPDATEs were two of the
+    turn's statements). Call in the transaction that stored the reply."""
+    message.status, message.escalated, message.error = Message.Status.DONE, escalated, ""
+    _thread_take_reply(thread=thread, text=text, now=now)
+    qn = connection.ops.quote_name
+
+    def column(model: Any, name: str) -> str:
+        return qn(model._meta.get_field(name).column)
+
+    def value(instance: Any, name: str) -> Any:
+        return instance._meta.get_field(name).get_db_prep_save(getattr(instance, name), connection)
+
+    message_fields, thread_fields = ("status", "escalated", "error"), REPLY_FIELDS
+    sql = (
+        f"WITH done AS (UPDATE {qn(Message._meta.db_table)} SET "
+        + ", ".join(f"{column(Message, f)} = %s" for f in message_fields)
+        + f" WHERE {column(Message, 'id')} = %s) UPDATE {qn(Thread._meta.db_table)} SET "
+        + ", ".join(f"{column(Thread, f)} = %s" for f in thread_fields)
+        + f" WHERE {column(Thread, 'id')} = %s"
+    )
+    params = [
+        *(value(message, f) for f in message_fields),
+        value(message, "id"),
+        *(value(thread, f) for f in thread_fields),
+        value(thread, "id"),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None, now: datetime) -> Thread:

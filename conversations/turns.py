@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from agentflow.types import ThreadEvent
@@ -146,13 +147,11 @@ def turn_finish(
                 intent=message.intent,
                 **reply_fields,
             )
-            message.status = Message.Status.DONE
-            message.escalated = escalated
-            message.error = ""
-            message.save(update_fields=["status", "escalated", "error"])
             thread = message.thread
             assert thread is not None
-            conv_services.thread_add_reply(thread=thread, text=reply.content, now=timezone.now())
+            conv_services.turn_mark_done_with_reply(
+                message=message, thread=thread, text=reply.content, escalated=escalated, now=timezone.now()
+            )
             if escalated:
                 if not thread.escalated:
                     thread.escalated = True
@@ -189,12 +188,20 @@ def message_for_turn(
     user's lock, ``services.user_lock``, in the same statement). ``annotations``: more to read with
     it (the intent categories' fingerprint).
     """
+    return message_for_turn_rows(message_id=message_id, lock=lock, annotations=annotations).get()
+
+
+def message_for_turn_rows(
+    *, message_id: Any, lock: bool = False, annotations: Mapping[str, Any] | None = None
+) -> QuerySet[Message]:
+    """The query of ``message_for_turn`` (at most one row), for a caller that compiles it once
+    (``agentflow.prepared``)."""
     rows = Message.objects.select_related("user", "user__agent", "session")
     if lock:
         rows = rows.select_for_update(no_key=True, of=("self", "user"))
     if annotations:
         rows = rows.annotate(**annotations)
-    return rows.get(pk=message_id, role=Message.Role.USER)
+    return rows.filter(pk=message_id, role=Message.Role.USER)
 
 
 def message_claimable(*, message: Message, now: datetime, stale_after: timedelta) -> bool:

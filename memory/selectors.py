@@ -12,6 +12,7 @@ from django.db.models import FloatField, Subquery, Value
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
+from agentflow.prepared import PreparedQuery
 from conversations.models import EndUser
 
 from .models import Memory
@@ -67,6 +68,10 @@ def memory_candidates(
     )
 
 
+# Run on every turn: compiled once per connection and search plan (agentflow.prepared).
+_MEMORY_CANDIDATES = PreparedQuery(memory_candidates)
+
+
 def memory_search(
     *, user: EndUser, embedding: np.ndarray, limit: int, similarity_threshold: float
 ) -> list[dict[str, Any]]:
@@ -92,17 +97,22 @@ def memory_search(
     pool = limit * 3
     exact_globals = approved_global_count(agent_id=user.agent_id) <= GLOBAL_EXACT_MAX
 
-    query = memory_candidates(
-        user_id=user.pk, agent_id=user.agent_id, embedding=embedding, pool=pool, exact_globals=exact_globals
-    )
+    def query() -> list[dict[str, Any]]:
+        return _MEMORY_CANDIDATES.run(
+            shape={"pool": pool, "exact_globals": exact_globals},
+            user_id=user.pk,
+            agent_id=user.agent_id,
+            embedding=np.asarray(embedding, dtype=np.float32),
+        )
+
     if exact_globals:
-        candidates = sorted(query, key=lambda r: r["distance"])[:pool]
+        candidates = sorted(query(), key=lambda r: r["distance"])[:pool]
     else:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
                 "SELECT set_config('hnsw.ef_search', %s, true)", [str(max(GLOBAL_EF_SEARCH, pool))]
             )
-            candidates = sorted(query, key=lambda r: r["distance"])[:pool]
+            candidates = sorted(query(), key=lambda r: r["distance"])[:pool]
     rows = [row for row in candidates if row["distance"] <= max_distance]
     for row in rows:
         row["similarity"] = 1.0 - float(row["distance"])

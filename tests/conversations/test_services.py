@@ -73,6 +73,25 @@ def test_simultaneous_messages_after_expiry_open_one_new_session() -> None:
     assert ChatSession.objects.count() == 2
 
 
+@pytest.mark.django_db
+def test_a_message_slides_the_session_expiry_only_once_it_would_move_a_minute() -> None:
+    first, _ = _receive("hello")
+    opened = ChatSession.objects.get()
+    assert opened.expires_at - opened.last_activity_at == timedelta(hours=1)
+
+    _receive("and another thing")  # moments later: the stored expiry stands (no write)
+    assert ChatSession.objects.get().expires_at == opened.expires_at
+
+    earlier = opened.expires_at - timedelta(seconds=61)  # as if the last write was 61 s ago
+    ChatSession.objects.update(expires_at=earlier, last_activity_at=earlier - timedelta(hours=1))
+    before = timezone.now()
+    second, _ = _receive("still there?")
+    session = ChatSession.objects.get()
+    assert session.pk == first.session_id == second.session_id
+    assert session.last_activity_at >= before
+    assert session.expires_at - session.last_activity_at == timedelta(hours=1)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_simultaneous_sends_of_one_client_message_id_store_one_message() -> None:
     _receive("warm up")  # an existing user, so the sends race past the duplicate check into the insert

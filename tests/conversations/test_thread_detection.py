@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
+from django.db.models import F
 from django.utils import timezone
 
 from agentflow import AgentFrameworkBuilder, IntentCategory, pipeline
@@ -347,9 +348,14 @@ async def test_expired_session_is_replaced_and_its_threads_kept() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_live_session_is_extended_by_each_message() -> None:
+async def test_live_session_is_extended_by_a_later_message() -> None:
     agent = await _agent({"session_config": {"ttl_seconds": 600}})
     first = await agent.process_message(user_id="alice", message=LOGIN)
+    # As if the first message came two minutes ago (a message within a minute leaves the expiry).
+    await ChatSession.objects.filter(pk=first["session_id"]).aupdate(
+        last_activity_at=F("last_activity_at") - timedelta(minutes=2),
+        expires_at=F("expires_at") - timedelta(minutes=2),
+    )
     before = await ChatSession.objects.aget(pk=first["session_id"])
 
     second = await agent.process_message(user_id="alice", message=LOGIN_DETAIL)
