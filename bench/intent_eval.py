@@ -18,9 +18,11 @@ fold's intents (a different group each seed) is then left out of a second classi
 out of scope. Per fold it prints top-1 accuracy (all intents in scope), and at ``--threshold``
 (default 0.5, the configuration's default) "in-scope answered right" (intent right and confidence at
 least the threshold, over all in-scope rows), "out of scope caught" (intent None or confidence below
-the threshold), the expected calibration error of the in-scope confidences and ms per
-classification (embedding excluded: vectors are cached, ``--cache`` keeps them between runs); then
-the mean, standard deviation and minimum of each figure over all folds and per size.
+the threshold), "other domains caught" (the same, all intents in scope, for 400 opening messages of
+the SGD and TIAGE folders: travel, media, chit-chat; banks excluded), the expected calibration
+error of the in-scope confidences and ms per classification (embedding excluded: vectors are
+cached, ``--cache`` keeps them between runs); then the mean, standard deviation and minimum of each
+figure over all folds and per size.
 """
 
 from __future__ import annotations
@@ -186,6 +188,29 @@ def calibration_error(correct: list[bool], confidences: list[float]) -> float:
     return error
 
 
+def other_domain_messages(datasets: Path, count: int = 400) -> list[str]:
+    """Opening user messages of other domains (SGD services but banks, TIAGE chit-chat), if present."""
+    import json
+
+    sources = [
+        (datasets / "sgd_threads" / "dev.jsonl", 3 * count // 4),
+        (datasets / "tiage_threads" / "train.jsonl", count // 4),
+    ]
+    messages: list[str] = []
+    for path, share in sources:
+        if not path.is_file():
+            continue
+        found = set()
+        for line in path.read_text().splitlines():
+            for turn in json.loads(line)["turns"]:
+                if turn.get("label") in ("FIRST", "NEW_TOPIC") and not (turn.get("service") or "").startswith(
+                    "Banks"
+                ):
+                    found.add(turn["utterance"])
+        messages += random.Random(13).sample(sorted(found), min(share, len(found)))
+    return messages
+
+
 def run_folds(args) -> None:
     from agentflow.types import IntentCategory
     from intents.classifier import IntentClassifier
@@ -208,13 +233,18 @@ def run_folds(args) -> None:
             f"intent_eval: intents {', '.join(thin[:5])} have no rows left to classify after {args.shots} examples"
         )
     embedder = CachedEmbedder(args.cache)
+    others = other_domain_messages(args.datasets)
+    other_vectors = embedder.embed(others)
     figures: list[dict[str, float]] = []
     timings: list[float] = []
     print(
         f"folds: sizes {args.sizes}, {args.seeds} random {args.shots}-shot samples of train.csv each, "
-        f"up to {args.queries} queries an intent, threshold {args.threshold}"
+        f"up to {args.queries} queries an intent, threshold {args.threshold}; "
+        f"{len(others)} messages of other domains"
     )
-    print("  size seed  accuracy  in-scope right  out of scope caught  ECE    ms p50/p95")
+    print(
+        "  size seed  accuracy  in-scope right  out of scope caught  other domains caught  ECE    ms p50/p95"
+    )
     for size in args.sizes:
         for seed in range(args.seeds):
             rng = random.Random(f"{size}-{seed}")
@@ -236,6 +266,10 @@ def run_folds(args) -> None:
                 results.append(classifier.classify(vector))
                 fold_times.append((time.perf_counter() - started) * 1000)
             correct = [r.intent == gold for r, (_, gold) in zip(results, queries, strict=True)]
+            far = [classifier.classify(vector) for vector in other_vectors]
+            far_caught = sum(r.intent is None or r.confidence < args.threshold for r in far) / max(
+                1, len(far)
+            )
             ece = calibration_error(correct, [r.confidence for r in results])
             # Out of scope: a group of a fifth of the intents (rotating with the seed) left out.
             order = chosen[:]
@@ -258,13 +292,15 @@ def run_folds(args) -> None:
                 "accuracy": sum(correct) / len(correct),
                 "in-scope right": right / inside,
                 "out of scope caught": caught / outside,
+                "other domains caught": far_caught if others else float("nan"),
                 "ECE": ece,
             }
             figures.append({"size": size, **fold})
             timings += fold_times
             print(
                 f"  {size:4d} {seed:4d}  {fold['accuracy']:.4f}    {fold['in-scope right']:.4f}          "
-                f"{fold['out of scope caught']:.4f}               {ece:.3f}  "
+                f"{fold['out of scope caught']:.4f}               "
+                f"{fold['other domains caught']:.4f}                {ece:.3f}  "
                 f"{pct(fold_times, 50):.2f}/{pct(fold_times, 95):.2f}"
             )
     embedder.save()
@@ -274,8 +310,10 @@ def run_folds(args) -> None:
         *((f"size {s}", [f for f in figures if f["size"] == s]) for s in args.sizes),
     ]:
         parts = []
-        for key in ("accuracy", "in-scope right", "out of scope caught", "ECE"):
-            values = [f[key] for f in members]
+        for key in ("accuracy", "in-scope right", "out of scope caught", "other domains caught", "ECE"):
+            values = [f[key] for f in members if f[key] == f[key]]  # NaN: not measured
+            if not values:
+                continue
             spread = statistics.pstdev(values) if len(values) > 1 else 0.0
             parts.append(f"{key} {statistics.fmean(values):.4f} / {spread:.4f} / {min(values):.4f}")
         print(f"  {label}: " + "; ".join(parts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,18 @@ def write_train(folder: Path) -> None:
                 writer.writerow([f"{phrase}, please", name])
 
 
+def write_other_domains(folder: Path) -> None:
+    turns = [
+        {"speaker": "USER", "utterance": "Find me a hotel in Paris", "service": "Hotels_1", "label": "FIRST"},
+        {"speaker": "SYSTEM", "utterance": "Which dates?", "service": "Hotels_1", "label": None},
+        {"speaker": "USER", "utterance": "From Monday", "service": "Hotels_1", "label": "CONTINUATION"},
+        {"speaker": "USER", "utterance": "Will it rain there?", "service": "Weather_1", "label": "NEW_TOPIC"},
+        {"speaker": "USER", "utterance": "Check my balance", "service": "Banks_1", "label": "NEW_TOPIC"},
+    ]
+    (folder / "sgd_threads").mkdir()
+    (folder / "sgd_threads" / "dev.jsonl").write_text(json.dumps({"dialogue_id": "1", "turns": turns}) + "\n")
+
+
 def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agentflow_project.settings"}
     return subprocess.run(
@@ -45,6 +58,7 @@ def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def test_folds_print_each_fold_and_the_spread_and_keep_the_vectors(tmp_path):
     write_train(tmp_path)
+    write_other_domains(tmp_path)
     cache = tmp_path / "vectors.npz"
     cache.write_bytes(b"not an npz file")  # an unreadable cache is rebuilt, not fatal
 
@@ -65,19 +79,26 @@ def test_folds_print_each_fold_and_the_spread_and_keep_the_vectors(tmp_path):
 
     assert run.returncode == 0, run.stderr
     assert "ignoring the unreadable cache" in run.stderr
+    # The opening and new-topic user turns, banks excluded.
+    assert "; 2 messages of other domains" in run.stdout
     fold_lines = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [(line[0], line[1]) for line in fold_lines] == [("3", "0"), ("3", "1"), ("5", "0"), ("5", "1")]
     for line in fold_lines:
-        accuracy, right, caught = map(float, line[2:5])
-        assert 0.0 <= accuracy <= 1.0 and 0.0 <= right <= 1.0 and 0.0 <= caught <= 1.0
+        accuracy, right, caught, other_caught = map(float, line[2:6])
+        assert all(0.0 <= figure <= 1.0 for figure in (accuracy, right, caught, other_caught))
     assert "  all: accuracy " in run.stdout
     assert "  size 3: " in run.stdout and "  size 5: " in run.stdout
     stored = np.load(cache)
     assert str(stored["model_id"]) == "all-MiniLM-L6-v2-onnx-int8"
     assert stored["vectors"].shape[1] == 384
-    assert (
-        "I lost my card, please" in stored["texts"].tolist() or "I lost my card" in stored["texts"].tolist()
-    )
+    # Every example and query of the folds (7 of each intent's 8 rows), the intents' names in words
+    # and the other domains' messages.
+    known = {text for phrases in THEMES.values() for p in phrases for text in (p, f"{p}, please")}
+    known |= {"Find me a hotel in Paris", "Will it rain there?"}
+    texts = set(stored["texts"].tolist())
+    assert {name.replace("_", " ") for name in THEMES} <= texts
+    assert len(texts - known) == len(THEMES)
+    assert len(texts & known) >= 7 * len(THEMES) + 2
 
 
 def test_folds_refuse_bad_input_with_a_clear_error(tmp_path):
