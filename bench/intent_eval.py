@@ -1,6 +1,7 @@
 """Intent classification on BANKING77: accuracy, confusions, calibration, out of scope, speed.
 
     python bench/intent_eval.py [--datasets ../shared/datasets] [--held-out 10]
+    python bench/intent_eval.py --folds [--sizes 20,50,77] [--seeds 3] [--cache .data/intent_vectors.npz]
 
 Offline classifier path (``agent.classify``, no LLM): categories are built from
 ``train_10shot.csv`` and ``train_5shot.csv`` (the examples, no descriptions), evaluated on
@@ -8,6 +9,20 @@ Offline classifier path (``agent.classify``, no LLM): categories are built from
 bin and the expected calibration error), ms per classification (p50/p95), and, with some
 categories held out of the agent, how often their test messages are called out of scope (intent
 None, or confidence below the default threshold 0.5) and what that costs the in-scope accuracy.
+
+``--folds`` is the validation for choosing the classifier's settings, and it never reads
+``test.csv``: each fold takes a random subset of intents (``--sizes``, so that sets of other sizes
+than 77 are represented) and a fresh random 10-shot sample of ``train.csv`` (``--seeds`` samples per
+size), and classifies up to ``--queries`` other ``train.csv`` rows of each intent. A fifth of the
+fold's intents (a different group each seed) is then left out of a second classifier: their rows are
+out of scope. Per fold it prints top-1 accuracy (all intents in scope), and at ``--threshold``
+(default 0.5, the configuration's default) "in-scope answered right" (intent right and confidence at
+least the threshold, over all in-scope rows), "out of scope caught" (intent None or confidence below
+the threshold), "other domains caught" (the same, all intents in scope, for 400 opening messages of
+the SGD and TIAGE folders: travel, media, chit-chat; banks excluded), the expected calibration
+error of the in-scope confidences and ms per classification (embedding excluded: vectors are
+cached, ``--cache`` keeps them between runs); then the mean, standard deviation and minimum of each
+figure over all folds and per size.
 """
 
 from __future__ import annotations
@@ -17,8 +32,11 @@ import collections
 import csv
 import os
 import random
+import statistics
 import sys
 import time
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +56,7 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def categories_from(rows: list[dict[str, str]], keep: set[str] | None = None):
-    from agentflow import IntentCategory
+    from agentflow.types import IntentCategory
 
     grouped: dict[str, list[str]] = collections.defaultdict(list)
     for row in rows:
@@ -97,16 +115,246 @@ def report(name: str, test, results, timings) -> None:
     )
 
 
+class CachedEmbedder:
+    """The process's embedder with every vector kept (and, with a path, saved for the next run)."""
+
+    def __init__(self, path: Path | None) -> None:
+        import numpy as np
+
+        from agentflow.embeddings import get_embedder
+
+        self.inner = get_embedder()
+        self.dimensions = self.inner.dimensions
+        self.model_id = self.inner.model_id
+        self.path = path
+        self.vectors: dict[str, np.ndarray] = {}
+        if path is not None and path.exists():
+            try:
+                stored = np.load(path, allow_pickle=False)
+                if str(stored["model_id"]) == self.model_id:
+                    self.vectors = dict(zip(stored["texts"].tolist(), stored["vectors"], strict=True))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+                print(
+                    f"intent_eval: ignoring the unreadable cache {path} ({error}); it is rebuilt",
+                    file=sys.stderr,
+                )
+
+    def embed(self, texts: Sequence[str]):
+        import numpy as np
+
+        missing = sorted({t for t in texts if t not in self.vectors})
+        for start in range(0, len(missing), 64):
+            chunk = missing[start : start + 64]
+            self.vectors.update(zip(chunk, self.inner.embed(chunk), strict=True))
+        if not texts:
+            return np.zeros((0, self.dimensions), dtype=np.float32)
+        return np.stack([self.vectors[t] for t in texts])
+
+    def embed_one(self, text: str):
+        return self.embed([text])[0]
+
+    def save(self) -> None:
+        import numpy as np
+
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        texts = sorted(self.vectors)
+        np.savez(
+            self.path,
+            model_id=np.array(self.model_id),
+            texts=np.array(texts),
+            vectors=np.stack([self.vectors[t] for t in texts]),
+        )
+
+
+def sizes(raw: str) -> list[int]:
+    try:
+        return [int(part) for part in raw.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {raw!r}") from None
+
+
+def calibration_error(correct: list[bool], confidences: list[float]) -> float:
+    error = 0.0
+    for low in (0.0, 0.2, 0.4, 0.6, 0.8):
+        members = [
+            (c, p) for c, p in zip(correct, confidences, strict=True) if low <= p < low + 0.2 + (low == 0.8)
+        ]
+        if members:
+            accuracy = sum(c for c, _ in members) / len(members)
+            confidence = sum(p for _, p in members) / len(members)
+            error += len(members) / len(correct) * abs(accuracy - confidence)
+    return error
+
+
+def other_domain_messages(datasets: Path, count: int = 400) -> list[str]:
+    """Opening user messages of other domains (SGD services but banks, TIAGE chit-chat), if present."""
+    import json
+
+    sources = [
+        (datasets / "sgd_threads" / "dev.jsonl", 3 * count // 4),
+        (datasets / "tiage_threads" / "train.jsonl", count // 4),
+    ]
+    messages: list[str] = []
+    for path, share in sources:
+        if not path.is_file():
+            continue
+        found = set()
+        for line in path.read_text().splitlines():
+            for turn in json.loads(line)["turns"]:
+                if turn.get("label") in ("FIRST", "NEW_TOPIC") and not (turn.get("service") or "").startswith(
+                    "Banks"
+                ):
+                    found.add(turn["utterance"])
+        messages += random.Random(13).sample(sorted(found), min(share, len(found)))
+    return messages
+
+
+def run_folds(args) -> None:
+    from agentflow.types import IntentCategory
+    from intents.classifier import IntentClassifier
+
+    path = args.datasets / "banking77" / "train.csv"
+    if not path.is_file():
+        raise SystemExit(f"intent_eval: no {path} (--datasets names the folder holding banking77/)")
+    rows = read(path)
+    by_intent: dict[str, list[str]] = collections.defaultdict(list)
+    for row in rows:
+        by_intent[row["category"]].append(row["text"])
+    names = sorted(by_intent)
+    if max(args.sizes) > len(names):
+        raise SystemExit(
+            f"intent_eval: --sizes {max(args.sizes)} is more than the {len(names)} intents in {path}"
+        )
+    thin = sorted(n for n in names if len(by_intent[n]) <= args.shots)
+    if thin:
+        raise SystemExit(
+            f"intent_eval: intents {', '.join(thin[:5])} have no rows left to classify after {args.shots} examples"
+        )
+    embedder = CachedEmbedder(args.cache)
+    others = other_domain_messages(args.datasets)
+    other_vectors = embedder.embed(others)
+    figures: list[dict[str, float]] = []
+    timings: list[float] = []
+    print(
+        f"folds: sizes {args.sizes}, {args.seeds} random {args.shots}-shot samples of train.csv each, "
+        f"up to {args.queries} queries an intent, threshold {args.threshold}; "
+        f"{len(others)} messages of other domains"
+    )
+    print(
+        "  size seed  accuracy  in-scope right  out of scope caught  other domains caught  ECE    ms p50/p95"
+    )
+    for size in args.sizes:
+        for seed in range(args.seeds):
+            rng = random.Random(f"{size}-{seed}")
+            chosen = sorted(rng.sample(names, size))
+            shots: dict[str, list[str]] = {}
+            queries: list[tuple[str, str]] = []
+            for name in chosen:
+                texts = by_intent[name][:]
+                rng.shuffle(texts)
+                shots[name] = texts[: args.shots]
+                queries += [(text, name) for text in texts[args.shots : args.shots + args.queries]]
+            vectors = embedder.embed([text for text, _ in queries])
+            categories = [IntentCategory(name, "", shots[name]) for name in chosen]
+            # Accuracy: every intent of the fold in scope.
+            classifier = IntentClassifier.build(categories, embedder)
+            fold_times, results = [], []
+            for vector in vectors:
+                started = time.perf_counter()
+                results.append(classifier.classify(vector))
+                fold_times.append((time.perf_counter() - started) * 1000)
+            correct = [r.intent == gold for r, (_, gold) in zip(results, queries, strict=True)]
+            far = [classifier.classify(vector) for vector in other_vectors]
+            far_caught = sum(r.intent is None or r.confidence < args.threshold for r in far) / max(
+                1, len(far)
+            )
+            ece = calibration_error(correct, [r.confidence for r in results])
+            # Out of scope: a group of a fifth of the intents (rotating with the seed) left out.
+            order = chosen[:]
+            random.Random(f"group-{size}").shuffle(order)
+            group_size = max(1, size // 5)
+            start = (seed * group_size) % size
+            held = set((order + order)[start : start + group_size])
+            reduced = IntentClassifier.build([c for c in categories if c.name not in held], embedder)
+            inside = outside = right = caught = 0
+            for vector, (_, gold) in zip(vectors, queries, strict=True):
+                result = reduced.classify(vector)
+                confident = result.intent is not None and result.confidence >= args.threshold
+                if gold in held:
+                    outside += 1
+                    caught += not confident
+                else:
+                    inside += 1
+                    right += confident and result.intent == gold
+            fold = {
+                "accuracy": sum(correct) / len(correct),
+                "in-scope right": right / inside,
+                "out of scope caught": caught / outside,
+                "other domains caught": far_caught if others else float("nan"),
+                "ECE": ece,
+            }
+            figures.append({"size": size, **fold})
+            timings += fold_times
+            print(
+                f"  {size:4d} {seed:4d}  {fold['accuracy']:.4f}    {fold['in-scope right']:.4f}          "
+                f"{fold['out of scope caught']:.4f}               "
+                f"{fold['other domains caught']:.4f}                {ece:.3f}  "
+                f"{pct(fold_times, 50):.2f}/{pct(fold_times, 95):.2f}"
+            )
+    embedder.save()
+    print("aggregate (mean / std / min):")
+    for label, members in [
+        ("all", figures),
+        *((f"size {s}", [f for f in figures if f["size"] == s]) for s in args.sizes),
+    ]:
+        parts = []
+        for key in ("accuracy", "in-scope right", "out of scope caught", "other domains caught", "ECE"):
+            values = [f[key] for f in members if f[key] == f[key]]  # NaN: not measured
+            if not values:
+                continue
+            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+            parts.append(f"{key} {statistics.fmean(values):.4f} / {spread:.4f} / {min(values):.4f}")
+        print(f"  {label}: " + "; ".join(parts))
+    print(
+        f"  ms per classification (embedding excluded): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument(
         "--held-out", type=int, default=10, help="categories left out for the out-of-scope test"
     )
+    parser.add_argument("--folds", action="store_true", help="validation folds on train.csv (see above)")
+    parser.add_argument(
+        "--sizes",
+        type=sizes,
+        default=[20, 50, 77],
+        help="intents per fold, comma-separated",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="random samples per size")
+    parser.add_argument("--shots", type=int, default=10, help="examples per intent")
+    parser.add_argument("--queries", type=int, default=25, help="train rows classified per intent")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="an .npz file keeping the vectors between runs"
+    )
     args = parser.parse_args()
+    if min(args.sizes) < 2:
+        parser.error("--sizes: each fold needs at least 2 intents")
+    if args.seeds < 1 or args.shots < 1 or args.queries < 1:
+        parser.error("--seeds, --shots and --queries must be at least 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be between 0 and 1")
     import django
 
     django.setup()
+    if args.folds:
+        run_folds(args)
+        return
 
     folder = args.datasets / "banking77"
     test = read(folder / "test.csv")
