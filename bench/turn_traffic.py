@@ -205,9 +205,10 @@ def main() -> None:
 
         def turns_of(kind: str, count: int) -> None:
             if kind == "rest":
-                asyncio.run(rest_turns(stack.base, api_key, users, count, args.concurrency))
+                run = rest_turns(stack.base, api_key, users, count, args.concurrency)
             else:
-                asyncio.run(ws_turns(stack.base, tokens, count, args.concurrency))
+                run = ws_turns(stack.base, tokens, count, args.concurrency)
+            asyncio.run(asyncio.wait_for(run, timeout=120 + 5 * count))  # a stuck turn fails the bench
 
         stack.llm.responder = reply_of(12)
         turns_of("rest", args.concurrency * 2)  # warm up
