@@ -139,7 +139,7 @@ REDIS_SOURCE = _redis.source
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
         "CONFIG": {
             # redis-py 8 defaults to a 5 s socket timeout, shorter than channels-redis's 5 s blocking
             # pop: an idle WebSocket or a waiting REST call would then die with a TimeoutError.
@@ -155,7 +155,7 @@ CHANNEL_LAYERS = {
 
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "agentflow.cache.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": env_str("AGENTFLOW_CACHE_PREFIX", "agentflow"),
     }
@@ -228,6 +228,9 @@ AGENTFLOW = {
     "EMBEDDER": env_str("AGENTFLOW_EMBEDDER", "agentflow.embeddings.MiniLMEmbedder"),
     # How long POST /api/users/{id}/messages waits for the turn by default (seconds).
     "REST_WAIT_SECONDS": env_int("AGENTFLOW_REST_WAIT_SECONDS", 30, minimum=0, maximum=120),
+    # A streamed reply is sent to the user's sockets as delta frames at most this often (milliseconds;
+    # 0: one frame per chunk the LLM sends). Each frame is a channel-layer message: see docs/configuration.md.
+    "STREAM_INTERVAL_MS": env_int("AGENTFLOW_STREAM_INTERVAL_MS", 50, minimum=0, maximum=2000),
     # Queue memory writing (and other follow-up jobs) in Celery after a turn.
     "BACKGROUND_JOBS": env_bool("AGENTFLOW_BACKGROUND_JOBS", True),
     # Lifetime of the end-user chat tokens the REST API issues for the WebSocket (seconds).

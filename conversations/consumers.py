@@ -29,7 +29,7 @@ from .agents import agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
-from .events import STAFF_ONLY, STAFF_QUEUE_GROUP, apublish, user_group
+from .events import STAFF_ONLY, STAFF_QUEUE_GROUP, apublish, events_of, user_group
 from .frames import CLOSE_TOO_MANY, JsonFrameConsumer
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import escalations_for_staff, may_act, may_watch, staff_group
@@ -227,16 +227,17 @@ class ChatConsumer(JsonFrameConsumer):
     def history_owner(self) -> EndUser:
         return self.user
 
-    async def chat_event(self, event: dict[str, Any]) -> None:
-        """A live event for this user from the channel layer (a delta, a finished turn, staff...)."""
-        body = dict(event["event"])
-        kind = body.pop("kind", "event")
-        if kind in STAFF_ONLY or (kind == "typing" and body.get("role") == "user"):
-            return  # the user's own typing and read position are for staff pages
-        if kind == "turn":
-            await self._send({"type": "turn", **body["turn"]})
-        else:
-            await self._send({"type": kind, **body})
+    async def chat_event(self, message: dict[str, Any]) -> None:
+        """Live events for this user from the channel layer (a delta, a finished turn, staff...)."""
+        for event in events_of(message):
+            body = dict(event)
+            kind = body.pop("kind", "event")
+            if kind in STAFF_ONLY or (kind == "typing" and body.get("role") == "user"):
+                continue  # the user's own typing and read position are for staff pages
+            if kind == "turn":
+                await self._send({"type": "turn", **body["turn"]})
+            else:
+                await self._send({"type": kind, **body})
 
 
 CLOSE_FORBIDDEN = 4403
@@ -420,19 +421,20 @@ class StaffConsumer(JsonFrameConsumer):
     _on_release = partialmethod(_on_action, "release")
     _on_hand_back = partialmethod(_on_action, "hand_back")
 
-    async def chat_event(self, event: dict[str, Any]) -> None:
-        """An event of the end user's conversation: forwarded as a frame whose ``type`` is its kind."""
-        body = dict(event["event"])
-        kind = body.pop("kind", "event")
-        if kind == "turn" and isinstance(body.get("turn"), dict):
-            turn = body["turn"]
-            await self._send({"type": "turn", **turn})
-            if turn.get("escalated"):  # the turn may have opened an escalation
+    async def chat_event(self, message: dict[str, Any]) -> None:
+        """Events of the end user's conversation: each forwarded as a frame whose ``type`` is its kind."""
+        for event in events_of(message):
+            body = dict(event)
+            kind = body.pop("kind", "event")
+            if kind == "turn" and isinstance(body.get("turn"), dict):
+                turn = body["turn"]
+                await self._send({"type": "turn", **turn})
+                if turn.get("escalated"):  # the turn may have opened an escalation
+                    await self._send_escalations()
+                continue
+            await self._send({"type": kind, **body})
+            if kind in ("human_joined", "bot_back"):  # claimed or handed back, here or in the admin queue
                 await self._send_escalations()
-            return
-        await self._send({"type": kind, **body})
-        if kind in ("human_joined", "bot_back"):  # claimed or handed back, here or in the admin queue
-            await self._send_escalations()
 
     async def staff_changed(self, event: dict[str, Any]) -> None:
         await self._send_escalations()

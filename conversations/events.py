@@ -53,6 +53,27 @@ async def apublish(*, user_pk: int, event: dict[str, Any]) -> None:
     await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
 
 
+async def apublish_many(*, user_pk: int, events: list[dict[str, Any]], main: int = 0) -> None:
+    """Send ``events`` to every live connection of the user as one channel-layer message.
+
+    Each connection turns them into frames, in order (``events_of``): one ``group_send`` and one
+    delivery per connection instead of one per event (a turn's end is three events: the thread
+    change, the reply, typing off). ``events[main]`` also travels as the message's ``event``, so a
+    consumer that predates ``events`` (a web process not yet upgraded) still sends that one.
+    """
+    layer = get_channel_layer()
+    if layer is None or not events:
+        return
+    message = {"type": "chat.event", "event": events[main], "events": events}
+    await layer.group_send(user_group(user_pk), message)
+
+
+def events_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events a ``chat.event`` message carries (``apublish`` sends one, ``apublish_many`` a list)."""
+    events = message.get("events")
+    return list(events) if isinstance(events, list) else [message["event"]]
+
+
 async def listeners_exist(*, user_pk: int) -> bool:
     """Whether any connection listens on the user's group (a chat socket, a staff page).
 
@@ -124,18 +145,23 @@ class DeltaStream:
     """Streams a reply's text to the user's connections as ``delta`` events, batched.
 
     The first piece goes out at once (time to first token); later pieces are gathered for up to
-    ``interval`` seconds, so a fast model does not cost one channel-layer send per token.
+    ``interval`` seconds (``AGENTFLOW["STREAM_INTERVAL_MS"]``), so a fast model does not cost one
+    channel-layer send per token: each send is a ``group_send`` in the worker, a delivery through
+    Redis and a frame in every web process with a listener. ``interval=0`` sends every piece.
     Use as ``on_text`` of ``Agent.respond``, then ``await stream.close()`` to send what is left.
 
     A reply nobody watches live (a REST caller, a user with no socket open) is not streamed: whether
-    anyone listens is asked once, at the first piece (``listeners_exist``). A socket that opens
+    anyone listens is asked once, at the first piece (``listeners_exist``), unless the caller asked
+    already (``listened``). A socket that opens
     later in the reply gets the whole text with the ``turn`` event, as one that reconnects does.
     """
 
-    def __init__(self, *, user_pk: int, message_id: str, interval: float = 0.05) -> None:
+    def __init__(
+        self, *, user_pk: int, message_id: str, interval: float = 0.05, listened: bool | None = None
+    ) -> None:
         self.user_pk, self.message_id, self.interval = user_pk, message_id, interval
         self.seq = 0
-        self._listened: bool | None = None
+        self._listened = listened  # None: ask at the first piece
         self._buffer: list[str] = []
         self._last_sent = 0.0
         self._timer: asyncio.Task[None] | None = None

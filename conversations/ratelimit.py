@@ -4,7 +4,9 @@ A bucket holds at most ``burst`` tokens and refills at ``per_minute`` tokens a m
 takes one. A burst is therefore cut at ``burst``, and a steady stream at ``per_minute``, with no
 window edge to exploit (the old fixed one-minute window let twice its limit through across a
 minute boundary). Each check is one Lua script, so concurrent processes never both take the last
-token.
+token. A look (``cost=0``, the refused-key check before every API call) writes nothing: the refill is
+linear up to ``burst``, so the stored state gives the same count later, and an address that never
+sent a wrong key has no bucket at all.
 
 Buckets (docs/configuration.md, "Rate limits"):
 
@@ -50,8 +52,10 @@ if tokens >= 1 then
   allowed = 1
   tokens = tokens - cost
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 60)
+if cost > 0 then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
+  redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 60)
+end
 local wait = 0
 if allowed == 0 then
   wait = (1 - tokens) / rate

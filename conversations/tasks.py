@@ -21,6 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 from django.db import connections
 
 from agentflow import limits, pipeline
+from agentflow.conf import conf
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
@@ -29,7 +30,7 @@ from agentflow.runner import run_turn
 from agentflow.unavailable import is_unavailable, unavailable_component
 
 from . import notifications  # noqa: F401  (registers the Slack notice job with the workers)
-from .events import DeltaStream, apublish, publish
+from .events import DeltaStream, apublish, apublish_many, listeners_exist, publish
 from .models import Message
 from .recovery import claim_retry_in
 from .selectors import thread_change_shown
@@ -222,15 +223,27 @@ def _fail_unavailable(message_id: str, exc: AgentUnavailable) -> int:
 async def _run_streaming(
     agent: Any, message_id: str, *, user_pk: int, final_attempt: bool, db: Executor
 ) -> Any:
-    """Run the turn, streaming the reply's text to the user's connections as it is written."""
-    try:
-        await apublish(
-            user_pk=user_pk,
-            event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
-        )
-    except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
-        logger.warning("could not publish typing for message %s", message_id, exc_info=True)
-    stream = DeltaStream(user_pk=user_pk, message_id=message_id)
+    """Run the turn, streaming the reply's text to the user's connections as it is written.
+
+    Whether anyone listens (a chat socket, a staff page) is asked once: nobody (a REST caller) gets
+    neither the typing event nor deltas, which saves their channel-layer sends; the final ``turn``
+    is announced whatever the answer (a socket may open meanwhile).
+    """
+    listened = await listeners_exist(user_pk=user_pk)
+    if listened:
+        try:
+            await apublish(
+                user_pk=user_pk,
+                event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
+            )
+        except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
+            logger.warning("could not publish typing for message %s", message_id, exc_info=True)
+    stream = DeltaStream(
+        user_pk=user_pk,
+        message_id=message_id,
+        interval=conf().STREAM_INTERVAL_MS / 1000,
+        listened=listened,
+    )
     try:
         return await run_turn(
             agent,
@@ -248,14 +261,14 @@ async def _run_streaming(
 async def _announce(
     *, user_pk: int, message_id: str, result: dict[str, Any], thread: dict[str, Any] | None
 ) -> None:
-    """Tell the user's connections the turn is done: the thread change, the final reply, typing off."""
+    """Tell the user's connections the turn is done: the thread change, the final reply, typing off.
+
+    One channel-layer message carrying the three events (``apublish_many``), in that order.
+    """
+    events = [{"kind": "thread", **thread}] if thread is not None else []
+    events.append({"kind": "turn", "turn": result})
+    events.append({"kind": "typing", "role": "assistant", "state": False, "message_id": message_id})
     try:
-        if thread is not None:
-            await apublish(user_pk=user_pk, event={"kind": "thread", **thread})
-        await apublish(user_pk=user_pk, event={"kind": "turn", "turn": result})
-        await apublish(
-            user_pk=user_pk,
-            event={"kind": "typing", "role": "assistant", "state": False, "message_id": message_id},
-        )
+        await apublish_many(user_pk=user_pk, events=events, main=len(events) - 2)
     except Exception:  # the reply is stored: a client that missed it gets it with "resume"
         logger.exception("could not announce the turn of message %s", message_id)

@@ -2,8 +2,8 @@
 
 When a turn's outcome is stored (the reply, or the failure), its writer pushes the message's status
 onto a Redis list of that message alone, ``LPUSH`` + ``EXPIRE`` (``RESULT_TTL``), once the transaction
-commits. The waiting request blocks on it with ``BLPOP`` and a timeout, then reads the stored result
-from the database. Compared with subscribing to the user's whole channel group, the wait needs no
+commits. The waiting request blocks on it with ``BLMOVE`` (the list onto itself, so the signal stays)
+and a timeout, then reads the stored result from the database. Compared with subscribing to the user's whole channel group, the wait needs no
 channel-layer capacity, sees no other turn's traffic, holds no database connection, and cannot miss
 a turn that settled before it started waiting (the list is still there); a signal nobody waited
 for expires.
@@ -92,15 +92,11 @@ async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
     """
     if seconds <= 0:
         return None
-    client = _async_redis()
     key = result_key(message_id)
-    popped = await client.blpop([key], timeout=seconds)
-    if popped is None:
+    # BLMOVE from the list onto itself: it blocks like BLPOP, but the signal stays in the list (and
+    # keeps its expiry) for anyone else waiting on the same message (a resend with the same client
+    # id), in one command; BLPOP had to push it back and renew the expiry after.
+    moved = await _async_redis().blmove(key, key, seconds, "LEFT", "RIGHT")  # type: ignore[arg-type]
+    if moved is None:
         return None
-    status = popped[1].decode() if isinstance(popped[1], bytes) else str(popped[1])
-    # Put it back for anyone else waiting on the same message (a resend with the same client id).
-    pipe = client.pipeline(transaction=False)
-    pipe.lpush(key, status)
-    pipe.expire(key, RESULT_TTL)
-    await pipe.execute()
-    return status
+    return moved.decode() if isinstance(moved, bytes) else str(moved)

@@ -150,7 +150,7 @@ def test_ready_is_503_when_redis_and_the_channel_layer_are_down(settings: Any) -
     dead = dead_redis_url()
     settings.REDIS_URL = dead
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [dead]}}
+        "default": {"BACKEND": "agentflow.channel_layer.RedisChannelLayer", "CONFIG": {"hosts": [dead]}}
     }
 
     response = Client().get("/api/health/ready")

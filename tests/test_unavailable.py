@@ -45,7 +45,7 @@ def _post(api_key: str, user_id: str = "alice", **payload: Any) -> Any:
 def dead_channel_layer(settings: Any) -> None:
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
             "CONFIG": {"hosts": [dead_redis_url()]},
         }
     }

@@ -58,6 +58,30 @@ def test_a_burst_of_60_gets_exactly_the_burst_then_the_refill_rate() -> None:
 
 
 @pytest.mark.django_db
+def test_a_look_writes_nothing_and_agrees_with_later_takes() -> None:
+    """``cost=0`` (the refused-key check before every API call): no bucket for a newcomer, no write."""
+    import redis
+    from django.conf import settings as django_settings
+
+    from conversations.ratelimit import _key
+
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    now = 1_000_000.0
+    assert bucket_take(scope="test", ident="look-1", per_minute=60, burst=2, now=now, cost=0) == (True, 0.0)
+    assert not client.exists(_key("test", "look-1"))
+
+    for _ in range(2):
+        bucket_take(scope="test", ident="look-1", per_minute=60, burst=2, now=now)
+    stored = client.hgetall(_key("test", "look-1"))
+    allowed, wait = bucket_take(scope="test", ident="look-1", per_minute=60, burst=2, now=now + 0.5, cost=0)
+
+    assert (allowed, round(wait, 3)) == (False, 0.5)  # empty: half a token refilled, half to go
+    assert client.hgetall(_key("test", "look-1")) == stored
+    assert bucket_take(scope="test", ident="look-1", per_minute=60, burst=2, now=now + 1.0)[0] is True
+    assert bucket_take(scope="test", ident="look-1", per_minute=60, burst=2, now=now + 1.0)[0] is False
+    client.close()
+
+
 def test_the_refused_request_says_when_to_retry() -> None:
     now = 1_800_000_000.0
     rate_limit_take(scope="test", ident="r", per_minute=6, burst=1, what="calls", now=now)

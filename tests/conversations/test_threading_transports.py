@@ -83,6 +83,8 @@ async def _ws_say(communicator: WebsocketCommunicator, text: str) -> tuple[dict[
     """Send a message; return its ack and the turn frame for it (other frames are skipped)."""
     await communicator.send_json_to({"type": "message", "message": text})
     ack = await communicator.receive_json_from()
+    while ack["type"] == "typing" and ack["state"] is False:  # the end of the previous turn
+        ack = await communicator.receive_json_from()
     assert ack["type"] == "ack", ack
     assert (ack["duplicate"], ack["client_message_id"]) == (False, None)
     deadline = time.monotonic() + TURN_TIMEOUT

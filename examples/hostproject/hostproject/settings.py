@@ -84,13 +84,13 @@ PREFIX = os.environ.get("HOSTPROJECT_PREFIX", "hostproject")  # keys of several 
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
         "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}], "prefix": PREFIX},
     }
 }
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "agentflow.cache.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": PREFIX,
     }

@@ -1,0 +1,43 @@
+"""Django's Redis cache with one connection pool per process, not one per request or task.
+
+Django keeps a cache object per async context (``caches`` is an asgiref ``Local``): every request
+and WebSocket connection in the web process, and every turn's task in a worker thread, builds its
+own ``RedisCache``, and with it its own ``RedisCacheClient``, connection pool and a fresh TCP
+connection to Redis (``HELLO`` and two ``CLIENT SETINFO`` before the first command). An open
+WebSocket kept that connection as long as it lived. Here the cache objects stay per context, as
+Django wants, but share one client (pool) per process and configuration; redis-py's pools are
+thread-safe. Everything else is Django's ``django.core.cache.backends.redis.RedisCache``.
+
+    CACHES = {"default": {"BACKEND": "agentflow.cache.RedisCache", "LOCATION": REDIS_URL}}
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
+from django.core.cache.backends.redis import RedisCacheClient
+from django.utils.functional import cached_property
+
+_lock = threading.Lock()
+_clients: dict[str, RedisCacheClient] = {}
+
+
+class RedisCache(DjangoRedisCache):
+    """``django.core.cache.backends.redis.RedisCache`` sharing its client process-wide (see the module)."""
+
+    def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
+        super().__init__(server, params)
+        self._shared_servers = re.split("[;,]", server) if isinstance(server, str) else list(server)
+        self._shared_options = dict(params.get("OPTIONS", {}))
+
+    @cached_property
+    def _cache(self) -> RedisCacheClient:
+        key = repr((self._shared_servers, sorted(self._shared_options.items(), key=lambda kv: kv[0])))
+        with _lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = RedisCacheClient(self._shared_servers, **self._shared_options)
+            return client

@@ -1,0 +1,241 @@
+"""Live events on their way to sockets: several events in one channel-layer message, the channel layer's
+two-round-trip ``group_send`` (agentflow.channel_layer), and streamed text gathered per interval."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.core import signing
+
+from agentflow import channel_layer
+from agentflow.channel_layer import RedisChannelLayer
+from agentflow.conf import conf
+from agentflow.errors import ConfigError
+from agentflow_project.asgi import application
+from conversations.chat_tokens import CHAT_TOKEN_SALT
+from conversations.events import DeltaStream, apublish, apublish_many, events_of, user_group
+from conversations.models import EndUser
+from tests.conftest import ORIGIN
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _connect(user_id: str) -> tuple[WebsocketCommunicator, int]:
+    token = signing.dumps({"u": user_id}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+    user = await EndUser.objects.aget(external_id=user_id)
+    return communicator, user.pk
+
+
+async def _frames(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
+    return [await communicator.receive_json_from(timeout=10) for _ in range(count)]
+
+
+# --- several events in one message -----------------------------------------------------------------
+
+
+async def test_events_sent_together_reach_the_socket_as_frames_in_their_order() -> None:
+    communicator, user_pk = await _connect("bundle-alice")
+    try:
+        turn = {"message_id": "m-1", "status": "done", "content": "Shipped."}
+        await apublish_many(
+            user_pk=user_pk,
+            events=[
+                {"kind": "thread", "event": "NEW_TOPIC", "thread_id": "t-1"},
+                {"kind": "seen", "message_id": "m-0"},  # for staff pages only: not sent to the user
+                {"kind": "turn", "turn": turn},
+                {"kind": "typing", "role": "assistant", "state": False, "message_id": "m-1"},
+            ],
+            main=2,
+        )
+
+        frames = await _frames(communicator, 3)
+        assert await communicator.receive_nothing(timeout=0.3)
+    finally:
+        await communicator.disconnect()
+
+    assert frames == [
+        {"type": "thread", "event": "NEW_TOPIC", "thread_id": "t-1"},
+        {"type": "turn", **turn},
+        {"type": "typing", "role": "assistant", "state": False, "message_id": "m-1"},
+    ]
+
+
+async def test_a_consumer_that_reads_only_the_main_event_gets_the_turn() -> None:
+    """A web process not yet upgraded reads ``event`` alone: that is the turn, not the thread change."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_001), channel)
+    try:
+        await apublish_many(
+            user_pk=9_100_001,
+            events=[{"kind": "thread", "event": "RETURN"}, {"kind": "turn", "turn": {"message_id": "m-2"}}],
+            main=1,
+        )
+        message = await asyncio.wait_for(layer.receive(channel), 5)
+    finally:
+        await layer.group_discard(user_group(9_100_001), channel)
+
+    assert message["event"] == {"kind": "turn", "turn": {"message_id": "m-2"}}
+    assert [e["kind"] for e in events_of(message)] == ["thread", "turn"]
+
+
+async def test_a_single_event_message_is_still_one_frame() -> None:
+    communicator, user_pk = await _connect("bundle-bob")
+    try:
+        await apublish(user_pk=user_pk, event={"kind": "typing", "role": "human_agent", "state": True})
+
+        frames = await _frames(communicator, 1)
+        assert await communicator.receive_nothing(timeout=0.3)
+    finally:
+        await communicator.disconnect()
+
+    assert frames == [{"type": "typing", "role": "human_agent", "state": True}]
+
+
+async def test_no_events_send_nothing() -> None:
+    communicator, user_pk = await _connect("bundle-carol")
+    try:
+        await apublish_many(user_pk=user_pk, events=[])
+
+        assert await communicator.receive_nothing(timeout=0.3)
+    finally:
+        await communicator.disconnect()
+
+
+# --- the channel layer's group_send ---------------------------------------------------------------
+
+
+def _prefix() -> str:
+    return f"{django_settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}-{uuid.uuid4().hex[:6]}"
+
+
+def _layer(prefix: str | None = None, **config: Any) -> RedisChannelLayer:
+    """A layer as one process has it (its own process-wide receive channel) under ``prefix``."""
+    return RedisChannelLayer(hosts=[django_settings.REDIS_URL], prefix=prefix or _prefix(), **config)
+
+
+async def test_group_send_reaches_every_member_and_skips_those_that_left() -> None:
+    layer = _layer()
+    first, second, gone = [await layer.new_channel() for _ in range(3)]
+    for channel in (first, second, gone):
+        await layer.group_add("chat.user.1", channel)
+    await layer.group_discard("chat.user.1", gone)
+
+    await layer.group_send("chat.user.1", {"type": "chat.event", "event": {"kind": "delta", "text": "Hi"}})
+
+    received = [await asyncio.wait_for(layer.receive(c), 5) for c in (first, second)]
+    assert received == [{"type": "chat.event", "event": {"kind": "delta", "text": "Hi"}}] * 2
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(gone), 0.3)
+    await layer.flush()
+
+
+async def test_group_send_to_an_empty_group_writes_nothing() -> None:
+    layer = _layer()
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    before = set(client.scan_iter(f"{layer.prefix}*"))
+
+    await layer.group_send("chat.user.2", {"type": "chat.event", "event": {"kind": "delta"}})
+
+    assert set(client.scan_iter(f"{layer.prefix}*")) == before == set()
+    client.close()
+
+
+async def test_group_send_drops_a_message_over_capacity_and_still_delivers_to_the_rest() -> None:
+    """A process-wide receive channel holding ``capacity`` unread messages gets no more (as channels-redis)."""
+    prefix = _prefix()
+    full, other = _layer(prefix, capacity=2), _layer(prefix, capacity=2)  # two processes
+    stuck = await full.new_channel()  # nobody reads it
+    reader = await other.new_channel()
+    await full.group_add("chat.user.3", stuck)
+    await full.group_add("chat.user.3", reader)
+
+    for n in range(3):
+        await full.group_send("chat.user.3", {"type": "chat.event", "n": n})
+
+    got = [(await asyncio.wait_for(other.receive(reader), 5))["n"] for _ in range(2)]
+    assert got == [0, 1]  # the third is over the reader's capacity too: nobody read in between
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    assert client.zcard(full.prefix + full.non_local_name(stuck)) == 2
+    client.close()
+    await full.flush()
+    await other.flush()
+
+
+async def test_group_send_loads_its_script_when_the_server_does_not_know_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As after a Redis restart: ``EVALSHA`` answers NOSCRIPT, the script is sent whole."""
+    layer = _layer()
+    channel = await layer.new_channel()
+    await layer.group_add("chat.user.4", channel)
+    monkeypatch.setattr(channel_layer, "DELIVER_SHA", "0" * 40)  # a script no server has
+
+    await layer.group_send("chat.user.4", {"type": "chat.event", "n": 1})
+
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 1
+    await layer.flush()
+
+
+# --- streamed text gathered per interval ----------------------------------------------------------
+
+
+async def test_pieces_within_the_interval_go_out_as_one_delta() -> None:
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_002), channel)
+    try:
+        stream = DeltaStream(user_pk=9_100_002, message_id="m-3", interval=60, listened=True)
+        for piece in ("Your ", "order ", "ships ", "today."):
+            await stream(piece)
+        await stream.close()
+        received = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(layer.receive(channel), 0.3)
+    finally:
+        await layer.group_discard(user_group(9_100_002), channel)
+
+    # The first piece at once (time to first token), the rest gathered until the reply was complete.
+    assert [(e["event"]["seq"], e["event"]["text"]) for e in received] == [
+        (0, "Your "),
+        (1, "order ships today."),
+    ]
+
+
+async def test_a_stream_told_nobody_listens_sends_nothing() -> None:
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_003), channel)
+    try:
+        stream = DeltaStream(user_pk=9_100_003, message_id="m-4", interval=0, listened=False)
+        await stream("Hello")
+        await stream.close()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(layer.receive(channel), 0.3)
+    finally:
+        await layer.group_discard(user_group(9_100_003), channel)
+
+
+@pytest.mark.parametrize("value", [-1, 2001, "fast"])
+def test_a_bad_stream_interval_is_refused_with_its_name(settings: Any, value: Any) -> None:
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "STREAM_INTERVAL_MS": value}
+
+    with pytest.raises(ConfigError, match="STREAM_INTERVAL_MS"):
+        conf()
+
+
+def test_the_stream_interval_is_read_from_the_settings(settings: Any) -> None:
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "STREAM_INTERVAL_MS": 250}
+
+    assert conf().STREAM_INTERVAL_MS == 250
