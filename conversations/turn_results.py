@@ -15,7 +15,8 @@ import asyncio
 import logging
 import threading
 import weakref
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -24,10 +25,14 @@ from django.core.cache import cache
 from django.db import transaction
 
 logger = logging.getLogger("agentflow.turn_results")
+T = TypeVar("T")
 
 # Longer than any wait (MessageIn.wait_seconds ≤ 120 s), so a request that starts waiting late
 # still finds the signal; short enough that unread ones do not pile up.
 RESULT_TTL = 300
+# Bound on each non-blocking Redis call of the wait, and the margin a blocking pop gets over its own
+# timeout before the wait gives up on an unanswering server.
+COMMAND_SECONDS = 5.0
 
 _lock = threading.Lock()
 _client: redis.Redis | None = None
@@ -50,12 +55,27 @@ def _redis() -> redis.Redis:
 
 
 def _async_redis() -> redis.asyncio.Redis:
-    """A client of the running event loop (an asyncio connection pool belongs to one loop)."""
+    """A client of the running event loop (an asyncio connection pool belongs to one loop).
+
+    Its sockets have no read timeout: redis-py's default (5 s) would end every ``BLPOP`` longer than
+    that with a TimeoutError, so a turn slower than 5 s was answered 202 instead of its reply. Each
+    call is bounded by ``asyncio.wait_for`` here instead (``_bounded``).
+    """
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = _async_clients[loop] = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+        client = _async_clients[loop] = redis.asyncio.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=None,
+            socket_connect_timeout=COMMAND_SECONDS,
+            socket_keepalive=True,
+        )
     return client
+
+
+async def _bounded(call: Awaitable[T], seconds: float) -> T:
+    """``call``, or a ``TimeoutError`` (an ``OSError``) once ``seconds`` have passed without an answer."""
+    return await asyncio.wait_for(call, timeout=seconds)
 
 
 def turn_settled(*, message_id: Any, status: str) -> None:
@@ -78,7 +98,7 @@ def turn_settled_on_commit(*, message_id: Any, status: str) -> None:
 
 async def turn_settled_clear(*, message_id: Any) -> None:
     """Forget an earlier settling of ``message_id`` (its failed turn runs again: a resend)."""
-    await _async_redis().delete(result_key(message_id))
+    await _bounded(_async_redis().delete(result_key(message_id)), COMMAND_SECONDS)
 
 
 async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
@@ -89,12 +109,13 @@ async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
 
     Raises:
         redis.RedisError: Redis is unreachable (the caller answers 202: poll).
+        TimeoutError: Redis did not answer in time (likewise).
     """
     if seconds <= 0:
         return None
     client = _async_redis()
     key = result_key(message_id)
-    popped = await client.blpop([key], timeout=seconds)
+    popped = await _bounded(client.blpop([key], timeout=seconds), seconds + COMMAND_SECONDS)
     if popped is None:
         return None
     status = popped[1].decode() if isinstance(popped[1], bytes) else str(popped[1])
@@ -102,5 +123,5 @@ async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
     pipe = client.pipeline(transaction=False)
     pipe.lpush(key, status)
     pipe.expire(key, RESULT_TTL)
-    await pipe.execute()
+    await _bounded(pipe.execute(), COMMAND_SECONDS)
     return status

@@ -80,6 +80,24 @@ async def test_a_wait_with_no_signal_times_out() -> None:
     assert 0.25 < time.monotonic() - started < 3
 
 
+async def test_a_wait_longer_than_redis_pys_default_socket_timeout_still_gets_the_signal() -> None:
+    # redis-py's sockets time out after 5 s unless told otherwise: a BLPOP of a turn that took 6 s
+    # ended in a TimeoutError and the request answered 202 (found by bench/production_load.py).
+    key = result_key("m-slow")
+    _redis().delete(key)
+
+    async def settle_later() -> None:
+        await asyncio.sleep(6)
+        await asyncio.to_thread(turn_settled, message_id="m-slow", status="done")
+
+    settler = asyncio.create_task(settle_later())
+    status = await turn_settled_wait(message_id="m-slow", seconds=30)
+    await settler
+
+    assert status == "done"
+    _redis().delete(key)
+
+
 # --- the REST view ---------------------------------------------------------------------------------
 
 
