@@ -24,6 +24,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
+from agentflow.conf import REDIS_MAX_CONNECTIONS
+
 logger = logging.getLogger("agentflow.turn_results")
 T = TypeVar("T")
 
@@ -50,7 +52,7 @@ def _redis() -> redis.Redis:
     global _client
     with _lock:
         if _client is None:
-            _client = redis.Redis.from_url(settings.REDIS_URL)
+            _client = redis.Redis.from_url(settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS)
         return _client
 
 
@@ -68,6 +70,8 @@ def _async_redis() -> redis.asyncio.Redis:
             settings.REDIS_URL,
             socket_timeout=None,
             socket_connect_timeout=COMMAND_SECONDS,
+            # One connection per waiting request (each holds a BLPOP), so not redis-py's 100.
+            max_connections=REDIS_MAX_CONNECTIONS,
             socket_keepalive=True,
         )
     return client
