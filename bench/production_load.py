@@ -64,6 +64,7 @@ LOADS = {
     "chat500": {"users": 500, "think": 10.0, "messages": 6, "transport": "ws"},
     "chat2000": {"users": 2000, "think": 30.0, "messages": 3, "transport": "ws"},
 }
+HANDSHAKE_SECONDS = 60  # a client gives up on a handshake after this, then retries with backoff
 MESSAGES = [
     "My login is broken, it says invalid password",
     "How do I configure S3 backups?",
@@ -170,9 +171,12 @@ async def ws_user(
     ws, last = None, ""
     for attempt in range(5):  # as the widget: a refused handshake is retried with backoff
         try:
-            ws = await session.ws_connect(url, headers={"Origin": base}, heartbeat=None, max_msg_size=0)
+            ws = await asyncio.wait_for(
+                session.ws_connect(url, headers={"Origin": base}, heartbeat=None, max_msg_size=0),
+                HANDSHAKE_SECONDS,
+            )
             break
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError included
             res.retries += 1
             last = f"connect: {type(exc).__name__}: {str(exc)[:70]}"
             await asyncio.sleep(0.5 * 2**attempt * random.uniform(0.75, 1.25))
