@@ -96,19 +96,29 @@ def sync_caller_waits() -> bool:
 
 async def run_db(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``func(*args, **kwargs)`` for a coroutine on a shared event loop (a WebSocket consumer), on the
-    process's pool of database threads (``shared_db_executor``), with the thread's connections given
-    back to the pool around the call as channels' ``database_sync_to_async`` does.
+    process's pool of database threads (``shared_db_executor``); the thread gives its database
+    connections back to the pool after the call, so an idle thread holds none.
 
-    ``database_sync_to_async`` alone is thread-sensitive: every consumer of a web process ran its
+    channels' ``database_sync_to_async`` is thread-sensitive: every consumer of a web process ran its
     database steps on one thread, one after another. At 500 WebSocket users connecting on a busy
     machine, handshakes then waited past daphne's handshake timeout and were reset (460 of 500 users
     could not connect; bench/production_load.py). A synchronous caller's coroutine (a test through
     ``async_to_sync``, a request's context) keeps its own thread, as ``sync_caller_waits`` tells.
     """
+    from asgiref.sync import sync_to_async
     from channels.db import DatabaseSyncToAsync
 
     if sync_caller_waits():
         return await DatabaseSyncToAsync(func)(*args, **kwargs)
-    return await DatabaseSyncToAsync(func, thread_sensitive=False, executor=shared_db_executor())(
-        *args, **kwargs
-    )
+
+    def call_and_release() -> T:
+        from django.db import connections
+
+        try:
+            return func(*args, **kwargs)
+        finally:
+            for connection in connections.all(initialized_only=True):
+                if not connection.in_atomic_block:
+                    connection.close()
+
+    return await sync_to_async(call_and_release, thread_sensitive=False, executor=shared_db_executor())()
