@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
+# The servers run with DJANGO_DEBUG=false, which wants a secret key.
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
 # One API key from one address: the per-key and per-IP REST limits would throttle the bench itself.
 os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
 os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
