@@ -171,6 +171,14 @@ def conf() -> AgentFlowSettings:
         return _cached
 
 
+# Connections one Redis client (its pool) of a process may open. redis-py 8 lowered its default to 100;
+# a web process has one blocking pop open per waiting REST request and one pool shared by every
+# request thread, so past 100 of those at once calls failed with "Too many connections" (503s and
+# 202s at 500 concurrent REST users, bench/production_load.py). This is Redis's own default
+# ``maxclients``: connections are opened only as needed, so it is a ceiling, not a reservation.
+REDIS_MAX_CONNECTIONS = 10_000
+
+
 def redis_url() -> str:
     """``settings.REDIS_URL``: the Redis of the rate limits, the health checks and the worker heartbeat.
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _local = threading.local()
 _loops: list[asyncio.AbstractEventLoop] = []
@@ -88,3 +92,33 @@ def sync_caller_waits() -> bool:
     if SyncToAsync.thread_sensitive_context.get(None) is not None:
         return True
     return asyncio.get_running_loop() in AsyncToSync.loop_thread_executors
+
+
+async def run_db(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` for a coroutine on a shared event loop (a WebSocket consumer), on the
+    process's pool of database threads (``shared_db_executor``); the thread gives its database
+    connections back to the pool after the call, so an idle thread holds none.
+
+    channels' ``database_sync_to_async`` is thread-sensitive: every consumer of a web process ran its
+    database steps on one thread, one after another. At 500 WebSocket users connecting on a busy
+    machine, handshakes then waited past daphne's handshake timeout and were reset (460 of 500 users
+    could not connect; bench/production_load.py). A synchronous caller's coroutine (a test through
+    ``async_to_sync``, a request's context) keeps its own thread, as ``sync_caller_waits`` tells.
+    """
+    from asgiref.sync import sync_to_async
+    from channels.db import DatabaseSyncToAsync
+
+    if sync_caller_waits():
+        return await DatabaseSyncToAsync(func)(*args, **kwargs)
+
+    def call_and_release() -> T:
+        from django.db import connections
+
+        try:
+            return func(*args, **kwargs)
+        finally:
+            for connection in connections.all(initialized_only=True):
+                if not connection.in_atomic_block:
+                    connection.close()
+
+    return await sync_to_async(call_and_release, thread_sensitive=False, executor=shared_db_executor())()

@@ -366,10 +366,17 @@ def ensure_services() -> None:
 # --- The processes of a deployment ---------------------------------------------------------------
 
 
+# How long daphne lets a WebSocket handshake take (its own default is 5 s); see web_command.
+WEBSOCKET_HANDSHAKE_SECONDS = 30
+
+
 def web_command(*, port: int, host: str = "127.0.0.1", python: str | None = None) -> list[str]:
     """The web server's command line (daphne), as ``manage.py agentflow_run`` and the benches start it.
 
-    A deep accept queue (1,024): a burst of widget (re)connections is not refused.
+    A deep accept queue (1,024): a burst of widget (re)connections is not refused. A WebSocket
+    handshake may take ``WEBSOCKET_HANDSHAKE_SECONDS`` (daphne's default is 5 s): under a burst of
+    connections on a busy machine, handshakes dropped at 5 s were retried by their clients while the
+    dropped ones' work went on, so the burst grew (2,000 users connecting: thousands of resets).
     """
     interface = host.replace(":", "\\:")
     return [
@@ -378,6 +385,8 @@ def web_command(*, port: int, host: str = "127.0.0.1", python: str | None = None
         "daphne",
         "-e",
         f"tcp:port={port}:interface={interface}:backlog=1024",
+        "--websocket_connect_timeout",
+        str(WEBSOCKET_HANDSHAKE_SECONDS),
         "agentflow_project.asgi:application",
     ]
 

@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
 from agentflow import limits as _limits
+from agentflow.conf import REDIS_MAX_CONNECTIONS
 from agentflow.logs import logging_config
 
 from . import runtime
@@ -143,7 +144,15 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # redis-py 8 defaults to a 5 s socket timeout, shorter than channels-redis's 5 s blocking
             # pop: an idle WebSocket or a waiting REST call would then die with a TimeoutError.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}],
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": None,
+                    "socket_keepalive": True,
+                    # redis-py 8's default pool of 100 is too few for a busy web process.
+                    "max_connections": REDIS_MAX_CONNECTIONS,
+                }
+            ],
             "prefix": env_str("AGENTFLOW_CHANNELS_PREFIX", "agentflow"),
             # Messages waiting per channel; a process's WebSockets share one receive channel, so a web
             # process holding many streaming sockets needs more (over it, group_send drops).
@@ -158,6 +167,8 @@ CACHES = {
         "BACKEND": "agentflow.cache.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": env_str("AGENTFLOW_CACHE_PREFIX", "agentflow"),
+        # The pool every request thread of a process shares (redis-py 8's default is 100).
+        "OPTIONS": {"max_connections": REDIS_MAX_CONNECTIONS},
     }
 }
 

@@ -25,9 +25,7 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -35,11 +33,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
+# The servers run with DJANGO_DEBUG=false, which wants a secret key.
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
 # One API key from one address: the per-key and per-IP REST limits would throttle the bench itself.
 os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
 os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
+
+from stack import Stack, cpu_seconds, raise_open_files, rss_mb  # noqa: E402  (bench/stack.py)
 
 MESSAGES = [
     "My login is broken, it says invalid password",
@@ -53,27 +56,6 @@ MESSAGES = [
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (daphne and celery run as one process each)."""
-    total = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1])
-    return total / 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Stats:
@@ -308,10 +290,7 @@ def main() -> None:
     if args.users < 1 or args.messages < 1 or args.window < 0:
         parser.error("--users and --messages must be at least 1 and --window not negative")
 
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
+    raise_open_files()
 
     import django
 
@@ -319,89 +298,44 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
-    from agentflow_project import runtime
     from conversations.chat_tokens import chat_token_create
     from conversations.models import EndUser
     from memory.privacy import user_erase
 
     call_command("migrate", verbosity=0)
     run = uuid.uuid4().hex[:6]
-    llm_port, web_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "ANTHROPIC_API_KEY": "bench-key",
-        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{llm_port}",
-        "AGENTFLOW_CELERY_QUEUE": f"ws-load-{run}",
-        "AGENTFLOW_CHANNELS_PREFIX": f"ws-load-{run}",
-        "AGENTFLOW_WORKER_CONCURRENCY": str(args.concurrency),
-        "AGENTFLOW_BACKGROUND_JOBS": "false",
-        "DJANGO_DEBUG": "false",  # production settings: DEBUG keeps every query in memory and costs CPU
-        "AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
-        "AGENT_SESSION_LLM_THREAD_JUDGEMENT": "false",
-        "AGENT_CONFIDENCE_LLM_INTENT_JUDGEMENT": "false",
-    }
-    logs = ROOT / ".data" / "bench"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = {
-        "llm": subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentflow.testing.fake_anthropic",
-                "--port",
-                str(llm_port),
-                "--latency",
-                str(args.llm_latency),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(logs / "ws-llm.log", "w"),
-        ),
-        "server": subprocess.Popen(
-            runtime.web_command(port=web_port),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(logs / "ws-web.log", "w"),
-        ),
-        "worker": subprocess.Popen(
-            runtime.worker_command(
-                concurrency=args.concurrency, queue=f"ws-load-{run}", loglevel=args.log_level
-            ),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(logs / "ws-worker.log", "w"),
-        ),
-    }
+    stack = Stack(
+        tag=f"ws-load-{run}",
+        llm_latency=args.llm_latency,
+        concurrency=args.concurrency,
+        log_level=args.log_level,
+        env={
+            "AGENTFLOW_BACKGROUND_JOBS": "false",
+            "DJANGO_DEBUG": "false",  # production settings: DEBUG keeps every query in memory and costs CPU
+            "AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE": "0",
+            "AGENT_SESSION_LLM_THREAD_JUDGEMENT": "false",
+            "AGENT_CONFIDENCE_LLM_INTENT_JUDGEMENT": "false",
+        },
+    )
     users = [f"ws-load-{run}-{i}" for i in range(args.users)]
     print(
         f"{args.users} users, first messages over {args.window:.0f} s, {args.messages} each; fake LLM "
-        f"{args.llm_latency * 1000:.0f} ms; worker threads {args.concurrency}; {os.cpu_count()} CPUs; logs in {logs}"
+        f"{args.llm_latency * 1000:.0f} ms; worker threads {args.concurrency}; {os.cpu_count()} CPUs; logs {stack.logs()}"
     )
     try:
-        base = f"http://127.0.0.1:{web_port}"
-        runtime.wait_for_http(base + "/api/health/live")
-        with socket.create_connection(("127.0.0.1", llm_port), timeout=30):
-            pass
+        stack.start()
+        base = stack.base
         # Warm up: the worker loads the embedding model and opens its connections.
         warm = [chat_token_create(external_id=f"ws-load-{run}-warm-{i}") for i in range(4)]
         args_warm = argparse.Namespace(**{**vars(args), "window": 0.5, "messages": 1})
         print("warming up ...")
         asyncio.run(_quiet(drive, args_warm, base, warm))
         tokens = [chat_token_create(external_id=user) for user in users]
-        pids = {"server": procs["server"].pid, "worker": procs["worker"].pid}
+        pids = {"server": stack.procs["daphne"].pid, "worker": stack.procs["worker"].pid}
         print(f"chat token lifetime {settings.AGENTFLOW['CHAT_TOKEN_TTL_SECONDS']} s; running ...")
         asyncio.run(drive(args, base, tokens, pids))
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stack.stop()
         for user in EndUser.objects.filter(external_id__startswith=f"ws-load-{run}-"):
             user_erase(user=user)
 

@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
@@ -23,6 +22,7 @@ from agentflow import logs, metrics
 from agentflow.conf import conf
 from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_turn
+from agentflow.loops import run_db
 
 from . import selectors, services
 from .agents import agent_settings, message_accept
@@ -86,7 +86,7 @@ class ChatConsumer(JsonFrameConsumer):
             await self._refuse(CLOSE_UNAUTHORIZED, "token_revoked", "this chat token was revoked")
             return
         try:
-            limits = await database_sync_to_async(agent_settings)(name=claims.agent)
+            limits = await run_db(agent_settings, name=claims.agent)
         except NotFound:
             await self._refuse(
                 CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {claims.agent!r} does not exist"
@@ -103,9 +103,7 @@ class ChatConsumer(JsonFrameConsumer):
             return
         self.claims, self._counted_at = claims, time.monotonic()
         self.agent_name = limits.name
-        self.user = await database_sync_to_async(services.user_get_or_create)(
-            agent_id=limits.id, external_id=external_id
-        )
+        self.user = await run_db(services.user_get_or_create, agent_id=limits.id, external_id=external_id)
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -170,8 +168,9 @@ class ChatConsumer(JsonFrameConsumer):
             await self._close_erased()
             return
         try:
-            limits = await database_sync_to_async(agent_settings)(name=self.agent_name)
-            received = await database_sync_to_async(message_accept)(
+            limits = await run_db(agent_settings, name=self.agent_name)
+            received = await run_db(
+                message_accept,
                 limits=limits,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
@@ -193,9 +192,9 @@ class ChatConsumer(JsonFrameConsumer):
             }
         )
         if received.run:  # new, or a resent failed message (retried)
-            await database_sync_to_async(queue_turn)(message.pk)
+            await run_db(queue_turn, message.pk)
         elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
-            turn = await database_sync_to_async(selectors.turn_result_for)(message_id=message.pk)
+            turn = await run_db(selectors.turn_result_for, message_id=message.pk)
             await self._send({"type": "turn", **turn})
 
     async def _on_typing(self, frame: dict[str, Any]) -> None:
@@ -216,9 +215,7 @@ class ChatConsumer(JsonFrameConsumer):
             await self._error("bad_frame", "'message_id' must be a message id", field="message_id")
             return
         try:
-            message = await database_sync_to_async(services.user_mark_read)(
-                user=self.user, message_id=message_id
-            )
+            message = await run_db(services.user_mark_read, user=self.user, message_id=message_id)
         except NotFound as exc:
             await self._error("not_found", str(exc), field="message_id")
             return
@@ -336,7 +333,7 @@ class StaffConsumer(JsonFrameConsumer):
 
     async def connect(self) -> None:
         staff_user = self.scope.get("user")
-        if not await database_sync_to_async(may_watch)(staff_user):
+        if not await run_db(may_watch, staff_user):
             # Accept first: a close before accepting reaches browsers as a bare HTTP 403 with no code.
             await self._refuse("forbidden", "staff only: log in to the admin", CLOSE_FORBIDDEN)
             return
@@ -345,7 +342,7 @@ class StaffConsumer(JsonFrameConsumer):
             await self._refuse("not_found", "no such end user", CLOSE_NOT_FOUND)
             return
         self.end_user, self.staff_user, self.staff_pk = end_user, staff_user, staff_user.pk
-        self._may_act = await database_sync_to_async(may_act)(staff_user)
+        self._may_act = await run_db(may_act, staff_user)
         self._joined = (user_group(end_user.pk), staff_group(end_user.pk))
         for group in self._joined:
             await self.channel_layer.group_add(group, self.channel_name)
@@ -376,9 +373,7 @@ class StaffConsumer(JsonFrameConsumer):
         await self.close(code=close_code)
 
     async def _send_escalations(self) -> None:
-        rows = await database_sync_to_async(escalations_for_staff)(
-            user_pk=self.end_user.pk, staff_user=self.staff_user
-        )
+        rows = await run_db(escalations_for_staff, user_pk=self.end_user.pk, staff_user=self.staff_user)
         await self._send({"type": "escalations", "escalations": rows})
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:
@@ -405,8 +400,8 @@ class StaffConsumer(JsonFrameConsumer):
         client = self.scope.get("client") or [None]
         try:
             with audit_scope(ip=client[0], route=f"WS {self.scope.get('path', '')} {kind}"):
-                done = await database_sync_to_async(staff_act)(
-                    kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
+                done = await run_db(
+                    staff_act, kind=kind, staff_pk=self.staff_pk, end_user=self.end_user, frame=frame
                 )
         except FrameError as exc:
             await self._error(exc.code, str(exc), action=kind, **exc.extra)
@@ -461,7 +456,7 @@ class StaffQueueConsumer(JsonFrameConsumer):
 
     async def connect(self) -> None:
         staff_user = self.scope.get("user")
-        if not await database_sync_to_async(may_watch)(staff_user):
+        if not await run_db(may_watch, staff_user):
             await self.accept()
             await self._error("forbidden", "staff only: log in to the admin")
             await self.close(code=CLOSE_FORBIDDEN)
@@ -481,9 +476,7 @@ class StaffQueueConsumer(JsonFrameConsumer):
 
     async def staff_queue(self, event: dict[str, Any]) -> None:
         body = event["event"]
-        row = await database_sync_to_async(inbox_row_by_id)(
-            escalation_id=body["escalation_id"], staff_user=self.staff_user
-        )
+        row = await run_db(inbox_row_by_id, escalation_id=body["escalation_id"], staff_user=self.staff_user)
         payload = row_payload(row) if row is not None else None
         if body["kind"] == "escalation_opened" and payload is None:
             return  # resolved already: nothing to alert about

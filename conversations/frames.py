@@ -24,11 +24,11 @@ import logging
 from contextlib import suppress
 from typing import Any, ClassVar
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agentflow.conf import conf
 from agentflow.errors import NotFound
+from agentflow.loops import run_db
 from agentflow.unavailable import (
     UNAVAILABLE_ERRORS,
     WS_CLOSE_TRY_AGAIN_LATER,
@@ -180,7 +180,7 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             await self._error("bad_frame", "'after' must be a message id or null", field="after")
             return
         try:
-            page = await database_sync_to_async(history_page)(user=self.history_owner(), after=after)
+            page = await run_db(history_page, user=self.history_owner(), after=after)
         except NotFound as exc:
             await self._error("not_found", str(exc), field="after")
             return

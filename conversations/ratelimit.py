@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from django.core.cache import cache
 
-from agentflow.conf import conf, redis_url
+from agentflow.conf import REDIS_MAX_CONNECTIONS, conf, redis_url
 from agentflow.errors import RateLimited
 
 _BUCKET = """
@@ -85,7 +85,7 @@ def _redis() -> redis.Redis:
     global _client
     with _lock:
         if _client is None:
-            _client = redis.Redis.from_url(redis_url())
+            _client = redis.Redis.from_url(redis_url(), max_connections=REDIS_MAX_CONNECTIONS)
             _scripts["bucket"] = _client.register_script(_BUCKET)
             _scripts["connections"] = _client.register_script(_CONNECTIONS)
         return _client

@@ -15,7 +15,8 @@ import asyncio
 import logging
 import threading
 import weakref
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -23,11 +24,17 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
+from agentflow.conf import REDIS_MAX_CONNECTIONS
+
 logger = logging.getLogger("agentflow.turn_results")
+T = TypeVar("T")
 
 # Longer than any wait (MessageIn.wait_seconds ≤ 120 s), so a request that starts waiting late
 # still finds the signal; short enough that unread ones do not pile up.
 RESULT_TTL = 300
+# Bound on each non-blocking Redis call of the wait, and the margin a blocking pop gets over its own
+# timeout before the wait gives up on an unanswering server.
+COMMAND_SECONDS = 5.0
 
 _lock = threading.Lock()
 _client: redis.Redis | None = None
@@ -45,17 +52,34 @@ def _redis() -> redis.Redis:
     global _client
     with _lock:
         if _client is None:
-            _client = redis.Redis.from_url(settings.REDIS_URL)
+            _client = redis.Redis.from_url(settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS)
         return _client
 
 
 def _async_redis() -> redis.asyncio.Redis:
-    """A client of the running event loop (an asyncio connection pool belongs to one loop)."""
+    """A client of the running event loop (an asyncio connection pool belongs to one loop).
+
+    Its sockets have no read timeout: redis-py's default (5 s) would end every blocking wait longer than
+    that with a TimeoutError, so a turn slower than 5 s was answered 202 instead of its reply. Each
+    call is bounded by ``asyncio.wait_for`` here instead (``_bounded``).
+    """
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = _async_clients[loop] = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+        client = _async_clients[loop] = redis.asyncio.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=None,
+            socket_connect_timeout=COMMAND_SECONDS,
+            # One connection per waiting request (each holds a BLMOVE), so not redis-py's 100.
+            max_connections=REDIS_MAX_CONNECTIONS,
+            socket_keepalive=True,
+        )
     return client
+
+
+async def _bounded(call: Awaitable[T], seconds: float) -> T:
+    """``call``, or a ``TimeoutError`` (an ``OSError``) once ``seconds`` have passed without an answer."""
+    return await asyncio.wait_for(call, timeout=seconds)
 
 
 def turn_settled(*, message_id: Any, status: str) -> None:
@@ -78,7 +102,7 @@ def turn_settled_on_commit(*, message_id: Any, status: str) -> None:
 
 async def turn_settled_clear(*, message_id: Any) -> None:
     """Forget an earlier settling of ``message_id`` (its failed turn runs again: a resend)."""
-    await _async_redis().delete(result_key(message_id))
+    await _bounded(_async_redis().delete(result_key(message_id)), COMMAND_SECONDS)
 
 
 async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
@@ -89,6 +113,7 @@ async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
 
     Raises:
         redis.RedisError: Redis is unreachable (the caller answers 202: poll).
+        TimeoutError: Redis did not answer in time (likewise).
     """
     if seconds <= 0:
         return None
@@ -96,7 +121,10 @@ async def turn_settled_wait(*, message_id: Any, seconds: float) -> str | None:
     # BLMOVE from the list onto itself: it blocks like BLPOP, but the signal stays in the list (and
     # keeps its expiry) for anyone else waiting on the same message (a resend with the same client
     # id), in one command; BLPOP had to push it back and renew the expiry after.
-    moved = await _async_redis().blmove(key, key, seconds, "LEFT", "RIGHT")  # type: ignore[arg-type]
+    moved = await _bounded(
+        _async_redis().blmove(key, key, seconds, "LEFT", "RIGHT"),  # type: ignore[arg-type]
+        seconds + COMMAND_SECONDS,
+    )
     if moved is None:
         return None
     return moved.decode() if isinstance(moved, bytes) else str(moved)

@@ -290,3 +290,17 @@ def test_sigterm_kills_what_outlives_the_drain_bound_and_exits_0(
     assert code == 0
     assert not {pid for pid in children if _stat(pid) is not None}
     assert "the worker (celery) did not stop within 2 s; killing it" in run.output()
+
+
+def test_the_web_command_gives_websocket_handshakes_longer_than_daphnes_5_seconds() -> None:
+    # Under a burst of connections on a busy machine, handshakes dropped at daphne's default 5 s were
+    # retried by their clients while the dropped ones' work went on (bench/production_load.py).
+    from daphne.cli import CommandLineInterface
+
+    from agentflow_project import runtime
+
+    command = runtime.web_command(port=8123)
+    parsed = CommandLineInterface().parser.parse_args(command[3:])
+
+    assert parsed.websocket_connect_timeout == runtime.WEBSOCKET_HANDSHAKE_SECONDS >= 30
+    assert parsed.application == "agentflow_project.asgi:application"

@@ -582,6 +582,7 @@ def test_dockerfile_cmd_is_the_web_server_on_the_exposed_port() -> None:
     endpoint = argv[argv.index("-e") + 1]
     assert f"tcp:port={exposed}:" in endpoint and ":interface=0.0.0.0" in endpoint
     assert "--proxy-headers" in argv
+    assert int(argv[argv.index("--websocket_connect_timeout") + 1]) >= 30  # as runtime.web_command
     module, _, attribute = argv[-1].partition(":")
     assert (module, attribute) == ("agentflow_project.asgi", "application")
     ports = {

