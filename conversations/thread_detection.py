@@ -141,7 +141,9 @@ def decide_thread(
                 ThreadEvent.RETURN, best_earlier[1].thread_id, 0.85, {**signals, "reason": reason}
             )
     recurring = [(s, c) for s, c in others if c.resolved and s >= RECURRENCE_SIMILARITY and s > sims[0]]
-    if RECURRENCE_CUES.search(text) and recurring and not FIX_CUE.search(text):
+    # "stopped working again" is no fix, though "working again" reads as one
+    claims_fix = bool(FIX_CUE.search(re.sub(r"stopped working", "", text, flags=re.IGNORECASE)))
+    if RECURRENCE_CUES.search(text) and recurring and not claims_fix:
         similarity, thread = max(recurring, key=lambda pair: pair[0])
         return ThreadDecision(
             ThreadEvent.RETURN,

@@ -167,6 +167,7 @@ def _resolved(name: str, text: str, idle_minutes: float = 5) -> Candidate:
     [
         "Back to the printer: the E42 error is back",
         "The E42 error on my printer came back",
+        "My printer stopped working again, E42 on the display",
         "Going back to the printer, does the duplex roller need cleaning every month?",
     ],
 )
