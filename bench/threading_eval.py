@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,7 +73,14 @@ def report(
         print(f"  {what:<28} p50 {pct(values, 50):6.2f} ms  p95 {pct(values, 95):6.2f} ms")
 
 
-async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None, rows: list | None = None):
+async def replay(
+    agent,
+    dialogues: list[dict],
+    *,
+    user_speakers: set[str] | None,
+    rows: list | None = None,
+    placements: list | None = None,
+):
     gold, predicted = [], []
     timings: dict[str, list[float]] = {"decision (embedding+decide)": [], "detect_thread call": []}
     for dialogue in dialogues:
@@ -91,7 +99,42 @@ async def replay(agent, dialogues: list[dict], *, user_speakers: set[str] | None
             predicted.append(TO_LABEL[decision["thread_event"]])
             if rows is not None:
                 rows.append((dialogue["dialogue_id"], turn, decision["thread_event"]))
+            if placements is not None:
+                placements.append(
+                    (dialogue["dialogue_id"], turn, decision["thread_event"], decision["thread_id"])
+                )
     return gold, predicted, timings
+
+
+def report_returns(name: str, placements: list) -> None:
+    """Returns to an earlier thread: was the message put in *that* thread (the one the user's
+    messages of that topic went to), not only labelled a topic shift?
+
+    The earlier thread of a turn is where our pipeline put the opening turn of its gold segment: SGD
+    segments by service (``returning`` NEW_TOPIC turns go back to an earlier service), support chats
+    by the turn's ``thread`` number. Also counts new topics wrongly sent back to an earlier thread.
+    """
+    opened: dict[tuple[str, Any], Any] = {}
+    back, wrong_back, new_topics = [], 0, 0
+    previous_key: dict[str, Any] = {}
+    for dialogue_id, turn, event, thread_id in placements:
+        key = turn.get("thread", turn.get("service"))
+        returning = turn.get("gold_event") == "RETURN" or bool(turn.get("returning"))
+        if returning and (dialogue_id, key) in opened:
+            back.append((event == "RETURN", thread_id == opened[(dialogue_id, key)]))
+        elif turn["label"] == "NEW_TOPIC":
+            new_topics += 1
+            wrong_back += event == "RETURN"
+        if turn["label"] in ("FIRST", "NEW_TOPIC") or previous_key.get(dialogue_id) != key:
+            opened.setdefault((dialogue_id, key), thread_id)
+        previous_key[dialogue_id] = key
+    if not back:
+        return
+    print(
+        f"  {name}: returns to an earlier thread {len(back)}: placed as RETURN {sum(e for e, _ in back)},"
+        f" in the right earlier thread {sum(t for _, t in back)} ({sum(t for _, t in back) / len(back):.1%});"
+        f" new topics sent back to an earlier thread {wrong_back}/{new_topics}"
+    )
 
 
 def load(path: Path, limit: int | None) -> list[dict]:
@@ -113,9 +156,13 @@ async def support_async(task, parts: list[str]) -> None:
                     t["gold_event"] = t["label"]
                     t["label"] = SUPPORT_TO_LABEL.get(t["label"], t["label"])
         rows: list = []
-        gold, predicted, timings = await replay(task, dialogues, user_speakers={"USER"}, rows=rows)
+        placements: list = []
+        gold, predicted, timings = await replay(
+            task, dialogues, user_speakers={"USER"}, rows=rows, placements=placements
+        )
         name = f"support chats, {part} part ({len(dialogues)} dialogues; task profile)"
         report(name, gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
+        report_returns("support", placements)
         right = {
             "resolutions right": [
                 TO_LABEL[e] == "RESOLUTION" for _, t, e in rows if t["gold_event"] == "RESOLUTION"
@@ -157,16 +204,22 @@ async def main_async(args: argparse.Namespace) -> None:
         await support_async(task, ["tune", "heldout"] if args.part == "all" else [args.part])
         return
     sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
-    gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"})
+    placements: list = []
+    gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"}, placements=placements)
     report("SGD dev (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
+    report_returns("SGD dev", placements)
     tiage = load(args.datasets / "tiage_threads" / "dev.jsonl", args.limit)
     gold, predicted, timings = await replay(chat, tiage, user_speakers=None)
     report("TIAGE dev (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
     if args.sgd_test:
-        gold, predicted, timings = await replay(task, load(args.sgd_test, args.limit), user_speakers={"USER"})
+        placements = []
+        gold, predicted, timings = await replay(
+            task, load(args.sgd_test, args.limit), user_speakers={"USER"}, placements=placements
+        )
         report(
             "SGD test (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings
         )
+        report_returns("SGD test", placements)
     if args.tiage_test:
         gold, predicted, timings = await replay(chat, load(args.tiage_test, args.limit), user_speakers=None)
         report("TIAGE test (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)

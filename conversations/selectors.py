@@ -64,14 +64,21 @@ def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
         raise NotFound(f"thread {thread_id} not found for this user") from None
 
 
+RESOLVED_CANDIDATES = 3  # a message may go back to one of the latest resolved threads (and reopen it)
+
+
 def _thread_candidates(*, user_id: int, limit: int) -> QuerySet[Thread]:
-    latest = Thread.objects.filter(user_id=user_id).order_by("-last_activity_at").values("pk")[:1]
+    resolved = (
+        Thread.objects.filter(user_id=user_id, status=Thread.Status.RESOLVED)
+        .order_by("-last_activity_at")
+        .values("pk")[:RESOLVED_CANDIDATES]
+    )
     unresolved = Escalation.objects.filter(thread=OuterRef("pk")).exclude(status=Escalation.Status.RESOLVED)
     return (
         Thread.objects.filter(user_id=user_id)
-        .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk=Subquery(latest)))
+        .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk__in=Subquery(resolved)))
         .annotate(held_by_human=Exists(unresolved))
-        .order_by("-last_activity_at")[: limit + 1]
+        .order_by("-last_activity_at")[: limit + RESOLVED_CANDIDATES]
     )
 
 
@@ -80,16 +87,23 @@ _THREAD_CANDIDATES = PreparedQuery(_thread_candidates)
 
 
 def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
-    """Where a new message may belong, most recently active first: the user's unresolved threads,
-    led by the most recent thread even when it was just resolved ("thanks! one more thing...").
+    """Where a new message may belong, most recently active first: up to ``limit`` of the user's
+    unresolved threads and their ``RESOLVED_CANDIDATES`` most recently resolved ones (the latest
+    thread even when it was just resolved: "thanks! one more thing..."; an earlier resolved one for
+    "back to the printer: the E42 error is back", which reopens it).
 
     One query. Each thread carries ``held_by_human`` (an open or claimed escalation: the bot stays
     silent in it), so the turn need not ask again for the thread it picks.
     """
     threads: list[Thread] = _THREAD_CANDIDATES.run(shape={"limit": limit}, user_id=user.pk)
-    if threads and threads[0].status == Thread.Status.RESOLVED:
-        return threads  # the latest, resolved, then up to ``limit`` unresolved ones
-    return threads[:limit]
+    kept, open_kept = [], 0
+    for thread in threads:
+        if thread.status != Thread.Status.RESOLVED:
+            if open_kept == limit:
+                continue
+            open_kept += 1
+        kept.append(thread)
+    return kept
 
 
 def _live_undecided(*, pending_since: datetime | None, claimed_since: datetime | None) -> Q:

@@ -33,8 +33,16 @@ NEW_TOPIC_CUES = re.compile(
     re.IGNORECASE,
 )
 RETURN_CUES = re.compile(
-    r"\b(back to|going back to|return(ing)? to|about (the|my) (earlier|previous|other)|as for the"
-    r"|regarding (the|my) (earlier|previous))\b",
+    r"\b(back to|going back to|return(ing)? to|about (the|my) (earlier|previous|other|first)|as for the"
+    r"|regarding (the|my) (earlier|previous)|(about|regarding|re) (the|my|that|this) [\w' -]{2,30}"
+    r"(,|:| again\b)|one (last|more) (thing|question) (about|on|regarding))",
+    re.IGNORECASE,
+)
+# The problem of a thread came back ("the E42 error is back", "it's happening again").
+RECURRENCE_CUES = re.compile(
+    r"\b((is|are|'s|'re) back\b(?! (up|online|to normal))|came back|come back|coming back|happen(ed|ing|s)? again"
+    r"|(is|are|was|it'?s|it is) (broken|failing|down|wrong|stuck|missing|gone) again|again\b(?! now)"
+    r"|returned|reappeared|stopped working|same (problem|issue|error) (as|again))",
     re.IGNORECASE,
 )
 
@@ -44,7 +52,9 @@ STILL_BROKEN = re.compile(NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", "")
 CLOSING = re.compile(r"\b(that'?s (all|it|everything)|bye|goodbye|nothing else|all set)\b", re.IGNORECASE)
 
 RETURN_SIMILARITY = 0.45  # a new-topic message this close to an earlier open thread goes back to it
-CUED_RETURN_SIMILARITY = 0.25  # with an explicit "back to ..."
+RESOLVED_RETURN_SIMILARITY = 0.55  # ... to a resolved one (reopened): closer, a new problem may look alike
+CUED_RETURN_SIMILARITY = 0.25  # with an explicit "back to ..." (any earlier thread, resolved ones too)
+RECURRENCE_SIMILARITY = 0.45  # "... is back again": the resolved thread it talks about is reopened
 RESOLVE_OTHER_SIMILARITY = 0.40  # a resolution this close to a non-active thread resolves that one
 DORMANT_RETURN_SIMILARITY = 0.30
 # A statement of a new problem ("I was charged twice on my invoice") carries no request cue, so the
@@ -68,7 +78,7 @@ class Candidate:
 @dataclass(frozen=True)
 class ThreadDecision:
     event: str
-    thread_id: Any | None  # None: open a new thread
+    thread_id: Any | None  # None: open a new thread; a resolved thread given here is reopened
     confidence: float
     signals: dict[str, Any] = field(default_factory=dict)
 
@@ -114,14 +124,32 @@ def decide_thread(
         "similarities": {str(c.thread_id): s for c, s in zip(candidates, sims, strict=True)},
         "active_idle_seconds": round(idle.total_seconds(), 1),
     }
-    open_others = [(s, c) for s, c in zip(sims[1:], candidates[1:], strict=True) if not c.resolved]
+    others = list(zip(sims[1:], candidates[1:], strict=True))
+    open_others = [(s, c) for s, c in others if not c.resolved]
     best_other = max(open_others, key=lambda pair: pair[0], default=(0.0, None))
+    # Any earlier thread, resolved ones included: a return to one reopens it.
+    best_earlier = max(others, key=lambda pair: pair[0], default=(0.0, None))
 
     if NEW_TOPIC_CUES.search(text):
         return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 0.9, {**signals, "reason": "new-topic cue"})
-    if RETURN_CUES.search(text) and best_other[1] is not None and best_other[0] >= CUED_RETURN_SIMILARITY:
+    if RETURN_CUES.search(text) and best_earlier[1] is not None and best_earlier[0] >= CUED_RETURN_SIMILARITY:
+        # the cue names a thread other than the active one: the closest earlier one (not a bare
+        # "regarding the ..." that talks about the active thread itself)
+        if best_earlier[0] > sims[0] or re.search(r"\b(back|return)", text, re.IGNORECASE):
+            reason = "return cue" + (" (reopens a resolved thread)" if best_earlier[1].resolved else "")
+            return ThreadDecision(
+                ThreadEvent.RETURN, best_earlier[1].thread_id, 0.85, {**signals, "reason": reason}
+            )
+    recurring = [(s, c) for s, c in others if c.resolved and s >= RECURRENCE_SIMILARITY and s > sims[0]]
+    # "stopped working again" is no fix, though "working again" reads as one
+    claims_fix = bool(FIX_CUE.search(re.sub(r"stopped working", "", text, flags=re.IGNORECASE)))
+    if RECURRENCE_CUES.search(text) and recurring and not claims_fix:
+        similarity, thread = max(recurring, key=lambda pair: pair[0])
         return ThreadDecision(
-            ThreadEvent.RETURN, best_other[1].thread_id, 0.85, {**signals, "reason": "return cue"}
+            ThreadEvent.RETURN,
+            thread.thread_id,
+            round(similarity, 4),
+            {**signals, "reason": "the problem of a resolved thread came back (reopens it)"},
         )
     if p_res >= model.resolution.threshold and not_fixed_yet(text):
         signals["resolution_vetoed"] = "not fixed yet"
@@ -137,10 +165,16 @@ def decide_thread(
             ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason}
         )
     if p_new >= model.new_topic.threshold:
-        if best_other[1] is not None and best_other[0] >= RETURN_SIMILARITY:
+        close = [
+            (s, c)
+            for s, c in others
+            if s >= (RESOLVED_RETURN_SIMILARITY if c.resolved else RETURN_SIMILARITY)
+        ]
+        if close:
+            similarity, thread = max(close, key=lambda pair: pair[0])
             return ThreadDecision(
                 ThreadEvent.RETURN,
-                best_other[1].thread_id,
+                thread.thread_id,
                 round(p_new, 4),
                 {**signals, "reason": "new for the active thread, close to an earlier one"},
             )

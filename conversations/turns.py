@@ -51,6 +51,7 @@ def message_place(
     message to it. The thread activity of the event is recorded. With ``claim``, the same write
     claims the message for this turn (``processing``; see ``message_claim_locked``).
     """
+    reopened = False
     if thread is None:
         thread = conv_services.thread_open(
             user=message.user,
@@ -63,6 +64,7 @@ def message_place(
     elif event == ThreadEvent.RESOLUTION:
         conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
     else:
+        reopened = thread.status == Thread.Status.RESOLVED
         conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
     message.thread = thread
     message.thread_event = event
@@ -87,6 +89,10 @@ def message_place(
     conv_services.thread_activity_record(
         thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
     )
+    if reopened:  # the user came back to a resolved thread: its timeline says it was reopened
+        conv_services.thread_activity_record(
+            thread=thread, kind=ThreadActivity.Kind.REOPENED, message=message, actor=ThreadActivity.Actor.USER
+        )
     return thread
 
 

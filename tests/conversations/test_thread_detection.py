@@ -18,7 +18,7 @@ from django.utils import timezone
 from agentflow import AgentFrameworkBuilder, IntentCategory, pipeline
 from agentflow.embeddings import get_embedder
 from conversations import selectors
-from conversations.models import ChatSession, EndUser, Message, Thread
+from conversations.models import ChatSession, EndUser, Message, Thread, ThreadActivity
 from conversations.thread_detection import Candidate, decide_thread
 from conversations.thread_features import ThreadState, content_words, load_model
 
@@ -154,6 +154,49 @@ def test_message_about_an_earlier_thread_returns_to_it() -> None:
     assert decision.signals["reason"] == "return cue"
 
 
+PRINTER = "My printer shows error E42 and won't print double-sided"
+TONER = "By the way, how do I order new toner cartridges?"
+
+
+def _resolved(name: str, text: str, idle_minutes: float = 5) -> Candidate:
+    c = _candidate(name, text, idle_minutes)
+    return Candidate(c.thread_id, c.state, c.last_activity_at, resolved=True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Back to the printer: the E42 error is back",
+        "The E42 error on my printer came back",
+        "My printer stopped working again, E42 on the display",
+        "Going back to the printer, does the duplex roller need cleaning every month?",
+    ],
+)
+def test_a_return_to_a_resolved_thread_reopens_it_rather_than_opening_one(text: str) -> None:
+    decision = _decide(text, _candidate("toner", TONER), _resolved("printer", PRINTER))
+
+    assert (decision.event, decision.thread_id) == ("RETURN", "printer")
+    assert "reopens" in decision.signals["reason"]
+
+
+def test_a_new_problem_is_not_sent_back_to_a_resolved_thread() -> None:
+    decision = _decide(
+        "I was charged twice on my invoice", _candidate("toner", TONER), _resolved("printer", PRINTER)
+    )
+
+    assert (decision.event, decision.thread_id) == ("NEW_TOPIC", None)
+
+
+def test_a_fix_of_the_active_thread_is_not_a_recurrence_of_a_resolved_one() -> None:
+    decision = _decide(
+        "The printer works again after the update, thanks",
+        _candidate("printer2", "My printer is offline after the update"),
+        _resolved("printer", PRINTER),
+    )
+
+    assert (decision.event, decision.thread_id) == ("RESOLUTION", "printer2")
+
+
 def test_short_reply_follows_a_fresh_thread_but_not_a_stale_one() -> None:
     fresh = _decide("ok", _candidate("login", LOGIN, idle_minutes=29))
     stale = _decide("ok", _candidate("login", LOGIN, idle_minutes=31))
@@ -260,6 +303,53 @@ async def test_seed_scripted_conversation() -> None:
     assert (again["thread_event"], again["thread_id"]) == ("FOLLOW_UP", login_id)
     reopened = await _thread(login_id)
     assert (reopened.status, reopened.resolved_at) == ("open", None)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_return_to_an_earlier_resolved_thread_reopens_it_and_says_so() -> None:
+    agent = await _agent({"fallback_config": {"escalate": False}})
+    printer = await agent.process_message(user_id="carol", message=PRINTER)
+    fixed = await agent.process_message(
+        user_id="carol", message="Thanks, cleaning the roller fixed the E42 error!"
+    )
+    toner = await agent.process_message(user_id="carol", message=TONER)
+    back = await agent.process_message(user_id="carol", message="Back to the printer: the E42 error is back")
+
+    assert (fixed["thread_event"], fixed["thread_id"]) == ("RESOLUTION", printer["thread_id"])
+    assert toner["thread_event"] == "NEW_TOPIC" and toner["thread_id"] != printer["thread_id"]
+    assert (back["thread_event"], back["thread_id"]) == ("RETURN", printer["thread_id"])
+    thread = await _thread(printer["thread_id"])
+    assert (thread.status, thread.resolved_at, thread.resolution) == ("open", None, "")
+    kinds = [a.kind async for a in ThreadActivity.objects.filter(thread=thread).order_by("created_at", "pk")]
+    assert kinds == ["opened", "resolved", "returned", "reopened"]
+    assert await Thread.objects.filter(user__external_id="carol").acount() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_candidates_keep_the_latest_resolved_threads_and_the_open_ones() -> None:
+    agent = await _agent({"fallback_config": {"escalate": False}})
+    await agent.process_message(user_id="dave", message=LOGIN)
+    user = await EndUser.objects.aget(external_id="dave")
+    thread = await Thread.objects.aget(user=user)
+    session = await ChatSession.objects.aget(user=user)
+    now = timezone.now()
+    made = [
+        await Thread.objects.acreate(
+            user=user,
+            session=session,
+            topic=f"resolved {i}",
+            status=Thread.Status.RESOLVED,
+            last_activity_at=now - timedelta(minutes=i + 1),
+        )
+        for i in range(5)
+    ]
+
+    candidates = await sync_to_async(selectors.thread_candidates)(user=user)
+
+    # the open thread, then the three most recently resolved; older resolved ones are left out
+    assert [t.pk for t in candidates] == [thread.pk] + [t.pk for t in made[:3]]
+    one = await sync_to_async(selectors.thread_candidates)(user=user, limit=1)
+    assert [t.pk for t in one] == [thread.pk] + [t.pk for t in made[:3]]
 
 
 @pytest.mark.django_db(transaction=True)
