@@ -4,9 +4,10 @@ An optional candidate measured against the default MiniLM (``bench/encoder_eval.
 docs/configuration.md, "Sentence encoder"). The packages carry one zip archive split in five
 (``all-mpnet-base-v2.zip.001`` .. ``.005``) holding the upstream sentence-transformers folder: fp32
 ``model.safetensors``, ``tokenizer.json`` and the model card (Apache-2.0). There is no ONNX graph and
-no PyTorch here, so the forward pass is written out in NumPy (BLAS matrix products), exactly as
-``transformers``' ``MPNetModel`` computes it in eval mode, followed by sentence-transformers' mean
-pooling and L2 normalisation.
+no PyTorch here, so the forward pass is written out in NumPy (BLAS matrix products), following
+``transformers``' ``MPNetModel`` in eval mode (relative position buckets, post-LayerNorm, erf GELU),
+then sentence-transformers' mean pooling and L2 normalisation. It has not been compared with a
+PyTorch run (none on this machine); its BANKING77 accuracy in ``bench/encoder_eval.py`` is the check.
 
 The first load joins the parts into ``AGENTFLOW_MODEL_CACHE`` (default
 ``~/.cache/agentflow/models``), checks the weights' SHA-256 against the upstream file's, and
