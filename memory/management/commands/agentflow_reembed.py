@@ -46,7 +46,10 @@ class Command(BaseCommand):
             "--batch-size", type=int, default=256, help="memories per batch and transaction (1-10000)"
         )
         parser.add_argument("--all", action="store_true", dest="everything", help="re-embed every memory")
-        parser.add_argument("--embedder", help="dotted path of the embedder (default: AGENTFLOW['EMBEDDER'])")
+        parser.add_argument(
+            "--embedder",
+            help="name (minilm, e5-small, ...) or dotted path of the embedder (default: AGENTFLOW['EMBEDDER'])",
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     def handle(
