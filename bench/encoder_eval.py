@@ -1,6 +1,6 @@
 """Sentence encoders side by side: intent accuracy and CPU per message, for each installed backend.
 
-    python bench/encoder_eval.py [--encoders minilm,e5-small,paraphrase-l3,mpnet] [--datasets ../shared/datasets]
+    python bench/encoder_eval.py [--encoders minilm,e5-small,paraphrase-l3] [--datasets ../shared/datasets]
                                  [--speed-messages 200] [--speed-only]
 
 For every name in ``agentflow.embeddings.EMBEDDERS`` (or the ones given) whose package is installed

