@@ -77,16 +77,30 @@ class _Compiled:
         # Later runs skip the compile: the compiler answers with the stored SQL and new parameters.
         self.next_params: list[Any] = self.params
         self.compiler.as_sql = self._as_sql
+        # Each run asks for the row converters of the same select list: ask Django once.
+        self._converters: dict[tuple[int, ...], Any] = {}
+        self._get_converters = self.compiler.get_converters
+        self.compiler.get_converters = self._converters_of
 
     def _as_sql(self, *args: Any, **kwargs: Any) -> tuple[str, list[Any]]:
         return self.sql, self.next_params
+
+    def _converters_of(self, expressions: list[Any]) -> Any:
+        key = tuple(map(id, expressions))
+        if (found := self._converters.get(key)) is None:
+            # Keyed by identity: keep the expressions alive with their converters.
+            found = self._converters[key] = (self._get_converters(expressions), list(expressions))
+        return found[0]
 
     def run(self, values: dict[str, Any]) -> list[Any]:
         if self.queryset.query.select_for_update and self.compiler.connection.get_autocommit():
             raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
         params = list(self.params)
+        db_values: dict[str, Any] = {}  # a vector used twice in the SQL is converted once
         for i, name in self.slots:
-            params[i] = _db_value(values[name])
+            if name not in db_values:
+                db_values[name] = _db_value(values[name])
+            params[i] = db_values[name]
         self.next_params = params
         try:
             # The queryset's own iterable (models or values()) over this connection's compiler.

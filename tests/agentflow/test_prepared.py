@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.signals import post_save
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
+from pgvector.django import CosineDistance
 
 from agentflow.prepared import PreparedQuery, create, save_fields
-from conversations.models import ChatSession, EndUser, Message, ThreadActivity
+from conversations.models import EMBEDDING_DIMENSIONS, ChatSession, EndUser, Message, Thread, ThreadActivity
 from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
 
 pytestmark = pytest.mark.django_db
@@ -183,3 +185,34 @@ def test_a_model_with_save_receivers_takes_the_orm_path_and_they_run() -> None:
     finally:
         post_save.disconnect(receiver, sender=Message)
     assert seen == [("hello", True), ("hello", False)]
+
+
+def _nearest_threads(*, user_id: int, embedding: object) -> QuerySet[Thread]:
+    return (
+        Thread.objects.filter(user_id=user_id)
+        .annotate(
+            d_topic=CosineDistance("topic_embedding", embedding),
+            d_last=CosineDistance("last_user_embedding", embedding),
+        )
+        .order_by("d_topic")
+    )
+
+
+def test_vectors_read_and_passed_twice_in_one_query_match_the_orm_every_run() -> None:
+    rng = np.random.default_rng(7)
+    vectors = [rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32) for _ in range(3)]
+    first, second = ThreadFactory(topic_embedding=vectors[0]), ThreadFactory(topic_embedding=vectors[1])
+    ThreadFactory(user=first.user, session=first.session, topic_embedding=vectors[2])
+    query = PreparedQuery(_nearest_threads)
+    for thread, probe in ((first, vectors[1]), (second, vectors[2]), (first, vectors[0])):
+        rows = query.run(user_id=thread.user_id, embedding=probe)
+        expected = list(_nearest_threads(user_id=thread.user_id, embedding=probe))
+        assert [(t.pk, t.topic_embedding, t.d_topic, t.d_last) for t in rows] == [
+            (t.pk, t.topic_embedding, t.d_topic, t.d_last) for t in expected
+        ]
+        assert isinstance(rows[0].topic_embedding, list) and rows[0].d_topic == pytest.approx(
+            1
+            - float(np.dot(probe, rows[0].topic_embedding))
+            / float(np.linalg.norm(probe) * np.linalg.norm(rows[0].topic_embedding)),
+            abs=1e-5,
+        )
