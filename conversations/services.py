@@ -12,6 +12,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
+from agentflow import prepared
 from agentflow.embeddings import get_embedder
 from agentflow.errors import InvalidInput
 from agentflow.jobs import queue_on_commit
@@ -219,7 +220,8 @@ def message_receive(
                 # messages after an expiry) open one session between them.
                 EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
                 session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
-            message = Message.objects.create(
+            message = prepared.create(
+                Message,
                 user=user,
                 session=session,
                 role=Message.Role.USER,
@@ -315,7 +317,8 @@ def _vocabulary(existing: list[str], text: str) -> list[str]:
 def thread_open(
     *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime, intent: str = ""
 ) -> Thread:
-    return Thread.objects.create(
+    return prepared.create(
+        Thread,
         user=user,
         session=session,
         topic=text[:255],
@@ -342,7 +345,7 @@ def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now:
         thread.resolved_at = None
         thread.resolution = ""  # the old resolution no longer describes a thread that is open again
         fields += ["status", "resolved_at", "resolution"]
-    thread.save(update_fields=fields)
+    prepared.save_fields(thread, fields)
     return thread
 
 
@@ -476,7 +479,8 @@ def thread_activity_record(
     detail: dict[str, Any] | None = None,
 ) -> ThreadActivity:
     """Store one event of a thread's life, for its timeline and for analytics."""
-    return ThreadActivity.objects.create(
+    return prepared.create(
+        ThreadActivity,
         thread=thread,
         user_id=thread.user_id,
         kind=kind,

@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from agentflow import prepared
 from agentflow.types import ThreadEvent
 
 from . import handoff
@@ -85,7 +86,7 @@ def message_place(
     if claim:
         message.status, message.processing_started_at, message.error = Message.Status.PROCESSING, now, ""
         fields += ["status", "processing_started_at", "error"]
-    message.save(update_fields=fields)
+    prepared.save_fields(message, fields)
     conv_services.thread_activity_record(
         thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
     )
@@ -144,7 +145,8 @@ def turn_finish(
     escalated = bool(reply_fields.get("escalated"))
     try:
         with transaction.atomic():
-            reply = Message.objects.create(
+            reply = prepared.create(
+                Message,
                 user=message.user,
                 session_id=message.session_id,
                 thread_id=message.thread_id,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pytest
-from django.db import transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.signals import post_save
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
+from pgvector.django import CosineDistance
 
-from agentflow.prepared import PreparedQuery
-from conversations.models import ChatSession, Message
-from tests.conversations.factories import ChatSessionFactory, MessageFactory
+from agentflow.prepared import PreparedQuery, create, save_fields
+from conversations.models import EMBEDDING_DIMENSIONS, ChatSession, EndUser, Message, Thread, ThreadActivity
+from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -85,3 +88,131 @@ def test_a_locking_query_outside_a_transaction_is_refused_every_time() -> None:
         assert [m.pk for m in query.run(pk=message.pk)] == [message.pk]
     with pytest.raises(TransactionManagementError):
         query.run(pk=message.pk)
+
+
+# --- writes: create() and save_fields() ----------------------------------------------------------
+
+
+def _row(model: type, pk: object) -> dict[str, object]:
+    return model.objects.filter(pk=pk).values().get()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_create_stores_the_row_the_orm_stores_each_time() -> None:
+    session = ChatSessionFactory()
+    for content in ("first", "second"):  # the second reuses the compiled INSERT
+        fields = {
+            "user": session.user,
+            "session": session,
+            "role": Message.Role.USER,
+            "content": content,
+            "status": Message.Status.PENDING,
+            "thread_signals": {"a": [1, 2]},
+            "model": "m-1",  # a field of Message named like create()'s first argument
+        }
+        ours, theirs = create(Message, **fields), Message.objects.create(**fields)
+        assert not ours._state.adding and ours._state.db == "default"
+        mine, orm = _row(Message, ours.pk), _row(Message, theirs.pk)
+        assert mine.pop("id") == ours.pk and orm.pop("id") == theirs.pk
+        assert mine.pop("created_at") == ours.created_at
+        orm.pop("created_at")
+        assert mine == orm
+
+
+def test_create_returns_the_database_generated_key() -> None:
+    thread = ThreadFactory()
+    first = create(ThreadActivity, thread=thread, user_id=thread.user_id, kind=ThreadActivity.Kind.OPENED)
+    second = create(ThreadActivity, thread=thread, user_id=thread.user_id, kind=ThreadActivity.Kind.FOLLOW_UP)
+    assert isinstance(first.pk, int) and second.pk > first.pk
+    assert _row(ThreadActivity, second.pk)["kind"] == "follow_up"
+
+
+def test_create_refuses_an_unsaved_related_object_and_stores_nothing() -> None:
+    session = ChatSessionFactory()
+    unsaved = EndUser(agent=session.user.agent, external_id="not-saved")
+    before = Message.objects.count()
+    with pytest.raises(ValueError, match="unsaved related object"):
+        create(Message, user=unsaved, session=session, role="user", content="x")
+    assert Message.objects.count() == before
+
+
+def test_create_keeps_a_constraint_violation_an_integrity_error() -> None:
+    session = ChatSessionFactory()
+    fields = {"user": session.user, "session": session, "role": "user", "content": "x"}
+    create(Message, client_message_id="c-1", **fields)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        create(Message, client_message_id="c-1", **fields)
+    assert Message.objects.filter(client_message_id="c-1").count() == 1
+
+
+def test_save_fields_writes_only_those_fields() -> None:
+    message = MessageFactory(content="kept", intent="")
+    other = Message.objects.get(pk=message.pk)
+    other.content = "changed elsewhere"
+    other.save(update_fields=["content"])
+    for intent in ("billing", "refund"):  # the second reuses the compiled UPDATE
+        message.intent, message.thread_signals, message.content = intent, {"s": intent}, "not saved"
+        save_fields(message, ["intent", "thread_signals"])
+        row = _row(Message, message.pk)
+        assert (row["intent"], row["thread_signals"], row["content"]) == (
+            intent,
+            {"s": intent},
+            "changed elsewhere",
+        )
+
+
+def test_save_fields_of_a_deleted_row_raises_like_the_orm() -> None:
+    message = MessageFactory()
+    Message.objects.filter(pk=message.pk).delete()
+    message.intent = "billing"
+    with pytest.raises(DatabaseError, match="did not affect any rows"):
+        save_fields(message, ["intent"])
+    with pytest.raises(ValueError, match="do not exist"):
+        save_fields(message, ["no_such_field"])
+
+
+def test_a_model_with_save_receivers_takes_the_orm_path_and_they_run() -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def receiver(sender: type, instance: Message, created: bool = False, **kwargs: object) -> None:
+        seen.append((instance.content, created))
+
+    session = ChatSessionFactory()
+    post_save.connect(receiver, sender=Message)
+    try:
+        message = create(Message, user=session.user, session=session, role="user", content="hello")
+        message.intent = "x"
+        save_fields(message, ["intent"])
+    finally:
+        post_save.disconnect(receiver, sender=Message)
+    assert seen == [("hello", True), ("hello", False)]
+
+
+def _nearest_threads(*, user_id: int, embedding: object) -> QuerySet[Thread]:
+    return (
+        Thread.objects.filter(user_id=user_id)
+        .annotate(
+            d_topic=CosineDistance("topic_embedding", embedding),
+            d_last=CosineDistance("last_user_embedding", embedding),
+        )
+        .order_by("d_topic")
+    )
+
+
+def test_vectors_read_and_passed_twice_in_one_query_match_the_orm_every_run() -> None:
+    rng = np.random.default_rng(7)
+    vectors = [rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32) for _ in range(3)]
+    first, second = ThreadFactory(topic_embedding=vectors[0]), ThreadFactory(topic_embedding=vectors[1])
+    ThreadFactory(user=first.user, session=first.session, topic_embedding=vectors[2])
+    query = PreparedQuery(_nearest_threads)
+    for thread, probe in ((first, vectors[1]), (second, vectors[2]), (first, vectors[0])):
+        rows = query.run(user_id=thread.user_id, embedding=probe)
+        expected = list(_nearest_threads(user_id=thread.user_id, embedding=probe))
+        assert [(t.pk, t.topic_embedding, t.d_topic, t.d_last) for t in rows] == [
+            (t.pk, t.topic_embedding, t.d_topic, t.d_last) for t in expected
+        ]
+        assert isinstance(rows[0].topic_embedding, list) and rows[0].d_topic == pytest.approx(
+            1
+            - float(np.dot(probe, rows[0].topic_embedding))
+            / float(np.linalg.norm(probe) * np.linalg.norm(rows[0].topic_embedding)),
+            abs=1e-5,
+        )
