@@ -7,10 +7,12 @@ connections to the LLM provider across tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -38,16 +40,56 @@ def take_thread_loops() -> list[asyncio.AbstractEventLoop]:
     return loops
 
 
-def thread_db_executor() -> ThreadPoolExecutor:
+class _ReleasingExecutor(Executor):
+    """A one-thread executor whose thread gives its database connections back to the pool after
+    every call (outside a transaction), so it holds none while its caller awaits the LLM."""
+
+    def __init__(self) -> None:
+        self._inner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-db")
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return self._inner.submit(_call_and_release, functools.partial(fn, *args, **kwargs), pooled_only=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._inner.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def release_connections(*, pooled_only: bool = False) -> None:
+    """Give this thread's database connections back to the pool (close them), except one inside a
+    transaction; with ``pooled_only``, keep a connection that has no pool (reopening it would cost a
+    new PostgreSQL session per call)."""
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            continue
+        if pooled_only and not connection.settings_dict["OPTIONS"].get("pool"):
+            continue
+        # A connection that fails to close is dropped all the same (Django forgets it, the pool's
+        # check discards it); the step's own result or error is what the caller gets.
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def _call_and_release(call: Callable[[], T], *, pooled_only: bool = False) -> T:
+    try:
+        return call()
+    finally:
+        release_connections(pooled_only=pooled_only)
+
+
+def thread_db_executor() -> Executor:
     """This thread's own one-thread executor for database work its event loop awaits.
 
     Django refuses ORM calls on a thread whose event loop is running, so a worker thread that awaits
-    the LLM on its loop does its database steps here: one extra thread (and one database connection)
-    per worker thread, not a thread per step.
+    the LLM on its loop does its database steps here: one extra thread per worker thread, not a
+    thread per step. The thread gives its connection back to the pool after each step, so a worker
+    thread holds no database connection while its turn awaits the LLM: the worker's threads (turns
+    in flight) and its database pool (database steps at once) are sized apart.
     """
     executor = getattr(_local, "db_executor", None)
     if executor is None:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-db")
+        executor = _ReleasingExecutor()
         _local.db_executor = executor
     return executor
 
@@ -111,14 +153,8 @@ async def run_db(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     if sync_caller_waits():
         return await DatabaseSyncToAsync(func)(*args, **kwargs)
 
-    def call_and_release() -> T:
-        from django.db import connections
-
-        try:
-            return func(*args, **kwargs)
-        finally:
-            for connection in connections.all(initialized_only=True):
-                if not connection.in_atomic_block:
-                    connection.close()
-
-    return await sync_to_async(call_and_release, thread_sensitive=False, executor=shared_db_executor())()
+    return await sync_to_async(
+        functools.partial(_call_and_release, functools.partial(func, *args, **kwargs)),
+        thread_sensitive=False,
+        executor=shared_db_executor(),
+    )()

@@ -105,9 +105,10 @@ def database_settings() -> dict[str, Any]:
     import dj_database_url
 
     url = env_str("DATABASE_URL")
-    # Each Celery worker thread holds a connection while it runs a turn; leave room for the rest.
-    concurrency = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
-    pool_max = env_int("AGENTFLOW_DB_POOL_MAX", min(concurrency + 4, 90), minimum=1, maximum=90)
+    # A turn's database steps give their connection back between steps (agentflow.loops), but a
+    # follow-up job holds one for its whole run: one connection per thread up to 32, then shared.
+    concurrency = env_int("AGENTFLOW_WORKER_CONCURRENCY", 64, minimum=1, maximum=200)
+    pool_max = env_int("AGENTFLOW_DB_POOL_MAX", min(concurrency, 32) + 4, minimum=1, maximum=90)
     # Connections each process keeps open while idle (0: none once the pool has shrunk back).
     pool_min = env_int("AGENTFLOW_DB_POOL_MIN", min(1, pool_max), minimum=0, maximum=90)
     if pool_min > pool_max:

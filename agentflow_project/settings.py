@@ -156,7 +156,9 @@ CHANNEL_LAYERS = {
             "prefix": env_str("AGENTFLOW_CHANNELS_PREFIX", "agentflow"),
             # Messages waiting per channel; a process's WebSockets share one receive channel, so a web
             # process holding many streaming sockets needs more (over it, group_send drops).
-            "capacity": env_int("AGENTFLOW_CHANNEL_CAPACITY", 1000, minimum=100, maximum=100_000),
+            # 1000 dropped replies' final events for 47 of 1,500 turns at 500 streaming sockets, 25 turns/s on a
+            # CPU-bound web process (bench/production_load.py --load chat500); 10,000 dropped none.
+            "capacity": env_int("AGENTFLOW_CHANNEL_CAPACITY", 10_000, minimum=100, maximum=100_000),
             "expiry": 60,
         },
     }
@@ -184,7 +186,8 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
-CELERY_WORKER_CONCURRENCY = env_int("AGENTFLOW_WORKER_CONCURRENCY", 16, minimum=1, maximum=200)
+# Threads = turns in flight; each waits out its LLM call without a database connection (agentflow.loops).
+CELERY_WORKER_CONCURRENCY = env_int("AGENTFLOW_WORKER_CONCURRENCY", 64, minimum=1, maximum=200)
 CELERY_WORKER_POOL = "threads"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Redis redelivers a turn task not acknowledged after this (a worker killed mid-turn). kombu's default is

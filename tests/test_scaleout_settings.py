@@ -35,12 +35,15 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_the_defaults_follow_the_worker_concurrency(env: pytest.MonkeyPatch) -> None:
     config = database_settings()
 
-    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 20, "timeout": 20}
+    # 64 threads share 36 connections: a turn holds none while it awaits the LLM (agentflow.loops).
+    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 36, "timeout": 20}
     assert config["OPTIONS"]["options"] == "-c hnsw.iterative_scan=relaxed_order"
     assert not config.get("DISABLE_SERVER_SIDE_CURSORS")
 
     env.setenv("AGENTFLOW_WORKER_CONCURRENCY", "8")
     assert database_settings()["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 12, "timeout": 20}
+    env.setenv("AGENTFLOW_WORKER_CONCURRENCY", "200")
+    assert database_settings()["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 36, "timeout": 20}
 
 
 def test_pool_min_max_and_wait_are_set_per_process(env: pytest.MonkeyPatch) -> None:
@@ -99,7 +102,8 @@ def test_behind_pgbouncer_no_session_state_and_no_server_side_cursors(
     assert config["DISABLE_SERVER_SIDE_CURSORS"] is True
     assert "options" not in config["OPTIONS"]  # PgBouncer refuses (or drops) the startup parameter
     assert "prepare_threshold" not in config["OPTIONS"]  # Django's default: no prepared statements
-    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 20, "timeout": 20}
+    # 64 threads share 36 connections: a turn holds none while it awaits the LLM (agentflow.loops).
+    assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 36, "timeout": 20}
 
 
 def _settings_value(expression: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
@@ -123,7 +127,7 @@ def _settings_value(expression: str, tmp_path: Path, **variables: str) -> subpro
 def test_the_channel_layer_capacity_comes_from_the_environment(tmp_path: Path) -> None:
     expression = "s.CHANNEL_LAYERS['default']['CONFIG']['capacity']"
 
-    assert _settings_value(expression, tmp_path).stdout.strip() == "1000"
+    assert _settings_value(expression, tmp_path).stdout.strip() == "10000"
     assert _settings_value(expression, tmp_path, AGENTFLOW_CHANNEL_CAPACITY="5000").stdout.strip() == "5000"
     too_small = _settings_value(expression, tmp_path, AGENTFLOW_CHANNEL_CAPACITY="50")
     assert too_small.returncode != 0

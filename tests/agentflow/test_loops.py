@@ -38,3 +38,51 @@ async def test_an_exception_in_the_step_reaches_the_caller() -> None:
 
     with pytest.raises(ValueError, match="no such row"):
         await run_db(broken)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_threads_database_thread_holds_no_connection_between_steps() -> None:
+    # A Celery worker thread awaits the LLM between its database steps: its database thread gives the
+    # connection back to the pool after each step, so threads in flight do not each hold one.
+    from django.db import connection
+
+    from agentflow.loops import thread_db_executor
+
+    assert connection.settings_dict["OPTIONS"].get("pool"), "the tests run with a pool"
+    db = thread_db_executor()
+
+    def query() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+
+    assert db.submit(query).result() > 0
+    assert db.submit(lambda: connection.connection).result() is None
+    # The same thread each time (one database thread per worker thread).
+    assert db.submit(threading.get_ident).result() == db.submit(threading.get_ident).result()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_inside_a_transaction_keeps_its_connection() -> None:
+    from django.db import connection, transaction
+
+    from agentflow.loops import release_connections
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        release_connections()
+        assert connection.connection is not None  # the transaction goes on
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 2")
+            assert cursor.fetchone() == (2,)
+
+
+def test_an_exception_in_a_worker_step_reaches_the_caller() -> None:
+    from agentflow.loops import thread_db_executor
+
+    def broken() -> None:
+        raise ValueError("no such message")
+
+    with pytest.raises(ValueError, match="no such message"):
+        thread_db_executor().submit(broken).result()
