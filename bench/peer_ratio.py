@@ -48,6 +48,9 @@ os.environ.setdefault("DJANGO_DEBUG", "false")
 os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
 os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "localhost")
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"  # the bench sends faster than a person
+
+from stack import children_of, cpu_seconds  # noqa: E402  (bench/stack.py)
+
 os.environ.setdefault("AGENTFLOW_CHANNELS_PREFIX", f"bench-{ROOT.name}")
 os.environ.setdefault("AGENTFLOW_CACHE_PREFIX", f"bench-{ROOT.name}")
 os.environ.setdefault("AGENTFLOW_CELERY_QUEUE", f"bench-peer-ratio-{os.getpid()}")
@@ -66,34 +69,6 @@ BENCH_CONFIG = {
 
 
 # --- CPU of processes, from /proc ------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children_of(root: int) -> list[int]:
-    """``root`` and every process below it (PostgreSQL's postmaster and its backends)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(parents.get(pid, []))
-    return found
 
 
 def machine_busy_seconds() -> float:

