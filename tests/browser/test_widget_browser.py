@@ -424,6 +424,7 @@ async def test_when_the_assistant_fails_retry_sends_the_same_message_again(
     await failure.get_by_role("button", name="Retry").click()
 
     await expect(page.locator(f"{WIDGET} .af-msg--assistant .af-body")).to_have_text("Second time lucky.")
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant")).not_to_have_attribute("data-streaming", "true")
     await expect(failure).to_have_count(0)
     messages = [frame for frame in sent if frame["type"] == "message"]
     assert [frame["message"] for frame in messages] == ["My login is broken"] * 2
@@ -450,9 +451,10 @@ async def test_a_widget_with_data_agent_chats_with_that_agent(
     await _open_demo(page, live_asgi_url, "?agent=shop")
 
     await _send(page, "Where is my order?")
-    await expect(page.locator(f"{WIDGET} .af-msg--assistant").last).to_contain_text(
-        "[Offline mode]", timeout=20_000
-    )
+    reply = page.locator(f"{WIDGET} .af-msg--assistant").last
+    await expect(reply).to_contain_text("[Offline mode]", timeout=20_000)
+    # The text may arrive streamed before the turn is stored as done; the final `turn` frame ends it.
+    await expect(reply).not_to_have_attribute("data-streaming", "true")
 
     message = await Message.objects.select_related("user__agent").aget(role="user")
     assert (message.user.agent.name, message.content, message.status) == (
