@@ -119,6 +119,8 @@ def test_header_shows_offline_mode_without_a_key(staff_client, settings):
     html = page.content.decode()
     assert "AgentFlow ops console — OFFLINE MODE" in html
     assert 'title="No ANTHROPIC_API_KEY is set' in html
+    # The dashboards row's link stays one word wide (it wrapped letter by letter at 1280 px).
+    assert f'<th scope="row" style="white-space: nowrap"><a href="{reverse("agentflow-analytics")}">' in html
 
 
 def test_admin_requires_staff(client):
