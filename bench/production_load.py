@@ -58,6 +58,7 @@ os.environ.setdefault("AGENT_SESSION_LLM_THREAD_JUDGEMENT", "false")
 os.environ.setdefault("AGENT_CONFIDENCE_LLM_INTENT_JUDGEMENT", "false")
 
 import stack  # noqa: E402  (bench/stack.py)
+from stack import MESSAGES, pct  # noqa: E402
 
 LOADS = {
     "saturate": {"users": 500, "think": 0.0, "messages": 6, "transport": "rest"},
@@ -65,18 +66,6 @@ LOADS = {
     "chat2000": {"users": 2000, "think": 30.0, "messages": 3, "transport": "ws"},
 }
 HANDSHAKE_SECONDS = 60  # a client gives up on a handshake after this, then retries with backoff
-MESSAGES = [
-    "My login is broken, it says invalid password",
-    "How do I configure S3 backups?",
-    "Where is my order? It has not arrived",
-    "I was charged twice this month",
-    "Can I change the email address on my account?",
-]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 @dataclass

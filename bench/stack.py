@@ -26,6 +26,21 @@ LOGS = ROOT / ".data" / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+#: What the load benches' users say, in turn (each message gets a unique marker appended).
+MESSAGES = [
+    "My login is broken, it says invalid password",
+    "How do I configure S3 backups?",
+    "Where is my order? It has not arrived",
+    "I was charged twice this month",
+    "Can I change the email address on my account?",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,20 +42,7 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
 os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
 os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
 
-from stack import Stack, cpu_seconds, raise_open_files, rss_mb  # noqa: E402  (bench/stack.py)
-
-MESSAGES = [
-    "My login is broken, it says invalid password",
-    "How do I configure S3 backups?",
-    "Where is my order? It has not arrived",
-    "I was charged twice this month",
-    "Can I change the email address on my account?",
-]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+from stack import MESSAGES, Stack, cpu_seconds, pct, raise_open_files, rss_mb  # noqa: E402  (bench/stack.py)
 
 
 class Stats:
