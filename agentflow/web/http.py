@@ -63,11 +63,8 @@ def raw_path_problem(raw_path: bytes) -> str | None:
     return None
 
 
-class ApiHttpMiddleware:
-    """See the module docstring. Requests outside ``/api/`` pass through untouched.
-
-    Sync and async capable, so that under ASGI the async views are not pushed onto a thread.
-    """
+class _SyncAndAsync:
+    """A middleware that serves sync and async stacks alike (async under ASGI: no thread hop)."""
 
     sync_capable = True
     async_capable = True
@@ -77,6 +74,16 @@ class ApiHttpMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        raise NotImplementedError
+
+
+class ApiHttpMiddleware(_SyncAndAsync):
+    """See the module docstring. Requests outside ``/api/`` pass through untouched.
+
+    Sync and async capable, so that under ASGI the async views are not pushed onto a thread.
+    """
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if self.is_async:
@@ -140,22 +147,13 @@ class ApiHttpMiddleware:
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(_SyncAndAsync):
     """Give every request an id for the logs (``request_id``), and return it as ``X-Request-ID``.
 
     A well-formed ``X-Request-ID`` from the client or a proxy (1-64 letters, digits, ``._:-``) is kept;
     otherwise a new one is made. The id is bound to the request's logs (``agentflow.logs``) and
     carried into the Celery tasks it queues. Put it first in ``MIDDLEWARE``.
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     @staticmethod
     def _begin(request: HttpRequest) -> str:
