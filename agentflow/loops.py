@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -31,6 +31,15 @@ def thread_loop() -> asyncio.AbstractEventLoop:
         with _loops_lock:
             _loops.append(loop)
     return loop
+
+
+def run_off_database(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` (an LLM call) to completion on this thread's loop, holding no pooled database
+    connection while it waits: a synchronous job (a memory summary) gives its connection back first,
+    so a slow LLM does not starve the worker's turns of connections. Not inside a transaction: there
+    the connection stays, as ``release_connections`` keeps it."""
+    release_connections(pooled_only=True)
+    return thread_loop().run_until_complete(coro)
 
 
 def take_thread_loops() -> list[asyncio.AbstractEventLoop]:

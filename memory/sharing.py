@@ -87,10 +87,11 @@ def global_lesson(*, agent: Any, text: str, thread_id: str) -> tuple[str, dict[s
     scrubbed = scrub_personal_data(text)
     content, how = scrubbed, "scrubbed"
     if not agent.offline:
-        from agentflow.loops import thread_loop  # the worker thread's loop keeps its LLM clients
+        # On the worker thread's loop (it keeps its LLM clients), holding no database connection meanwhile.
+        from agentflow.loops import run_off_database
 
         try:
-            rewritten = thread_loop().run_until_complete(
+            rewritten = run_off_database(
                 llm_lesson_rewrite(llm=agent.llm, config=agent.config.llm_config, lesson=scrubbed)
             )
         except LLMError as exc:

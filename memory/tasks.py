@@ -55,10 +55,11 @@ def _memory_text(
     """
     if agent.offline:
         return extractive, "extractive"
-    from agentflow.loops import thread_loop  # the worker thread's loop keeps its LLM clients
+    # On the worker thread's loop (it keeps its LLM clients), holding no database connection meanwhile.
+    from agentflow.loops import run_off_database
 
     try:
-        summary = thread_loop().run_until_complete(
+        summary = run_off_database(
             llm_memory_summary(
                 llm=agent.llm, config=agent.config.llm_config, thread=thread, messages=messages, ended=ended
             )

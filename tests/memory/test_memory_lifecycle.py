@@ -10,7 +10,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, connections
 from django.urls import reverse
 from django.utils import timezone
 
@@ -103,6 +103,33 @@ def test_online_the_llm_summary_is_remembered(fake_llm) -> None:
     assert "How it ended: resolved: Thanks, that fixed the login!" in prompt
     assert "assistant: Reset your password from Settings, then sign in again." in prompt
     assert not Memory.objects.filter(user__isnull=True).exists()  # global lessons are opt-in
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_summary_job_holds_no_database_connection_while_the_llm_answers(fake_llm, monkeypatch) -> None:
+    # A worker thread writing a memory waits seconds for the LLM: it must not keep one of the pool's
+    # connections the worker's turns need meanwhile (agentflow.loops.run_off_database).
+    import memory.tasks
+    from memory import writing
+
+    held: list[bool] = []
+    summarize = writing.llm_memory_summary
+
+    async def watched(**kwargs):
+        held.append(wrapper.connection is not None)  # this thread's connection, during the call
+        return await summarize(**kwargs)
+
+    monkeypatch.setattr(memory.tasks, "llm_memory_summary", watched)
+    thread = _thread()
+    # This thread's wrapper, taken here: inside the coroutine, ``connection`` names another context's.
+    wrapper = connections["default"]
+    assert wrapper.connection is not None
+    fake_llm.enqueue(FakeReply(text=SUMMARY))
+
+    assert remember_resolution(str(thread.pk)) == "remembered"
+
+    assert held == [False]
+    assert Memory.objects.get(user=thread.user).content == SUMMARY  # the write after it reconnected
 
 
 @pytest.mark.django_db
