@@ -29,6 +29,8 @@ from django.db.models import QuerySet, signals
 from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
 
+from agentflow.vectors import vector_to_db
+
 Builder = Callable[..., QuerySet[Any]]
 
 
@@ -52,9 +54,7 @@ def _stand_in(value: Any) -> Any:
 def _db_value(value: Any) -> Any:
     """How Django passes ``value`` to the driver (vectors go as pgvector's text form)."""
     if isinstance(value, np.ndarray):
-        from pgvector.django import VectorField
-
-        return VectorField().get_prep_value(value)
+        return vector_to_db(value)
     return value
 
 
