@@ -14,6 +14,8 @@ migrations (it deconstructs as pgvector's field) and changes only the transfer:
   significant digits give back every float32 exactly); lists and pgvector ``Vector`` objects take
   pgvector's own path, as before.
 
+``CosineDistance`` is pgvector's, with an array written the same fast way.
+
 Raw SQL (``QuerySet.raw``, a column read inside a subquery) still gets the text form, which
 ``vector_from_db`` reads too.
 """
@@ -24,7 +26,9 @@ import struct
 from typing import Any
 
 import numpy as np
+from django.db.models import Value
 from pgvector import Vector
+from pgvector.django import CosineDistance as _PgCosineDistance
 from pgvector.django import VectorField as _PgVectorField
 
 _HEADER = struct.Struct(">HH")
@@ -89,3 +93,13 @@ class VectorField(_PgVectorField):
         stored: Any = self.value_from_object(obj)
         value = Vector._to_db(stored)
         return "" if value is None else value
+
+
+class CosineDistance(_PgCosineDistance):
+    """pgvector's ``CosineDistance`` (``<=>``), an array argument written by ``vector_to_db``."""
+
+    def __init__(self, expression: Any, vector: Any, /, **extra: Any) -> None:
+        if isinstance(vector, np.ndarray) and vector.ndim == 1:
+            vector = Value(vector_to_db(vector))
+            self._constructor_args = ((expression, vector), extra)  # hashable: the text, not the array
+        super().__init__(expression, vector, **extra)

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.signals import post_save
 from django.db.transaction import TransactionManagementError
@@ -14,6 +14,7 @@ from django.utils import timezone
 from pgvector.django import CosineDistance
 
 from agentflow.prepared import PreparedQuery, create, save_fields
+from agentflow.vectors import CosineDistance as FastCosineDistance
 from conversations.models import EMBEDDING_DIMENSIONS, ChatSession, EndUser, Message, Thread, ThreadActivity
 from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
 
@@ -216,3 +217,20 @@ def test_vectors_read_and_passed_twice_in_one_query_match_the_orm_every_run() ->
             / float(np.linalg.norm(probe) * np.linalg.norm(rows[0].topic_embedding)),
             abs=1e-5,
         )
+
+
+@pytest.mark.parametrize("distance", [CosineDistance, FastCosineDistance])
+def test_a_vector_in_either_text_form_is_a_parameter_not_a_fallback_to_the_orm(distance: type) -> None:
+    def nearest(*, user_id: int, embedding: object) -> QuerySet[Thread]:
+        return Thread.objects.filter(user_id=user_id).annotate(d=distance("topic_embedding", embedding))
+
+    rng = np.random.default_rng(8)
+    thread = ThreadFactory(topic_embedding=rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32))
+    query = PreparedQuery(nearest)
+    for _ in range(2):
+        probe = rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32)
+        [row] = query.run(user_id=thread.user_id, embedding=probe)
+        [expected] = nearest(user_id=thread.user_id, embedding=probe)
+        assert row.d == expected.d
+    [compiled] = query._by_connection[connections["default"]].values()
+    assert compiled.usable
