@@ -234,3 +234,34 @@ def test_a_vector_in_either_text_form_is_a_parameter_not_a_fallback_to_the_orm(d
         assert row.d == expected.d
     [compiled] = query._by_connection[connections["default"]].values()
     assert compiled.usable
+
+
+def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> None:
+    from conversations.selectors import _THREAD_HISTORY, thread_history
+
+    first = MessageFactory(content="one", role=Message.Role.USER, status=Message.Status.DONE)
+    thread = first.thread
+    later = [
+        MessageFactory(
+            user=first.user, session=first.session, thread=thread, content=text, role=role, status=status
+        )
+        for text, role, status in (
+            ("two", Message.Role.ASSISTANT, Message.Status.DONE),
+            ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
+            ("four", Message.Role.USER, Message.Status.DONE),
+        )
+    ]
+    step = timedelta(seconds=1)
+    for i, message in enumerate([first, *later]):
+        Message.objects.filter(pk=message.pk).update(created_at=timezone.now() - step * (10 - i))
+
+    for _ in range(2):  # the second run reuses the compiled SQL
+        rows = thread_history(thread=thread, limit=5)
+        assert [(r.role, r.content) for r in rows] == [
+            ("user", "one"),
+            ("assistant", "two"),
+            ("user", "four"),
+        ]
+    before = Message.objects.get(pk=later[2].pk)
+    assert [r.content for r in thread_history(thread=thread, limit=1, before=before)] == ["two"]
+    assert all(c.usable for c in _THREAD_HISTORY._by_connection[connections["default"]].values())
