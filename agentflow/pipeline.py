@@ -106,7 +106,7 @@ def accept(
     )
 
 
-def _history_for_llm(messages: list[Message]) -> list[dict[str, str]]:
+def _history_for_llm(messages: list[conv_selectors.HistoryMessage]) -> list[dict[str, str]]:
     """Thread messages as Anthropic turns: alternating roles, starting with the user."""
     turns: list[dict[str, str]] = []
     for m in messages:

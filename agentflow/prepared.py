@@ -28,6 +28,9 @@ from django.db import DatabaseError, connections, router
 from django.db.models import QuerySet, signals
 from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
+from pgvector import Vector
+
+from agentflow.vectors import vector_to_db
 
 Builder = Callable[..., QuerySet[Any]]
 
@@ -49,13 +52,17 @@ def _stand_in(value: Any) -> Any:
     raise TypeError(f"no stand-in for a parameter of type {type(value).__name__}")
 
 
-def _db_value(value: Any) -> Any:
-    """How Django passes ``value`` to the driver (vectors go as pgvector's text form)."""
-    if isinstance(value, np.ndarray):
-        from pgvector.django import VectorField
-
-        return VectorField().get_prep_value(value)
+def _identity(value: Any) -> Any:
     return value
+
+
+def _db_forms(value: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
+    """How Django may pass ``value`` to the driver, each with the function that makes that form.
+    A vector goes as text: written by a ``VectorField`` or ``agentflow.vectors.CosineDistance``
+    (``vector_to_db``), or by pgvector's own distance functions (``Vector.to_text``)."""
+    if isinstance(value, np.ndarray):
+        return [(vector_to_db(value), vector_to_db), (Vector._to_db(value), Vector._to_db)]
+    return [(value, _identity)]
 
 
 class _Compiled:
@@ -67,13 +74,14 @@ class _Compiled:
         self.compiler = queryset.query.get_compiler(using=queryset.db)
         self.sql, params = self.compiler.as_sql()
         self.params = list(params)
-        self.slots: list[tuple[int, str]] = []
-        wanted = {name: _db_value(value) for name, value in stand_ins.items()}
+        self.slots: list[tuple[int, str, Callable[[Any], Any]]] = []
+        wanted = {name: _db_forms(value) for name, value in stand_ins.items()}
         for i, param in enumerate(self.params):
-            for name, db_value in wanted.items():
-                if type(param) is type(db_value) and param == db_value:
-                    self.slots.append((i, name))
-        self.usable = {name for _, name in self.slots} == set(stand_ins)
+            for name, forms in wanted.items():
+                for db_value, convert in forms:
+                    if type(param) is type(db_value) and param == db_value:
+                        self.slots.append((i, name, convert))
+        self.usable = {name for _, name, _ in self.slots} == set(stand_ins)
         # Later runs skip the compile: the compiler answers with the stored SQL and new parameters.
         self.next_params: list[Any] = self.params
         self.compiler.as_sql = self._as_sql
@@ -96,11 +104,11 @@ class _Compiled:
         if self.queryset.query.select_for_update and self.compiler.connection.get_autocommit():
             raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
         params = list(self.params)
-        db_values: dict[str, Any] = {}  # a vector used twice in the SQL is converted once
-        for i, name in self.slots:
-            if name not in db_values:
-                db_values[name] = _db_value(values[name])
-            params[i] = db_values[name]
+        db_values: dict[tuple[str, Any], Any] = {}  # a vector used twice in the SQL is converted once
+        for i, name, convert in self.slots:
+            if (key := (name, convert)) not in db_values:
+                db_values[key] = convert(values[name])
+            params[i] = db_values[key]
         self.next_params = params
         try:
             # The queryset's own iterable (models or values()) over this connection's compiler.

@@ -8,7 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
-from pgvector.django import VectorField
+
+from agentflow.vectors import VectorField
 
 EMBEDDING_DIMENSIONS = 384
 

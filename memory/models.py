@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
-from pgvector.django import HnswIndex, VectorField
+from pgvector.django import HnswIndex
 
+from agentflow.vectors import VectorField
 from conversations.models import EMBEDDING_DIMENSIONS, EndUser
 
 

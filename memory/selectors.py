@@ -10,9 +10,9 @@ import numpy as np
 from django.db import connection, transaction
 from django.db.models import FloatField, Subquery, Value
 from django.utils import timezone
-from pgvector.django import CosineDistance
 
 from agentflow.prepared import PreparedQuery
+from agentflow.vectors import CosineDistance
 from conversations.models import EndUser
 
 from .models import Memory

@@ -8,9 +8,9 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
-from pgvector.django import CosineDistance
 
 from agentflow.embeddings import Embedder
+from agentflow.vectors import CosineDistance
 from conversations.models import EndUser
 
 from .models import Memory

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.signals import post_save
 from django.db.transaction import TransactionManagementError
@@ -14,6 +14,7 @@ from django.utils import timezone
 from pgvector.django import CosineDistance
 
 from agentflow.prepared import PreparedQuery, create, save_fields
+from agentflow.vectors import CosineDistance as FastCosineDistance
 from conversations.models import EMBEDDING_DIMENSIONS, ChatSession, EndUser, Message, Thread, ThreadActivity
 from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
 
@@ -216,3 +217,51 @@ def test_vectors_read_and_passed_twice_in_one_query_match_the_orm_every_run() ->
             / float(np.linalg.norm(probe) * np.linalg.norm(rows[0].topic_embedding)),
             abs=1e-5,
         )
+
+
+@pytest.mark.parametrize("distance", [CosineDistance, FastCosineDistance])
+def test_a_vector_in_either_text_form_is_a_parameter_not_a_fallback_to_the_orm(distance: type) -> None:
+    def nearest(*, user_id: int, embedding: object) -> QuerySet[Thread]:
+        return Thread.objects.filter(user_id=user_id).annotate(d=distance("topic_embedding", embedding))
+
+    rng = np.random.default_rng(8)
+    thread = ThreadFactory(topic_embedding=rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32))
+    query = PreparedQuery(nearest)
+    for _ in range(2):
+        probe = rng.random(EMBEDDING_DIMENSIONS, dtype=np.float32)
+        [row] = query.run(user_id=thread.user_id, embedding=probe)
+        [expected] = nearest(user_id=thread.user_id, embedding=probe)
+        assert row.d == expected.d
+    [compiled] = query._by_connection[connections["default"]].values()
+    assert compiled.usable
+
+
+def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> None:
+    from conversations.selectors import _THREAD_HISTORY, thread_history
+
+    first = MessageFactory(content="one", role=Message.Role.USER, status=Message.Status.DONE)
+    thread = first.thread
+    later = [
+        MessageFactory(
+            user=first.user, session=first.session, thread=thread, content=text, role=role, status=status
+        )
+        for text, role, status in (
+            ("two", Message.Role.ASSISTANT, Message.Status.DONE),
+            ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
+            ("four", Message.Role.USER, Message.Status.DONE),
+        )
+    ]
+    step = timedelta(seconds=1)
+    for i, message in enumerate([first, *later]):
+        Message.objects.filter(pk=message.pk).update(created_at=timezone.now() - step * (10 - i))
+
+    for _ in range(2):  # the second run reuses the compiled SQL
+        rows = thread_history(thread=thread, limit=5)
+        assert [(r.role, r.content) for r in rows] == [
+            ("user", "one"),
+            ("assistant", "two"),
+            ("user", "four"),
+        ]
+    before = Message.objects.get(pk=later[2].pk)
+    assert [r.content for r in thread_history(thread=thread, limit=1, before=before)] == ["two"]
+    assert all(c.usable for c in _THREAD_HISTORY._by_connection[connections["default"]].values())

@@ -108,6 +108,23 @@ def test_users_never_see_each_others_memories(embedder, memories):
 
 
 @pytest.mark.django_db
+def test_the_search_runs_its_compiled_query_every_turn(embedder, memories):
+    """The search is compiled once per connection: its vector must be found among the compiled
+    parameters, or every turn would build and compile the UNION again (same rows, more CPU)."""
+    from django.db import connections
+
+    from memory.selectors import _MEMORY_CANDIDATES
+
+    a, _, _ = memories
+    first = memory_search(user=a, embedding=embedder.embed_one(QUESTION), limit=10, similarity_threshold=0.0)
+    again = memory_search(user=a, embedding=embedder.embed_one(QUESTION), limit=10, similarity_threshold=0.0)
+
+    assert first == again and first
+    compiled = list(_MEMORY_CANDIDATES._by_connection[connections["default"]].values())
+    assert compiled and all(c.usable for c in compiled)
+
+
+@pytest.mark.django_db
 def test_global_memories_reach_every_user(embedder, memories):
     _, _, rows = memories
     newcomer = user_get_or_create(agent_id=default_agent_row().pk, external_id="user-c")
