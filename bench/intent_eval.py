@@ -126,12 +126,16 @@ class CachedEmbedder:
         self.inner = get_embedder()
         self.dimensions = self.inner.dimensions
         self.model_id = self.inner.model_id
+        # The default MiniLM runs a quantized copy of the graph under the same model id; vectors of
+        # the fp32 graph (minilm-fp32) must not be reused for it, nor the other way round.
+        self.graph = str(getattr(self.inner, "graph", ""))
         self.path = path
         self.vectors: dict[str, np.ndarray] = {}
         if path is not None and path.exists():
             try:
                 stored = np.load(path, allow_pickle=False)
-                if str(stored["model_id"]) == self.model_id:
+                stored_graph = str(stored["graph"]) if "graph" in stored else ""
+                if str(stored["model_id"]) == self.model_id and stored_graph == self.graph:
                     self.vectors = dict(zip(stored["texts"].tolist(), stored["vectors"], strict=True))
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
                 print(
@@ -163,6 +167,7 @@ class CachedEmbedder:
         np.savez(
             self.path,
             model_id=np.array(self.model_id),
+            graph=np.array(self.graph),
             texts=np.array(texts),
             vectors=np.stack([self.vectors[t] for t in texts]),
         )

@@ -38,6 +38,7 @@ class ParaphraseL3Embedder(MiniLMEmbedder):
     model_id = "paraphrase-MiniLM-L3-v2-onnx"
     max_tokens = 128
     output_name = "onnx::Shape_422"
+    quantize = False  # measured only as shipped (bench/encoder_eval.py); the default's copy is MiniLM's
 
     def model_path(self) -> str:
         return str(model_path())

@@ -173,7 +173,7 @@ def test_names_resolve_to_their_backends_and_minilm_is_the_default(settings):
     assert resolve_embedder("minilm") == "agentflow.embeddings.MiniLMEmbedder"
     assert resolve_embedder(" e5-small ") == "agentflow.embeddings.e5.E5SmallEmbedder"
     assert resolve_embedder(f"{HERE}.AxisEmbedder") == f"{HERE}.AxisEmbedder"
-    assert set(EMBEDDERS) == {"minilm", "e5-small", "paraphrase-l3"}
+    assert set(EMBEDDERS) == {"minilm", "minilm-fp32", "e5-small", "paraphrase-l3"}
     settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": "minilm"}
     assert isinstance(get_embedder(), MiniLMEmbedder)
 
@@ -182,7 +182,8 @@ def test_names_resolve_to_their_backends_and_minilm_is_the_default(settings):
 def test_an_unknown_name_is_refused_with_the_choices(settings, value):
     settings.AGENTFLOW = {**settings.AGENTFLOW, "EMBEDDER": value or "x"}
     with pytest.raises(
-        ValueError, match=r"AGENTFLOW_EMBEDDER must be one of \['e5-small', 'minilm', 'paraphrase-l3'\] "
+        ValueError,
+        match=r"AGENTFLOW_EMBEDDER must be one of \['e5-small', 'minilm', 'minilm-fp32', 'paraphrase-l3'\] ",
     ):
         get_embedder(value or None)
 

@@ -169,7 +169,7 @@ def test_results_are_ordered_by_similarity_with_exact_scores(embedder, memories)
 def test_similarity_threshold_and_limit(embedder, memories):
     a, _, rows = memories
     query = embedder.embed_one(QUESTION)
-    threshold = 0.3
+    threshold = 0.25  # PASSWORD sits at 0.29 (0.32 with minilm-fp32), COLOUR at 0.09
     assert similarity(embedder, QUESTION, PASSWORD) > threshold > similarity(embedder, QUESTION, COLOUR)
 
     above = memory_search(user=a, embedding=query, limit=10, similarity_threshold=threshold)
@@ -212,7 +212,7 @@ def memory_builder(**memory_config) -> AgentFrameworkBuilder:
         .with_intent_categories(CATEGORIES)
         .with_config(
             {
-                "memory_config": {"similarity_threshold": 0.3, **memory_config},
+                "memory_config": {"similarity_threshold": 0.25, **memory_config},
                 "confidence_config": {"default_threshold": 0.01},
             }
         )
@@ -233,7 +233,7 @@ async def test_turn_uses_the_users_and_global_memories(memories):
         str(rows["password"].pk),
     ]
     assert [m["scope"] for m in used] == ["global", "user", "global"]
-    assert all(m["similarity"] >= 0.3 for m in used)
+    assert all(m["similarity"] >= 0.25 for m in used)
     # Global memories' text came from other users' conversations: the result carries no text of theirs.
     assert [sorted(m) for m in used] == [
         ["id", "kind", "scope", "similarity"],
