@@ -24,6 +24,10 @@ import json
 from pathlib import Path
 
 SUPPORT_PATH = Path(__file__).resolve().parent / "data" / "support_turns.jsonl"
+# A second, separately written set that is never used for tuning or for choosing a setting: scored once
+# before and once after a change (only each dialogue's last user turn counts).
+HOLDOUT_PATH = Path(__file__).resolve().parent / "data" / "support_holdout.jsonl"
+HOLDOUT_SPLIT = "heldout-new"
 
 
 def support_split(dialogue_id: str) -> str:
@@ -39,3 +43,19 @@ def load_support(part: str | None = None, path: Path = SUPPORT_PATH) -> list[dic
         if row["split"] != support_split(row["dialogue_id"]):
             raise ValueError(f"{row['dialogue_id']}: stored split {row['split']!r} disagrees with its hash")
     return [r for r in rows if part is None or r["split"] == part]
+
+
+def load_support_holdout(path: Path = HOLDOUT_PATH) -> list[dict]:
+    """The separate held-out set (bench/data/support_holdout.jsonl), every dialogue marked held out.
+
+    Only the last user turn of each dialogue is scored; the earlier turns set the scene.
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row.get("split") != HOLDOUT_SPLIT:
+            raise ValueError(
+                f"{row['dialogue_id']}: the held-out file holds only {HOLDOUT_SPLIT!r} dialogues"
+            )
+        if row["turns"][-1]["speaker"] != "USER":
+            raise ValueError(f"{row['dialogue_id']}: the scored last turn must be the user's")
+    return rows

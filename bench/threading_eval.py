@@ -2,6 +2,7 @@
 
     python bench/threading_eval.py [--datasets ../shared/datasets] [--limit N]
     python bench/threading_eval.py --support [--part tune|heldout|all]
+    python bench/threading_eval.py --support-holdout   # the separate held-out set, last turn scored
     python bench/threading_eval.py --sgd-test PATH --tiage-test PATH   # held-out files, same format
 
 Each dialogue is replayed as one fresh end user: user turns go through ``agent.detect_thread``
@@ -19,6 +20,11 @@ and prints, for the tuning and the held-out part separately, per-label F1 (RETUR
 shift), the share of resolutions and of topic shifts placed right (the targets: >= 90 %), the share
 right per kind of turn ("thanks-detail", "still-broken", "one-more", ...), and the turns it missed.
 The held-out part is never used by bench/train_thread_model.py.
+
+``--support-holdout`` replays the separate held-out set (bench/data/support_holdout.jsonl: 77 short
+chats in 20 domains, written apart from the tuning data and never used to choose anything) and scores
+only each dialogue's last user turn, as the issue's hidden set is scored: accuracy and F1 per label
+(FOLLOW_UP, NEW_TOPIC with RETURN counted as a topic shift, RESOLUTION), per kind, and the misses.
 """
 
 from __future__ import annotations
@@ -185,6 +191,46 @@ async def support_async(task, parts: list[str]) -> None:
                 print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
 
 
+async def support_holdout_async(task) -> None:
+    """Only the last user turn of each held-out dialogue is scored."""
+    from support_data import load_support_holdout
+
+    dialogues = load_support_holdout()
+    for d in dialogues:
+        for t in d["turns"]:
+            if t["speaker"] == "USER":
+                t["gold_event"] = t["label"]
+                t["label"] = SUPPORT_TO_LABEL.get(t["label"], t["label"])
+    rows: list = []
+    _, _, timings = await replay(task, dialogues, user_speakers={"USER"}, rows=rows)
+    last = {id(d["turns"][-1]) for d in dialogues}
+    scored = [(dialogue_id, t, e) for dialogue_id, t, e in rows if id(t) in last]
+    gold = [t["label"] for _, t, _ in scored]
+    predicted = [TO_LABEL[e] for _, _, e in scored]
+    report(
+        f"support held-out set, last turn only ({len(dialogues)} dialogues; task profile)",
+        gold,
+        predicted,
+        ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"],
+        timings,
+    )
+    for label, name in (
+        ("RESOLUTION", "resolutions"),
+        ("NEW_TOPIC", "topic shifts"),
+        ("CONTINUATION", "follow-ups"),
+    ):
+        hits = [p == label for g, p in zip(gold, predicted, strict=True) if g == label]
+        print(f"  {name + ' right':<26} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
+    print(f"  accuracy {sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold):.3f}")
+    kinds: dict[str, list[bool]] = {}
+    for _, t, e in scored:
+        kinds.setdefault(t["kind"], []).append(TO_LABEL[e] == t["label"])
+    print("  by kind: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
+    for dialogue_id, t, e in scored:
+        if TO_LABEL[e] != t["label"]:
+            print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     from agentflow import AgentFrameworkBuilder
 
@@ -200,6 +246,9 @@ async def main_async(args: argparse.Namespace) -> None:
         .with_config({"name": "eval-chitchat", "session_config": {"threading_profile": "chitchat"}})
         .build(None)
     )
+    if args.support_holdout:
+        await support_holdout_async(task)
+        return
     if args.support:
         await support_async(task, ["tune", "heldout"] if args.part == "all" else [args.part])
         return
@@ -230,6 +279,9 @@ def main() -> None:
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--limit", type=int, default=None, help="dialogues per dataset (default: all)")
     parser.add_argument("--support", action="store_true", help="our support-chat set instead")
+    parser.add_argument(
+        "--support-holdout", action="store_true", help="the separate held-out support set (last turn scored)"
+    )
     parser.add_argument("--part", choices=("tune", "heldout", "all"), default="all")
     parser.add_argument("--sgd-test", type=Path, default=None, help="a held-out SGD-style file to score too")
     parser.add_argument(
