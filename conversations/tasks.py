@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
@@ -150,9 +151,9 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
     final = llm_attempt >= MAX_LLM_RETRIES
     try:
         result = loop.run_until_complete(
-            asyncio.wait_for(
+            _within_limit(
                 _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db),
-                timeout=limits.TURN_SOFT_LIMIT.total_seconds(),
+                seconds=limits.TURN_SOFT_LIMIT.total_seconds(),
             )
         )
     except TimeoutError:
@@ -194,11 +195,41 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
     return str(result["status"])
 
 
+def _time_limit_error() -> str:
+    return f"the turn took longer than {int(limits.TURN_SOFT_LIMIT.total_seconds())} s"
+
+
+async def _within_limit(turn: Coroutine[Any, Any, Any], *, seconds: float) -> Any:
+    """Run ``turn``; past ``seconds``, cancel it and raise ``TimeoutError``.
+
+    The cancellation carries the reason, so the turn's own failure handling (``run_turn`` marks a
+    cancelled turn failed with ``str(exc)``) stores the same error ``_timed_out`` writes, never a bare
+    "CancelledError" that a reader could see in between.
+    """
+    task = asyncio.ensure_future(turn)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel(_time_limit_error())
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError(_time_limit_error()) from None
+        raise
+    finally:
+        timer.cancel()
+
+
 def _timed_out(message_id: str, user_pk: int, db: Executor) -> str:
     """The turn ran past ``TURN_SOFT_LIMIT`` and was cancelled: the message fails, the client is told."""
     seconds = int(limits.TURN_SOFT_LIMIT.total_seconds())
     logger.error("process_turn: message %s ran over %s s and was cancelled", message_id, seconds)
-    db.submit(message_fail, message_id=message_id, error=f"the turn took longer than {seconds} s").result()
+    db.submit(message_fail, message_id=message_id, error=_time_limit_error()).result()
     return _tell_failed(
         user_pk=user_pk,
         message_id=message_id,

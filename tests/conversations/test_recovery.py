@@ -305,6 +305,32 @@ def test_the_task_gives_up_after_a_turn_time_limit(celery_worker, fake_llm, monk
     assert _replies(message) == []
 
 
+def test_a_turn_cancelled_at_the_time_limit_sees_the_reason_not_a_bare_cancellation(monkeypatch) -> None:
+    # run_turn marks a cancelled turn failed with str(exc): the cancellation must carry the time limit's
+    # reason, or the message reads "CancelledError" until the task's own update lands.
+    import asyncio
+
+    from conversations.tasks import _within_limit
+
+    monkeypatch.setattr(limits, "TURN_SOFT_LIMIT", timedelta(seconds=1))
+    seen: list[str] = []
+
+    async def slow_turn() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError as exc:
+            seen.append(str(exc))
+            raise
+
+    async def quick_turn() -> str:
+        return "done"
+
+    with pytest.raises(TimeoutError, match="the turn took longer than 1 s"):
+        asyncio.run(_within_limit(slow_turn(), seconds=0.05))
+    assert seen == ["the turn took longer than 1 s"]
+    assert asyncio.run(_within_limit(quick_turn(), seconds=5)) == "done"
+
+
 # --- ordering --------------------------------------------------------------------------------
 
 
