@@ -347,7 +347,10 @@ def test_a_failed_earlier_message_does_not_block_a_later_one(celery_worker, fake
     assert (_status(earlier), _replies(earlier)) == ("failed", [])
 
 
-def test_a_stuck_earlier_message_does_not_block_a_later_one(celery_worker, fake_llm) -> None:
+def test_a_stuck_earlier_message_does_not_block_a_later_one(celery_worker, fake_llm, monkeypatch) -> None:
+    # Recovery, not threading: one LLM call a turn (placing the parcel question after the refund one
+    # may be close enough for the thread scorer to ask the LLM, which would take a queued reply).
+    monkeypatch.setenv("AGENT_SESSION_LLM_THREAD_JUDGEMENT", "false")
     fake_llm.enqueue(FakeReply(text="Later answered."))
     fake_llm.enqueue(FakeReply(text="Earlier answered."))
     earlier = _accept("r-10", "Where is my parcel?")
