@@ -25,7 +25,7 @@ from agentflow.jobs import queue_turn
 from agentflow.loops import run_db
 
 from . import selectors, services
-from .agents import agent_settings, message_accept
+from .agents import Received, agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
@@ -45,6 +45,25 @@ CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not reconnect
 CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
+
+
+def _accept_and_queue(*, agent: str, user_id: str, message: Any, client_message_id: Any) -> Received:
+    """Store a chat message and queue its turn when it has to run (new, or a failed one sent again).
+
+    One database-thread call instead of three (the agent's settings, the message, the turn): each
+    ``run_db`` is a hop from the event loop to a thread and back (docs/operations.md, "Web process
+    CPU"). The turn's events cannot overtake the ``ack``: the consumer handles one message at a time,
+    so they wait until ``_on_message`` has sent it.
+    """
+    received = message_accept(
+        limits=agent_settings(name=agent),
+        user_id=user_id,
+        message=message,
+        client_message_id=client_message_id,
+    )
+    if received.run:
+        queue_turn(received.message.pk)
+    return received
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -168,10 +187,9 @@ class ChatConsumer(JsonFrameConsumer):
             await self._close_erased()
             return
         try:
-            limits = await run_db(agent_settings, name=self.agent_name)
             received = await run_db(
-                message_accept,
-                limits=limits,
+                _accept_and_queue,
+                agent=self.agent_name,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
@@ -191,9 +209,9 @@ class ChatConsumer(JsonFrameConsumer):
                 "duplicate": not received.created,
             }
         )
-        if received.run:  # new, or a resent failed message (retried)
-            await run_db(queue_turn, message.pk)
-        elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
+        if (
+            message.status == Message.Status.DONE and not received.run
+        ):  # the client may have missed the reply: send it again
             turn = await run_db(selectors.turn_result_for, message_id=message.pk)
             await self._send({"type": "turn", **turn})
 
