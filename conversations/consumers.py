@@ -47,14 +47,20 @@ CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not r
 CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
 
 
-def _accept_and_queue(*, agent: str, user_id: str, message: Any, client_message_id: Any) -> Received:
-    """Store a chat message and queue its turn when it has to run (new, or a failed one sent again).
+def _accept_and_queue(
+    *, claims: ChatTokenClaims, agent: str, user_id: str, message: Any, client_message_id: Any
+) -> Received | None:
+    """Store a chat message and queue its turn when it has to run (new, or a failed one sent again);
+    None, storing nothing, when the user's chat tokens were revoked meanwhile (the user was erased:
+    never re-create them).
 
-    One database-thread call instead of three (the agent's settings, the message, the turn): each
-    ``run_db`` is a hop from the event loop to a thread and back (docs/operations.md, "Web process
-    CPU"). The turn's events cannot overtake the ``ack``: the consumer handles one message at a time,
-    so they wait until ``_on_message`` has sent it.
+    One database-thread call instead of four (the revocation check, the agent's settings, the
+    message, the turn): each hop from the event loop to a thread and back costs CPU
+    (docs/operations.md, "Web process CPU"). The turn's events cannot overtake the ``ack``: the
+    consumer handles one message at a time, so they wait until ``_on_message`` has sent it.
     """
+    if chat_token_revoked(claims=claims):
+        return None
     received = message_accept(
         limits=agent_settings(name=agent),
         user_id=user_id,
@@ -182,13 +188,10 @@ class ChatConsumer(JsonFrameConsumer):
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
-        # Erased meanwhile (the close may still be on its way): store nothing, never re-create the user.
-        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=self.claims):
-            await self._close_erased()
-            return
         try:
             received = await run_db(
                 _accept_and_queue,
+                claims=self.claims,
                 agent=self.agent_name,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
@@ -199,6 +202,9 @@ class ChatConsumer(JsonFrameConsumer):
             return
         except RateLimited as exc:
             await self._error(exc.code, str(exc), retry_after=exc.retry_after, client_message_id=client_id)
+            return
+        if received is None:  # erased meanwhile (the close may still be on its way)
+            await self._close_erased()
             return
         message = received.message
         await self._send(

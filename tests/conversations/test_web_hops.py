@@ -101,6 +101,13 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
         return await run_db(func, *args, **kwargs)
 
     monkeypatch.setattr(consumers, "run_db", run_db_counting)
+    thread_calls: list[str] = []
+
+    def sync_to_async_counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        thread_calls.append(func.__name__)
+        return sync_to_async(func, *args, **kwargs)
+
+    monkeypatch.setattr(consumers, "sync_to_async", sync_to_async_counting)
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
     token = signing.dumps({"u": "hops-bob"}, salt=CHAT_TOKEN_SALT, compress=True)
     communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
@@ -108,16 +115,17 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
     assert connected
     assert (await communicator.receive_json_from())["type"] == "ready"
     database_calls.clear()  # connecting's own calls
+    thread_calls.clear()
 
     await communicator.send_json_to(
         {"type": "message", "message": "Where is my order?", "client_message_id": "h-1"}
     )
     turn, frames = await receive_until(communicator, "turn", timeout=20)
+    during_the_turn = (list(calls), list(database_calls), list(thread_calls))
     await communicator.disconnect()
 
     assert turn["status"] == "done"
     assert frames[0]["type"] == "ack"
-    # Frames from the client and events from the channel layer alike, and none of them hopped.
-    assert calls == []
-    # The message stored and its turn queued in one call on a database thread.
-    assert database_calls == ["_accept_and_queue"]
+    # Frames from the client and events from the channel layer alike, and none of them hopped; the
+    # token checked, the message stored and its turn queued in one call on a database thread.
+    assert during_the_turn == ([], ["_accept_and_queue"], [])
