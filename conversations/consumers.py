@@ -25,7 +25,7 @@ from agentflow.jobs import queue_turn
 from agentflow.loops import run_db
 
 from . import selectors, services
-from .agents import Received, agent_settings, message_accept
+from .agents import agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
@@ -45,31 +45,6 @@ CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not reconnect
 CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
-
-
-def _accept_and_queue(
-    *, claims: ChatTokenClaims, agent: str, user_id: str, message: Any, client_message_id: Any
-) -> Received | None:
-    """Store a chat message and queue its turn when it has to run (new, or a failed one sent again);
-    None, storing nothing, when the user's chat tokens were revoked meanwhile (the user was erased:
-    never re-create them).
-
-    One database-thread call instead of four (the revocation check, the agent's settings, the
-    message, the turn): each hop from the event loop to a thread and back costs CPU
-    (docs/operations.md, "Web process CPU"). The turn's events cannot overtake the ``ack``: the
-    consumer handles one message at a time, so they wait until ``_on_message`` has sent it.
-    """
-    if chat_token_revoked(claims=claims):
-        return None
-    received = message_accept(
-        limits=agent_settings(name=agent),
-        user_id=user_id,
-        message=message,
-        client_message_id=client_message_id,
-    )
-    if received.run:
-        queue_turn(received.message.pk)
-    return received
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -188,11 +163,15 @@ class ChatConsumer(JsonFrameConsumer):
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
+        # Erased meanwhile (the close may still be on its way): store nothing, never re-create the user.
+        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=self.claims):
+            await self._close_erased()
+            return
         try:
+            limits = await run_db(agent_settings, name=self.agent_name)
             received = await run_db(
-                _accept_and_queue,
-                claims=self.claims,
-                agent=self.agent_name,
+                message_accept,
+                limits=limits,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
@@ -203,9 +182,6 @@ class ChatConsumer(JsonFrameConsumer):
         except RateLimited as exc:
             await self._error(exc.code, str(exc), retry_after=exc.retry_after, client_message_id=client_id)
             return
-        if received is None:  # erased meanwhile (the close may still be on its way)
-            await self._close_erased()
-            return
         message = received.message
         await self._send(
             {
@@ -215,9 +191,9 @@ class ChatConsumer(JsonFrameConsumer):
                 "duplicate": not received.created,
             }
         )
-        if (
-            message.status == Message.Status.DONE and not received.run
-        ):  # the client may have missed the reply: send it again
+        if received.run:  # new, or a resent failed message (retried)
+            await run_db(queue_turn, message.pk)
+        elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
             turn = await run_db(selectors.turn_result_for, message_id=message.pk)
             await self._send({"type": "turn", **turn})
 

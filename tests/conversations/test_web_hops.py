@@ -20,11 +20,10 @@ from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.core import signing
 from django.utils.deprecation import MiddlewareMixin
 
-from agentflow.loops import run_db
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
 from agentflow_project.asgi import application
-from conversations import api, consumers
+from conversations import api
 from conversations.audit import AuditContextMiddleware
 from conversations.chat_tokens import CHAT_TOKEN_SALT
 from tests.conftest import ORIGIN
@@ -94,38 +93,21 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
         await original()
 
     monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
-    database_calls: list[str] = []
-
-    async def run_db_counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
-        database_calls.append(func.__name__)
-        return await run_db(func, *args, **kwargs)
-
-    monkeypatch.setattr(consumers, "run_db", run_db_counting)
-    thread_calls: list[str] = []
-
-    def sync_to_async_counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        thread_calls.append(func.__name__)
-        return sync_to_async(func, *args, **kwargs)
-
-    monkeypatch.setattr(consumers, "sync_to_async", sync_to_async_counting)
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
     token = signing.dumps({"u": "hops-bob"}, salt=CHAT_TOKEN_SALT, compress=True)
     communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
     connected, _ = await communicator.connect()
     assert connected
     assert (await communicator.receive_json_from())["type"] == "ready"
-    database_calls.clear()  # connecting's own calls
-    thread_calls.clear()
 
     await communicator.send_json_to(
         {"type": "message", "message": "Where is my order?", "client_message_id": "h-1"}
     )
     turn, frames = await receive_until(communicator, "turn", timeout=20)
-    during_the_turn = (list(calls), list(database_calls), list(thread_calls))
+    during_the_turn = list(calls)
     await communicator.disconnect()
 
     assert turn["status"] == "done"
     assert frames[0]["type"] == "ack"
-    # Frames from the client and events from the channel layer alike, and none of them hopped; the
-    # token checked, the message stored and its turn queued in one call on a database thread.
-    assert during_the_turn == ([], ["_accept_and_queue"], [])
+    # Frames from the client and events from the channel layer alike, and none of them hopped.
+    assert during_the_turn == []
