@@ -86,14 +86,18 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # The console's times in the staff member's own zone (the agentflow_tz cookie its pages set).
-    "conversations.timezones.StaffTimezoneMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Client IP and route of each request for the audit trail (conversations/audit.py).
     "conversations.audit.AuditContextMiddleware",
-    # Admin login throttling; django-axes wants its middleware last.
+    # Admin login throttling; django-axes wants its middleware last (of those that can refuse a request).
     "axes.middleware.AxesMiddleware",
+    # The console's times in the staff member's own zone (the agentflow_tz cookie its pages set).
+    # Synchronous only, and last on purpose: every middleware above it then runs in the request's one
+    # thread, with a single switch to the event loop for the (async) API views. Anywhere higher, the
+    # middlewares below it ran in async mode, each of their request and response steps one more hop
+    # between the loop and that thread (docs/operations.md, "Web process CPU").
+    "conversations.timezones.StaffTimezoneMiddleware",
 ]
 
 # django-axes checks every login before the password does: after AGENTFLOW_ADMIN_LOGIN_FAILURES

@@ -164,29 +164,51 @@ def connections_release() -> None:
             conn.close()
 
 
+def _accept_and_queue(
+    request: HttpRequest, agent: str | None, user_id: str, payload: MessageIn, *, wait: float
+) -> tuple[Any, bool, bool]:
+    """Store the message and, for a new one, queue its turn: ``(received, queued, waiting)``.
+
+    One call on the request's thread instead of one per step: each ``sync_to_async`` is a hop from
+    the event loop to that thread and back (docs/operations.md, "Web process CPU"). A failed turn run
+    again is queued by the caller, after its old end is cleared from Redis.
+    """
+    limits = _agent(request, agent)
+    received = message_accept(
+        limits=limits, user_id=user_id, message=payload.message, client_message_id=payload.client_message_id
+    )
+    waiting = wait > 0 and (received.run or received.message.status not in TERMINAL)
+    queued = received.run and received.created
+    if queued:
+        queue_turn(received.message.pk)
+    if waiting and queued:
+        # No database connection stays checked out of the pool while this request waits.
+        connections_release()
+    return received, queued, waiting
+
+
 async def _post_message(
     request: HttpRequest, agent: str | None, user_id: str, payload: MessageIn
 ) -> Status[dict[str, Any]]:
-    limits = await sync_to_async(_agent)(request, agent)
-    received = await sync_to_async(message_accept)(
-        limits=limits, user_id=user_id, message=payload.message, client_message_id=payload.client_message_id
+    wait = conf().REST_WAIT_SECONDS if payload.wait_seconds is None else payload.wait_seconds
+    received, queued, waiting = await sync_to_async(_accept_and_queue)(
+        request, agent, user_id, payload, wait=wait
     )
     message = received.message
-    wait = conf().REST_WAIT_SECONDS if payload.wait_seconds is None else payload.wait_seconds
-    waiting = wait > 0 and (received.run or message.status not in TERMINAL)
-    try:
-        if waiting and received.run and not received.created:  # a failed turn again: not its old end
-            await turn_settled_clear(message_id=message.pk)
-    except WAIT_ERRORS as exc:
-        logger.warning("message %s: not waiting, Redis failed (%s)", message.pk, exc)
-        waiting = False
-    if received.run:
+    if received.run and not queued:
+        try:
+            if waiting:  # a failed turn again: not its old end
+                await turn_settled_clear(message_id=message.pk)
+        except WAIT_ERRORS as exc:
+            logger.warning("message %s: not waiting, Redis failed (%s)", message.pk, exc)
+            waiting = False
         await sync_to_async(queue_turn)(message.pk)
     if waiting:
         # No database connection stays checked out of the pool while this request waits, and the
         # wait is on this message's own Redis list (conversations.turn_results), not on the user's
         # channel group: a turn that settled before the wait began is not missed either.
-        await sync_to_async(connections_release)()
+        if not queued:
+            await sync_to_async(connections_release)()
         try:
             await turn_settled_wait(message_id=message.pk, seconds=wait)
         except WAIT_ERRORS as exc:

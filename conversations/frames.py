@@ -24,6 +24,7 @@ import logging
 from contextlib import suppress
 from typing import Any, ClassVar
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agentflow.conf import conf
@@ -94,6 +95,21 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             if not hasattr(self, "base_send"):
                 self.base_send = send
             await self._close_unavailable(exc)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Run the handler of ``message`` (a client frame or a channel-layer event).
+
+        channels' own ``dispatch`` first awaits ``aclose_old_connections()`` for every message: a hop
+        to the process's one thread-sensitive thread and back, per frame and per streamed event,
+        every consumer of the process queueing on that one thread. These consumers never use a
+        database connection there: ``run_db`` gives its thread's connection back after each call
+        (``agentflow.loops``), and ``database_sync_to_async`` closes around its own calls. Skipping
+        it cut the web process's CPU per WebSocket turn (docs/operations.md, "Web process CPU").
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def _close_unavailable(self, exc: Exception) -> None:
         """Tell the client which component is down and close with 1013; then release what can be."""

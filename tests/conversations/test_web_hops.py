@@ -1,0 +1,113 @@
+"""The web process's switches between its event loop and a thread, per REST and per WebSocket turn.
+
+Each ``sync_to_async`` (and each middleware step run in async mode, and channels'
+``aclose_old_connections``) hands the work to a thread and the result back to the loop: a few
+hundred microseconds of CPU each, and most of what the web process spent per turn besides the
+database (docs/operations.md, "Web process CPU"). These tests pin the number of such switches on
+the paths every turn takes, through the project's ASGI application.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import channels.consumer
+import pytest
+from asgiref.sync import sync_to_async
+from axes.middleware import AxesMiddleware
+from channels.testing import HttpCommunicator, WebsocketCommunicator
+from django.core import signing
+from django.utils.deprecation import MiddlewareMixin
+
+from agentflow.testing.fake_anthropic import FakeReply
+from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
+from agentflow_project.asgi import application
+from conversations import api
+from conversations.audit import AuditContextMiddleware
+from conversations.chat_tokens import CHAT_TOKEN_SALT
+from tests.conftest import ORIGIN
+
+from .helpers import receive_until, turn_settled
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _count_async_middleware_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    for cls in (
+        MiddlewareMixin,
+        AuditContextMiddleware,
+        AxesMiddleware,
+        RequestIdMiddleware,
+        ApiHttpMiddleware,
+    ):
+        original = cls.__acall__
+
+        def spy(self: Any, request: Any, _original: Any = original) -> Any:
+            calls.append(type(self).__name__)
+            return _original(self, request)
+
+        monkeypatch.setattr(cls, "__acall__", spy)
+    return calls
+
+
+async def test_a_rest_message_runs_every_middleware_on_the_request_thread_and_hops_twice(
+    api_key: str, celery_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async_middleware = _count_async_middleware_calls(monkeypatch)
+    hops: list[str] = []
+
+    def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func.__name__)
+        return sync_to_async(func, *args, **kwargs)
+
+    monkeypatch.setattr(api, "sync_to_async", counting)
+    body = json.dumps({"message": "Where is my order?", "wait_seconds": 0}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"x-api-key", api_key.encode()),
+        (b"host", b"localhost"),
+    ]
+
+    response = await HttpCommunicator(
+        application, "POST", "/api/users/hops-alice/messages", body, headers
+    ).get_response(timeout=30)
+
+    assert response["status"] == 202
+    # No middleware step ran in async mode: each would have been a hop of its own.
+    assert async_middleware == []
+    # The message stored and its turn queued in one call on the request's thread, then the result read.
+    assert hops == ["_accept_and_queue", "turn_result_for"]
+    await turn_settled(json.loads(response["body"])["message_id"])
+
+
+async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
+    celery_worker: Any, fake_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = channels.consumer.aclose_old_connections
+
+    async def counting() -> None:
+        calls.append(1)
+        await original()
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
+    fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
+    token = signing.dumps({"u": "hops-bob"}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+
+    await communicator.send_json_to(
+        {"type": "message", "message": "Where is my order?", "client_message_id": "h-1"}
+    )
+    turn, frames = await receive_until(communicator, "turn", timeout=20)
+    during_the_turn = list(calls)
+    await communicator.disconnect()
+
+    assert turn["status"] == "done"
+    assert frames[0]["type"] == "ack"
+    # Frames from the client and events from the channel layer alike, and none of them hopped.
+    assert during_the_turn == []
