@@ -70,7 +70,7 @@ FIX_CUE = re.compile(
 # Not fixed yet: "still broken", "same error", "that didn't help".
 NOT_FIXED_CUE = re.compile(
     r"\b(still|same (error|thing|message|problem|issue|loop)|didn'?t|doesn'?t|does not|did not|isn'?t|won'?t"
-    r"|can'?t|cannot|not (working|fixed|solved|loading|showing|there)|no luck|nothing\b(?! else)"
+    r"|can'?t|cannot|not (working|fixed|solved|loading|showing|there)|no luck|nothing (happens|changed)"
     r"|nope|again\b(?! now)|keeps|only (partly|partially)|but (now|the|it|still)|less|better,? but)",
     re.IGNORECASE,
 )
@@ -83,36 +83,8 @@ TOPIC_MARKER = re.compile(
     r"|^\s*(and|also|oh,? and|plus) (how|what|where|when|can|could|is|are|do|does|why|who)\b)",
     re.IGNORECASE,
 )
-# A report of what happened, in any domain: a past-tense verb ("verified", "paid", "went"), or a state
-# "now" ("it's fine now"). With no question and no "still broken" it is how a customer says the
-# suggestion worked; words, not a list of fixes, so it carries to domains the scorer never saw.
-OUTCOME_VERB = re.compile(
-    r"\b([a-z]{3,}ed|got|went|came|took|gave|ran|paid|sent|found|made|did|was|were|had|brought|turned up"
-    r"|(is|are|'s|'re|looks?|seems?|sounds?|runs?|loads?|plays?|prints?|goes|shows?) (fine|ok|okay|normal(ly)?"
-    r"|properly|right|correct(ly)?|good|great|perfect(ly)?) now)\b",
-    re.IGNORECASE,
-)
-# The assistant's last reply told the customer to do something: the next report is about trying it.
-SUGGESTION = re.compile(
-    r"\b(try|please|restart|reboot|check|turn|switch|clear|update|remove|reinstall|reset|use|go to|open|select"
-    r"|change|hold|unplug|plug|re-?add|enable|disable|delete|i'?ve (sent|refunded|raised|asked|restored|reset"
-    r"|cancelled|corrected|lifted|applied|added|updated|changed|re-?issued|unlocked|moved))\b",
-    re.IGNORECASE,
-)
-# Appreciation beyond "thanks" ("brilliant", "much appreciated", "lifesaver").
-APPRECIATION = re.compile(
-    r"\b(great|brilliant|perfect|awesome|excellent|lovely|amazing|superb|fantastic|wonderful|appreciated?"
-    r"|grateful|legend|lifesaver|kind(ly)?|nice one|cheers|ta|phew|finally)\b",
-    re.IGNORECASE,
-)
-# Plain negation: an outcome report with one is no fix ("did that, nothing shows"), unless the fix is
-# the negation ("no more jams").
-NEGATION = re.compile(
-    r"\b(no|not|nothing|never|none|neither|nor|cannot|[a-z]+n't|(do|does|did|is|was|are|were|has|have|wo|ca)nt)\b",
-    re.IGNORECASE,
-)
 PROTOTYPES = ("resolution", "new_topic", "not_fixed")
-N_HAND = 32
+N_HAND = 28
 
 
 def content_words(text: str) -> set[str]:
@@ -214,18 +186,8 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
         request * anything_else,
         shift * (1.0 - similarity_topic),
         novelty * (1.0 - similarity_topic),
-        *_outcome_features(text, state.last_assistant_text),
     ]
     return np.concatenate([np.asarray(hand, dtype=np.float32), embedding.astype(np.float32)])
-
-
-def _outcome_features(text: str, last_assistant_text: str) -> list[float]:
-    """A reported outcome (no question, no "still broken"), after a suggestion, with appreciation."""
-    negated = bool(NOT_FIXED_CUE.search(text)) or (bool(NEGATION.search(text)) and not FIX_CUE.search(text))
-    outcome = float(bool(OUTCOME_VERB.search(text)) and "?" not in text and not negated)
-    suggested = float(bool(SUGGESTION.search(last_assistant_text)))
-    appreciation = float(bool(APPRECIATION.search(text)) and not negated)
-    return [outcome, outcome * suggested, appreciation, float(negated) * suggested]
 
 
 @dataclass(frozen=True)

@@ -133,39 +133,6 @@ def test_features_carry_the_cues_and_prototype_similarities() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        # [outcome reported, ... after a suggestion, appreciation, negated after a suggestion]
-        ("Reseating the cable made the light go green", [1.0, 1.0, 0.0, 0.0]),
-        ("the page loads fine now, brilliant", [1.0, 1.0, 1.0, 0.0]),
-        ("Restarted it, nothing changed", [0.0, 0.0, 0.0, 1.0]),
-        ("I reset it but it didn't come back", [0.0, 0.0, 0.0, 1.0]),
-        ("Which button did you mean?", [0.0, 0.0, 0.0, 0.0]),
-        ("no more jams since I cleaned it, great", [1.0, 1.0, 1.0, 0.0]),
-    ],
-)
-def test_outcome_features_read_a_reported_result_in_any_domain(text: str, expected: list[float]) -> None:
-    problem = _embed("The router light is red")
-    suggestion = "Please restart the router and check the cable."
-    state = ThreadState(
-        problem, problem, problem.copy(), content_words("The router light is red"), suggestion
-    )
-
-    row = turn_features(text, _embed(text), state)
-
-    assert row[28:N_HAND].tolist() == expected
-
-
-def test_outcome_after_no_suggestion_is_only_an_outcome() -> None:
-    problem = _embed("What are your opening hours?")
-    state = ThreadState(problem, problem, problem.copy(), set(), "Our hours are 9 to 5 on weekdays.")
-
-    row = turn_features("I went there at 10", _embed("I went there at 10"), state)
-
-    assert row[28:N_HAND].tolist() == [1.0, 0.0, 0.0, 0.0]
-
-
-@pytest.mark.parametrize(
     ("text", "vetoed"),
     [
         ("I cleaned it but it still shows E42", True),
