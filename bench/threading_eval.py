@@ -182,13 +182,18 @@ async def support_async(task, parts: list[str]) -> None:
         for what, hits in right.items():
             if hits:
                 print(f"  {what:<26} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
-        kinds: dict[str, list[bool]] = {}
-        for _, t, e in rows:
-            kinds.setdefault(t["kind"], []).append(TO_LABEL[e] == t["label"])
-        print("  by kind: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
-        for dialogue_id, t, e in rows:
-            if TO_LABEL[e] != t["label"]:
-                print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
+        print_kinds_and_misses(rows)
+
+
+def print_kinds_and_misses(rows: list) -> None:
+    """Right per kind of turn, then every miss: ``rows`` of (dialogue id, turn, predicted event)."""
+    kinds: dict[str, list[bool]] = {}
+    for _, t, e in rows:
+        kinds.setdefault(t["kind"], []).append(TO_LABEL[e] == t["label"])
+    print("  by kind: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
+    for dialogue_id, t, e in rows:
+        if TO_LABEL[e] != t["label"]:
+            print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
 
 
 async def support_holdout_async(task) -> None:
@@ -222,13 +227,7 @@ async def support_holdout_async(task) -> None:
         hits = [p == label for g, p in zip(gold, predicted, strict=True) if g == label]
         print(f"  {name + ' right':<26} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
     print(f"  accuracy {sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold):.3f}")
-    kinds: dict[str, list[bool]] = {}
-    for _, t, e in scored:
-        kinds.setdefault(t["kind"], []).append(TO_LABEL[e] == t["label"])
-    print("  by kind: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(kinds.items())))
-    for dialogue_id, t, e in scored:
-        if TO_LABEL[e] != t["label"]:
-            print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
+    print_kinds_and_misses(scored)
 
 
 async def main_async(args: argparse.Namespace) -> None:
