@@ -723,10 +723,16 @@ def api_key_create(*, name: str, agent: Agent | None = None) -> tuple[ApiKey, st
     return key, plain
 
 
+API_KEY_USE_RESOLUTION = timedelta(minutes=1)
+
+
 def api_key_check(*, plain: str) -> ApiKey | None:
     if not plain or len(plain) > 200:
         return None
     key = ApiKey.objects.filter(key_hash=hashlib.sha256(plain.encode()).hexdigest(), active=True).first()
-    if key is not None:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    # "Last used" to the minute: a busy key does not write its row (and commit) on every request.
+    if key is not None and (key.last_used_at is None or now - key.last_used_at >= API_KEY_USE_RESOLUTION):
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
     return key

@@ -102,6 +102,25 @@ def test_used_key_records_its_last_use(api_key: str) -> None:
     assert ApiKey.objects.get().last_used_at is not None
 
 
+@pytest.mark.django_db
+def test_a_busy_key_writes_its_last_use_once_a_minute(api_key: str) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    EndUserFactory(external_id="alice")
+    assert _get(Client(), api_key, "/api/users/alice/sessions").status_code == 200
+    first = ApiKey.objects.get().last_used_at
+
+    with CaptureQueriesContext(connection) as queries:
+        assert _get(Client(), api_key, "/api/users/alice/sessions").status_code == 200
+    assert not [q for q in queries if q["sql"].startswith('UPDATE "conversations_apikey"')]
+    assert ApiKey.objects.get().last_used_at == first
+
+    ApiKey.objects.update(last_used_at=first - timedelta(minutes=1))  # a minute later
+    assert _get(Client(), api_key, "/api/users/alice/sessions").status_code == 200
+    assert ApiKey.objects.get().last_used_at > first
+
+
 # --- input errors on POST /messages: nothing stored -----------------------------------------
 
 
