@@ -3,7 +3,8 @@
 The chaos suite's ``Stack`` (``tests/chaos/stack.py``: everything under ``.data/chaos/<run>/``, on free
 loopback ports, stopped at exit), run with production settings instead of the chaos suite's short
 recovery windows: default turn limit, heartbeat and log level, ``DEBUG`` off. Its Valkey is the
-bench's own, so ``INFO commandstats`` counts this stack's commands only.
+bench's own, so ``INFO commandstats`` counts this stack's commands only. With ``KEEP_STACK=1`` in the
+environment its folder (the processes' logs under ``logs/``) is kept after the run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class BenchStack(Stack):
     """``Stack`` with production settings; ``extra`` is added to every process's environment."""
 
     def __init__(self, *, concurrency: int = 8, llm_latency: float = 0.0, **extra: str) -> None:
-        super().__init__(concurrency=concurrency)
+        super().__init__(concurrency=concurrency, keep=bool(os.environ.get("KEEP_STACK")))
         self.llm.latency = llm_latency
         self.extra = extra
 
