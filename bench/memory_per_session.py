@@ -19,13 +19,12 @@ import os
 import resource
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from private_stack import BenchStack, rss_mib
+from private_stack import BenchStack, rss_mib, ws_turn
 
 
 async def open_session(session: Any, url: str, origin: str, n: int) -> Any:
@@ -34,19 +33,8 @@ async def open_session(session: Any, url: str, origin: str, n: int) -> Any:
     ready = await ws.receive_json(timeout=60)
     if ready.get("type") != "ready":
         raise RuntimeError(f"handshake: {ready}")
-    client_id = uuid.uuid4().hex
-    await ws.send_json({"type": "message", "client_message_id": client_id, "message": f"Where is order {n}?"})
-    message_id = None
-    while True:
-        frame = await ws.receive_json(timeout=120)
-        if frame.get("type") == "ack" and frame.get("client_message_id") == client_id:
-            message_id = frame["message_id"]
-        elif frame.get("type") == "turn" and frame.get("message_id") == message_id:
-            if frame.get("status") != "done":
-                raise RuntimeError(f"turn: {frame}")
-            return ws
-        elif frame.get("type") == "error":
-            raise RuntimeError(f"error frame: {frame}")
+    await ws_turn(ws, f"Where is order {n}?", frame_seconds=120)
+    return ws
 
 
 async def drain(ws: Any) -> None:

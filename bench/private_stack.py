@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,21 @@ def commandstats(client: Any) -> dict[str, int]:
     """``INFO commandstats`` as {command: calls} (commands run inside scripts counted too)."""
     info = client.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
+
+
+async def ws_turn(ws: Any, text: str, *, frame_seconds: float) -> dict[str, Any]:
+    """Send ``text`` as a ``message`` frame on chat socket ``ws`` and read up to its ``turn`` frame (the
+    ``ack`` names the message), waiting at most ``frame_seconds`` for each frame; a turn not done or an ``error`` frame raises ``RuntimeError``."""
+    client_id = uuid.uuid4().hex
+    await ws.send_json({"type": "message", "client_message_id": client_id, "message": text})
+    message_id = None
+    while True:
+        frame = await ws.receive_json(timeout=frame_seconds)
+        if frame.get("type") == "ack" and frame.get("client_message_id") == client_id:
+            message_id = frame["message_id"]
+        elif frame.get("type") == "turn" and frame.get("message_id") == message_id:
+            if frame.get("status") != "done":
+                raise RuntimeError(f"WebSocket turn: {frame}")
+            return frame
+        elif frame.get("type") == "error":
+            raise RuntimeError(f"WebSocket error frame: {frame}")

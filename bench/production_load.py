@@ -104,15 +104,21 @@ class Results:
 # --- Users -----------------------------------------------------------------------------------------
 
 
+def user_message(user: str, n: int, res: Results) -> tuple[str, str]:
+    """Message ``n`` of ``user``: its unique marker (the client_message_id and the database check's key,
+    counted as sent) and its text."""
+    marker = f"{user}-m{n}"
+    res.sent.add(marker)
+    return marker, f"{MESSAGES[(n + len(user)) % len(MESSAGES)]} [{marker}]"
+
+
 async def rest_user(session, args, base: str, key: str, user: str, first_at: float, res: Results) -> None:
     import aiohttp
 
     headers = {"X-API-Key": key}
     await asyncio.sleep(first_at)
     for n in range(args.messages):
-        marker = f"{user}-m{n}"
-        res.sent.add(marker)
-        text = f"{MESSAGES[(n + len(user)) % len(MESSAGES)]} [{marker}]"
+        marker, text = user_message(user, n, res)
         sent = time.perf_counter()
         deadline = sent + args.timeout
         try:
@@ -190,9 +196,7 @@ async def ws_user(
         await start.wait()
         await asyncio.sleep(first_at)
         for n in range(args.messages):
-            marker = f"{user}-m{n}"
-            res.sent.add(marker)
-            text = f"{MESSAGES[(n + len(user)) % len(MESSAGES)]} [{marker}]"
+            marker, text = user_message(user, n, res)
             sent = time.perf_counter()
             await ws.send_str(json.dumps({"type": "message", "client_message_id": marker, "message": text}))
             message_id = None

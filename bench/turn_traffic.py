@@ -27,14 +27,13 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from private_stack import BenchStack, commandstats, cpu_seconds, machine_busy
+from private_stack import BenchStack, commandstats, cpu_seconds, machine_busy, ws_turn
 
 WORDS = "Thanks for the details; your backup settings are saved and will run tonight at nine.".split()
 
@@ -82,21 +81,7 @@ async def ws_turns(base: str, tokens: list[str], turns: int, concurrency: int) -
                 if ready.get("type") != "ready":
                     raise RuntimeError(f"WebSocket: {ready}")
                 for n in range(count):
-                    client_id = uuid.uuid4().hex
-                    await ws.send_json(
-                        {"type": "message", "client_message_id": client_id, "message": f"Backups? {n}"}
-                    )
-                    message_id = None
-                    while True:
-                        frame = await ws.receive_json(timeout=60)
-                        if frame.get("type") == "ack" and frame.get("client_message_id") == client_id:
-                            message_id = frame["message_id"]
-                        elif frame.get("type") == "turn" and frame.get("message_id") == message_id:
-                            if frame.get("status") != "done":
-                                raise RuntimeError(f"WebSocket turn: {frame}")
-                            break
-                        elif frame.get("type") == "error":
-                            raise RuntimeError(f"WebSocket error frame: {frame}")
+                    await ws_turn(ws, f"Backups? {n}", frame_seconds=60)
 
         await asyncio.gather(*(one(t, turns // len(tokens)) for t in tokens[:concurrency]))
 
