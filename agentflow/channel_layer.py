@@ -1,4 +1,5 @@
-"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four.
+"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four and
+a process-wide receive that a leaving socket cannot cut short.
 
 channels-redis 4.3 sends a group message as: ``ZREMRANGEBYSCORE`` (the group's stale members), then
 ``ZRANGE`` (the members), then a ``MULTI``/``EXEC`` pipeline expiring old messages of each member's
@@ -10,10 +11,21 @@ expiry are those of channels-redis, so processes running either class share one 
 
 Every live event of a turn (typing, each streamed delta, the final reply) is a ``group_send`` from
 the worker, so this is most of the worker's channel-layer traffic.
+
+Receiving: every socket of one web process reads one Redis key, the process's channel, with a
+blocking pop (``BZPOPMIN``), and hands what it pops to the socket it is for. channels-redis runs
+that pop in the task of whichever socket's ``receive`` got there first. When that socket closes,
+channels cancels its ``receive``, and so the pop: if Redis had already popped a message for another
+socket, its reply is dropped with the connection and the message is gone (django/channels_redis#366;
+seen here as a WebSocket that never got its turn's final frame when other sockets closed at that
+moment). Here the pop is a task of the layer's own, which no socket's cancellation reaches: a socket
+waits for its buffer or for the pop to end, and a waiting socket starts the next pop. A pop with no
+socket left waiting ends at the blocking timeout (channels-redis's ``brpop_timeout``, 5 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -44,8 +56,92 @@ return over_capacity
 DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("the process channel's pop failed: %r", task.exception())
+
+
 class RedisChannelLayer(CoreRedisChannelLayer):
-    """``channels_redis.core.RedisChannelLayer`` with a cheaper ``group_send`` (see the module)."""
+    """``channels_redis.core.RedisChannelLayer`` with a cheaper ``group_send`` and a receive no socket's
+    cancellation can cut short (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pop: asyncio.Task[None] | None = None  # the process channel's pop in flight, if any
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        if "!" not in channel:  # a plain channel: one reader, nothing shared
+            return await super().receive(channel)
+        assert self.require_valid_channel_name(channel)
+        process_channel = self.non_local_name(channel)
+        assert process_channel.endswith(self.client_prefix + "!"), "Wrong client prefix"
+        while True:
+            buffer = self.receive_buffer[channel]
+            if not buffer.empty():
+                return self._take(channel, buffer)
+            pop = self._pop
+            if pop is None or pop.done() or pop.get_loop() is not asyncio.get_running_loop():
+                pop = self._pop = asyncio.ensure_future(self._pop_once(process_channel))
+                pop.add_done_callback(_retrieve)  # a failure nobody waited for is not "never retrieved"
+            arrival = asyncio.ensure_future(buffer.get())
+            try:
+                await asyncio.wait((arrival, pop), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # This socket is leaving. The pop goes on for the others; what was already buffered
+                # for this socket goes with it, as in channels-redis.
+                arrival.cancel()
+                self.receive_buffer.pop(channel, None)
+                raise
+            if arrival.done():
+                if buffer.empty():
+                    self.receive_buffer.pop(channel, None)
+                return arrival.result()
+            arrival.cancel()  # a cancelled Queue.get leaves the queue's items where they are
+            pop.result()  # the pop ended: for another socket, empty-handed, or failing (raised here)
+
+    def _take(self, channel: str, buffer: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
+        message = buffer.get_nowait()
+        if buffer.empty():
+            self.receive_buffer.pop(channel, None)
+        return message
+
+    async def _pop_once(self, process_channel: str) -> None:
+        """One blocking pop of the process channel, up to ``brpop_timeout``, into its socket's buffer.
+
+        As channels-redis's ``receive_single``: the pop moves the message to a backup set first and a
+        cleaner drops it from there once it is buffered, so even a process that dies mid-pop leaves
+        the message for the next pop to find."""
+        index = self.consistent_hash(process_channel)
+        key = self.prefix + process_channel
+        await self.receive_clean_locks.acquire(key)
+        try:
+            content = await self._brpop_with_clean(index, key, timeout=self.brpop_timeout)
+        except BaseException:
+            self.receive_clean_locks.release(key)
+            raise
+        if content is None:
+            self.receive_clean_locks.release(key)
+            return
+        cleaner = asyncio.ensure_future(self._clean_receive_backup(index, key))
+        self.receive_cleaners.append(cleaner)
+
+        def cleaned(task: asyncio.Future[Any]) -> None:
+            self.receive_cleaners.remove(task)
+            self.receive_clean_locks.release(key)
+
+        cleaner.add_done_callback(cleaned)
+        message = self.deserialize(content)
+        target = message.pop("__asgi_channel__", process_channel)
+        for socket_channel in target if isinstance(target, list) else [target]:
+            self.receive_buffer[socket_channel].put_nowait(message)
+
+    async def close_pools(self) -> None:
+        # Closing: the pop in flight is this layer's own, so it goes first (its connection is closing).
+        pop, self._pop = self._pop, None
+        if pop is not None and not pop.done() and pop.get_loop() is asyncio.get_running_loop():
+            pop.cancel()
+            await asyncio.gather(pop, return_exceptions=True)
+        await super().close_pools()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         assert self.require_valid_group_name(group), "Group name not valid"
