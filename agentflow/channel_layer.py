@@ -79,8 +79,15 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             buffer = self.receive_buffer[channel]
             if not buffer.empty():
                 return self._take(channel, buffer)
-            pop = self._pop
-            if pop is None or pop.done() or pop.get_loop() is not asyncio.get_running_loop():
+            pop, loop = self._pop, asyncio.get_running_loop()
+            if (
+                pop is not None
+                and not pop.done()
+                and pop.get_loop() is not loop
+                and pop.get_loop().is_running()
+            ):
+                raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
+            if pop is None or pop.done() or pop.get_loop() is not loop:  # (a stopped loop's pop is dead)
                 pop = self._pop = asyncio.ensure_future(self._pop_once(process_channel))
                 pop.add_done_callback(_retrieve)  # a failure nobody waited for is not "never retrieved"
             arrival = asyncio.ensure_future(buffer.get())
