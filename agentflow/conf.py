@@ -99,6 +99,8 @@ class AgentFlowSettings(BaseModel):
     AGENT_FACTORY: str = "agentflow.registry.build_default_agent"
     EMBEDDER: str = "agentflow.embeddings.MiniLMEmbedder"
     REST_WAIT_SECONDS: int = Field(30, ge=0, le=120)
+    # On SIGTERM under daphne, how long the web process drains before it stops (agentflow.drain).
+    WEB_DRAIN_SECONDS: int = Field(5, ge=0, le=600)
     # A streamed reply's text goes to the user's connections at most this often (ms); 0: every chunk.
     STREAM_INTERVAL_MS: int = Field(50, ge=0, le=2000)
     BACKGROUND_JOBS: bool = True

@@ -9,6 +9,13 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from agentflow import drain  # noqa: E402
 from agentflow.web.routing import websocket_application  # noqa: E402
+from agentflow.web.serving import adapt_daphne  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+# Under daphne: SIGTERM drains (REST waits answered, sockets closed with 1012) and 1011-1014 close codes
+# reach clients (agentflow.web.serving).
+adapt_daphne()
+application = drain.TrackRequests(
+    ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+)

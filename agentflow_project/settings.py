@@ -246,6 +246,8 @@ AGENTFLOW = {
     "EMBEDDER": env_str("AGENTFLOW_EMBEDDER", "agentflow.embeddings.MiniLMEmbedder"),
     # How long POST /api/users/{id}/messages waits for the turn by default (seconds).
     "REST_WAIT_SECONDS": env_int("AGENTFLOW_REST_WAIT_SECONDS", 30, minimum=0, maximum=120),
+    # On SIGTERM, how long daphne drains (REST waits answered, sockets closed with 1012) before it stops.
+    "WEB_DRAIN_SECONDS": env_int("AGENTFLOW_WEB_DRAIN_SECONDS", 5, minimum=0, maximum=600),
     # A streamed reply is sent to the user's sockets as delta frames at most this often (milliseconds;
     # 0: one frame per chunk the LLM sends). Each frame is a channel-layer message: see docs/configuration.md.
     "STREAM_INTERVAL_MS": env_int("AGENTFLOW_STREAM_INTERVAL_MS", 50, minimum=0, maximum=2000),

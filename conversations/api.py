@@ -18,6 +18,7 @@ from ninja import Field, Router, Schema
 from ninja.responses import Status
 from pydantic import field_validator
 
+from agentflow import drain
 from agentflow.conf import conf
 from agentflow.errors import Forbidden, InvalidInput
 from agentflow.jobs import queue_turn
@@ -210,7 +211,8 @@ async def _post_message(
         if not queued:
             await sync_to_async(connections_release)()
         try:
-            await turn_settled_wait(message_id=message.pk, seconds=wait)
+            # A web process stopping (SIGTERM) answers at once: 202, the turn goes on in the worker.
+            await drain.unless_draining(turn_settled_wait(message_id=message.pk, seconds=wait))
         except WAIT_ERRORS as exc:
             logger.warning("message %s: not waiting, Redis failed (%s)", message.pk, exc)
     result = await sync_to_async(selectors.turn_result_for)(message_id=message.pk)

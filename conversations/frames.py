@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from agentflow import drain
 from agentflow.conf import conf
 from agentflow.errors import NotFound
 from agentflow.loops import run_db
@@ -126,6 +127,20 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
         self._accepted = True
         await super().accept(subprotocol=subprotocol, headers=headers)
+        drain.socket_opened(self)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        drain.socket_closed(self)
+        await super().websocket_disconnect(message)
+
+    async def close_for_restart(self) -> None:
+        """The web process is stopping (``agentflow.drain``): say so and close with 1012."""
+        if self._closing:
+            return
+        self._closing = True
+        with suppress(Exception):  # the client may be gone already
+            await self._error("server_restarting", "the server is restarting; reconnect", retry_after=1)
+            await self.close(code=drain.CLOSE_SERVICE_RESTART)
 
     async def _flooded(self) -> bool:
         """Count the frame against the connection's bucket; True if it must be dropped."""

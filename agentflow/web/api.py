@@ -23,6 +23,7 @@ from ninja.responses import Status
 from ninja.security import APIKeyHeader, SessionAuthIsStaff
 from pydantic import Field as PydanticField
 
+from agentflow import drain
 from agentflow.conf import anthropic_api_key
 from agentflow.errors import Forbidden, InvalidInput, NotFound, RateLimited
 from agentflow.unavailable import UNAVAILABLE_ERRORS, retry_after_seconds, unavailable_message
@@ -237,7 +238,9 @@ class LiveOut(Schema):
 
 
 class ReadyOut(Schema):
-    status: str = PydanticField(description='"ok", or "unavailable" when a component is not ok')
+    status: str = PydanticField(
+        description='"ok"; "unavailable" when a component is not ok; "draining" when the process is stopping'
+    )
     components: ComponentsOut
 
 
@@ -276,6 +279,9 @@ async def health_live(request: HttpRequest) -> dict[str, Any]:
 async def health_ready(request: HttpRequest, response: HttpResponse) -> Status[dict[str, Any]]:
     components = await health_components()
     ok = all(c["ok"] for c in components.values())
+    if drain.draining():  # stopping (SIGTERM): send no more here
+        _health_status(response, False)
+        return Status(503, {"status": "draining", "components": components})
     _health_status(response, ok)
     return Status(200 if ok else 503, {"status": "ok" if ok else "unavailable", "components": components})
 

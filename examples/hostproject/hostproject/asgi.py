@@ -9,6 +9,11 @@ django_asgi_app = get_asgi_application()  # before importing consumers: it sets 
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from agentflow import drain  # noqa: E402
 from agentflow.web.routing import websocket_application  # noqa: E402
+from agentflow.web.serving import adapt_daphne  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+adapt_daphne()  # under daphne: SIGTERM drains; close codes 1012/1013 reach clients
+application = drain.TrackRequests(
+    ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+)
