@@ -33,13 +33,6 @@ def thread_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def runs_only_while_awaited(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` is one of ``thread_loop``'s: it runs only while its thread awaits something
-    on it (``run_until_complete``), so a task left on it waits for the thread's next call."""
-    with _loops_lock:
-        return loop in _loops
-
-
 def run_off_database(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` (an LLM call) to completion on this thread's loop, holding no pooled database
     connection while it waits: a synchronous job (a memory summary) gives its connection back first,

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from agentflow.loops import runs_only_while_awaited
-
 if TYPE_CHECKING:
     from .models import Message
 
@@ -100,9 +98,8 @@ def publish(*, user_pk: int, event: dict[str, Any]) -> None:
     On a ``sync_to_async`` thread (a REST request, a consumer's or a turn's database step), the send
     is handed to the event loop that called it, and this returns at once: waiting for it there
     (``async_to_sync``) held that thread, often the one every database step of the process queues on,
-    for a hop to the loop and a Redis round trip. Elsewhere (a Celery task's sync code, a management
-    command, a step of a worker thread's loop, which stops between tasks) it is sent before this
-    returns. Either way a failure is logged, never
+    for a hop to the loop and a Redis round trip. Elsewhere (a Celery task's sync code, a
+    management command) it is sent before this returns. Either way a failure is logged, never
     raised: a lost live notification must not fail the turn, and clients re-read on reconnect.
     """
     loop = _calling_loop()
@@ -132,9 +129,7 @@ def _calling_loop() -> asyncio.AbstractEventLoop | None:
         return None  # this thread runs a loop itself: not a sync_to_async thread
     except RuntimeError:
         pass
-    if not loop.is_running() or loop.is_closed() or runs_only_while_awaited(loop):
-        return None  # (a worker thread's loop stops when its task ends: a send left there would wait)
-    return loop
+    return loop if loop.is_running() and not loop.is_closed() else None
 
 
 def _send_soon(user_pk: int, event: dict[str, Any]) -> None:

@@ -302,32 +302,3 @@ def test_a_publish_from_plain_sync_code_is_sent_before_it_returns(settings: Any)
             client.close()
     finally:
         channel_layers.backends.pop("default", None)
-
-
-def test_a_publish_from_a_worker_threads_step_is_sent_before_it_returns() -> None:
-    """A worker thread's loop (agentflow.loops.thread_loop) stops when its task ends: a send handed to
-    it would wait for the thread's next task. A step awaited there sends before publish returns."""
-    from asgiref.sync import async_to_sync
-
-    from agentflow.loops import thread_loop
-    from conversations.events import publish
-
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(user_group(454545), channel)
-    key = layer.prefix + layer.non_local_name(channel)
-    client = redis.Redis.from_url(django_settings.REDIS_URL)
-
-    def step() -> int:
-        publish(user_pk=454545, event={"kind": "escalated"})
-        return int(client.zcard(key))
-
-    async def task() -> int:
-        return await sync_to_async(step)()
-
-    try:
-        assert thread_loop().run_until_complete(task()) == 1
-    finally:
-        client.delete(key)
-        client.close()
-        async_to_sync(layer.group_discard)(user_group(454545), channel)
