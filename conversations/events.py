@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
@@ -93,57 +92,10 @@ async def listeners_exist(*, user_pk: int) -> bool:
 
 
 def publish(*, user_pk: int, event: dict[str, Any]) -> None:
-    """Send ``event`` to the user's connections from sync code.
-
-    On a ``sync_to_async`` thread (a REST request, a consumer's or a turn's database step), the send
-    is handed to the event loop that called it, and this returns at once: waiting for it there
-    (``async_to_sync``) held that thread, often the one every database step of the process queues on,
-    for a hop to the loop and a Redis round trip. Elsewhere (a Celery task's sync code, a
-    management command) it is sent before this returns. Either way a failure is logged, never
-    raised: a lost live notification must not fail the turn, and clients re-read on reconnect.
-    """
-    loop = _calling_loop()
-    if loop is not None:
-        loop.call_soon_threadsafe(_send_soon, user_pk, event)
-        return
     try:
         async_to_sync(apublish)(user_pk=user_pk, event=event)
-    except Exception:
+    except Exception:  # a lost live notification must not fail the turn: clients re-read on reconnect
         logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
-
-
-# The sends handed to a loop and not yet done: a task nobody references may be collected mid-way.
-_sending: set[asyncio.Task[None]] = set()
-
-
-def _calling_loop() -> asyncio.AbstractEventLoop | None:
-    """The running event loop whose ``sync_to_async`` call this thread is serving, if any."""
-    from asgiref.sync import SyncToAsync
-
-    local = SyncToAsync.threadlocal  # set by asgiref for each call it runs on a thread
-    loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
-    if loop is None or getattr(local, "main_event_loop_pid", None) != os.getpid():
-        return None
-    try:
-        asyncio.get_running_loop()
-        return None  # this thread runs a loop itself: not a sync_to_async thread
-    except RuntimeError:
-        pass
-    return loop if loop.is_running() and not loop.is_closed() else None
-
-
-def _send_soon(user_pk: int, event: dict[str, Any]) -> None:
-    task = asyncio.ensure_future(apublish(user_pk=user_pk, event=event))
-    _sending.add(task)
-
-    def sent(task: asyncio.Task[None]) -> None:
-        _sending.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error(
-                "could not publish %s to user %s: %s: %s", event.get("kind"), user_pk, type(exc).__name__, exc
-            )
-
-    task.add_done_callback(sent)
 
 
 def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:

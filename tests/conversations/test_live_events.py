@@ -4,13 +4,11 @@ two-round-trip ``group_send`` (agentflow.channel_layer), and streamed text gathe
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
 import pytest
 import redis
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
@@ -241,64 +239,3 @@ def test_the_stream_interval_is_read_from_the_settings(settings: Any) -> None:
     settings.AGENTFLOW = {**settings.AGENTFLOW, "STREAM_INTERVAL_MS": 250}
 
     assert conf().STREAM_INTERVAL_MS == 250
-
-
-# --- publishing from sync code ---------------------------------------------------------------------
-
-
-async def test_a_publish_from_a_database_step_hands_the_send_to_the_loop_and_does_not_wait_for_redis() -> (
-    None
-):
-    """A REST request's or a turn's database step publishes (a stored message) on a sync_to_async
-    thread, often the one every database step of the process queues on: it must not wait there for
-    Redis. With Redis paused for a second, publish returns at once and the event arrives after."""
-    from conversations.events import publish
-
-    layer = get_channel_layer()
-    channel = await layer.new_channel()
-    await layer.group_add(user_group(424242), channel)
-    client = redis.Redis.from_url(django_settings.REDIS_URL)
-    client.execute_command("CLIENT", "PAUSE", 1000, "ALL")
-    try:
-
-        def step() -> float:
-            began = time.monotonic()
-            publish(user_pk=424242, event={"kind": "user_message", "n": 1})
-            return time.monotonic() - began
-
-        took = await sync_to_async(step)()
-        assert took < 0.5, f"publish held the thread {took:.2f} s while Redis was paused"
-        message = await asyncio.wait_for(layer.receive(channel), 10)
-        assert message["event"] == {"kind": "user_message", "n": 1}
-    finally:
-        client.execute_command("CLIENT", "UNPAUSE")
-        client.close()
-        await layer.group_discard(user_group(424242), channel)
-
-
-def test_a_publish_from_plain_sync_code_is_sent_before_it_returns(settings: Any) -> None:
-    from asgiref.sync import async_to_sync
-
-    from conversations.events import publish
-
-    layer = RedisChannelLayer(hosts=[django_settings.REDIS_URL], prefix=_prefix())
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
-            "CONFIG": {"hosts": [django_settings.REDIS_URL], "prefix": layer.prefix},
-        }
-    }
-    from channels.layers import channel_layers
-
-    channel_layers.backends.pop("default", None)
-    try:
-        channel = async_to_sync(layer.new_channel)()
-        async_to_sync(layer.group_add)(user_group(434343), channel)
-        publish(user_pk=434343, event={"kind": "user_message", "n": 2})
-        client = redis.Redis.from_url(django_settings.REDIS_URL)
-        try:  # already in Redis when publish returned: no loop was left to send it later
-            assert client.zcard(layer.prefix + layer.non_local_name(channel)) == 1
-        finally:
-            client.close()
-    finally:
-        channel_layers.backends.pop("default", None)
