@@ -83,10 +83,47 @@ class ThreadDecision:
     signals: dict[str, Any] = field(default_factory=dict)
 
 
+# A fix that left (or made) another problem: "the sound is back but now the picture flickers", "the
+# light turns red now but the battery stays at 10 %". What follows "but" names a problem unless it is
+# itself a fix ("but now it works").
+PARTIAL_FIX = re.compile(
+    r"\b(but|except)\b,?\s+(now\b|still\b|[^.!?]{0,40}?\b(still|not|n'?t|never|no longer|keeps|stays)\b)",
+    re.IGNORECASE,
+)
+FIXED_AFTER_ALL = re.compile(
+    r"\b(works?|working|fixed|solved|sorted|resolved|fine|perfect(ly)?|all good)\b", re.IGNORECASE
+)
+
+
+def partial_fix(text: str) -> bool:
+    """Something got better but a problem remains ("X works now, but now Y ...")."""
+    match = PARTIAL_FIX.search(text)
+    if match is None:
+        return False
+    return not FIXED_AFTER_ALL.search(text[match.start() :]) and not CLOSING.search(text)
+
+
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
-    that didn't help"): never a resolution, whatever the scorer makes of the topic words."""
+    that didn't help") or only partly fixed ("it charges now but stays at 10 %"): never a
+    resolution, whatever the scorer makes of the topic words."""
+    if partial_fix(text):
+        return True
     return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
+
+
+# The problem is back, said outright ("my login is broken again", "it stopped syncing", "the error came
+# back"); a bare "again" is not enough: it also ends restorations ("it's moving again").
+CAME_BACK = re.compile(
+    r"\b((is|are|was|were|'s|'re) (broken|failing|down|wrong|stuck|missing|gone) again|stopped [a-z]+ing"
+    r"|came back|coming back|happen(ed|ing|s)? again|reappeared|same (problem|issue|error) (as|again))\b",
+    re.IGNORECASE,
+)
+
+
+def came_back(text: str) -> bool:
+    """The customer says the problem returned; a closing ("that's all") is not read as one."""
+    return bool(CAME_BACK.search(text)) and not CLOSING.search(text)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,6 +190,9 @@ def decide_thread(
         )
     if p_res >= model.resolution.threshold and not_fixed_yet(text):
         signals["resolution_vetoed"] = "not fixed yet"
+    elif p_res >= model.resolution.threshold and came_back(text) and not claims_fix:
+        # "it stopped syncing again", "my login is broken again": the problem is back, whatever thread
+        signals["resolution_vetoed"] = "the problem came back"
     elif p_res >= model.resolution.threshold and p_res >= p_new:
         target, reason = active, "resolution of the active thread"
         if (

@@ -64,7 +64,13 @@ FIX_CUE = re.compile(
     r"|(it'?s|it is|they'?re|everything'?s|all) (working|fine|back|clear|in|on|sorted)( now| again)?\b(?! (still|not))"
     r"|working (now|again|fine)|all (good|working|sorted|done)|(got|gets|getting) it( working| back)?"
     r"|went through|arrived|landed|cleared|shows (up|it)|showed up|appeared|back (up|online|to normal)"
-    r"|no (more|longer)|now (i|it|we|they|the|my)\b|never mind|nevermind|forget it|figured it out|found it)",
+    r"|no (more|longer)|now (i|it|we|they|the|my)\b|never mind|nevermind|forget it|figured it out|found it"
+    # what stopped is the problem ("switching to HD stopped the freezing"), not the device ("... stopped
+    # the printer working", "stopped the app from opening")
+    r"|stopped (the|all the|that|those|its|my) [a-z]+\b(?!\s+(from|working|[a-z]+ing)\b)|went away"
+    # restored ("it's syncing again", "I can log in again"), not "stopped syncing again"
+    r"|(?<!stopped )(?<!not )(?<!n't )(?<!never )\b(syncing|loading|printing|charging|connecting|streaming"
+    r"|playing|responding|flowing|running|online) again|\b(i|we) can (?!not\b)[a-z]+( [a-z]+)? again\b)",
     re.IGNORECASE,
 )
 # Not fixed yet: "still broken", "same error", "that didn't help".
@@ -83,6 +89,23 @@ TOPIC_MARKER = re.compile(
     r"|^\s*(and|also|oh,? and|plus) (how|what|where|when|can|could|is|are|do|does|why|who)\b)",
     re.IGNORECASE,
 )
+# "again" that ends a restoration ("we're back online again", "it's syncing again", "I can log in
+# again") is a fix, not a recurrence; "stopped working again", "not loading again" stay recurrences.
+RESTORED_AGAIN = re.compile(
+    r"(?<!stopped )(?<!not )(?<!n't )(?<!never )"
+    r"\b(work(s|ing)?|run(s|ning)?|sync(s|ing)?|load(s|ing)?|print(s|ing)?|charg(es|ing)|connect(s|ing|ed)?"
+    r"|stream(s|ing)?|play(s|ing)?|respond(s|ing)?|flow(s|ing)?|online|on the network|back (up|online|in|on)"
+    r"|up and running|fine|normal|(can|could|able to) (?!not\b)[a-z]+)"
+    r"(?:(?! (error|problem|issue|same|not)\b)[^.!?,;]){0,25}?\bagain\b",
+    re.IGNORECASE,
+)
+
+
+def not_fixed_cue(text: str) -> bool:
+    """NOT_FIXED_CUE, with "again" after a restoration ("it's working again") not counted."""
+    return bool(NOT_FIXED_CUE.search(RESTORED_AGAIN.sub(" ", text)))
+
+
 PROTOTYPES = ("resolution", "new_topic", "not_fixed")
 N_HAND = 28
 
@@ -158,6 +181,7 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
     anything_else = float(bool(ANYTHING_ELSE.search(state.last_assistant_text)))
     request = float(bool(REQUEST_CUE.search(text)))
     shift = float(bool(SHIFT_CUE.search(text)))
+    not_fixed = not_fixed_cue(text)
     hand = [
         similarity_opening,
         similarity_last,
@@ -176,9 +200,9 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
         previous_question,
         previous_question * similarity_last,
         float(bool(FIX_CUE.search(text))),
-        float(bool(NOT_FIXED_CUE.search(text))),
+        float(not_fixed),
         float(bool(TOPIC_MARKER.search(text))),
-        float(bool(FIX_CUE.search(text)) and not NOT_FIXED_CUE.search(text)),
+        float(bool(FIX_CUE.search(text)) and not not_fixed),
         *(prototypes() @ embedding).tolist(),
         float(bool(RESOLUTION_CUE.search(text))) * (1.0 - float(bool(TOPIC_MARKER.search(text)))),
         # a request about something else: what a topic shift looks like in any domain

@@ -12,7 +12,7 @@ import pytest
 from agentflow import AgentFrameworkBuilder
 from agentflow.embeddings import get_embedder
 from conversations.models import Thread
-from conversations.thread_detection import Candidate, decide_thread, not_fixed_yet
+from conversations.thread_detection import Candidate, came_back, decide_thread, not_fixed_yet
 from conversations.thread_features import (
     FIX_CUE,
     MODEL_PATH,
@@ -23,6 +23,7 @@ from conversations.thread_features import (
     ThreadState,
     content_words,
     load_model,
+    not_fixed_cue,
     prototypes,
     turn_features,
 )
@@ -48,6 +49,10 @@ def _embed(text: str) -> np.ndarray:
         "Tightened the guides and no more jams",
         "Never mind, I found it in the settings",
         "The refund arrived this morning",
+        "Switching to HD stopped the freezing",
+        "the clicking went away after the update",
+        "It's syncing again",
+        "We can stream again since the reset",
     ],
 )
 def test_fix_cue_catches_saying_what_fixed_it(text: str) -> None:
@@ -56,7 +61,16 @@ def test_fix_cue_catches_saying_what_fixed_it(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["That works for me, book it", "Is there a dark mode?", "I want to fix my address", "Find me a hotel"],
+    [
+        "That works for me, book it",
+        "Is there a dark mode?",
+        "I want to fix my address",
+        "Find me a hotel",
+        "The update stopped the printer working",
+        "Windows stopped the app from opening",
+        "The steps stopped syncing again overnight",
+        "I can't log in again",
+    ],
 )
 def test_fix_cue_ignores_bookings_and_requests(text: str) -> None:
     assert not FIX_CUE.search(text)
@@ -79,6 +93,22 @@ def test_not_fixed_cue_catches_still_broken(text: str) -> None:
 @pytest.mark.parametrize("text", ["Thanks, that fixed it!", "Yes, book the 6pm table please"])
 def test_not_fixed_cue_ignores_fixes_and_plain_answers(text: str) -> None:
     assert not NOT_FIXED_CUE.search(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "not_fixed"),
+    [
+        ("we're back online again", False),
+        ("I can log in again, thanks", False),
+        ("The app is syncing again", False),
+        ("My login is broken again", True),
+        ("It stopped working again", True),
+        ("It isn't loading again", True),
+        ("I can see the same error again", True),
+    ],
+)
+def test_again_after_a_restoration_is_no_recurrence_in_the_features(text: str, not_fixed: bool) -> None:
+    assert not_fixed_cue(text) is not_fixed
 
 
 @pytest.mark.parametrize(
@@ -142,10 +172,31 @@ def test_features_carry_the_cues_and_prototype_similarities() -> None:
         ("Nope, that's all, thanks", False),
         ("Thanks, that fixed it!", False),
         ("The readings are coming through again since the reset", False),
+        # partly fixed: what follows "but" is a problem, not another fix
+        ("The sound is back but now the picture flickers", True),
+        ("That fixed the login, but now it asks for a code I never get", True),
+        ("It charges now but the battery stays at 10 percent", True),
+        ("It took a while but now it works", False),
+        ("Restarting worked, but only after two tries", False),
     ],
 )
 def test_not_fixed_yet_vetoes_a_resolution_only_without_a_fix_or_a_closing(text: str, vetoed: bool) -> None:
     assert not_fixed_yet(text) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("text", "back"),
+    [
+        ("My login is broken again", True),
+        ("The steps stopped syncing again overnight", True),
+        ("The E42 error came back", True),
+        ("Thanks again!", False),
+        ("The readings are coming through again since the reset", False),
+        ("It's moving again, cheers", False),
+    ],
+)
+def test_came_back_needs_the_problem_said_to_return_not_a_bare_again(text: str, back: bool) -> None:
+    assert came_back(text) is back
 
 
 def test_a_vetoed_resolution_is_a_follow_up_and_says_why() -> None:
