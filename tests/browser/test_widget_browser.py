@@ -464,3 +464,49 @@ async def test_a_widget_with_data_agent_chats_with_that_agent(
     )
     assert message.intent == "ORDER_STATUS"
     assert not await EndUser.objects.filter(agent__name="agentflow").aexists()
+
+
+async def test_a_reply_whose_live_frames_were_lost_is_caught_up_while_the_widget_waits(
+    live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any
+) -> None:
+    """Every live frame of the first turn (typing, deltas, the turn) is lost on its way: the widget,
+    still waiting, resumes after its message (every CATCH_UP_MS) and shows the stored reply."""
+    fake_llm.enqueue(FakeReply(text="Your parcel is at the depot."))
+    context = await chromium.new_context()
+    page = await context.new_page()
+    seen = _watch(page)
+    dropped: list[str] = []
+    resumes: list[Any] = []
+
+    async def route(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame["type"] == "resume":
+                resumes.append(frame["after"])
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame["type"] in ("typing", "delta", "turn", "thread"):
+                dropped.append(frame["type"])
+                return
+            ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    await page.route_web_socket(re.compile(r"/ws/chat/"), route)
+    await _open_demo(page, live_asgi_url)
+
+    await _send(page, "Where is my parcel?")
+
+    reply = page.locator(f"{WIDGET} .af-msg--assistant")
+    await expect(reply.locator(".af-body")).to_have_text("Your parcel is at the depot.")
+    await expect(page.locator(f"{WIDGET} .af-typing")).to_be_hidden()
+    stored = await Message.objects.aget(role="user")
+    assert "turn" in dropped
+    assert str(stored.pk) in resumes  # the catch-up asked for what came after the waiting message
+    assert seen == {"dialogs": [], "errors": []}
+    await context.close()

@@ -29,6 +29,9 @@
   var PING_EVERY_MS = 25000;
   var SILENCE_LIMIT_MS = 60000;
   var TYPING_IDLE_MS = 3000;
+  // While a sent message awaits its reply, ask for what was stored after it this often: a live event
+  // lost on its way (the server restarting, Redis failing mid-turn) is then caught up.
+  var CATCH_UP_MS = 15000;
   var STORE_PREFIX = "agentflow-widget:";
 
   // --- configuration from the script tag ----------------------------------------------------------
@@ -431,6 +434,7 @@
     sent: {}, // cid -> text (for "retry" after an llm_error)
     typingSentAt: 0,
     typingTimer: null,
+    catchUpTimer: null,
   };
   var byId = new Map(); // stored message id -> element
   var byCid = new Map(); // client_message_id -> the user's bubble
@@ -608,6 +612,7 @@
       return;
     }
     if (m.role === "assistant") {
+      if (m.reply_to && assistantTyping.delete(m.reply_to)) showTyping(); // its turn frame may never come
       if (m.reply_to && replies.has(m.reply_to)) {
         finishReply(m.reply_to, m.id, m.content, m.escalated);
       } else if (m.content) {
@@ -729,6 +734,7 @@
     if (typeof messageId === "string" && !duplicate && !replies.has(messageId)) {
       assistantTyping.add(messageId); // until the server's own typing/turn frames say otherwise
       showTyping();
+      catchUpLater();
     }
     state.pending = state.pending.filter(function (p) {
       return p.cid !== cid;
@@ -741,6 +747,18 @@
       state.lastId = messageId;
     }
     userState(cid, "");
+  }
+
+  /** While replies are awaited, every CATCH_UP_MS: resume after the oldest awaited message. */
+  function catchUpLater() {
+    if (state.catchUpTimer) return;
+    state.catchUpTimer = setTimeout(function () {
+      state.catchUpTimer = null;
+      var oldest = assistantTyping.values().next().value;
+      if (oldest === undefined) return;
+      if (state.ready) send({ type: "resume", after: oldest });
+      catchUpLater();
+    }, CATCH_UP_MS);
   }
 
   function retryButton(cid, text) {
