@@ -105,6 +105,30 @@ def _copy_for_another_loop(client: Any) -> Any:
     return client.copy(http_client=fresh)
 
 
+_pinned_models: list[Any] = []
+
+
+def _pin_stream_models() -> None:
+    """Keep the SDK's streamed-message model alive for the life of the process.
+
+    Each streamed reply evaluates ``ParsedMessage[ResponseFormatT]`` (anthropic's
+    ``accumulate_event``): pydantic makes that class once and caches it only weakly, so the first
+    garbage collection after a reply threw it away and the next reply built it again (1-10 ms of
+    CPU, with its content-block classes), which a busy worker did on most turns. One strong
+    reference, taken before the first stream, makes every later one a cache hit.
+    """
+    if _pinned_models:
+        return
+    model: Any = None
+    try:
+        from anthropic.lib.streaming import _messages
+
+        model = _messages.ParsedMessage[_messages.ResponseFormatT]  # as accumulate_event spells it
+    except (ImportError, AttributeError):  # pragma: no cover - another SDK layout: nothing to pin
+        pass
+    _pinned_models.append(model)
+
+
 def _has_key(client: Any) -> bool:
     return bool(getattr(client, "api_key", None) or getattr(client, "auth_token", None))
 
@@ -190,6 +214,7 @@ class AnthropicBackend(LLMBackend):
             if on_text is None:
                 message = await client.messages.create(**kwargs)
             else:
+                _pin_stream_models()
                 async with client.messages.stream(**kwargs) as stream:
                     async for text in stream.text_stream:
                         await on_text(text)

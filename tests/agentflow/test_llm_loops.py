@@ -43,3 +43,47 @@ def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives
         main_loop.close()
 
     assert (first, other, last) == ("reply 0", ["reply 1"], "reply 2")
+
+
+def test_a_streamed_reply_builds_no_pydantic_model_class_after_a_garbage_collection(
+    anthropic_client, fake_llm, monkeypatch
+) -> None:
+    """The SDK's ``ParsedMessage[ResponseFormatT]`` is cached by pydantic only weakly: unpinned, a
+    collection between two replies threw it away and the next streamed reply built it again."""
+    import gc
+
+    from pydantic._internal import _generics
+
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    built: list[str] = []
+    original = _generics.create_generic_submodel
+
+    def counting(model_name: str, *args, **kwargs):
+        built.append(model_name)
+        return original(model_name, *args, **kwargs)
+
+    async def stream() -> str:
+        pieces: list[str] = []
+
+        async def on_text(text: str) -> None:
+            pieces.append(text)
+
+        reply = await backend.generate(
+            system="s", messages=[{"role": "user", "content": "hi"}], config=config, on_text=on_text
+        )
+        assert "".join(pieces) == reply.text
+        return reply.text
+
+    loop = asyncio.new_event_loop()
+    try:
+        fake_llm.enqueue(FakeReply(text="first reply"))
+        assert loop.run_until_complete(stream()) == "first reply"
+        gc.collect()
+        monkeypatch.setattr(_generics, "create_generic_submodel", counting)
+        fake_llm.enqueue(FakeReply(text="second reply"))
+        assert loop.run_until_complete(stream()) == "second reply"
+        loop.run_until_complete(backend.aclose())
+    finally:
+        loop.close()
+    assert built == []
