@@ -87,3 +87,16 @@ def test_a_streamed_reply_builds_no_pydantic_model_class_after_a_garbage_collect
     finally:
         loop.close()
     assert built == []
+
+
+def test_the_llm_clients_of_a_process_share_one_tls_context_that_still_verifies(fake_llm) -> None:
+    """One client per event loop (each worker thread's); each loaded the certificate store (~30 ms)."""
+    import ssl
+
+    from agentflow.registry import anthropic_client_factory
+
+    clients = [anthropic_client_factory() for _ in range(3)]
+    contexts = [client._client._transport.ssl_context for client in clients]
+    assert all(context is contexts[0] for context in contexts)
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
+    assert contexts[0].cert_store_stats()["x509_ca"] > 0  # the system's CAs, as the SDK loads them
