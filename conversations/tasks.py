@@ -26,6 +26,7 @@ from agentflow import limits, pipeline
 from agentflow.conf import conf
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK
+from agentflow.llm import whole_replies
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
@@ -273,8 +274,9 @@ async def _run_streaming(
     """Run the turn, streaming the reply's text to the user's connections as it is written.
 
     Whether anyone listens (a chat socket, a staff page) is asked once: nobody (a REST caller) gets
-    neither the typing event nor deltas, which saves their channel-layer sends; the final ``turn``
-    is announced whatever the answer (a socket may open meanwhile).
+    neither the typing event nor deltas, which saves their channel-layer sends, and the LLM's reply
+    is then asked for whole rather than streamed (``agentflow.llm.whole_replies``); the final
+    ``turn`` is announced whatever the answer (a socket may open meanwhile).
     """
     listened = await listeners_exist(user_pk=user_pk)
     if listened:
@@ -292,15 +294,16 @@ async def _run_streaming(
         listened=listened,
     )
     try:
-        return await run_turn(
-            agent,
-            message_id,
-            on_text=stream,
-            on_earlier="raise",
-            final_attempt=final_attempt,
-            jobs_inline=False,
-            db_executor=db,
-        )
+        with contextlib.nullcontext() if listened else whole_replies():
+            return await run_turn(
+                agent,
+                message_id,
+                on_text=stream,
+                on_earlier="raise",
+                final_attempt=final_attempt,
+                jobs_inline=False,
+                db_executor=db,
+            )
     finally:
         await stream.close()
 

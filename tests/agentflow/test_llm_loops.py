@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from agentflow.config import LLMConfig
 from agentflow.llm import AnthropicBackend
 from agentflow.testing.fake_anthropic import FakeReply
@@ -100,3 +102,37 @@ def test_the_llm_clients_of_a_process_share_one_tls_context_that_still_verifies(
     assert all(context is contexts[0] for context in contexts)
     assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
     assert contexts[0].cert_store_stats()["x509_ca"] > 0  # the system's CAs, as the SDK loads them
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "streamed"),
+    [(1024, False), (4096, True)],  # 4,096 tokens might outlast the 60 s read timeout as one response
+)
+def test_whole_replies_ask_for_the_reply_in_one_response_and_hand_on_text_all_of_it(
+    anthropic_client, fake_llm, max_tokens: int, streamed: bool
+) -> None:
+    from agentflow.llm import whole_replies
+
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=60, max_tokens=max_tokens)
+    pieces: list[str] = []
+
+    async def on_text(text: str) -> None:
+        pieces.append(text)
+
+    async def ask() -> str:
+        with whole_replies():
+            reply = await backend.generate(
+                system="s", messages=[{"role": "user", "content": "hi"}], config=config, on_text=on_text
+            )
+        await backend.aclose()
+        return reply.text
+
+    fake_llm.enqueue(FakeReply(text="one two three four five"))
+    loop = asyncio.new_event_loop()
+    try:
+        text = loop.run_until_complete(ask())
+    finally:
+        loop.close()
+    assert text == "one two three four five" == "".join(pieces)
+    assert (len(pieces) > 1, fake_llm.requests[0]["body"].get("stream") is True) == (streamed, streamed)
