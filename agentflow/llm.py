@@ -7,11 +7,13 @@ parameters from ``llm_config`` on every call, so one backend serves any configur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +107,63 @@ def _copy_for_another_loop(client: Any) -> Any:
     return client.copy(http_client=fresh)
 
 
+_whole: ContextVar[bool] = ContextVar("agentflow_llm_whole_replies", default=False)
+
+
+@contextlib.contextmanager
+def whole_replies() -> Iterator[None]:
+    """Within this block ``AnthropicBackend`` asks for each reply whole, not streamed, and hands its
+    text to ``on_text`` in one piece once it has arrived.
+
+    For a caller whose ``on_text`` shows the text to nobody (a Celery turn with no chat socket or
+    staff page listening: a REST caller): the turn goes as before (a streamed reply is judged as one,
+    ``on_text`` still sees all the text) without reading a stream of events nobody watches, one SSE
+    event per few words, each parsed into the SDK's models. A reply that might outlast the read
+    timeout as one response (``max_tokens`` above ``timeout_seconds`` at the SDK's worst-case rate,
+    ``WHOLE_SECONDS_PER_TOKEN``: 1,024 tokens within the default 60 s) is still streamed. Other
+    backends ignore this and stream as before.
+    """
+    token = _whole.set(True)
+    try:
+        yield
+    finally:
+        _whole.reset(token)
+
+
+# The SDK's own worst case for a reply that is not streamed: an hour for 128,000 output tokens.
+WHOLE_SECONDS_PER_TOKEN = 3600 / 128_000
+
+
+def _fits_one_response(config: LLMConfig) -> bool:
+    """Whether a reply of ``max_tokens`` surely arrives within the client's read timeout as one
+    response (which sends nothing until it is complete); a longer one is streamed."""
+    return config.max_tokens * WHOLE_SECONDS_PER_TOKEN <= config.timeout_seconds
+
+
+_pinned_models: list[Any] = []
+
+
+def _pin_stream_models() -> None:
+    """Keep the SDK's streamed-message model alive for the life of the process.
+
+    Each streamed reply evaluates ``ParsedMessage[ResponseFormatT]`` (anthropic's
+    ``accumulate_event``): pydantic makes that class once and caches it only weakly, so the first
+    garbage collection after a reply threw it away and the next reply built it again (1-10 ms of
+    CPU, with its content-block classes), which a busy worker did on most turns. One strong
+    reference, taken before the first stream, makes every later one a cache hit.
+    """
+    if _pinned_models:
+        return
+    model: Any = None
+    try:
+        from anthropic.lib.streaming import _messages
+
+        model = _messages.ParsedMessage[_messages.ResponseFormatT]  # as accumulate_event spells it
+    except (ImportError, AttributeError):  # pragma: no cover - another SDK layout: nothing to pin
+        pass
+    _pinned_models.append(model)
+
+
 def _has_key(client: Any) -> bool:
     return bool(getattr(client, "api_key", None) or getattr(client, "auth_token", None))
 
@@ -185,11 +244,13 @@ class AnthropicBackend(LLMBackend):
             kwargs["tools"] = tools
         if tool_choice:
             kwargs["tool_choice"] = tool_choice
+        whole = on_text is None or (_whole.get() and _fits_one_response(config))
         started = time.perf_counter()
         try:
-            if on_text is None:
+            if whole or on_text is None:
                 message = await client.messages.create(**kwargs)
             else:
+                _pin_stream_models()
                 async with client.messages.stream(**kwargs) as stream:
                     async for text in stream.text_stream:
                         await on_text(text)
@@ -206,6 +267,8 @@ class AnthropicBackend(LLMBackend):
         latency_ms = (time.perf_counter() - started) * 1000
         blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
         text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
+        if whole and on_text is not None and text:
+            await on_text(text)
         usage = {
             "input_tokens": int(message.usage.input_tokens or 0),
             "output_tokens": int(message.usage.output_tokens or 0),

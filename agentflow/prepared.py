@@ -1,11 +1,13 @@
-"""Hot queries compiled once per database connection, then run with new parameter values.
+"""Hot queries compiled once per process, then run with new parameter values on any connection.
 
 Building a queryset (``filter``, ``annotate``, subqueries) and compiling it to SQL cost the turn
 more CPU than running the statements: ~0.5 ms per query, several queries a turn. A
-:class:`PreparedQuery` builds and compiles its queryset once per connection, with stand-in values
-for the parameters, finds where each stand-in landed in the compiled parameters, and afterwards
-only swaps in the real values and runs the same SQL through Django's own row conversion (model
-instances with ``select_related`` objects and annotations, or ``values()`` dicts).
+:class:`PreparedQuery` builds and compiles its queryset once, with stand-in values for the
+parameters, finds where each stand-in landed in the compiled parameters, and afterwards only swaps
+in the real values and runs the same SQL through Django's own row conversion (model instances with
+``select_related`` objects and annotations, or ``values()`` dicts). Each connection (each thread's:
+a Celery worker has one per worker thread) runs it through a copy of the compiler bound to it; the
+SQL, its parameters and row layout are shared.
 
 Only values that are plain SQL parameters may be ``params``; anything that changes the SQL's shape
 (a slice, ``None`` versus a value, a list's length) is part of the ``shape`` key. A stand-in that
@@ -15,8 +17,10 @@ transformed it) makes that query run through the ORM as usual, every time.
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Hashable
@@ -90,6 +94,20 @@ class _Compiled:
         self._get_converters = self.compiler.get_converters
         self.compiler.get_converters = self._converters_of
 
+    def for_connection(self, connection: Any) -> _Compiled:
+        """This query for ``connection`` (another thread's): the SQL, its parameters, the stand-ins'
+        slots and the row layout are shared; the compiler is a copy bound to ``connection``, with row
+        converters of its own."""
+        bound = copy.copy(self)
+        compiler = bound.compiler = copy.copy(self.compiler)
+        compiler.connection = connection
+        bound.next_params = bound.params
+        bound._converters = {}
+        bound._get_converters = types.MethodType(type(compiler).get_converters, compiler)
+        compiler.as_sql = bound._as_sql
+        compiler.get_converters = bound._converters_of
+        return bound
+
     def _as_sql(self, *args: Any, **kwargs: Any) -> tuple[str, list[Any]]:
         return self.sql, self.next_params
 
@@ -143,7 +161,8 @@ class _Frozen:
 
 
 class PreparedQuery:
-    """A queryset built by ``build(**shape, **params)``, compiled once per connection and shape.
+    """A queryset built by ``build(**shape, **params)``, compiled once per process and shape, run on
+    each connection through a compiler of its own (``_Compiled.for_connection``).
 
     Args:
         build: returns the queryset; called with the ``shape`` keywords as given and the ``params``
@@ -156,6 +175,7 @@ class PreparedQuery:
         self._by_connection: weakref.WeakKeyDictionary[Any, dict[Hashable, _Compiled]] = (
             weakref.WeakKeyDictionary()
         )
+        self._compiled: dict[Hashable, _Compiled] = {}  # per shape, the first compile (any connection's)
         self._lock = threading.Lock()
 
     def run(self, *, shape: dict[str, Hashable] | None = None, **params: Any) -> list[Any]:
@@ -167,9 +187,13 @@ class PreparedQuery:
         key = tuple(sorted(shape.items()))
         compiled = compiled_here.get(key)
         if compiled is None:
-            stand_ins = {name: _stand_in(value) for name, value in params.items()}
-            compiled = _Compiled(self.build(**shape, **stand_ins), stand_ins)
-            compiled_here[key] = compiled
+            first = self._compiled.get(key)
+            if first is None:
+                stand_ins = {name: _stand_in(value) for name, value in params.items()}
+                made = _Compiled(self.build(**shape, **stand_ins), stand_ins)
+                made.compiler.connection = None  # only copies run: keep no thread's connection alive
+                first = self._compiled.setdefault(key, made)
+            compiled = compiled_here[key] = first.for_connection(connection)
         if not compiled.usable:
             return list(self.build(**shape, **params))
         return compiled.run(params)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from agentflow.config import LLMConfig
 from agentflow.llm import AnthropicBackend
 from agentflow.testing.fake_anthropic import FakeReply
@@ -43,3 +45,94 @@ def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives
         main_loop.close()
 
     assert (first, other, last) == ("reply 0", ["reply 1"], "reply 2")
+
+
+def test_a_streamed_reply_builds_no_pydantic_model_class_after_a_garbage_collection(
+    anthropic_client, fake_llm, monkeypatch
+) -> None:
+    """The SDK's ``ParsedMessage[ResponseFormatT]`` is cached by pydantic only weakly: unpinned, a
+    collection between two replies threw it away and the next streamed reply built it again."""
+    import gc
+
+    from pydantic._internal import _generics
+
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    built: list[str] = []
+    original = _generics.create_generic_submodel
+
+    def counting(model_name: str, *args, **kwargs):
+        built.append(model_name)
+        return original(model_name, *args, **kwargs)
+
+    async def stream() -> str:
+        pieces: list[str] = []
+
+        async def on_text(text: str) -> None:
+            pieces.append(text)
+
+        reply = await backend.generate(
+            system="s", messages=[{"role": "user", "content": "hi"}], config=config, on_text=on_text
+        )
+        assert "".join(pieces) == reply.text
+        return reply.text
+
+    loop = asyncio.new_event_loop()
+    try:
+        fake_llm.enqueue(FakeReply(text="first reply"))
+        assert loop.run_until_complete(stream()) == "first reply"
+        gc.collect()
+        monkeypatch.setattr(_generics, "create_generic_submodel", counting)
+        fake_llm.enqueue(FakeReply(text="second reply"))
+        assert loop.run_until_complete(stream()) == "second reply"
+        loop.run_until_complete(backend.aclose())
+    finally:
+        loop.close()
+    assert built == []
+
+
+def test_the_llm_clients_of_a_process_share_one_tls_context_that_still_verifies(fake_llm) -> None:
+    """One client per event loop (each worker thread's); each loaded the certificate store (~30 ms)."""
+    import ssl
+
+    from agentflow.registry import anthropic_client_factory
+
+    clients = [anthropic_client_factory() for _ in range(3)]
+    contexts = [client._client._transport.ssl_context for client in clients]
+    assert all(context is contexts[0] for context in contexts)
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
+    assert contexts[0].cert_store_stats()["x509_ca"] > 0  # the system's CAs, as the SDK loads them
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "streamed"),
+    [(1024, False), (4096, True)],  # 4,096 tokens might outlast the 60 s read timeout as one response
+)
+def test_whole_replies_ask_for_the_reply_in_one_response_and_hand_on_text_all_of_it(
+    anthropic_client, fake_llm, max_tokens: int, streamed: bool
+) -> None:
+    from agentflow.llm import whole_replies
+
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=60, max_tokens=max_tokens)
+    pieces: list[str] = []
+
+    async def on_text(text: str) -> None:
+        pieces.append(text)
+
+    async def ask() -> str:
+        with whole_replies():
+            reply = await backend.generate(
+                system="s", messages=[{"role": "user", "content": "hi"}], config=config, on_text=on_text
+            )
+        await backend.aclose()
+        return reply.text
+
+    fake_llm.enqueue(FakeReply(text="one two three four five"))
+    loop = asyncio.new_event_loop()
+    try:
+        text = loop.run_until_complete(ask())
+    finally:
+        loop.close()
+    assert text == "one two three four five" == "".join(pieces)
+    assert (len(pieces) > 1, fake_llm.requests[0]["body"].get("stream") is True) == (streamed, streamed)

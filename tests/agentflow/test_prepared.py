@@ -265,3 +265,44 @@ def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> Non
     before = Message.objects.get(pk=later[2].pk)
     assert [r.content for r in thread_history(thread=thread, limit=1, before=before)] == ["two"]
     assert all(c.usable for c in _THREAD_HISTORY._by_connection[connections["default"]].values())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_another_threads_connection_reuses_the_compile_and_gets_the_orms_rows() -> None:
+    """A Celery worker runs each turn's database steps on one thread per worker thread: each has a
+    connection of its own, and the queryset is built and compiled once for all of them."""
+    import threading
+
+    first, second = MessageFactory(content="one"), MessageFactory(content="two")
+    long_ago = timezone.now() - timedelta(days=1)
+    builds: list[dict[str, object]] = []
+
+    def build(**kwargs: object) -> QuerySet[Message]:
+        builds.append(kwargs)
+        return _messages(**kwargs)  # type: ignore[arg-type]
+
+    query = PreparedQuery(build)
+
+    def seen(message: Message) -> list[tuple[object, ...]]:
+        rows = query.run(shape={"limit": 5}, user_id=message.user_id, since=long_ago)
+        return [(m.pk, m.content, m.user.external_id, m.session_id, m.replies) for m in rows]
+
+    here = seen(first)
+    there: list[object] = []
+
+    def in_thread() -> None:
+        try:
+            there.extend([seen(second), seen(first)])
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join(30)
+
+    def orm(message: Message) -> list[tuple[object, ...]]:
+        rows = _messages(user_id=message.user_id, since=long_ago, limit=5)
+        return [(m.pk, m.content, m.user.external_id, m.session_id, m.replies) for m in rows]
+
+    assert here == orm(first) and there == [orm(second), orm(first)]
+    assert len(builds) == 1  # compiled once, in the first thread; the other thread only bound it

@@ -46,3 +46,4 @@ async def test_rest_turn_runs_through_celery_and_lands_in_postgres(celery_worker
     assert request["headers"]["authorization"] == "Bearer test-key"  # SDK 2.x sends the key as a bearer token
     assert request["body"]["messages"] == [{"role": "user", "content": "My login is broken"}]
     assert request["body"]["model"] == "claude-sonnet-5-5"
+    assert "stream" not in request["body"]  # nobody watches a REST turn live: the reply is asked for whole
