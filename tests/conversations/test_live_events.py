@@ -188,6 +188,87 @@ async def test_group_send_loads_its_script_when_the_server_does_not_know_it(
     await layer.flush()
 
 
+# --- the channel layer's receive --------------------------------------------------------------------
+
+
+def _calls(client: redis.Redis, *commands: str) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands}
+
+
+RECEIVE_COMMANDS = ("bzpopmin", "zadd", "zpopmin", "eval", "evalsha")
+
+
+async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup() -> None:
+    layer = _layer()
+    channel = await layer.new_channel()
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    await layer.send(channel, {"type": "chat.event", "n": 0})
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0  # the first receive
+    await layer.send(channel, {"type": "chat.event", "n": 1})
+    before = _calls(client, *RECEIVE_COMMANDS)
+
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 1
+
+    after = _calls(client, *RECEIVE_COMMANDS)
+    assert {c: after[c] - before[c] for c in RECEIVE_COMMANDS} == {
+        "bzpopmin": 1,
+        "zadd": 0,
+        "zpopmin": 0,
+        "eval": 0,
+        "evalsha": 0,
+    }
+    assert list(client.scan_iter(f"{layer.prefix}*")) == []  # no message, no backup set
+    client.close()
+    await layer.flush()
+
+
+async def test_messages_for_several_sockets_of_one_process_reach_each_in_order() -> None:
+    layer = _layer()
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for n in range(6):
+        await layer.send(first if n % 2 == 0 else second, {"type": "chat.event", "n": n})
+
+    got_second = [(await asyncio.wait_for(layer.receive(second), 5))["n"] for _ in range(3)]
+    got_first = [(await asyncio.wait_for(layer.receive(first), 5))["n"] for _ in range(3)]
+
+    assert (got_first, got_second) == ([0, 2, 4], [1, 3, 5])
+    await layer.flush()
+
+
+async def test_a_cancelled_receive_loses_no_message_sent_after_it() -> None:
+    layer = _layer()
+    layer.brpop_timeout = 1
+    channel = await layer.new_channel()
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0.2)  # blocked in BZPOPMIN
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    await layer.send(channel, {"type": "chat.event", "n": 7})
+
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 7
+    await layer.flush()
+
+
+async def test_a_backup_left_by_channels_redis_own_layer_is_received_first() -> None:
+    """A process running channels-redis's class (a rolling upgrade) may leave its backup set behind."""
+    layer = _layer()
+    channel = "chat-named-channel"  # a named channel, which several processes may read
+    key = layer.prefix + channel
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    client.zadd(layer._backup_channel_name(key), {layer.serialize({"type": "chat.event", "n": "kept"}): 1.0})
+    await layer.send(channel, {"type": "chat.event", "n": "new"})
+
+    got = [(await asyncio.wait_for(layer.receive(channel), 5))["n"] for _ in range(2)]
+
+    assert got == ["kept", "new"]
+    assert list(client.scan_iter(f"{layer.prefix}*")) == []
+    client.close()
+    await layer.flush()
+
+
 # --- streamed text gathered per interval ----------------------------------------------------------
 
 
