@@ -24,12 +24,13 @@ from django.core import signing
 from django.db import connections
 from django.utils.deprecation import MiddlewareMixin
 
+from agentflow.loops import run_db
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow.web import api as web_api
 from agentflow.web.asgi import RequestThreads
 from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
 from agentflow_project.asgi import application, django_asgi_app
-from conversations import api
+from conversations import api, consumers
 from conversations.audit import AuditContextMiddleware
 from conversations.chat_tokens import CHAT_TOKEN_SALT
 from tests.conftest import ORIGIN
@@ -117,6 +118,35 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
     assert frames[0]["type"] == "ack"
     # Frames from the client and events from the channel layer alike, and none of them hopped.
     assert during_the_turn == []
+
+
+async def test_a_websocket_message_is_stored_in_one_database_call_and_queued_in_another(
+    celery_worker: Any, fake_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[str] = []
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func.__name__)
+        return await run_db(func, *args, **kwargs)
+
+    fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
+    token = signing.dumps({"u": "hops-carol"}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+    monkeypatch.setattr(consumers, "run_db", counting)
+
+    await communicator.send_json_to(
+        {"type": "message", "message": "Where is my order?", "client_message_id": "h-2"}
+    )
+    turn, frames = await receive_until(communicator, "turn", timeout=20)
+    await communicator.disconnect()
+
+    assert turn["status"] == "done"
+    assert frames[0]["type"] == "ack"
+    # The revocation check, the agent's limits and the message in one call; the turn after the ack.
+    assert hops == ["_accept", "queue_turn"]
 
 
 async def _idle_again(threads: RequestThreads, count: int) -> None:
