@@ -188,6 +188,84 @@ async def test_group_send_loads_its_script_when_the_server_does_not_know_it(
     await layer.flush()
 
 
+async def test_the_blocking_group_send_delivers_as_group_send_does() -> None:
+    """From a thread (where the web process stores a message), with a blocking client."""
+    layer = _layer()
+    first, second, gone = [await layer.new_channel() for _ in range(3)]
+    for channel in (first, second, gone):
+        await layer.group_add("chat.user.5", channel)
+    await layer.group_discard("chat.user.5", gone)
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    keys_before = set(client.scan_iter(f"{layer.prefix}*"))
+
+    await asyncio.to_thread(layer.group_send_blocking, "chat.user.6", {"type": "chat.event", "n": 0})
+    assert set(client.scan_iter(f"{layer.prefix}*")) == keys_before  # an empty group: nothing written
+    await asyncio.to_thread(layer.group_send_blocking, "chat.user.5", {"type": "chat.event", "n": 1})
+
+    received = [await asyncio.wait_for(layer.receive(c), 5) for c in (first, second)]
+    assert received == [{"type": "chat.event", "n": 1}] * 2
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(gone), 0.3)
+    client.close()
+    await layer.flush()
+
+
+async def test_the_blocking_group_send_keeps_the_capacity_and_loads_its_script(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = _prefix()
+    layer, other = _layer(prefix, capacity=2), _layer(prefix, capacity=2)
+    reader = await other.new_channel()
+    await layer.group_add("chat.user.7", reader)
+    monkeypatch.setattr(channel_layer, "DELIVER_SHA", "0" * 40)  # as after a Redis restart
+
+    for n in range(3):
+        await asyncio.to_thread(layer.group_send_blocking, "chat.user.7", {"type": "chat.event", "n": n})
+
+    got = [(await asyncio.wait_for(other.receive(reader), 5))["n"] for _ in range(2)]
+    assert got == [0, 1]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(other.receive(reader), 0.3)
+    await layer.flush()
+    await other.flush()
+
+
+async def test_a_message_stored_on_a_thread_is_announced_without_a_switch_to_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from conversations import events
+    from conversations.agents import agent_settings, message_accept
+
+    switched: list[str] = []
+    original = events.async_to_sync
+
+    def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        switched.append(getattr(func, "__name__", repr(func)))
+        return original(func, *args, **kwargs)
+
+    monkeypatch.setattr(events, "async_to_sync", counting)
+    communicator, _ = await _connect("announce-alice")
+    try:
+
+        def store() -> Any:
+            limits = agent_settings(name=conf().DEFAULT_AGENT)
+            return message_accept(limits=limits, user_id="announce-alice", message="Where is my order?")
+
+        received = await sync_to_async(store, thread_sensitive=False)()
+        frame = await communicator.receive_json_from(timeout=5)
+
+        assert (frame["type"], frame["id"], frame["content"]) == (
+            "user_message",
+            str(received.message.pk),
+            "Where is my order?",
+        )
+        assert switched == []
+    finally:
+        await communicator.disconnect()
+
+
 # --- the channel layer's receive --------------------------------------------------------------------
 
 
