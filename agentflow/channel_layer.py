@@ -1,5 +1,5 @@
-"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four and
-a process-wide receive that a leaving socket cannot cut short.
+"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four, and
+a process-wide ``receive`` of one round trip that a closing socket cannot cut short.
 
 channels-redis 4.3 sends a group message as: ``ZREMRANGEBYSCORE`` (the group's stale members), then
 ``ZRANGE`` (the members), then a ``MULTI``/``EXEC`` pipeline expiring old messages of each member's
@@ -12,15 +12,24 @@ expiry are those of channels-redis, so processes running either class share one 
 Every live event of a turn (typing, each streamed delta, the final reply) is a ``group_send`` from
 the worker, so this is most of the worker's channel-layer traffic.
 
-Receiving: every socket of one web process reads one Redis key, the process's channel, with a
-blocking pop (``BZPOPMIN``), and hands what it pops to the socket it is for. channels-redis runs
-that pop in the task of whichever socket's ``receive`` got there first. When that socket closes,
-channels cancels its ``receive``, and so the pop: if Redis had already popped a message for another
-socket, its reply is dropped with the connection and the message is gone (django/channels_redis#366;
-seen here as a WebSocket that never got its turn's final frame when other sockets closed at that
-moment). Here the pop is a task of the layer's own, which no socket's cancellation reaches: a socket
-waits for its buffer or for the pop to end, and a waiting socket starts the next pop. A pop with no
-socket left waiting ends at the blocking timeout (channels-redis's ``brpop_timeout``, 5 s).
+Each of those events then reaches the web process holding the socket. Every socket of one web
+process reads one Redis key, the process's channel, with a blocking pop (``BZPOPMIN``), and the pop
+hands what it gets to the socket it is for. channels-redis 4.3 differs in two ways:
+
+- It runs that pop in the task of whichever socket's ``receive`` got there first. When that socket
+  closes, channels cancels its ``receive``, and so the pop: if Redis had already popped a message for
+  another socket, the reply is dropped with the connection and the message is gone
+  (django/channels_redis#366; seen here as a WebSocket that never got its turn's final frame when
+  other sockets closed at that moment; ``tests/conversations/test_channel_receive.py`` reproduces it).
+  Here the pop is a task of the layer's own, which no socket's cancellation reaches: a socket waits
+  for its buffer or for the pop to end, and a waiting socket starts the next pop. A pop with no
+  socket left waiting ends at the blocking timeout (``brpop_timeout``, 5 s).
+- It receives a message in four round trips: an ``EVAL`` putting back the channel's "backup" set, the
+  ``BZPOPMIN``, a ``ZADD`` of the message to the backup set and, in a task of its own, a ``ZPOPMIN``
+  removing it again; the backup was its guard against the cancellation above, which cannot happen
+  here. One ``BZPOPMIN`` per message (and per idle ``brpop_timeout``). A backup left by a process
+  running channels-redis's own class (on a channel both read) is put back once, at this process's
+  first receive on that channel.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from typing import Any
 
+import redis
 from channels_redis.core import RedisChannelLayer as CoreRedisChannelLayer
 from redis.exceptions import NoScriptError
 
@@ -56,18 +67,55 @@ return over_capacity
 DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
 
 
+# channels-redis's own script: the backup set's messages back at the front of the channel.
+RESTORE_BACKUP = """
+local backed_up = redis.call('ZRANGE', ARGV[2], 0, -1, 'WITHSCORES')
+for i = #backed_up, 1, -2 do
+    redis.call('ZADD', ARGV[1], backed_up[i], backed_up[i - 1])
+end
+redis.call('DEL', ARGV[2])
+"""
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.debug("the process channel's pop failed: %r", task.exception())
 
 
 class RedisChannelLayer(CoreRedisChannelLayer):
-    """``channels_redis.core.RedisChannelLayer`` with a cheaper ``group_send`` and a receive no socket's
-    cancellation can cut short (see the module)."""
+    """``channels_redis.core.RedisChannelLayer`` with a cheaper ``group_send`` and ``receive``, which
+    no socket's cancellation can cut short (see the module)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._restored: set[str] = set()  # channel keys whose old backup set was put back
+        self._blocking_clients: dict[int, redis.Redis] = {}
+        self._blocking_lock = threading.Lock()
         self._pop: asyncio.Task[None] | None = None  # the process channel's pop in flight, if any
+
+    async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
+        """One message of ``channel`` (a process's own ``...!`` channel or a named one), in one
+        ``BZPOPMIN`` (repeated every ``brpop_timeout`` while none arrives)."""
+        assert self.require_valid_channel_name(channel, receive=True), "Channel name invalid"
+        if "!" in channel:
+            assert channel.endswith("!")
+            index = self.consistent_hash(channel)
+        else:
+            index = next(self._receive_index_generator)
+        channel_key = self.prefix + channel
+        connection = self.connection(index)
+        await self._restore_backup_once(connection, channel_key)
+        while True:
+            popped = await connection.bzpopmin(channel_key, timeout=self.brpop_timeout)
+            if popped is not None:
+                break
+        # A plain channel's receive (not a process's): cancelled while its pop's reply is on its way,
+        # the message is lost, as in channels-redis. The process channel's pop (``_pop_once``) is never
+        # cancelled by a socket.
+        message = self.deserialize(popped[1])
+        if "__asgi_channel__" in message:
+            channel = message.pop("__asgi_channel__")
+        return channel, message
 
     async def receive(self, channel: str) -> dict[str, Any]:
         if "!" not in channel:  # a plain channel: one reader, nothing shared
@@ -114,33 +162,22 @@ class RedisChannelLayer(CoreRedisChannelLayer):
 
     async def _pop_once(self, process_channel: str) -> None:
         """One blocking pop of the process channel, up to ``brpop_timeout``, into its socket's buffer.
-
-        As channels-redis's ``receive_single``: the pop moves the message to a backup set first and a
-        cleaner drops it from there once it is buffered, so even a process that dies mid-pop leaves
-        the message for the next pop to find."""
-        index = self.consistent_hash(process_channel)
+        From the pop's reply to the buffer there is no await."""
         key = self.prefix + process_channel
-        await self.receive_clean_locks.acquire(key)
-        try:
-            content = await self._brpop_with_clean(index, key, timeout=self.brpop_timeout)
-        except BaseException:
-            self.receive_clean_locks.release(key)
-            raise
-        if content is None:
-            self.receive_clean_locks.release(key)
+        connection = self.connection(self.consistent_hash(process_channel))
+        await self._restore_backup_once(connection, key)
+        popped = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+        if popped is None:
             return
-        cleaner = asyncio.ensure_future(self._clean_receive_backup(index, key))
-        self.receive_cleaners.append(cleaner)
-
-        def cleaned(task: asyncio.Future[Any]) -> None:
-            self.receive_cleaners.remove(task)
-            self.receive_clean_locks.release(key)
-
-        cleaner.add_done_callback(cleaned)
-        message = self.deserialize(content)
+        message = self.deserialize(popped[1])
         target = message.pop("__asgi_channel__", process_channel)
         for socket_channel in target if isinstance(target, list) else [target]:
             self.receive_buffer[socket_channel].put_nowait(message)
+
+    async def _restore_backup_once(self, connection: Any, key: str) -> None:
+        if key not in self._restored:
+            await connection.eval(RESTORE_BACKUP, 0, key, self._backup_channel_name(key))
+            self._restored.add(key)
 
     async def close_pools(self) -> None:
         # Closing: the pop in flight is this layer's own, so it goes first (its connection is closing).
@@ -158,17 +195,65 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
             pipe.zrange(key, 0, -1)
             _, members = await pipe.execute()
+        for index, keys, args in self._deliveries(members, message):
+            target = self.connection(index)
+            try:
+                over = await target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
+            except NoScriptError:  # first use on this server (or after SCRIPT FLUSH / a restart)
+                over = await target.eval(DELIVER, len(keys), *keys, *args)
+            if over:
+                logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
+
+    def group_send_blocking(self, group: str, message: dict[str, Any]) -> None:
+        """``group_send`` for a synchronous caller (a request's or a database thread), with a blocking
+        Redis client: the same commands, keys, script and capacities, without handing the send to the
+        event loop and waiting for it there (``async_to_sync``: two thread switches per send).
+
+        Raises:
+            NotImplementedError: a host that is not given by ``address`` (Sentinel): use ``group_send``.
+        """
+        assert self.require_valid_group_name(group), "Group name not valid"
+        key = self._group_key(group)
+        pipe = self._blocking(self.consistent_hash(group)).pipeline(transaction=False)
+        pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
+        pipe.zrange(key, 0, -1)
+        _, members = pipe.execute()
+        for index, keys, args in self._deliveries(members, message):
+            target = self._blocking(index)
+            try:
+                over = target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
+            except NoScriptError:
+                over = target.eval(DELIVER, len(keys), *keys, *args)
+            if over:
+                logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
+
+    def _deliveries(
+        self, members: list[bytes], message: dict[str, Any]
+    ) -> list[tuple[int, list[str], list[Any]]]:
+        """Per Redis host of the members' channels: its index, the channels' keys and the script's
+        arguments (a message and a capacity per key, now, expiry)."""
         if not members:
-            return
+            return []
         channel_names = [x.decode("utf8") for x in members]
         by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
+        deliveries = []
         for index, channel_keys in by_connection.items():
             args = [messages[k] for k in channel_keys] + [capacities[k] for k in channel_keys]
             args += [time.time(), int(self.expiry)]
-            target = self.connection(index)
-            try:
-                over = await target.evalsha(DELIVER_SHA, len(channel_keys), *channel_keys, *args)
-            except NoScriptError:  # first use on this server (or after SCRIPT FLUSH / a restart)
-                over = await target.eval(DELIVER, len(channel_keys), *channel_keys, *args)
-            if over:
-                logger.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
+            deliveries.append((index, channel_keys, args))
+        return deliveries
+
+    def _blocking(self, index: int) -> redis.Redis:
+        """The blocking client of host ``index`` (one per process, shared by its threads)."""
+        client = self._blocking_clients.get(index)
+        if client is None:
+            host = dict(self.hosts[index])
+            if "address" not in host:
+                raise NotImplementedError("a blocking group_send needs hosts given by address")
+            with self._blocking_lock:
+                client = self._blocking_clients.get(index)
+                if client is None:
+                    address = host.pop("address")
+                    client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(address, **host))
+                    self._blocking_clients[index] = client
+        return client

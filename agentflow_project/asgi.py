@@ -2,9 +2,11 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
+
+from agentflow.web.asgi import get_asgi_application
+
+# Django's handler, with each request's thread kept for a later request (agentflow.web.asgi).
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402

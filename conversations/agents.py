@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from agentflow.errors import InvalidInput, NotFound
+from agentflow.prepared import PreparedQuery
 
 from .models import AGENT_NAME_PATTERN, Agent
 from .services import Received, message_receive
@@ -44,10 +46,18 @@ def agent_get(*, name: str) -> Agent:
     Raises:
         NotFound: no agent of that name is registered.
     """
-    try:
-        return Agent.objects.get(name=clean_agent_name(name))
-    except Agent.DoesNotExist:
-        raise NotFound(f"agent {name!r} not found") from None
+    found = _AGENT_BY_NAME.run(name=clean_agent_name(name))
+    if not found:
+        raise NotFound(f"agent {name!r} not found")
+    return found[0]
+
+
+def _agent_by_name(*, name: str) -> QuerySet[Agent]:
+    return Agent.objects.filter(name=name)[:1]  # names are unique
+
+
+# Read for every message a transport accepts (its agent's limits): compiled once per connection.
+_AGENT_BY_NAME = PreparedQuery(_agent_by_name)
 
 
 def agent_get_or_create(*, name: str) -> Agent:

@@ -25,7 +25,7 @@ from agentflow.jobs import queue_turn
 from agentflow.loops import run_db
 
 from . import selectors, services
-from .agents import agent_settings, message_accept
+from .agents import Received, agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
@@ -45,6 +45,26 @@ CLOSE_BAD_VERSION = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not reconnect
 CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
+
+
+def _accept(
+    *, claims: ChatTokenClaims, agent: str, user_id: str, message: Any, client_message_id: Any
+) -> Received | None:
+    """Store a chat message (``message_accept``); None, storing nothing, when the user's chat tokens
+    were revoked meanwhile (the user was erased: never re-create them).
+
+    The revocation check, the agent's limits and the message in one database-thread call instead of
+    three: each hop from the event loop to a thread and back costs CPU (docs/operations.md, "Web
+    process CPU"). The turn is queued after the ``ack``, in a call of its own, as before.
+    """
+    if chat_token_revoked(claims=claims):
+        return None
+    return message_accept(
+        limits=agent_settings(name=agent),
+        user_id=user_id,
+        message=message,
+        client_message_id=client_message_id,
+    )
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -163,15 +183,11 @@ class ChatConsumer(JsonFrameConsumer):
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         client_id = frame.get("client_message_id")
-        # Erased meanwhile (the close may still be on its way): store nothing, never re-create the user.
-        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=self.claims):
-            await self._close_erased()
-            return
         try:
-            limits = await run_db(agent_settings, name=self.agent_name)
             received = await run_db(
-                message_accept,
-                limits=limits,
+                _accept,
+                claims=self.claims,
+                agent=self.agent_name,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
@@ -181,6 +197,9 @@ class ChatConsumer(JsonFrameConsumer):
             return
         except RateLimited as exc:
             await self._error(exc.code, str(exc), retry_after=exc.retry_after, client_message_id=client_id)
+            return
+        if received is None:  # erased meanwhile (the close may still be on its way)
+            await self._close_erased()
             return
         message = received.message
         await self._send(

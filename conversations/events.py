@@ -98,11 +98,32 @@ def publish(*, user_pk: int, event: dict[str, Any]) -> None:
         logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
 
 
+def publish_from_thread(*, user_pk: int, event: dict[str, Any]) -> None:
+    """``publish`` for synchronous code (a request's thread, a database step): through the channel
+    layer's blocking ``group_send`` where it has one (``agentflow.channel_layer``), else as ``publish``.
+
+    The web process stores every incoming message on a thread and announces it from there: with
+    ``publish`` that was a switch to the event loop and back for each message (and, for a REST
+    caller with no socket open, for a send that only finds the group empty).
+    """
+    layer = get_channel_layer()
+    send = getattr(layer, "group_send_blocking", None)
+    if send is None:
+        publish(user_pk=user_pk, event=event)
+        return
+    try:
+        send(user_group(user_pk), {"type": "chat.event", "event": event})
+    except NotImplementedError:  # a host the blocking client cannot reach (Sentinel)
+        publish(user_pk=user_pk, event=event)
+    except Exception:  # a lost live notification must not fail the caller: clients re-read on reconnect
+        logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
+
+
 def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:
-    """Publish once the surrounding transaction commits (at once outside one)."""
+    """Publish once the surrounding transaction commits (at once outside one), from this thread."""
     from django.db import transaction
 
-    transaction.on_commit(lambda: publish(user_pk=user_pk, event=event))
+    transaction.on_commit(lambda: publish_from_thread(user_pk=user_pk, event=event))
 
 
 STAFF_QUEUE_GROUP = "staff.queue"

@@ -253,9 +253,12 @@ def memories_for_client(memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, Any]:
-    """The turn result of a user message: its decisions and, once done, the reply."""
-    if reply is None:
+def turn_result(
+    *, message: Message, reply: Message | None = None, reply_read: bool = False
+) -> dict[str, Any]:
+    """The turn result of a user message: its decisions and, once done, the reply (looked up unless
+    given, or ``reply_read``: the caller read it already, None when there is none)."""
+    if reply is None and not reply_read:
         reply = Message.objects.filter(reply_to=message).first()
     result: dict[str, Any] = {
         "status": str(message.status),
@@ -291,9 +294,34 @@ def turn_result(*, message: Message, reply: Message | None = None) -> dict[str, 
     return result
 
 
+def _turn_message(*, message_id: uuid.UUID) -> QuerySet[Message]:
+    return Message.objects.select_related("user", "reply").filter(pk=message_id)
+
+
+# Read for every REST turn (its result) and every resent chat message: compiled once per connection.
+_TURN_MESSAGE = PreparedQuery(_turn_message)
+
+
 def turn_result_for(*, message_id: uuid.UUID | str) -> dict[str, Any]:
-    """``turn_result`` of a stored user message, read afresh by id."""
-    return turn_result(message=Message.objects.select_related("user").get(pk=message_id))
+    """``turn_result`` of a stored user message, read afresh by id: the message, its user and its
+    reply in one query.
+
+    Raises:
+        Message.DoesNotExist: no message has this id.
+    """
+    try:
+        pk = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
+    except ValueError:
+        raise Message.DoesNotExist(f"no message {message_id!r}") from None
+    rows = _TURN_MESSAGE.run(message_id=pk)
+    if not rows:
+        raise Message.DoesNotExist(f"no message {message_id!r}")
+    message = rows[0]
+    try:
+        reply: Message | None = message.reply
+    except Message.reply.RelatedObjectDoesNotExist:
+        reply = None
+    return turn_result(message=message, reply=reply, reply_read=True)
 
 
 # Thread changes a chat client is told of as "thread" events (a follow-up changes nothing visible).

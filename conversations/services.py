@@ -147,6 +147,17 @@ def _live_session(*, agent_id: int, external_id: str, now: datetime) -> QuerySet
 _LIVE_SESSION = PreparedQuery(_live_session)
 
 
+def _by_client_id(*, agent_id: int, external_id: str, client_id: str) -> QuerySet[Message]:
+    """The user's message with this ``client_message_id`` (a resend), as ``.first()`` would read it."""
+    return Message.objects.filter(
+        user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
+    ).order_by("pk")[:1]
+
+
+# Asked for every message that carries a client id: compiled once per connection.
+_BY_CLIENT_ID = PreparedQuery(_by_client_id)
+
+
 def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
     """The user's message bucket (a token bucket in Redis, ``conversations.ratelimit``).
 
@@ -200,11 +211,9 @@ def message_receive(
     client_id = clean_client_message_id(client_message_id)
     now = timezone.now()
     if client_id:
-        existing = Message.objects.filter(
-            user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
-        ).first()
-        if existing is not None:
-            return Received(existing, created=False)
+        found = _BY_CLIENT_ID.run(agent_id=agent_id, external_id=external_id, client_id=client_id)
+        if found:
+            return Received(found[0], created=False)
     rate_limit_check(user_id=external_id, per_minute=rate_per_minute, burst=rate_burst, now=now)
     try:
         with transaction.atomic():
@@ -726,10 +735,19 @@ def api_key_create(*, name: str, agent: Agent | None = None) -> tuple[ApiKey, st
 API_KEY_USE_RESOLUTION = timedelta(minutes=1)
 
 
+def _active_key(*, key_hash: str) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(key_hash=key_hash, active=True).order_by("pk")[:1]
+
+
+# Checked on every REST call: compiled once per connection.
+_ACTIVE_KEY = PreparedQuery(_active_key)
+
+
 def api_key_check(*, plain: str) -> ApiKey | None:
     if not plain or len(plain) > 200:
         return None
-    key = ApiKey.objects.filter(key_hash=hashlib.sha256(plain.encode()).hexdigest(), active=True).first()
+    found = _ACTIVE_KEY.run(key_hash=hashlib.sha256(plain.encode()).hexdigest())
+    key = found[0] if found else None
     now = timezone.now()
     # "Last used" to the minute: a busy key does not write its row (and commit) on every request.
     if key is not None and (key.last_used_at is None or now - key.last_used_at >= API_KEY_USE_RESOLUTION):

@@ -188,6 +188,165 @@ async def test_group_send_loads_its_script_when_the_server_does_not_know_it(
     await layer.flush()
 
 
+async def test_the_blocking_group_send_delivers_as_group_send_does() -> None:
+    """From a thread (where the web process stores a message), with a blocking client."""
+    layer = _layer()
+    first, second, gone = [await layer.new_channel() for _ in range(3)]
+    for channel in (first, second, gone):
+        await layer.group_add("chat.user.5", channel)
+    await layer.group_discard("chat.user.5", gone)
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    keys_before = set(client.scan_iter(f"{layer.prefix}*"))
+
+    await asyncio.to_thread(layer.group_send_blocking, "chat.user.6", {"type": "chat.event", "n": 0})
+    assert set(client.scan_iter(f"{layer.prefix}*")) == keys_before  # an empty group: nothing written
+    await asyncio.to_thread(layer.group_send_blocking, "chat.user.5", {"type": "chat.event", "n": 1})
+
+    received = [await asyncio.wait_for(layer.receive(c), 5) for c in (first, second)]
+    assert received == [{"type": "chat.event", "n": 1}] * 2
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(gone), 0.3)
+    client.close()
+    await layer.flush()
+
+
+async def test_the_blocking_group_send_keeps_the_capacity_and_loads_its_script(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = _prefix()
+    layer, other = _layer(prefix, capacity=2), _layer(prefix, capacity=2)
+    reader = await other.new_channel()
+    await layer.group_add("chat.user.7", reader)
+    monkeypatch.setattr(channel_layer, "DELIVER_SHA", "0" * 40)  # as after a Redis restart
+
+    for n in range(3):
+        await asyncio.to_thread(layer.group_send_blocking, "chat.user.7", {"type": "chat.event", "n": n})
+
+    got = [(await asyncio.wait_for(other.receive(reader), 5))["n"] for _ in range(2)]
+    assert got == [0, 1]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(other.receive(reader), 0.3)
+    await layer.flush()
+    await other.flush()
+
+
+async def test_a_message_stored_on_a_thread_is_announced_without_a_switch_to_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from conversations import events
+    from conversations.agents import agent_settings, message_accept
+
+    switched: list[str] = []
+    original = events.async_to_sync
+
+    def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        switched.append(getattr(func, "__name__", repr(func)))
+        return original(func, *args, **kwargs)
+
+    monkeypatch.setattr(events, "async_to_sync", counting)
+    communicator, _ = await _connect("announce-alice")
+    try:
+
+        def store() -> Any:
+            limits = agent_settings(name=conf().DEFAULT_AGENT)
+            return message_accept(limits=limits, user_id="announce-alice", message="Where is my order?")
+
+        received = await sync_to_async(store, thread_sensitive=False)()
+        frame = await communicator.receive_json_from(timeout=5)
+
+        assert (frame["type"], frame["id"], frame["content"]) == (
+            "user_message",
+            str(received.message.pk),
+            "Where is my order?",
+        )
+        assert switched == []
+    finally:
+        await communicator.disconnect()
+
+
+# --- the channel layer's receive --------------------------------------------------------------------
+
+
+def _calls(client: redis.Redis, *commands: str) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands}
+
+
+RECEIVE_COMMANDS = ("bzpopmin", "zadd", "zpopmin", "eval", "evalsha")
+
+
+async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup() -> None:
+    layer = _layer()
+    channel = await layer.new_channel()
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    await layer.send(channel, {"type": "chat.event", "n": 0})
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0  # the first receive
+    await layer.send(channel, {"type": "chat.event", "n": 1})
+    before = _calls(client, *RECEIVE_COMMANDS)
+
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 1
+
+    after = _calls(client, *RECEIVE_COMMANDS)
+    assert {c: after[c] - before[c] for c in RECEIVE_COMMANDS} == {
+        "bzpopmin": 1,
+        "zadd": 0,
+        "zpopmin": 0,
+        "eval": 0,
+        "evalsha": 0,
+    }
+    assert list(client.scan_iter(f"{layer.prefix}*")) == []  # no message, no backup set
+    client.close()
+    await layer.flush()
+
+
+async def test_messages_for_several_sockets_of_one_process_reach_each_in_order() -> None:
+    layer = _layer()
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for n in range(6):
+        await layer.send(first if n % 2 == 0 else second, {"type": "chat.event", "n": n})
+
+    got_second = [(await asyncio.wait_for(layer.receive(second), 5))["n"] for _ in range(3)]
+    got_first = [(await asyncio.wait_for(layer.receive(first), 5))["n"] for _ in range(3)]
+
+    assert (got_first, got_second) == ([0, 2, 4], [1, 3, 5])
+    await layer.flush()
+
+
+async def test_a_cancelled_receive_loses_no_message_sent_after_it() -> None:
+    layer = _layer()
+    layer.brpop_timeout = 1
+    channel = await layer.new_channel()
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0.2)  # blocked in BZPOPMIN
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    await layer.send(channel, {"type": "chat.event", "n": 7})
+
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 7
+    await layer.flush()
+
+
+async def test_a_backup_left_by_channels_redis_own_layer_is_received_first() -> None:
+    """A process running channels-redis's class (a rolling upgrade) may leave its backup set behind."""
+    layer = _layer()
+    channel = "chat-named-channel"  # a named channel, which several processes may read
+    key = layer.prefix + channel
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    client.zadd(layer._backup_channel_name(key), {layer.serialize({"type": "chat.event", "n": "kept"}): 1.0})
+    await layer.send(channel, {"type": "chat.event", "n": "new"})
+
+    got = [(await asyncio.wait_for(layer.receive(channel), 5))["n"] for _ in range(2)]
+
+    assert got == ["kept", "new"]
+    assert list(client.scan_iter(f"{layer.prefix}*")) == []
+    client.close()
+    await layer.flush()
+
+
 # --- streamed text gathered per interval ----------------------------------------------------------
 
 

@@ -9,7 +9,10 @@ the paths every turn takes, through the project's ASGI application.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from typing import Any
 
 import channels.consumer
@@ -18,12 +21,16 @@ from asgiref.sync import sync_to_async
 from axes.middleware import AxesMiddleware
 from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.core import signing
+from django.db import connections
 from django.utils.deprecation import MiddlewareMixin
 
+from agentflow.loops import run_db
 from agentflow.testing.fake_anthropic import FakeReply
+from agentflow.web import api as web_api
+from agentflow.web.asgi import RequestThreads
 from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
-from agentflow_project.asgi import application
-from conversations import api
+from agentflow_project.asgi import application, django_asgi_app
+from conversations import api, consumers
 from conversations.audit import AuditContextMiddleware
 from conversations.chat_tokens import CHAT_TOKEN_SALT
 from tests.conftest import ORIGIN
@@ -111,3 +118,101 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
     assert frames[0]["type"] == "ack"
     # Frames from the client and events from the channel layer alike, and none of them hopped.
     assert during_the_turn == []
+
+
+async def test_a_websocket_message_is_stored_in_one_database_call_and_queued_in_another(
+    celery_worker: Any, fake_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[str] = []
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func.__name__)
+        return await run_db(func, *args, **kwargs)
+
+    fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
+    token = signing.dumps({"u": "hops-carol"}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+    monkeypatch.setattr(consumers, "run_db", counting)
+
+    await communicator.send_json_to(
+        {"type": "message", "message": "Where is my order?", "client_message_id": "h-2"}
+    )
+    turn, frames = await receive_until(communicator, "turn", timeout=20)
+    await communicator.disconnect()
+
+    assert turn["status"] == "done"
+    assert frames[0]["type"] == "ack"
+    # The revocation check, the agent's limits and the message in one call; the turn after the ack.
+    assert hops == ["_accept", "queue_turn"]
+
+
+async def _idle_again(threads: RequestThreads, count: int) -> None:
+    """Wait until ``count`` request threads are idle (a thread is taken back once its work has run)."""
+    deadline = time.monotonic() + 5
+    while threads.idle() < count:
+        assert time.monotonic() < deadline, "the request thread was not taken back"
+        await asyncio.sleep(0.01)
+
+
+async def test_rest_requests_one_after_another_reuse_one_thread_and_its_database_wrapper(
+    api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, Any]] = []
+    original = web_api.api_key_check
+
+    def spying(*, plain: str) -> Any:
+        key = original(plain=plain)  # runs on the request's thread, with a database connection
+        seen.append((threading.get_ident(), connections["default"]))
+        return key
+
+    monkeypatch.setattr(web_api, "api_key_check", spying)
+    threads = django_asgi_app.threads
+    headers = [(b"x-api-key", api_key.encode()), (b"host", b"localhost")]
+    started = threads.started
+    for _ in range(3):
+        communicator = HttpCommunicator(application, "GET", "/api/users/reuse-alice/sessions", b"", headers)
+        response = await communicator.get_response(timeout=30)
+        await communicator.wait(timeout=10)
+        assert response["status"] == 404  # no such end user; the key was checked all the same
+        # Given back: no pooled connection stays checked out by the idle thread.
+        assert seen[-1][1].connection is None
+        await _idle_again(threads, 1)
+
+    # One thread (and its database wrapper, where compiled queries are kept) for all three.
+    assert len({ident for ident, _ in seen}) == 1
+    assert len({id(wrapper) for _, wrapper in seen}) == 1
+    assert threads.started - started <= 1
+
+
+def test_a_request_thread_is_handed_out_again_only_once_its_work_has_run() -> None:
+    threads = RequestThreads(keep=2)
+    first, second = threads.take(), threads.take()
+    assert first is not second  # requests at once: a thread each
+    release = threading.Event()
+    first.submit(release.wait, 10)  # a step of a request whose client went away, still running
+    threads.give_back(first)
+    threads.give_back(second)
+    deadline = time.monotonic() + 5
+    while threads.idle() < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert threads.take() is second
+    assert threads.take() is not first  # busy: a new thread instead of waiting behind that step
+    release.set()
+    while threads.idle() < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert threads.take() is first
+    # Beyond ``keep`` idle threads, a returned one is stopped.
+    extra = [threads.take() for _ in range(3)]
+    for executor in extra:
+        threads.give_back(executor)
+    while threads.idle() < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert threads.idle() == 2
+    assert sum(executor._shutdown for executor in extra) == 1
