@@ -91,7 +91,8 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         self._restored: set[str] = set()  # channel keys whose old backup set was put back
         self._blocking_clients: dict[int, redis.Redis] = {}
         self._blocking_lock = threading.Lock()
-        self._pop: asyncio.Task[None] | None = None  # the process channel's pop in flight, if any
+        # The pop in flight of each process channel (``specific.<client>!``, ``health.<client>!``...).
+        self._pops: dict[str, asyncio.Task[None]] = {}
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         """One message of ``channel`` (a process's own ``...!`` channel or a named one), in one
@@ -127,7 +128,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             buffer = self.receive_buffer[channel]
             if not buffer.empty():
                 return self._take(channel, buffer)
-            pop, loop = self._pop, asyncio.get_running_loop()
+            pop, loop = self._pops.get(process_channel), asyncio.get_running_loop()
             if (
                 pop is not None
                 and not pop.done()
@@ -136,7 +137,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             ):
                 raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
             if pop is None or pop.done() or pop.get_loop() is not loop:  # (a stopped loop's pop is dead)
-                pop = self._pop = asyncio.ensure_future(self._pop_once(process_channel))
+                pop = self._pops[process_channel] = asyncio.ensure_future(self._pop_once(process_channel))
                 pop.add_done_callback(_retrieve)  # a failure nobody waited for is not "never retrieved"
             arrival = asyncio.ensure_future(buffer.get())
             try:
@@ -180,11 +181,13 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             self._restored.add(key)
 
     async def close_pools(self) -> None:
-        # Closing: the pop in flight is this layer's own, so it goes first (its connection is closing).
-        pop, self._pop = self._pop, None
-        if pop is not None and not pop.done() and pop.get_loop() is asyncio.get_running_loop():
+        # Closing: the pops in flight are this layer's own, so they go first (their connections close).
+        pops, self._pops = list(self._pops.values()), {}
+        loop = asyncio.get_running_loop()
+        mine = [pop for pop in pops if not pop.done() and pop.get_loop() is loop]
+        for pop in mine:
             pop.cancel()
-            await asyncio.gather(pop, return_exceptions=True)
+        await asyncio.gather(*mine, return_exceptions=True)
         await super().close_pools()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:

@@ -114,3 +114,19 @@ async def test_a_receive_waits_past_the_blocking_timeout_and_a_failure_reaches_t
         await asyncio.wait_for(broken.receive(await broken.new_channel()), 10)
     await layer.flush()
     await layer.close_pools()
+
+
+async def test_a_pop_left_running_for_sockets_does_not_hold_up_another_channel_of_the_process() -> None:
+    """The readiness probe receives on ``health.<client>!``, a process channel of its own: the sockets'
+    pop (``specific.<client>!``), still running after the last socket left, must not keep it waiting
+    (it did, for up to the 5 s blocking timeout: the probe's 2 s ran out)."""
+    prefix = f"{django_settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}-{uuid.uuid4().hex[:6]}"
+    layer = _layer(prefix)
+    socket = asyncio.ensure_future(layer.receive(await layer.new_channel()))
+    await asyncio.sleep(0.2)
+    socket.cancel()  # the socket leaves; its process channel's pop goes on
+    health = await layer.new_channel("health")
+    await layer.send(health, {"type": "health.ping"})
+    assert await asyncio.wait_for(layer.receive(health), 1) == {"type": "health.ping"}
+    await layer.flush()
+    await layer.close_pools()
