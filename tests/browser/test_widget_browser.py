@@ -86,6 +86,13 @@ async def _send(page: Page, text: str) -> None:
     await box.press("Enter")
 
 
+async def _ask_and_see_the_reply(page: Page, base_url: str, question: str, reply: str) -> None:
+    """Open the demo page's widget, send ``question`` and wait for the assistant's ``reply``."""
+    await _open_demo(page, base_url)
+    await _send(page, question)
+    await expect(page.locator(f"{WIDGET} .af-msg--assistant .af-body")).to_have_text(reply)
+
+
 async def test_a_chat_streams_the_reply_renders_markdown_safely_and_shows_a_staff_reply_live(
     live_asgi_url: str, chromium: Any, celery_worker: Any, fake_llm: Any, staff: Any
 ) -> None:
@@ -252,12 +259,7 @@ async def test_closed_with_4401_it_fetches_a_new_token_and_resends_the_unacked_m
         ws.on_message(first_connection)
 
     await page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    await _open_demo(page, live_asgi_url)
-
-    await _send(page, "Where is my order?")
-
-    reply = page.locator(f"{WIDGET} .af-msg--assistant")
-    await expect(reply.locator(".af-body")).to_have_text("Your order shipped yesterday.")
+    await _ask_and_see_the_reply(page, live_asgi_url, "Where is my order?", "Your order shipped yesterday.")
     await expect(page.locator(f"{WIDGET} .af-msg--user")).to_have_count(1)
     await expect(page.locator(f"{WIDGET} .af-msg--user .af-state")).to_have_text("")
     assert len(swallowed) == 1 and len(connections) == 2 and len(token_fetches) == 2
@@ -498,12 +500,7 @@ async def test_a_reply_whose_live_frames_were_lost_is_caught_up_while_the_widget
         server.on_message(to_page)
 
     await page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    await _open_demo(page, live_asgi_url)
-
-    await _send(page, "Where is my parcel?")
-
-    reply = page.locator(f"{WIDGET} .af-msg--assistant")
-    await expect(reply.locator(".af-body")).to_have_text("Your parcel is at the depot.")
+    await _ask_and_see_the_reply(page, live_asgi_url, "Where is my parcel?", "Your parcel is at the depot.")
     await expect(page.locator(f"{WIDGET} .af-typing")).to_be_hidden()
     stored = await Message.objects.aget(role="user")
     assert "turn" in dropped

@@ -89,6 +89,16 @@ async def test_a_rest_message_runs_every_middleware_on_the_request_thread_and_ho
     await turn_settled(json.loads(response["body"])["message_id"])
 
 
+async def _chat_socket(user: str) -> WebsocketCommunicator:
+    """A chat socket of end user ``user``, past its ``ready`` frame."""
+    token = signing.dumps({"u": user}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+    return communicator
+
+
 async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
     celery_worker: Any, fake_llm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,11 +111,7 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
 
     monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
-    token = signing.dumps({"u": "hops-bob"}, salt=CHAT_TOKEN_SALT, compress=True)
-    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from())["type"] == "ready"
+    communicator = await _chat_socket("hops-bob")
 
     await communicator.send_json_to(
         {"type": "message", "message": "Where is my order?", "client_message_id": "h-1"}
@@ -130,11 +136,7 @@ async def test_a_websocket_message_is_stored_in_one_database_call_and_queued_in_
         return await run_db(func, *args, **kwargs)
 
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
-    token = signing.dumps({"u": "hops-carol"}, salt=CHAT_TOKEN_SALT, compress=True)
-    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from())["type"] == "ready"
+    communicator = await _chat_socket("hops-carol")
     monkeypatch.setattr(consumers, "run_db", counting)
 
     await communicator.send_json_to(
