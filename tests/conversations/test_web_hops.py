@@ -27,7 +27,7 @@ from django.utils.deprecation import MiddlewareMixin
 from agentflow.loops import run_db
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow.web import api as web_api
-from agentflow.web.asgi import RequestThreads
+from agentflow.web.asgi import RequestThreads, ReusedThreadASGIHandler
 from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
 from agentflow_project.asgi import application, django_asgi_app
 from conversations import api, consumers
@@ -171,7 +171,11 @@ async def test_rest_requests_one_after_another_reuse_one_thread_and_its_database
         return key
 
     monkeypatch.setattr(web_api, "api_key_check", spying)
-    threads = django_asgi_app.threads
+    # A handler of its own: the project's is shared with earlier tests, whose requests may still be
+    # giving their threads back.
+    assert isinstance(django_asgi_app, ReusedThreadASGIHandler)  # the project serves with it
+    handler = ReusedThreadASGIHandler()
+    threads = handler.threads
     headers = [(b"x-api-key", api_key.encode()), (b"host", b"localhost")]
     others = [threads.take() for _ in range(3)]  # idle threads other requests left, as in a busy process
     for executor in others:
@@ -179,8 +183,8 @@ async def test_rest_requests_one_after_another_reuse_one_thread_and_its_database
     await _idle_again(threads, 3)
     started = threads.started
     for _ in range(3):
-        idle = threads.idle()  # threads earlier tests' requests left idle count too
-        communicator = HttpCommunicator(application, "GET", "/api/users/reuse-alice/sessions", b"", headers)
+        idle = threads.idle()
+        communicator = HttpCommunicator(handler, "GET", "/api/users/reuse-alice/sessions", b"", headers)
         response = await communicator.get_response(timeout=30)
         await communicator.wait(timeout=10)
         assert response["status"] == 404  # no such end user; the key was checked all the same
