@@ -21,9 +21,10 @@ hands what it gets to the socket it is for. channels-redis 4.3 differs in two wa
   another socket, the reply is dropped with the connection and the message is gone
   (django/channels_redis#366; seen here as a WebSocket that never got its turn's final frame when
   other sockets closed at that moment; ``tests/conversations/test_channel_receive.py`` reproduces it).
-  Here the pop is a task of the layer's own, which no socket's cancellation reaches: a socket waits
-  for its buffer or for the pop to end, and a waiting socket starts the next pop. A pop with no
-  socket left waiting ends at the blocking timeout (``brpop_timeout``, 5 s).
+  Here the pop runs in a pump, a task of the layer's own per process channel, which no socket's
+  cancellation reaches: it pops while any socket waits, and a socket waits only for its own buffer
+  (a message wakes the one socket it is for, not every waiting socket). With no socket left waiting,
+  the pump stops after its current pop (the blocking timeout, ``brpop_timeout``, 5 s).
 - It receives a message in four round trips: an ``EVAL`` putting back the channel's "backup" set, the
   ``BZPOPMIN``, a ``ZADD`` of the message to the backup set and, in a task of its own, a ``ZPOPMIN``
   removing it again; the backup was its guard against the cancellation above, which cannot happen
@@ -77,9 +78,14 @@ redis.call('DEL', ARGV[2])
 """
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("the process channel's pop failed: %r", task.exception())
+class _Pump:
+    """One process channel's pop loop on one event loop: how many sockets wait on it, and a future
+    that fails when the loop does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiters = 0
+        self.failed: asyncio.Future[None] = loop.create_future()
+        self.task: asyncio.Task[None]
 
 
 class RedisChannelLayer(CoreRedisChannelLayer):
@@ -91,8 +97,8 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         self._restored: set[str] = set()  # channel keys whose old backup set was put back
         self._blocking_clients: dict[int, redis.Redis] = {}
         self._blocking_lock = threading.Lock()
-        # The pop in flight of each process channel (``specific.<client>!``, ``health.<client>!``...).
-        self._pops: dict[str, asyncio.Task[None]] = {}
+        # The pump of each process channel (``specific.<client>!``, ``health.<client>!``...).
+        self._pumps: dict[str, _Pump] = {}
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         """One message of ``channel`` (a process's own ``...!`` channel or a named one), in one
@@ -124,36 +130,57 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         assert self.require_valid_channel_name(channel)
         process_channel = self.non_local_name(channel)
         assert process_channel.endswith(self.client_prefix + "!"), "Wrong client prefix"
-        while True:
-            buffer = self.receive_buffer[channel]
-            if not buffer.empty():
-                return self._take(channel, buffer)
-            pop, loop = self._pops.get(process_channel), asyncio.get_running_loop()
-            if (
-                pop is not None
-                and not pop.done()
-                and pop.get_loop() is not loop
-                and pop.get_loop().is_running()
-            ):
-                raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
-            if pop is None or pop.done() or pop.get_loop() is not loop:  # (a stopped loop's pop is dead)
-                pop = self._pops[process_channel] = asyncio.ensure_future(self._pop_once(process_channel))
-                pop.add_done_callback(_retrieve)  # a failure nobody waited for is not "never retrieved"
-            arrival = asyncio.ensure_future(buffer.get())
-            try:
-                await asyncio.wait((arrival, pop), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # This socket is leaving. The pop goes on for the others; what was already buffered
-                # for this socket goes with it, as in channels-redis.
-                arrival.cancel()
+        buffer = self.receive_buffer[channel]
+        if not buffer.empty():
+            return self._take(channel, buffer)
+        pump = self._pump_for(process_channel)
+        pump.waiters += 1
+        arrival = asyncio.ensure_future(buffer.get())
+        try:
+            # Only this socket's own message wakes it (or the pump failing): not every pop.
+            await asyncio.wait((arrival, pump.failed), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # This socket is leaving. The pump goes on for the others; what was already buffered
+            # for this socket goes with it, as in channels-redis.
+            arrival.cancel()
+            self.receive_buffer.pop(channel, None)
+            raise
+        finally:
+            pump.waiters -= 1
+        if arrival.done():
+            if buffer.empty():
                 self.receive_buffer.pop(channel, None)
-                raise
-            if arrival.done():
-                if buffer.empty():
-                    self.receive_buffer.pop(channel, None)
-                return arrival.result()
-            arrival.cancel()  # a cancelled Queue.get leaves the queue's items where they are
-            pop.result()  # the pop ended: for another socket, empty-handed, or failing (raised here)
+            return arrival.result()
+        arrival.cancel()  # a cancelled Queue.get leaves the queue's items where they are
+        raise pump.failed.exception()  # type: ignore[misc]
+
+    def _pump_for(self, process_channel: str) -> _Pump:
+        """The running pump of ``process_channel`` on this loop, started if there is none."""
+        loop = asyncio.get_running_loop()
+        pump = self._pumps.get(process_channel)
+        if pump is not None and not pump.task.done() and pump.task.get_loop() is not loop:
+            if pump.task.get_loop().is_running():
+                raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
+            pump = None  # a stopped loop's pump is dead
+        if pump is None or pump.task.done():
+            pump = _Pump(loop)
+            pump.task = asyncio.ensure_future(self._pump(process_channel, pump))
+            self._pumps[process_channel] = pump
+        return pump
+
+    async def _pump(self, process_channel: str, pump: _Pump) -> None:
+        """Pop the process channel into its sockets' buffers while any socket waits; a failure goes
+        to the sockets waiting (each raises it), and the next receive starts a new pump."""
+        try:
+            while pump.waiters > 0:
+                await self._pop_once(process_channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if pump.waiters > 0:
+                pump.failed.set_exception(exc)
+            else:
+                logger.debug("the process channel's pop failed: %r", exc)
 
     def _take(self, channel: str, buffer: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
         message = buffer.get_nowait()
@@ -182,7 +209,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
 
     async def close_pools(self) -> None:
         # Closing: the pops in flight are this layer's own, so they go first (their connections close).
-        pops, self._pops = list(self._pops.values()), {}
+        pops, self._pumps = [pump.task for pump in self._pumps.values()], {}
         loop = asyncio.get_running_loop()
         mine = [pop for pop in pops if not pop.done() and pop.get_loop() is loop]
         for pop in mine:

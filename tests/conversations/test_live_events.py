@@ -281,21 +281,17 @@ async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup() ->
     layer = _layer()
     channel = await layer.new_channel()
     client = redis.Redis.from_url(django_settings.REDIS_URL)
-    await layer.send(channel, {"type": "chat.event", "n": 0})
-    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0  # the first receive
-    await layer.send(channel, {"type": "chat.event", "n": 1})
     before = _calls(client, *RECEIVE_COMMANDS)
-
-    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 1
+    for n in range(4):
+        await layer.send(channel, {"type": "chat.event", "n": n})  # a ZADD each
+        assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == n
 
     after = _calls(client, *RECEIVE_COMMANDS)
-    assert {c: after[c] - before[c] for c in RECEIVE_COMMANDS} == {
-        "bzpopmin": 1,
-        "zadd": 0,
-        "zpopmin": 0,
-        "eval": 0,
-        "evalsha": 0,
-    }
+    calls = {c: after[c] - before[c] for c in RECEIVE_COMMANDS}
+    # One BZPOPMIN per message; the pump may have one more in flight when the socket stops waiting.
+    # The EVAL: the one-time restore of a backup left by channels-redis's own class.
+    assert calls.pop("bzpopmin") in (4, 5)
+    assert calls == {"zadd": 4, "zpopmin": 0, "eval": 1, "evalsha": 0}
     assert list(client.scan_iter(f"{layer.prefix}*")) == []  # no message, no backup set
     client.close()
     await layer.flush()
