@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from channels.testing import WebsocketCommunicator
+from django.core import signing
 from django.utils import timezone
 
 from conversations.models import ChatSession, EndUser, Message, Thread
@@ -66,3 +68,17 @@ async def turn_settled(message_id: str, wait: float = 20) -> None:
         if time.monotonic() > deadline:
             return  # no worker in this run: the turn stays queued, and nothing races the reset
         await asyncio.sleep(0.05)
+
+
+async def chat_socket(external_id: str) -> WebsocketCommunicator:
+    """A chat socket of end user ``external_id`` (the default agent), past its ``ready`` frame."""
+    from agentflow_project.asgi import application
+    from conversations.chat_tokens import CHAT_TOKEN_SALT
+    from tests.conftest import ORIGIN
+
+    token = signing.dumps({"u": external_id}, salt=CHAT_TOKEN_SALT, compress=True)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from())["type"] == "ready"
+    return communicator

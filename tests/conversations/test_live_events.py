@@ -12,27 +12,21 @@ import redis
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
-from django.core import signing
 
 from agentflow import channel_layer
 from agentflow.channel_layer import RedisChannelLayer
 from agentflow.conf import conf
 from agentflow.errors import ConfigError
-from agentflow_project.asgi import application
-from conversations.chat_tokens import CHAT_TOKEN_SALT
 from conversations.events import DeltaStream, apublish, apublish_many, events_of, user_group
 from conversations.models import EndUser
-from tests.conftest import ORIGIN
+
+from .helpers import chat_socket
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def _connect(user_id: str) -> tuple[WebsocketCommunicator, int]:
-    token = signing.dumps({"u": user_id}, salt=CHAT_TOKEN_SALT, compress=True)
-    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from())["type"] == "ready"
+    communicator = await chat_socket(user_id)
     user = await EndUser.objects.aget(external_id=user_id)
     return communicator, user.pk
 

@@ -12,11 +12,9 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.contrib.staticfiles import finders
-from django.core import signing
 from django.test import Client
 
 from agentflow_project.asgi import application
-from conversations.chat_tokens import CHAT_TOKEN_SALT
 from conversations.consumers import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from conversations.events import apublish
 from conversations.frames import MAX_FRAME_BYTES
@@ -26,7 +24,7 @@ from memory.privacy import user_erase
 from tests.conftest import ORIGIN
 
 from .factories import EndUserFactory, MessageFactory, ThreadFactory
-from .helpers import astored_counts
+from .helpers import astored_counts, chat_socket
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -118,15 +116,6 @@ async def _watch(staff_user: Any, end_user: EndUser) -> tuple[WebsocketCommunica
     return communicator, escalations["escalations"]
 
 
-async def _widget(external_id: str) -> WebsocketCommunicator:
-    token = signing.dumps({"u": external_id}, salt=CHAT_TOKEN_SALT, compress=True)
-    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from())["type"] == "ready"
-    return communicator
-
-
 async def _next_of(communicator: WebsocketCommunicator, kind: str, wait: float = 5) -> dict[str, Any]:
     """The next frame of type ``kind``, passing over others (the widget's own protocol may add frames)."""
     for _ in range(20):
@@ -182,7 +171,7 @@ async def test_staff_page_receives_every_event_of_the_users_conversation_and_no_
 async def test_a_message_from_the_widget_and_its_reply_reach_the_staff_page(celery_worker, staff) -> None:
     alice = await sync_to_async(EndUserFactory)(external_id="alice")
     page, _ = await _watch(staff, alice)
-    widget = await _widget("alice")
+    widget = await chat_socket("alice")
 
     await widget.send_json_to(
         {"type": "message", "client_message_id": "c-1", "message": "Where is my order?"}
@@ -247,7 +236,7 @@ async def test_staff_claim_reply_release_and_hand_back_reach_the_widget_live(sta
     thread, escalation = await sync_to_async(_escalated_thread)("alice")
     alice = await EndUser.objects.aget(external_id="alice")
     page, escalations = await _watch(staff, alice)
-    widget = await _widget("alice")
+    widget = await chat_socket("alice")
     assert escalations == [_escalation_row(escalation, status="open", holder=None, held_by_me=False)]
     claimed = _escalation_row(escalation, status="claimed", holder="Dana", held_by_me=True)
 

@@ -19,8 +19,7 @@ import channels.consumer
 import pytest
 from asgiref.sync import sync_to_async
 from axes.middleware import AxesMiddleware
-from channels.testing import HttpCommunicator, WebsocketCommunicator
-from django.core import signing
+from channels.testing import HttpCommunicator
 from django.db import connections
 from django.utils.deprecation import MiddlewareMixin
 
@@ -32,10 +31,8 @@ from agentflow.web.http import ApiHttpMiddleware, RequestIdMiddleware
 from agentflow_project.asgi import application, django_asgi_app
 from conversations import api, consumers
 from conversations.audit import AuditContextMiddleware
-from conversations.chat_tokens import CHAT_TOKEN_SALT
-from tests.conftest import ORIGIN
 
-from .helpers import receive_until, turn_settled
+from .helpers import chat_socket, receive_until, turn_settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,16 +86,6 @@ async def test_a_rest_message_runs_every_middleware_on_the_request_thread_and_ho
     await turn_settled(json.loads(response["body"])["message_id"])
 
 
-async def _chat_socket(user: str) -> WebsocketCommunicator:
-    """A chat socket of end user ``user``, past its ``ready`` frame."""
-    token = signing.dumps({"u": user}, salt=CHAT_TOKEN_SALT, compress=True)
-    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}", headers=[ORIGIN])
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from())["type"] == "ready"
-    return communicator
-
-
 async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
     celery_worker: Any, fake_llm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,7 +98,7 @@ async def test_a_websocket_turn_never_hops_to_close_old_database_connections(
 
     monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
-    communicator = await _chat_socket("hops-bob")
+    communicator = await chat_socket("hops-bob")
 
     await communicator.send_json_to(
         {"type": "message", "message": "Where is my order?", "client_message_id": "h-1"}
@@ -136,7 +123,7 @@ async def test_a_websocket_message_is_stored_in_one_database_call_and_queued_in_
         return await run_db(func, *args, **kwargs)
 
     fake_llm.enqueue(FakeReply(text="It ships tomorrow."))
-    communicator = await _chat_socket("hops-carol")
+    communicator = await chat_socket("hops-carol")
     monkeypatch.setattr(consumers, "run_db", counting)
 
     await communicator.send_json_to(
