@@ -94,17 +94,58 @@ class OfflineBackend(LLMBackend):
         return LLMReply(text=OFFLINE_NOTICE, model="offline", stop_reason="offline", offline=True)
 
 
+_tls_context: Any = None
+
+
+def llm_tls_context() -> Any:
+    """The TLS settings every LLM client of this process uses (the SDK's default: system CAs, the
+    ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` variables), made once.
+
+    A client is made per event loop (each Celery worker thread's, ``AnthropicBackend``); made by
+    the SDK, each loaded the certificate store again: ~34 ms of CPU per client, 64 times in a
+    worker of 64 threads. A TLS context may be shared by connections of any thread.
+    """
+    global _tls_context
+    if _tls_context is None:
+        import httpx2
+
+        _tls_context = httpx2.create_ssl_context()  # what the SDK's transport makes from verify=True
+    return _tls_context
+
+
 def _copy_for_another_loop(client: Any) -> Any:
     """``client`` with the same settings and a connection pool of its own (see ``AnthropicBackend``)."""
     import anthropic
 
     pool = getattr(client, "_client", None)
     fresh = (
-        anthropic.DefaultAioHttpClient()
+        anthropic.DefaultAioHttpClient(verify=llm_tls_context())
         if isinstance(pool, anthropic.DefaultAioHttpClient)
         else anthropic.DefaultAsyncHttpxClient()
     )
     return client.copy(http_client=fresh)
+
+
+def _on_aiohttp(client: Any) -> Any:
+    """``client``, or a copy of it on the SDK's aiohttp transport when it uses the SDK's default one.
+
+    ``AsyncAnthropic()`` with no ``http_client`` talks through httpx's pure-Python HTTP/1.1 stack,
+    whose connection pool scans every pooled connection on each request: under a hundred concurrent
+    turns that cost more CPU than the rest of the turn's Python. The SDK's ``DefaultAioHttpClient``
+    (aiohttp's C parser) does the same requests with the same timeouts, retries, headers and proxy
+    variables. A client given an ``http_client`` of its owner's choosing is used as it is.
+    """
+    try:
+        import anthropic
+        from anthropic._base_client import AsyncHttpxClientWrapper
+    except ImportError:  # pragma: no cover - another SDK layout: use the client as given
+        return client
+    if type(getattr(client, "_client", None)) is not AsyncHttpxClientWrapper:
+        return client
+    try:
+        return client.copy(http_client=anthropic.DefaultAioHttpClient(verify=llm_tls_context()))
+    except RuntimeError:  # pragma: no cover - the aiohttp extra is missing
+        return client
 
 
 _whole: ContextVar[bool] = ContextVar("agentflow_llm_whole_replies", default=False)
@@ -310,4 +351,4 @@ def backend_for(llm_client: Any) -> LLMBackend:
         )
     if not _has_key(llm_client):
         return OfflineBackend()
-    return AnthropicBackend(llm_client)
+    return AnthropicBackend(_on_aiohttp(llm_client) if is_async_anthropic else llm_client)

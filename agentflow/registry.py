@@ -50,29 +50,12 @@ def anthropic_client_factory() -> Any:
     try:
         from anthropic import DefaultAioHttpClient
 
+        from .llm import llm_tls_context
+
         kwargs["http_client"] = DefaultAioHttpClient(verify=llm_tls_context())
     except ImportError:  # pragma: no cover - the aiohttp extra is in requirements.txt
         pass
     return AsyncAnthropic(**kwargs)
-
-
-_tls_context: Any = None
-
-
-def llm_tls_context() -> Any:
-    """The TLS settings every LLM client of this process uses (the SDK's default: system CAs, the
-    ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` variables), made once.
-
-    A client is made per event loop (each Celery worker thread's, ``AnthropicBackend``); made by
-    the SDK, each loaded the certificate store again: ~34 ms of CPU per client, 64 times in a
-    worker of 64 threads. A TLS context may be shared by connections of any thread.
-    """
-    global _tls_context
-    if _tls_context is None:
-        import httpx2
-
-        _tls_context = httpx2.create_ssl_context()  # what the SDK's transport makes from verify=True
-    return _tls_context
 
 
 _backend: Any = None

@@ -136,3 +136,48 @@ def test_whole_replies_ask_for_the_reply_in_one_response_and_hand_on_text_all_of
         loop.close()
     assert text == "one two three four five" == "".join(pieces)
     assert (len(pieces) > 1, fake_llm.requests[0]["body"].get("stream") is True) == (streamed, streamed)
+
+
+def test_a_default_client_given_to_build_talks_through_aiohttp_with_its_settings(fake_llm) -> None:
+    """``AsyncAnthropic()`` with no ``http_client`` is moved to the SDK's aiohttp transport (httpx's
+    pool scanned every pooled connection on each request); its key, base URL, headers, retries and
+    timeout stay. A client given an ``http_client`` of its owner's is used as it is."""
+    import anthropic
+
+    from agentflow.llm import backend_for
+
+    given = anthropic.AsyncAnthropic(
+        api_key="test-key",
+        base_url=fake_llm.base_url,
+        max_retries=1,
+        timeout=7.0,
+        default_headers={"anthropic-beta": "tools-2099"},
+    )
+    backend = backend_for(given)
+    assert isinstance(backend, AnthropicBackend)
+    fake_llm.enqueue(FakeReply(text="over aiohttp"))
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=1, timeout_seconds=7)
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(_client_of(backend))
+        reply = loop.run_until_complete(
+            backend.generate(system="s", messages=[{"role": "user", "content": "hi"}], config=config)
+        )
+        loop.run_until_complete(client.close())  # the copy is the backend's; the given one was never opened
+    finally:
+        loop.close()
+    assert isinstance(client._client, anthropic.DefaultAioHttpClient)
+    assert (client.api_key, str(client.base_url).rstrip("/")) == ("test-key", fake_llm.base_url.rstrip("/"))
+    assert (client.max_retries, client.timeout) == (1, 7.0)
+    assert reply.text == "over aiohttp"
+    assert fake_llm.requests[-1]["headers"].get("anthropic-beta") == "tools-2099"
+
+    own = anthropic.DefaultAsyncHttpxClient()
+    chosen = anthropic.AsyncAnthropic(api_key="test-key", base_url=fake_llm.base_url, http_client=own)
+    kept = backend_for(chosen)
+    assert isinstance(kept, AnthropicBackend)
+    assert kept._client is chosen and chosen._client is own
+
+
+async def _client_of(backend: AnthropicBackend):
+    return backend.client()
