@@ -21,6 +21,7 @@ VARIABLES = (
     "AGENTFLOW_DB_POOL_MIN",
     "AGENTFLOW_DB_POOL_TIMEOUT_SECONDS",
     "AGENTFLOW_DB_EXTERNAL_POOLER",
+    "AGENTFLOW_DB_PREPARED_STATEMENTS",
 )
 
 
@@ -78,6 +79,10 @@ def test_a_pool_of_one_is_no_pool(env: pytest.MonkeyPatch) -> None:
             {"AGENTFLOW_DB_EXTERNAL_POOLER": "sometimes"},
             "AGENTFLOW_DB_EXTERNAL_POOLER must be a boolean",
         ),
+        (
+            {"AGENTFLOW_DB_PREPARED_STATEMENTS": "twice"},
+            "AGENTFLOW_DB_PREPARED_STATEMENTS must be a boolean",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -101,9 +106,25 @@ def test_behind_pgbouncer_no_session_state_and_no_server_side_cursors(
 
     assert config["DISABLE_SERVER_SIDE_CURSORS"] is True
     assert "options" not in config["OPTIONS"]  # PgBouncer refuses (or drops) the startup parameter
-    assert "prepare_threshold" not in config["OPTIONS"]  # Django's default: no prepared statements
+    assert "prepare_threshold" not in config["OPTIONS"]  # a statement may land on another server connection
+    assert "server_side_binding" not in config["OPTIONS"]
     # 64 threads share 36 connections: a turn holds none while it awaits the LLM (agentflow.loops).
     assert config["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 36, "timeout": 20}
+
+
+def test_statements_are_bound_on_the_server_and_prepared_unless_turned_off(env: pytest.MonkeyPatch) -> None:
+    options = database_settings()["OPTIONS"]
+    assert (options["server_side_binding"], options["prepare_threshold"]) == (True, 2)
+
+    env.setenv("AGENTFLOW_DB_PREPARED_STATEMENTS", "false")
+    options = database_settings()["OPTIONS"]
+    assert "server_side_binding" not in options and "prepare_threshold" not in options
+
+    # PgBouncer 1.21+ with max_prepared_statements keeps them across server connections: asked for.
+    env.setenv("AGENTFLOW_DB_EXTERNAL_POOLER", "true")
+    env.setenv("AGENTFLOW_DB_PREPARED_STATEMENTS", "true")
+    options = database_settings()["OPTIONS"]
+    assert (options["server_side_binding"], options["prepare_threshold"]) == (True, 2)
 
 
 def _settings_value(expression: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
