@@ -34,6 +34,11 @@ os.environ.update(
         "AGENTFLOW_DEMO_PAGE": "true",
     }
 )
+# The reference (fp32) encoder: the default's integer graph computes on the CPU's own integer kernels
+# (VNNI, or AVX2's saturating ones), so a sentence near a decision boundary may fall either side
+# depending on the machine. The tests pin decisions, not kernels; tests/agentflow/test_embeddings_quantized.py
+# cover the integer graph itself.
+os.environ.setdefault("AGENTFLOW_EMBEDDER", "minilm-fp32")
 
 from agentflow_project.settings import *  # noqa: E402, F403
 
