@@ -320,7 +320,7 @@ def decide_thread(
         # "it stopped syncing again", "my login is broken again": the problem is back, whatever thread
         signals["resolution_vetoed"] = "the problem came back"
     elif (p_res >= model.resolution.threshold and p_res >= p_new) or (
-        model.profile == "task" and outcome_report(text)
+        model.profile == "task" and p_new < model.new_topic.threshold and outcome_report(text)
     ):
         target, reason = active, "resolution of the active thread"
         if (
