@@ -7,6 +7,10 @@
 3. Targets come from similarity: a resolution ("Thanks, that fixed the login!") resolves the thread
    it talks about, even if another one is active; a new topic that resembles an earlier open thread
    is a RETURN to it; a continuation after the inactivity window returns to the dormant thread.
+4. Rules on top of the scorer (task profile) for what support customers write: a fix told as what
+   happened ("the box turned up this afternoon", "Ta!") resolves, "not fixed" in any words ("still
+   broken", "just the same", "turned up broken") never does, and a question that opens nothing else
+   ("who do I ring?") is not taken for an unrelated subject.
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
