@@ -7,6 +7,10 @@
 3. Targets come from similarity: a resolution ("Thanks, that fixed the login!") resolves the thread
    it talks about, even if another one is active; a new topic that resembles an earlier open thread
    is a RETURN to it; a continuation after the inactivity window returns to the dormant thread.
+4. Rules on top of the scorer (task profile) for what support customers write: a fix told as what
+   happened ("the box turned up this afternoon", "Ta!") resolves, "not fixed" in any words ("still
+   broken", "just the same", "turned up broken") never does, and a question that opens nothing else
+   ("who do I ring?") is not taken for an unrelated subject.
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -24,7 +28,16 @@ import numpy as np
 
 from agentflow.types import ThreadEvent
 
-from .thread_features import FIX_CUE, NOT_FIXED_CUE, ThreadModel, ThreadState, content_words, turn_features
+from .thread_features import (
+    FIX_CUE,
+    NOT_FIXED_CUE,
+    REQUEST_CUE,
+    TOPIC_MARKER,
+    ThreadModel,
+    ThreadState,
+    content_words,
+    turn_features,
+)
 
 NEW_TOPIC_CUES = re.compile(
     r"\b(actually,? (a |one )?(different|another|other|new|unrelated)|different (question|topic|issue|thing)"
@@ -49,7 +62,13 @@ RECURRENCE_CUES = re.compile(
 # The not-fixed cue without "again", which also ends fixes ("it's moving again"): for the veto.
 STILL_BROKEN = re.compile(NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", ""), re.IGNORECASE)
 # "Closing" words that may come with a negation and still end the thread ("nope, that's all").
-CLOSING = re.compile(r"\b(that'?s (all|it|everything)|bye|goodbye|nothing else|all set)\b", re.IGNORECASE)
+CLOSING = re.compile(
+    r"\b(that'?s (all|it|everything)|that was (all|it|everything)|bye|goodbye|nothing else|all set)\b"
+    # "Nope, thanks (so much) (for the help)!" and nothing more: a closing, not a "no, not fixed"
+    r"|^\s*(no|nope|nah)\b[,.!]?\s*(thanks|thank you)( so much| a lot| much)?( for (the|your|all the) help)?"
+    r"[.!]*\s*$",
+    re.IGNORECASE,
+)
 
 RETURN_SIMILARITY = 0.45  # a new-topic message this close to an earlier open thread goes back to it
 RESOLVED_RETURN_SIMILARITY = 0.55  # ... to a resolved one (reopened): closer, a new problem may look alike
@@ -87,7 +106,8 @@ class ThreadDecision:
 # light turns red now but the battery stays at 10 %". What follows "but" names a problem unless it is
 # itself a fix ("but now it works").
 PARTIAL_FIX = re.compile(
-    r"\b(but|except)\b,?\s+(now\b|still\b|[^.!?]{0,40}?\b(still|not|n'?t|never|no longer|keeps|stays)\b)",
+    r"\b(but|except)\b,?\s+(now\b|still\b|[^.!?]{0,40}?\b(still|not|n'?t|never|no longer|keeps|stays"
+    r"|only (half|part|some)|half|wrong|missing|broken|damaged|crushed|cracked|dented|torn|smashed)\b)",
     re.IGNORECASE,
 )
 FIXED_AFTER_ALL = re.compile(
@@ -103,13 +123,116 @@ def partial_fix(text: str) -> bool:
     return not FIXED_AFTER_ALL.search(text[match.start() :]) and not CLOSING.search(text)
 
 
+# "Not fixed" said without a negation or "still": "it's beeping just the same", "cold as before",
+# "no change", "exactly as before".
+SAME_AS_BEFORE = re.compile(
+    r"\b((just|exactly|much|pretty much|all) the same|the same as (before|ever|yesterday|last time)"
+    r"|(just |exactly )?(as|like) (before|ever|yesterday|last time)|no (change|difference)|unchanged"
+    r"|no better|nothing'?s changed|same old)\b",
+    re.IGNORECASE,
+)
+
+
+# What arrived is itself a problem: "the box turned up broken", "it arrived damaged", "they delivered
+# the wrong one".
+BAD_ARRIVAL = re.compile(
+    r"\b(turned up|showed up|arrived|came|delivered|got (it|them))\b[^.!?]{0,30}?\b(broken|damaged|crushed"
+    r"|cracked|dented|smashed|torn|ripped|soaked|wet|leaking|empty|opened|wrong|missing|faulty|defective"
+    r"|shattered|bent|scratched|spoiled|melted|incomplete|late|half)\b",
+    re.IGNORECASE,
+)
+
+
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
-    that didn't help") or only partly fixed ("it charges now but stays at 10 %"): never a
-    resolution, whatever the scorer makes of the topic words."""
+    that didn't help", "beeping just the same", "the box turned up broken") or only partly fixed
+    ("it charges now but stays at 10 %"): never a resolution, whatever the scorer makes of the topic
+    words."""
     if partial_fix(text):
         return True
+    if (SAME_AS_BEFORE.search(text) or BAD_ARRIVAL.search(text)) and not CLOSING.search(text):
+        return True
     return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
+
+
+# A fix told as what happened, with no fix word: something arrived or came back ("the box turned up
+# this afternoon", "the refund is on my card now", "the 200 days are back"), a state that holds now
+# ("it shows under my vehicles now", "his grades are there", "we're in"), or a short thanks ("Ta!",
+# "cheers, sorted"). Only counted when nothing in the message names a problem (PROBLEM_WORD) or asks
+# for something.
+OUTCOME_CUE = re.compile(
+    r"\b(turned up|showed up|shown up|arrived|came (today|this|yesterday|earlier|in the post|through|across|on)"
+    r"|(come|coming) (through|across)|(is|are|'s|'re) here\b|delivered|dropped (it |them )?off|landed"
+    r"|(?<!you )got (it|them|the|my|his|her|our)\b|(has|have) (it|them) now|'ve got (it|them)|received"
+    r"|refunded|credited|reimbursed|(back )?(on|in|into|to) (my|our) (card|account|statement|balance|bank"
+    r"|current account)|(is|are|'s|'re) back\b|back (in|on) (my|our)|fixed"
+    r"|(is|are|'s|'re) (all )?there\b|(i'?m|we'?re|i am|we are) (in|out|through|back in)\s*(?:[.!,;]|$|and\b)"
+    r"|(i'?m|we'?re) on (my|our) way|accepted|approved|went (in|through|off)|unlocked|opens|opened|clicked open"
+    r"|lifted|let (me|us) in|connected|paired|synced|(has|have) (held|stayed)|stayed|came on|comes on|kicked in"
+    r"|(?<!right )(?<!for )(?<!just )now\s*(?:[.!,;)]|$)|(?<!once )(?<!thanks )(?<!thank you )again\b"
+    # a device doing its job again
+    r"|(is|are|'s|'re) (warming|heating|cooling|working|running|printing|charging|mowing|brewing|loading|syncing"
+    r"|streaming|flowing|draining|spinning|pumping|producing|recording|scanning|taking|coming) ?(up|through|in"
+    r"|across|fine|again|properly)?\b|shows? up|brews"
+    r"|ta\b|cheers|much appreciated|nice one|legend|lifesaver|spot on|squared away|that was easy)",
+    re.IGNORECASE,
+)
+# What makes such a report a problem after all: "turned up broken", "arrived without the cable",
+# "the crackle is back", "charged me again", a negation or a question.
+SYMPTOM = (
+    r"error|fault|faulty|fail|failed|fails|failing|crash|crashed|crashes"
+    r"|broke|broken|crack|cracked|dent|dented|damaged|smashed|torn|scratched|leak|leaks|leaking|drip|drips|stuck"
+    r"|jam|jammed|missing|lost|late|delayed|wet|cold|dead|blank|down|offline|slow|lag|lags|laggy"
+    r"|stutter|stutters|buffering|flicker|flickers|freeze|freezes|frozen|froze|beep|beeps|beeping|click|clicks"
+    r"|clicking|squeal|squeals|squealing|grind|grinding|rattle|rattling|noise|noisy|loud|crackle|hum|whistle"
+    r"|whistling|halved|dropped|drops|dropping|disconnects|disconnected|vanished|disappeared|gone|declined"
+    r"|rejected|refused|expired|locked|overcharged|charged|twice|problem|issue|trouble|complaint|rash|pain|worse"
+)
+PROBLEM_WORD = re.compile(
+    r"(\b(not|no|never|nothing|nobody|none|cannot|without|only|half|wrong|instead|still|yet|but|though"
+    rf"|although|however|except|again and|{SYMPTOM}"
+    r"|cant|dont|doesnt|didnt|wont|isnt|wasnt|havent|hasnt|arent|couldnt)\b|n't\b|\?)",
+    re.IGNORECASE,
+)
+# "the whistle's gone", "the message disappeared", "the error cleared": the problem went, a fix.
+PROBLEM_GONE = re.compile(
+    r"\b(error|message|warning|light|icon|alert|banner|noise|sound|whistle|squeal|click(ing)?|beep(ing)?"
+    r"|problem|issue|fault|code|crackle|hum|leak|jam|lag)('s| is| has| have| are)? (gone|disappeared|went away"
+    r"|cleared|stopped)\b",
+    re.IGNORECASE,
+)
+QUESTION_START = re.compile(
+    r"\s*(is|are|do|does|did|can|could|will|would|should|what|where|when|how|who|which|why)\b", re.IGNORECASE
+)
+SHIFT_WORD = re.compile(r"\b(also|another|else|other|too|as well)\b", re.IGNORECASE)
+DONE_AS_ASKED = re.compile(
+    r"\s*((ok(ay)?|right|done),?\s*)?(i'?ve|i have|i)\s+(just\s+)?[a-z]+(ed|t|ne)\s+(it|them|that|this)\s+now\s*[.!]*\s*$",
+    re.IGNORECASE,
+)
+DROPPED_OFF = re.compile(r"\bdropped (it |them )?off\b", re.IGNORECASE)
+# Asking for something: not a report. (REQUEST_CUE's "where/when/which/what's" are handled by the "?"
+# check; it also matches "check", "make", "send" that a report rarely starts with.)
+ASKS = re.compile(
+    r"\b(can you|could you|would you|will you|can i|could i|how (do|can|will|long|much)|i need|i want|i'd like"
+    r"|i would like|please|help me|tell me|show me|find me|get me|book me|let me know)\b",
+    re.IGNORECASE,
+)
+
+
+def outcome_report(text: str) -> bool:
+    """The customer reports that it worked out, in any words ("the box turned up this afternoon",
+    "the refund is on my card now", "Ta!"): a positive outcome or thanks, and nothing that names a
+    problem, a negation, a question, a request or another subject."""
+    if TOPIC_MARKER.search(text) or ASKS.search(text) or REQUEST_CUE.search(text) or SHIFT_WORD.search(text):
+        return False
+    if not_fixed_yet(text) or came_back(text) or QUESTION_START.match(text):
+        return False
+    if DONE_AS_ASKED.match(text):  # "I've restarted it now": the step is done, the outcome not told
+        return False
+    cleaned = PROBLEM_GONE.sub(" fixed ", DROPPED_OFF.sub(" delivered ", text))
+    if PROBLEM_WORD.search(cleaned):
+        return False
+    return bool(OUTCOME_CUE.search(cleaned))
 
 
 # The problem is back, said outright ("my login is broken again", "it stopped syncing", "the error came
@@ -124,6 +247,13 @@ CAME_BACK = re.compile(
 def came_back(text: str) -> bool:
     """The customer says the problem returned; a closing ("that's all") is not read as one."""
     return bool(CAME_BACK.search(text)) and not CLOSING.search(text)
+
+
+def same_thread_question(text: str) -> bool:
+    """A question with nothing that opens another subject ("who do I ring about it?", "How long does
+    the claim take?"): about the thread's own problem, however new its words."""
+    is_question = "?" in text or bool(QUESTION_START.match(text))
+    return is_question and not (TOPIC_MARKER.search(text) or SHIFT_WORD.search(text))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -193,7 +323,9 @@ def decide_thread(
     elif p_res >= model.resolution.threshold and came_back(text) and not claims_fix:
         # "it stopped syncing again", "my login is broken again": the problem is back, whatever thread
         signals["resolution_vetoed"] = "the problem came back"
-    elif p_res >= model.resolution.threshold and p_res >= p_new:
+    elif (p_res >= model.resolution.threshold and p_res >= p_new) or (
+        model.profile == "task" and p_new < model.new_topic.threshold and outcome_report(text)
+    ):
         target, reason = active, "resolution of the active thread"
         if (
             best_other[1] is not None
@@ -201,6 +333,8 @@ def decide_thread(
             and best_other[0] > sims[0]
         ):
             target, reason = best_other[1], "resolution of the thread it talks about"
+        if p_res < model.resolution.threshold or p_res < p_new:
+            reason += " (an outcome reported, not the scorer)"
         return ThreadDecision(
             ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason}
         )
@@ -224,7 +358,10 @@ def decide_thread(
     words = content_words(text)
     novelty = len(words - active.state.vocabulary) / max(1, len(words))
     unrelated = (
-        len(words) >= UNRELATED_MIN_WORDS and novelty >= UNRELATED_NOVELTY and sims[0] < UNRELATED_SIMILARITY
+        len(words) >= UNRELATED_MIN_WORDS
+        and novelty >= UNRELATED_NOVELTY
+        and sims[0] < UNRELATED_SIMILARITY
+        and not same_thread_question(text)
     )
     if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
         return ThreadDecision(
