@@ -11,6 +11,9 @@
    happened ("the box turned up this afternoon", "Ta!") resolves, "not fixed" in any words ("still
    broken", "just the same", "turned up broken") never does, and a question that opens nothing else
    ("who do I ring?") is not taken for an unrelated subject.
+5. Rules for topic shifts (task profile): an answer to the assistant's own question ("Where are you
+   headed?" -> "I am going to Atlanta") stays in the thread; "One more: ...", "Now find me ..." and a
+   request for another action right after the assistant reported the last one done open a new one.
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -29,6 +32,7 @@ import numpy as np
 from agentflow.types import ThreadEvent
 
 from .thread_features import (
+    ANYTHING_ELSE,
     FIX_CUE,
     NOT_FIXED_CUE,
     REQUEST_CUE,
@@ -256,6 +260,90 @@ def same_thread_question(text: str) -> bool:
     return is_question and not (TOPIC_MARKER.search(text) or SHIFT_WORD.search(text))
 
 
+# The assistant asked for a detail of the open request ("Where are you headed?", "Which city should I
+# search in?", "What time would you like it?"): the reply gives it, in words the thread has not used yet.
+# Not "what else can I do?" or "anything else?", which invite another subject.
+SLOT_QUESTION = re.compile(
+    r"\b(where|when|what time|what date|what day|which (day|date|city|time|place|airport|station|one|area)"
+    r"|what (city|kind|type|sort|area|destination|location)|how many|what is your destination)\b[^?]*\?",
+    re.IGNORECASE,
+)
+OPEN_INVITATION = re.compile(r"\b(else|other|anything|something|further|help|assist|more)\b", re.IGNORECASE)
+DECLINE_START = re.compile(r"^\s*(no|nope|not|nah|actually|forget)\b", re.IGNORECASE)
+
+
+def answers_slot_question(text: str, assistant_text: str) -> bool:
+    """The message answers the detail the assistant just asked for ("where are you headed?" -> "I am
+    going to Atlanta"): the same request, not a new subject, unless it says so ("also", "by the way",
+    "no, ...")."""
+    questions = [q for q in re.split(r"(?<=[.!?])\s+", assistant_text.strip()) if q.endswith("?")]
+    if not questions or not any(SLOT_QUESTION.search(q) for q in questions):
+        return False
+    if any(OPEN_INVITATION.search(q) for q in questions) or ANYTHING_ELSE.search(assistant_text):
+        return False
+    return not (
+        TOPIC_MARKER.search(text)
+        or SHIFT_WORD.search(text)
+        or NEW_TOPIC_CUES.search(text)
+        or DECLINE_START.match(text)
+        or "?" in text
+    )
+
+
+# The assistant finished what was asked ("Your table is booked.", "The transfer has been initiated",
+# "it went through"): a request for another action after it opens a new thread; questions about what
+# was done ("what's the address?", "how much per night?") stay with it.
+DONE_REPORT = re.compile(
+    r"\b(booked|reserved|confirmed|initiated|scheduled|complete|completed|went through|successful(ly)?"
+    r"|has been (made|placed|sent|submitted|processed)|is on (its|it's|the) way|on route)\b",
+    re.IGNORECASE,
+)
+ACTION_REQUEST = re.compile(
+    r"\b(find|search|look (for|up)|book|reserve|rent|buy|purchase|get me|show|play|put on|pull up|check"
+    r"|i (also )?need|i('d| would) (also )?like|i (also )?want)\b",
+    re.IGNORECASE,
+)
+ABOUT_WHAT_WAS_DONE = re.compile(
+    r"\b(address|phone|number|contact|cost|costs|price|total|how (long|much|many)|rating|located|location"
+    r"|station|confirmation|receipt|details?|time|when|where|it|that|them|this one|the same)\b",
+    re.IGNORECASE,
+)
+
+
+def new_request_after_done(text: str, assistant_text: str) -> bool:
+    """A request for another action right after the assistant reported the last one done ("Your
+    reservation is confirmed." -> "I need bus tickets from NY"); not a question about what was done."""
+    if not DONE_REPORT.search(assistant_text) or "?" in assistant_text:
+        return False
+    if not ACTION_REQUEST.search(text) or ABOUT_WHAT_WAS_DONE.search(text):
+        return False
+    return not (not_fixed_yet(text) or came_back(text))
+
+
+# A message that opens with another request: "One more: do you deliver to Ireland?", "Now find me the
+# cheapest way to ...", "OK, now could you check ...". Not "Now I hear people but ..." (a report) nor
+# "now can you reset it?" (a request about the thread's own subject, see REFERS_BACK).
+LEAD_IN = r"^\W*((ok(ay)?|great|good|fine|thanks?|thank you|cool|sure|right|yes|and)\W+)*"
+REQUEST_OPENER = re.compile(
+    LEAD_IN + r"(one more( thing| question| request)?\s*[:,\-\u2013]"
+    r"|now,?\s+(please\s+)?(find|search|look|book|reserve|get|show|check|help|tell|send|order|buy|play"
+    r"|can you|could you|would you|i want|i need|i'd like|i would like|let's|how about)\b)",
+    re.IGNORECASE,
+)
+ONE_MORE_OPENER = re.compile(LEAD_IN + r"one more", re.IGNORECASE)
+REFERS_BACK = re.compile(r"\b(it|that|this|them|those|these|the same|there)\b", re.IGNORECASE)
+
+
+def opens_another_request(text: str, novelty: float) -> bool:
+    """The message starts another request ("One more: ...", "Now find me ..."), in words the thread has
+    not used and without pointing back at its subject ("it", "that", "there")."""
+    if not REQUEST_OPENER.match(text):
+        return False
+    if ONE_MORE_OPENER.match(text):
+        return True  # "one more: ..." announces the other subject itself
+    return novelty >= 0.5 and not REFERS_BACK.search(text)
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     norm = float(np.linalg.norm(b))
     return float(a @ b) / norm if norm else 0.0
@@ -338,7 +426,27 @@ def decide_thread(
         return ThreadDecision(
             ThreadEvent.RESOLUTION, target.thread_id, round(p_res, 4), {**signals, "reason": reason}
         )
-    if p_new >= model.new_topic.threshold:
+    answers_question = model.profile == "task" and answers_slot_question(
+        text, active.state.last_assistant_text
+    )
+    if p_new >= model.new_topic.threshold and answers_question and idle <= inactivity:
+        return ThreadDecision(
+            ThreadEvent.FOLLOW_UP,
+            active.thread_id,
+            round(1 - p_new, 4),
+            {**signals, "reason": "answers the assistant's question (not the scorer)"},
+        )
+    words = content_words(text)
+    novelty = len(words - active.state.vocabulary) / max(1, len(words))
+    after_done = (
+        p_new < model.new_topic.threshold
+        and model.profile == "task"
+        and new_request_after_done(text, active.state.last_assistant_text)
+    )
+    opener = (
+        p_new < model.new_topic.threshold and model.profile == "task" and opens_another_request(text, novelty)
+    )
+    if p_new >= model.new_topic.threshold or after_done or opener:
         close = [
             (s, c)
             for s, c in others
@@ -352,16 +460,23 @@ def decide_thread(
                 round(p_new, 4),
                 {**signals, "reason": "new for the active thread, close to an earlier one"},
             )
+        reason = "scorer: new topic"
+        if after_done:
+            reason = "a new request after the last one was done (not the scorer)"
+        elif opener:
+            reason = "opens another request (not the scorer)"
         return ThreadDecision(
-            ThreadEvent.NEW_TOPIC, None, round(p_new, 4), {**signals, "reason": "scorer: new topic"}
+            ThreadEvent.NEW_TOPIC,
+            None,
+            round(p_new, 4),
+            {**signals, "reason": reason},
         )
-    words = content_words(text)
-    novelty = len(words - active.state.vocabulary) / max(1, len(words))
     unrelated = (
         len(words) >= UNRELATED_MIN_WORDS
         and novelty >= UNRELATED_NOVELTY
         and sims[0] < UNRELATED_SIMILARITY
         and not same_thread_question(text)
+        and not answers_question
     )
     if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
         return ThreadDecision(
