@@ -147,12 +147,25 @@ BAD_ARRIVAL = re.compile(
 )
 
 
+# A new symptom after a step: "now the payment page shows an error", "now it crashes at start", "it's
+# stuck on the logo now". Something changed; nothing got fixed. ("now the ..." is a fix cue of the
+# scorer's, as in "now the page loads".) Not across a negation: "now there are no errors".
+NEW_SYMPTOM = re.compile(
+    r"\bnow\b(?:(?!\b(no|not|never|without)\b)[^.!?,;]){0,40}?\b(errors?|fails?|failed|failing|crash(es|ed|ing)?"
+    r"|broke|broken|stuck|frozen|freez(es|ing)|froze|blank|declined|rejected|refused|locked out)\b"
+    r"|\b(shows?|showing|gives?|giving|throws?|throwing|get|gets|getting) (an? |the )?([a-z]+ )?error\b[^.!?,;]{0,15}\bnow\b",
+    re.IGNORECASE,
+)
+
+
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
-    that didn't help", "beeping just the same", "the box turned up broken") or only partly fixed
-    ("it charges now but stays at 10 %"): never a resolution, whatever the scorer makes of the topic
-    words."""
+    that didn't help", "beeping just the same", "the box turned up broken"), only partly fixed
+    ("it charges now but stays at 10 %") or broken another way ("now the payment page shows an
+    error"): never a resolution, whatever the scorer makes of the topic words."""
     if partial_fix(text):
+        return True
+    if NEW_SYMPTOM.search(text) and not PROBLEM_GONE.search(text) and not CLOSING.search(text):
         return True
     if (SAME_AS_BEFORE.search(text) or BAD_ARRIVAL.search(text)) and not CLOSING.search(text):
         return True

@@ -92,6 +92,13 @@ def test_outcome_report_ignores_problems_requests_and_bookings(text: str) -> Non
         ("Nope, thanks so much.", False),
         ("Nope, thanks for the help!", False),
         ("nope, thanks but it still fails", True),
+        # broken another way after the step: "now ..." is the scorer's fix cue, the symptom says otherwise
+        ("Now the payment page shows an error", True),
+        ("ok I did that, now it crashes at start", True),
+        ("It gives an error now", True),
+        ("Now there are no errors", False),
+        ("Works now and the error is gone", False),
+        ("now the page loads, thanks", False),
     ],
 )
 def test_not_fixed_yet_without_a_negation(text: str, vetoed: bool) -> None:
@@ -149,6 +156,7 @@ PLACED = [
     (REFUND, "The refund is on my card now but only half of it", "FOLLOW_UP"),
     (ALARM, "it's beeping just the same", "FOLLOW_UP"),
     (ALARM, "Replaced it, no change", "FOLLOW_UP"),
+    (DISHWASHER, "Now the display shows a different error", "FOLLOW_UP"),
     # a question about the open problem in new words: FOLLOW_UP (before: "unrelated", NEW_TOPIC)
     (DISHWASHER, "How long is the wait for the visit at the moment?", "FOLLOW_UP"),
     (DISHWASHER, "Which door bell number should the engineer press downstairs?", "FOLLOW_UP"),
