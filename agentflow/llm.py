@@ -293,6 +293,38 @@ class _IncompleteStream(Exception):
     pass
 
 
+#: The Messages API's error types and the HTTP status each has when it is the response's.
+_ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def _error_status(exc: Any) -> int:
+    """The HTTP status an API error stands for.
+
+    An error the API sends once a stream has begun (an SSE ``error`` event, ``overloaded_error``
+    the usual one) arrives on the 200 response: the SDK raises it as ``APIStatusError`` with status
+    200. Its body's error type says what the status would have been (an unknown type: 500, the API
+    failed the reply), so that an overload midway is transient as it is before the stream begins.
+    """
+    status = int(exc.status_code)
+    if status >= 400:
+        return status
+    body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error")
+    error: dict[str, Any] = inner if isinstance(inner, dict) else body
+    return _ERROR_TYPE_STATUS.get(str(error.get("type", "")), 500)
+
+
 def _has_key(client: Any) -> bool:
     return bool(getattr(client, "api_key", None) or getattr(client, "auth_token", None))
 
@@ -381,10 +413,12 @@ class AnthropicBackend(LLMBackend):
             else:
                 streamed = await _stream_reply(client, kwargs, on_text)
         except anthropic.APIStatusError as exc:
-            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(exc.status_code))
-            transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+            status = _error_status(exc)
+            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(status))
+            transient = status in (408, 409, 429) or status >= 500
+            where = "" if status == exc.status_code else " (in the middle of the stream)"
             raise LLMError(
-                f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient
+                f"Anthropic API error {status}{where}: {exc.message}", transient=transient
             ) from exc
         except anthropic.APIConnectionError as exc:  # includes APITimeoutError
             metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(None))

@@ -251,9 +251,15 @@ def test_a_streamed_reply_equals_the_same_reply_asked_whole_and_builds_no_snapsh
     assert streamed.usage["output_tokens"] > 1  # message_delta's count, not message_start's placeholder
 
 
-def test_an_error_event_in_the_middle_of_a_stream_is_an_llm_error(anthropic_client, fake_llm) -> None:
+@pytest.mark.parametrize(
+    ("error_type", "transient"), [("overloaded_error", True), ("invalid_request_error", False)]
+)
+def test_an_error_event_in_the_middle_of_a_stream_is_an_llm_error_transient_as_its_type_says(
+    anthropic_client, fake_llm, error_type: str, transient: bool
+) -> None:
     """The API may fail a reply it has begun (``overloaded_error`` as an SSE ``error`` event on a
-    200 response): the backend raises LLMError, as the SDK's APIStatusError, after the text so far."""
+    200 response): the backend raises LLMError after the text so far, transient when the error's
+    type is (it was judged by the 200 and an overload midway failed the turn for good)."""
     from agentflow.errors import LLMError
 
     backend = AnthropicBackend(anthropic_client)
@@ -271,12 +277,13 @@ def test_an_error_event_in_the_middle_of_a_stream_is_an_llm_error(anthropic_clie
         finally:
             await backend.aclose()
 
-    fake_llm.enqueue(FakeReply(text="The first words and then", error_mid_stream="overloaded_error"))
+    fake_llm.enqueue(FakeReply(text="The first words and then", error_mid_stream=error_type))
     loop = asyncio.new_event_loop()
     try:
-        with pytest.raises(LLMError, match="overloaded_error") as raised:
+        with pytest.raises(LLMError, match=error_type) as raised:
             loop.run_until_complete(ask())
     finally:
         loop.close()
     assert pieces == ["The "]
     assert "Anthropic API error" in str(raised.value)
+    assert raised.value.transient is transient
