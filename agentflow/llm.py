@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -181,28 +182,147 @@ def _fits_one_response(config: LLMConfig) -> bool:
     return config.max_tokens * WHOLE_SECONDS_PER_TOKEN <= config.timeout_seconds
 
 
-_pinned_models: list[Any] = []
+class _Reply:
+    """A streamed reply put together from the Messages API's raw stream events.
 
-
-def _pin_stream_models() -> None:
-    """Keep the SDK's streamed-message model alive for the life of the process.
-
-    Each streamed reply evaluates ``ParsedMessage[ResponseFormatT]`` (anthropic's
-    ``accumulate_event``): pydantic makes that class once and caches it only weakly, so the first
-    garbage collection after a reply threw it away and the next reply built it again (1-10 ms of
-    CPU, with its content-block classes), which a busy worker did on most turns. One strong
-    reference, taken before the first stream, makes every later one a cache hit.
+    What the SDK's ``messages.stream()`` helper gives at the end (``get_final_message()``), for what
+    ``LLMReply`` keeps: the model, the stop reason, the usage and the content blocks as JSON dicts.
+    The helper rebuilds a pydantic snapshot of the whole message on every event (and re-parses a tool
+    call's partial JSON on every delta); here a block's text is gathered in pieces and joined, and a
+    tool call's JSON is parsed once, at its ``content_block_stop``.
     """
-    if _pinned_models:
-        return
-    model: Any = None
-    try:
-        from anthropic.lib.streaming import _messages
 
-        model = _messages.ParsedMessage[_messages.ResponseFormatT]  # as accumulate_event spells it
-    except (ImportError, AttributeError):  # pragma: no cover - another SDK layout: nothing to pin
-        pass
-    _pinned_models.append(model)
+    __slots__ = ("_json", "_pieces", "blocks", "model", "stop_reason", "usage")
+
+    def __init__(self) -> None:
+        self.model: str | None = None  # None until message_start
+        self.stop_reason = ""
+        self.usage = {"input_tokens": 0, "output_tokens": 0}
+        self.blocks: list[dict[str, Any]] = []
+        self._pieces: dict[int, list[str]] = {}  # index -> text (or thinking) pieces
+        self._json: dict[int, list[str]] = {}  # index -> a tool call's partial JSON
+
+    def feed(self, event: Any) -> str | None:
+        """Take one event; return the text it adds to a text block, if any."""
+        kind = event.type
+        if kind == "content_block_delta":
+            delta = event.delta
+            what = delta.type
+            if what == "text_delta":
+                pieces = self._pieces.get(event.index)
+                if pieces is None or self.blocks[event.index]["type"] != "text":
+                    return None
+                pieces.append(delta.text)
+                return str(delta.text)
+            if what == "input_json_delta":
+                self._json.setdefault(event.index, []).append(delta.partial_json)
+            elif what == "thinking_delta":
+                if self.blocks[event.index].get("type") == "thinking" and event.index in self._pieces:
+                    self._pieces[event.index].append(delta.thinking)
+            elif what == "signature_delta":
+                self.blocks[event.index]["signature"] = delta.signature
+            elif what == "citations_delta":
+                citation = delta.citation.model_dump(mode="json", exclude_none=True)
+                self.blocks[event.index].setdefault("citations", []).append(citation)
+        elif kind == "content_block_start":
+            block = event.content_block.model_dump(mode="json", exclude_none=True)
+            while len(self.blocks) <= event.index:
+                self.blocks.append({})
+            self.blocks[event.index] = block
+            field_ = _GATHERED.get(block.get("type", ""))
+            if field_ is not None:
+                self._pieces[event.index] = [block.get(field_, "")]
+        elif kind == "content_block_stop":
+            self._close(event.index)
+        elif kind == "message_start":
+            message = event.message
+            self.model = message.model
+            self.stop_reason = message.stop_reason or ""
+            self._count(message.usage)
+        elif kind == "message_delta":
+            self.stop_reason = event.delta.stop_reason or ""
+            self._count(event.usage)
+        return None
+
+    def _count(self, usage: Any) -> None:
+        # Counts on a message_delta are running totals; one it leaves out keeps message_start's.
+        for name in ("input_tokens", "output_tokens"):
+            value = getattr(usage, name, None)
+            if value is not None:
+                self.usage[name] = int(value)
+
+    def _close(self, index: int) -> None:
+        block = self.blocks[index]
+        pieces = self._pieces.pop(index, None)
+        if pieces is not None:
+            block[_GATHERED[block["type"]]] = "".join(pieces)
+        partial = self._json.pop(index, None)
+        if partial:
+            raw = "".join(partial)
+            if raw:
+                block["input"] = json.loads(raw)
+
+    def finish(self) -> None:
+        """Close the blocks a stream left open (it ended without their ``content_block_stop``)."""
+        for index in list(self._pieces) + list(self._json):
+            if 0 <= index < len(self.blocks):
+                self._close(index)
+
+
+#: Block type -> the field whose text arrives in deltas.
+_GATHERED = {"text": "text", "thinking": "thinking"}
+
+
+async def _stream_reply(client: Any, kwargs: dict[str, Any], on_text: TextCallback) -> _Reply:
+    """Ask for the reply streamed, hand each text delta to ``on_text``, and return it put together."""
+    reply = _Reply()
+    stream = await client.messages.create(**kwargs, stream=True)
+    async with stream:
+        async for event in stream:
+            text = reply.feed(event)
+            if text:
+                await on_text(text)
+    reply.finish()
+    if reply.model is None:
+        # The SDK's helper fails the same way (no message_start, no message): say it as an LLMError.
+        raise _IncompleteStream("the reply's stream ended before it began (no message_start)")
+    return reply
+
+
+class _IncompleteStream(Exception):
+    pass
+
+
+#: The Messages API's error types and the HTTP status each has when it is the response's.
+_ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def _error_status(exc: Any) -> int:
+    """The HTTP status an API error stands for.
+
+    An error the API sends once a stream has begun (an SSE ``error`` event, ``overloaded_error``
+    the usual one) arrives on the 200 response: the SDK raises it as ``APIStatusError`` with status
+    200. Its body's error type says what the status would have been (an unknown type: 500, the API
+    failed the reply), so that an overload midway is transient as it is before the stream begins.
+    """
+    status = int(exc.status_code)
+    if status >= 400:
+        return status
+    body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error")
+    error: dict[str, Any] = inner if isinstance(inner, dict) else body
+    return _ERROR_TYPE_STATUS.get(str(error.get("type", "")), 500)
 
 
 def _has_key(client: Any) -> bool:
@@ -291,34 +411,40 @@ class AnthropicBackend(LLMBackend):
             if whole or on_text is None:
                 message = await client.messages.create(**kwargs)
             else:
-                _pin_stream_models()
-                async with client.messages.stream(**kwargs) as stream:
-                    async for text in stream.text_stream:
-                        await on_text(text)
-                    message = await stream.get_final_message()
+                streamed = await _stream_reply(client, kwargs, on_text)
         except anthropic.APIStatusError as exc:
-            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(exc.status_code))
-            transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+            status = _error_status(exc)
+            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(status))
+            transient = status in (408, 409, 429) or status >= 500
+            where = "" if status == exc.status_code else " (in the middle of the stream)"
             raise LLMError(
-                f"Anthropic API error {exc.status_code}: {exc.message}", transient=transient
+                f"Anthropic API error {status}{where}: {exc.message}", transient=transient
             ) from exc
         except anthropic.APIConnectionError as exc:  # includes APITimeoutError
             metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(None))
             raise LLMError(f"could not reach the Anthropic API: {exc}", transient=True) from exc
+        except _IncompleteStream as exc:
+            metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(None))
+            raise LLMError(str(exc), transient=True) from exc
         latency_ms = (time.perf_counter() - started) * 1000
-        blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
+        if whole or on_text is None:
+            blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
+            model, stop_reason = message.model, message.stop_reason or ""
+            usage = {
+                "input_tokens": int(message.usage.input_tokens or 0),
+                "output_tokens": int(message.usage.output_tokens or 0),
+            }
+        else:
+            blocks, usage = streamed.blocks, streamed.usage
+            model, stop_reason = str(streamed.model), streamed.stop_reason
         text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
         if whole and on_text is not None and text:
             await on_text(text)
-        usage = {
-            "input_tokens": int(message.usage.input_tokens or 0),
-            "output_tokens": int(message.usage.output_tokens or 0),
-        }
         metrics.llm_call_count(model=config.model, usage=usage)
         return LLMReply(
             text=text,
-            model=message.model,
-            stop_reason=message.stop_reason or "",
+            model=model,
+            stop_reason=stop_reason,
             usage=usage,
             content=blocks,
             latency_ms=latency_ms,

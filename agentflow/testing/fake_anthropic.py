@@ -26,7 +26,9 @@ latency in benchmarks. Every request is recorded in ``server.requests`` as
 
 Endpoints: ``POST /v1/messages`` (plain JSON or, with ``"stream": true``, the real SSE
 event sequence) and ``POST /v1/messages/count_tokens``. Errors use the real body shape
-``{"type": "error", "error": {"type": ..., "message": ...}}``.
+``{"type": "error", "error": {"type": ..., "message": ...}}``; ``FakeReply(error_mid_stream=...)``
+fails a stream after its first delta with an SSE ``error`` event, as the API does when it is
+overloaded mid-reply.
 
 Standalone: ``python -m agentflow.testing.fake_anthropic --port 8765 --latency 1.0``.
 """
@@ -99,6 +101,10 @@ class FakeReply:
     error_type: str | None = None
     error_message: str | None = None
     headers: dict[str, str] | None = None
+    #: An error type (``"overloaded_error"``, ...) the stream fails with after its first content
+    #: delta, as an SSE ``error`` event on the 200 response, as the API does. A reply asked whole
+    #: gets the error as an HTTP error (``ERROR_STATUS``) instead.
+    error_mid_stream: str | None = None
 
     @property
     def is_error(self) -> bool:
@@ -393,9 +399,14 @@ class FakeAnthropicServer:
         if reply.is_error:
             status = reply.status if reply.status >= 400 else ERROR_STATUS.get(reply.error_type or "", 500)
             return self._error(status, reply.error_type, reply.error_message, reply.headers)
+        midway = reply.error_mid_stream
+        if midway is not None and not body.get("stream"):
+            return self._error(ERROR_STATUS.get(midway, 500), midway, reply.error_message, reply.headers)
         message = self._build_message(body, reply)
         if body.get("stream"):
-            return await self._stream(request, message, reply.headers)
+            return await self._stream(
+                request, message, reply.headers, error=midway, error_message=reply.error_message
+            )
         return web.json_response(message, headers=reply.headers)
 
     def _build_message(self, body: dict[str, Any], reply: FakeReply) -> dict[str, Any]:
@@ -424,13 +435,23 @@ class FakeAnthropicServer:
         }
 
     async def _stream(
-        self, request: web.Request, message: dict[str, Any], headers: dict[str, str] | None
+        self,
+        request: web.Request,
+        message: dict[str, Any],
+        headers: dict[str, str] | None,
+        *,
+        error: str | None = None,
+        error_message: str | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **(headers or {})})
         try:
             await response.prepare(request)
             for name, data in stream_events(message):
                 await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                if error is not None and name == "content_block_delta":
+                    failure = error_body(error, error_message or f"Fake {error} (mid-stream)")
+                    await response.write(f"event: error\ndata: {json.dumps(failure)}\n\n".encode())
+                    break
                 if self.chunk_delay > 0 and name == "content_block_delta":
                     await asyncio.sleep(self.chunk_delay)
             await response.write_eof()

@@ -9,7 +9,7 @@ import pytest
 
 from agentflow.config import LLMConfig
 from agentflow.llm import AnthropicBackend
-from agentflow.testing.fake_anthropic import FakeReply
+from agentflow.testing.fake_anthropic import FakeReply, ToolCall
 
 
 def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives(
@@ -50,8 +50,9 @@ def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives
 def test_a_streamed_reply_builds_no_pydantic_model_class_after_a_garbage_collection(
     anthropic_client, fake_llm, monkeypatch
 ) -> None:
-    """The SDK's ``ParsedMessage[ResponseFormatT]`` is cached by pydantic only weakly: unpinned, a
-    collection between two replies threw it away and the next streamed reply built it again."""
+    """The SDK's ``messages.stream()`` helper evaluated ``ParsedMessage[ResponseFormatT]``, which
+    pydantic caches only weakly: a collection between two replies threw it away and the next streamed
+    reply built it again. The raw events the backend reads now need no generic model at all."""
     import gc
 
     from pydantic._internal import _generics
@@ -181,3 +182,108 @@ def test_a_default_client_given_to_build_talks_through_aiohttp_with_its_settings
 
 async def _client_of(backend: AnthropicBackend):
     return backend.client()
+
+
+_MIXED_INPUT = {"query": "S3 backups", "filters": {"tags": ["ops", "ünïcode ✓"], "limit": 5}, "exact": False}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        FakeReply(text="Hello there, this answer comes in several pieces."),
+        FakeReply(tool_calls=[ToolCall("search_docs", _MIXED_INPUT, id="toolu_fixed_1")]),
+        FakeReply(
+            text="Let me look that up.",
+            tool_calls=[
+                ToolCall("search_docs", _MIXED_INPUT, id="toolu_fixed_1"),
+                ToolCall("no_arguments", {}, id="toolu_fixed_2"),
+            ],
+        ),
+    ],
+    ids=["text", "tool_use", "mixed"],
+)
+def test_a_streamed_reply_equals_the_same_reply_asked_whole_and_builds_no_snapshot_per_event(
+    anthropic_client, fake_llm, monkeypatch, reply: FakeReply
+) -> None:
+    """The stream is put together from the raw events (text pieces joined, a tool call's partial
+    JSON parsed at its block's end): the SDK's ``messages.stream()`` helper rebuilt a pydantic
+    snapshot of the whole message on every event (``accumulate_event``)."""
+    from anthropic.lib.streaming import _messages
+
+    snapshots: list[object] = []
+    original = _messages.accumulate_event
+
+    def counting(**kwargs):
+        snapshots.append(kwargs["event"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(_messages, "accumulate_event", counting)
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    pieces: list[str] = []
+
+    async def on_text(text: str) -> None:
+        pieces.append(text)
+
+    async def ask() -> tuple:
+        asked = {"system": "s", "messages": [{"role": "user", "content": "hi"}], "config": config}
+        streamed = await backend.generate(**asked, on_text=on_text)
+        whole = await backend.generate(**asked)
+        await backend.aclose()
+        return streamed, whole
+
+    fake_llm.enqueue(reply, reply)
+    loop = asyncio.new_event_loop()
+    try:
+        streamed, whole = loop.run_until_complete(ask())
+    finally:
+        loop.close()
+    bodies = [request["body"] for request in fake_llm.requests]
+    assert [body.get("stream") for body in bodies] == [True, None]
+    assert snapshots == []
+    keep = ("text", "content", "usage", "stop_reason", "model", "tool_calls")
+    assert {name: getattr(streamed, name) for name in keep} == {name: getattr(whole, name) for name in keep}
+    assert "".join(pieces) == streamed.text
+    if reply.text:
+        assert len(pieces) > 1  # streamed in pieces, not handed over whole at the end
+    if reply.tool_calls:
+        assert streamed.tool_calls[0]["input"] == _MIXED_INPUT and streamed.stop_reason == "tool_use"
+    assert streamed.usage["output_tokens"] > 1  # message_delta's count, not message_start's placeholder
+
+
+@pytest.mark.parametrize(
+    ("error_type", "transient"), [("overloaded_error", True), ("invalid_request_error", False)]
+)
+def test_an_error_event_in_the_middle_of_a_stream_is_an_llm_error_transient_as_its_type_says(
+    anthropic_client, fake_llm, error_type: str, transient: bool
+) -> None:
+    """The API may fail a reply it has begun (``overloaded_error`` as an SSE ``error`` event on a
+    200 response): the backend raises LLMError after the text so far, transient when the error's
+    type is (it was judged by the 200 and an overload midway failed the turn for good)."""
+    from agentflow.errors import LLMError
+
+    backend = AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    pieces: list[str] = []
+
+    async def on_text(text: str) -> None:
+        pieces.append(text)
+
+    async def ask() -> None:
+        try:
+            await backend.generate(
+                system="s", messages=[{"role": "user", "content": "hi"}], config=config, on_text=on_text
+            )
+        finally:
+            await backend.aclose()
+
+    fake_llm.enqueue(FakeReply(text="The first words and then", error_mid_stream=error_type))
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(LLMError, match=error_type) as raised:
+            loop.run_until_complete(ask())
+    finally:
+        loop.close()
+    assert pieces == ["The "]
+    assert "Anthropic API error" in str(raised.value)
+    assert raised.value.transient is transient
