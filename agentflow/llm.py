@@ -260,7 +260,12 @@ class _Reply:
         if partial:
             raw = "".join(partial)
             if raw:
-                block["input"] = json.loads(raw)
+                try:
+                    block["input"] = json.loads(raw)
+                except ValueError:  # the stream broke off inside a tool call's input
+                    raise _IncompleteStream(
+                        f"the reply's stream ended inside the input of tool call {block.get('name', '?')!r}"
+                    ) from None
 
     def finish(self) -> None:
         """Close the blocks a stream left open (it ended without their ``content_block_stop``)."""
