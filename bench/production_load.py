@@ -502,6 +502,9 @@ def main() -> None:
     )
     parser.add_argument("--llm-latency", type=float, default=1.0, help="seconds the fake LLM waits (1.0)")
     parser.add_argument("--concurrency", type=int, help="Celery worker threads (default: the product's)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="Celery worker processes, --concurrency threads each (1)"
+    )
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a reply may take (150)")
     parser.add_argument("--background-jobs", action="store_true", help="queue the memory jobs after turns")
     parser.add_argument(
@@ -545,6 +548,7 @@ def main() -> None:
         tag=tag,
         llm_latency=args.llm_latency,
         concurrency=args.concurrency,
+        workers=args.workers,
         log_level=args.log_level,
         env={
             "AGENTFLOW_BACKGROUND_JOBS": "true" if args.background_jobs else "false",
@@ -560,14 +564,14 @@ def main() -> None:
     try:
         stk.start()
         print(
-            f"stack: daphne + Celery worker ({stk.concurrency} threads, agentflow_run's default"
+            f"stack: daphne + {stk.workers} Celery worker(s) ({stk.concurrency} threads each, agentflow_run's default"
             f" {settings.CELERY_WORKER_CONCURRENCY}); daphne's DB pool {settings.DATABASES['default']['OPTIONS'].get('pool')};"
             f" channel capacity {settings.CHANNEL_LAYERS['default']['CONFIG']['capacity']}; Redis: {args.redis};"
             f" open files {limit[0]}; {os.cpu_count()} CPUs; load average {stack.load_average()}; logs {stk.logs()}",
             flush=True,
         )
         pg_root = postmaster_pid()
-        args.concurrency_used = stk.concurrency
+        args.concurrency_used = stk.concurrency * stk.workers
         if args.transport == "rest":
             key_row, plain = api_key_create(name=tag)
             credentials = [plain] * len(users)

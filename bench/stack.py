@@ -186,12 +186,14 @@ class Stack:
         tag: a name for this run: the Celery queue, the channel-layer and cache prefixes.
         llm_latency: seconds the fake Messages API waits before answering (streamed or not).
         concurrency: Celery worker threads (None: the product's default, as agentflow_run uses).
+        workers: Celery worker processes, each with ``concurrency`` threads ("worker", "worker 2", ...).
         env: more environment for all three processes.
     """
 
     tag: str
     llm_latency: float
     concurrency: int | None = None
+    workers: int = 1
     log_level: str = "WARNING"
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -237,16 +239,19 @@ class Stack:
                 stdout=subprocess.DEVNULL,
                 stderr=open(LOGS / f"{self.tag}-web.log", "w"),
             ),
-            "worker": subprocess.Popen(
+        }
+        for n in range(self.workers):
+            name = "worker" if n == 0 else f"worker {n + 1}"
+            self.procs[name] = subprocess.Popen(
                 runtime.worker_command(
                     concurrency=concurrency, queue=self.tag, loglevel=self.log_level, python=python
-                ),
+                )
+                + ([f"--hostname={self.tag}-{n + 1}@%h"] if self.workers > 1 else []),
                 cwd=ROOT,
                 env=worker_env,
                 stdout=subprocess.DEVNULL,
-                stderr=open(LOGS / f"{self.tag}-worker.log", "w"),
-            ),
-        }
+                stderr=open(LOGS / f"{self.tag}-{name.replace(' ', '')}.log", "w"),
+            )
         self.base = f"http://127.0.0.1:{web_port}"
         runtime.wait_for_http(self.base + "/api/health/live")
         deadline = time.monotonic() + 30
