@@ -412,8 +412,10 @@ def worker_command(
     loglevel: str = "INFO",
     beat_schedule: Path | None = None,
     python: str | None = None,
+    hostname: str | None = None,
 ) -> list[str]:
-    """A Celery worker's command line (threads pool); with ``beat_schedule``, beat runs inside it."""
+    """A Celery worker's command line (threads pool); with ``beat_schedule``, beat runs inside it;
+    ``hostname`` (``name@%h``) tells apart several workers on one machine."""
     command = [
         python or sys.executable,
         "-m",
@@ -432,7 +434,32 @@ def worker_command(
     ]
     if beat_schedule is not None:
         command += ["-B", "-s", str(beat_schedule)]  # periodic jobs (memory sweep, recovery)
+    if hostname is not None:
+        command += ["-n", hostname]
     return command
+
+
+# Connections agentflow_run's processes may open in all, on the embedded (or a stock) PostgreSQL's
+# max_connections of 100: three are reserved for superusers, a few kept for manage.py and migrations.
+CONNECTION_BUDGET = 90
+
+
+def worker_pool_max(*, workers: int, concurrency: int, web_pool: int) -> int:
+    """The database pool of each of ``workers`` worker processes, so that they and the web server's
+    pool of ``web_pool`` fit in ``CONNECTION_BUDGET``: the pool one worker would have
+    (``min(concurrency, 32) + 4``, see ``database_settings``), or less when several share the budget.
+
+    Raises:
+        ImproperlyConfigured: not even 4 connections a worker fit.
+    """
+    alone = min(concurrency, 32) + 4
+    share = (CONNECTION_BUDGET - web_pool) // workers
+    if share < 4:
+        raise ImproperlyConfigured(
+            f"{workers} worker processes and a web pool of {web_pool} do not fit in {CONNECTION_BUDGET}"
+            " database connections: use fewer workers or set AGENTFLOW_DB_POOL_MAX lower"
+        )
+    return min(alone, share)
 
 
 def wait_for_http(url: str, *, seconds: float = 60, what: str = "the web server") -> None:

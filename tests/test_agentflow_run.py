@@ -218,6 +218,51 @@ def test_a_killed_worker_is_restarted_while_the_web_server_keeps_answering(
     assert _get(run.port, "/api/health/ready")[0] == 200
 
 
+def _children(pid: int, word: str) -> dict[int, list[bytes]]:
+    """The children of ``pid`` whose command line contains ``word``, with their command lines."""
+    found = {}
+    for child, (parent, _) in _processes().items():
+        if parent == pid:
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if word.encode() in argv:
+                found[child] = argv
+    return found
+
+
+def test_several_worker_processes_run_one_beat_share_the_connections_and_each_comes_back(
+    agentflow_run: Callable[..., Run], settings: Any
+) -> None:
+    """A worker process uses at most one core (the GIL): AGENTFLOW_WORKER_PROCESSES=2 starts two, with
+    their own node names, the periodic jobs in the first only, and pools that fit the connections."""
+    run = agentflow_run(AGENTFLOW_WORKER_PROCESSES="2")
+    run.ready()
+    workers = _until(
+        "two worker children", lambda: (w := _children(run.process.pid, "celery")) and len(w) == 2 and w
+    )
+    by_name = {argv[argv.index(b"-n") + 1]: pid for pid, argv in workers.items()}
+    assert set(by_name) == {b"worker1@%h", b"worker2@%h"}
+    beats = {name: b"-B" in workers[pid] for name, pid in by_name.items()}
+    assert beats == {b"worker1@%h": True, b"worker2@%h": False}
+    pools = {name: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for name, pid in by_name.items()}
+    # 2 threads each: the pool one worker would have (2 + 4), which fits the budget beside the web's.
+    assert all(b"AGENTFLOW_DB_POOL_MAX=6" in env for env in pools.values())
+
+    second = by_name[b"worker2@%h"]
+    os.kill(second, signal.SIGKILL)
+
+    def back() -> int | None:
+        now = {argv[argv.index(b"-n") + 1]: pid for pid, argv in _children(run.process.pid, "celery").items()}
+        new = now.get(b"worker2@%h")
+        return new if new not in (None, second) else None
+
+    new_second = _until("the second worker restarted", back)
+    assert _children(run.process.pid, "celery").keys() == {by_name[b"worker1@%h"], new_second}
+    assert f"restarted the worker 2 (celery) (pid {new_second})" in run.output()
+
+
 def test_startup_says_what_it_uses_once_and_django_warnings_print_once(
     agentflow_run: Callable[..., Run], settings: Any
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from agentflow_project.runtime import database_settings
+from agentflow_project.runtime import database_settings, worker_pool_max
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 URL = "postgresql://agentflow:secret@db.example:5432/agentflow"
@@ -153,3 +153,29 @@ def test_the_channel_layer_capacity_comes_from_the_environment(tmp_path: Path) -
     too_small = _settings_value(expression, tmp_path, AGENTFLOW_CHANNEL_CAPACITY="50")
     assert too_small.returncode != 0
     assert "AGENTFLOW_CHANNEL_CAPACITY must be at least 100; got 50" in too_small.stderr
+
+
+def test_several_worker_processes_share_the_connection_budget_with_the_web_server() -> None:
+    assert worker_pool_max(workers=1, concurrency=64, web_pool=36) == 36  # one worker: its usual pool
+    assert worker_pool_max(workers=2, concurrency=32, web_pool=36) == 27  # (90 - 36) // 2
+    assert worker_pool_max(workers=4, concurrency=8, web_pool=36) == 12  # its own 8 + 4 fits
+    with pytest.raises(ImproperlyConfigured, match="16 worker processes and a web pool of 36 do not fit"):
+        worker_pool_max(workers=16, concurrency=64, web_pool=36)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"workers": 0}, "--workers must be from 1 to 16; got 0"),
+        ({"workers": 17}, "--workers must be from 1 to 16; got 17"),
+        ({"workers": 16}, "16 worker processes and a web pool of"),
+    ],
+)
+def test_agentflow_run_refuses_worker_counts_that_cannot_run(
+    options: dict[str, int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    monkeypatch.delenv("AGENTFLOW_DB_POOL_MAX", raising=False)
+    with pytest.raises(CommandError, match=message):
+        call_command("agentflow_run", **options)

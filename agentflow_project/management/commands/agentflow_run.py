@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agentflow_project import runtime
@@ -106,7 +107,19 @@ class Command(BaseCommand):
         parser.add_argument(
             "--port", type=int, default=env_int("AGENTFLOW_PORT", 8000, minimum=1, maximum=65535)
         )
-        parser.add_argument("--concurrency", type=int, default=settings.CELERY_WORKER_CONCURRENCY)
+        parser.add_argument(
+            "--concurrency",
+            type=int,
+            default=settings.CELERY_WORKER_CONCURRENCY,
+            help="threads of each worker process (AGENTFLOW_WORKER_CONCURRENCY)",
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=env_int("AGENTFLOW_WORKER_PROCESSES", 1, minimum=1, maximum=16),
+            help="Celery worker processes (AGENTFLOW_WORKER_PROCESSES, default 1): one uses at most one"
+            " core (the GIL); one per core lets the turns use the machine",
+        )
         parser.add_argument(
             "--drain-seconds",
             type=int,
@@ -121,6 +134,7 @@ class Command(BaseCommand):
         host: str,
         port: int,
         concurrency: int,
+        workers: int,
         drain_seconds: int,
         keep_services: bool,
         **options: Any,
@@ -131,24 +145,40 @@ class Command(BaseCommand):
             raise CommandError(
                 f"--concurrency must be from 1 to 86 (PostgreSQL allows 100 connections); got {concurrency}"
             )
+        if not 1 <= workers <= 16:
+            raise CommandError(f"--workers must be from 1 to 16; got {workers}")
         if not 1 <= drain_seconds <= 3600:
             raise CommandError(f"--drain-seconds must be from 1 to 3600; got {drain_seconds}")
         python = sys.executable
         # The worker sizes its database pool from this (see runtime.database_settings).
         worker_env = {**os.environ, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
+        if workers > 1 and not os.environ.get("AGENTFLOW_DB_POOL_MAX"):
+            # Several workers share PostgreSQL's connections with the web server, whose pool comes from
+            # the same environment as this process's.
+            web_pool = settings.DATABASES["default"]["OPTIONS"].get("pool", {}).get("max_size", 1)
+            try:
+                pool = runtime.worker_pool_max(workers=workers, concurrency=concurrency, web_pool=web_pool)
+            except ImproperlyConfigured as exc:
+                raise CommandError(str(exc)) from None
+            worker_env["AGENTFLOW_DB_POOL_MAX"] = str(pool)
         children = [
             _Child("web server (daphne)", runtime.web_command(port=port, host=host, python=python)),
-            _Child(
-                "worker (celery)",
-                runtime.worker_command(
-                    concurrency=concurrency,
-                    queue=settings.CELERY_TASK_DEFAULT_QUEUE,
-                    beat_schedule=runtime.data_dir() / "celerybeat-schedule",
-                    python=python,
-                ),
-                env=worker_env,
-            ),
         ]
+        for n in range(1, workers + 1):
+            children.append(
+                _Child(
+                    "worker (celery)" if workers == 1 else f"worker {n} (celery)",
+                    runtime.worker_command(
+                        concurrency=concurrency,
+                        queue=settings.CELERY_TASK_DEFAULT_QUEUE,
+                        # Periodic jobs run once: in the first worker only.
+                        beat_schedule=runtime.data_dir() / "celerybeat-schedule" if n == 1 else None,
+                        python=python,
+                        hostname=None if workers == 1 else f"worker{n}@%h",
+                    ),
+                    env=worker_env,
+                )
+            )
         signals = 0
 
         def stop(signum: int, frame: Any) -> None:
