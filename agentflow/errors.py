@@ -72,3 +72,19 @@ class Forbidden(AgentFlowError):
     """The caller may not act on this agent (an API key limited to another agent); nothing changed."""
 
     code = "forbidden"
+
+
+#: The Anthropic Messages API's error types and the HTTP status each has when it is the response's
+#: (an error sent midway through a stream comes on the stream's 200 and says only its type).
+API_ERROR_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}

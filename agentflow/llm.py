@@ -20,7 +20,7 @@ from typing import Any
 
 from . import metrics
 from .config import LLMConfig
-from .errors import LLMError
+from .errors import API_ERROR_STATUS, LLMError
 
 TextCallback = Callable[[str], Awaitable[None]]
 
@@ -298,21 +298,6 @@ class _IncompleteStream(Exception):
     pass
 
 
-#: The Messages API's error types and the HTTP status each has when it is the response's.
-_ERROR_TYPE_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
-
-
 def _error_status(exc: Any) -> int:
     """The HTTP status an API error stands for.
 
@@ -327,7 +312,7 @@ def _error_status(exc: Any) -> int:
     body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
     inner = body.get("error")
     error: dict[str, Any] = inner if isinstance(inner, dict) else body
-    return _ERROR_TYPE_STATUS.get(str(error.get("type", "")), 500)
+    return API_ERROR_STATUS.get(str(error.get("type", "")), 500)
 
 
 def _has_key(client: Any) -> bool:

@@ -51,21 +51,12 @@ from typing import Any
 
 from aiohttp import web
 
+from agentflow.errors import API_ERROR_STATUS
+
 __all__ = ["FakeAnthropicServer", "FakeReply", "ToolCall"]
 
 #: Error type -> HTTP status, as documented for the Messages API.
-ERROR_STATUS: dict[str, int] = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
+ERROR_STATUS: dict[str, int] = API_ERROR_STATUS
 _STATUS_ERROR: dict[int, str] = {status: kind for kind, status in ERROR_STATUS.items()}
 _RECORDED_HEADERS = (
     "x-api-key authorization anthropic-version anthropic-beta content-type user-agent"
