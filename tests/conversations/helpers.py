@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from channels.testing import WebsocketCommunicator
 from django.core import signing
@@ -82,3 +83,26 @@ async def chat_socket(external_id: str) -> WebsocketCommunicator:
     assert connected
     assert (await communicator.receive_json_from())["type"] == "ready"
     return communicator
+
+
+def place_after(context: tuple[str, str], text: str, *, profile: str = "task") -> Any:
+    """``decide_thread`` for ``text`` with one open thread, a minute old, of a problem and the
+    assistant's reply (``context``), embedded with the process's encoder and the shipped model."""
+    from datetime import UTC, datetime, timedelta
+
+    from agentflow.embeddings import get_embedder
+    from conversations.thread_detection import Candidate, decide_thread
+    from conversations.thread_features import ThreadState, content_words, load_model
+
+    now = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    problem, reply = context
+    vector = get_embedder().embed_one(problem)
+    state = ThreadState(vector, vector, vector.copy(), content_words(problem) | content_words(reply), reply)
+    return decide_thread(
+        text=text,
+        embedding=get_embedder().embed_one(text),
+        candidates=[Candidate("open", state, now - timedelta(minutes=1))],
+        now=now,
+        inactivity=timedelta(minutes=30),
+        model=load_model(profile),
+    )

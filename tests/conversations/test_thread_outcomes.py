@@ -18,6 +18,7 @@ from conversations.thread_detection import (
     same_thread_question,
 )
 from conversations.thread_features import ThreadState, content_words, load_model
+from tests.conversations.helpers import place_after
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -176,18 +177,7 @@ PLACED = [
 def test_support_turns_are_placed_by_what_they_report(
     context: tuple[str, str], text: str, expected: str
 ) -> None:
-    problem, reply = context
-    vector = _embed(problem)
-    state = ThreadState(vector, vector, vector.copy(), content_words(problem) | content_words(reply), reply)
-
-    decision = decide_thread(
-        text=text,
-        embedding=_embed(text),
-        candidates=[Candidate("problem", state, NOW - timedelta(minutes=1))],
-        now=NOW,
-        inactivity=timedelta(minutes=30),
-        model=load_model("task"),
-    )
+    decision = place_after(context, text)
 
     assert decision.event == expected, decision.signals
 

@@ -19,6 +19,7 @@ from conversations.thread_detection import (
     opens_another_request,
 )
 from conversations.thread_features import ThreadState, content_words, load_model
+from tests.conversations.helpers import place_after
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -120,18 +121,7 @@ PLACED = [
 def test_topic_shifts_are_placed_by_how_the_request_opens(
     context: tuple[str, str], text: str, expected: str
 ) -> None:
-    problem, reply = context
-    vector = _embed(problem)
-    state = ThreadState(vector, vector, vector.copy(), content_words(problem) | content_words(reply), reply)
-
-    decision = decide_thread(
-        text=text,
-        embedding=_embed(text),
-        candidates=[Candidate("open", state, NOW - timedelta(minutes=1))],
-        now=NOW,
-        inactivity=timedelta(minutes=30),
-        model=load_model("task"),
-    )
+    decision = place_after(context, text)
 
     assert decision.event == expected, decision.signals
 
