@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import random
+import uuid
 from collections.abc import Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 from django.db import connections
+from django.db.models import QuerySet
 
 from agentflow import limits, pipeline
 from agentflow.conf import conf
@@ -28,6 +30,7 @@ from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK
 from agentflow.llm import whole_replies
 from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
+from agentflow.prepared import PreparedQuery
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
 from agentflow.unavailable import is_unavailable, unavailable_component
@@ -94,15 +97,26 @@ def _close_thread_loops(**kwargs: Any) -> None:
         loop.close()
 
 
+def _message_agent(*, pk: uuid.UUID) -> QuerySet[Message, Any]:
+    return Message.objects.filter(pk=pk, role=Message.Role.USER).values(
+        "user_id", "user__agent__name", "user__agent__version"
+    )[:1]
+
+
+# Read at the start of every turn a worker runs: compiled once per process (agentflow.prepared).
+_MESSAGE_AGENT = PreparedQuery(_message_agent)
+
+
 def _agent_of(message_id: str) -> tuple[Any, int]:
     """The agent a message belongs to, as this process runs it, and the message's end user pk."""
-    row = (
-        Message.objects.filter(pk=message_id, role=Message.Role.USER)
-        .values("user_id", "user__agent__name", "user__agent__version")
-        .first()
-    )
-    if row is None:
+    try:
+        pk = uuid.UUID(str(message_id))
+    except ValueError:
+        raise NotFound(f"message {message_id} not found") from None
+    rows = _MESSAGE_AGENT.run(pk=pk)
+    if not rows:
         raise NotFound(f"message {message_id} not found")
+    row = rows[0]
     return agent_for(row["user__agent__name"], version=row["user__agent__version"]), row["user_id"]
 
 
