@@ -4,20 +4,18 @@ same"), and questions about the open problem in new words ("How long is the wait
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
 from agentflow.embeddings import get_embedder
 from conversations.thread_detection import (
-    Candidate,
-    decide_thread,
     not_fixed_yet,
     outcome_report,
     same_thread_question,
 )
-from conversations.thread_features import ThreadState, content_words, load_model
+from conversations.thread_features import load_model
 from tests.conversations.helpers import place_after
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -183,21 +181,9 @@ def test_support_turns_are_placed_by_what_they_report(
 
 
 def test_an_outcome_the_scorer_missed_says_the_rule_placed_it() -> None:
-    problem, reply = PARCEL
-    vector = _embed(problem)
-    state = ThreadState(vector, vector, vector.copy(), content_words(problem) | content_words(reply), reply)
-    text = "The box turned up this afternoon"
+    decision = place_after(PARCEL, "The box turned up this afternoon")
 
-    decision = decide_thread(
-        text=text,
-        embedding=_embed(text),
-        candidates=[Candidate("parcel", state, NOW - timedelta(minutes=1))],
-        now=NOW,
-        inactivity=timedelta(minutes=30),
-        model=load_model("task"),
-    )
-
-    assert (decision.event, decision.thread_id) == ("RESOLUTION", "parcel")
+    assert (decision.event, decision.thread_id) == ("RESOLUTION", "open")
     assert decision.signals["p_resolution"] < load_model("task").resolution.threshold
     assert (
         decision.signals["reason"] == "resolution of the active thread (an outcome reported, not the scorer)"
@@ -205,18 +191,6 @@ def test_an_outcome_the_scorer_missed_says_the_rule_placed_it() -> None:
 
 
 def test_the_outcome_rule_is_for_the_task_profile_only() -> None:
-    problem = PARCEL[0]
-    vector = _embed(problem)
-    state = ThreadState(vector, vector, vector.copy(), content_words(problem), "")
-    text = "The box turned up this afternoon"
-
-    decision = decide_thread(
-        text=text,
-        embedding=_embed(text),
-        candidates=[Candidate("parcel", state, NOW - timedelta(minutes=1))],
-        now=NOW,
-        inactivity=timedelta(minutes=30),
-        model=load_model("chitchat"),
-    )
+    decision = place_after((PARCEL[0], ""), "The box turned up this afternoon", profile="chitchat")
 
     assert "outcome reported" not in decision.signals["reason"]
