@@ -236,6 +236,14 @@ ASKS = re.compile(
 )
 
 
+# A greeting and nothing more ("Hello again", "hi there!", "good morning again").
+GREETING_ONLY = re.compile(
+    r"\s*(hello|hi|hey|hiya|howdy|greetings|good (morning|afternoon|evening|day))\b[\s,!.]*"
+    r"((again|there|all|everyone|team|folks)\b[\s,!.]*)*$",
+    re.IGNORECASE,
+)
+
+
 def outcome_report(text: str) -> bool:
     """The customer reports that it worked out, in any words ("the box turned up this afternoon",
     "the refund is on my card now", "Ta!"): a positive outcome or thanks, and nothing that names a
@@ -245,6 +253,8 @@ def outcome_report(text: str) -> bool:
     if not_fixed_yet(text) or came_back(text) or QUESTION_START.match(text):
         return False
     if DONE_AS_ASKED.match(text):  # "I've restarted it now": the step is done, the outcome not told
+        return False
+    if GREETING_ONLY.match(text):  # "Hello again": a user coming back says hello, not that it worked
         return False
     cleaned = PROBLEM_GONE.sub(" fixed ", DROPPED_OFF.sub(" delivered ", text))
     if PROBLEM_WORD.search(cleaned):

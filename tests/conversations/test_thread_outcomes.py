@@ -70,6 +70,10 @@ def test_outcome_report_reads_fixes_told_as_what_happened(text: str) -> None:
         "I am in Vancouver, BC.",
         "once again, you're right, scheduled it on 11th of march",
         "A four star hotel near the station",
+        # a user coming back says hello: not an outcome (it resolved the old thread)
+        "Hello again",
+        "hi there!",
+        "Good morning again.",
     ],
 )
 def test_outcome_report_ignores_problems_requests_and_bookings(text: str) -> None:
