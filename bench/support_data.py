@@ -28,6 +28,8 @@ SUPPORT_PATH = Path(__file__).resolve().parent / "data" / "support_turns.jsonl"
 # before and once after a change (only each dialogue's last user turn counts).
 HOLDOUT_PATH = Path(__file__).resolve().parent / "data" / "support_holdout.jsonl"
 HOLDOUT_SPLIT = "heldout-new"
+# A second held-out set, written later and blind to the rules (no code read, no evaluation run).
+HOLDOUT2_PATH = HOLDOUT_PATH.with_name("support_holdout2.jsonl")
 
 
 def support_split(dialogue_id: str) -> str:
@@ -52,10 +54,8 @@ def load_support_holdout(path: Path = HOLDOUT_PATH) -> list[dict]:
     """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:
-        if row.get("split") != HOLDOUT_SPLIT:
-            raise ValueError(
-                f"{row['dialogue_id']}: the held-out file holds only {HOLDOUT_SPLIT!r} dialogues"
-            )
+        if not str(row.get("split", "")).startswith(HOLDOUT_SPLIT):
+            raise ValueError(f"{row['dialogue_id']}: a held-out file holds only {HOLDOUT_SPLIT!r}* dialogues")
         if row["turns"][-1]["speaker"] != "USER":
             raise ValueError(f"{row['dialogue_id']}: the scored last turn must be the user's")
     return rows
