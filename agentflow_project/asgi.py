@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from agentflow import drain  # noqa: E402
+from agentflow.web.asgi import freeze_loaded_heap  # noqa: E402
 from agentflow.web.routing import websocket_application  # noqa: E402
 from agentflow.web.serving import adapt_daphne  # noqa: E402
 
@@ -21,3 +22,6 @@ adapt_daphne()
 application = drain.TrackRequests(
     ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
 )
+# What is loaded by now lives as long as the process: out of the collector's full passes
+# (agentflow.web.asgi.freeze_loaded_heap).
+freeze_loaded_heap()

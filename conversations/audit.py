@@ -32,6 +32,8 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.db import models
 
+from agentflow import prepared
+
 from .models import ApiKey, AuditEvent, AuditQuerySet, EndUser, StaffUser
 
 if TYPE_CHECKING:
@@ -120,7 +122,9 @@ def audit_record(
         actor_kind = Actor.STAFF if staff_user is not None else Actor.API_KEY if api_key else Actor.SYSTEM
     if target is not None:
         target_type, target_id = target._meta.model_name or "", target.pk
-    return AuditEvent.objects.create(
+    # Every API call writes one: the INSERT is compiled once per process (agentflow.prepared).
+    return prepared.create(
+        AuditEvent,
         actor_kind=actor_kind,
         staff_user=staff_user if staff_user is not None and staff_user.pk else None,
         staff_username=staff_user.get_username()[:150] if staff_user is not None else "",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import suppress
 from functools import partialmethod
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
@@ -25,7 +26,7 @@ from agentflow.jobs import queue_turn
 from agentflow.loops import run_db
 
 from . import selectors, services
-from .agents import Received, agent_settings, message_accept
+from .agents import AgentSettings, Received, agent_settings, message_accept
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
@@ -47,24 +48,65 @@ CLOSE_ERASED = 4410  # the user was erased: their conversation is gone, do not r
 CONNECTION_REFRESH_SECONDS = 30.0  # how often a busy connection renews its place in the count
 
 
+class _Refusal(NamedTuple):
+    """A chat connection refused while opening: its close code, error code and message."""
+
+    code: int
+    error: str
+    message: str
+
+
+def _open(*, claims: ChatTokenClaims, channel: str) -> tuple[AgentSettings, EndUser] | _Refusal:
+    """Open a chat connection: the token not revoked, its agent's limits, the user's connection
+    count (this one counted) and the end user (created on their first connection); or why not.
+
+    One database-thread call instead of four hops from the event loop to a thread and back
+    (docs/operations.md, "Web process CPU"), in the order they were made one by one. A failure after
+    the connection was counted gives the count back: the consumer has not kept the claims to do so.
+    """
+    if chat_token_revoked(claims=claims):
+        return _Refusal(CLOSE_UNAUTHORIZED, "token_revoked", "this chat token was revoked")
+    try:
+        limits = agent_settings(name=claims.agent)
+    except NotFound:
+        return _Refusal(
+            CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {claims.agent!r} does not exist"
+        )
+    limit = conf().RATE_LIMITS["WS_CONNECTIONS_PER_USER"]
+    if not ws_connection_acquire(user_id=claims.external_id, channel=channel, limit=limit):
+        return _Refusal(CLOSE_TOO_MANY, "too_many_connections", f"at most {limit} open connections per user")
+    try:
+        user = services.user_get_or_create(agent_id=limits.id, external_id=claims.external_id)
+    except BaseException:
+        with suppress(Exception):  # Redis may be what failed: the entry then goes stale on its own
+            ws_connection_release(user_id=claims.external_id, channel=channel)
+        raise
+    return limits, user
+
+
 def _accept(
     *, claims: ChatTokenClaims, agent: str, user_id: str, message: Any, client_message_id: Any
 ) -> Received | None:
-    """Store a chat message (``message_accept``); None, storing nothing, when the user's chat tokens
-    were revoked meanwhile (the user was erased: never re-create them).
+    """Store a chat message (``message_accept``) and queue its turn when it has one to run (new, or
+    a failed one sent again); None, storing nothing, when the user's chat tokens were revoked
+    meanwhile (the user was erased: never re-create them).
 
-    The revocation check, the agent's limits and the message in one database-thread call instead of
-    three: each hop from the event loop to a thread and back costs CPU (docs/operations.md, "Web
-    process CPU"). The turn is queued after the ``ack``, in a call of its own, as before.
+    The revocation check, the agent's limits, the message and the queueing in one database-thread
+    call instead of four: each hop from the event loop to a thread and back costs CPU
+    (docs/operations.md, "Web process CPU"). The ``ack`` still reaches the socket before any event
+    of the turn: the consumer handles the channel layer's events after this frame's handler ends.
     """
     if chat_token_revoked(claims=claims):
         return None
-    return message_accept(
+    received = message_accept(
         limits=agent_settings(name=agent),
         user_id=user_id,
         message=message,
         client_message_id=client_message_id,
     )
+    if received.run:
+        queue_turn(received.message.pk)
+    return received
 
 
 class ChatConsumer(JsonFrameConsumer):
@@ -102,28 +144,14 @@ class ChatConsumer(JsonFrameConsumer):
                 CLOSE_UNAUTHORIZED, "unauthorized", "the chat token is missing, invalid or expired"
             )
             return
-        if await sync_to_async(chat_token_revoked, thread_sensitive=False)(claims=claims):
-            await self._refuse(CLOSE_UNAUTHORIZED, "token_revoked", "this chat token was revoked")
+        opened = await run_db(_open, claims=claims, channel=self.channel_name)
+        if isinstance(opened, _Refusal):
+            await self._refuse(opened.code, opened.error, opened.message)
             return
-        try:
-            limits = await run_db(agent_settings, name=claims.agent)
-        except NotFound:
-            await self._refuse(
-                CLOSE_UNAUTHORIZED, "unauthorized", f"the chat token's agent {claims.agent!r} does not exist"
-            )
-            return
+        limits, self.user = opened
         external_id = claims.external_id
-        limit = conf().RATE_LIMITS["WS_CONNECTIONS_PER_USER"]
-        if not await sync_to_async(ws_connection_acquire, thread_sensitive=False)(
-            user_id=external_id, channel=self.channel_name, limit=limit
-        ):
-            await self._refuse(
-                CLOSE_TOO_MANY, "too_many_connections", f"at most {limit} open connections per user"
-            )
-            return
         self.claims, self._counted_at = claims, time.monotonic()
         self.agent_name = limits.name
-        self.user = await run_db(services.user_get_or_create, agent_id=limits.id, external_id=external_id)
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -210,9 +238,9 @@ class ChatConsumer(JsonFrameConsumer):
                 "duplicate": not received.created,
             }
         )
-        if received.run:  # new, or a resent failed message (retried)
-            await run_db(queue_turn, message.pk)
-        elif message.status == Message.Status.DONE:  # the client may have missed the reply: send it again
+        # A new message, or a resent failed one, was queued by _accept. A duplicate of one that is
+        # done: the client may have missed the reply, so it is sent again.
+        if not received.run and message.status == Message.Status.DONE:
             turn = await run_db(selectors.turn_result_for, message_id=message.pk)
             await self._send({"type": "turn", **turn})
 

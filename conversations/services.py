@@ -37,10 +37,33 @@ from .thread_features import content_words
 from .turn_results import turn_settled_on_commit
 
 
+def _end_user(*, agent_id: int, external_id: str) -> QuerySet[EndUser]:
+    return EndUser.objects.filter(agent_id=agent_id, external_id=external_id)[:1]
+
+
+# Read on every WebSocket connection and on a user's first message of a session: compiled once
+# per process (agentflow.prepared), as the INSERT of a new user is.
+_END_USER = PreparedQuery(_end_user)
+
+
 def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
-    """The agent's end user with this host id, created on their first message."""
-    user, _ = EndUser.objects.get_or_create(agent_id=agent_id, external_id=clean_user_id(external_id))
-    return user
+    """The agent's end user with this host id, created on their first message.
+
+    ``get_or_create``'s steps with compiled statements: the read, else the insert in a savepoint,
+    and the read again when another request inserted the same user first.
+    """
+    external_id = clean_user_id(external_id)
+    found = _END_USER.run(agent_id=agent_id, external_id=external_id)
+    if found:
+        return found[0]
+    try:
+        with transaction.atomic():
+            return prepared.create(EndUser, agent_id=agent_id, external_id=external_id)
+    except IntegrityError:
+        found = _END_USER.run(agent_id=agent_id, external_id=external_id)
+        if found:
+            return found[0]
+        raise
 
 
 def user_lock(*, user: EndUser) -> None:
@@ -55,24 +78,39 @@ def user_lock(*, user: EndUser) -> None:
     list(EndUser.objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk", flat=True))
 
 
+def _user_live_session(*, user_id: int, now: datetime) -> QuerySet[ChatSession]:
+    return ChatSession.objects.filter(
+        user_id=user_id, status=ChatSession.Status.ACTIVE, expires_at__gt=now
+    ).order_by("-last_activity_at")[:1]
+
+
+def _user_ended_sessions(*, user_id: int, now: datetime, batch: int) -> QuerySet[ChatSession]:
+    return ChatSession.objects.filter(
+        user_id=user_id, status=ChatSession.Status.ACTIVE, expires_at__lte=now
+    ).order_by("expires_at")[:batch]
+
+
+# Read when a user's message opens a session: compiled once per process (agentflow.prepared).
+_USER_LIVE_SESSION = PreparedQuery(_user_live_session)
+_USER_ENDED_SESSIONS = PreparedQuery(_user_ended_sessions)
+
+
 def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
     """The user's live session, or a new one if the last expired (expired ones are marked).
 
     Call in a transaction that holds the user's row lock (``message_receive`` takes it), so two
     messages arriving together open one session.
     """
-    live = (
-        ChatSession.objects.filter(user=user, status=ChatSession.Status.ACTIVE, expires_at__gt=now)
-        .order_by("-last_activity_at")
-        .first()
-    )
+    rows = _USER_LIVE_SESSION.run(user_id=user.pk, now=now)
+    live = rows[0] if rows else None
     if live is not None:
         session_extend(session=live, now=now)
         return live
     # Sessions are marked expired here, when the next one opens, and by the beat's housekeeping for
     # users who never come back (``conversations.housekeeping``): never on every message.
     sessions_mark_expired(user=user, now=now)
-    return ChatSession.objects.create(
+    return prepared.create(
+        ChatSession,
         user=user,
         ttl_seconds=ttl_seconds,
         last_activity_at=now,
@@ -97,16 +135,17 @@ def session_extend(*, session: ChatSession, now: datetime) -> None:
         return
     session.last_activity_at = now
     session.expires_at = now + timedelta(seconds=session.ttl_seconds)
-    session.save(update_fields=["last_activity_at", "expires_at"])
+    prepared.save_fields(session, ["last_activity_at", "expires_at"])
 
 
 def sessions_mark_expired(*, now: datetime, user: EndUser | None = None, batch: int = 1000) -> int:
     """Mark active sessions past their expiry expired (one user's, or everyone's: at most ``batch``
     a call) and queue their memory."""
-    ended = ChatSession.objects.filter(status=ChatSession.Status.ACTIVE, expires_at__lte=now)
-    if user is not None:
-        ended = ended.filter(user=user)
-    ended_ids = list(ended.order_by("expires_at").values_list("pk", flat=True)[:batch])
+    if user is not None:  # a user's next session opens (a message): the compiled read
+        ended_ids = [s.pk for s in _USER_ENDED_SESSIONS.run(shape={"batch": batch}, user_id=user.pk, now=now)]
+    else:
+        ended = ChatSession.objects.filter(status=ChatSession.Status.ACTIVE, expires_at__lte=now)
+        ended_ids = list(ended.order_by("expires_at").values_list("pk", flat=True)[:batch])
     if not ended_ids:
         return 0
     count = ChatSession.objects.filter(pk__in=ended_ids, status=ChatSession.Status.ACTIVE).update(
@@ -222,12 +261,14 @@ def message_receive(
                 user, session = live.user, live
                 session_extend(session=session, now=now)
                 if user.last_seen_at is None or user.last_seen_at < now - LAST_SEEN_EVERY:
-                    EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
+                    user.last_seen_at = now
+                    prepared.save_fields(user, ["last_seen_at"])
             else:
                 user = user_get_or_create(agent_id=agent_id, external_id=external_id)
                 # The UPDATE locks the user's row until commit: simultaneous first messages (or
                 # messages after an expiry) open one session between them.
-                EndUser.objects.filter(pk=user.pk).update(last_seen_at=now)
+                user.last_seen_at = now
+                prepared.save_fields(user, ["last_seen_at"])
                 session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
             message = prepared.create(
                 Message,

@@ -16,6 +16,7 @@ between requests.
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,3 +92,20 @@ def get_asgi_application() -> ReusedThreadASGIHandler:
 
     django.setup(set_prefix=False)
     return ReusedThreadASGIHandler()
+
+
+def freeze_loaded_heap() -> None:
+    """Load the URLconf now, then take everything loaded so far out of the collector's full passes.
+
+    Django, the models, django-ninja's routes and schemas and the channel layer are ~170,000
+    long-lived objects that every full collection of the web process walked again: ~100 ms of CPU
+    each, about once per 600 REST requests under load (0.2 ms a request; measured in-process with
+    ``gc.callbacks``). ``gc.freeze`` moves them to the permanent generation after a last collection
+    (no garbage is frozen); they stay alive as before, and what requests make is collected as before.
+    The URLconf is otherwise imported by the first request, after the freeze.
+    """
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports the URLconf (the API's routes)
+    gc.collect()
+    gc.freeze()
