@@ -37,6 +37,7 @@ from .thread_features import (
     NOT_FIXED_CUE,
     REQUEST_CUE,
     RESOLUTION_CUE,
+    STOPWORDS,
     TOPIC_MARKER,
     ThreadModel,
     ThreadState,
@@ -411,7 +412,7 @@ POINTS_BACK_STRONGLY = re.compile(
 )
 # Details of what the thread found or did: asking for them continues it ("and the address please").
 DETAIL_OF_IT = re.compile(
-    r"\b(address|phone|number|contact|cost|price|total|rating|located|location|confirmation|receipt"
+    r"\b(address|phone number|number|contact|cost|price|total|rating|located|location|confirmation|receipt"
     r"|details?)\b|^\W*((and|also|oh,? and|so|ok(ay)?)\W+)*(how|what) about\b",
     re.IGNORECASE,
 )
@@ -465,13 +466,45 @@ def adds_to_thread(text: str, words: set[str], vocabulary: set[str]) -> bool:
     if OTHER_OBJECT.search(text):
         return False
     if REQUESTS.search(text):
-        # a request: only when its first sentence points at the thread's own thing ("Can you also check
-        # whether it's insured?"), not a new request that names the last one's place ("a hotel there")
-        sentence = next((s for s in re.split(r"(?<=[.!?])\s*", text.strip()) if ADDITIVE.search(s)), text)
-        return bool(POINTS_BACK_STRONGLY.search(sentence))
-    return bool(POINTS_BACK.search(text) or shared_subject(words, vocabulary)) or bool(
-        re.search(r"\bnow\b|" + SYMPTOM, text, re.IGNORECASE)
+        # a request: when it asks about the thread's own thing before naming anything new ("Can you also
+        # check whether it's insured?", "And can I still pay ...?", "and their phone number?"), not a new
+        # request with its own "it" ("Can you also get me a car? I want to pick it up at ten"); or a detail
+        # of it ("and the street address for it?")
+        if DETAIL_OF_IT.search(text) and POINTS_BACK_STRONGLY.search(text):
+            return True
+        return refers_back_first(text, vocabulary)
+    # a report: it points back ("he", "it", "the same"; not "this month"), names the thread's things or
+    # tells what is happening now ("Also, the light is blinking orange now"); a symptom word alone is no
+    # tie ("Also, I was charged twice for ...")
+    return bool(POINTS_BACK_STRONGLY.search(text) or shared_subject(words, vocabulary)) or bool(
+        re.search(r"\bnow\b", text, re.IGNORECASE)
     )
+
+
+FUNCTION_WORDS = frozenset(
+    "where when which who whom why whether even here than yet did does don't didn't".split()
+)
+
+
+def refers_back_first(text: str, vocabulary: set[str]) -> bool:
+    """A pronoun for the thread's thing ("it", "their", "then", "still", "the same") comes before any
+    content word the thread has not used: nothing new stands before it, so it can only mean what the
+    thread is about."""
+    stems = {_stem(w) for w in vocabulary}
+    for match in re.finditer(r"[a-z][a-z']*(?: same)?", text.lower()):
+        word = match.group()
+        if POINTS_BACK_STRONGLY.fullmatch(word):
+            return True
+        if (
+            len(word) > 2
+            and word not in STOPWORDS
+            and word not in FUNCTION_WORDS
+            and word not in GENERIC_WORDS
+            and _stem(word) not in stems
+            and not DETAIL_OF_IT.fullmatch(word)
+        ):
+            return False
+    return False
 
 
 # The assistant asked about the outcome ("Does it work now?", "Did that help?"): a plain "yes" may end it.

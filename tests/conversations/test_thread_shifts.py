@@ -219,6 +219,10 @@ def test_adds_another_request(context: tuple[str, str], text: str, another: bool
         (CUSTOMS, "Thanks. I also need a hotel there for two nights.", False),
         (CLAIM, "Can you also tell me when my home insurance renews?", False),
         (ROUTER, "The light is blinking orange now", False),  # no additive marker: the scorer decides
+        # a symptom word alone is no tie; a new request's own "it" comes after what it names
+        (ROUTER, "Also, I was charged twice for my TV package this month.", False),
+        (ROUTER, "Can you also get me a new phone? I want to pick it up in a shop.", False),
+        (ROUTER, "And how do I set up voicemail on it?", False),
     ],
 )
 def test_adds_to_thread(context: tuple[str, str], text: str, same: bool) -> None:
