@@ -36,6 +36,8 @@ from .thread_features import (
     FIX_CUE,
     NOT_FIXED_CUE,
     REQUEST_CUE,
+    RESOLUTION_CUE,
+    STOPWORDS,
     TOPIC_MARKER,
     ThreadModel,
     ThreadState,
@@ -349,7 +351,7 @@ def new_request_after_done(text: str, assistant_text: str) -> bool:
 LEAD_IN = r"^\W*((ok(ay)?|great|good|fine|thanks?|thank you|cool|sure|right|yes|and)\W+)*"
 REQUEST_OPENER = re.compile(
     LEAD_IN + r"(one more( thing| question| request)?\s*[:,\-\u2013]"
-    r"|now,?\s+(please\s+)?(find|search|look|book|reserve|get|show|check|help|tell|send|order|buy|play"
+    r"|(now|next),?\s+(please\s+)?(find|search|look|book|reserve|get|show|check|help|tell|send|order|buy|play"
     r"|can you|could you|would you|i want|i need|i'd like|i would like|let's|how about)\b)",
     re.IGNORECASE,
 )
@@ -365,6 +367,219 @@ def opens_another_request(text: str, novelty: float) -> bool:
     if ONE_MORE_OPENER.match(text):
         return True  # "one more: ..." announces the other subject itself
     return novelty >= 0.5 and not REFERS_BACK.search(text)
+
+
+# An additive opening or word ("Also, ...", "And ...", "Oh and ...", "Plus ...", "... too", "... as well"):
+# the message adds something, to this thread ("Also, the light is blinking orange now") or another one
+# ("Can you also send me the invoices?"). What is added decides, not the marker.
+ADDITIVE = re.compile(
+    LEAD_IN + r"(also|oh,? and|plus|and)\b|\balso\b|\b(too|as well)\b(?=\s*([.!?,;)]|$))",
+    re.IGNORECASE,
+)
+# Markers that name another subject by themselves: never taken back by the additive veto.
+EXPLICIT_SHIFT = re.compile(
+    r"\b(by the way|btw|one more (thing|question)|one last (thing|question)|another (thing|question|issue|matter)"
+    r"|separately|unrelated|while i have you|different (question|topic|issue|thing)|quick question|on another note"
+    r"|forget (it|that|the))\b|^\W*next\b",
+    re.IGNORECASE,
+)
+# Asking for something to be done or told: "can you / can I / how do I / please / I need ...", not a
+# yes-no check of what the thread did ("Will I be charged for the month I missed as well?").
+REQUESTS = re.compile(
+    r"^\W*((ok(ay)?|great|thanks?|thank you|yes|right|cool|and|also|oh,? and|plus|so)\W+)*"
+    r"(can|could|how|what|where|when|which|who|do you|please|find|search|look for|book|reserve|get|show|send"
+    r"|tell|give|check)\b"
+    r"|\b(can you|could you|would you|please|help me|tell me)\b|\bi\b[^.!?,]{0,20}?\b(need|want|like)\b",
+    re.IGNORECASE,
+)
+# Asking for something, in any form: a question, "can you ...", "please ...", "I need / want / 'd like ...".
+WANTS = re.compile(
+    r"\?|^\W*((ok(ay)?|great|thanks?|thank you|yes|right|cool|and|also|oh,? and|plus|so)\W+)*"
+    r"(is|are|do|does|did|can|could|will|would|should|what|where|when|how|who|which|why|please)\b"
+    r"|\b(can you|could you|would you|please|i (also )?(need|want)|i('d| would) (also )?like|help me|tell me)\b",
+    re.IGNORECASE,
+)
+# Pointing back at what the thread is about: "is it insured?", "until then", "him doing that again",
+# "the same card", "still". ("them" is left out: "send me my bills, I need them for ...".)
+POINTS_BACK = re.compile(
+    r"\b(it|its|it's|that|this|those|these|the same|then|again|still|he|she|him|his|her|they|their)\b",
+    re.IGNORECASE,
+)
+# Only the pronouns that stand for the thread's own thing ("is it insured?", "him doing that again",
+# "until then"), not "that area" / "there", which a new request uses for the place the last one was about.
+POINTS_BACK_STRONGLY = re.compile(
+    r"\b(it|its|it's|him|her|he|she|they|their|then|still|again|the same)\b", re.IGNORECASE
+)
+# Details of what the thread found or did: asking for them continues it ("and the address please").
+DETAIL_OF_IT = re.compile(
+    r"\b(address|phone number|number|contact|cost|price|total|rating|located|location|confirmation|receipt"
+    r"|details?)\b|^\W*((and|also|oh,? and|so|ok(ay)?)\W+)*(how|what) about\b",
+    re.IGNORECASE,
+)
+# A different thing of the same kind: "my other order", "my last parcel", "a second driver".
+OTHER_OBJECT = re.compile(
+    r"\b(my|our) (other|last|next|previous|old|new|second)\b|\b(another|a second|a different)\b",
+    re.IGNORECASE,
+)
+# Request words that say nothing of the subject: shared with the thread, they do not tie a message to it.
+GENERIC_WORDS = frozenset(
+    "add added change changed book booked booking send sent check checked order help make use set tell know"
+    " new get got thanks thank great please time today tomorrow".split()
+)
+
+
+def _stem(word: str) -> str:
+    """A crude stem, enough to match "refund" with "refunded" and "microphone" with "microphones"."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)]
+    return word
+
+
+def shared_subject(words: set[str], vocabulary: set[str]) -> set[str]:
+    """The message's content words the thread has used (stemmed), request words aside."""
+    stems = {_stem(w) for w in vocabulary}
+    return {w for w in words if w not in GENERIC_WORDS and _stem(w) in stems}
+
+
+def adds_another_request(text: str, words: set[str], vocabulary: set[str]) -> bool:
+    """An additive marker and a request about something the thread has not talked about ("Can you also
+    tell me when my home insurance renews?", "Oh and can I upgrade to the 500 Mb package?", "Please also
+    send me the invoices"), not pointing back at it ("Can you also check whether it's insured?") nor
+    naming its things ("Also, will the refund go back to the same card?"), unless it says another one of
+    them ("my other order")."""
+    if not ADDITIVE.search(text) or not REQUESTS.search(text) or POINTS_BACK.search(text):
+        return False
+    if OTHER_OBJECT.search(text):
+        return True
+    return not (DETAIL_OF_IT.search(text) or shared_subject(words, vocabulary))
+
+
+def adds_to_thread(text: str, words: set[str], vocabulary: set[str]) -> bool:
+    """An additive marker with more of the same subject: "Also, the light is blinking orange now",
+    "And can I still pay with my phone until then?", "Also, he says his bank needs a SWIFT code", "Oh
+    and the side brush has a broken arm": it points back, names the thread's things, or reports
+    something (no request) about them. Not when a marker names another subject ("by the way") or the
+    message names another thing of the same kind ("my other order")."""
+    if not ADDITIVE.search(text) or EXPLICIT_SHIFT.search(text) or NEW_TOPIC_CUES.search(text):
+        return False
+    if OTHER_OBJECT.search(text):
+        return False
+    if REQUESTS.search(text):
+        # a request: when it asks about the thread's own thing before naming anything new ("Can you also
+        # check whether it's insured?", "And can I still pay ...?", "and their phone number?"), not a new
+        # request with its own "it" ("Can you also get me a car? I want to pick it up at ten"); or a detail
+        # of it ("and the street address for it?")
+        if DETAIL_OF_IT.search(text) and POINTS_BACK_STRONGLY.search(text):
+            return True
+        return refers_back_first(text, vocabulary)
+    # a report: it points back ("he", "it", "the same"; not "this month"), names the thread's things or
+    # tells what is happening now ("Also, the light is blinking orange now"); a symptom word alone is no
+    # tie ("Also, I was charged twice for ...")
+    return bool(POINTS_BACK_STRONGLY.search(text) or shared_subject(words, vocabulary)) or bool(
+        re.search(r"\bnow\b", text, re.IGNORECASE)
+    )
+
+
+FUNCTION_WORDS = frozenset(
+    "where when which who whom why whether even here than yet did does don't didn't".split()
+)
+
+
+def refers_back_first(text: str, vocabulary: set[str]) -> bool:
+    """A pronoun for the thread's thing ("it", "their", "then", "still", "the same") comes before any
+    content word the thread has not used: nothing new stands before it, so it can only mean what the
+    thread is about."""
+    stems = {_stem(w) for w in vocabulary}
+    for match in re.finditer(r"[a-z][a-z']*(?: same)?", text.lower()):
+        word = match.group()
+        if POINTS_BACK_STRONGLY.fullmatch(word):
+            return True
+        if (
+            len(word) > 2
+            and word not in STOPWORDS
+            and word not in FUNCTION_WORDS
+            and word not in GENERIC_WORDS
+            and _stem(word) not in stems
+            and not DETAIL_OF_IT.fullmatch(word)
+        ):
+            return False
+    return False
+
+
+# The assistant asked about the outcome ("Does it work now?", "Did that help?"): a plain "yes" may end it.
+OUTCOME_QUESTION = re.compile(
+    r"\b(work|works|working|worked|fix|fixed|solved|sorted|help|helped|better|resolved|arrive|arrived|go through"
+    r"|went through|show up|showing|there now|come through|try again)\b",
+    re.IGNORECASE,
+)
+
+
+# "Anything else?", "What else can I do?", "Can I help with something?": an invitation, not a question.
+INVITES_ANOTHER = re.compile(
+    r"\b(else|other|further|help|assist)\b|\b(anything|something) (i|we)\b", re.IGNORECASE
+)
+# "Please send me the booking reference.", "Please confirm your postcode": asks for a detail like a question.
+ASKS_FOR_DETAIL = re.compile(
+    r"^\s*(please|kindly) (send|confirm|tell|give|share|enter|provide|upload|read)\b", re.IGNORECASE
+)
+
+
+def asked_a_question(assistant_text: str) -> list[str]:
+    """The questions (and "please send me ..." requests) of the assistant's last message, unless one
+    invites another subject ("anything else?", "what else can I do?")."""
+    sentences = re.split(r"(?<=[.!?])\s+", assistant_text.strip())
+    questions = [q for q in sentences if q.endswith("?") or ASKS_FOR_DETAIL.match(q)]
+    if any(INVITES_ANOTHER.search(q) for q in questions) or ANYTHING_ELSE.search(assistant_text):
+        return []
+    return questions
+
+
+# Something works or runs now, said plainly ("now contactless works", "the backlog is uploading").
+WORKS_NOW = re.compile(r"\b(works|working|(is|are|'s|'re) (now )?[a-z]{3,}ing)\b", re.IGNORECASE)
+
+
+# An offer ("Shall I book it?", "Do you want tickets now?"): a "no, that's all" to it may end the thread.
+OFFER = re.compile(
+    r"^\s*(do you (want|wish|need)|would you like|shall i|should i|can i|may i|want me to|is there anything)\b",
+    re.IGNORECASE,
+)
+
+
+def answers_not_outcome(text: str, assistant_text: str) -> bool:
+    """The reply to the assistant's question about a detail ("Is the grey cable in the DSL port?" -> "It
+    was half out, I pushed it in"; "Is it unlocked?" -> "It's unlocked"; or a question back) tells no
+    outcome: no thanks, no fix word, and no outcome in words the question did not use."""
+    questions = [q for q in asked_a_question(assistant_text) if not OFFER.match(q)]
+    if not questions or any(OUTCOME_QUESTION.search(q) for q in questions):
+        return False
+    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text):
+        return False
+    if WORKS_NOW.search(text) and not PROBLEM_WORD.search(text):
+        return False
+    asked = {w.lower() for q in questions for w in re.findall(r"[A-Za-z][A-Za-z']+", q)}
+    unasked = " ".join(
+        w for w in re.findall(r"[A-Za-z][A-Za-z'.!,]*|\S", text) if w.lower().strip(".!,") not in asked
+    )
+    return not outcome_report(unasked)
+
+
+# A request or problem this far (or farther) from the thread just resolved is about something else.
+AFTER_RESOLUTION_SIMILARITY = 0.35
+
+
+def new_subject_after_resolution(text: str, words: set[str], novelty: float, similarity: float) -> bool:
+    """The thread was just resolved and the customer asks for something or names a problem in words it
+    never used ("Do you deliver to the Northside area?", "My controller won't pair with the console."),
+    without pointing back at it: another subject. A question about what was resolved ("will it show on
+    my statement?") or its problem coming back ("it stopped again") points back or shares its words."""
+    if POINTS_BACK.search(text) or novelty < 1.0 or similarity >= AFTER_RESOLUTION_SIMILARITY:
+        return False
+    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text) or came_back(text):
+        return False
+    if GREETING_ONLY.match(text) or DECLINE_START.match(text) or outcome_report(text):
+        return False
+    return bool(WANTS.search(text)) or len(words) >= UNRELATED_MIN_WORDS
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -418,6 +633,18 @@ def decide_thread(
             return ThreadDecision(
                 ThreadEvent.RETURN, best_earlier[1].thread_id, 0.85, {**signals, "reason": reason}
             )
+    task = model.profile == "task"
+    words = content_words(text)
+    if task and RETURN_CUES.search(text) and re.search(r"\b(back|return(ing)?) to\b", text, re.IGNORECASE):
+        # "Back to the toner, which cartridge fits?": the earlier thread that talked of the toner,
+        # however far its topic embedding is from this question (and the active one did not)
+        named = [(len(shared_subject(words, c.state.vocabulary)), s, c) for s, c in others]
+        count, _, thread = max(named, key=lambda item: (item[0], item[1]), default=(0, 0.0, None))
+        if count > len(shared_subject(words, active.state.vocabulary)) and thread is not None:
+            reason = "return cue naming an earlier thread's subject" + (
+                " (reopens a resolved thread)" if thread.resolved else ""
+            )
+            return ThreadDecision(ThreadEvent.RETURN, thread.thread_id, 0.8, {**signals, "reason": reason})
     recurring = [(s, c) for s, c in others if c.resolved and s >= RECURRENCE_SIMILARITY and s > sims[0]]
     # "stopped working again" is no fix, though "working again" reads as one
     claims_fix = bool(FIX_CUE.search(re.sub(r"stopped working", "", text, flags=re.IGNORECASE)))
@@ -429,13 +656,31 @@ def decide_thread(
             round(similarity, 4),
             {**signals, "reason": "the problem of a resolved thread came back (reopens it)"},
         )
+    novelty = len(words - active.state.vocabulary) / max(1, len(words))
+    assistant_text = active.state.last_assistant_text
+    another_request = task and adds_another_request(text, words, active.state.vocabulary)
     if p_res >= model.resolution.threshold and not_fixed_yet(text):
         signals["resolution_vetoed"] = "not fixed yet"
+    elif p_res >= model.resolution.threshold and task and another_request and not claims_fix:
+        signals["resolution_vetoed"] = "asks for something else"
+    elif (
+        p_res >= model.resolution.threshold
+        and task
+        and ADDITIVE.match(text)
+        and not (claims_fix or RESOLUTION_CUE.search(text) or CLOSING.search(text))
+    ):
+        # "And the charts on the dashboard are empty": adding to the problem, not ending it
+        signals["resolution_vetoed"] = "adds to the thread"
+    elif p_res >= model.resolution.threshold and task and answers_not_outcome(text, assistant_text):
+        signals["resolution_vetoed"] = "answers the assistant's question"
     elif p_res >= model.resolution.threshold and came_back(text) and not claims_fix:
         # "it stopped syncing again", "my login is broken again": the problem is back, whatever thread
         signals["resolution_vetoed"] = "the problem came back"
     elif (p_res >= model.resolution.threshold and p_res >= p_new) or (
-        model.profile == "task" and p_new < model.new_topic.threshold and outcome_report(text)
+        task
+        and p_new < model.new_topic.threshold
+        and outcome_report(text)
+        and not answers_not_outcome(text, assistant_text)
     ):
         target, reason = active, "resolution of the active thread"
         if (
@@ -459,8 +704,25 @@ def decide_thread(
             round(1 - p_new, 4),
             {**signals, "reason": "answers the assistant's question (not the scorer)"},
         )
-    words = content_words(text)
-    novelty = len(words - active.state.vocabulary) / max(1, len(words))
+    if (
+        p_new >= model.new_topic.threshold
+        and task
+        and not active.resolved
+        and idle <= inactivity
+        and adds_to_thread(text, words, active.state.vocabulary)
+    ):
+        return ThreadDecision(
+            ThreadEvent.FOLLOW_UP,
+            active.thread_id,
+            round(1 - p_new, 4),
+            {**signals, "reason": "adds to the active thread (not the scorer)"},
+        )
+    after_resolved = (
+        p_new < model.new_topic.threshold
+        and task
+        and active.resolved
+        and new_subject_after_resolution(text, words, novelty, sims[0])
+    )
     after_done = (
         p_new < model.new_topic.threshold
         and model.profile == "task"
@@ -469,7 +731,8 @@ def decide_thread(
     opener = (
         p_new < model.new_topic.threshold and model.profile == "task" and opens_another_request(text, novelty)
     )
-    if p_new >= model.new_topic.threshold or after_done or opener:
+    another_request = another_request and p_new < model.new_topic.threshold
+    if p_new >= model.new_topic.threshold or after_done or opener or another_request or after_resolved:
         close = [
             (s, c)
             for s, c in others
@@ -488,6 +751,10 @@ def decide_thread(
             reason = "a new request after the last one was done (not the scorer)"
         elif opener:
             reason = "opens another request (not the scorer)"
+        elif another_request:
+            reason = "asks for something else as well (not the scorer)"
+        elif after_resolved:
+            reason = "another subject after the thread was resolved (not the scorer)"
         return ThreadDecision(
             ThreadEvent.NEW_TOPIC,
             None,
@@ -500,6 +767,9 @@ def decide_thread(
         and sims[0] < UNRELATED_SIMILARITY
         and not same_thread_question(text)
         and not answers_question
+        and not (
+            asked_a_question(assistant_text) and not (ADDITIVE.search(text) or EXPLICIT_SHIFT.search(text))
+        )
     )
     if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
         return ThreadDecision(
