@@ -174,6 +174,37 @@ def not_fixed_yet(text: str) -> bool:
     return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
 
 
+# The customer will try the step first ("Thanks, I'll try that", "ok, will give it a go tonight",
+# "cheers, I'll check and let you know", "trying it now"): nothing is fixed yet, the thanks is for the
+# advice. Not "fine, I'll do that, thanks" (a plan accepted, which may end the thread), nor "I'll let
+# you know if I need anything else" (a closing), nor a fix told alongside ("That did it, I'll try
+# printing the rest now").
+WILL_TRY = re.compile(
+    r"(?:\b(i'?ll|i will|will|i'?m going to|going to|gonna|let me)\s+(now\s+|just\s+|have to\s+|definitely\s+)?"
+    r"(try|give (it|that|this|them) a (go|try|shot|whirl)|test|check|have a (look|go|try)|look into"
+    r"|report back|get back to you|let you know (if|whether|how|when)(?! (i|we) need)|attempt)\b"
+    r"|\band (report back|get back to you|let you know (if|whether|how)(?! (i|we) need))\b"
+    r"|\b(trying|testing|giving (it|that|this) a (go|try|shot|whirl))(?= (it|that|this|those|these) now\b| now\b))"
+    r"(\s+(it|that|this|them|those|these|(the|your|a|my) [a-z]+))?(\s+now\b)?",
+    re.IGNORECASE,
+)
+
+
+def will_try(text: str) -> bool:
+    """The customer is about to try what the assistant suggested: the outcome is still to come."""
+    if not WILL_TRY.search(text) or CLOSING.search(text) or re.search(r"\banything else\b", text, re.I):
+        return False
+    # what the message says besides the plan to try: a fix or an outcome told there wins
+    told = WILL_TRY.sub(" ", re.sub(r"\blet you know\b.*", "", text, flags=re.IGNORECASE))
+    told = re.sub(r"\b(thanks?|thank you|thx|cheers|ta)\b", " ", told, flags=re.IGNORECASE)
+    return not (
+        FIX_CUE.search(told)
+        or OUTCOME_CUE.search(told)
+        or PROBLEM_GONE.search(told)
+        or WORKS_NOW.search(told)
+    )
+
+
 # A fix told as what happened, with no fix word: something arrived or came back ("the box turned up
 # this afternoon", "the refund is on my card now", "the 200 days are back"), a state that holds now
 # ("it shows under my vehicles now", "his grades are there", "we're in"), or a short thanks ("Ta!",
@@ -252,7 +283,7 @@ def outcome_report(text: str) -> bool:
     problem, a negation, a question, a request or another subject."""
     if TOPIC_MARKER.search(text) or ASKS.search(text) or REQUEST_CUE.search(text) or SHIFT_WORD.search(text):
         return False
-    if not_fixed_yet(text) or came_back(text) or QUESTION_START.match(text):
+    if not_fixed_yet(text) or came_back(text) or QUESTION_START.match(text) or will_try(text):
         return False
     if DONE_AS_ASKED.match(text):  # "I've restarted it now": the step is done, the outcome not told
         return False
@@ -661,6 +692,8 @@ def decide_thread(
     another_request = task and adds_another_request(text, words, active.state.vocabulary)
     if p_res >= model.resolution.threshold and not_fixed_yet(text):
         signals["resolution_vetoed"] = "not fixed yet"
+    elif p_res >= model.resolution.threshold and task and will_try(text):
+        signals["resolution_vetoed"] = "will try it first"
     elif p_res >= model.resolution.threshold and task and another_request and not claims_fix:
         signals["resolution_vetoed"] = "asks for something else"
     elif (
@@ -767,6 +800,7 @@ def decide_thread(
         and sims[0] < UNRELATED_SIMILARITY
         and not same_thread_question(text)
         and not answers_question
+        and not will_try(text)
         and not (
             asked_a_question(assistant_text) and not (ADDITIVE.search(text) or EXPLICIT_SHIFT.search(text))
         )

@@ -198,3 +198,55 @@ def test_the_outcome_rule_is_for_the_task_profile_only() -> None:
     decision = place_after((PARCEL[0], ""), "The box turned up this afternoon", profile="chitchat")
 
     assert "outcome reported" not in decision.signals["reason"]
+
+
+WIFI = (
+    "My laptop won't connect to the office wifi.",
+    "Please forget the network and join it again with your new password.",
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thanks, I'll try that.",
+        "ok thanks, will give it a go tonight",
+        "Cheers, I'll check and let you know",
+        "thank you, trying that now",
+        "Great, I'll do that after lunch and report back",
+        "thx will test it tomorrow",
+        "Thanks, let me try that and get back to you",
+        "ok, going to try it now, thanks",
+        "cheers, giving it a go now",
+        "Great, going to try the reset now, thanks",
+    ],
+)
+def test_thanks_before_trying_the_step_is_no_resolution(text: str) -> None:
+    decision = place_after(WIFI, text)
+
+    assert (decision.event, decision.thread_id) == ("FOLLOW_UP", "open"), decision.signals
+    assert not outcome_report(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thanks, that worked!",
+        "Thanks, I'll let you know if I need anything else.",
+        "That did it, thanks. I'll try printing the rest now.",
+        "Thanks for the help, bye",
+        "fine, I'll do that. thanks",
+        # an outcome told beside the plan to try more
+        "It's connecting again, I'll check the other laptop later",
+        "the error's gone, I'll test it at home tonight",
+        "Oh, the tape! Removed it and it prints now. I'll test the colour pages later.",
+    ],
+)
+def test_a_fix_a_closing_or_an_accepted_plan_still_resolves(text: str) -> None:
+    assert place_after(WIFI, text).event == "RESOLUTION"
+
+
+def test_the_veto_says_the_customer_will_try_first() -> None:
+    decision = place_after(WIFI, "Thanks, I'll try that.")
+
+    assert decision.signals["resolution_vetoed"] == "will try it first"
