@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import os
 import threading
@@ -90,9 +91,9 @@ def _call_and_release(call: Callable[[], T], *, pooled_only: bool = False) -> T:
 def thread_db_executor() -> Executor:
     """This thread's own one-thread executor for database work its event loop awaits.
 
-    Django refuses ORM calls on a thread whose event loop is running, so a worker thread that awaits
-    the LLM on its loop does its database steps here: one extra thread per worker thread, not a
-    thread per step. The thread gives its connection back to the pool after each step, so a worker
+    Django refuses ORM calls on a thread whose event loop is running, so a thread that awaits the LLM
+    on its loop can do its database steps here: one extra thread per thread, not a thread per step
+    (the Celery worker's turns use ``ThreadSteps`` instead, with no extra thread). The thread gives its connection back to the pool after each step, so a worker
     thread holds no database connection while its turn awaits the LLM: the worker's threads (turns
     in flight) and its database pool (database steps at once) are sized apart.
     """
@@ -101,6 +102,102 @@ def thread_db_executor() -> Executor:
         executor = _ReleasingExecutor()
         _local.db_executor = executor
     return executor
+
+
+class ThreadSteps(Executor):
+    """This thread's database steps, run on this thread itself, for a turn driven by ``drive``.
+
+    A Celery worker thread runs its turn's coroutine on its own event loop (``thread_loop``), which
+    serves that one turn. A step submitted while no loop runs on the thread (the task's own reads and
+    writes around the turn) runs at once. A step a coroutine awaits (``run``) pauses the loop:
+    ``drive`` stops it, runs the step here (Django refuses ORM calls only while a loop runs on the
+    thread) and starts it again with the step's result. Nothing else runs on that loop meanwhile,
+    as nothing did while it awaited a database thread. Each step gives its connections back to the
+    pool afterwards (outside a transaction), as ``thread_db_executor``'s thread does, so the thread
+    holds none while its turn awaits the LLM.
+
+    A step submitted outside the loop (``submit``) keeps its connection for the thread's next step:
+    the task's own read before the turn and the turn's first step share one pool checkout.
+
+    Handing each step to a database thread and back cost every step thread switches and wake-ups of
+    the loop (a futex, the loop's self-pipe, a poll), under a contended GIL, and the worker 64
+    threads more (docs/operations.md, "Worker process CPU").
+    """
+
+    def __init__(self) -> None:
+        self._due: list[tuple[Callable[[], Any], Any]] = []  # (the step, its asyncio future)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn`` now, on this thread; for a step of a coroutine on a running loop use ``run``.
+
+        The connection stays checked out for the thread's next step (the turn's first step, read right
+        after the task's own ``_agent_of``): one pool checkout and health check fewer. The caller gives
+        it back (``release_connections``, or the next step awaited through ``run``, which does).
+        """
+        if _running_loop() is not None:
+            raise RuntimeError("ThreadSteps.submit with an event loop running on this thread: await run()")
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the caller's .result() raises it, as with a thread's future
+            future.set_exception(exc)
+        return future
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` for the coroutine ``drive`` runs: on this thread, the loop paused,
+        in the coroutine's context (its log fields, ``inline_jobs``)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError("ThreadSteps.run outside the coroutine its drive() runs")
+        future: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
+        self._due.append((functools.partial(context.run, fn, *args, **kwargs), future))
+        loop.stop()  # the loop finishes its current round of callbacks, then drive() runs the step
+        return await future
+
+    def drive(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+        """``loop.run_until_complete(coro)``, running the steps ``coro`` awaits (``run``) in between."""
+        if self._loop is not None:
+            raise RuntimeError("ThreadSteps.drive is already running a coroutine")
+        task = loop.create_task(coro)
+        stop = lambda _: loop.stop()  # noqa: E731
+        task.add_done_callback(stop)
+        self._loop = loop
+        try:
+            while True:
+                loop.run_forever()
+                while self._due:
+                    call, future = self._due.pop(0)
+                    if future.cancelled():
+                        continue
+                    try:
+                        result = _call_and_release(call, pooled_only=True)
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+                if task.done():
+                    return task.result()
+        finally:
+            self._loop = None
+            self._due.clear()
+            task.remove_done_callback(stop)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def thread_steps() -> ThreadSteps:
+    """This thread's ``ThreadSteps`` (a Celery worker thread's turns)."""
+    steps = getattr(_local, "steps", None)
+    if steps is None:
+        steps = _local.steps = ThreadSteps()
+    return steps
 
 
 _shared: ThreadPoolExecutor | None = None

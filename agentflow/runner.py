@@ -34,7 +34,7 @@ from . import degrade, logs, pipeline
 from .errors import LLMError
 from .jobs import inline_jobs
 from .llm import TextCallback
-from .loops import shared_db_executor, sync_caller_waits
+from .loops import ThreadSteps, shared_db_executor, sync_caller_waits
 from .types import TurnResult
 from .unavailable import is_unavailable
 
@@ -50,9 +50,12 @@ def sync_caller(executor: Executor | None = None) -> Callable[..., Awaitable[Any
 
     On a shared event loop (``process_message``) on the process's pool of database threads
     (``agentflow.loops.shared_db_executor``: concurrent turns do not queue behind one thread); on a
-    loop of its own (a Celery worker thread) on ``executor``, that thread's one database thread
-    (``agentflow.loops.thread_db_executor``).
+    loop of its own (a Celery worker thread) on ``executor``: ``agentflow.loops.ThreadSteps`` runs
+    each step on the loop's own thread, the loop paused; another executor (a one-thread
+    ``agentflow.loops.thread_db_executor``) on its thread.
     """
+    if isinstance(executor, ThreadSteps):
+        return executor.run
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if executor is None and sync_caller_waits():  # stay in the sync caller's thread and transaction

@@ -29,7 +29,7 @@ from agentflow.conf import conf
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK
 from agentflow.llm import whole_replies
-from agentflow.loops import take_thread_loops, thread_db_executor, thread_loop
+from agentflow.loops import ThreadSteps, take_thread_loops, thread_loop, thread_steps
 from agentflow.prepared import PreparedQuery
 from agentflow.registry import agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
@@ -137,7 +137,7 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0, infra_attempt
     message stays ``pending`` meanwhile (and the recovery sweep re-queues it if even the retry
     cannot be queued, Redis being down).
     """
-    db = thread_db_executor()  # every database step of this task runs there (see agentflow.loops)
+    db = thread_steps()  # every database step of this task runs on this thread (see agentflow.loops)
     try:
         return _process_turn(self, message_id, llm_attempt, db)
     except Exception as exc:
@@ -167,7 +167,7 @@ def infra_backoff(attempt: int) -> float:
     return float(min(INFRA_BACKOFF_CAP, 2**attempt) * random.uniform(0.75, 1.25))
 
 
-def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) -> str:
+def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps) -> str:
     loop = thread_loop()
     try:
         agent, user_pk = db.submit(_agent_of, message_id).result()
@@ -181,12 +181,11 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: Executor) ->
         return _tell_failed(user_pk=user_pk, message_id=message_id, code=exc.code)
     final = llm_attempt >= MAX_LLM_RETRIES
     try:
-        result = loop.run_until_complete(
-            _within_limit(
-                _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db),
-                seconds=limits.TURN_SOFT_LIMIT.total_seconds(),
-            )
+        turn = _within_limit(
+            _run_streaming(agent, message_id, user_pk=user_pk, final_attempt=final, db=db),
+            seconds=limits.TURN_SOFT_LIMIT.total_seconds(),
         )
+        result = db.drive(loop, turn)
     except TimeoutError:
         return _timed_out(message_id, user_pk, db)
     except pipeline.EarlierMessagePending as exc:

@@ -1,9 +1,11 @@
-"""agentflow.loops.run_db: database steps of coroutines on a shared event loop run side by side."""
+"""agentflow.loops: database steps of coroutines on a shared event loop run side by side (run_db); a
+Celery worker thread's turn runs its steps on that thread (ThreadSteps)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -86,3 +88,87 @@ def test_an_exception_in_a_worker_step_reaches_the_caller() -> None:
 
     with pytest.raises(ValueError, match="no such message"):
         thread_db_executor().submit(broken).result()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_threads_steps_run_on_that_thread_with_its_loop_paused() -> None:
+    # A Celery worker thread's turn: the coroutine's database steps run on the thread that drives its
+    # loop (no hop to another thread), in the coroutine's context, and give the connection back after
+    # each step so the thread holds none while the turn awaits the LLM.
+    import contextvars
+
+    from django.db import connection
+
+    from agentflow.loops import ThreadSteps
+
+    label: contextvars.ContextVar[str] = contextvars.ContextVar("label", default="")
+    steps = ThreadSteps()
+    loop = asyncio.new_event_loop()
+    driver = threading.get_ident()
+
+    def step(n: int) -> tuple[int, int, str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT %s::int + 1", [n])
+            value = int(cursor.fetchone()[0])
+        return value, threading.get_ident(), label.get()
+
+    async def turn() -> list[Any]:
+        label.set("turn 1")
+        first = await steps.run(step, 1)
+        held_between = connection.connection is not None
+        await asyncio.sleep(0.01)  # the loop runs between steps (the LLM's wait)
+        second = await steps.run(step, first[0])
+        return [first, second, held_between]
+
+    try:
+        first, second, held_between = steps.drive(loop, turn())
+    finally:
+        loop.close()
+    assert first == (2, driver, "turn 1")
+    assert second == (3, driver, "turn 1")
+    assert held_between is False
+    assert connection.connection is None
+
+
+def test_a_worker_threads_step_error_reaches_the_coroutine_and_the_loop_goes_on() -> None:
+    from agentflow.loops import ThreadSteps
+
+    steps = ThreadSteps()
+    loop = asyncio.new_event_loop()
+
+    def broken() -> None:
+        raise ValueError("no such message")
+
+    async def turn() -> str:
+        try:
+            await steps.run(broken)
+        except ValueError as exc:
+            caught = str(exc)
+        return caught + " / " + await steps.run(lambda: "next step")
+
+    try:
+        assert steps.drive(loop, turn()) == "no such message / next step"
+        # Outside a running loop a step runs at once (the task's own reads around the turn).
+        assert steps.submit(lambda: threading.get_ident()).result() == threading.get_ident()
+        with pytest.raises(ValueError, match="no such message"):
+            steps.submit(broken).result()
+    finally:
+        loop.close()
+
+
+def test_a_worker_threads_step_refuses_another_loop() -> None:
+    from agentflow.loops import ThreadSteps
+
+    steps = ThreadSteps()
+
+    async def stray() -> None:
+        await steps.run(lambda: None)
+
+    with pytest.raises(RuntimeError, match="outside the coroutine"):
+        asyncio.run(stray())
+
+    async def submit_on_loop() -> None:
+        steps.submit(lambda: None)
+
+    with pytest.raises(RuntimeError, match="await run"):
+        asyncio.run(submit_on_loop())
