@@ -1,6 +1,6 @@
 """Thread decisions against public topic-shift data, through the public API, offline (no LLM).
 
-    python bench/threading_eval.py [--datasets ../shared/datasets] [--limit N]
+    python bench/threading_eval.py [--datasets ../shared/datasets] [--limit N] [--only sgd|tiage]
     python bench/threading_eval.py --support [--part tune|heldout|all]
     python bench/threading_eval.py --support-holdout   # the separate held-out set, last turn scored
     python bench/threading_eval.py --support-holdout2 [--no-misses]   # the second one, written blind
@@ -262,14 +262,18 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.support:
         await support_async(task, ["tune", "heldout"] if args.part == "all" else [args.part])
         return
-    sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
-    placements: list = []
-    gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"}, placements=placements)
-    report("SGD dev (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings)
-    report_returns("SGD dev", placements)
-    tiage = load(args.datasets / "tiage_threads" / "dev.jsonl", args.limit)
-    gold, predicted, timings = await replay(chat, tiage, user_speakers=None)
-    report("TIAGE dev (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
+    if args.only in (None, "sgd"):
+        sgd = load(args.datasets / "sgd_threads" / "dev.jsonl", args.limit)
+        placements: list = []
+        gold, predicted, timings = await replay(task, sgd, user_speakers={"USER"}, placements=placements)
+        report(
+            "SGD dev (task profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"], timings
+        )
+        report_returns("SGD dev", placements)
+    if args.only in (None, "tiage"):
+        tiage = load(args.datasets / "tiage_threads" / "dev.jsonl", args.limit)
+        gold, predicted, timings = await replay(chat, tiage, user_speakers=None)
+        report("TIAGE dev (chitchat profile)", gold, predicted, ["CONTINUATION", "NEW_TOPIC"], timings)
     if args.sgd_test:
         placements = []
         gold, predicted, timings = await replay(
@@ -288,6 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--limit", type=int, default=None, help="dialogues per dataset (default: all)")
+    parser.add_argument(
+        "--only", choices=("sgd", "tiage"), default=None, help="run only this dev set (default: both)"
+    )
     parser.add_argument("--support", action="store_true", help="our support-chat set instead")
     parser.add_argument(
         "--support-holdout", action="store_true", help="the separate held-out support set (last turn scored)"

@@ -107,13 +107,16 @@ def load(path: Path) -> list[dict]:
 TO_TARGET = {"FOLLOW_UP": "CONTINUATION", "RETURN": "NEW_TOPIC"}
 
 
-def examples(dialogues: list[dict], embed, *, user_speakers: set[str] | None):
+def examples(dialogues: list[dict], embed, *, user_speakers: set[str] | None, feature_set: str = "task"):
     """(features, label, dialogue index) for every labelled user turn after the first.
 
     Support dialogues name each user turn's thread, so a RETURN goes back to that thread's state;
-    SGD and TIAGE only mark where a new thread starts.
+    SGD and TIAGE only mark where a new thread starts. ``feature_set``: a key of
+    ``thread_features.FEATURES``.
     """
-    from conversations.thread_features import ThreadState, content_words, turn_features
+    from conversations.thread_features import FEATURES, ThreadState, content_words
+
+    turn_features = FEATURES[feature_set]
 
     texts = sorted({t["utterance"] for d in dialogues for t in d["turns"]})
     vectors = dict(zip(texts, embed(texts), strict=True))
@@ -212,7 +215,7 @@ def train_scorer(
     def penalty(l2: float, embedding_factor: float | None) -> np.ndarray:
         width = N_HAND if embedding_factor is None else x.shape[1]
         strengths = np.full(width, l2)
-        strengths[N_HAND:] *= embedding_factor or 1.0
+        strengths[N_HAND : N_HAND + 384] *= embedding_factor or 1.0  # not the chit-chat cues after it
         return strengths
 
     def objective(p: np.ndarray, threshold: float) -> float:
@@ -283,6 +286,13 @@ def main() -> None:
         default=SUPPORT_WEIGHT,
         help=f"what a support-chat row counts against an SGD row (default {SUPPORT_WEIGHT})",
     )
+    parser.add_argument(
+        "--profile",
+        choices=("all", "chitchat"),
+        default="all",
+        help="chitchat: retrain only that profile's new-topic scorer and keep everything else of the"
+        " shipped file (probe, prototypes, task profile) byte for byte",
+    )
     args = parser.parse_args()
 
     import django
@@ -305,8 +315,16 @@ def main() -> None:
             seen.update(zip(missing[i : i + 64], embedder.embed(missing[i : i + 64]), strict=True))
         return [seen[t] for t in texts]
 
-    sgd = load(args.datasets / "sgd_threads" / "dev.jsonl")
     tiage = load(args.datasets / "tiage_threads" / "train.jsonl")
+    if args.profile == "chitchat":
+        shipped = json.loads(MODEL_PATH.read_text())
+        body = {key: value for key, value in shipped.items() if key != "version"}
+        body["profiles"]["chitchat"] = chitchat_profile(
+            tiage, embed, shipped["profiles"]["task"]["RESOLUTION"]
+        )
+        write(body, args.out or MODEL_PATH)
+        return
+    sgd = load(args.datasets / "sgd_threads" / "dev.jsonl")
     support = load_support("tune")
     probe = train_question_probe(sgd + tiage + support, embed)
     if args.cache:
@@ -342,12 +360,7 @@ def main() -> None:
     )
     profiles["task"] = {"NEW_TOPIC": task_new, "RESOLUTION": task_res}
 
-    print("chitchat profile (TIAGE train), folds by dialogue:")
-    x, labels, groups = examples(tiage, embed, user_speakers=None)
-    chat_new = train_scorer(
-        x, (labels == "NEW_TOPIC").astype(float), groups % FOLDS, np.ones(len(labels)), "NEW_TOPIC"
-    )
-    profiles["chitchat"] = {"NEW_TOPIC": chat_new, "RESOLUTION": task_res}
+    profiles["chitchat"] = chitchat_profile(tiage, embed, task_res)
 
     body = {
         "embedding_model": embedder.model_id,
@@ -356,9 +369,23 @@ def main() -> None:
         "prototypes": prototypes,
         "profiles": profiles,
     }
+    write(body, args.out or MODEL_PATH)
+
+
+def chitchat_profile(tiage: list[dict], embed, resolution: dict) -> dict:
+    """The chitchat profile: a new-topic scorer over the chit-chat features, folds by dialogue; its
+    resolution scorer is the task one (TIAGE has no resolutions)."""
+    print("chitchat profile (TIAGE train), folds by dialogue:")
+    x, labels, groups = examples(tiage, embed, user_speakers=None, feature_set="chitchat")
+    chat_new = train_scorer(
+        x, (labels == "NEW_TOPIC").astype(float), groups % FOLDS, np.ones(len(labels)), "NEW_TOPIC"
+    )
+    return {"features": "chitchat", "NEW_TOPIC": chat_new, "RESOLUTION": resolution}
+
+
+def write(body: dict, out: Path) -> None:
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
     version = f"{dt.date.today():%Y%m%d}-{digest}"
-    out = args.out or MODEL_PATH
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"version": version, **body}, separators=(",", ":")))
     print(f"wrote {out} version {version} ({out.stat().st_size // 1024} KiB)")

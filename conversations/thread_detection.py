@@ -42,7 +42,6 @@ from .thread_features import (
     ThreadModel,
     ThreadState,
     content_words,
-    turn_features,
 )
 
 NEW_TOPIC_CUES = re.compile(
@@ -637,7 +636,7 @@ def decide_thread(
     if not candidates:
         return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 1.0, {"reason": "no open thread"})
     active = candidates[0]
-    p_new, p_res = model.score(turn_features(text, embedding, active.state))
+    p_new, p_res = model.score(model.features(text, embedding, active.state))
     sims = [round(_cos(embedding, c.state.centroid), 4) for c in candidates]
     idle = now - active.last_activity_at
     signals: dict[str, Any] = {

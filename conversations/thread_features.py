@@ -6,8 +6,10 @@ lexical novelty, discourse cues (thanks/that's all, requests, "also/another", ac
 the assistant having just asked "anything else?"), whether the previous user message was a
 question (read off its stored embedding by a linear probe: an answer rarely opens a topic), support
 chat cues (saying what fixed it, "still broken", "by the way / one more thing"), similarity to
-resolution / new-topic / not-fixed prototype centroids, and the message's own embedding. Two
-logistic regressions turn them into P(new topic) and P(resolution).
+resolution / new-topic / not-fixed prototype centroids, and the message's own embedding. The
+``chitchat`` profile reads N_CHITCHAT more cues of open talk after those (a question after a statement,
+a turn picking up the last one, a question about the partner, ...). Two logistic regressions turn
+them into P(new topic) and P(resolution).
 
 The weights live in ``data/thread_model.json`` (with its ``version``), one set per *profile*:
 ``task`` (support desks, shops, assistants: trained on the Schema-Guided Dialogue dev split and the
@@ -109,6 +111,26 @@ def not_fixed_cue(text: str) -> bool:
 PROTOTYPES = ("resolution", "new_topic", "not_fixed")
 N_HAND = 28
 
+# Chit-chat cues (the ``chitchat`` profile only; appended after the embedding, so the task profile's
+# features and weights are untouched). In open talk a new topic is mostly a question about the partner
+# that follows a statement ("what is your favorite season? mine is winter!", "have you ever watched
+# the olympics?"); a turn that picks up the last one starts with a pointer or a reaction ("that is
+# cool", "it was in the 100 meter dash", "me too", "lol").
+PICKS_UP = re.compile(
+    r"^\s*(that|it|they|this|those|these|he|she|them|there|so|same|me too|mine|yes|yeah|yep|no|nope|nah|lol"
+    r"|haha|wow|oh|ok(ay)?|sure|cool|nice|really|i agree|agreed|true|right)\b",
+    re.IGNORECASE,
+)
+PERSONAL_QUESTION = re.compile(
+    r"\b(what( is|'s| are) your|do you (have|like|love|enjoy|play|watch|listen|work|live|go)|have you (ever|been)"
+    r"|are you (a|an|into|married)|where do you|what do you (do|like)|how about you|what about you|do you know)\b",
+    re.IGNORECASE,
+)
+ASKS_BACK = re.compile(r"\b(and you|you\?|how about you|what about you|yourself)\s*\??\s*$", re.IGNORECASE)
+ABOUT_ONESELF = re.compile(r"^\s*(i|i'm|i am|my|me)\b", re.IGNORECASE)
+OPENS_WITH_QUESTION = re.compile(r"^[^.!]*\?")
+N_CHITCHAT = 11
+
 
 def content_words(text: str) -> set[str]:
     return {w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2}
@@ -167,11 +189,16 @@ def set_question_probe(weights: np.ndarray, bias: float) -> None:
     _question_probe = (np.asarray(weights, dtype=np.float32), float(bias))
 
 
-def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
-    """The scorer's input for one message against one thread: hand features then the embedding."""
+def _previous_question(state: ThreadState) -> float:
+    """P(the thread's last user message was a question), read off its stored embedding."""
     probe_w, probe_b = question_probe()
     z = min(30.0, max(-30.0, float(state.last_user @ probe_w) + probe_b))
-    previous_question = 1.0 / (1.0 + float(np.exp(-z)))
+    return 1.0 / (1.0 + float(np.exp(-z)))
+
+
+def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+    """The scorer's input for one message against one thread: hand features then the embedding."""
+    previous_question = _previous_question(state)
     similarity_opening = _cos(embedding, state.opening)
     similarity_last = _cos(embedding, state.last_user)
     similarity_topic = _cos(embedding, state.centroid)
@@ -214,6 +241,35 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
     return np.concatenate([np.asarray(hand, dtype=np.float32), embedding.astype(np.float32)])
 
 
+def chitchat_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+    """``turn_features`` then N_CHITCHAT cues of open talk: a question after a statement (or a statement
+    answering a question), a turn picking up the last one, a question about the partner, asking back,
+    talking about oneself, and these against the similarity to the last turn and the thread's length."""
+    base = turn_features(text, embedding, state)
+    previous_question = _previous_question(state)
+    similarity_last = _cos(embedding, state.last_user)
+    question = float("?" in text)
+    picks_up = float(bool(PICKS_UP.match(text)))
+    personal = float(bool(PERSONAL_QUESTION.search(text)))
+    chat = [
+        question * (1.0 - previous_question),
+        previous_question * (1.0 - question),
+        picks_up,
+        personal,
+        float(bool(ASKS_BACK.search(text))),
+        float(bool(ABOUT_ONESELF.match(text))),
+        float(bool(OPENS_WITH_QUESTION.match(text))),
+        personal * (1.0 - similarity_last),
+        picks_up * similarity_last,
+        question * (1.0 - similarity_last),
+        min(state.user_turns, 10) / 10 * (1.0 - similarity_last),
+    ]
+    return np.concatenate([base, np.asarray(chat, dtype=np.float32)])
+
+
+FEATURES = {"task": turn_features, "chitchat": chitchat_features}
+
+
 @dataclass(frozen=True)
 class Scorer:
     """Logistic regression over standardised features."""
@@ -236,6 +292,11 @@ class ThreadModel:
     new_topic: Scorer
     resolution: Scorer
     version: str = ""
+    feature_set: str = "task"  # a key of FEATURES: which features the scorers read
+
+    def features(self, text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+        """The scorers' input for this message against this thread."""
+        return FEATURES[self.feature_set](text, embedding, state)
 
     def score(self, features: np.ndarray) -> tuple[float, float]:
         return self.new_topic.probability(features), self.resolution.probability(features)
@@ -263,8 +324,15 @@ def load_model(profile: str, path: str = str(MODEL_PATH)) -> ThreadModel:
     if profile not in data["profiles"]:
         raise ValueError(f"unknown threading profile {profile!r}; known: {sorted(data['profiles'])}")
     entry = data["profiles"][profile]
+    feature_set = entry.get("features", "task")
+    if feature_set not in FEATURES:
+        raise ValueError(f"{path}: profile {profile!r} reads unknown features {feature_set!r}")
     return ThreadModel(
-        profile, _scorer(entry["NEW_TOPIC"]), _scorer(entry["RESOLUTION"]), str(data.get("version", ""))
+        profile,
+        _scorer(entry["NEW_TOPIC"]),
+        _scorer(entry["RESOLUTION"]),
+        str(data.get("version", "")),
+        feature_set,
     )
 
 

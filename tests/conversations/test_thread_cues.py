@@ -16,6 +16,7 @@ from conversations.thread_detection import Candidate, came_back, decide_thread, 
 from conversations.thread_features import (
     FIX_CUE,
     MODEL_PATH,
+    N_CHITCHAT,
     N_HAND,
     NOT_FIXED_CUE,
     PROTOTYPES,
@@ -234,7 +235,12 @@ def test_shipped_model_loads_with_its_version_recorded_on_each_decision() -> Non
     for profile in ("task", "chitchat"):
         for scorer in (load_model(profile).new_topic, load_model(profile).resolution):
             assert scorer.weights.shape == scorer.mean.shape == scorer.scale.shape
-            assert scorer.weights.shape[0] in (N_HAND, N_HAND + 384)
+            # the chitchat profile's feature set appends its chat cues after the embedding
+            widths = {
+                "task": (N_HAND, N_HAND + 384),
+                "chitchat": (N_HAND, N_HAND + 384, N_HAND + 384 + N_CHITCHAT),
+            }
+            assert scorer.weights.shape[0] in widths[load_model(profile).feature_set]
             assert 0.0 < scorer.threshold < 1.0
     problem = _embed("My printer is broken")
     state = ThreadState(problem, problem, problem.copy(), {"printer", "broken"})
