@@ -46,19 +46,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
-# Production settings (DEBUG keeps every query in memory and costs CPU).
-os.environ.setdefault("DJANGO_DEBUG", "false")
-os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
-# The bench sends from one address with one API key, faster than a person types.
-os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
-os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
-os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
-os.environ.setdefault("AGENT_SESSION_LLM_THREAD_JUDGEMENT", "false")
-os.environ.setdefault("AGENT_CONFIDENCE_LLM_INTENT_JUDGEMENT", "false")
-
 import stack  # noqa: E402  (bench/stack.py)
 from stack import MESSAGES, pct  # noqa: E402
+
+stack.production_settings()
+os.environ.setdefault("AGENT_SESSION_LLM_THREAD_JUDGEMENT", "false")
+os.environ.setdefault("AGENT_CONFIDENCE_LLM_INTENT_JUDGEMENT", "false")
 
 LOADS = {
     "saturate": {"users": 500, "think": 0.0, "messages": 6, "transport": "rest"},

@@ -26,6 +26,18 @@ LOGS = ROOT / ".data" / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def production_settings() -> None:
+    """The environment a load bench runs the product with, set before ``django.setup()``: production
+    settings (DEBUG keeps every query in memory and costs CPU) and no rate limits (the bench sends
+    from one address with one API key, faster than a person types)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
+    os.environ.setdefault("DJANGO_DEBUG", "false")
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + secrets.token_hex(32))
+    os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
+    os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
+    os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
+
+
 #: What the load benches' users say, in turn (each message gets a unique marker appended).
 MESSAGES = [
     "My login is broken, it says invalid password",

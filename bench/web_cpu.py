@@ -34,17 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 TAG = f"webcpu-{uuid.uuid4().hex[:6]}"
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
-os.environ.setdefault("DJANGO_DEBUG", "false")
-os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + uuid.uuid4().hex * 2)
-os.environ.setdefault("AGENTFLOW_RATE_API_KEY_PER_MINUTE", "0")
-os.environ.setdefault("AGENTFLOW_RATE_IP_PER_MINUTE", "0")
-os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
+
+import stack  # noqa: E402
+
+stack.production_settings()
 os.environ["AGENTFLOW_BACKGROUND_JOBS"] = "false"
 for name in ("AGENTFLOW_CELERY_QUEUE", "AGENTFLOW_CHANNELS_PREFIX", "AGENTFLOW_CACHE_PREFIX"):
     os.environ[name] = TAG  # the queued turns go to a queue no worker reads
-
-import stack  # noqa: E402
 
 
 async def _post(application: Any, key: str, user: str, text: str) -> int:
