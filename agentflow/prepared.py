@@ -34,7 +34,7 @@ from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
 from pgvector import Vector
 
-from agentflow.vectors import vector_to_db
+from agentflow.vectors import VectorField, vector_param, vector_to_binary, vector_to_db
 
 Builder = Callable[..., QuerySet[Any]]
 
@@ -62,10 +62,15 @@ def _identity(value: Any) -> Any:
 
 def _db_forms(value: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
     """How Django may pass ``value`` to the driver, each with the function that makes that form.
-    A vector goes as text: written by a ``VectorField`` or ``agentflow.vectors.CosineDistance``
-    (``vector_to_db``), or by pgvector's own distance functions (``Vector.to_text``)."""
+    A vector goes in binary (``vector_to_binary``) or as text, written by a ``VectorField`` or
+    ``agentflow.vectors.CosineDistance`` (``agentflow.vectors.vector_param``), or as text by
+    pgvector's own distance functions (``Vector.to_text``)."""
     if isinstance(value, np.ndarray):
-        return [(vector_to_db(value), vector_to_db), (Vector._to_db(value), Vector._to_db)]
+        return [
+            (vector_to_binary(value), vector_to_binary),
+            (vector_to_db(value), vector_to_db),
+            (Vector._to_db(value), Vector._to_db),
+        ]
     return [(value, _identity)]
 
 
@@ -226,6 +231,15 @@ def _has_expression(values: list[Any]) -> bool:
     return any(hasattr(v, "resolve_expression") for v in values)
 
 
+def _db_value(field: Any, value: Any, connection: Any) -> Any:
+    """``field``'s value for the INSERT or UPDATE here, where the column gives the parameter its type:
+    an array for a vector column in binary (``agentflow.vectors.vector_param``), the rest as Django
+    prepares it."""
+    if isinstance(field, VectorField) and isinstance(value, np.ndarray):
+        return vector_param(value, connection)
+    return field.get_db_prep_save(value, connection=connection)
+
+
 def create(model: Any, /, **kwargs: Any) -> Any:
     """``model.objects.create(**kwargs)`` with its INSERT compiled once per model and database."""
     obj = model(**kwargs)
@@ -254,7 +268,7 @@ def create(model: Any, /, **kwargs: Any) -> Any:
     if _has_expression(raw):
         obj.save(force_insert=True, using=using)
         return obj
-    params = [f.get_db_prep_save(v, connection=connection) for f, v in zip(fields, raw, strict=True)]
+    params = [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone() if returning else None
@@ -295,7 +309,7 @@ def save_fields(obj: Any, fields: list[str], *, using: str | None = None) -> Non
     if _has_expression(raw):
         obj.save(update_fields=fields, using=using)
         return
-    params = [f.get_db_prep_save(v, connection=connection) for f, v in zip(targets, raw, strict=True)]
+    params = [_db_value(f, v, connection) for f, v in zip(targets, raw, strict=True)]
     params.append(model._meta.pk.get_db_prep_value(obj.pk, connection))
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

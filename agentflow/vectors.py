@@ -13,8 +13,16 @@ migrations (it deconstructs as pgvector's field) and changes only the transfer:
 * numpy arrays are written as text with ``%.9g`` per dimension in one formatting call (nine
   significant digits give back every float32 exactly); lists and pgvector ``Vector`` objects take
   pgvector's own path, as before.
+* where the parameter's place gives its type (``agentflow.prepared``'s INSERT and UPDATE of a
+  column, ``CosineDistance``'s ``<=>``), an array goes in pgvector's binary form instead
+  (``vector_param``: the header, then the big-endian float32s; one numpy call, ~1 us for 384
+  dimensions instead of ~75 us of text formatting, and PostgreSQL's ``vector_recv`` copies what
+  ``vector_in`` parsed as 384 decimals), as a binary parameter of no declared type, on a
+  connection that binds parameters on the server (``server_side_binding``, the product's default).
+  The field itself keeps the text: Django puts a field's values into places whose type PostgreSQL
+  cannot infer (``bulk_update``'s ``CASE``, ``bulk_create``'s ``UNNEST`` arrays).
 
-``CosineDistance`` is pgvector's, with an array written the same fast way.
+``CosineDistance`` is pgvector's, with an array written the binary way (or as text, see above).
 
 Raw SQL (``QuerySet.raw``, a column read inside a subquery) still gets the text form, which
 ``vector_from_db`` reads too.
@@ -34,6 +42,64 @@ from pgvector.django import VectorField as _PgVectorField
 _HEADER = struct.Struct(">HH")
 _BIG_ENDIAN_FLOAT32 = np.dtype(">f4")
 _templates: dict[int, str] = {}
+
+
+class BinaryVector(bytes):
+    """pgvector's binary form of a vector (``vector_recv``'s input), sent as a binary parameter of no
+    declared type: PostgreSQL takes the type from where the parameter stands (a ``vector`` column,
+    the ``<=>`` operator, a ``::vector`` cast). Where nothing gives the type, PostgreSQL reads it as
+    text and fails loudly ("invalid byte sequence"), never silently."""
+
+    __slots__ = ()
+
+
+def _register_binary_dumper() -> bool:
+    """Teach psycopg (3) to send ``BinaryVector`` as it is: binary format, type left to the server.
+    Registered on psycopg's global adapters, which every connection made afterwards copies (the
+    models import this module before any connection opens)."""
+    try:
+        import psycopg
+        from psycopg.adapt import Dumper
+        from psycopg.pq import Format
+    except ImportError:  # psycopg2: vectors go as text
+        return False
+
+    class _BinaryVectorDumper(Dumper):
+        format = Format.BINARY
+        oid = 0  # unknown: inferred by the server
+
+        def dump(self, obj: Any) -> bytes:
+            return bytes(obj)
+
+    psycopg.adapters.register_dumper(BinaryVector, _BinaryVectorDumper)
+    return True
+
+
+_BINARY_DUMPER = _register_binary_dumper()
+
+
+def vector_to_binary(value: np.ndarray) -> BinaryVector:
+    """A one-dimensional array in pgvector's binary form (float32, as the column stores it)."""
+    return BinaryVector(_HEADER.pack(len(value), 0) + value.astype(_BIG_ENDIAN_FLOAT32, copy=False).tobytes())
+
+
+def binds_on_server(connection: Any) -> bool:
+    """Whether ``connection`` (Django's) sends parameters apart from the SQL, with psycopg 3: then a
+    parameter may be binary. Client-side binding (``server_side_binding`` off, e.g. behind
+    PgBouncer) writes every parameter into the SQL text."""
+    return (
+        _BINARY_DUMPER
+        and connection.vendor == "postgresql"
+        and connection.settings_dict["OPTIONS"].get("server_side_binding") is True
+    )
+
+
+def vector_param(value: Any, connection: Any) -> Any:
+    """A vector as a query parameter for ``connection``: binary for an array where the connection
+    binds on the server (``binds_on_server``), otherwise ``vector_to_db``'s text."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and binds_on_server(connection):
+        return vector_to_binary(value)
+    return vector_to_db(value)
 
 
 def vector_to_db(value: Any) -> str | None:
@@ -95,11 +161,24 @@ class VectorField(_PgVectorField):
         return "" if value is None else value
 
 
+class _VectorValue(Value):
+    """An array argument as ``vector_param`` writes it for the query's connection. Holds the binary
+    form (hashable, comparable: the expression's identity), and gives the text form where the
+    connection binds parameters in the SQL."""
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        if binds_on_server(connection):
+            return "%s", [self.value]
+        dimensions = _HEADER.unpack_from(self.value)[0]
+        array = np.frombuffer(self.value, _BIG_ENDIAN_FLOAT32, count=dimensions, offset=_HEADER.size)
+        return "%s", [vector_to_db(array)]
+
+
 class CosineDistance(_PgCosineDistance):
-    """pgvector's ``CosineDistance`` (``<=>``), an array argument written by ``vector_to_db``."""
+    """pgvector's ``CosineDistance`` (``<=>``), an array argument written by ``vector_param``."""
 
     def __init__(self, expression: Any, vector: Any, /, **extra: Any) -> None:
         if isinstance(vector, np.ndarray) and vector.ndim == 1:
-            vector = Value(vector_to_db(vector))
-            self._constructor_args = ((expression, vector), extra)  # hashable: the text, not the array
+            vector = _VectorValue(vector_to_binary(vector))
+            self._constructor_args = ((expression, vector), extra)  # hashable: the bytes, not the array
         super().__init__(expression, vector, **extra)

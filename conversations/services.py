@@ -459,7 +459,7 @@ def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None,
     if embedding is not None:
         thread.last_user_embedding = embedding
         fields.append("last_user_embedding")
-    thread.save(update_fields=fields)
+    prepared.save_fields(thread, fields)
     return thread
 
 

@@ -11,7 +11,15 @@ from django.db import DataError, connection, transaction
 from pgvector import Vector
 from pgvector.django import CosineDistance
 
-from agentflow.vectors import VectorField, vector_from_db, vector_to_db
+from agentflow.vectors import (
+    BinaryVector,
+    VectorField,
+    vector_from_db,
+    vector_param,
+    vector_to_binary,
+    vector_to_db,
+)
+from agentflow.vectors import CosineDistance as OurCosineDistance
 from conversations.models import EMBEDDING_DIMENSIONS, Thread
 from memory.models import Memory
 from tests.conversations.factories import ThreadFactory
@@ -133,6 +141,72 @@ def test_similarities_are_the_same_as_with_pgvectors_text() -> None:
         )
         after = [row[0] for row in cursor.fetchall()]
     assert ours == before == after
+    # Ours sends the query vector in binary (the tests bind on the server, as the product does).
+    binary = list(
+        Memory.objects.annotate(d=OurCosineDistance("embedding", query))
+        .order_by("d")
+        .values_list("d", flat=True)
+    )
+    assert binary == before
+
+
+def test_arrays_go_in_binary_where_the_connection_binds_on_the_server_and_as_text_elsewhere() -> None:
+    from types import SimpleNamespace
+
+    assert connection.settings_dict["OPTIONS"].get("server_side_binding") is True
+    v = _awkward()
+    sent = vector_param(v, connection)
+    assert isinstance(sent, BinaryVector) and sent == vector_to_binary(v)
+    assert vector_from_db(bytes(sent)) == v.tolist()
+    field = Thread._meta.get_field("topic_embedding")
+    # The field keeps the text: Django puts its values where PostgreSQL cannot tell their type.
+    assert field.get_db_prep_save(v, connection=connection) == vector_to_db(v)
+    client_side = SimpleNamespace(vendor="postgresql", settings_dict={"OPTIONS": {}})
+    assert vector_param(v, client_side) == vector_to_db(v)
+    compiled = OurCosineDistance("embedding", v).get_source_expressions()[1]
+    assert compiled.as_sql(None, client_side) == ("%s", [vector_to_db(v)])
+    assert compiled.as_sql(None, connection) == ("%s", [vector_to_binary(v)])
+
+
+def test_prepared_writes_store_an_array_in_binary_as_the_orm_stores_its_text() -> None:
+    from agentflow import prepared
+
+    v, w = _awkward(), _unit(10).astype(np.float64) / 3
+    by_orm = ThreadFactory(topic_embedding=v, opening_embedding=w)
+    ours = ThreadFactory()
+    ours.topic_embedding, ours.opening_embedding = v, w
+    sent: list[object] = []
+
+    def spy(execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        sent.extend(params)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(spy):
+        prepared.save_fields(ours, ["topic_embedding", "opening_embedding"])
+    assert [type(p) for p in sent[:2]] == [BinaryVector, BinaryVector]
+    for column in ("topic_embedding", "opening_embedding"):
+        assert _stored_text(ours.pk, column) == _stored_text(by_orm.pk, column)
+    created = prepared.create(
+        Thread,
+        user=by_orm.user,
+        session=by_orm.session,
+        topic="t",
+        topic_embedding=v,
+        opening_embedding=w,
+        last_user_embedding=v,
+        last_activity_at=by_orm.last_activity_at,
+    )
+    assert _stored_text(created.pk, "last_user_embedding") == _stored_text(by_orm.pk, "topic_embedding")
+    assert _stored_text(created.pk, "opening_embedding") == _stored_text(by_orm.pk, "opening_embedding")
+    # bulk_update (a CASE whose type PostgreSQL cannot infer) still works: the field writes text.
+    ours.topic_embedding = w
+    Thread.objects.bulk_update([ours], ["topic_embedding"])
+    assert _stored_text(ours.pk, "topic_embedding") == _stored_text(by_orm.pk, "opening_embedding")
+
+
+def test_a_binary_vector_where_nothing_gives_its_type_fails_loudly() -> None:
+    with pytest.raises(DataError), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT %s", [vector_to_binary(_unit(9))])
 
 
 def test_migrations_still_name_pgvectors_field() -> None:
