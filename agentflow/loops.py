@@ -125,7 +125,7 @@ class ThreadSteps(Executor):
     """
 
     def __init__(self) -> None:
-        self._due: list[tuple[Callable[[], Any], Any]] = []  # (the step, its asyncio future)
+        self._due: list[tuple[Callable[[], Any], Any, bool]] = []  # (the step, its future, keep)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -147,12 +147,22 @@ class ThreadSteps(Executor):
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` for the coroutine ``drive`` runs: on this thread, the loop paused,
         in the coroutine's context (its log fields, ``inline_jobs``)."""
+        return await self._run(fn, args, kwargs, keep=False)
+
+    async def run_last(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``run`` for the coroutine's last database step (a turn's ``finish``): the connection stays
+        checked out for the thread's next step, as after ``submit``, instead of going back to the pool
+        and being checked out (and health-checked: a round trip) again by the task's own read right
+        after the turn. Nothing long is awaited in between (the last delta, a Redis send)."""
+        return await self._run(fn, args, kwargs, keep=True)
+
+    async def _run(self, fn: Callable[..., T], args: Any, kwargs: Any, *, keep: bool) -> T:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError("ThreadSteps.run outside the coroutine its drive() runs")
         future: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
-        self._due.append((functools.partial(context.run, fn, *args, **kwargs), future))
+        self._due.append((functools.partial(context.run, fn, *args, **kwargs), future, keep))
         loop.stop()  # the loop finishes its current round of callbacks, then drive() runs the step
         return await future
 
@@ -168,11 +178,11 @@ class ThreadSteps(Executor):
             while True:
                 loop.run_forever()
                 while self._due:
-                    call, future = self._due.pop(0)
+                    call, future, keep = self._due.pop(0)
                     if future.cancelled():
                         continue
                     try:
-                        result = _call_and_release(call, pooled_only=True)
+                        result = call() if keep else _call_and_release(call, pooled_only=True)
                     except BaseException as exc:
                         future.set_exception(exc)
                     else:

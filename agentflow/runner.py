@@ -45,17 +45,18 @@ ORDER_WAIT_SECONDS = 30.0
 ORDER_POLL_SECONDS = 0.02
 
 
-def sync_caller(executor: Executor | None = None) -> Callable[..., Awaitable[Any]]:
+def sync_caller(executor: Executor | None = None, *, last: bool = False) -> Callable[..., Awaitable[Any]]:
     """How the runner calls the pipeline's synchronous (database) steps, off the event loop.
 
     On a shared event loop (``process_message``) on the process's pool of database threads
     (``agentflow.loops.shared_db_executor``: concurrent turns do not queue behind one thread); on a
     loop of its own (a Celery worker thread) on ``executor``: ``agentflow.loops.ThreadSteps`` runs
     each step on the loop's own thread, the loop paused; another executor (a one-thread
-    ``agentflow.loops.thread_db_executor``) on its thread.
+    ``agentflow.loops.thread_db_executor``) on its thread. ``last``: the caller for the turn's last
+    step (``ThreadSteps.run_last``: the thread keeps its connection for the task's next read).
     """
     if isinstance(executor, ThreadSteps):
-        return executor.run
+        return executor.run_last if last else executor.run
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if executor is None and sync_caller_waits():  # stay in the sync caller's thread and transaction
@@ -163,7 +164,7 @@ async def run_turn(
             # retries it at once; otherwise the claim would block the message for STALE_CLAIM.
             await call(pipeline.fail, prepared, exc, agent=agent.name)
             raise
-        return await call(pipeline.finish, agent, prepared, outcome)
+        return await sync_caller(db_executor, last=True)(pipeline.finish, agent, prepared, outcome)
 
 
 async def _fallback(agent: Agent, reason: str, on_text: TextCallback | None) -> pipeline.Outcome:

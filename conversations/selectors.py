@@ -328,15 +328,27 @@ def turn_result_for(*, message_id: uuid.UUID | str) -> dict[str, Any]:
 THREAD_EVENTS_SHOWN = frozenset({"NEW_TOPIC", "RETURN", "RESOLUTION"})
 
 
+def _thread_shown(*, thread_id: uuid.UUID) -> QuerySet[Thread, Any]:
+    return Thread.objects.filter(pk=thread_id).values("status", "topic")[:1]
+
+
+# Read after most Celery turns (a new topic, a return, a resolution): compiled once per process.
+_THREAD_SHOWN = PreparedQuery(_thread_shown)
+
+
 def thread_change_shown(*, result: dict[str, Any]) -> dict[str, Any] | None:
     """The ``thread`` event of a finished turn (``event``, ``thread_id``, ``status``, ``topic``), or
     None when the turn only followed up on a thread."""
     if result.get("thread_event") not in THREAD_EVENTS_SHOWN or not result.get("thread_id"):
         return None
-    row = Thread.objects.filter(pk=result["thread_id"]).values("status", "topic").first()
-    if row is None:
+    try:
+        thread_id = uuid.UUID(str(result["thread_id"]))
+    except ValueError:
         return None
-    return {"event": result["thread_event"], "thread_id": result["thread_id"], **row}
+    rows = _THREAD_SHOWN.run(thread_id=thread_id)
+    if not rows:
+        return None
+    return {"event": result["thread_event"], "thread_id": result["thread_id"], **rows[0]}
 
 
 def thread_held_by_human(*, thread: Thread) -> bool:

@@ -130,6 +130,42 @@ def test_a_worker_threads_steps_run_on_that_thread_with_its_loop_paused() -> Non
     assert connection.connection is None
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_threads_last_step_keeps_its_connection_for_the_next_read() -> None:
+    # A turn's last step (finish) keeps the thread's connection for the task's own read right after
+    # the turn (the thread change it announces): one pool checkout, not two; the steps before it
+    # still give theirs back.
+    from django.db import connection
+
+    from agentflow.loops import ThreadSteps
+
+    steps = ThreadSteps()
+    loop = asyncio.new_event_loop()
+
+    def backend_pid() -> tuple[bool, int]:
+        """(whether the thread held a connection before this step, the connection's backend)"""
+        held = connection.connection is not None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return held, int(cursor.fetchone()[0])
+
+    async def turn() -> tuple[tuple[bool, int], tuple[bool, int]]:
+        await steps.run(backend_pid)
+        second = await steps.run(backend_pid)
+        last = await steps.run_last(backend_pid)
+        await asyncio.sleep(0.01)  # what follows the last step (the last delta's send)
+        return second, last
+
+    assert connection.settings_dict["OPTIONS"].get("pool"), "the tests run with a pool"
+    try:
+        (second_held, _), (last_held, last_pid) = steps.drive(loop, turn())
+        assert (second_held, last_held) == (False, False)  # the steps before gave theirs back
+        assert steps.submit(backend_pid).result() == (True, last_pid)  # the last one's is kept
+    finally:
+        loop.close()
+        connection.close()
+
+
 def test_a_worker_threads_step_error_reaches_the_coroutine_and_the_loop_goes_on() -> None:
     from agentflow.loops import ThreadSteps
 
