@@ -217,7 +217,10 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         await asyncio.gather(*mine, return_exceptions=True)
         await super().close_pools()
 
-    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+    async def group_send(self, group: str, message: dict[str, Any]) -> int:
+        """channels-redis's ``group_send`` (one delivery script per Redis host); returns how many
+        channels the group had (0: nobody listens), which ``conversations.events.apublish_listened``
+        reads instead of asking Redis again."""
         assert self.require_valid_group_name(group), "Group name not valid"
         key = self._group_key(group)
         connection = self.connection(self.consistent_hash(group))
@@ -233,6 +236,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 over = await target.eval(DELIVER, len(keys), *keys, *args)
             if over:
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
+        return len(members)
 
     def group_send_blocking(self, group: str, message: dict[str, Any]) -> None:
         """``group_send`` for a synchronous caller (a request's or a database thread), with a blocking

@@ -53,6 +53,22 @@ async def apublish(*, user_pk: int, event: dict[str, Any]) -> None:
     await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
 
 
+async def apublish_listened(*, user_pk: int, event: dict[str, Any]) -> bool:
+    """``apublish``, telling whether any connection listens on the user's group (as
+    ``listeners_exist``): the send reads the group's members anyway, so a turn's first event (typing)
+    answers the question without a round trip of its own. True whenever that cannot be told (a
+    channel layer that does not say, Redis trouble: the error is logged, the turn goes on)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    try:
+        members = await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
+    except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
+        logger.warning("could not publish %s to user %s", event.get("kind"), user_pk, exc_info=True)
+        return True
+    return members > 0 if isinstance(members, int) else True
+
+
 async def apublish_many(*, user_pk: int, events: list[dict[str, Any]], main: int = 0) -> None:
     """Send ``events`` to every live connection of the user as one channel-layer message.
 

@@ -36,7 +36,7 @@ from agentflow.runner import run_turn
 from agentflow.unavailable import is_unavailable, unavailable_component
 
 from . import notifications  # noqa: F401  (registers the Slack notice job with the workers)
-from .events import DeltaStream, apublish, apublish_many, listeners_exist, publish
+from .events import DeltaStream, apublish_listened, apublish_many, publish
 from .models import Message
 from .recovery import claim_retry_in
 from .selectors import thread_change_shown
@@ -286,20 +286,16 @@ async def _run_streaming(
 ) -> Any:
     """Run the turn, streaming the reply's text to the user's connections as it is written.
 
-    Whether anyone listens (a chat socket, a staff page) is asked once: nobody (a REST caller) gets
-    neither the typing event nor deltas, which saves their channel-layer sends, and the LLM's reply
-    is then asked for whole rather than streamed (``agentflow.llm.whole_replies``); the final
-    ``turn`` is announced whatever the answer (a socket may open meanwhile).
+    Whether anyone listens (a chat socket, a staff page) is told by the typing event's send, which
+    reads the group's members anyway (``apublish_listened``): nobody (a REST caller) gets no
+    deltas, which saves their channel-layer sends, and the LLM's reply is then asked for whole
+    rather than streamed (``agentflow.llm.whole_replies``); the final ``turn`` is announced whatever
+    the answer (a socket may open meanwhile).
     """
-    listened = await listeners_exist(user_pk=user_pk)
-    if listened:
-        try:
-            await apublish(
-                user_pk=user_pk,
-                event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
-            )
-        except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
-            logger.warning("could not publish typing for message %s", message_id, exc_info=True)
+    listened = await apublish_listened(
+        user_pk=user_pk,
+        event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
+    )
     stream = DeltaStream(
         user_pk=user_pk,
         message_id=message_id,

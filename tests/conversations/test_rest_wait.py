@@ -19,7 +19,7 @@ from django.utils import timezone
 import conversations.api
 from agentflow.testing.fake_anthropic import FakeReply
 from conversations import turn_results
-from conversations.events import DeltaStream, listeners_exist, user_group
+from conversations.events import DeltaStream, apublish_listened, listeners_exist, user_group
 from conversations.housekeeping import housekeeping_run
 from conversations.models import Agent, ChatSession, Message, Thread, ThreadActivity
 from conversations.turn_results import RESULT_TTL, result_key, turn_settled, turn_settled_wait
@@ -274,3 +274,28 @@ async def test_a_reply_nobody_listens_to_is_not_streamed() -> None:
         await layer.group_discard(user_group(9_000_002), channel)
 
     assert events == []  # it gets the whole reply with the turn event instead
+
+
+async def test_the_typing_event_tells_whether_anyone_listens() -> None:
+    # A turn's first event (typing) is sent and answers "does anyone listen?" in the same go.
+    layer = get_channel_layer()
+    typing = {"kind": "typing", "role": "assistant", "state": True, "message_id": "m-3"}
+    assert await apublish_listened(user_pk=9_000_003, event=typing) is False
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_000_003), channel)
+    try:
+        assert await apublish_listened(user_pk=9_000_003, event=typing) is True
+        events = [e["event"] for e in await _drain(layer, channel, 0.5)]
+    finally:
+        await layer.group_discard(user_group(9_000_003), channel)
+    assert events == [typing]
+
+
+async def test_a_channel_layer_that_fails_counts_as_listened(settings: Any) -> None:
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
+            "CONFIG": {"hosts": [dead_redis_url()]},
+        }
+    }
+    assert await apublish_listened(user_pk=9_000_004, event={"kind": "typing"}) is True
