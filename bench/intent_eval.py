@@ -216,7 +216,9 @@ def other_domain_messages(datasets: Path, count: int = 400) -> list[str]:
     return messages
 
 
-def run_folds(args) -> None:
+def run_folds(args, embedder=None) -> list[dict[str, float]]:
+    """The folds (see above), printed; returns each fold's figures. ``embedder``: vectors from elsewhere
+    (``bench/intent_encoders.py`` passes precomputed ones), else the process's, cached in ``args.cache``."""
     from agentflow.types import IntentCategory
     from intents.classifier import IntentClassifier
 
@@ -237,7 +239,8 @@ def run_folds(args) -> None:
         raise SystemExit(
             f"intent_eval: intents {', '.join(thin[:5])} have no rows left to classify after {args.shots} examples"
         )
-    embedder = CachedEmbedder(args.cache)
+    if embedder is None:
+        embedder = CachedEmbedder(args.cache)
     others = other_domain_messages(args.datasets)
     other_vectors = embedder.embed(others)
     figures: list[dict[str, float]] = []
@@ -325,6 +328,7 @@ def run_folds(args) -> None:
     print(
         f"  ms per classification (embedding excluded): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}"
     )
+    return figures
 
 
 def main() -> None:
