@@ -4,6 +4,7 @@
     python bench/threading_eval.py --support [--part tune|heldout|all]
     python bench/threading_eval.py --support-holdout   # the separate held-out set, last turn scored
     python bench/threading_eval.py --support-holdout2 [--no-misses]   # the second one, written blind
+    python bench/threading_eval.py --support-file PATH   # any file of support chats, last turn scored
     python bench/threading_eval.py --sgd-test PATH --tiage-test PATH   # held-out files, same format
 
 Each dialogue is replayed as one fresh end user: user turns go through ``agent.detect_thread``
@@ -29,7 +30,8 @@ only each dialogue's last user turn, as the issue's hidden set is scored: accura
 That set's misses were quoted in a brief once, so its figure is biased now. ``--support-holdout2``
 scores the same way a second set (bench/data/support_holdout2.jsonl: 80 chats in 21 domains, written
 by someone who read no code and ran no evaluation); ``--no-misses`` keeps its missed sentences off
-the screen, so that they cannot steer the next change.
+the screen, so that they cannot steer the next change. ``--support-file PATH`` scores any file of
+support chats in that format the same way, whatever their split (e.g. a check set kept aside).
 """
 
 from __future__ import annotations
@@ -204,11 +206,11 @@ def print_kinds_and_misses(rows: list, *, misses: bool = True) -> None:
             print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
 
 
-async def support_holdout_async(task, path: Path, *, misses: bool = True) -> None:
+async def support_holdout_async(task, path: Path, *, misses: bool = True, any_split: bool = False) -> None:
     """Only the last user turn of each held-out dialogue is scored."""
     from support_data import load_support_holdout
 
-    dialogues = load_support_holdout(path)
+    dialogues = load_support_holdout(path, any_split=any_split)
     for d in dialogues:
         for t in d["turns"]:
             if t["speaker"] == "USER":
@@ -233,6 +235,8 @@ async def support_holdout_async(task, path: Path, *, misses: bool = True) -> Non
         ("CONTINUATION", "follow-ups"),
     ):
         hits = [p == label for g, p in zip(gold, predicted, strict=True) if g == label]
+        if not hits:
+            continue
         print(f"  {name + ' right':<26} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
     print(f"  accuracy {sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold):.3f}")
     print_kinds_and_misses(scored, misses=misses)
@@ -253,6 +257,9 @@ async def main_async(args: argparse.Namespace) -> None:
         .with_config({"name": "eval-chitchat", "session_config": {"threading_profile": "chitchat"}})
         .build(None)
     )
+    if args.support_file:
+        await support_holdout_async(task, args.support_file, misses=not args.no_misses, any_split=True)
+        return
     if args.support_holdout or args.support_holdout2:
         from support_data import HOLDOUT2_PATH, HOLDOUT_PATH
 
@@ -301,6 +308,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--support-holdout2", action="store_true", help="the second held-out support set, written blind"
+    )
+    parser.add_argument(
+        "--support-file",
+        type=Path,
+        default=None,
+        help="a file of support chats to score (last turn, any split)",
     )
     parser.add_argument("--no-misses", action="store_true", help="print no missed sentences")
     parser.add_argument("--part", choices=("tune", "heldout", "all"), default="all")
