@@ -37,6 +37,13 @@ STAGE_SECONDS = Histogram(
     ["agent", "stage"],
     buckets=_STAGE_BUCKETS,
 )
+TASK_QUEUE_SECONDS = Histogram(
+    "agentflow_task_queue_seconds",
+    "Time a Celery task waited from being queued (or from the end of its countdown) until a worker"
+    " thread started it, by task: the queue's share of a turn's latency.",
+    ["task"],
+    buckets=_STAGE_BUCKETS,
+)
 ESCALATIONS = Counter(
     "agentflow_escalations",
     "Turns handed to a human (an escalation opened or kept), by agent and intent.",

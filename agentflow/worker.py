@@ -11,8 +11,11 @@ import time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
+from datetime import datetime
 from typing import Any
 
 from celery import bootsteps
@@ -169,11 +172,20 @@ class WorkerMetricsServer(bootsteps.StartStopStep):
 
 
 REQUEST_ID_HEADER = "agentflow_request_id"
+# When the task was queued (Unix time, the publisher's clock): its wait in the queue is measured from it.
+QUEUED_AT_HEADER = "agentflow_queued_at"
+
+
+def _header(request: Any, name: str) -> Any:
+    return getattr(request, name, None) or (getattr(request, "headers", None) or {}).get(name)
 
 
 def _task_published(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """Carry the request id of the logs into the task the request queues."""
+    """Carry the request id of the logs, and the time, into the task the request queues."""
     import structlog
+
+    if headers is not None:
+        headers[QUEUED_AT_HEADER] = time.time()  # a retry is queued anew: its own time
 
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id and headers is not None:
@@ -181,15 +193,28 @@ def _task_published(headers: dict[str, Any] | None = None, **kwargs: Any) -> Non
 
 
 def _task_started(task_id: str = "", task: Any = None, **kwargs: Any) -> None:
-    """Bind the task's ids (and the request id it came with) to its logs."""
+    """Bind the task's ids (and the request id it came with) to its logs; observe its wait in the queue."""
     from agentflow import logs
 
     logs.unbind_all()
     request = getattr(task, "request", None)
-    request_id = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
-        REQUEST_ID_HEADER
-    )
-    logs.bind(task=getattr(task, "name", ""), task_id=task_id, request_id=request_id)
+    name = getattr(task, "name", "")
+    logs.bind(task=name, task_id=task_id, request_id=_header(request, REQUEST_ID_HEADER))
+    queued_at = _header(request, QUEUED_AT_HEADER)
+    if queued_at:
+        metrics.TASK_QUEUE_SECONDS.labels(task=name).observe(
+            max(0.0, time.time() - _due(float(queued_at), getattr(request, "eta", None)))
+        )
+
+
+def _due(queued_at: float, eta: Any) -> float:
+    """When a task queued at ``queued_at`` could first run: then, or at its ``eta`` (a countdown)."""
+    if isinstance(eta, str):
+        with contextlib.suppress(ValueError):
+            eta = datetime.fromisoformat(eta)
+    if isinstance(eta, datetime) and eta.tzinfo is not None:
+        return max(queued_at, eta.timestamp())
+    return queued_at
 
 
 def _task_ended(**kwargs: Any) -> None:

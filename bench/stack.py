@@ -199,6 +199,8 @@ class Stack:
         llm_latency: seconds the fake Messages API waits before answering (streamed or not).
         concurrency: Celery worker threads (None: the product's default, as agentflow_run uses).
         workers: Celery worker processes, each with ``concurrency`` threads ("worker", "worker 2", ...).
+            With several, each worker's database pool is cut as agentflow_run cuts it
+            (``runtime.worker_pool_max``), unless ``AGENTFLOW_DB_POOL_MAX`` is set.
         env: more environment for all three processes.
     """
 
@@ -229,8 +231,13 @@ class Stack:
             "AGENTFLOW_CACHE_PREFIX": self.tag,
             **self.env,
         }
-        # As agentflow_run: only the worker is told its concurrency (it sizes its database pool by it).
+        # As agentflow_run: only the worker is told its concurrency (it sizes its database pool by it),
+        # and several workers share PostgreSQL's connections with the web server.
         worker_env = {**env, "AGENTFLOW_WORKER_CONCURRENCY": str(concurrency)}
+        if self.workers > 1 and not env.get("AGENTFLOW_DB_POOL_MAX"):
+            web_pool = settings.DATABASES["default"]["OPTIONS"].get("pool", {}).get("max_size", 1)
+            pool = runtime.worker_pool_max(workers=self.workers, concurrency=concurrency, web_pool=web_pool)
+            worker_env["AGENTFLOW_DB_POOL_MAX"] = str(pool)
         self.concurrency = concurrency
         python = sys.executable
         self.procs = {

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentflow.metrics import STAGES
 from agentflow.testing.fake_anthropic import FakeReply
-from agentflow.worker import WorkerMetricsServer
+from agentflow.worker import WorkerMetricsServer, _due
 from agentflow_project.asgi import application
 from conversations.chat_tokens import chat_token_create
 from conversations.models import Message
@@ -109,6 +109,11 @@ async def test_metrics_after_turns_count_turns_stages_tokens_and_errors(celery_w
         billed = sum(b["usage"][f"{kind}_tokens"] for b in bodies)
         assert billed > 0
         assert _delta(before, after, "agentflow_llm_tokens_total", model=MODEL, kind=kind) == billed
+    # Each turn's task waited in the queue (from its publish to a worker thread) once: four tasks, no retry.
+    task = "agentflow.process_turn"
+    assert _delta(before, after, "agentflow_task_queue_seconds_count", task=task) == 4
+    waited = _delta(before, after, "agentflow_task_queue_seconds_sum", task=task)
+    assert 0 < waited < 40  # an idle worker: seconds at most, never the Unix time of the publish
     # Every stage's histogram has the same buckets; none is left undeclared.
     assert set(STAGES) == {"embed", "thread", "classify", "retrieve", "llm", "store", "total"}
     # The worker's heartbeat thread beats (every AGENTFLOW_WORKER_HEARTBEAT_SECONDS).
@@ -235,6 +240,14 @@ def test_metrics_for_staff_only_when_allowed(settings: Any) -> None:
 
 def test_metrics_is_read_only() -> None:
     assert Client().post("/metrics").status_code == 405
+
+
+def test_a_countdown_is_not_counted_as_waiting_in_the_queue() -> None:
+    queued = 1_800_000_000.0
+    assert _due(queued, None) == queued
+    assert _due(queued, "2027-01-15T08:00:05+00:00") == 1_800_000_005.0  # queued with a 5 s countdown
+    assert _due(queued, "2027-01-15T07:59:00+00:00") == queued  # an eta already past when queued
+    assert _due(queued, "not a time") == queued
 
 
 def test_the_worker_serves_its_own_metrics_on_its_port(settings: Any) -> None:
