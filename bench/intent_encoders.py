@@ -35,6 +35,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,39 +44,43 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 
 
-class StoredVectors:
-    """An embedder that answers from a file of precomputed vectors."""
+class _NoEncoder:
+    """The inner encoder of ``StoredVectors``: every text must be in the file."""
 
-    def __init__(self, path: Path) -> None:
-        import numpy as np
-
-        stored = np.load(path, allow_pickle=False)
-        vectors = stored["vectors"].astype(np.float32)
-        self.name = str(stored["name"]) if "name" in stored else path.stem
-        self.model_id = self.name
-        self.dimensions = int(vectors.shape[1])
-        self.vectors = dict(zip(stored["texts"].tolist(), vectors, strict=True))
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def embed(self, texts: Sequence[str]):
-        import numpy as np
-
-        missing = [t for t in texts if t not in self.vectors]
-        if missing:
-            raise SystemExit(
-                f"intent_encoders: {self.name} has no vector for {missing[0]!r} ({len(missing)} missing)"
-            )
-        if not texts:
-            return np.zeros((0, self.dimensions), dtype=np.float32)
-        return np.stack([self.vectors[t] for t in texts])
-
-    def embed_one(self, text: str):
-        return self.embed([text])[0]
-
-    def save(self) -> None:
-        pass
+        raise SystemExit(
+            f"intent_encoders: {self.name} has no vector for {texts[0]!r} ({len(texts)} missing)"
+        )
 
 
-def test_accuracy(embedder: StoredVectors, datasets: Path) -> dict[str, float]:
+def _stored_vectors_class():
+    """``StoredVectors``, built on ``intent_eval.CachedEmbedder`` (its ``embed``, ``embed_one`` and
+    ``save``) once ``bench/`` is on the path."""
+    from intent_eval import CachedEmbedder
+
+    class StoredVectors(CachedEmbedder):
+        """An embedder that answers from a file of precomputed vectors (any dimension)."""
+
+        def __init__(self, path: Path) -> None:  # loads no encoder, unlike the parent
+            import numpy as np
+
+            stored = np.load(path, allow_pickle=False)
+            vectors = stored["vectors"].astype(np.float32)
+            self.name = str(stored["name"]) if "name" in stored else path.stem
+            self.model_id = self.name
+            self.graph = ""
+            self.path = None  # never written back
+            self.dimensions = int(vectors.shape[1])
+            self.inner = _NoEncoder(self.name)
+            self.vectors = dict(zip(stored["texts"].tolist(), vectors, strict=True))
+
+    return StoredVectors
+
+
+def test_accuracy(embedder: Any, datasets: Path) -> dict[str, float]:
     from intent_eval import categories_from, read
 
     from intents.classifier import IntentClassifier
@@ -95,7 +100,7 @@ def test_accuracy(embedder: StoredVectors, datasets: Path) -> dict[str, float]:
     return scores
 
 
-def folds(embedder: StoredVectors, datasets: Path, quiet: bool) -> dict[str, float]:
+def folds(embedder: Any, datasets: Path, quiet: bool) -> dict[str, float]:
     from intent_eval import run_folds
 
     args = argparse.Namespace(
@@ -170,7 +175,8 @@ def main() -> None:
         classifier.FULL_CONFIDENCE_SIMILARITY = args.full_confidence
     if not classifier.OUT_OF_SCOPE_SIMILARITY < classifier.FULL_CONFIDENCE_SIMILARITY:
         parser.error("--out-of-scope must be below --full-confidence")
-    embedders = [StoredVectors(path) for path in args.files]
+    stored_vectors = _stored_vectors_class()
+    embedders = [stored_vectors(path) for path in args.files]
     if args.sweep:
         for embedder in embedders:
             print(
