@@ -183,7 +183,7 @@ def _fits_one_response(config: LLMConfig) -> bool:
 
 
 class _Reply:
-    """A streamed reply put together from the Messages API's raw stream events.
+    """A streamed reply put together from the Messages API's raw stream events (their JSON objects).
 
     What the SDK's ``messages.stream()`` helper gives at the end (``get_final_message()``), for what
     ``LLMReply`` keeps: the model, the stop reason, the usage and the content blocks as JSON dicts.
@@ -202,52 +202,54 @@ class _Reply:
         self._pieces: dict[int, list[str]] = {}  # index -> text (or thinking) pieces
         self._json: dict[int, list[str]] = {}  # index -> a tool call's partial JSON
 
-    def feed(self, event: Any) -> str | None:
-        """Take one event; return the text it adds to a text block, if any."""
-        kind = event.type
+    def feed(self, event: dict[str, Any]) -> str | None:
+        """Take one event (its JSON object); return the text it adds to a text block, if any."""
+        kind = event.get("type")
         if kind == "content_block_delta":
-            delta = event.delta
-            what = delta.type
+            delta = event["delta"]
+            what = delta.get("type")
+            index = event["index"]
             if what == "text_delta":
-                pieces = self._pieces.get(event.index)
-                if pieces is None or self.blocks[event.index]["type"] != "text":
+                pieces = self._pieces.get(index)
+                if pieces is None or self.blocks[index]["type"] != "text":
                     return None
-                pieces.append(delta.text)
-                return str(delta.text)
+                text = str(delta["text"])
+                pieces.append(text)
+                return text
             if what == "input_json_delta":
-                self._json.setdefault(event.index, []).append(delta.partial_json)
+                self._json.setdefault(index, []).append(delta["partial_json"])
             elif what == "thinking_delta":
-                if self.blocks[event.index].get("type") == "thinking" and event.index in self._pieces:
-                    self._pieces[event.index].append(delta.thinking)
+                if self.blocks[index].get("type") == "thinking" and index in self._pieces:
+                    self._pieces[index].append(delta["thinking"])
             elif what == "signature_delta":
-                self.blocks[event.index]["signature"] = delta.signature
+                self.blocks[index]["signature"] = delta["signature"]
             elif what == "citations_delta":
-                citation = delta.citation.model_dump(mode="json", exclude_none=True)
-                self.blocks[event.index].setdefault("citations", []).append(citation)
+                self.blocks[index].setdefault("citations", []).append(_without_none(delta["citation"]))
         elif kind == "content_block_start":
-            block = event.content_block.model_dump(mode="json", exclude_none=True)
-            while len(self.blocks) <= event.index:
+            index = event["index"]
+            block = _without_none(event["content_block"])
+            while len(self.blocks) <= index:
                 self.blocks.append({})
-            self.blocks[event.index] = block
+            self.blocks[index] = block
             field_ = _GATHERED.get(block.get("type", ""))
             if field_ is not None:
-                self._pieces[event.index] = [block.get(field_, "")]
+                self._pieces[index] = [block.get(field_, "")]
         elif kind == "content_block_stop":
-            self._close(event.index)
+            self._close(event["index"])
         elif kind == "message_start":
-            message = event.message
-            self.model = message.model
-            self.stop_reason = message.stop_reason or ""
-            self._count(message.usage)
+            message = event["message"]
+            self.model = str(message.get("model") or "")
+            self.stop_reason = message.get("stop_reason") or ""
+            self._count(message.get("usage"))
         elif kind == "message_delta":
-            self.stop_reason = event.delta.stop_reason or ""
-            self._count(event.usage)
+            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or ""
+            self._count(event.get("usage"))
         return None
 
-    def _count(self, usage: Any) -> None:
+    def _count(self, usage: dict[str, Any] | None) -> None:
         # Counts on a message_delta are running totals; one it leaves out keeps message_start's.
         for name in ("input_tokens", "output_tokens"):
-            value = getattr(usage, name, None)
+            value = usage.get(name) if usage else None
             if value is not None:
                 self.usage[name] = int(value)
 
@@ -278,13 +280,20 @@ class _Reply:
 _GATHERED = {"text": "text", "thinking": "thinking"}
 
 
-async def _stream_reply(client: Any, kwargs: dict[str, Any], on_text: TextCallback) -> _Reply:
+async def _stream_reply(client: Any, body: dict[str, Any], on_text: TextCallback) -> _Reply:
     """Ask for the reply streamed, hand each text delta to ``on_text``, and return it put together."""
+    from . import llm_wire
+
     reply = _Reply()
-    stream = await client.messages.create(**kwargs, stream=True)
+    if llm_wire.takes_plain_json(client):
+        stream: Any = await llm_wire.stream_message(client, body)
+        plain = True
+    else:  # Bedrock, Vertex, a traced client, a stand-in: its own create() and event models
+        stream = await client.messages.create(**_create_kwargs(body), stream=True)
+        plain = False
     async with stream:
         async for event in stream:
-            text = reply.feed(event)
+            text = reply.feed(event if plain else _without_none(event.model_dump(mode="json")))
             if text:
                 await on_text(text)
     reply.finish()
@@ -292,6 +301,42 @@ async def _stream_reply(client: Any, kwargs: dict[str, Any], on_text: TextCallba
         # The SDK's helper fails the same way (no message_start, no message): say it as an LLMError.
         raise _IncompleteStream("the reply's stream ended before it began (no message_start)")
     return reply
+
+
+async def _whole_reply(client: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Ask for the reply whole; its JSON object."""
+    from . import llm_wire
+
+    if llm_wire.takes_plain_json(client):
+        message = await llm_wire.create_message(client, body)
+    else:
+        message = (await client.messages.create(**_create_kwargs(body))).model_dump(mode="json")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        raise _IncompleteStream(
+            f"the API answered with something other than a message: {str(message)[:200]!r}"
+        )
+    return message
+
+
+def _create_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as arguments of the SDK's ``messages.create`` (sampling parameters go in ``extra_body``)."""
+    kwargs = dict(body)
+    kwargs["extra_body"] = {"temperature": kwargs.pop("temperature")}
+    return kwargs
+
+
+def _without_none(value: Any) -> Any:
+    """A block (or event) as the SDK's ``model_dump(exclude_none=True)`` gave it: no null fields at
+    any depth, except inside a tool call's ``input``, which is the model's JSON as it came."""
+    if isinstance(value, dict):
+        return {
+            key: item if key == "input" else _without_none(item)
+            for key, item in value.items()
+            if item is not None
+        }
+    if isinstance(value, list):
+        return [_without_none(item) for item in value]
+    return value
 
 
 class _IncompleteStream(Exception):
@@ -383,25 +428,24 @@ class AnthropicBackend(LLMBackend):
         client = copies.get(options)
         if client is None:
             client = copies[options] = base.with_options(max_retries=options[0], timeout=options[1])
-        kwargs: dict[str, Any] = {
+        body: dict[str, Any] = {
             "model": config.model,
             "max_tokens": config.max_tokens,
             "system": system,
             "messages": messages,
-            # SDK 2.x no longer takes sampling parameters as arguments; they go in the body.
-            "extra_body": {"temperature": config.temperature},
+            "temperature": config.temperature,
         }
         if tools:
-            kwargs["tools"] = tools
+            body["tools"] = tools
         if tool_choice:
-            kwargs["tool_choice"] = tool_choice
+            body["tool_choice"] = tool_choice
         whole = on_text is None or (_whole.get() and _fits_one_response(config))
         started = time.perf_counter()
         try:
             if whole or on_text is None:
-                message = await client.messages.create(**kwargs)
+                message = await _whole_reply(client, body)
             else:
-                streamed = await _stream_reply(client, kwargs, on_text)
+                streamed = await _stream_reply(client, body, on_text)
         except anthropic.APIStatusError as exc:
             status = _error_status(exc)
             metrics.llm_call_count(model=config.model, error=metrics.llm_error_kind(status))
@@ -418,11 +462,12 @@ class AnthropicBackend(LLMBackend):
             raise LLMError(str(exc), transient=True) from exc
         latency_ms = (time.perf_counter() - started) * 1000
         if whole or on_text is None:
-            blocks = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
-            model, stop_reason = message.model, message.stop_reason or ""
+            blocks = [_without_none(block) for block in message["content"]]
+            model, stop_reason = str(message.get("model") or ""), message.get("stop_reason") or ""
+            counts = message.get("usage") or {}
             usage = {
-                "input_tokens": int(message.usage.input_tokens or 0),
-                "output_tokens": int(message.usage.output_tokens or 0),
+                "input_tokens": int(counts.get("input_tokens") or 0),
+                "output_tokens": int(counts.get("output_tokens") or 0),
             }
         else:
             blocks, usage = streamed.blocks, streamed.usage

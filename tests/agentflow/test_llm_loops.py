@@ -292,28 +292,19 @@ def test_an_error_event_in_the_middle_of_a_stream_is_an_llm_error_transient_as_i
 def test_a_stream_that_breaks_off_inside_a_tool_calls_input_is_an_incomplete_stream() -> None:
     """The stream ends (cleanly, as a proxy may end it) in the middle of a tool call's JSON: the
     backend says the stream was incomplete (a transient LLMError), not a JSON ValueError."""
-    from types import SimpleNamespace as Event
-
     from agentflow.llm import _IncompleteStream, _Reply
 
-    class Block:
-        def __init__(self, **fields: object) -> None:
-            self.fields = fields
-
-        def model_dump(self, **_: object) -> dict[str, object]:
-            return dict(self.fields)
-
     reply = _Reply()
-    reply.feed(Event(type="message_start", message=Event(model="m", stop_reason=None, usage=Event())))
+    reply.feed({"type": "message_start", "message": {"model": "m", "stop_reason": None, "usage": {}}})
     reply.feed(
-        Event(type="content_block_start", index=0, content_block=Block(type="tool_use", name="lookup"))
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "name": "lookup"}}
     )
     reply.feed(
-        Event(
-            type="content_block_delta",
-            index=0,
-            delta=Event(type="input_json_delta", partial_json='{"order": "A1'),
-        )
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": '{"order": "A1'},
+        }
     )
 
     with pytest.raises(_IncompleteStream, match="tool call 'lookup'"):
