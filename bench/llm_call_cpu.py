@@ -12,6 +12,10 @@ both see the same machine; the medians over rounds and their spread are printed 
     tool       a streamed reply with a sentence and a tool call (input_json deltas)
 
     python bench/llm_call_cpu.py [--base /work/wt-base/agentflow/llm.py] [--calls 300] [--rounds 5]
+        [--threads 1]
+
+With ``--threads T`` the calls run on T threads at once, each with its own event loop and client
+(as the Celery worker's threads), and the CPU is the sum of those threads' ``thread_time``.
 
 The request is a turn's usual size: a ~1,000-character system prompt and 7 history messages.
 """
@@ -23,6 +27,7 @@ import asyncio
 import importlib.util
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,30 @@ async def measure(backend: Any, server: FakeAnthropicServer, kind: str, calls: i
     return (time.thread_time() - started) * 1000 / calls
 
 
+def measure_threads(backend: Any, server: FakeAnthropicServer, kind: str, calls: int, threads: int) -> float:
+    """As ``measure``, on ``threads`` threads at once, each with its own event loop (as Celery's
+    worker threads are): the CPU of all of them per call, their switching included."""
+    spent: list[float] = []
+
+    def work() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            per_call = loop.run_until_complete(measure(backend, server, kind, calls // threads))
+            spent.append(per_call * (calls // threads))
+            loop.run_until_complete(backend.aclose())
+        finally:
+            loop.close()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if len(spent) != threads:
+        raise SystemExit(f"{threads - len(spent)} of the {threads} calling threads failed (see above)")
+    return sum(spent) / (threads * (calls // threads))
+
+
 async def run(args: argparse.Namespace, server: FakeAnthropicServer) -> None:
     import anthropic
 
@@ -95,21 +124,34 @@ async def run(args: argparse.Namespace, server: FakeAnthropicServer) -> None:
     other = load_backend_module(args.base)
     backends = {}
     for name, module in (("base", other), ("this", this)):
-        client = anthropic.AsyncAnthropic(api_key="bench-key", base_url=server.base_url, max_retries=2)
-        backends[name] = module.backend_for(client)
+
+        def client(module: Any = module) -> Any:
+            made = anthropic.AsyncAnthropic(api_key="bench-key", base_url=server.base_url, max_retries=2)
+            return module._on_aiohttp(made)
+
+        # One thread: the client given to build(); threads: a client per event loop, as the worker's.
+        backend = module.backend_for(client()) if args.threads == 1 else None
+        backends[name] = backend or module.AnthropicBackend(client_factory=client)
     results: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
         order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
         for kind in KINDS:
             for name in order:
-                ms = await measure(backends[name], server, kind, args.calls)
+                if args.threads > 1:
+                    ms = await asyncio.to_thread(
+                        measure_threads, backends[name], server, kind, args.calls, args.threads
+                    )
+                else:
+                    ms = await measure(backends[name], server, kind, args.calls)
                 results.setdefault((kind, name), []).append(ms)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    for backend in backends.values():
-        await backend.aclose()
-        await backend.client().close()
+    if args.threads == 1:
+        for backend in backends.values():
+            await backend.aclose()
+            await backend.client().close()
 
-    print(f"CPU ms per call (calling thread), median of {args.rounds} rounds of {args.calls} calls [min-max]")
+    who = "calling thread" if args.threads == 1 else f"{args.threads} calling threads, each its own loop"
+    print(f"CPU ms per call ({who}), median of {args.rounds} rounds of {args.calls} calls [min-max]")
     print(f"{'call':<10} {'base':>22} {'this':>22} {'change':>8}")
     for kind in KINDS:
         base, mine = results[(kind, "base")], results[(kind, "this")]
@@ -128,9 +170,10 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("/work/wt-base/agentflow/llm.py"))
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="threads calling at once (1)")
     args = parser.parse_args()
-    if args.calls < 1 or args.rounds < 1:
-        parser.error("--calls and --rounds must be at least 1")
+    if args.calls < 1 or args.rounds < 1 or not 1 <= args.threads <= args.calls:
+        parser.error("--calls and --rounds must be at least 1, --threads from 1 to --calls")
     if not args.base.is_file():
         parser.error(f"--base {args.base} is not a file")
     with FakeAnthropicServer() as server:
