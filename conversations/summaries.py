@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .models import Message
+
+if TYPE_CHECKING:
+    from .selectors import HistoryMessage
 
 FIRST_SENTENCE = re.compile(r"^(.{1,160}?[.!?])(\s|$)", re.DOTALL)
 
@@ -17,10 +21,11 @@ def gist(text: str, limit: int = 160) -> str:
     return gist if len(gist) <= limit else gist[: limit - 1].rstrip() + "…"
 
 
-def extractive_summary(messages: Sequence[Message], *, max_chars: int = 1200) -> str:
+def extractive_summary(messages: Sequence[Message | HistoryMessage], *, max_chars: int = 1200) -> str:
     """The gist of earlier messages, oldest first: what the user asked and what they were told.
 
-    Extractive (first sentence of each message) so that it costs nothing and works offline.
+    Extractive (first sentence of each message) so that it costs nothing and works offline. Reads
+    each message's ``role`` and ``content`` only (a model instance or a row of them).
     """
     lines: list[str] = []
     for message in messages:

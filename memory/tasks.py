@@ -39,9 +39,18 @@ def _agent_of(user: EndUser) -> Any:
     return agent_for(user.agent.name, version=user.agent.version)
 
 
+# What the memory's texts read of a thread's messages (memory.writing): a resolved thread's job runs
+# once per resolution, over the whole thread; its five JSON columns, decoded per message, were most
+# of that job's CPU. Another field, if ever read, is fetched by Django on first access.
+_MEMORY_FIELDS = ("id", "role", "content", "thread_event", "reply_to", "handled_by", "created_at")
+
+
 def _thread_messages(thread: Thread) -> list[Message]:
     return list(
-        Message.objects.filter(thread=thread).exclude(role=Message.Role.SYSTEM).order_by("created_at")
+        Message.objects.filter(thread=thread)
+        .exclude(role=Message.Role.SYSTEM)
+        .only(*_MEMORY_FIELDS)
+        .order_by("created_at")
     )
 
 

@@ -267,6 +267,46 @@ def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> Non
     assert all(c.usable for c in _THREAD_HISTORY._by_connection[connections["default"]].values())
 
 
+def test_thread_earlier_than_window_is_the_older_finished_rows_oldest_first_every_run() -> None:
+    from conversations.selectors import _THREAD_EARLIER, thread_earlier_than_window
+
+    first = MessageFactory(content="one", role=Message.Role.USER, status=Message.Status.DONE)
+    thread = first.thread
+    rest = [
+        MessageFactory(
+            user=first.user, session=first.session, thread=thread, content=text, role=role, status=status
+        )
+        for text, role, status in (
+            ("two", Message.Role.ASSISTANT, Message.Status.DONE),
+            ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
+            ("four", Message.Role.USER, Message.Status.DONE),
+            ("five", Message.Role.ASSISTANT, Message.Status.DONE),
+            ("six", Message.Role.USER, Message.Status.PROCESSING),  # the turn's own message
+        )
+    ]
+    step = timedelta(seconds=1)
+    for i, message in enumerate([first, *rest]):
+        Message.objects.filter(pk=message.pk).update(created_at=timezone.now() - step * (10 - i))
+    current = Message.objects.get(pk=rest[-1].pk)
+
+    for _ in range(2):  # the second run reuses the compiled SQL
+        rows = thread_earlier_than_window(thread=thread, window=1, before=current)
+        assert [(r.role, r.content) for r in rows] == [
+            ("user", "one"),
+            ("assistant", "two"),
+            ("user", "four"),
+        ]
+    # The ORM's own answer (model instances) for the same window and limit.
+    orm = (
+        Message.objects.filter(thread=thread, created_at__lt=current.created_at)
+        .exclude(status=Message.Status.PENDING)
+        .order_by("-created_at")[2:4]
+    )
+    rows = thread_earlier_than_window(thread=thread, window=2, before=current, limit=2)
+    assert [r.content for r in rows] == [m.content for m in reversed(orm)] == ["one", "two"]
+    assert all(c.usable for c in _THREAD_EARLIER._by_connection[connections["default"]].values())
+
+
 @pytest.mark.django_db(transaction=True)
 def test_another_threads_connection_reuses_the_compile_and_gets_the_orms_rows() -> None:
     """A Celery worker runs each turn's database steps on one thread per worker thread: each has a

@@ -456,3 +456,25 @@ def test_rescrub_refuses_a_bad_batch_size_and_changes_nothing() -> None:
 
     memory.refresh_from_db()
     assert (memory.content, memory.approved) == (f"Problem: {LEAK}", True)
+
+
+@pytest.mark.django_db
+def test_the_memory_jobs_read_of_a_thread_has_every_field_the_memory_text_uses(
+    settings, django_assert_num_queries
+) -> None:
+    """``_thread_messages`` reads a few columns (``.only``): a field ``memory.writing`` reads and the
+    list left out would cost a query per message; the resolution memory is still the thread's text."""
+    from memory.tasks import _thread_messages
+
+    _use_config(settings, None)
+    thread = _resolved_thread("ann", LEAK, RESET)
+    messages = _thread_messages(thread)
+    assert [m.content for m in messages] == [LEAK, RESET]
+    with django_assert_num_queries(0):
+        seen = [(m.pk, m.role, m.content, m.thread_event, m.reply_to_id, m.handled_by) for m in messages]
+    assert [s[1] for s in seen] == [Message.Role.USER, Message.Role.ASSISTANT]
+
+    assert remember_resolution(str(thread.pk)) == "remembered"
+    memory = Memory.objects.get(kind="episodic")
+    assert f"What helped: {RESET}" in memory.content
+    assert memory.source["messages"] == [str(m.pk) for m in messages]
