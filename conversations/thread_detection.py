@@ -13,7 +13,9 @@
    ("who do I ring?") is not taken for an unrelated subject.
 5. Rules for topic shifts (task profile): an answer to the assistant's own question ("Where are you
    headed?" -> "I am going to Atlanta") stays in the thread; "One more: ...", "Now find me ..." and a
-   request for another action right after the assistant reported the last one done open a new one.
+   request for another action right after the assistant reported the last one done open a new one; so
+   does a bare subject of its own mid-thread ("Do you sell gift cards?" after a delivery problem), when
+   it uses none of the thread's words and leans on nothing it said ("Is there a fee?" stays).
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -612,6 +614,57 @@ def new_subject_after_resolution(text: str, words: set[str], novelty: float, sim
     return bool(WANTS.search(text)) or len(words) >= UNRELATED_MIN_WORDS
 
 
+# A bare new subject in the middle of a thread (no "also", "by the way", no fix before it): the message
+# stands on its own. It asks what the business offers ("Do you sell gift cards?"), how to do something
+# with its own object ("How do I pay for the school trip online?"), asks for an action on a thing it
+# names ("Skip next week's delivery please"), or states a problem of a thing it names ("My home
+# insurance renewal letter says the price has doubled."). A new detail of the same problem leans on the
+# thread instead: a pronoun or "one" for its thing ("the broken one"), a continuity word ("still",
+# "now", "as well", "in the meantime"), a word of the thread, or a short question whose object the
+# thread implies ("Is there a fee?", "Who pays for the hotel tonight?").
+OFFERS_QUESTION = re.compile(
+    r"^\W*(do|does|can|will) (you|your [a-z]+) (sell|offer|do|have|take|deliver|ship|accept|price[- ]match"
+    r"|stock|provide|fix|repair|run|support|carry|hire|rent|insure|cover|lend|install|open)\b",
+    re.IGNORECASE,
+)
+HOW_TO_QUESTION = re.compile(
+    r"^\W*((how|where) (do|can|should) (i|we)|(can|could|may) (i|we))\b", re.IGNORECASE
+)
+OWN_PROBLEM = re.compile(r"^\W*(my|our|i'?ve lost my|i lost my|i have lost my) [a-z]+", re.IGNORECASE)
+IMPERATIVE = re.compile(
+    r"^\W*(please )?(book|skip|cancel|move|send|order|renew|pause|switch|add|remove|upgrade|downgrade|reserve"
+    r"|schedule|register|sign)\b",
+    re.IGNORECASE,
+)
+LEANS_ON_THREAD = re.compile(
+    r"\b(it|its|it's|that|this|those|these|them|there|then|same|still|again|now|yet|anymore|even|instead"
+    r"|either|too|also|as well|meantime|meanwhile|though|but|rather|other|another|else|one|ones|first|last"
+    r"|next time|rest|before|after|done|already|any|anything|something)\b",
+    re.IGNORECASE,
+)
+OWN_SUBJECT_MIN_WORDS = 3
+OWN_SUBJECT_SIMILARITY = 0.35
+
+
+def names_own_subject(text: str, words: set[str], vocabulary: set[str], similarity: float) -> bool:
+    """The message opens a subject of its own, in none of the thread's words and leaning on nothing
+    the thread said (see OFFERS_QUESTION above)."""
+    if len(words) < OWN_SUBJECT_MIN_WORDS or similarity >= OWN_SUBJECT_SIMILARITY:
+        return False
+    if LEANS_ON_THREAD.search(text) or DETAIL_OF_IT.search(text) or words & vocabulary:
+        return False  # (the thread's words, request words included; shared_subject adds stems)
+    if shared_subject(words, vocabulary):
+        return False
+    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or NOT_FIXED_CUE.search(text):
+        return False
+    return bool(
+        OFFERS_QUESTION.match(text)
+        or HOW_TO_QUESTION.match(text)
+        or IMPERATIVE.match(text)
+        or (OWN_PROBLEM.match(text) and "?" not in text)
+    )
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     norm = float(np.linalg.norm(b))
     return float(a @ b) / norm if norm else 0.0
@@ -764,7 +817,23 @@ def decide_thread(
         p_new < model.new_topic.threshold and model.profile == "task" and opens_another_request(text, novelty)
     )
     another_request = another_request and p_new < model.new_topic.threshold
-    if p_new >= model.new_topic.threshold or after_done or opener or another_request or after_resolved:
+    own_subject = (
+        p_new < model.new_topic.threshold
+        and task
+        and not active.resolved
+        and not asked_a_question(assistant_text)
+        and names_own_subject(
+            text, words, active.state.vocabulary, max(sims[0], _cos(embedding, active.state.last_user))
+        )
+    )
+    if (
+        p_new >= model.new_topic.threshold
+        or after_done
+        or opener
+        or another_request
+        or after_resolved
+        or own_subject
+    ):
         close = [
             (s, c)
             for s, c in others
@@ -787,6 +856,8 @@ def decide_thread(
             reason = "asks for something else as well (not the scorer)"
         elif after_resolved:
             reason = "another subject after the thread was resolved (not the scorer)"
+        elif own_subject:
+            reason = "a subject of its own, leaning on nothing the thread said (not the scorer)"
         return ThreadDecision(
             ThreadEvent.NEW_TOPIC,
             None,

@@ -18,6 +18,7 @@ from conversations.thread_detection import (
     answers_not_outcome,
     answers_slot_question,
     decide_thread,
+    names_own_subject,
     new_request_after_done,
     new_subject_after_resolution,
     opens_another_request,
@@ -406,3 +407,151 @@ def test_the_additive_rules_say_they_placed_the_message_and_are_for_the_task_pro
     vetoed = place_after(DISPUTE, "I also need a new PIN, I forgot mine.")
     assert vetoed.signals["resolution_vetoed"] == "asks for something else"
     assert vetoed.signals["p_resolution"] >= load_model("task").resolution.threshold
+
+
+# --- a bare new subject mid-thread, with no marker, against a new detail of the same problem that leans
+# on the thread. Cases from the support chats' tuning part (bench/data/support_turns.jsonl, "-u" chats):
+# the shifts were FOLLOW_UP before; the follow-ups stay FOLLOW_UP. -----------------------------------
+
+BARE = [
+    (
+        (
+            "I ordered a lamp last week and the tracking hasn't moved since Monday.",
+            "It's at the courier's depot and should move in the next day or two.",
+        ),
+        "Do you sell gift cards?",
+        "NEW_TOPIC",
+    ),
+    (
+        (
+            "Excel crashes every time I open a file from SharePoint.",
+            "Please try repairing Office from Settings > Apps, then open the file again.",
+        ),
+        "Where do I find the licence key for Visio?",
+        "NEW_TOPIC",
+    ),
+    (
+        (
+            "My dog's vaccination reminder says overdue, but we did it in March.",
+            "I'll check his record and update it.",
+        ),
+        "Book the cat in for a nail trim next week.",
+        "NEW_TOPIC",
+    ),
+    (
+        ("The air conditioning in room 512 isn't cooling.", "Maintenance will be up within 20 minutes."),
+        "Can I get a late checkout on Sunday?",
+        "NEW_TOPIC",
+    ),
+    (
+        ("My box came without the recipe cards.", "You can find all the recipes in the app under This Week."),
+        "Skip next week's delivery please.",
+        "NEW_TOPIC",
+    ),
+    (
+        (
+            "The movers scratched my dining table.",
+            "Sorry about that. Send us photos and we'll open a damage claim.",
+        ),
+        "Do you offer storage for a few months?",
+        "NEW_TOPIC",
+    ),
+    # a question or detail that leans on the thread: its object is what the thread is about
+    (
+        (
+            "My debit card snapped in half.",
+            "I've ordered a replacement; it will arrive in 3 to 5 working days.",
+        ),
+        "Is there a fee?",
+        "FOLLOW_UP",
+    ),
+    (
+        ("My flight to Lisbon was cancelled.", "I've rebooked you on tomorrow's 9:40 flight."),
+        "Who pays for the hotel tonight?",
+        "FOLLOW_UP",
+    ),
+    (
+        (
+            "My phone screen is cracked, can you fix it?",
+            "Yes, a screen replacement is 129 euros and takes about an hour.",
+        ),
+        "Will I lose my photos?",
+        "FOLLOW_UP",
+    ),
+    (
+        ("There's been no hot water since this morning.", "An engineer will come between 2 and 6 today."),
+        "Does someone need to be home?",
+        "FOLLOW_UP",
+    ),
+    (
+        (
+            "The parking machine took my money but gave no ticket.",
+            "I've logged it; the refund goes back to your card within 5 days.",
+        ),
+        "What do I show the warden in the meantime?",
+        "FOLLOW_UP",
+    ),
+    (
+        (
+            "The driver gave my order to someone else.",
+            "I'm sorry; I've sent a new order, it will arrive in about 30 minutes.",
+        ),
+        "Do I get charged for the second one?",
+        "FOLLOW_UP",
+    ),
+    (
+        (
+            "My new SIM hasn't activated after 24 hours.",
+            "I've pushed the activation again; please restart your phone in an hour.",
+        ),
+        "Do I keep my old number?",
+        "FOLLOW_UP",
+    ),
+    (
+        ("My grocery order is missing the eggs.", "I've refunded 3.20 for the eggs."),
+        "The tomatoes were squashed as well.",
+        "FOLLOW_UP",
+    ),
+]
+
+
+@pytest.mark.parametrize(("context", "text", "expected"), BARE)
+def test_a_bare_new_subject_opens_a_thread_and_a_detail_that_leans_on_it_does_not(
+    context: tuple[str, str], text: str, expected: str
+) -> None:
+    decision = place_after(context, text)
+
+    assert decision.event == expected, decision.signals
+
+
+@pytest.mark.parametrize(
+    ("text", "vocabulary", "similarity", "expected"),
+    [
+        ("Do you sell gift cards?", {"lamp", "tracking"}, 0.07, True),
+        ("How do I pay for the school trip online?", {"timetable", "portal"}, 0.33, True),
+        ("Skip next week's delivery please.", {"recipe", "cards"}, 0.24, True),
+        # too close to the thread, or in its words
+        ("Do you sell gift cards?", {"lamp", "tracking"}, 0.40, False),
+        ("Do you sell gift cards?", {"gift", "vouchers"}, 0.07, False),
+        # leans on the thread: a pronoun, "one", a continuity word, a detail of what it found
+        ("Can I have my money back rather than a new one?", {"courier", "parcel"}, 0.1, False),
+        ("Can I still drive it to work?", {"tree", "car", "claim"}, 0.1, False),
+        ("Can I know the total cost?", {"hotel", "booking"}, 0.1, False),
+        ("Do you have anything starring Dimiter Marinov?", {"movie", "drama"}, 0.1, False),
+        # not a self-contained form: a short or open question whose object the thread implies
+        ("Is there a fee?", {"card", "replacement"}, 0.16, False),
+        ("Who pays for the hotel tonight?", {"flight", "cancelled"}, 0.13, False),
+    ],
+)
+def test_names_own_subject(text: str, vocabulary: set[str], similarity: float, expected: bool) -> None:
+    assert names_own_subject(text, content_words(text), vocabulary, similarity) is expected
+
+
+def test_the_own_subject_rule_is_for_the_task_profile_only() -> None:
+    problem, reply = BARE[0][0]
+    task = place_after((problem, reply), "Do you sell gift cards?")
+    chitchat = place_after((problem, reply), "Do you sell gift cards?", profile="chitchat")
+
+    assert task.signals["p_new_topic"] < load_model("task").new_topic.threshold
+    assert task.signals["reason"].startswith("a subject of its own")
+    assert not chitchat.signals["reason"].startswith("a subject of its own")
