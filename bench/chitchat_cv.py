@@ -8,12 +8,14 @@ running-mean topic, the last 300 words), as ``Agent.detect_thread`` does through
 TIAGE turn is a user turn and arrives at once (no dormancy).
 
 ``--resolution`` compares how the chitchat profile resolves: ``scorer`` (the task profile's resolution
-scorer alone: what 0.3.x shipped), ``farewell`` (only a farewell resolves: the shipped rule) or
-``never``. Per variant and threshold it prints NEW_TOPIC F1 per fold (mean ± sd [min, max]), the turns
-placed as RESOLUTION, and F1 with each fold's threshold chosen on the other four. ``--dev`` also replays
-TIAGE dev with the scorer trained on all of train (a second check, never used to choose).
+scorer alone: what ships), ``farewell`` (only a farewell may resolve) or ``never`` (both measured, not
+shipped). Per variant and threshold it prints NEW_TOPIC F1 per fold (mean ± sd [min, max]), the turns
+placed as RESOLUTION, F1 with each fold's threshold chosen on the other four, and which turns a variant
+changed against ``scorer``. ``--dev`` also replays TIAGE dev with the shipped scorer (a second check,
+never used to choose). ``--replayed-rows`` also trains each fold's scorer on the states the pipeline
+builds itself (the other folds replayed, nested).
 
-    python bench/chitchat_cv.py --cache /tmp/tiage.npz [--dev]
+    python bench/chitchat_cv.py --cache /tmp/tiage.npz [--dev] [--replayed-rows] [--thresholds 0.25 0.275 ...]
 """
 
 from __future__ import annotations
@@ -201,28 +203,42 @@ def main() -> None:
 
     fitted = [scorer(folds != k, 0.5) for k in range(FOLDS)]
     by_fold = [[d for i, d in enumerate(tiage) if i % FOLDS == k] for k in range(FOLDS)]
+    dev_scorer = shipped.new_topic
     if args.replayed_rows:
-        # also train on the states the pipeline itself builds: each other fold replayed with its model
-        print("training on gold-segmentation rows + the other folds' replayed rows")
-        replayed_x, replayed_y, replayed_fold = [], [], []
-        for j in range(FOLDS):
-            model = replace(shipped, new_topic=replace(fitted[j], threshold=shipped.new_topic.threshold))
-            rows: list = []
-            gold, _, _ = replay(by_fold[j], seen, model, rows)
-            replayed_x += rows
-            replayed_y += gold
-            replayed_fold += [j] * len(gold)
-        rx, ry, rf = np.asarray(replayed_x), np.asarray(replayed_y, float), np.asarray(replayed_fold)
+        # Also train on the states the pipeline itself builds. Nested: for held-out fold k, each other
+        # fold j is replayed with a scorer that saw neither j nor k; for dev, each train fold with the
+        # scorer trained on the other four.
+        print("training on gold-segmentation rows + the other folds' replayed rows (nested)")
 
-        def fit_both(k: int) -> Scorer:
-            xs = np.concatenate([x[folds != k], rx[rf != k]])
-            ys = np.concatenate([y[folds != k], ry[rf != k]])
+        def fit(xs: np.ndarray, ys: np.ndarray, threshold: float = 0.5) -> Scorer:
             w, b, mean, scale = fit_logistic(xs, ys, l2=strengths)
-            return Scorer(
-                w.astype(np.float32), float(b), mean.astype(np.float32), scale.astype(np.float32), 0.5
-            )
+            f32 = np.float32
+            return Scorer(w.astype(f32), float(b), mean.astype(f32), scale.astype(f32), threshold)
 
-        fitted = [fit_both(k) for k in range(FOLDS)]
+        def replayed(j: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
+            rows: list = []
+            model = replace(shipped, new_topic=replace(scorer, threshold=shipped.new_topic.threshold))
+            gold, _, _ = replay(by_fold[j], seen, model, rows)
+            return np.asarray(rows), np.asarray(gold, dtype=float)
+
+        nested = []
+        for k in range(FOLDS):
+            parts_x, parts_y = [x[folds != k]], [y[folds != k]]
+            for j in range(FOLDS):
+                if j != k:
+                    inner = (folds != k) & (folds != j)
+                    rx, ry = replayed(j, fit(x[inner], y[inner]))
+                    parts_x.append(rx)
+                    parts_y.append(ry)
+            nested.append(fit(np.concatenate(parts_x), np.concatenate(parts_y)))
+        if dev:
+            parts = [replayed(j, fitted[j]) for j in range(FOLDS)]
+            dev_scorer = fit(
+                np.concatenate([x, *(p[0] for p in parts)]),
+                np.concatenate([y, *(p[1] for p in parts)]),
+                shipped.new_topic.threshold,
+            )
+        fitted = nested
     print(
         f"TIAGE train {len(tiage)} dialogues, {len(y)} scored turns; L2 {L2}, embedding x{EMBEDDING_FACTOR}"
     )
@@ -257,10 +273,10 @@ def main() -> None:
         )
         if dev:
             for threshold in sorted({float(thresholds[best]), shipped.new_topic.threshold}):
-                model = replace(gated, new_topic=replace(shipped.new_topic, threshold=threshold))
+                model = replace(gated, new_topic=replace(dev_scorer, threshold=threshold))
                 gold, events, _ = replay(dev, seen, model)
                 print(
-                    f"  {variant} dev (shipped scorer) at {threshold:.3f}: NEW_TOPIC F1 {f1(gold, events):.3f},"
+                    f"  {variant} dev ({'replayed rows' if args.replayed_rows else 'shipped scorer'}) at {threshold:.3f}: NEW_TOPIC F1 {f1(gold, events):.3f},"
                     f" RESOLUTION {events.count('RESOLUTION')} of {len(events)}"
                 )
         if variant != "scorer" and "scorer" in placed and variant in placed:
