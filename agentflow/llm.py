@@ -371,8 +371,10 @@ class AnthropicBackend(LLMBackend):
     threads each keep their own connections). A given ``client`` serves the event loop that first
     uses it; another loop (a script's memory jobs run on their own threads) gets a copy of it with a
     connection pool of its own: a pooled connection belongs to one loop, and sharing it failed those
-    calls with "Connection error". A copy keeps the key, base URL, headers and options, and gets the
-    SDK's default HTTP client of the same kind (httpx or aiohttp).
+    calls with "Connection error". That holds after the first loop has closed too (a script calling
+    ``asyncio.run`` twice): the given client's pool still belongs to the closed loop. A copy keeps
+    the key, base URL, headers and options, and gets the SDK's default HTTP client of the same kind
+    (httpx or aiohttp).
     """
 
     def __init__(self, client: Any = None, *, client_factory: Callable[[], Any] | None = None) -> None:
@@ -400,9 +402,9 @@ class AnthropicBackend(LLMBackend):
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is not None:
-            home = self._client_loop() if self._client_loop is not None else None
-            if home is None or home is loop or home.is_closed():
+            if self._client_loop is None:  # the given client's first loop becomes its home
                 self._client_loop = weakref.ref(loop)
+            if self._client_loop() is loop:
                 return self._client
         client = self._per_loop.get(loop)
         if client is None:

@@ -47,6 +47,29 @@ def test_a_given_client_answers_on_another_threads_loop_while_its_own_loop_lives
     assert (first, other, last) == ("reply 0", ["reply 1"], "reply 2")
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_given_client_answers_again_after_its_first_loop_closed(
+    anthropic_client, fake_llm, transport
+) -> None:
+    """A script that calls ``asyncio.run`` twice with one agent: the given client's pool belonged to the
+    first, closed loop, and reusing it failed the second call with "Connection error"."""
+    from agentflow.llm import backend_for
+
+    backend = backend_for(anthropic_client) if transport == "aiohttp" else AnthropicBackend(anthropic_client)
+    config = LLMConfig(model="claude-haiku-5-5", max_retries=0, timeout_seconds=10)
+    fake_llm.enqueue(FakeReply(text="first"))
+    fake_llm.enqueue(FakeReply(text="second"))
+
+    async def ask() -> str:
+        reply = await backend.generate(
+            system="s", messages=[{"role": "user", "content": "hi"}], config=config
+        )
+        return reply.text
+
+    assert asyncio.run(ask()) == "first"
+    assert asyncio.run(ask()) == "second"
+
+
 def test_a_streamed_reply_builds_no_pydantic_model_class_after_a_garbage_collection(
     anthropic_client, fake_llm, monkeypatch
 ) -> None:
