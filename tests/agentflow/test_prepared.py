@@ -236,24 +236,35 @@ def test_a_vector_in_either_text_form_is_a_parameter_not_a_fallback_to_the_orm(d
     assert compiled.usable
 
 
-def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> None:
-    from conversations.selectors import _THREAD_HISTORY, thread_history
-
+def _thread_of(*rest: tuple[str, str, str]) -> tuple[Thread, list[Message]]:
+    """A thread whose first message is the user's "one", then ``rest`` as (content, role, status),
+    stored one second apart in that order; returns the thread and the messages after the first."""
     first = MessageFactory(content="one", role=Message.Role.USER, status=Message.Status.DONE)
-    thread = first.thread
     later = [
         MessageFactory(
-            user=first.user, session=first.session, thread=thread, content=text, role=role, status=status
+            user=first.user,
+            session=first.session,
+            thread=first.thread,
+            content=text,
+            role=role,
+            status=status,
         )
-        for text, role, status in (
-            ("two", Message.Role.ASSISTANT, Message.Status.DONE),
-            ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
-            ("four", Message.Role.USER, Message.Status.DONE),
-        )
+        for text, role, status in rest
     ]
     step = timedelta(seconds=1)
     for i, message in enumerate([first, *later]):
         Message.objects.filter(pk=message.pk).update(created_at=timezone.now() - step * (10 - i))
+    return first.thread, later
+
+
+def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> None:
+    from conversations.selectors import _THREAD_HISTORY, thread_history
+
+    thread, later = _thread_of(
+        ("two", Message.Role.ASSISTANT, Message.Status.DONE),
+        ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
+        ("four", Message.Role.USER, Message.Status.DONE),
+    )
 
     for _ in range(2):  # the second run reuses the compiled SQL
         rows = thread_history(thread=thread, limit=5)
@@ -270,23 +281,13 @@ def test_thread_history_is_role_and_content_rows_oldest_first_every_run() -> Non
 def test_thread_earlier_than_window_is_the_older_finished_rows_oldest_first_every_run() -> None:
     from conversations.selectors import _THREAD_EARLIER, thread_earlier_than_window
 
-    first = MessageFactory(content="one", role=Message.Role.USER, status=Message.Status.DONE)
-    thread = first.thread
-    rest = [
-        MessageFactory(
-            user=first.user, session=first.session, thread=thread, content=text, role=role, status=status
-        )
-        for text, role, status in (
-            ("two", Message.Role.ASSISTANT, Message.Status.DONE),
-            ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
-            ("four", Message.Role.USER, Message.Status.DONE),
-            ("five", Message.Role.ASSISTANT, Message.Status.DONE),
-            ("six", Message.Role.USER, Message.Status.PROCESSING),  # the turn's own message
-        )
-    ]
-    step = timedelta(seconds=1)
-    for i, message in enumerate([first, *rest]):
-        Message.objects.filter(pk=message.pk).update(created_at=timezone.now() - step * (10 - i))
+    thread, rest = _thread_of(
+        ("two", Message.Role.ASSISTANT, Message.Status.DONE),
+        ("three", Message.Role.USER, Message.Status.PENDING),  # not finished: left out
+        ("four", Message.Role.USER, Message.Status.DONE),
+        ("five", Message.Role.ASSISTANT, Message.Status.DONE),
+        ("six", Message.Role.USER, Message.Status.PROCESSING),  # the turn's own message
+    )
     current = Message.objects.get(pk=rest[-1].pk)
 
     for _ in range(2):  # the second run reuses the compiled SQL
