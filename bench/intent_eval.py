@@ -2,6 +2,7 @@
 
     python bench/intent_eval.py [--datasets ../shared/datasets] [--held-out 10]
     python bench/intent_eval.py --folds [--sizes 20,50,77] [--seeds 3] [--cache .data/intent_vectors.npz]
+    python bench/intent_eval.py --sgd [--seeds 5] [--cache .data/intent_vectors.npz]
 
 Offline classifier path (``agent.classify``, no LLM): categories are built from
 ``train_10shot.csv`` and ``train_5shot.csv`` (the examples, no descriptions), evaluated on
@@ -23,6 +24,12 @@ the SGD and TIAGE folders: travel, media, chit-chat; banks excluded), the expect
 error of the in-scope confidences and ms per classification (embedding excluded: vectors are
 cached, ``--cache`` keeps them between runs); then the mean, standard deviation and minimum of each
 figure over all folds and per size.
+
+``--sgd`` is a second, multi-domain validation set (travel, media, events, restaurants, banks...):
+the user turns of the SGD dev dialogues that state an intent (``INFORM_INTENT``), labelled with the
+SGD intent (FindMovies, ReserveRestaurant, ...); the 20 intents with at least 15 such turns, 10-shot
+sampled ``--seeds`` times, every other turn classified; a fifth of the intents (rotating with the
+seed) out of scope; TIAGE chit-chat openings as the other domain. Same figures as the folds.
 """
 
 from __future__ import annotations
@@ -216,11 +223,103 @@ def other_domain_messages(datasets: Path, count: int = 400) -> list[str]:
     return messages
 
 
-def run_folds(args, embedder=None) -> list[dict[str, float]]:
-    """The folds (see above), printed; returns each fold's figures. ``embedder``: vectors from elsewhere
-    (``bench/intent_encoders.py`` passes precomputed ones), else the process's, cached in ``args.cache``."""
-    from agentflow.types import IntentCategory
+def _decide(classifier, vector, text: str):
+    """The product's classifier reads the embedding only; an experimental one (``build``) may read
+    the text too (``bench/intent_lexical.py``)."""
+    if isinstance(classifier, _product_classifier()):
+        return classifier.classify(vector)
+    return classifier.classify(vector, text=text)
+
+
+def _product_classifier():
     from intents.classifier import IntentClassifier
+
+    return IntentClassifier
+
+
+def evaluate_fold(
+    categories,
+    queries: list[tuple[str, str]],
+    held: set[str],
+    others: list[str],
+    embedder,
+    threshold: float,
+    build=None,
+) -> tuple[dict[str, float], list[float]]:
+    """One fold: accuracy with every category in scope; then with the ``held`` ones left out, in-scope
+    answered right and out of scope caught; other domains' messages caught; the in-scope ECE; and the
+    ms per classification (embedding excluded). ``build(categories, embedder)`` makes the classifier
+    (default: the product's ``IntentClassifier.build``)."""
+    build = build or _product_classifier().build
+    vectors = embedder.embed([text for text, _ in queries])
+    other_vectors = embedder.embed(others)
+    classifier = build(categories, embedder)
+    fold_times, results = [], []
+    for vector, (text, _) in zip(vectors, queries, strict=True):
+        started = time.perf_counter()
+        results.append(_decide(classifier, vector, text))
+        fold_times.append((time.perf_counter() - started) * 1000)
+    correct = [r.intent == gold for r, (_, gold) in zip(results, queries, strict=True)]
+    far = [_decide(classifier, vector, text) for vector, text in zip(other_vectors, others, strict=True)]
+    far_caught = sum(r.intent is None or r.confidence < threshold for r in far) / max(1, len(far))
+    ece = calibration_error(correct, [r.confidence for r in results])
+    reduced = build([c for c in categories if c.name not in held], embedder)
+    inside = outside = right = caught = 0
+    for vector, (text, gold) in zip(vectors, queries, strict=True):
+        result = _decide(reduced, vector, text)
+        confident = result.intent is not None and result.confidence >= threshold
+        if gold in held:
+            outside += 1
+            caught += not confident
+        else:
+            inside += 1
+            right += confident and result.intent == gold
+    fold = {
+        "accuracy": sum(correct) / len(correct),
+        "in-scope right": right / inside,
+        "out of scope caught": caught / outside,
+        "other domains caught": far_caught if others else float("nan"),
+        "ECE": ece,
+    }
+    return fold, fold_times
+
+
+def print_fold(size: int, seed: int, fold: dict[str, float], fold_times: list[float]) -> None:
+    print(
+        f"  {size:4d} {seed:4d}  {fold['accuracy']:.4f}    {fold['in-scope right']:.4f}          "
+        f"{fold['out of scope caught']:.4f}               "
+        f"{fold['other domains caught']:.4f}                {fold['ECE']:.3f}  "
+        f"{pct(fold_times, 50):.2f}/{pct(fold_times, 95):.2f}"
+    )
+
+
+HEADER = "  size seed  accuracy  in-scope right  out of scope caught  other domains caught  ECE    ms p50/p95"
+
+
+def print_aggregate(figures: list[dict[str, float]], groups: list[int], timings: list[float]) -> None:
+    print("aggregate (mean / std / min):")
+    for label, members in [
+        ("all", figures),
+        *((f"size {s}", [f for f in figures if f["size"] == s]) for s in groups),
+    ]:
+        parts = []
+        for key in ("accuracy", "in-scope right", "out of scope caught", "other domains caught", "ECE"):
+            values = [f[key] for f in members if f[key] == f[key]]  # NaN: not measured
+            if not values:
+                continue
+            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+            parts.append(f"{key} {statistics.fmean(values):.4f} / {spread:.4f} / {min(values):.4f}")
+        print(f"  {label}: " + "; ".join(parts))
+    print(
+        f"  ms per classification (embedding excluded): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}"
+    )
+
+
+def run_folds(args, embedder=None, build=None) -> list[dict[str, float]]:
+    """The folds (see above), printed; returns each fold's figures. ``embedder``: vectors from elsewhere
+    (``bench/intent_encoders.py`` passes precomputed ones), else the process's, cached in ``args.cache``;
+    ``build``: another classifier (see ``evaluate_fold``)."""
+    from agentflow.types import IntentCategory
 
     path = args.datasets / "banking77" / "train.csv"
     if not path.is_file():
@@ -242,7 +341,6 @@ def run_folds(args, embedder=None) -> list[dict[str, float]]:
     if embedder is None:
         embedder = CachedEmbedder(args.cache)
     others = other_domain_messages(args.datasets)
-    other_vectors = embedder.embed(others)
     figures: list[dict[str, float]] = []
     timings: list[float] = []
     print(
@@ -250,9 +348,7 @@ def run_folds(args, embedder=None) -> list[dict[str, float]]:
         f"up to {args.queries} queries an intent, threshold {args.threshold}; "
         f"{len(others)} messages of other domains"
     )
-    print(
-        "  size seed  accuracy  in-scope right  out of scope caught  other domains caught  ECE    ms p50/p95"
-    )
+    print(HEADER)
     for size in args.sizes:
         for seed in range(args.seeds):
             rng = random.Random(f"{size}-{seed}")
@@ -264,70 +360,109 @@ def run_folds(args, embedder=None) -> list[dict[str, float]]:
                 rng.shuffle(texts)
                 shots[name] = texts[: args.shots]
                 queries += [(text, name) for text in texts[args.shots : args.shots + args.queries]]
-            vectors = embedder.embed([text for text, _ in queries])
             categories = [IntentCategory(name, "", shots[name]) for name in chosen]
-            # Accuracy: every intent of the fold in scope.
-            classifier = IntentClassifier.build(categories, embedder)
-            fold_times, results = [], []
-            for vector in vectors:
-                started = time.perf_counter()
-                results.append(classifier.classify(vector))
-                fold_times.append((time.perf_counter() - started) * 1000)
-            correct = [r.intent == gold for r, (_, gold) in zip(results, queries, strict=True)]
-            far = [classifier.classify(vector) for vector in other_vectors]
-            far_caught = sum(r.intent is None or r.confidence < args.threshold for r in far) / max(
-                1, len(far)
-            )
-            ece = calibration_error(correct, [r.confidence for r in results])
             # Out of scope: a group of a fifth of the intents (rotating with the seed) left out.
             order = chosen[:]
             random.Random(f"group-{size}").shuffle(order)
             group_size = max(1, size // 5)
             start = (seed * group_size) % size
             held = set((order + order)[start : start + group_size])
-            reduced = IntentClassifier.build([c for c in categories if c.name not in held], embedder)
-            inside = outside = right = caught = 0
-            for vector, (_, gold) in zip(vectors, queries, strict=True):
-                result = reduced.classify(vector)
-                confident = result.intent is not None and result.confidence >= args.threshold
-                if gold in held:
-                    outside += 1
-                    caught += not confident
-                else:
-                    inside += 1
-                    right += confident and result.intent == gold
-            fold = {
-                "accuracy": sum(correct) / len(correct),
-                "in-scope right": right / inside,
-                "out of scope caught": caught / outside,
-                "other domains caught": far_caught if others else float("nan"),
-                "ECE": ece,
-            }
+            fold, fold_times = evaluate_fold(
+                categories, queries, held, others, embedder, args.threshold, build
+            )
             figures.append({"size": size, **fold})
             timings += fold_times
-            print(
-                f"  {size:4d} {seed:4d}  {fold['accuracy']:.4f}    {fold['in-scope right']:.4f}          "
-                f"{fold['out of scope caught']:.4f}               "
-                f"{fold['other domains caught']:.4f}                {ece:.3f}  "
-                f"{pct(fold_times, 50):.2f}/{pct(fold_times, 95):.2f}"
-            )
+            print_fold(size, seed, fold, fold_times)
     embedder.save()
-    print("aggregate (mean / std / min):")
-    for label, members in [
-        ("all", figures),
-        *((f"size {s}", [f for f in figures if f["size"] == s]) for s in args.sizes),
-    ]:
-        parts = []
-        for key in ("accuracy", "in-scope right", "out of scope caught", "other domains caught", "ECE"):
-            values = [f[key] for f in members if f[key] == f[key]]  # NaN: not measured
-            if not values:
-                continue
-            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-            parts.append(f"{key} {statistics.fmean(values):.4f} / {spread:.4f} / {min(values):.4f}")
-        print(f"  {label}: " + "; ".join(parts))
+    print_aggregate(figures, args.sizes, timings)
+    return figures
+
+
+def sgd_intents(datasets: Path) -> dict[str, list[str]]:
+    """User turns of the SGD dev dialogues that state an intent (acts include INFORM_INTENT), by the
+    SGD intent (FindMovies, ReserveRestaurant, ...); a text seen twice keeps its first intent."""
+    import json
+
+    path = datasets / "sgd_threads" / "dev.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"intent_eval: no {path} (--datasets names the folder holding sgd_threads/)")
+    by_intent: dict[str, list[str]] = collections.defaultdict(list)
+    seen: set[str] = set()
+    for line in path.read_text().splitlines():
+        for turn in json.loads(line)["turns"]:
+            text = turn.get("utterance", "")
+            if (
+                turn.get("speaker") == "USER"
+                and "INFORM_INTENT" in (turn.get("acts") or [])
+                and text not in seen
+            ):
+                seen.add(text)
+                by_intent[turn["intent"]].append(text)
+    return by_intent
+
+
+def chit_chat_messages(datasets: Path, count: int = 400) -> list[str]:
+    """Opening messages of the TIAGE chit-chat dialogues: out of every SGD service's scope."""
+    import json
+
+    path = datasets / "tiage_threads" / "train.jsonl"
+    if not path.is_file():
+        return []
+    found = {
+        turn["utterance"]
+        for line in path.read_text().splitlines()
+        for turn in json.loads(line)["turns"]
+        if turn.get("label") in ("FIRST", "NEW_TOPIC")
+    }
+    return random.Random(13).sample(sorted(found), min(count, len(found)))
+
+
+def run_sgd(args, embedder=None, build=None) -> list[dict[str, float]]:
+    """A multi-domain proxy: SGD intents (travel, media, events, restaurants, ...) with ``args.shots``
+    random examples each (``args.seeds`` samples), every other turn of the intent classified. Intents
+    with fewer than ``args.shots`` + 5 turns are left out. A fifth of the intents (rotating with the
+    seed) is left out of a second classifier for out of scope; chit-chat openings are the other domain."""
+    from agentflow.types import IntentCategory
+
+    by_intent = {n: t for n, t in sgd_intents(args.datasets).items() if len(t) >= args.shots + 5}
+    names = sorted(by_intent)
+    if len(names) < 2:
+        raise SystemExit(
+            f"intent_eval: fewer than 2 SGD intents have {args.shots + 5} turns stating them "
+            f"({args.shots} examples + 5 to classify)"
+        )
+    if embedder is None:
+        embedder = CachedEmbedder(args.cache)
+    others = chit_chat_messages(args.datasets)
+    figures: list[dict[str, float]] = []
+    timings: list[float] = []
+    rows = sum(len(t) for t in by_intent.values())
     print(
-        f"  ms per classification (embedding excluded): p50 {pct(timings, 50):.2f}  p95 {pct(timings, 95):.2f}"
+        f"SGD proxy: {len(names)} intents, {rows} turns, {args.seeds} random {args.shots}-shot samples, "
+        f"threshold {args.threshold}; {len(others)} chit-chat messages"
     )
+    print(HEADER)
+    group_size = max(1, len(names) // 5)
+    for seed in range(args.seeds):
+        rng = random.Random(f"sgd-{seed}")
+        shots: dict[str, list[str]] = {}
+        queries: list[tuple[str, str]] = []
+        for name in names:
+            texts = by_intent[name][:]
+            rng.shuffle(texts)
+            shots[name] = texts[: args.shots]
+            queries += [(text, name) for text in texts[args.shots :]]
+        categories = [IntentCategory(name, "", shots[name]) for name in names]
+        order = names[:]
+        random.Random("sgd-group").shuffle(order)
+        start = (seed * group_size) % len(names)
+        held = set((order + order)[start : start + group_size])
+        fold, fold_times = evaluate_fold(categories, queries, held, others, embedder, args.threshold, build)
+        figures.append({"size": len(names), **fold})
+        timings += fold_times
+        print_fold(len(names), seed, fold, fold_times)
+    embedder.save()
+    print_aggregate(figures, [], timings)
     return figures
 
 
@@ -338,6 +473,9 @@ def main() -> None:
         "--held-out", type=int, default=10, help="categories left out for the out-of-scope test"
     )
     parser.add_argument("--folds", action="store_true", help="validation folds on train.csv (see above)")
+    parser.add_argument(
+        "--sgd", action="store_true", help="the multi-domain proxy: SGD dev intents, 10-shot (see run_sgd)"
+    )
     parser.add_argument(
         "--sizes",
         type=sizes,
@@ -361,8 +499,11 @@ def main() -> None:
     import django
 
     django.setup()
-    if args.folds:
-        run_folds(args)
+    if args.folds or args.sgd:
+        if args.folds:
+            run_folds(args)
+        if args.sgd:
+            run_sgd(args)
         return
 
     folder = args.datasets / "banking77"

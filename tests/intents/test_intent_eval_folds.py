@@ -1,4 +1,5 @@
-"""``bench/intent_eval.py --folds``: the validation folds run on any train.csv and refuse bad input."""
+"""``bench/intent_eval.py --folds`` and ``--sgd``: the validation folds run on any train.csv (and SGD
+dialogues) and refuse bad input."""
 
 from __future__ import annotations
 
@@ -124,3 +125,77 @@ def test_folds_refuse_bad_input_with_a_clear_error(tmp_path):
     ]:
         run = bench("--datasets", tmp_path, *args)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+
+
+SGD_INTENTS = {
+    "GetWeather": ["will it rain today", "what's the weather in Paris", "is it sunny tomorrow"],
+    "FindMovies": ["find me a movie to watch", "any good films tonight", "suggest a comedy movie"],
+    "ReserveRestaurant": ["book a table for two", "reserve a restaurant at 7", "a table for dinner"],
+    "PlaySong": ["play some jazz", "put on a song by Adele", "play music please"],
+    "RentMovie": ["rent this film"],  # too few turns: left out
+}
+
+
+def write_sgd(folder: Path) -> None:
+    dialogues = []
+    for intent, phrases in SGD_INTENTS.items():
+        turns = []
+        for variant in ("", " now", " thanks", ", please"):
+            for phrase in phrases:
+                turns.append(
+                    {
+                        "speaker": "USER",
+                        "utterance": phrase + variant,
+                        "intent": intent,
+                        "acts": ["INFORM_INTENT"],
+                    }
+                )
+                turns.append({"speaker": "SYSTEM", "utterance": "Sure.", "label": None})
+        # A turn without INFORM_INTENT (a slot value) is not an example of the intent.
+        turns.append({"speaker": "USER", "utterance": "in Berlin", "intent": intent, "acts": ["INFORM"]})
+        dialogues.append({"dialogue_id": intent, "turns": turns})
+    (folder / "sgd_threads").mkdir(parents=True)
+    (folder / "sgd_threads" / "dev.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dialogues))
+    (folder / "tiage_threads").mkdir()
+    chat = [{"speaker": "USER", "utterance": "I love painting on weekends", "label": "FIRST"}]
+    (folder / "tiage_threads" / "train.jsonl").write_text(json.dumps({"turns": chat}) + "\n")
+
+
+def sgd_bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agentflow_project.settings"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "intent_eval.py"), "--sgd", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_sgd_proxy_uses_the_turns_that_state_an_intent(tmp_path):
+    write_sgd(tmp_path)
+
+    run = sgd_bench("--datasets", tmp_path, "--seeds", "2", "--shots", "3")
+
+    assert run.returncode == 0, run.stderr
+    # 4 intents with 12 turns each (RentMovie's 4 are too few for 3 examples + 5 to classify; the
+    # INFORM-only turn counts for none) and the chit-chat opening.
+    assert "SGD proxy: 4 intents, 48 turns, 2 random 3-shot samples" in run.stdout
+    assert "; 1 chit-chat messages" in run.stdout
+    fold_lines = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(line[0], line[1]) for line in fold_lines] == [("4", "0"), ("4", "1")]
+    for line in fold_lines:
+        assert all(0.0 <= float(figure) <= 1.0 for figure in line[2:6])
+    assert "  all: accuracy " in run.stdout
+
+
+def test_sgd_proxy_refuses_missing_or_thin_data(tmp_path):
+    missing = sgd_bench("--datasets", tmp_path / "nowhere")
+    assert missing.returncode != 0
+    assert "sgd_threads/dev.jsonl (--datasets names the folder" in missing.stderr
+
+    write_sgd(tmp_path)
+    thin = sgd_bench("--datasets", tmp_path, "--shots", "10")
+    assert thin.returncode != 0
+    assert "fewer than 2 SGD intents have 15 turns stating them" in thin.stderr
