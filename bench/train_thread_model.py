@@ -22,7 +22,10 @@ of SGD's and the support chats', so that neither kind of data drowns the other);
 spread is printed. The final weights are then fitted on all the training rows.
 
 ``--out PATH`` writes a candidate elsewhere (to compare it with ``bench/threading_eval.py`` after
-copying it in place); ``--support-weight`` sets what a support-chat row counts against an SGD row.
+copying it in place); ``--support-weight`` sets what a support-chat row counts against an SGD row;
+``--replayed-rows`` adds a second pass to the chitchat scorer: it is refitted on the gold rows plus the
+rows the pipeline itself sees when it replays each TIAGE train fold (measured, not shipped: see
+docs/operations.md).
 """
 
 from __future__ import annotations
@@ -293,6 +296,11 @@ def main() -> None:
         help="chitchat: retrain only that profile's new-topic scorer and keep everything else of the"
         " shipped file (probe, prototypes, task profile) byte for byte",
     )
+    parser.add_argument(
+        "--replayed-rows",
+        action="store_true",
+        help="chitchat: also train on the states the pipeline builds itself when it replays TIAGE train",
+    )
     args = parser.parse_args()
 
     import django
@@ -320,7 +328,7 @@ def main() -> None:
         shipped = json.loads(MODEL_PATH.read_text())
         body = {key: value for key, value in shipped.items() if key != "version"}
         body["profiles"]["chitchat"] = chitchat_profile(
-            tiage, embed, shipped["profiles"]["task"]["RESOLUTION"]
+            tiage, embed, shipped["profiles"]["task"]["RESOLUTION"], replayed_rows=args.replayed_rows
         )
         write(body, args.out or MODEL_PATH)
         return
@@ -360,7 +368,7 @@ def main() -> None:
     )
     profiles["task"] = {"NEW_TOPIC": task_new, "RESOLUTION": task_res}
 
-    profiles["chitchat"] = chitchat_profile(tiage, embed, task_res)
+    profiles["chitchat"] = chitchat_profile(tiage, embed, task_res, replayed_rows=args.replayed_rows)
 
     body = {
         "embedding_model": embedder.model_id,
@@ -372,15 +380,65 @@ def main() -> None:
     write(body, args.out or MODEL_PATH)
 
 
-def chitchat_profile(tiage: list[dict], embed, resolution: dict) -> dict:
+def chitchat_profile(tiage: list[dict], embed, resolution: dict, *, replayed_rows: bool = False) -> dict:
     """The chitchat profile: a new-topic scorer over the chit-chat features, folds by dialogue; its
-    resolution scorer is the task one (TIAGE has no resolutions)."""
+    resolution scorer is the task one (TIAGE has no resolutions).
+
+    ``replayed_rows``: a second pass that also trains on the states the pipeline builds itself. Each
+    fold is replayed through the real ``decide_thread`` (``chitchat_cv.replay``: the pipeline's thread
+    bookkeeping) with the first pass's setting fitted on the other four folds, and its scored turns'
+    features (against the thread the pipeline made active, right or wrong) are added to the
+    gold-segmentation rows for the final fit, at the first pass's L2 and threshold."""
     print("chitchat profile (TIAGE train), folds by dialogue:")
     x, labels, groups = examples(tiage, embed, user_speakers=None, feature_set="chitchat")
-    chat_new = train_scorer(
-        x, (labels == "NEW_TOPIC").astype(float), groups % FOLDS, np.ones(len(labels)), "NEW_TOPIC"
-    )
+    y = (labels == "NEW_TOPIC").astype(float)
+    folds = groups % FOLDS
+    chat_new = train_scorer(x, y, folds, np.ones(len(labels)), "NEW_TOPIC")
+    if replayed_rows:
+        chat_new = _refit_on_replayed(tiage, embed, x, y, folds, chat_new, resolution)
     return {"features": "chitchat", "NEW_TOPIC": chat_new, "RESOLUTION": resolution}
+
+
+def _refit_on_replayed(
+    tiage: list[dict],
+    embed,
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    first: dict,
+    resolution: dict,
+) -> dict:
+    from chitchat_cv import replay
+
+    from conversations.thread_features import N_HAND, Scorer, ThreadModel, _scorer, fit_logistic
+
+    if first["embedding_l2_factor"] is None:
+        raise ValueError("--replayed-rows needs a scorer that reads the embedding (the chosen one does not)")
+    strengths = np.full(x.shape[1], first["l2"])
+    strengths[N_HAND : N_HAND + 384] *= first["embedding_l2_factor"]
+    texts = sorted({t["utterance"] for d in tiage for t in d["turns"]})
+    vectors = dict(zip(texts, embed(texts), strict=True))
+    parts_x, parts_y = [x], [y]
+    for k in range(FOLDS):
+        w, b, mean, scale = fit_logistic(x[folds != k], y[folds != k], l2=strengths)
+        f32 = np.float32
+        scorer = Scorer(w.astype(f32), float(b), mean.astype(f32), scale.astype(f32), first["threshold"])
+        model = ThreadModel("chitchat", scorer, _scorer(resolution), feature_set="chitchat")
+        rows: list[np.ndarray] = []
+        gold, _, _ = replay([d for i, d in enumerate(tiage) if i % FOLDS == k], vectors, model, rows)
+        parts_x.append(np.asarray(rows))
+        parts_y.append(np.asarray(gold, dtype=float))
+    xs, ys = np.concatenate(parts_x), np.concatenate(parts_y)
+    print(f"  NEW_TOPIC  refitted on {len(y)} gold-segmentation rows + {len(ys) - len(y)} replayed rows")
+    w, b, mean, scale = fit_logistic(xs, ys, l2=strengths)
+    return {
+        **first,
+        "weights": [round(float(v), 6) for v in w],
+        "bias": round(float(b), 6),
+        "mean": [round(float(v), 6) for v in mean],
+        "scale": [round(float(v), 6) for v in scale],
+        "replayed_rows": len(ys) - len(y),
+    }
 
 
 def write(body: dict, out: Path) -> None:
