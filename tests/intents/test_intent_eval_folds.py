@@ -45,10 +45,10 @@ def write_other_domains(folder: Path) -> None:
     (folder / "sgd_threads" / "dev.jsonl").write_text(json.dumps({"dialogue_id": "1", "turns": turns}) + "\n")
 
 
-def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def bench(*args: str | Path, mode: str = "--folds") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agentflow_project.settings"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "intent_eval.py"), "--folds", *map(str, args)],
+        [sys.executable, str(ROOT / "bench" / "intent_eval.py"), mode, *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -162,15 +162,7 @@ def write_sgd(folder: Path) -> None:
 
 
 def sgd_bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agentflow_project.settings"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "intent_eval.py"), "--sgd", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    return bench(*args, mode="--sgd")
 
 
 def test_sgd_proxy_uses_the_turns_that_state_an_intent(tmp_path):
