@@ -30,6 +30,18 @@ HOLDOUT_PATH = Path(__file__).resolve().parent / "data" / "support_holdout.jsonl
 HOLDOUT_SPLIT = "heldout-new"
 # A second held-out set, written later and blind to the rules (no code read, no evaluation run).
 HOLDOUT2_PATH = HOLDOUT_PATH.with_name("support_holdout2.jsonl")
+# Unmarked topic shifts and the follow-ups of the same form (bench/data/support_unmarked2.jsonl), split
+# by a fixed rule into a tuning part and a part kept aside (``file_split``).
+UNMARKED2_PATH = HOLDOUT_PATH.with_name("support_unmarked2.jsonl")
+FILE_SPLITS = ("tune", "aside")
+
+
+def file_split(dialogue_id: str) -> str:
+    """'aside' for about two groups in five, 'tune' for the rest. The group is the id without its last
+    "-suffix", so the two chats of a pair (a shift and the follow-up of the same form, "-shift" /
+    "-lean") always fall in the same part; depends only on the id."""
+    group = dialogue_id.rsplit("-", 1)[0]
+    return "aside" if hashlib.sha256(group.encode()).digest()[0] % 5 < 2 else "tune"
 
 
 def support_split(dialogue_id: str) -> str:
@@ -47,11 +59,15 @@ def load_support(part: str | None = None, path: Path = SUPPORT_PATH) -> list[dic
     return [r for r in rows if part is None or r["split"] == part]
 
 
-def load_support_holdout(path: Path = HOLDOUT_PATH, *, any_split: bool = False) -> list[dict]:
+def load_support_holdout(
+    path: Path = HOLDOUT_PATH, *, any_split: bool = False, part: str | None = None
+) -> list[dict]:
     """The separate held-out set (bench/data/support_holdout.jsonl), every dialogue marked held out.
 
     Only the last user turn of each dialogue is scored; the earlier turns set the scene. With
-    ``any_split`` the dialogues may carry any split (a check set of other support chats).
+    ``any_split`` the dialogues may carry any split (a check set of other support chats). With ``part``
+    ('tune' or 'aside') only the dialogues ``file_split`` puts in that part, checked against the split
+    stored in the file ("<name>-tune" / "<name>-aside").
     """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:
@@ -59,4 +75,12 @@ def load_support_holdout(path: Path = HOLDOUT_PATH, *, any_split: bool = False) 
             raise ValueError(f"{row['dialogue_id']}: a held-out file holds only {HOLDOUT_SPLIT!r}* dialogues")
         if row["turns"][-1]["speaker"] != "USER":
             raise ValueError(f"{row['dialogue_id']}: the scored last turn must be the user's")
-    return rows
+    if part is None:
+        return rows
+    if part not in FILE_SPLITS:
+        raise ValueError(f"unknown part {part!r}: one of {FILE_SPLITS}")
+    for row in rows:
+        stored = str(row.get("split", "")).rsplit("-", 1)[-1]
+        if stored != file_split(row["dialogue_id"]):
+            raise ValueError(f"{row['dialogue_id']}: stored split {row['split']!r} disagrees with its hash")
+    return [r for r in rows if file_split(r["dialogue_id"]) == part]

@@ -5,6 +5,7 @@
     python bench/threading_eval.py --support-holdout   # the separate held-out set, last turn scored
     python bench/threading_eval.py --support-holdout2 [--no-misses]   # the second one, written blind
     python bench/threading_eval.py --support-file PATH   # any file of support chats, last turn scored
+    python bench/threading_eval.py --support-unmarked2 --file-split tune|aside   # unmarked shifts, one part
     python bench/threading_eval.py --sgd-test PATH --tiage-test PATH   # held-out files, same format
 
 Each dialogue is replayed as one fresh end user: user turns go through ``agent.detect_thread``
@@ -32,6 +33,10 @@ scores the same way a second set (bench/data/support_holdout2.jsonl: 80 chats in
 by someone who read no code and ran no evaluation); ``--no-misses`` keeps its missed sentences off
 the screen, so that they cannot steer the next change. ``--support-file PATH`` scores any file of
 support chats in that format the same way, whatever their split (e.g. a check set kept aside).
+``--support-unmarked2`` scores bench/data/support_unmarked2.jsonl (150 chats: bare topic shifts and
+follow-ups of the same form in pairs, shifts after a fix, resolutions told by what the step did and the
+same steps not yet fixing it) the same way; ``--file-split tune|aside`` scores one part of a file by
+the fixed rule of ``support_data.file_split`` (the part kept aside is never used to choose a rule).
 """
 
 from __future__ import annotations
@@ -206,11 +211,13 @@ def print_kinds_and_misses(rows: list, *, misses: bool = True) -> None:
             print(f"    miss {dialogue_id}: {t['gold_event']} -> {e}: {t['utterance']!r}")
 
 
-async def support_holdout_async(task, path: Path, *, misses: bool = True, any_split: bool = False) -> None:
-    """Only the last user turn of each held-out dialogue is scored."""
+async def support_holdout_async(
+    task, path: Path, *, misses: bool = True, any_split: bool = False, part: str | None = None
+) -> None:
+    """Only the last user turn of each held-out dialogue is scored (of one part, with ``part``)."""
     from support_data import load_support_holdout
 
-    dialogues = load_support_holdout(path, any_split=any_split)
+    dialogues = load_support_holdout(path, any_split=any_split, part=part)
     for d in dialogues:
         for t in d["turns"]:
             if t["speaker"] == "USER":
@@ -223,7 +230,8 @@ async def support_holdout_async(task, path: Path, *, misses: bool = True, any_sp
     gold = [t["label"] for _, t, _ in scored]
     predicted = [TO_LABEL[e] for _, _, e in scored]
     report(
-        f"support held-out set {path.name}, last turn only ({len(dialogues)} dialogues; task profile)",
+        f"support held-out set {path.name}{f', {part} part' if part else ''}, last turn only"
+        f" ({len(dialogues)} dialogues; task profile)",
         gold,
         predicted,
         ["CONTINUATION", "NEW_TOPIC", "RESOLUTION"],
@@ -257,8 +265,14 @@ async def main_async(args: argparse.Namespace) -> None:
         .with_config({"name": "eval-chitchat", "session_config": {"threading_profile": "chitchat"}})
         .build(None)
     )
+    if args.support_unmarked2:
+        from support_data import UNMARKED2_PATH
+
+        args.support_file = UNMARKED2_PATH
     if args.support_file:
-        await support_holdout_async(task, args.support_file, misses=not args.no_misses, any_split=True)
+        await support_holdout_async(
+            task, args.support_file, misses=not args.no_misses, any_split=True, part=args.file_split
+        )
         return
     if args.support_holdout or args.support_holdout2:
         from support_data import HOLDOUT2_PATH, HOLDOUT_PATH
@@ -314,6 +328,17 @@ def main() -> None:
         type=Path,
         default=None,
         help="a file of support chats to score (last turn, any split)",
+    )
+    parser.add_argument(
+        "--support-unmarked2",
+        action="store_true",
+        help="bench/data/support_unmarked2.jsonl: unmarked shifts and follow-ups of the same form (last turn)",
+    )
+    parser.add_argument(
+        "--file-split",
+        choices=("tune", "aside"),
+        default=None,
+        help="with --support-file / --support-unmarked2: score only this part (support_data.file_split)",
     )
     parser.add_argument("--no-misses", action="store_true", help="print no missed sentences")
     parser.add_argument("--part", choices=("tune", "heldout", "all"), default="all")

@@ -15,7 +15,12 @@
    headed?" -> "I am going to Atlanta") stays in the thread; "One more: ...", "Now find me ..." and a
    request for another action right after the assistant reported the last one done open a new one; so
    does a bare subject of its own mid-thread ("Do you sell gift cards?" after a delivery problem), when
-   it uses none of the thread's words and leans on nothing it said ("Is there a fee?" stays).
+   it uses none of the thread's words and leans on nothing it said ("Is there a fee?" stays), and a
+   question of its own about another subject ("Does your app work on Linux?"), also in place of an
+   answer to the assistant's question.
+6. Outcomes told by the step (task profile): "Flicking airplane mode gave me full bars" resolves; "Pressed
+   the keys, the screen went black again" (the step done, the problem left) and a question back with no
+   outcome ("is that the one with the green clip?") do not.
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -161,12 +166,49 @@ NEW_SYMPTOM = re.compile(
 )
 
 
+# The step done, told first, then what it left: "Pressed the keys, the screen flickered and went black
+# again", "Wiped both, it reaches the dock and backs off again", "Did both, it cut out twice on the way
+# home". Not a restoration ("Restarted it and it's connecting again", "... came on again") nor a
+# symptom denied ("Updated it, no crashes since").
+STEP_TOLD = re.compile(
+    r"^\W*((ok(ay)?|right|so|yes|yep|done)\W+)?(i\s+)?(just\s+|already\s+)?(did|held|tried|ran|put|set|took"
+    r"|[a-z]{3,}ed)\b[^,;]{0,40}?(,|;|\band\b)",
+    re.IGNORECASE,
+)
+STATE_HOLDS = re.compile(r"\b(i'?m|i am|we'?re|we are) [a-z]+ing\b|\bnow\s*[.!]*\s*$", re.IGNORECASE)
+AGAIN_RESTORED = re.compile(
+    r"\b([a-z]+(ing|ed)|works?|fine|back|normal|on|up|online|right|properly|fixed|sorted|again and)\s+again\b",
+    re.IGNORECASE,
+)
+
+
+def step_left_problem(text: str) -> bool:
+    """The customer did the step and tells what is still wrong after it: the problem again, or a
+    symptom, with nothing fixed, gone or thanked for."""
+    match = STEP_TOLD.match(text)
+    if match is None:
+        return False
+    rest = text[match.end() :]
+    if (
+        RESOLUTION_CUE.search(rest)
+        or PROBLEM_GONE.search(rest)
+        or WORKS_NOW.search(rest)
+        or CLOSING.search(rest)
+    ):
+        return False
+    if STATE_HOLDS.search(rest):  # "... and I'm riding with assist again", "the first layer stays down now"
+        return False
+    if re.search(r"\bagain\b", rest, re.IGNORECASE) and not AGAIN_RESTORED.search(rest):
+        return True
+    return bool(SYMPTOM_TOLD.search(rest)) and not FIX_CUE.search(rest)
+
+
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
     that didn't help", "beeping just the same", "the box turned up broken"), only partly fixed
     ("it charges now but stays at 10 %") or broken another way ("now the payment page shows an
     error"): never a resolution, whatever the scorer makes of the topic words."""
-    if partial_fix(text):
+    if partial_fix(text) or step_left_problem(text):
         return True
     if NEW_SYMPTOM.search(text) and not PROBLEM_GONE.search(text) and not CLOSING.search(text):
         return True
@@ -245,6 +287,8 @@ PROBLEM_WORD = re.compile(
     r"|cant|dont|doesnt|didnt|wont|isnt|wasnt|havent|hasnt|arent|couldnt)\b|n't\b|\?)",
     re.IGNORECASE,
 )
+# A symptom told, not denied ("no crashes since"): for step_left_problem.
+SYMPTOM_TOLD = re.compile(rf"(?<!\bno )(?<!\bnot )(?<!\bwithout )\b({SYMPTOM})\b", re.IGNORECASE)
 # "the whistle's gone", "the message disappeared", "the error cleared": the problem went, a fix.
 PROBLEM_GONE = re.compile(
     r"\b(error|message|warning|light|icon|alert|banner|noise|sound|whistle|squeal|click(ing)?|beep(ing)?"
@@ -665,6 +709,92 @@ def names_own_subject(text: str, words: set[str], vocabulary: set[str], similari
     )
 
 
+# A question of its own about another subject, mid-thread and with no marker ("Does the Zenbook 14 come
+# in a 32 GB version?" while the fan of a laptop is the thread, "What does the unlimited plan cost?"
+# after a data problem), also in place of an answer to the assistant's question ("Which version are
+# you running?" -> "Does your app work on Linux?"). The follow-up of the same form leans on the thread:
+# a pronoun or "there" for its thing ("Does it blink once it's reset?", "Is there a fee?"), "then",
+# "too", "as well", "one", or a word of the thread, the assistant's included ("How long does the
+# credit last?" after "I've added a credit").
+# The question names its own subject: "Does the / your / my <thing> ...?", "What is the <thing> ...?",
+# "How much / often ...", "Do you ...?" (what the business does), "How do I / can I ...?" (how to do
+# something). Not a question about what happens next in the thread's own matter, whose subject is a
+# person or the process ("Do I keep my old number?", "Will our car space be kept?", "Who pays for the
+# hotel tonight?", "What happens if I miss the deadline?", "How long does the transfer take?").
+OWN_QUESTION = re.compile(
+    r"^\W*((and|so|oh)\W+)?((do|does|is|are|can|should) (the|your|my|our|a|an) [a-z0-9]"
+    r"|(what|when|where)( is|'s| are| does| do| should| can) (the|your|my|our|a|an) [a-z0-9]"
+    r"|how (much|often|many) (is|are|does|do|should) |do you [a-z]|(how|where) (do|can|should) (i|we) "
+    r"|(can|could|may) (i|we) )[^.!]*\?\s*$",
+    re.IGNORECASE,
+)
+QUESTION_LEANS = re.compile(
+    r"\b(it|its|it's|that|this|those|these|them|they|their|there|then|same|still|again|too|also|as well|else"
+    r"|instead|one|ones|either|anymore|yet|already|both|he|she|him|her|his|such|meantime|meanwhile|mean|here"
+    r"|any|anything|something)\b",
+    re.IGNORECASE,
+)
+OWN_QUESTION_NEW_WORDS = 2
+OTHER_OF_MINE = re.compile(r"\b(my|our) other\b", re.IGNORECASE)
+
+
+def asks_own_question(text: str, words: set[str], vocabulary: set[str], similarity: float) -> bool:
+    """A self-contained question about a subject the thread never named: at least two content words
+    of its own (besides request words and details such as "cost" or "number"), none of the thread's
+    words, no pointer back, not close to the thread."""
+    if len(words) < OWN_SUBJECT_MIN_WORDS or not OWN_QUESTION.match(text) or QUESTION_LEANS.search(text):
+        return False
+    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or NOT_FIXED_CUE.search(text):
+        return False
+    if OTHER_OF_MINE.search(text):
+        return True  # "... of my other order?": another one of the thread's things, said outright
+    if similarity >= OWN_SUBJECT_SIMILARITY or shared_subject(words, vocabulary) or DETAIL_OF_IT.search(text):
+        return False  # ("What's the cost per night?": a detail of what the thread found)
+    own = {
+        w
+        for w in words
+        if w not in GENERIC_WORDS and w not in FUNCTION_WORDS and not DETAIL_OF_IT.fullmatch(w)
+    }
+    return len(own) >= OWN_QUESTION_NEW_WORDS
+
+
+# A resolution told by what the step did, without a fix word: "Flicking airplane mode gave me full
+# bars", "Picking the right class made them all appear", "The reset brought it back". The step (a
+# gerund or "the <step>") is the subject of a verb of effect; any problem word, negation or question
+# makes it a report of what is still wrong ("Restarting made it worse", "the update gave me an error").
+STEP_DID_IT = re.compile(
+    r"^\W*((ok(ay)?|so|well|right|yes|yep)\W+)?([a-z]+ing\b|the [a-z][a-z -]{1,30}?)[^,.!?;]{0,40}?"
+    r"\b(brought|got|gave|made|put|let|sorted|cleared|fixed|did|set|lined|turned)\b",
+    re.IGNORECASE,
+)
+
+
+def step_did_it(text: str) -> bool:
+    """What the assistant's step did, told as its effect, and nothing wrong left."""
+    if not STEP_DID_IT.match(text) or PROBLEM_WORD.search(text) or not_fixed_yet(text) or will_try(text):
+        return False
+    return not (ASKS.search(text) or TOPIC_MARKER.search(text) or came_back(text))
+
+
+PRAISE = re.compile(
+    r"^\W*(great|perfect|awesome|cool|nice|excellent|wonderful|fantastic|brilliant|amazing|lovely|super)\b",
+    re.IGNORECASE,
+)
+
+
+def asks_back(text: str) -> bool:
+    """The message ends in a question and tells no thanks, fix, closing or outcome before it ("My
+    cable looks fine, is that the one with the green clip?"): the customer is still working on it."""
+    if not text.rstrip().endswith("?"):
+        return False
+    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text) or PRAISE.match(text):
+        return False
+    told = re.split(r"[,.!;]|\?", text, maxsplit=1)[0]
+    return not (
+        outcome_report(told) or step_did_it(told) or PROBLEM_GONE.search(text) or WORKS_NOW.search(text)
+    )
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     norm = float(np.linalg.norm(b))
     return float(a @ b) / norm if norm else 0.0
@@ -756,6 +886,9 @@ def decide_thread(
     ):
         # "And the charts on the dashboard are empty": adding to the problem, not ending it
         signals["resolution_vetoed"] = "adds to the thread"
+    elif p_res >= model.resolution.threshold and task and asks_back(text):
+        # "My cable looks fine, is that the one with the green clip?": a question, no outcome told
+        signals["resolution_vetoed"] = "asks something back"
     elif p_res >= model.resolution.threshold and task and answers_not_outcome(text, assistant_text):
         signals["resolution_vetoed"] = "answers the assistant's question"
     elif p_res >= model.resolution.threshold and came_back(text) and not claims_fix:
@@ -764,7 +897,7 @@ def decide_thread(
     elif (p_res >= model.resolution.threshold and p_res >= p_new) or (
         task
         and p_new < model.new_topic.threshold
-        and outcome_report(text)
+        and (outcome_report(text) or step_did_it(text))
         and not answers_not_outcome(text, assistant_text)
     ):
         target, reason = active, "resolution of the active thread"
@@ -826,6 +959,16 @@ def decide_thread(
             text, words, active.state.vocabulary, max(sims[0], _cos(embedding, active.state.last_user))
         )
     )
+    own_question = (
+        p_new < model.new_topic.threshold
+        and task
+        and not active.resolved
+        and idle <= inactivity
+        and not own_subject
+        and asks_own_question(
+            text, words, active.state.vocabulary, max(sims[0], _cos(embedding, active.state.last_user))
+        )
+    )
     if (
         p_new >= model.new_topic.threshold
         or after_done
@@ -833,6 +976,7 @@ def decide_thread(
         or another_request
         or after_resolved
         or own_subject
+        or own_question
     ):
         close = [
             (s, c)
@@ -858,6 +1002,10 @@ def decide_thread(
             reason = "another subject after the thread was resolved (not the scorer)"
         elif own_subject:
             reason = "a subject of its own, leaning on nothing the thread said (not the scorer)"
+        elif own_question:
+            reason = "a question of its own about another subject (not the scorer)"
+            if asked_a_question(assistant_text):
+                reason = "a question of its own in place of an answer to the assistant's (not the scorer)"
         return ThreadDecision(
             ThreadEvent.NEW_TOPIC,
             None,
