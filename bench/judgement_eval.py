@@ -22,7 +22,7 @@ scorer when asked), and that failures fall back to the scorer. With ``--real`` a
 
 Prints, per part: the turns put to the LLM, the scorer's accuracy on them and the final accuracy
 on them, the overall share of resolutions / topic shifts / follow-ups placed right before and after
-the LLM, and the LLM's latency. Rows belong to users named eval-judge-*, deleted at the end.
+the LLM, and the LLM's latency. Rows belong to users named eval-judge-<run>-*, deleted at the end (only this run's).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
 os.environ.setdefault("AGENTFLOW_LOG_LEVEL", "ERROR")
+
+# This run's users: the cleanup deletes only these, so parallel runs leave each other alone.
+RUN_PREFIX = f"eval-judge-{uuid.uuid4().hex[:8]}-"
 
 EVENTS = ("FOLLOW_UP", "RETURN", "RESOLUTION", "NEW_TOPIC")
 COARSE = {"FOLLOW_UP": "FOLLOW_UP", "RETURN": "SHIFT", "NEW_TOPIC": "SHIFT", "RESOLUTION": "RESOLUTION"}
@@ -101,7 +104,7 @@ async def replay(agent, dialogues: list[dict], verdicts: ScriptedVerdicts | None
 
     rows = []
     for dialogue in dialogues:
-        user = f"eval-judge-{uuid.uuid4().hex[:12]}"
+        user = f"{RUN_PREFIX}{uuid.uuid4().hex[:12]}"
         openings: dict[int, str] = {}
         for turn in dialogue["turns"]:
             if turn["speaker"] != "USER":
@@ -218,7 +221,7 @@ def main() -> None:
     try:
         asyncio.run(main_async(args, verdicts))
     finally:
-        EndUser.objects.filter(external_id__startswith="eval-judge-").delete()
+        EndUser.objects.filter(external_id__startswith=RUN_PREFIX).delete()
         if server is not None:
             server.stop()
 

@@ -16,7 +16,8 @@ the agent runs the ``chitchat`` threading profile; SGD runs the default ``task``
 Our events map to the datasets' labels: FOLLOW_UP -> CONTINUATION, NEW_TOPIC and RETURN ->
 NEW_TOPIC, RESOLUTION -> RESOLUTION. FIRST turns are not scored. Prints precision / recall / F1 per
 label, macro-F1, and milliseconds per decision (embedding + decision; and the whole detect_thread
-call with its storage). Rows belong to users named eval-*, deleted at the end.
+call with its storage). Rows belong to users named eval-<run>-*, deleted at the end (only this run's: runs in parallel
+leave each other alone).
 
 ``--support`` replays our hand-written support chats (bench/data/support_turns.jsonl, task profile)
 and prints, for the tuning and the held-out part separately, per-label F1 (RETURN counted as a topic
@@ -58,6 +59,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ["AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE"] = "0"
 os.environ.setdefault("AGENTFLOW_LOG_LEVEL", "WARNING")
+
+# This run's users: the cleanup deletes only these, so parallel runs leave each other alone.
+RUN_PREFIX = f"eval-{uuid.uuid4().hex[:8]}-"
 
 TO_LABEL = {
     "FOLLOW_UP": "CONTINUATION",
@@ -102,7 +106,7 @@ async def replay(
     gold, predicted = [], []
     timings: dict[str, list[float]] = {"decision (embedding+decide)": [], "detect_thread call": []}
     for dialogue in dialogues:
-        user = f"eval-{uuid.uuid4().hex[:12]}"
+        user = f"{RUN_PREFIX}{uuid.uuid4().hex[:12]}"
         for turn in dialogue["turns"]:
             if user_speakers is not None and turn["speaker"] not in user_speakers:
                 await agent.record_message(user_id=user, content=turn["utterance"])
@@ -355,7 +359,7 @@ def main() -> None:
     try:
         asyncio.run(main_async(args))
     finally:
-        EndUser.objects.filter(external_id__startswith="eval-").delete()
+        EndUser.objects.filter(external_id__startswith=RUN_PREFIX).delete()
 
 
 if __name__ == "__main__":
