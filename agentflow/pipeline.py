@@ -29,7 +29,7 @@ from conversations.thread_detection import Candidate, ThreadDecision, decide_thr
 from conversations.thread_features import ThreadState
 from intents.rules import CLARIFY, HANDOFF, confidence_action
 from intents.store import IntentSnapshot, fingerprint_annotations, fingerprint_of
-from memory.selectors import memory_search
+from memory.selectors import memories_exist_annotations, memory_search
 from memory.services import memories_mark_used
 from memory.writing import PREFERENCE
 
@@ -291,6 +291,8 @@ def _locked_turn_message(*, message_id: Any, pending_since: Any, claimed_since: 
         lock=True,
         annotations={
             **fingerprint_annotations(agent_ref="user__agent_id"),
+            # Whether the memory search can find anything (prepare skips it otherwise).
+            **memories_exist_annotations(user_ref="user_id", agent_ref="user__agent_id"),
             # A stuck earlier message (pending past the grace period, or under a stale claim) never
             # blocks: the recovery sweep answers it, later ones go on meanwhile.
             "earlier_undecided": conv_selectors.earlier_undecided_annotation(
@@ -440,7 +442,10 @@ def _prepared(
         )
     mem_cfg = agent.config.memory_config
     memories: list[dict[str, Any]] = []
-    if mem_cfg.enabled:
+    # Read with the locked message: no memory of the user's own and no approved global one means
+    # the search would return nothing (a message read another way has no such flags: searched).
+    may_remember = getattr(message, "own_memories", True) or getattr(message, "shared_memories", True)
+    if mem_cfg.enabled and may_remember:
         with metrics.stage_timer(agent.name, "retrieve"):
             memories = memory_search(
                 user=message.user,

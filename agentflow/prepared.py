@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import QuerySet, signals
 from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
@@ -317,3 +317,179 @@ def save_fields(obj: Any, fields: list[str], *, using: str | None = None) -> Non
     if updated == 0:
         raise DatabaseError("Save with update_fields did not affect any rows.")
     obj._state.db = using
+
+
+# --- several writes in one statement -------------------------------------------------------------
+#
+# A turn's placement wrote the thread, the message and its activity in three statements, and its
+# finish the reply and the two rows it completes in two: each a round trip and the per-statement work
+# of both sides. ``write_together`` sends them as one statement of data-modifying CTEs. What makes
+# that safe: PostgreSQL runs the whole statement or none of it; the sub-statements cannot see each
+# other's rows, but the writes here do not read, they only set values computed in Python; and
+# Django's foreign keys on PostgreSQL are ``DEFERRABLE INITIALLY DEFERRED``, checked at commit, so
+# a row may reference one inserted in a sibling CTE (or in a later statement of the transaction).
+# Unique and check constraints are immediate: a violation fails the statement (nothing of it is
+# written) with an ``IntegrityError``, as the separate statements did.
+
+
+class Insert:
+    """New rows of one model, inserted in this order (one multi-row ``INSERT``: each row's values,
+    ``auto_now_add`` times included, are computed in order, and serial keys are drawn in order)."""
+
+    __slots__ = ("objs",)
+
+    def __init__(self, *objs: Any) -> None:
+        if not objs or len({type(o) for o in objs}) != 1:
+            raise ValueError("Insert takes one or more unsaved instances of one model")
+        self.objs = objs
+
+
+class Update:
+    """``obj.save(update_fields=fields)``: an error if its row is gone, as with the ORM."""
+
+    __slots__ = ("fields", "obj")
+
+    def __init__(self, obj: Any, fields: list[str] | tuple[str, ...]) -> None:
+        self.obj, self.fields = obj, tuple(fields)
+
+
+Write = Insert | Update
+
+
+def _write_one_by_one(writes: tuple[Write, ...], using: str) -> None:
+    """The ORM's path for each write, in order (a model with save signals, an expression value,
+    another database)."""
+    with transaction.atomic(using=using):
+        for write in writes:
+            if isinstance(write, Insert):
+                for obj in write.objs:
+                    obj.save(force_insert=True, using=using)
+            else:
+                write.obj.save(update_fields=list(write.fields), using=using)
+
+
+def _together_sql(
+    shapes: tuple[Hashable, ...], writes: tuple[Write, ...], connection: Any
+) -> tuple[str, Any]:
+    """The statement for these writes' shapes: one CTE each, and a SELECT of each insert's returned
+    columns (an array per column, rows in insertion order) and each update's row count."""
+    key = ("together", shapes, connection.alias)
+    if (cached := _write_sql.get(key)) is not None:
+        return cached[0], cached[1]
+    qn = connection.ops.quote_name
+    ctes: list[str] = []
+    outputs: list[str] = []
+    layout: list[tuple[list[Any], list[Any]]] = []  # per write: its fields, its returned fields
+    for i, write in enumerate(writes):
+        name = f"w{i}"
+        if isinstance(write, Insert):
+            model = type(write.objs[0])
+            opts = model._meta
+            pk_set = write.objs[0].pk is not None
+            fields = [f for f in opts.local_concrete_fields if pk_set or f is not opts.pk]
+            returning = list(opts.db_returning_fields)
+            row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+            body = (
+                f"INSERT INTO {qn(opts.db_table)} ({', '.join(qn(f.column) for f in fields)}) VALUES "
+                + ", ".join([row] * len(write.objs))
+                + f" RETURNING {', '.join(qn(f.column) for f in returning) or '1'}"
+            )
+            outputs += [f"(SELECT array_agg({qn(f.column)}) FROM {name})" for f in returning]
+        else:
+            model = type(write.obj)
+            opts = model._meta
+            fields = [opts.get_field(n) for n in write.fields]
+            returning = []
+            body = (
+                f"UPDATE {qn(opts.db_table)} SET "
+                + ", ".join(f"{qn(f.column)} = %s" for f in fields)
+                + f" WHERE {qn(opts.pk.column)} = %s RETURNING 1"
+            )
+            outputs.append(f"(SELECT count(*) FROM {name})")
+        ctes.append(f"{name} AS ({body})")
+        layout.append((fields, returning))
+    sql = "WITH " + ", ".join(ctes) + " SELECT " + (", ".join(outputs) or "1")
+    _write_sql[key] = (sql, layout, [])
+    return sql, layout
+
+
+def write_together(*writes: Write, using: str = "default") -> None:
+    """Run ``writes`` (``Insert`` of new instances, ``Update`` of saved ones) as one statement.
+
+    The same rows and values as ``create`` / ``save_fields`` one by one, in one round trip: inserted
+    instances get their database-generated keys and count as saved; an update of a row that is gone
+    raises ``DatabaseError`` (call in a transaction: it then rolls back with the rest). A foreign key
+    may point at a row inserted by another of the writes (checked at commit). One row may be
+    updated at most once (PostgreSQL leaves two updates of a row in one statement undefined).
+    Models with save signal receivers (and the other cases ``create`` leaves to the ORM), and
+    values that are expressions, are written one by one through the ORM instead.
+    """
+    if not writes:
+        return
+    connection = connections[using]
+    plain = connection.vendor == "postgresql"
+    updated = set()
+    for write in writes:
+        objs = write.objs if isinstance(write, Insert) else (write.obj,)
+        model = type(objs[0])
+        plain = plain and _plain_model(model)
+        if isinstance(write, Update):
+            names = model._meta._non_pk_concrete_field_names
+            if write.obj.pk is None or not write.fields or not names.issuperset(write.fields):
+                raise ValueError(f"Update needs a saved {model.__name__} and fields of its own")
+            if (model, write.obj.pk) in updated:
+                raise ValueError(f"one {model.__name__} row updated twice in one statement")
+            updated.add((model, write.obj.pk))
+            plain = plain and all(model._meta.get_field(n).model is model for n in write.fields)
+        for obj in objs:
+            obj._prepare_related_fields_for_save(operation_name="save")
+    if not plain:
+        _write_one_by_one(writes, using)
+        return
+    shapes = tuple(
+        ("insert", type(w.objs[0]), w.objs[0].pk is not None, len(w.objs))
+        if isinstance(w, Insert)
+        else ("update", type(w.obj), w.fields)
+        for w in writes
+    )
+    sql, layout = _together_sql(shapes, writes, connection)
+    params: list[Any] = []
+    for write, (fields, _) in zip(writes, layout, strict=True):
+        if isinstance(write, Insert):
+            for obj in write.objs:
+                raw = [f.pre_save(obj, add=True) for f in fields]
+                if _has_expression(raw):
+                    _write_one_by_one(writes, using)
+                    return
+                params += [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
+        else:
+            obj = write.obj
+            raw = [f.pre_save(obj, add=False) for f in fields]
+            if _has_expression(raw):
+                _write_one_by_one(writes, using)
+                return
+            params += [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
+            params.append(obj._meta.pk.get_db_prep_value(obj.pk, connection))
+    # No savepoint of its own: in the caller's transaction, an error below rolls back the caller's
+    # writes too; in autocommit, the statement and the check are one transaction.
+    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = iter(cursor.fetchone())
+        # Each write's outputs, in the SELECT's order: an update's row count, an insert's arrays.
+        outputs = [
+            next(row) if isinstance(w, Update) else [next(row) for _ in lay[1]]
+            for w, lay in zip(writes, layout, strict=True)
+        ]
+        if any(isinstance(w, Update) and out == 0 for w, out in zip(writes, outputs, strict=True)):
+            raise DatabaseError("Save with update_fields did not affect any rows.")
+    for write, (_, returning), out in zip(writes, layout, outputs, strict=True):
+        if isinstance(write, Update):
+            write.obj._state.db = using
+            continue
+        for field, values in zip(returning, out, strict=True):
+            for obj, value in zip(write.objs, values, strict=True):
+                for converter in field.get_db_converters(connection):
+                    value = converter(value, field, connection)
+                setattr(obj, field.attname, value)
+        for obj in write.objs:
+            obj._state.adding, obj._state.db = False, using

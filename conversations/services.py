@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -52,17 +52,28 @@ def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
     ``get_or_create``'s steps with compiled statements: the read, else the insert in a savepoint,
     and the read again when another request inserted the same user first.
     """
+    return _user_get_or_create(agent_id=agent_id, external_id=external_id)[0]
+
+
+def _user_get_or_create(
+    *, agent_id: int, external_id: str, seen_at: datetime | None = None
+) -> tuple[EndUser, bool]:
+    """``user_get_or_create`` and whether this call inserted the user (with ``last_seen_at`` =
+    ``seen_at``)."""
     external_id = clean_user_id(external_id)
     found = _END_USER.run(agent_id=agent_id, external_id=external_id)
     if found:
-        return found[0]
+        return found[0], False
     try:
         with transaction.atomic():
-            return prepared.create(EndUser, agent_id=agent_id, external_id=external_id)
+            created = prepared.create(
+                EndUser, agent_id=agent_id, external_id=external_id, last_seen_at=seen_at
+            )
+            return created, True
     except IntegrityError:
         found = _END_USER.run(agent_id=agent_id, external_id=external_id)
         if found:
-            return found[0]
+            return found[0], False
         raise
 
 
@@ -109,6 +120,11 @@ def session_for_turn(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatS
     # Sessions are marked expired here, when the next one opens, and by the beat's housekeeping for
     # users who never come back (``conversations.housekeeping``): never on every message.
     sessions_mark_expired(user=user, now=now)
+    return session_new(user=user, ttl_seconds=ttl_seconds, now=now)
+
+
+def session_new(*, user: EndUser, ttl_seconds: int, now: datetime) -> ChatSession:
+    """Open a session for ``user`` (who has no live one: ``session_for_turn`` looked)."""
     return prepared.create(
         ChatSession,
         user=user,
@@ -264,12 +280,18 @@ def message_receive(
                     user.last_seen_at = now
                     prepared.save_fields(user, ["last_seen_at"])
             else:
-                user = user_get_or_create(agent_id=agent_id, external_id=external_id)
-                # The UPDATE locks the user's row until commit: simultaneous first messages (or
-                # messages after an expiry) open one session between them.
-                user.last_seen_at = now
-                prepared.save_fields(user, ["last_seen_at"])
-                session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
+                user, new_user = _user_get_or_create(agent_id=agent_id, external_id=external_id, seen_at=now)
+                if new_user:
+                    # Inserted by this transaction: no session can exist yet (nothing to read), and
+                    # the row is ours until commit (a simultaneous first message waits on the
+                    # unique index, then reads this user and the session opened here).
+                    session = session_new(user=user, ttl_seconds=ttl_seconds, now=now)
+                else:
+                    # The UPDATE locks the user's row until commit: simultaneous first messages (or
+                    # messages after an expiry) open one session between them.
+                    user.last_seen_at = now
+                    prepared.save_fields(user, ["last_seen_at"])
+                    session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
             message = prepared.create(
                 Message,
                 user=user,
@@ -364,11 +386,12 @@ def _vocabulary(existing: list[str], text: str) -> list[str]:
     return words[-VOCABULARY_LIMIT:]
 
 
-def thread_open(
+def thread_new(
     *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime, intent: str = ""
 ) -> Thread:
-    return prepared.create(
-        Thread,
+    """A thread opened by a user message, not yet stored (``thread_open`` stores it; a turn's
+    placement stores it with the message's other writes, ``turns.message_place``)."""
+    return Thread(
         user=user,
         session=session,
         topic=text[:255],
@@ -382,8 +405,16 @@ def thread_open(
     )
 
 
-def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now: datetime) -> Thread:
-    """A user message joined the thread: fold it into the topic; wake the thread if dormant or resolved."""
+def thread_open(
+    *, user: EndUser, session: ChatSession, text: str, embedding: np.ndarray, now: datetime, intent: str = ""
+) -> Thread:
+    thread = thread_new(user=user, session=session, text=text, embedding=embedding, now=now, intent=intent)
+    prepared.write_together(prepared.Insert(thread))
+    return thread
+
+
+def thread_take_message(*, thread: Thread, text: str, embedding: np.ndarray, now: datetime) -> list[str]:
+    """``thread_add_message``'s changes to ``thread``, not yet stored: the fields to save."""
     thread.last_activity_at = now
     thread.topic_embedding = _fold(thread.topic_embedding, thread.topic_weight, embedding)
     thread.topic_weight += 1
@@ -395,7 +426,12 @@ def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now:
         thread.resolved_at = None
         thread.resolution = ""  # the old resolution no longer describes a thread that is open again
         fields += ["status", "resolved_at", "resolution"]
-    prepared.save_fields(thread, fields)
+    return fields
+
+
+def thread_add_message(*, thread: Thread, text: str, embedding: np.ndarray, now: datetime) -> Thread:
+    """A user message joined the thread: fold it into the topic; wake the thread if dormant or resolved."""
+    prepared.save_fields(thread, thread_take_message(thread=thread, text=text, embedding=embedding, now=now))
     return thread
 
 
@@ -416,41 +452,33 @@ def thread_add_reply(*, thread: Thread, text: str, now: datetime) -> Thread:
 
 
 def turn_mark_done_with_reply(
-    *, message: Message, thread: Thread, text: str, escalated: bool, now: datetime
+    *, message: Message, reply: Message, thread: Thread, escalated: bool, now: datetime
 ) -> None:
-    """A turn's reply is stored: its user message is done and the reply joins the thread (as
-    ``thread_add_reply``), in one statement (a data-modifying CTE: two UPDATEs were two of the
-    turn's statements). Call in the transaction that stored the reply."""
+    """Store ``reply`` (a new instance), mark its user message done and add the reply to the thread
+    (as ``thread_add_reply``; an escalated reply also marks the thread escalated): one statement
+    (``prepared.write_together``). Call in a transaction.
+
+    Raises:
+        IntegrityError: the message already has its reply (another run of the turn stored it);
+            nothing of the three writes is stored.
+    """
     message.status, message.escalated, message.error = Message.Status.DONE, escalated, ""
-    _thread_take_reply(thread=thread, text=text, now=now)
-    qn = connection.ops.quote_name
-
-    def column(model: Any, name: str) -> str:
-        return qn(model._meta.get_field(name).column)
-
-    def value(instance: Any, name: str) -> Any:
-        return instance._meta.get_field(name).get_db_prep_save(getattr(instance, name), connection)
-
-    message_fields, thread_fields = ("status", "escalated", "error"), REPLY_FIELDS
-    sql = (
-        f"WITH done AS (UPDATE {qn(Message._meta.db_table)} SET "
-        + ", ".join(f"{column(Message, f)} = %s" for f in message_fields)
-        + f" WHERE {column(Message, 'id')} = %s) UPDATE {qn(Thread._meta.db_table)} SET "
-        + ", ".join(f"{column(Thread, f)} = %s" for f in thread_fields)
-        + f" WHERE {column(Thread, 'id')} = %s"
+    _thread_take_reply(thread=thread, text=reply.content, now=now)
+    thread_fields = list(REPLY_FIELDS)
+    if escalated and not thread.escalated:
+        thread.escalated = True
+        thread_fields.append("escalated")
+    prepared.write_together(
+        prepared.Insert(reply),
+        prepared.Update(message, ("status", "escalated", "error")),
+        prepared.Update(thread, thread_fields),
     )
-    params = [
-        *(value(message, f) for f in message_fields),
-        value(message, "id"),
-        *(value(thread, f) for f in thread_fields),
-        value(thread, "id"),
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
 
 
-def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None, now: datetime) -> Thread:
-    """Mark a thread resolved, keeping the message that resolved it."""
+def thread_take_resolution(
+    *, thread: Thread, by: Message, embedding: np.ndarray | None, now: datetime
+) -> list[str]:
+    """``thread_resolve``'s changes to ``thread``, not yet stored: the fields to save."""
     thread.status = Thread.Status.RESOLVED
     thread.resolved_at = now
     thread.resolution = by.content[:2000]
@@ -459,7 +487,12 @@ def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None,
     if embedding is not None:
         thread.last_user_embedding = embedding
         fields.append("last_user_embedding")
-    prepared.save_fields(thread, fields)
+    return fields
+
+
+def thread_resolve(*, thread: Thread, by: Message, embedding: np.ndarray | None, now: datetime) -> Thread:
+    """Mark a thread resolved, keeping the message that resolved it."""
+    prepared.save_fields(thread, thread_take_resolution(thread=thread, by=by, embedding=embedding, now=now))
     return thread
 
 
@@ -519,6 +552,27 @@ def threads_mark_dormant_all(*, idle_by_agent: dict[int, timedelta], now: dateti
 # --- thread activities and staff actions -------------------------------------------------------
 
 
+def thread_activity_new(
+    *,
+    thread: Thread,
+    kind: str,
+    message: Message | None = None,
+    actor: str = ThreadActivity.Actor.SYSTEM,
+    staff_user: StaffUser | None = None,
+    detail: dict[str, Any] | None = None,
+) -> ThreadActivity:
+    """One event of a thread's life, not yet stored (``thread_activity_record`` stores it)."""
+    return ThreadActivity(
+        thread=thread,
+        user_id=thread.user_id,
+        kind=kind,
+        message=message,
+        actor=actor,
+        staff_user=staff_user,
+        detail=detail or {},
+    )
+
+
 def thread_activity_record(
     *,
     thread: Thread,
@@ -529,16 +583,11 @@ def thread_activity_record(
     detail: dict[str, Any] | None = None,
 ) -> ThreadActivity:
     """Store one event of a thread's life, for its timeline and for analytics."""
-    return prepared.create(
-        ThreadActivity,
-        thread=thread,
-        user_id=thread.user_id,
-        kind=kind,
-        message=message,
-        actor=actor,
-        staff_user=staff_user,
-        detail=detail or {},
+    activity = thread_activity_new(
+        thread=thread, kind=kind, message=message, actor=actor, staff_user=staff_user, detail=detail
     )
+    prepared.write_together(prepared.Insert(activity))
+    return activity
 
 
 def _locked(thread: Thread) -> Thread:

@@ -54,7 +54,7 @@ def message_place(
     """
     reopened = False
     if thread is None:
-        thread = conv_services.thread_open(
+        thread = conv_services.thread_new(
             user=message.user,
             session=message.session,
             text=message.content,
@@ -62,11 +62,16 @@ def message_place(
             now=now,
             intent=intent or "",
         )
+        thread_write: prepared.Write = prepared.Insert(thread)
     elif event == ThreadEvent.RESOLUTION:
-        conv_services.thread_resolve(thread=thread, by=message, embedding=embedding, now=now)
+        fields = conv_services.thread_take_resolution(thread=thread, by=message, embedding=embedding, now=now)
+        thread_write = prepared.Update(thread, fields)
     else:
         reopened = thread.status == Thread.Status.RESOLVED
-        conv_services.thread_add_message(thread=thread, text=message.content, embedding=embedding, now=now)
+        fields = conv_services.thread_take_message(
+            thread=thread, text=message.content, embedding=embedding, now=now
+        )
+        thread_write = prepared.Update(thread, fields)
     message.thread = thread
     message.thread_event = event
     message.thread_confidence = round(confidence, 4)
@@ -86,14 +91,23 @@ def message_place(
     if claim:
         message.status, message.processing_started_at, message.error = Message.Status.PROCESSING, now, ""
         fields += ["status", "processing_started_at", "error"]
-    prepared.save_fields(message, fields)
-    conv_services.thread_activity_record(
-        thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
-    )
-    if reopened:  # the user came back to a resolved thread: its timeline says it was reopened
-        conv_services.thread_activity_record(
-            thread=thread, kind=ThreadActivity.Kind.REOPENED, message=message, actor=ThreadActivity.Actor.USER
+    activities = [
+        conv_services.thread_activity_new(
+            thread=thread, kind=ACTIVITY_FOR_EVENT[event], message=message, actor=ThreadActivity.Actor.USER
         )
+    ]
+    if reopened:  # the user came back to a resolved thread: its timeline says it was reopened (after)
+        activities.append(
+            conv_services.thread_activity_new(
+                thread=thread,
+                kind=ThreadActivity.Kind.REOPENED,
+                message=message,
+                actor=ThreadActivity.Actor.USER,
+            )
+        )
+    # The thread's write, the message's and its activities: one statement (a new thread's row is
+    # referenced by the others: Django's foreign keys are checked at commit).
+    prepared.write_together(thread_write, prepared.Update(message, fields), prepared.Insert(*activities))
     return thread
 
 
@@ -145,8 +159,9 @@ def turn_finish(
     escalated = bool(reply_fields.get("escalated"))
     try:
         with transaction.atomic():
-            reply = prepared.create(
-                Message,
+            thread = message.thread
+            assert thread is not None
+            reply = Message(
                 user=message.user,
                 session_id=message.session_id,
                 thread_id=message.thread_id,
@@ -155,15 +170,12 @@ def turn_finish(
                 intent=message.intent,
                 **reply_fields,
             )
-            thread = message.thread
-            assert thread is not None
+            # The reply, the message done and the thread's reply fields: one statement. A second
+            # run of the turn fails it on the reply's uniqueness, storing none of the three.
             conv_services.turn_mark_done_with_reply(
-                message=message, thread=thread, text=reply.content, escalated=escalated, now=timezone.now()
+                message=message, reply=reply, thread=thread, escalated=escalated, now=timezone.now()
             )
             if escalated:
-                if not thread.escalated:
-                    thread.escalated = True
-                    thread.save(update_fields=["escalated"])
                 handoff.escalation_open(thread=thread, message=message, reason=escalation_reason)
             turn_settled_on_commit(message_id=message.pk, status=Message.Status.DONE)
     except IntegrityError:

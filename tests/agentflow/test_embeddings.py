@@ -154,6 +154,39 @@ def test_embedder_threads_come_from_the_environment_and_bad_values_are_refused(m
         MiniLMEmbedder()
 
 
+def test_embed_one_remembers_the_last_texts_exactly_and_forgets_the_oldest(monkeypatch) -> None:
+    monkeypatch.setenv("AGENTFLOW_EMBEDDER_CACHE_SIZE", "2")
+    cached = MiniLMEmbedder()
+    computed: list[str] = []
+    embed = cached.embed
+
+    def counting(texts: Sequence[str]) -> np.ndarray:
+        computed.extend(texts)
+        return embed(texts)
+
+    cached.embed = counting  # type: ignore[method-assign]
+    first = cached.embed_one("my card was declined")
+    first[:] = 0.0  # the caller's copy: the remembered vector is untouched
+    again = cached.embed_one("my card was declined")
+    np.testing.assert_array_equal(again, embed(["my card was declined"])[0])
+    assert computed == ["my card was declined"]
+    cached.embed_one("My card was declined")  # another text (case matters): computed
+    cached.embed_one("my card was declined")  # the most recent again
+    cached.embed_one("hello")  # over the size: the least recent ("My card...") goes
+    cached.embed_one("my card was declined")
+    cached.embed_one("My card was declined")
+    assert computed == ["my card was declined", "My card was declined", "hello", "My card was declined"]
+    assert len(cached._cache) == 2
+
+    monkeypatch.setenv("AGENTFLOW_EMBEDDER_CACHE_SIZE", "0")
+    uncached = MiniLMEmbedder()
+    np.testing.assert_array_equal(uncached.embed_one("hello"), uncached.embed(["hello"])[0])
+    assert len(uncached._cache) == 0
+    monkeypatch.setenv("AGENTFLOW_EMBEDDER_CACHE_SIZE", "lots")
+    with pytest.raises(ValueError, match="AGENTFLOW_EMBEDDER_CACHE_SIZE must be a whole number"):
+        MiniLMEmbedder()
+
+
 # --- Choosing the encoder by name (docs/configuration.md, "Sentence encoder") -------------------
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from asgiref.sync import sync_to_async
 
 from agentflow import AgentFrameworkBuilder, IntentCategory
 from agentflow.embeddings import get_embedder
 from agentflow.testing.fake_anthropic import FakeReply
+from conversations.models import EndUser
 from conversations.services import user_get_or_create
 from memory.models import Memory
 from memory.reference import MEMORY_PREAMBLE
@@ -288,3 +290,40 @@ async def test_disabled_memory_is_not_searched(memories):
 
     assert result["memories_used"] == []
     assert await Memory.objects.filter(use_count__gt=0).acount() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_user_with_nothing_to_find_skips_the_search_until_a_memory_exists(
+    embedder, monkeypatch, anthropic_client, fake_llm
+):
+    from agentflow import pipeline
+
+    searches: list[str] = []
+    search = pipeline.memory_search
+
+    def counting(**kwargs):  # type: ignore[no-untyped-def]
+        searches.append(kwargs["user"].external_id)
+        return search(**kwargs)
+
+    monkeypatch.setattr(pipeline, "memory_search", counting)
+    for _ in range(3):
+        fake_llm.enqueue(FakeReply(text="Sure."))
+    agent = await memory_builder().build(anthropic_client)
+
+    # No memory of the user's own, no approved global one: nothing to search.
+    first = await agent.process_message(user_id="newbie", message=QUESTION)
+    assert first["memories_used"] == [] and searches == []
+
+    # A memory stored meanwhile (by a worker, say) is found on the next turn.
+    user = await EndUser.objects.aget(external_id="newbie")
+    await sync_to_async(memory_add)(user=user, kind="preference", content=EMAIL_PREF, embedder=embedder)
+    second = await agent.process_message(user_id="newbie", message=QUESTION)
+    assert searches == ["newbie"] and [m["content"] for m in second["memories_used"]] == [EMAIL_PREF]
+
+    # Another user with none of their own still gets the agent's approved global memories.
+    await sync_to_async(memory_add)(
+        user=None, agent_id=user.agent_id, kind="pattern", content=BILLING_SLA, embedder=embedder
+    )
+    other = await agent.process_message(user_id="second-newbie", message=QUESTION)
+    assert searches == ["newbie", "second-newbie"]
+    assert [m["scope"] for m in other["memories_used"]] == ["global"]

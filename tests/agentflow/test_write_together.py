@@ -1,0 +1,224 @@
+"""Several writes in one statement (agentflow.prepared.write_together): the rows the ORM would write,
+all or nothing, foreign keys checked at commit; and the turn's writes that use it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.models.signals import post_save
+from django.utils import timezone
+
+from agentflow.prepared import Insert, Update, write_together
+from conversations import turns
+from conversations.models import EMBEDDING_DIMENSIONS, Message, Thread, ThreadActivity
+from conversations.services import thread_activity_new, thread_new
+from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@contextmanager
+def _statements() -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def spy(execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        if "SAVEPOINT" not in sql:  # the test's transaction makes each atomic block a savepoint
+            seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(spy):
+        yield seen
+
+
+def _row(model: type, pk: object) -> dict[str, object]:
+    return model.objects.filter(pk=pk).values().get()  # type: ignore[attr-defined, no-any-return]
+
+
+def _vector(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(EMBEDDING_DIMENSIONS).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_writes_store_the_rows_the_orm_stores_in_one_statement() -> None:
+    session = ChatSessionFactory()
+    message = MessageFactory(thread=None, session=session, user=session.user, content="my card is blocked")
+    now = timezone.now()
+    for round_ in range(2):  # the second reuses the compiled statement
+        thread = thread_new(
+            user=message.user,
+            session=message.session,
+            text=message.content,
+            embedding=_vector(round_),
+            now=now,
+        )
+        message.thread, message.intent = thread, f"CARD_{round_}"
+        first = thread_activity_new(thread=thread, kind=ThreadActivity.Kind.OPENED, message=message)
+        second = thread_activity_new(thread=thread, kind=ThreadActivity.Kind.REOPENED, message=message)
+        with _statements() as seen:
+            write_together(Insert(thread), Update(message, ["thread", "intent"]), Insert(first, second))
+        assert len(seen) == 1 and seen[0].startswith("WITH ")
+        # The database's keys came back, in the order of the rows: the timeline's order.
+        assert isinstance(first.pk, int) and second.pk > first.pk
+        assert not thread._state.adding and not first._state.adding
+        assert first.created_at <= second.created_at
+        stored = Thread.objects.get(pk=thread.pk)
+        assert (stored.topic, stored.topic_weight, stored.last_activity_at) == ("my card is blocked", 1, now)
+        assert np.allclose(stored.topic_embedding, _vector(round_), atol=1e-6)
+        assert _row(Message, message.pk)["thread_id"] == thread.pk
+        assert _row(Message, message.pk)["intent"] == f"CARD_{round_}"
+        assert [
+            (a.kind, a.message_id) for a in ThreadActivity.objects.filter(thread=thread).order_by("pk")
+        ] == [
+            ("opened", message.pk),
+            ("reopened", message.pk),
+        ]
+
+
+def test_an_update_of_a_row_that_is_gone_raises_and_stores_nothing_of_the_statement() -> None:
+    thread, gone = ThreadFactory(), MessageFactory()
+    Message.objects.filter(pk=gone.pk).delete()
+    gone.intent = "x"
+    activity = thread_activity_new(thread=thread, kind=ThreadActivity.Kind.FOLLOW_UP)
+    with pytest.raises(DatabaseError, match="did not affect any rows"), transaction.atomic():
+        write_together(Insert(activity), Update(gone, ["intent"]))
+    assert not ThreadActivity.objects.filter(thread=thread).exists()
+
+
+def test_a_unique_violation_fails_the_whole_statement() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    Message.objects.create(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    reply = Message(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    message.status = Message.Status.DONE
+    with pytest.raises(IntegrityError), transaction.atomic():
+        write_together(Update(message, ["status"]), Insert(reply))
+    assert _row(Message, message.pk)["status"] == Message.Status.PROCESSING
+    assert Message.objects.filter(reply_to=message).count() == 1
+
+
+def test_one_row_updated_twice_is_refused_before_anything_runs() -> None:
+    message = MessageFactory()
+    with pytest.raises(ValueError, match="updated twice"):
+        write_together(Update(message, ["intent"]), Update(message, ["status"]))
+    with pytest.raises(ValueError, match="one model"):
+        Insert(ThreadActivity(), Message())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_foreign_key_violation_surfaces_at_commit_and_rolls_back_every_write() -> None:
+    message = MessageFactory(intent="before")
+    message.intent = "after"
+    orphan = ThreadActivity(thread_id=uuid.uuid4(), user_id=message.user_id, kind=ThreadActivity.Kind.OPENED)
+    with pytest.raises(IntegrityError, match="foreign key"):
+        with transaction.atomic():
+            write_together(Update(message, ["intent"]), Insert(orphan))
+            # Deferred: the statement ran, its rows are visible inside the transaction.
+            assert ThreadActivity.objects.filter(pk=orphan.pk).exists()
+    assert _row(Message, message.pk)["intent"] == "before"
+    assert not ThreadActivity.objects.filter(pk=orphan.pk).exists()
+
+
+def test_a_model_with_save_receivers_is_written_through_the_orm_and_they_run() -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def receiver(sender: type, instance: Message, created: bool = False, **kwargs: object) -> None:
+        seen.append((instance.content, created))
+
+    session = ChatSessionFactory()
+    thread = ThreadFactory(session=session, user=session.user)
+    new = Message(user=session.user, session=session, thread=thread, role="user", content="new")
+    old = MessageFactory(thread=thread, content="old")
+    old.intent = "kept"
+    post_save.connect(receiver, sender=Message)
+    try:
+        write_together(Insert(new), Update(old, ["intent"]))
+    finally:
+        post_save.disconnect(receiver, sender=Message)
+    assert seen == [("new", True), ("old", False)]
+    assert _row(Message, old.pk)["intent"] == "kept" and Message.objects.filter(pk=new.pk).exists()
+
+
+def _placed(message: Message, thread: Thread | None, event: str) -> Thread:
+    return turns.message_place(
+        message=message,
+        event=event,
+        thread=thread,
+        confidence=0.9,
+        signals={"s": 1},
+        intent="CARD",
+        intent_confidence=0.8,
+        candidates=[],
+        embedding=_vector(7),
+        now=timezone.now(),
+        claim=True,
+    )
+
+
+def test_placement_is_one_statement_with_the_rows_of_each_event() -> None:
+    session = ChatSessionFactory()
+    first = MessageFactory(thread=None, session=session, user=session.user, status=Message.Status.PENDING)
+    with _statements() as seen:
+        thread = _placed(first, None, "NEW_TOPIC")
+    assert len(seen) == 1
+    first.refresh_from_db()
+    assert (first.thread_id, first.status, first.intent) == (thread.pk, Message.Status.PROCESSING, "CARD")
+    Thread.objects.filter(pk=thread.pk).update(status=Thread.Status.RESOLVED, resolution="fixed")
+    thread.refresh_from_db()
+    back = MessageFactory(thread=None, session=session, user=session.user, status=Message.Status.PENDING)
+    with _statements() as seen:
+        _placed(back, thread, "RETURN")
+    assert len(seen) == 1
+    thread.refresh_from_db()
+    assert (thread.status, thread.resolution, thread.topic_weight) == (Thread.Status.OPEN, "", 2)
+    assert list(
+        ThreadActivity.objects.filter(thread=thread).order_by("pk").values_list("kind", "message_id")
+    ) == [
+        ("opened", first.pk),
+        ("returned", back.pk),
+        ("reopened", back.pk),
+    ]
+
+
+def test_a_turn_finished_twice_stores_one_reply_and_the_second_writes_nothing() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING, escalated=False)
+    fields = {"content": "Here is how", "escalated": False, "handled_by": "llm"}
+    with _statements() as seen:
+        reply = turns.turn_finish(message=message, reply_fields=fields, escalation_reason="")
+    assert reply is not None and len(seen) == 1
+    message.refresh_from_db()
+    assert message.status == Message.Status.DONE
+    thread_after_first = _row(Thread, message.thread_id)
+    assert thread_after_first["last_assistant_text"] == "Here is how"
+    # A retried run (a worker died after the commit) comes back with its own reply: nothing changes.
+    retried = Message.objects.select_related("thread").get(pk=message.pk)
+    retried.status = Message.Status.PROCESSING
+    again = turns.turn_finish(
+        message=retried, reply_fields={**fields, "content": "Another reply"}, escalation_reason=""
+    )
+    assert again is None and retried.status == Message.Status.DONE
+    assert list(Message.objects.filter(reply_to=message).values_list("pk", "content")) == [
+        (reply.pk, "Here is how")
+    ]
+    assert _row(Thread, message.thread_id) == thread_after_first
+
+
+def test_an_escalated_finish_marks_the_thread_and_opens_its_escalation() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    reply = turns.turn_finish(
+        message=message,
+        reply_fields={"content": "A person will help", "escalated": True, "handled_by": "llm"},
+        escalation_reason="asked for a human",
+    )
+    assert reply is not None
+    thread = Thread.objects.get(pk=message.thread_id)
+    assert thread.escalated and thread.last_assistant_text == "A person will help"
+    assert thread.escalations.filter(message=message).count() == 1
+    assert _row(Message, message.pk)["escalated"] is True
