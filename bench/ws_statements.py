@@ -150,6 +150,35 @@ async def run(users: int, messages: int, counter: Counter) -> dict[str, float]:
     }
 
 
+def cache_get_cpu(rounds: int = 6, calls: int = 2000) -> None:
+    """CPU of one ``cache.get`` (the chat consumer's revocation check): Django's client, which builds
+    a ``redis.Redis`` per command, against one kept per pool (``agentflow.cache``), alternated."""
+    from django.core.cache import caches
+    from django.core.cache.backends.redis import RedisCacheClient
+
+    try:
+        from agentflow.cache import SharedRedisCacheClient
+    except ImportError:  # older code
+        return
+    cache = caches["default"]
+    servers, options = cache._shared_servers, cache._shared_options
+    clients = {
+        "django": RedisCacheClient(servers, **options),
+        "kept": SharedRedisCacheClient(servers, **options),
+    }
+    spent: dict[str, list[float]] = {name: [] for name in clients}
+    for _ in range(rounds):
+        for name, client in clients.items():
+            started = time.thread_time()
+            for _ in range(calls):
+                client.get("chat-revoked:none", None)
+            spent[name].append((time.thread_time() - started) / calls * 1000)
+    print(
+        f"  cache.get CPU ms a call (median of {rounds} x {calls}): Django's client"
+        f" {statistics.median(spent['django']):.3f}, one client per pool {statistics.median(spent['kept']):.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100)
@@ -191,6 +220,7 @@ def main() -> None:
             f" {med('connect_user'):.2f} end-user statements,"
             f" {med('connect_cpu_ms'):.2f} ms CPU"
         )
+        cache_get_cpu()
     finally:
         from conversations.models import EndUser
 

@@ -102,8 +102,11 @@ def _accept(
     received = message_accept_held(
         held=held, user_id=user_id, message=message, client_message_id=client_message_id
     )
-    if received.run:
-        queue_turn(received.message.pk)
+    if received.run:  # with the agent, version and user: the worker need not read them again
+        limits = held.limits
+        queue_turn(
+            received.message.pk, agent=limits.name, version=limits.version, user_pk=received.message.user_id
+        )
     return received
 
 
