@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from agentflow.errors import RateLimited
 from agentflow.loops import run_db
 from agentflow.testing.fake_anthropic import FakeReply
 from conversations import consumers
-from conversations.agents import AgentSettings, agent_register, agent_settings
+from conversations.agents import AgentSettings, agent_register, agent_settings, message_accept
 from conversations.chat_tokens import chat_token_revoke
 from conversations.models import Agent, Message
 from conversations.services import rate_limit_check
@@ -255,3 +256,50 @@ def test_this_process_agent_variables_still_win_over_kept_limits(monkeypatch: py
     assert agent_settings(name=agent.name).messages_per_minute == 3
     monkeypatch.delenv("AGENT_RATE_LIMIT_MESSAGES_PER_MINUTE")
     assert agent_settings(name=agent.name) == before
+
+
+def test_the_snapshot_reads_the_user_and_live_session_as_the_orm_does() -> None:
+    from conversations.models import ChatSession, EndUser
+    from conversations.services import message_snapshot
+
+    agent = default_agent_row()
+    limits = agent_settings(name=agent.name)
+    EndUser.objects.create(agent=agent, external_id="snap-alice", metadata={"plan": "pro", "n": [1, 2]})
+    stored = message_accept(limits=limits, user_id="snap-alice", message="Hello", client_message_id="k-1")
+    now = timezone.now()
+
+    with CaptureQueriesContext(connection) as queries:
+        snap = message_snapshot(agent_id=agent.pk, external_id="snap-alice", client_id="k-1", now=now)
+    assert len(queries) == 1
+    assert snap is not None
+    user, session = (
+        EndUser.objects.get(external_id="snap-alice"),
+        ChatSession.objects.get(user__external_id="snap-alice"),
+    )
+    fields = [f.attname for f in EndUser._meta.concrete_fields]
+    assert [getattr(snap.user, f) for f in fields] == [getattr(user, f) for f in fields]
+    fields = [f.attname for f in ChatSession._meta.concrete_fields]
+    assert [getattr(snap.session, f) for f in fields] == [getattr(session, f) for f in fields]
+    assert (snap.agent_version, snap.duplicate_id) == (agent.version, stored.message.pk)
+
+    # No client id, another user, an expired session, another agent: nothing of theirs.
+    assert (
+        message_snapshot(agent_id=agent.pk, external_id="snap-alice", client_id="", now=now).duplicate_id
+        is None
+    )
+    assert message_snapshot(agent_id=agent.pk, external_id="snap-bob", client_id="k-1", now=now) == (
+        agent.version,
+        None,
+        None,
+        None,
+    )
+    later = session.expires_at + timedelta(seconds=1)
+    expired = message_snapshot(agent_id=agent.pk, external_id="snap-alice", client_id="k-1", now=later)
+    assert expired is not None and expired.session is None and expired.user is not None
+    other = Agent.objects.create(name="snap-other")
+    assert (
+        message_snapshot(agent_id=other.pk, external_id="snap-alice", client_id="k-1", now=now).user is None
+    )
+    assert (
+        message_snapshot(agent_id=other.pk + 1000, external_id="snap-alice", client_id="k-1", now=now) is None
+    )
