@@ -142,16 +142,20 @@ class AgentSettings:
 
 
 def _agent_version(*, name: str) -> QuerySet[Agent, Any]:
-    return Agent.objects.filter(name=name).values("id", "version")[:1]
+    return Agent.objects.filter(name=name).values("id", "version", "updated_at")[:1]
 
 
-# Read for every message a transport accepts: the agent's id and version only (compiled once).
+# Read for every message a transport accepts: the agent's id, version and when it last changed
+# (compiled once).
 _AGENT_VERSION = PreparedQuery(_agent_version)
 
-# The limits of each agent version this process has read, by (id, version, this process's AGENT_*
-# variables). A version is never changed once stored (``agent_register`` increments it with any
-# change of configuration), so an entry never goes stale; a new version is a new key.
-_settings_by_version: dict[tuple[int, int, tuple[tuple[str, str], ...]], AgentSettings] = {}
+# The limits of each agent version this process has read, by (id, version, the record's
+# ``updated_at``, this process's AGENT_* variables). A version is never changed once stored
+# (``agent_register`` increments it with any change of configuration), so an entry never goes
+# stale; a new version is a new key. ``updated_at`` tells apart a version number used twice (a
+# database restored from a backup, a registration rolled back).
+_SettingsKey = tuple[int, int, Any, tuple[tuple[str, str], ...]]
+_settings_by_version: dict[_SettingsKey, AgentSettings] = {}
 _SETTINGS_KEPT = 256
 
 
@@ -177,7 +181,7 @@ def _settings_read(*, name: str, env: tuple[tuple[str, str], ...]) -> AgentSetti
     found = AgentSettings.of(id=agent.pk, name=agent.name, version=agent.version, config=config)
     if len(_settings_by_version) >= _SETTINGS_KEPT:
         _settings_by_version.clear()
-    _settings_by_version[(found.id, found.version, env)] = found
+    _settings_by_version[(found.id, found.version, agent.updated_at, env)] = found
     return found
 
 
@@ -195,7 +199,8 @@ def agent_settings(*, name: str) -> AgentSettings:
     env = _env_key()
     rows = _AGENT_VERSION.run(name=name)
     if rows:
-        found = _settings_by_version.get((rows[0]["id"], rows[0]["version"], env))
+        row = rows[0]
+        found = _settings_by_version.get((row["id"], row["version"], row["updated_at"], env))
         if found is not None:
             return found
     return _settings_read(name=name, env=env)
