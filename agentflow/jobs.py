@@ -114,16 +114,26 @@ def wait_for_inline_jobs(timeout: float | None = None) -> None:
 TURN_TASK = "agentflow.process_turn"
 
 
-def queue_turn(message_id: Any) -> None:
+def queue_turn(
+    message_id: Any, *, agent: str | None = None, version: int | None = None, user_pk: int | None = None
+) -> None:
     """Queue the turn of a stored user message on a Celery worker once the transaction commits.
 
     Always a worker (never inline, never off): REST and WebSocket transports hand every turn over.
+    ``agent`` (its name), ``version`` (the stored version the message was accepted under) and
+    ``user_pk`` (the message's end user), when the caller knows them all, travel with the task: a
+    worker that runs that agent at that version starts the turn without reading them again
+    (``conversations.tasks.process_turn``, which still checks them against the message it reads).
     """
     from django.db import transaction
+
+    kwargs: dict[str, Any] = {}
+    if agent is not None and version is not None and user_pk is not None:
+        kwargs = {"agent": agent, "version": version, "user_pk": user_pk}
 
     def send() -> None:
         from celery import current_app
 
-        current_app.send_task(TURN_TASK, args=[str(message_id)])
+        current_app.send_task(TURN_TASK, args=[str(message_id)], kwargs=kwargs)
 
     transaction.on_commit(send)

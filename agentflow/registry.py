@@ -167,6 +167,26 @@ def agent_for(name: str, *, version: int | None = None) -> Agent:
     return agent
 
 
+def agent_cached(name: str, *, version: int) -> Agent | None:
+    """The agent this process already runs for ``name`` at stored version ``version``, or None: no
+    query, no build (a queued turn that names its agent and version, ``conversations.tasks``).
+
+    None when the agent is not built here yet, when this process's copy is of another version, or
+    when its declaration changed since it was built: the caller then reads the message's agent.
+    """
+    local = built_here.get(name)
+    if local is not None:
+        return local if local.version == version else None
+    declared = conf().agent_paths().get(name)
+    with _lock:
+        cached = _cache.get(name)
+    if cached is None:
+        return None
+    key, agent = cached
+    expected: Any = ("declared", declared, conf().CONFIG) if declared is not None else ("stored", version)
+    return agent if key == expected and agent.version == version else None
+
+
 def default_agent() -> Agent:
     """The deployment's default agent (``AGENTFLOW["DEFAULT_AGENT"]``), as the old single-agent paths use."""
     return agent_for(conf().DEFAULT_AGENT)

@@ -2,7 +2,7 @@
 
 ``build()`` registers an agent by name (``agent_register``); every process then rebuilds it from the
 registry of dotted paths or from its stored configuration (``agentflow.registry``). Transports read
-an agent's limits with ``agent_settings`` (one indexed query, no model loading).
+an agent's limits with ``agent_settings`` (its id and version read; the limits of each version kept).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from agentflow.errors import InvalidInput, NotFound
 from agentflow.prepared import PreparedQuery
 
 from .models import AGENT_NAME_PATTERN, Agent
-from .services import Received, message_receive
+from .services import AgentChanged, Received, message_receive
 
 _NAME_RE = re.compile(AGENT_NAME_PATTERN)
 
@@ -141,15 +141,30 @@ class AgentSettings:
         )
 
 
-def agent_settings(*, name: str) -> AgentSettings:
-    """The limits of agent ``name`` from its record (one query; no agent is built).
+def _agent_version(*, name: str) -> QuerySet[Agent, Any]:
+    return Agent.objects.filter(name=name).values("id", "version", "updated_at")[:1]
 
-    An agent declared in ``AGENTFLOW["AGENTS"]`` that no process has built yet gets its record now,
-    with the default configuration until it is built.
 
-    Raises:
-        NotFound: no agent of that name is registered or declared.
-    """
+# Read for every message a transport accepts: the agent's id, version and when it last changed
+# (compiled once).
+_AGENT_VERSION = PreparedQuery(_agent_version)
+
+# The limits of each agent version this process has read, by (id, version, the record's
+# ``updated_at``, this process's AGENT_* variables). A version is never changed once stored
+# (``agent_register`` increments it with any change of configuration), so an entry never goes
+# stale; a new version is a new key. ``updated_at`` tells apart a version number used twice (a
+# database restored from a backup, a registration rolled back).
+_SettingsKey = tuple[int, int, Any, tuple[tuple[str, str], ...]]
+_settings_by_version: dict[_SettingsKey, AgentSettings] = {}
+_SETTINGS_KEPT = 256
+
+
+def _env_key() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AGENT_")))
+
+
+def _settings_read(*, name: str, env: tuple[tuple[str, str], ...]) -> AgentSettings:
+    """The limits from the agent's whole record (its stored configuration validated)."""
     from agentflow.conf import conf
     from agentflow.config import AgentFrameworkConfig, deep_merge, env_overrides
 
@@ -161,9 +176,34 @@ def agent_settings(*, name: str) -> AgentSettings:
         agent = agent_get_or_create(name=name)  # declared in settings, not built anywhere yet
     # The stored configuration is what the last build resolved; this process's AGENT_* variables
     # still win over it, as they would in a build here (one precedence everywhere).
-    env_data, _ = env_overrides(os.environ)
+    env_data, _ = env_overrides(dict(env))
     config = AgentFrameworkConfig.model_validate(deep_merge({**agent.config, "name": agent.name}, env_data))
-    return AgentSettings.of(id=agent.pk, name=agent.name, version=agent.version, config=config)
+    found = AgentSettings.of(id=agent.pk, name=agent.name, version=agent.version, config=config)
+    if len(_settings_by_version) >= _SETTINGS_KEPT:
+        _settings_by_version.clear()
+    _settings_by_version[(found.id, found.version, agent.updated_at, env)] = found
+    return found
+
+
+def agent_settings(*, name: str) -> AgentSettings:
+    """The limits of agent ``name``: its id and version read (one compiled query), the limits of that
+    version from this process's memory, or from the whole record the first time (no agent is built).
+
+    An agent declared in ``AGENTFLOW["AGENTS"]`` that no process has built yet gets its record now,
+    with the default configuration until it is built.
+
+    Raises:
+        NotFound: no agent of that name is registered or declared.
+    """
+    name = clean_agent_name(name)
+    env = _env_key()
+    rows = _AGENT_VERSION.run(name=name)
+    if rows:
+        row = rows[0]
+        found = _settings_by_version.get((row["id"], row["version"], row["updated_at"], env))
+        if found is not None:
+            return found
+    return _settings_read(name=name, env=env)
 
 
 def message_accept(
@@ -171,7 +211,9 @@ def message_accept(
 ) -> Received:
     """Validate and store an incoming user message for the agent of ``limits`` (pending its turn).
 
-    The one way every entry point (in-process, REST, WebSocket) accepts a message.
+    The one way every entry point (in-process, REST, WebSocket) accepts a message. ``limits`` are
+    used as given (a REST request has just read them; an in-process agent uses its own
+    configuration); ``message_accept_held`` checks them against the stored version first.
 
     Raises:
         InvalidInput, RateLimited: nothing was stored.
@@ -185,4 +227,46 @@ def message_accept(
         max_chars=limits.max_message_chars,
         rate_per_minute=limits.messages_per_minute,
         rate_burst=limits.burst,
+    )
+
+
+@dataclass
+class HeldLimits:
+    """An agent's limits held across messages (a chat connection's, read when it opened); replaced
+    in place by ``message_accept_held`` when another process published a new version."""
+
+    limits: AgentSettings
+
+
+def message_accept_held(
+    *, held: HeldLimits, user_id: str, message: Any, client_message_id: Any = None
+) -> Received:
+    """``message_accept`` with limits the caller holds across messages: the message's one read also
+    checks the agent's stored version; when another process published a new version, the limits are
+    read again, replace ``held.limits`` (kept even when the message is then refused) and the message
+    is accepted under them.
+
+    Raises:
+        InvalidInput, RateLimited: nothing was stored.
+        NotFound: the agent is gone.
+    """
+    for _ in range(3):
+        limits = held.limits
+        try:
+            return message_receive(
+                agent_id=limits.id,
+                user_id=user_id,
+                content=message,
+                client_message_id=client_message_id,
+                ttl_seconds=limits.ttl_seconds,
+                max_chars=limits.max_message_chars,
+                rate_per_minute=limits.messages_per_minute,
+                rate_burst=limits.burst,
+                agent_version=limits.version,
+            )
+        except AgentChanged:
+            held.limits = agent_settings(name=limits.name)  # NotFound when the agent is gone
+    # Published again at every attempt: accept under the latest limits read, unchecked.
+    return message_accept(
+        limits=held.limits, user_id=user_id, message=message, client_message_id=client_message_id
     )

@@ -180,8 +180,10 @@ def _accept_and_queue(
     )
     waiting = wait > 0 and (received.run or received.message.status not in TERMINAL)
     queued = received.run and received.created
-    if queued:
-        queue_turn(received.message.pk)
+    if queued:  # with the agent, version and user: the worker need not read them again
+        queue_turn(
+            received.message.pk, agent=limits.name, version=limits.version, user_pk=received.message.user_id
+        )
     if waiting and queued:
         # No database connection stays checked out of the pool while this request waits.
         connections_release()

@@ -26,7 +26,7 @@ from agentflow.jobs import queue_turn
 from agentflow.loops import run_db
 
 from . import selectors, services
-from .agents import AgentSettings, Received, agent_settings, message_accept
+from .agents import AgentSettings, HeldLimits, Received, agent_settings, message_accept_held
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
@@ -85,27 +85,28 @@ def _open(*, claims: ChatTokenClaims, channel: str) -> tuple[AgentSettings, EndU
 
 
 def _accept(
-    *, claims: ChatTokenClaims, agent: str, user_id: str, message: Any, client_message_id: Any
+    *, claims: ChatTokenClaims, held: HeldLimits, user_id: str, message: Any, client_message_id: Any
 ) -> Received | None:
-    """Store a chat message (``message_accept``) and queue its turn when it has one to run (new, or
-    a failed one sent again); None, storing nothing, when the user's chat tokens were revoked
-    meanwhile (the user was erased: never re-create them).
+    """Store a chat message (``message_accept_held``) and queue its turn when it has one to run (new,
+    or a failed one sent again), with the limits the connection holds (checked against the agent's
+    stored version by the message's one read; read again into ``held`` when another process
+    published a new version). None, storing nothing, when
+    the user's chat tokens were revoked meanwhile (the user was erased: never re-create them).
 
-    The revocation check, the agent's limits, the message and the queueing in one database-thread
-    call instead of four: each hop from the event loop to a thread and back costs CPU
+    One database-thread call, one read and the message's ``INSERT`` in a live session
     (docs/operations.md, "Web process CPU"). The ``ack`` still reaches the socket before any event
     of the turn: the consumer handles the channel layer's events after this frame's handler ends.
     """
     if chat_token_revoked(claims=claims):
         return None
-    received = message_accept(
-        limits=agent_settings(name=agent),
-        user_id=user_id,
-        message=message,
-        client_message_id=client_message_id,
+    received = message_accept_held(
+        held=held, user_id=user_id, message=message, client_message_id=client_message_id
     )
-    if received.run:
-        queue_turn(received.message.pk)
+    if received.run:  # with the agent, version and user: the worker need not read them again
+        limits = held.limits
+        queue_turn(
+            received.message.pk, agent=limits.name, version=limits.version, user_pk=received.message.user_id
+        )
     return received
 
 
@@ -119,6 +120,7 @@ class ChatConsumer(JsonFrameConsumer):
     }
     user: EndUser
     agent_name: str
+    held: HeldLimits  # the agent's limits read at connect; replaced when a message finds a newer version
     group: str
     claims: ChatTokenClaims
     _typing: tuple[bool, float] = (False, 0.0)
@@ -151,7 +153,7 @@ class ChatConsumer(JsonFrameConsumer):
         limits, self.user = opened
         external_id = claims.external_id
         self.claims, self._counted_at = claims, time.monotonic()
-        self.agent_name = limits.name
+        self.agent_name, self.held = limits.name, HeldLimits(limits)
         self.group = user_group(self.user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -215,7 +217,7 @@ class ChatConsumer(JsonFrameConsumer):
             received = await run_db(
                 _accept,
                 claims=self.claims,
-                agent=self.agent_name,
+                held=self.held,
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,

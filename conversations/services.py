@@ -8,13 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from agentflow import prepared
 from agentflow.embeddings import get_embedder
-from agentflow.errors import InvalidInput
+from agentflow.errors import InvalidInput, NotFound
 from agentflow.jobs import queue_on_commit
 from agentflow.prepared import PreparedQuery
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
@@ -179,38 +179,88 @@ def sessions_mark_expired(*, now: datetime, user: EndUser | None = None, batch: 
 LAST_SEEN_EVERY = timedelta(minutes=1)
 
 
-def _live_session_of(*, agent_id: int, external_id: str, now: datetime) -> ChatSession | None:
-    """The user's live session with its user, in one query (the common case of a message)."""
-    rows = _LIVE_SESSION.run(agent_id=agent_id, external_id=external_id, now=now)
-    return rows[0] if rows else None
+class AgentChanged(Exception):
+    """The agent's stored version is not the one the caller's limits were read for (or the agent is
+    gone): read its limits again (``conversations.agents.agent_settings``) and call once more."""
+
+    def __init__(self, version: int | None) -> None:
+        super().__init__(f"the agent's stored version is {version}")
+        self.version = version
 
 
-def _live_session(*, agent_id: int, external_id: str, now: datetime) -> QuerySet[ChatSession]:
-    return (
-        ChatSession.objects.select_related("user")
-        .filter(
-            user__agent_id=agent_id,
-            user__external_id=external_id,
-            status=ChatSession.Status.ACTIVE,
-            expires_at__gt=now,
-        )
-        .order_by("-last_activity_at")[:1]
+class Snapshot(NamedTuple):
+    """What storing a message needs to know, read in one statement (``message_snapshot``)."""
+
+    agent_version: int
+    user: EndUser | None  # the agent's end user of this external id, if any
+    session: ChatSession | None  # their live session, if any
+    duplicate_id: Any  # the pk of their message with this client id, if any
+
+
+_snapshot_sql: dict[str, str] = {}  # per database vendor's quoting: built once per process
+
+
+def _columns(model: Any) -> list[Any]:
+    return list(model._meta.concrete_fields)
+
+
+def _snapshot_statement(conn: Any) -> str:
+    if (sql := _snapshot_sql.get(conn.alias)) is not None:
+        return sql
+    qn = conn.ops.quote_name
+    user_cols = ", ".join(f"u.{qn(f.column)}" for f in _columns(EndUser))
+    session_cols = ", ".join(f"s0.{qn(f.column)}" for f in _columns(ChatSession))
+    session_out = ", ".join(f"s.{qn(f.column)}" for f in _columns(ChatSession))
+    m, s_ = Message._meta, ChatSession._meta
+    sql = (
+        f"SELECT a.{qn('version')}, {user_cols}, {session_out}, d.{qn(m.pk.column)}"
+        f" FROM {qn(Agent._meta.db_table)} a"
+        f" LEFT JOIN {qn(EndUser._meta.db_table)} u ON u.{qn('agent_id')} = a.{qn('id')}"
+        f" AND u.{qn('external_id')} = %s"
+        f" LEFT JOIN LATERAL (SELECT {session_cols} FROM {qn(s_.db_table)} s0"
+        f" WHERE s0.{qn('user_id')} = u.{qn('id')} AND s0.{qn('status')} = %s AND s0.{qn('expires_at')} > %s"
+        f" ORDER BY s0.{qn('last_activity_at')} DESC LIMIT 1) s ON TRUE"
+        f" LEFT JOIN LATERAL (SELECT m.{qn(m.pk.column)} FROM {qn(m.db_table)} m"
+        f" WHERE m.{qn('user_id')} = u.{qn('id')} AND m.{qn('client_message_id')} = %s"
+        f" AND m.{qn('client_message_id')} <> '' ORDER BY m.{qn(m.pk.column)} LIMIT 1) d ON TRUE"
+        f" WHERE a.{qn('id')} = %s"
     )
+    _snapshot_sql[conn.alias] = sql
+    return sql
 
 
-# Read on every message: compiled once per connection (agentflow.prepared).
-_LIVE_SESSION = PreparedQuery(_live_session)
+def _from_row(model: Any, values: tuple[Any, ...], conn: Any) -> Any:
+    """A model instance from its columns as the driver returned them (with the fields' converters)."""
+    fields = _columns(model)
+    converted = []
+    for field, value in zip(fields, values, strict=True):
+        for converter in field.get_db_converters(conn):
+            value = converter(value, None, conn)
+        converted.append(value)
+    return model.from_db(conn.alias, [f.attname for f in fields], converted)
 
 
-def _by_client_id(*, agent_id: int, external_id: str, client_id: str) -> QuerySet[Message]:
-    """The user's message with this ``client_message_id`` (a resend), as ``.first()`` would read it."""
-    return Message.objects.filter(
-        user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
-    ).order_by("pk")[:1]
-
-
-# Asked for every message that carries a client id: compiled once per connection.
-_BY_CLIENT_ID = PreparedQuery(_by_client_id)
+def message_snapshot(*, agent_id: int, external_id: str, client_id: str, now: datetime) -> Snapshot | None:
+    """The agent's version, its end user ``external_id`` with their live session, and the pk of their
+    message with ``client_id`` (a resend): one statement, compiled once per process. None when the
+    agent does not exist. Every message a transport accepts starts here (docs/operations.md, "Web
+    process CPU"): the user's record is read once a message, not three times."""
+    conn = connection
+    with conn.cursor() as cursor:
+        cursor.execute(
+            _snapshot_statement(conn),
+            [external_id, ChatSession.Status.ACTIVE.value, now, client_id, agent_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    n_user, n_session = len(_columns(EndUser)), len(_columns(ChatSession))
+    user_values, session_values = row[1 : 1 + n_user], row[1 + n_user : 1 + n_user + n_session]
+    user = _from_row(EndUser, user_values, conn) if user_values[0] is not None else None
+    session = _from_row(ChatSession, session_values, conn) if session_values[0] is not None else None
+    if session is not None and user is not None:
+        session.user = user  # as select_related("user") set it
+    return Snapshot(row[0], user, session, row[-1])
 
 
 def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
@@ -247,12 +297,18 @@ def message_receive(
     max_chars: int,
     rate_per_minute: int = 0,
     rate_burst: int | None = None,
+    agent_version: int | None = None,
 ) -> Received:
     """Validate and store an incoming user message, pending its turn.
 
     Sending the same ``client_message_id`` twice returns the first message (``created`` False).
     ``rate_per_minute`` and ``rate_burst`` are the user's message bucket (``burst`` None: the same
-    as ``rate_per_minute``; 0 per minute: no limit).
+    as ``rate_per_minute``; 0 per minute: no limit). ``agent_version``: the version of the agent the
+    limits were read for, checked against the stored one (None: not checked).
+
+    In a live session (nearly every message) this is one read (``message_snapshot``) and the
+    ``INSERT`` of the message, in autocommit: no transaction of its own. A message that opens a
+    session runs in a transaction under the user's row lock, as before.
 
     Returns:
         The stored message, whether it is new, and whether its turn should run (``Received.run``).
@@ -260,27 +316,53 @@ def message_receive(
     Raises:
         InvalidInput: nothing was stored.
         RateLimited: nothing was stored.
+        AgentChanged: ``agent_version`` is not the stored one, or the agent is gone; nothing stored.
+        NotFound: the agent is gone (``agent_version`` None); nothing stored.
     """
     external_id = clean_user_id(user_id)
-    text = clean_message(content, max_chars=max_chars)
     client_id = clean_client_message_id(client_message_id)
     now = timezone.now()
-    if client_id:
-        found = _BY_CLIENT_ID.run(agent_id=agent_id, external_id=external_id, client_id=client_id)
-        if found:
-            return Received(found[0], created=False)
+    snap = message_snapshot(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
+    if snap is None:
+        if agent_version is not None:
+            raise AgentChanged(None)
+        raise NotFound(f"agent {agent_id} not found")
+    if agent_version is not None and snap.agent_version != agent_version:
+        raise AgentChanged(snap.agent_version)
+    text = clean_message(content, max_chars=max_chars)
+    if snap.duplicate_id is not None:
+        first = Message.objects.filter(pk=snap.duplicate_id).first()
+        if first is not None:
+            return Received(first, created=False)
     rate_limit_check(user_id=external_id, per_minute=rate_per_minute, burst=rate_burst, now=now)
+    fields = {
+        "role": Message.Role.USER,
+        "content": text,
+        "status": Message.Status.PENDING,
+        "client_message_id": client_id,
+    }
     try:
-        with transaction.atomic():
-            live = _live_session_of(agent_id=agent_id, external_id=external_id, now=now)
-            if live is not None:  # a session to extend: no lock needed, nothing is opened
-                user, session = live.user, live
-                session_extend(session=session, now=now)
-                if user.last_seen_at is None or user.last_seen_at < now - LAST_SEEN_EVERY:
-                    user.last_seen_at = now
-                    prepared.save_fields(user, ["last_seen_at"])
+        if snap.session is not None and snap.user is not None:
+            # A session to extend: no lock needed, nothing is opened. Each write its own statement;
+            # the two updates are needed at most once a minute per user.
+            user, session = snap.user, snap.session
+            session_extend(session=session, now=now)
+            if user.last_seen_at is None or user.last_seen_at < now - LAST_SEEN_EVERY:
+                user.last_seen_at = now
+                prepared.save_fields(user, ["last_seen_at"])
+            if connection.in_atomic_block:  # a caller's transaction: a failed INSERT must not break it
+                with transaction.atomic():
+                    message = prepared.create(Message, user=user, session=session, **fields)
             else:
-                user, new_user = _user_get_or_create(agent_id=agent_id, external_id=external_id, seen_at=now)
+                message = prepared.create(Message, user=user, session=session, **fields)
+        else:
+            with transaction.atomic():
+                if snap.user is not None:
+                    user, new_user = snap.user, False
+                else:
+                    user, new_user = _user_get_or_create(
+                        agent_id=agent_id, external_id=external_id, seen_at=now
+                    )
                 if new_user:
                     # Inserted by this transaction: no session can exist yet (nothing to read), and
                     # the row is ours until commit (a simultaneous first message waits on the
@@ -292,21 +374,13 @@ def message_receive(
                     user.last_seen_at = now
                     prepared.save_fields(user, ["last_seen_at"])
                     session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
-            message = prepared.create(
-                Message,
-                user=user,
-                session=session,
-                role=Message.Role.USER,
-                content=text,
-                status=Message.Status.PENDING,
-                client_message_id=client_id,
-            )
+                message = prepared.create(Message, user=user, session=session, **fields)
     except IntegrityError:
         # The same client id raced in from another process: the first one wins.
         existing = Message.objects.filter(
             user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
         ).first()
-        if existing is None:
+        if not client_id or existing is None:
             raise
         return Received(existing, created=False)
     # Every live connection of the user (other tabs, staff watching) sees the message arrive.

@@ -17,7 +17,7 @@ import random
 import uuid
 from collections.abc import Coroutine
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -31,7 +31,7 @@ from agentflow.jobs import TURN_TASK
 from agentflow.llm import whole_replies
 from agentflow.loops import ThreadSteps, take_thread_loops, thread_loop, thread_steps
 from agentflow.prepared import PreparedQuery
-from agentflow.registry import agent_for, cached_agents, default_agent
+from agentflow.registry import agent_cached, agent_for, cached_agents, default_agent
 from agentflow.runner import run_turn
 from agentflow.unavailable import is_unavailable, unavailable_component
 
@@ -128,8 +128,22 @@ def _agent_of(message_id: str) -> tuple[Any, int]:
     soft_time_limit=limits.CELERY_SOFT_LIMIT.total_seconds(),
     time_limit=limits.TURN_HARD_LIMIT.total_seconds(),
 )
-def process_turn(self: Any, message_id: str, llm_attempt: int = 0, infra_attempt: int = 0) -> str:
+def process_turn(
+    self: Any,
+    message_id: str,
+    llm_attempt: int = 0,
+    infra_attempt: int = 0,
+    agent: str | None = None,
+    version: int | None = None,
+    user_pk: int | None = None,
+) -> str:
     """Run the turn of stored user message ``message_id`` and publish its result.
+
+    ``agent``, ``version`` and ``user_pk`` (``agentflow.jobs.queue_turn``: the web process read
+    them when it stored the message) spare the turn its first read (``_agent_of``) when this process
+    runs that agent at that version; otherwise, or when absent (a task queued by older code, the
+    recovery sweep), the message's agent is read as before. The turn's own read of the message
+    checks that it belongs to that agent. Every retry carries them.
 
     The threads pool does not enforce Celery's time limits, so the turn is also cancelled here after
     ``TURN_SOFT_LIMIT`` (the message is failed and the client told). PostgreSQL or Redis going away
@@ -138,8 +152,9 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0, infra_attempt
     cannot be queued, Redis being down).
     """
     db = thread_steps()  # every database step of this task runs on this thread (see agentflow.loops)
+    hint = _Hint(agent, version, user_pk) if agent and version is not None and user_pk is not None else None
     try:
-        return _process_turn(self, message_id, llm_attempt, db)
+        return _process_turn(self, message_id, llm_attempt, db, hint)
     except Exception as exc:
         if not is_unavailable(exc) or infra_attempt >= INFRA_RETRIES:
             raise
@@ -155,7 +170,12 @@ def process_turn(self: Any, message_id: str, llm_attempt: int = 0, infra_attempt
             exc=exc,
             countdown=countdown,
             args=(),
-            kwargs={"message_id": message_id, "llm_attempt": llm_attempt, "infra_attempt": infra_attempt + 1},
+            kwargs={
+                "message_id": message_id,
+                "llm_attempt": llm_attempt,
+                "infra_attempt": infra_attempt + 1,
+                **_hint_kwargs(hint),
+            },
         ) from exc
     finally:
         with contextlib.suppress(Exception):  # a dead connection is dropped by the pool's check
@@ -167,10 +187,26 @@ def infra_backoff(attempt: int) -> float:
     return float(min(INFRA_BACKOFF_CAP, 2**attempt) * random.uniform(0.75, 1.25))
 
 
-def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps) -> str:
+class _Hint(NamedTuple):
+    """What a task queued by ``queue_turn`` says of its message: its agent, version and end user."""
+
+    agent: str
+    version: int
+    user_pk: int
+
+
+def _hint_kwargs(hint: _Hint | None) -> dict[str, Any]:
+    return {} if hint is None else {"agent": hint.agent, "version": hint.version, "user_pk": hint.user_pk}
+
+
+def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps, hint: _Hint | None) -> str:
     loop = thread_loop()
+    hinted = agent_cached(hint.agent, version=hint.version) if hint is not None else None
     try:
-        agent, user_pk = db.submit(_agent_of, message_id).result()
+        if hint is not None and hinted is not None:
+            agent, user_pk = hinted, hint.user_pk  # no read: this process runs that agent at that version
+        else:
+            agent, user_pk = db.submit(_agent_of, message_id).result()
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
@@ -193,7 +229,15 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps)
         if task.request.retries >= ORDER_RETRIES:
             raise
         countdown = 0.2 if task.request.retries < ORDER_FAST_RETRIES else 2.0
-        raise task.retry(exc=exc, countdown=countdown) from exc
+        raise task.retry(exc=exc, countdown=countdown) from exc  # the same arguments again
+    except AgentUnavailable:
+        if hinted is None:
+            raise
+        # The message is not of the agent its task named (the turn's read checks): read its agent.
+        logger.warning(
+            "process_turn: message %s is not of agent %s; reading its agent", message_id, agent.name
+        )
+        return _process_turn(task, message_id, llm_attempt, db, None)
     except NotFound:
         logger.warning("process_turn: message %s no longer exists", message_id)
         return "missing"
@@ -203,7 +247,7 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps)
                 exc=exc,
                 countdown=2 ** (llm_attempt + 1),
                 args=(),
-                kwargs={"message_id": message_id, "llm_attempt": llm_attempt + 1},
+                kwargs={"message_id": message_id, "llm_attempt": llm_attempt + 1, **_hint_kwargs(hint)},
             ) from exc
         return _tell_failed(user_pk=user_pk, message_id=message_id, code=exc.code)
     if result["status"] == Message.Status.PROCESSING:
@@ -215,7 +259,9 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps)
                 "process_turn: message %s is held by another worker; again in %s s", message_id, stale_in
             )
             raise task.retry(
-                countdown=stale_in, args=(), kwargs={"message_id": message_id, "llm_attempt": llm_attempt}
+                countdown=stale_in,
+                args=(),
+                kwargs={"message_id": message_id, "llm_attempt": llm_attempt, **_hint_kwargs(hint)},
             )
     if result["status"] == Message.Status.DONE:
         thread = db.submit(lambda: thread_change_shown(result=dict(result))).result()

@@ -55,7 +55,7 @@ def dead_channel_layer(settings: Any) -> None:
 def queued(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The turns the REST view queues, recorded instead of sent (no worker runs them)."""
     calls: list[Any] = []
-    monkeypatch.setattr(conversations.api, "queue_turn", calls.append)
+    monkeypatch.setattr(conversations.api, "queue_turn", lambda message_id, **hint: calls.append(message_id))
     return calls
 
 

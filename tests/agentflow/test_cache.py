@@ -62,3 +62,31 @@ def test_caches_with_other_settings_get_their_own_client() -> None:
 
     assert one._cache is again._cache
     assert one._cache is not other._cache
+
+
+def test_each_command_reuses_one_redis_client_per_pool() -> None:
+    client = caches["default"]._cache
+    first, again = client.get_client("a"), client.get_client("b", write=True)
+
+    assert first is again  # one server: reads and writes share its pool, and its client
+    assert first.connection_pool is client._get_connection_pool(True)
+
+
+def test_the_kept_client_reconnects_after_redis_drops_its_connections() -> None:
+    """A Redis restart closes every connection: the kept client's next command opens a new one."""
+    cache = caches["default"]
+    key = f"restart-{uuid.uuid4().hex}"
+    cache.set(key, "kept", 30)
+    kept = cache._cache.get_client(key)
+    ids = {kept.client_id()}  # the pool's idle connection (this thread takes it again next)
+    killer = kept.__class__.from_url(cache._shared_servers[0])
+    try:
+        for client_id in ids:
+            assert killer.client_kill_filter(_id=client_id) == 1
+
+        assert cache.get(key) == "kept"
+        assert cache._cache.get_client(key) is kept
+        assert kept.client_id() not in ids  # a new connection
+    finally:
+        killer.close()
+        cache.delete(key)

@@ -174,7 +174,7 @@ def test_post_while_the_wait_cannot_reach_redis_answers_202(
     api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queued: list[Any] = []
-    monkeypatch.setattr(conversations.api, "queue_turn", queued.append)
+    monkeypatch.setattr(conversations.api, "queue_turn", lambda message_id, **hint: queued.append(message_id))
     monkeypatch.setattr(turn_results, "_async_redis", lambda: redis.asyncio.Redis.from_url(dead_redis_url()))
     from django.test import Client
 
