@@ -17,7 +17,9 @@ builds itself (the other folds replayed, nested). ``--similarity last topic diff
 similarity (measured, not shipped): the element-wise product of the message's embedding with the last
 turn's (``last``) and with the thread's unit topic (``topic``), and/or the absolute difference from the
 last turn (``diff``), 384 inputs each, their L2 ``--similarity-factor`` times the hand features'; with
-``--project K``, reduced to K principal directions fitted on each fold's training rows only.
+``--project K``, reduced to K principal directions fitted on each fold's training rows only. With
+``--dev`` and a feature set the shipped model does not read, dev is replayed with a scorer fitted on all
+of TIAGE train (with ``--replayed-rows``: plus each train fold replayed, as the training script does).
 
     python bench/chitchat_cv.py --cache /tmp/tiage.npz [--dev] [--replayed-rows] [--thresholds 0.25 0.275 ...]
         [--similarity last [topic] [diff] [--similarity-factor 30] [--project 32]]
@@ -146,10 +148,13 @@ def candidates(threads: list[Thread]):
 
 
 def replay(
-    dialogues: list[dict], vectors: dict, model, features: list | None = None
+    dialogues: list[dict], vectors: dict, model, features: list | None = None, timings: list | None = None
 ) -> tuple[list[bool], list[str], list[tuple]]:
     """Gold NEW_TOPIC and the placed event of every turn after the first; (dialogue, text, gold, event)
-    rows. ``features`` collects each scored turn's features against the active thread it was put to."""
+    rows. ``features`` collects each scored turn's features against the active thread it was put to;
+    ``timings`` the CPU seconds of each ``decide_thread`` call."""
+    import time
+
     from conversations.thread_detection import decide_thread
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -160,14 +165,18 @@ def replay(
             text, v = turn["utterance"], vectors[turn["utterance"]]
             if features is not None and threads and turn["label"] != "FIRST":
                 features.append(model.features(text, v, candidates(threads)[0].state))
+            offered = candidates(threads)
+            started = time.process_time()
             decision = decide_thread(
                 text=text,
                 embedding=v,
-                candidates=candidates(threads),
+                candidates=offered,
                 now=now,
                 inactivity=timedelta(minutes=30),
                 model=model,
             )
+            if timings is not None:
+                timings.append(time.process_time() - started)
             by_key = {t.key: t for t in threads}
             if decision.thread_id is None:
                 threads.append(Thread(len(threads), text, v, clock))
@@ -197,7 +206,13 @@ def main() -> None:
         "--replayed-rows", action="store_true", help="train each fold also on the pipeline's own states"
     )
     parser.add_argument("--dev", action="store_true", help="also replay TIAGE dev (a second check)")
-    parser.add_argument("--similarity", nargs="*", default=[], choices=("last", "topic", "diff"))
+    parser.add_argument(
+        "--similarity",
+        nargs="*",
+        default=[],
+        choices=("last", "topic", "diff"),
+        help="a learned similarity's inputs (measured, not shipped; default none: the shipped features)",
+    )
     parser.add_argument(
         "--similarity-factor", type=float, default=30.0, help="L2 on them, x the hand features'"
     )
@@ -270,7 +285,7 @@ def main() -> None:
     fitted = [fit(use(k)[folds != k], y[folds != k]) for k in range(FOLDS)]
     by_fold = [[d for i, d in enumerate(tiage) if i % FOLDS == k] for k in range(FOLDS)]
     dev_scorer = shipped.new_topic
-    if dev and args.similarity and not args.replayed_rows:
+    if dev and load_model("chitchat").feature_set != key and not args.replayed_rows:
         dev_scorer = fit(use("all"), y, shipped.new_topic.threshold)
     if args.replayed_rows:
         # Also train on the states the pipeline itself builds. Nested: for held-out fold k, each other
