@@ -20,6 +20,8 @@ last turn (``diff``), 384 inputs each, their L2 ``--similarity-factor`` times th
 ``--project K``, reduced to K principal directions fitted on each fold's training rows only. With
 ``--dev`` and a feature set the shipped model does not read, dev is replayed with a scorer fitted on all
 of TIAGE train (with ``--replayed-rows``: plus each train fold replayed, as the training script does).
+``--fold-seed N`` deals the dialogues to the folds in a shuffled order (default: dialogue i to fold i % 5),
+to see whether a gain holds on another split.
 
     python bench/chitchat_cv.py --cache /tmp/tiage.npz [--dev] [--replayed-rows] [--thresholds 0.25 0.275 ...]
         [--similarity last [topic] [diff] [--similarity-factor 30] [--project 32]]
@@ -207,6 +209,12 @@ def main() -> None:
     )
     parser.add_argument("--dev", action="store_true", help="also replay TIAGE dev (a second check)")
     parser.add_argument(
+        "--fold-seed",
+        type=int,
+        default=None,
+        help="shuffle the dialogues' folds with this seed (default i %% 5)",
+    )
+    parser.add_argument(
         "--similarity",
         nargs="*",
         default=[],
@@ -254,7 +262,11 @@ def main() -> None:
     shipped = replace(load_model("chitchat"), feature_set=key)
     x_raw, labels, groups = examples(tiage, embed, user_speakers=None, feature_set=key)
     y = (labels == "NEW_TOPIC").astype(float)
-    folds = groups % FOLDS
+    # dialogue i goes to fold i % 5 (the figures in the docs) or, with --fold-seed, to a shuffled one
+    fold_of = np.arange(len(tiage)) % FOLDS
+    if args.fold_seed is not None:
+        fold_of = np.random.default_rng(args.fold_seed).permutation(len(tiage)) % FOLDS
+    folds = fold_of[groups]
     width = N_HAND + 384 + N_CHITCHAT
     projections: dict = {}
 
@@ -283,7 +295,7 @@ def main() -> None:
         return Scorer(w.astype(f32), float(b), mean.astype(f32), scale.astype(f32), threshold)
 
     fitted = [fit(use(k)[folds != k], y[folds != k]) for k in range(FOLDS)]
-    by_fold = [[d for i, d in enumerate(tiage) if i % FOLDS == k] for k in range(FOLDS)]
+    by_fold = [[d for i, d in enumerate(tiage) if fold_of[i] == k] for k in range(FOLDS)]
     dev_scorer = shipped.new_topic
     if dev and load_model("chitchat").feature_set != key and not args.replayed_rows:
         dev_scorer = fit(use("all"), y, shipped.new_topic.threshold)
