@@ -13,9 +13,18 @@ shipped). Per variant and threshold it prints NEW_TOPIC F1 per fold (mean ± sd 
 placed as RESOLUTION, F1 with each fold's threshold chosen on the other four, and which turns a variant
 changed against ``scorer``. ``--dev`` also replays TIAGE dev with the shipped scorer (a second check,
 never used to choose). ``--replayed-rows`` also trains each fold's scorer on the states the pipeline
-builds itself (the other folds replayed, nested).
+builds itself (the other folds replayed, nested). ``--similarity last topic diff`` appends a learned
+similarity (measured, not shipped): the element-wise product of the message's embedding with the last
+turn's (``last``) and with the thread's unit topic (``topic``), and/or the absolute difference from the
+last turn (``diff``), 384 inputs each, their L2 ``--similarity-factor`` times the hand features'; with
+``--project K``, reduced to K principal directions fitted on each fold's training rows only. With
+``--dev`` and a feature set the shipped model does not read, dev is replayed with a scorer fitted on all
+of TIAGE train (with ``--replayed-rows``: plus each train fold replayed, as the training script does).
+``--fold-seed N`` deals the dialogues to the folds in a shuffled order (default: dialogue i to fold i % 5),
+to see whether a gain holds on another split.
 
     python bench/chitchat_cv.py --cache /tmp/tiage.npz [--dev] [--replayed-rows] [--thresholds 0.25 0.275 ...]
+        [--similarity last [topic] [diff] [--similarity-factor 30] [--project 32]]
 """
 
 from __future__ import annotations
@@ -95,6 +104,41 @@ class GatedModel(ThreadModel):
         return p_new, p_res if self.resolves.search(self.text[0]) else 0.0
 
 
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n else v
+
+
+# The projection in use for --project (set per fold: fitted on that fold's training rows only).
+PROJECTION: dict[str, np.ndarray] = {}
+
+
+def similarity_raw(kinds: tuple[str, ...], embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+    e = embedding.astype(np.float32)
+    parts = {
+        "last": lambda: e * _unit(state.last_user).astype(np.float32),
+        "topic": lambda: e * _unit(state.centroid).astype(np.float32),
+        "diff": lambda: np.abs(e - _unit(state.last_user).astype(np.float32)),
+    }
+    return np.concatenate([parts[k]() for k in kinds])
+
+
+def register_similarity(kinds: tuple[str, ...]) -> str:
+    """A feature set "the chitchat features + the learned-similarity inputs" (projected when PROJECTION
+    holds a matrix); returns its key in FEATURES."""
+    from conversations.thread_features import FEATURES, chitchat_features
+
+    def features(text: str, embedding: np.ndarray, state: ThreadState) -> np.ndarray:
+        raw = similarity_raw(kinds, embedding, state)
+        if "matrix" in PROJECTION:
+            raw = (raw - PROJECTION["center"]) @ PROJECTION["matrix"]
+        return np.concatenate([chitchat_features(text, embedding, state), raw.astype(np.float32)])
+
+    key = "chitchat+" + "+".join(kinds)
+    FEATURES[key] = features
+    return key
+
+
 def candidates(threads: list[Thread]):
     from conversations.thread_detection import Candidate
 
@@ -106,10 +150,13 @@ def candidates(threads: list[Thread]):
 
 
 def replay(
-    dialogues: list[dict], vectors: dict, model, features: list | None = None
+    dialogues: list[dict], vectors: dict, model, features: list | None = None, timings: list | None = None
 ) -> tuple[list[bool], list[str], list[tuple]]:
     """Gold NEW_TOPIC and the placed event of every turn after the first; (dialogue, text, gold, event)
-    rows. ``features`` collects each scored turn's features against the active thread it was put to."""
+    rows. ``features`` collects each scored turn's features against the active thread it was put to;
+    ``timings`` the CPU seconds of each ``decide_thread`` call."""
+    import time
+
     from conversations.thread_detection import decide_thread
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -120,14 +167,18 @@ def replay(
             text, v = turn["utterance"], vectors[turn["utterance"]]
             if features is not None and threads and turn["label"] != "FIRST":
                 features.append(model.features(text, v, candidates(threads)[0].state))
+            offered = candidates(threads)
+            started = time.process_time()
             decision = decide_thread(
                 text=text,
                 embedding=v,
-                candidates=candidates(threads),
+                candidates=offered,
                 now=now,
                 inactivity=timedelta(minutes=30),
                 model=model,
             )
+            if timings is not None:
+                timings.append(time.process_time() - started)
             by_key = {t.key: t for t in threads}
             if decision.thread_id is None:
                 threads.append(Thread(len(threads), text, v, clock))
@@ -158,6 +209,25 @@ def main() -> None:
     )
     parser.add_argument("--dev", action="store_true", help="also replay TIAGE dev (a second check)")
     parser.add_argument(
+        "--fold-seed",
+        type=int,
+        default=None,
+        help="shuffle the dialogues' folds with this seed (default i %% 5)",
+    )
+    parser.add_argument(
+        "--similarity",
+        nargs="*",
+        default=[],
+        choices=("last", "topic", "diff"),
+        help="a learned similarity's inputs (measured, not shipped; default none: the shipped features)",
+    )
+    parser.add_argument(
+        "--similarity-factor", type=float, default=30.0, help="L2 on them, x the hand features'"
+    )
+    parser.add_argument(
+        "--project", type=int, default=0, help="reduce them to K principal directions per fold"
+    )
+    parser.add_argument(
         "--thresholds", type=float, nargs="+", default=None, help=f"default {THRESHOLDS.tolist()}"
     )
     args = parser.parse_args()
@@ -169,7 +239,7 @@ def main() -> None:
     from train_thread_model import examples, load
 
     from agentflow.embeddings import get_embedder
-    from conversations.thread_features import N_HAND, Scorer, fit_logistic, load_model
+    from conversations.thread_features import N_CHITCHAT, N_HAND, Scorer, fit_logistic, load_model
 
     tiage = load(args.datasets / "tiage_threads" / "train.jsonl")
     dev = load(args.datasets / "tiage_threads" / "dev.jsonl") if args.dev else []
@@ -188,32 +258,52 @@ def main() -> None:
     def embed(batch: list[str]) -> list[np.ndarray]:
         return [seen[t] for t in batch]
 
-    shipped = load_model("chitchat")
-    x, labels, groups = examples(tiage, embed, user_speakers=None, feature_set="chitchat")
+    key = register_similarity(tuple(args.similarity)) if args.similarity else "chitchat"
+    shipped = replace(load_model("chitchat"), feature_set=key)
+    x_raw, labels, groups = examples(tiage, embed, user_speakers=None, feature_set=key)
     y = (labels == "NEW_TOPIC").astype(float)
-    folds = groups % FOLDS
-    strengths = np.full(x.shape[1], L2)
-    strengths[N_HAND : N_HAND + 384] *= EMBEDDING_FACTOR
+    # dialogue i goes to fold i % 5 (the figures in the docs) or, with --fold-seed, to a shuffled one
+    fold_of = np.arange(len(tiage)) % FOLDS
+    if args.fold_seed is not None:
+        fold_of = np.random.default_rng(args.fold_seed).permutation(len(tiage)) % FOLDS
+    folds = fold_of[groups]
+    width = N_HAND + 384 + N_CHITCHAT
+    projections: dict = {}
 
-    def scorer(train: np.ndarray, threshold: float) -> Scorer:
-        w, b, mean, scale = fit_logistic(x[train], y[train], l2=strengths)
-        return Scorer(
-            w.astype(np.float32), float(b), mean.astype(np.float32), scale.astype(np.float32), threshold
+    def use(k: int | str) -> np.ndarray:
+        """The gold rows for the scorers of fold ``k`` ("all": dev), with that fold's projection (fitted
+        on its training rows only) put in place for the replays too."""
+        PROJECTION.clear()
+        if not (args.project and args.similarity):
+            return x_raw
+        if k not in projections:
+            rows = x_raw[:, width:] if k == "all" else x_raw[folds != k, width:]
+            center = rows.mean(axis=0)
+            _, _, vt = np.linalg.svd(rows - center, full_matrices=False)
+            projections[k] = (center.astype(np.float32), vt[: args.project].T.astype(np.float32))
+        PROJECTION["center"], PROJECTION["matrix"] = projections[k]
+        return np.concatenate(
+            [x_raw[:, :width], (x_raw[:, width:] - projections[k][0]) @ projections[k][1]], 1
         )
 
-    fitted = [scorer(folds != k, 0.5) for k in range(FOLDS)]
-    by_fold = [[d for i, d in enumerate(tiage) if i % FOLDS == k] for k in range(FOLDS)]
+    def fit(xs: np.ndarray, ys: np.ndarray, threshold: float = 0.5) -> Scorer:
+        strengths = np.full(xs.shape[1], L2)
+        strengths[N_HAND : N_HAND + 384] *= EMBEDDING_FACTOR
+        strengths[width:] *= args.similarity_factor
+        w, b, mean, scale = fit_logistic(xs, ys, l2=strengths)
+        f32 = np.float32
+        return Scorer(w.astype(f32), float(b), mean.astype(f32), scale.astype(f32), threshold)
+
+    fitted = [fit(use(k)[folds != k], y[folds != k]) for k in range(FOLDS)]
+    by_fold = [[d for i, d in enumerate(tiage) if fold_of[i] == k] for k in range(FOLDS)]
     dev_scorer = shipped.new_topic
+    if dev and load_model("chitchat").feature_set != key and not args.replayed_rows:
+        dev_scorer = fit(use("all"), y, shipped.new_topic.threshold)
     if args.replayed_rows:
         # Also train on the states the pipeline itself builds. Nested: for held-out fold k, each other
         # fold j is replayed with a scorer that saw neither j nor k; for dev, each train fold with the
         # scorer trained on the other four.
         print("training on gold-segmentation rows + the other folds' replayed rows (nested)")
-
-        def fit(xs: np.ndarray, ys: np.ndarray, threshold: float = 0.5) -> Scorer:
-            w, b, mean, scale = fit_logistic(xs, ys, l2=strengths)
-            f32 = np.float32
-            return Scorer(w.astype(f32), float(b), mean.astype(f32), scale.astype(f32), threshold)
 
         def replayed(j: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray]:
             rows: list = []
@@ -223,6 +313,7 @@ def main() -> None:
 
         nested = []
         for k in range(FOLDS):
+            x = use(k)
             parts_x, parts_y = [x[folds != k]], [y[folds != k]]
             for j in range(FOLDS):
                 if j != k:
@@ -232,7 +323,8 @@ def main() -> None:
                     parts_y.append(ry)
             nested.append(fit(np.concatenate(parts_x), np.concatenate(parts_y)))
         if dev:
-            parts = [replayed(j, fitted[j]) for j in range(FOLDS)]
+            x = use("all")
+            parts = [replayed(j, fit(x[folds != j], y[folds != j])) for j in range(FOLDS)]
             dev_scorer = fit(
                 np.concatenate([x, *(p[0] for p in parts)]),
                 np.concatenate([y, *(p[1] for p in parts)]),
@@ -240,7 +332,8 @@ def main() -> None:
             )
         fitted = nested
     print(
-        f"TIAGE train {len(tiage)} dialogues, {len(y)} scored turns; L2 {L2}, embedding x{EMBEDDING_FACTOR}"
+        f"TIAGE train {len(tiage)} dialogues, {len(y)} scored turns; L2 {L2}, embedding x{EMBEDDING_FACTOR};"
+        f" similarity {args.similarity or 'none'} x{args.similarity_factor} project {args.project or 'no'}"
     )
     placed: dict[str, list[tuple]] = {}  # each variant's rows at the shipped threshold
     for variant in args.resolution:
@@ -252,6 +345,7 @@ def main() -> None:
         for ti, threshold in enumerate(thresholds):
             for k in range(FOLDS):
                 model = replace(gated, new_topic=replace(fitted[k], threshold=float(threshold)))
+                use(k)
                 gold, events, rows = replay(by_fold[k], seen, model)
                 table[ti, k] = f1(gold, events)
                 if abs(threshold - shipped.new_topic.threshold) < 1e-9:
@@ -274,6 +368,7 @@ def main() -> None:
         if dev:
             for threshold in sorted({float(thresholds[best]), shipped.new_topic.threshold}):
                 model = replace(gated, new_topic=replace(dev_scorer, threshold=threshold))
+                use("all")
                 gold, events, _ = replay(dev, seen, model)
                 print(
                     f"  {variant} dev ({'replayed rows' if args.replayed_rows else 'shipped scorer'}) at {threshold:.3f}: NEW_TOPIC F1 {f1(gold, events):.3f},"
