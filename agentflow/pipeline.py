@@ -445,14 +445,16 @@ def _prepared(
     # Read with the locked message: no memory of the user's own and no approved global one means
     # the search would return nothing (a message read another way has no such flags: searched).
     may_remember = getattr(message, "own_memories", True) or getattr(message, "shared_memories", True)
-    if mem_cfg.enabled and may_remember:
+    if mem_cfg.enabled:
+        # Timed either way: the stage's count stays one per turn, a skipped search counts ~0 s.
         with metrics.stage_timer(agent.name, "retrieve"):
-            memories = memory_search(
-                user=message.user,
-                embedding=embedding,
-                limit=mem_cfg.top_k,
-                similarity_threshold=mem_cfg.similarity_threshold,
-            )
+            if may_remember:
+                memories = memory_search(
+                    user=message.user,
+                    embedding=embedding,
+                    limit=mem_cfg.top_k,
+                    similarity_threshold=mem_cfg.similarity_threshold,
+                )
     by_name = snapshot.by_name
     category = by_name.get(classification.intent) if classification.intent else None
     action = confidence_action(
