@@ -135,6 +135,19 @@ def vector_from_db(value: Any) -> list[float] | None:
     return Vector._from_db(value)
 
 
+def array_from_db(value: Any) -> np.ndarray | None:
+    """A vector column's value as a float32 numpy array (its own writable copy): the same float32s
+    ``vector_from_db`` gives as a list, without the list (384 Python floats made, then read back
+    by ``np.asarray`` where the caller computes with them)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        dimensions, unused = _HEADER.unpack_from(value)
+        if len(value) != _HEADER.size + 4 * dimensions or unused != 0:
+            raise ValueError(f"not a pgvector binary vector of {dimensions} dimensions ({len(value)} bytes)")
+        return np.frombuffer(value, _BIG_ENDIAN_FLOAT32, offset=_HEADER.size).astype(np.float32)
+    floats = Vector._from_db(value)
+    return None if floats is None else np.asarray(floats, dtype=np.float32)
+
+
 class VectorField(_PgVectorField):
     """pgvector's ``VectorField`` with the binary read and the fast write described above."""
 
@@ -159,6 +172,14 @@ class VectorField(_PgVectorField):
         stored: Any = self.value_from_object(obj)
         value = Vector._to_db(stored)
         return "" if value is None else value
+
+
+class ArrayVectorField(VectorField):
+    """The output field of an expression that reads a vector column as a float32 array
+    (``array_from_db``) for code that computes with it; not for model fields (those keep lists)."""
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return array_from_db(value)
 
 
 class _VectorValue(Value):

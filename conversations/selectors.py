@@ -7,10 +7,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery
 
 from agentflow.errors import NotFound
 from agentflow.prepared import PreparedQuery
+from agentflow.vectors import ArrayVectorField
 
 from .models import ChatSession, EndUser, Escalation, Message, Thread
 
@@ -65,6 +66,10 @@ def thread_get_for_user(*, user: EndUser, thread_id: object) -> Thread:
 
 
 RESOLVED_CANDIDATES = 3  # a message may go back to one of the latest resolved threads (and reopen it)
+# The candidates' vectors, read as float32 arrays: the thread decision computes with them (numpy),
+# and the list pgvector's field makes of each (three a thread, up to 13 threads a turn) was then
+# turned back into an array: ~14 us a vector of 384 dimensions, both ways.
+_CANDIDATE_VECTORS = ("topic_embedding", "opening_embedding", "last_user_embedding")
 
 
 def _thread_candidates(*, user_id: int, limit: int) -> QuerySet[Thread]:
@@ -77,7 +82,14 @@ def _thread_candidates(*, user_id: int, limit: int) -> QuerySet[Thread]:
     return (
         Thread.objects.filter(user_id=user_id)
         .filter(~Q(status=Thread.Status.RESOLVED) | Q(pk__in=Subquery(resolved)))
-        .annotate(held_by_human=Exists(unresolved))
+        .defer(*_CANDIDATE_VECTORS)
+        .annotate(
+            held_by_human=Exists(unresolved),
+            **{
+                f"_{name}_array": ExpressionWrapper(F(name), output_field=ArrayVectorField())
+                for name in _CANDIDATE_VECTORS
+            },
+        )
         .order_by("-last_activity_at")[: limit + RESOLVED_CANDIDATES]
     )
 
@@ -93,11 +105,15 @@ def thread_candidates(*, user: EndUser, limit: int = 10) -> list[Thread]:
     "back to the printer: the E42 error is back", which reopens it).
 
     One query. Each thread carries ``held_by_human`` (an open or claimed escalation: the bot stays
-    silent in it), so the turn need not ask again for the thread it picks.
+    silent in it), so the turn need not ask again for the thread it picks. Their vectors
+    (``topic_embedding``, ``opening_embedding``, ``last_user_embedding``) are float32 numpy arrays
+    (or None), as on a thread the turn just wrote, not the lists a plain read gives.
     """
     threads: list[Thread] = _THREAD_CANDIDATES.run(shape={"limit": limit}, user_id=user.pk)
     kept, open_kept = [], 0
     for thread in threads:
+        for name in _CANDIDATE_VECTORS:  # the deferred column, loaded: saves and reads see it
+            setattr(thread, name, thread.__dict__.pop(f"_{name}_array"))
         if thread.status != Thread.Status.RESOLVED:
             if open_kept == limit:
                 continue

@@ -15,13 +15,13 @@ import asyncio
 import logging
 import threading
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.db import transaction
 
 from agentflow.conf import REDIS_MAX_CONNECTIONS
@@ -43,9 +43,20 @@ _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.async
 )
 
 
+# The default cache's ``make_key`` and the CACHES entry it was made from. ``cache`` is a per-context
+# handle: each turn's database step runs in a fresh copy of the caller's context, where asking it
+# built a new cache backend (settings, key function, client options) only to make this key.
+_make_key: tuple[Any, Callable[[str], str]] | None = None
+
+
 def result_key(message_id: Any) -> str:
     """The Redis list of one message's "settled" signal (under the cache's key prefix)."""
-    return cache.make_key(f"turn-settled:{message_id}")
+    global _make_key
+    config = settings.CACHES[DEFAULT_CACHE_ALIAS]
+    made = _make_key
+    if made is None or made[0] is not config:  # first use, or the settings changed (tests)
+        made = _make_key = (config, caches[DEFAULT_CACHE_ALIAS].make_key)
+    return made[1](f"turn-settled:{message_id}")
 
 
 def _redis() -> redis.Redis:

@@ -6,10 +6,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from agentflow.embeddings import Embedder
+from agentflow.prepared import PreparedQuery
 from agentflow.vectors import CosineDistance
 from conversations.models import EndUser
 
@@ -97,12 +98,13 @@ def memory_remember(
     with transaction.atomic():
         with connection.cursor() as cursor:  # one writer per user (or agent): two cannot both insert
             cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk if user else -owner])
-        nearest = (
-            Memory.objects.filter(agent_id=owner, user=user, kind=kind)
-            .annotate(distance=CosineDistance("embedding", vector))
-            .order_by("distance")
-            .first()
-        )
+        if user is None:
+            found = _NEAREST.run(shape={"global_": True}, agent_id=owner, kind=kind, vector=vector)
+        else:
+            found = _NEAREST.run(
+                shape={"global_": False}, agent_id=owner, user_id=user.pk, kind=kind, vector=vector
+            )
+        nearest = found[0] if found else None
         if nearest is not None and 1.0 - float(nearest.distance) >= DUPLICATE_SIMILARITY:
             history = nearest.source.get("merged", [])
             nearest.source = {
@@ -129,6 +131,19 @@ def memory_remember(
         if user is not None:
             memory_evict(user=user, keep=max_per_user)
     return memory, True
+
+
+def _nearest(
+    *, global_: bool, agent_id: int, kind: str, vector: Any, user_id: int | None = None
+) -> QuerySet[Memory]:
+    """The memory of ``user_id`` (or the agent's global one, ``global_``) and ``kind`` closest to ``vector``."""
+    mine = Memory.objects.filter(agent_id=agent_id, kind=kind)
+    mine = mine.filter(user__isnull=True) if global_ else mine.filter(user_id=user_id)
+    return mine.annotate(distance=CosineDistance("embedding", vector)).order_by("distance")[:1]
+
+
+# Read by every memory write (the memory jobs of the turns): compiled once per connection.
+_NEAREST = PreparedQuery(_nearest)
 
 
 def memory_evict(*, user: EndUser, keep: int) -> int:

@@ -15,6 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from agentflow.errors import LLMError
+from agentflow.prepared import PreparedQuery
 from agentflow.registry import agent_for
 from conversations.models import ChatSession, EndUser, Message, Thread
 
@@ -45,13 +46,44 @@ def _agent_of(user: EndUser) -> Any:
 _MEMORY_FIELDS = ("id", "role", "content", "thread_event", "reply_to", "handled_by", "created_at")
 
 
-def _thread_messages(thread: Thread) -> list[Message]:
-    return list(
-        Message.objects.filter(thread=thread)
+def _thread_messages_query(*, thread_id: Any) -> Any:
+    return (
+        Message.objects.filter(thread_id=thread_id)
         .exclude(role=Message.Role.SYSTEM)
         .only(*_MEMORY_FIELDS)
         .order_by("created_at")
     )
+
+
+def _resolved_thread(*, thread_id: Any) -> Any:
+    return Thread.objects.select_related("user", "user__agent").filter(
+        pk=thread_id, status=Thread.Status.RESOLVED
+    )[:1]
+
+
+def _user_message(*, message_id: Any) -> Any:
+    return Message.objects.select_related("user", "user__agent").filter(
+        pk=message_id, role=Message.Role.USER
+    )[:1]
+
+
+# The memory jobs' reads, compiled once per connection (agentflow.prepared): building and compiling
+# them cost the jobs more CPU than running them.
+_THREAD_MESSAGES = PreparedQuery(_thread_messages_query)
+_RESOLVED_THREAD = PreparedQuery(_resolved_thread)
+_USER_MESSAGE = PreparedQuery(_user_message)
+
+
+def _thread_messages(thread: Thread) -> list[Message]:
+    messages: list[Message] = _THREAD_MESSAGES.run(thread_id=thread.pk)
+    return messages
+
+
+def _first(query: PreparedQuery, model: Any, **ids: Any) -> Any:
+    """The row of ``query`` for these primary keys, or None (a malformed id raises Django's
+    ``ValidationError``, as the ORM's filter did)."""
+    rows = query.run(**{name: model._meta.pk.to_python(value) for name, value in ids.items()})
+    return rows[0] if rows else None
 
 
 def _memory_text(
@@ -88,11 +120,7 @@ def _memory_text(
 def remember_resolution(thread_id: str) -> str:
     """Write (or refresh) the episodic memory of a resolved thread. Safe to run twice: the second
     write is a near-duplicate of the first and updates it."""
-    thread = (
-        Thread.objects.select_related("user", "user__agent")
-        .filter(pk=thread_id, status=Thread.Status.RESOLVED)
-        .first()
-    )
+    thread = _first(_RESOLVED_THREAD, Thread, thread_id=thread_id)
     if thread is None:
         return "not resolved"
     messages = _thread_messages(thread)
@@ -209,11 +237,7 @@ def sweep_ended_sessions() -> int:
 @shared_task(name="memory.remember_preference", acks_late=True)
 def remember_preference(message_id: str) -> str:
     """Remember a preference the user stated ("email me, don't call"), in their own words."""
-    message = (
-        Message.objects.select_related("user", "user__agent")
-        .filter(pk=message_id, role=Message.Role.USER)
-        .first()
-    )
+    message = _first(_USER_MESSAGE, Message, message_id=message_id)
     if message is None:
         return "missing"
     statement = preference_statement(message.content)

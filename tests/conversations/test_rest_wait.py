@@ -44,6 +44,18 @@ def _post(client: AsyncClient, api_key: str, **body: Any) -> Any:
 # --- the signal ------------------------------------------------------------------------------------
 
 
+def test_the_signal_key_is_the_caches_key_and_follows_a_change_of_its_settings() -> None:
+    from django.core.cache import cache
+    from django.test import override_settings
+
+    assert result_key("m-1") == cache.make_key("turn-settled:m-1")
+    other = {"default": {**django_settings.CACHES["default"], "KEY_PREFIX": "elsewhere"}}
+    with override_settings(CACHES=other):
+        assert result_key("m-1") == cache.make_key("turn-settled:m-1")
+        assert result_key("m-1").startswith("elsewhere:")
+    assert not result_key("m-1").startswith("elsewhere:")
+
+
 def test_a_settled_turn_leaves_a_signal_that_expires() -> None:
     key = result_key("m-expiry")
     _redis().delete(key)

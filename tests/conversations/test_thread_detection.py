@@ -353,6 +353,37 @@ async def test_candidates_keep_the_latest_resolved_threads_and_the_open_ones() -
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_candidates_carry_their_vectors_as_float32_arrays_and_save_whole() -> None:
+    agent = await _agent({"fallback_config": {"escalate": False}})
+    await agent.process_message(user_id="erin", message=LOGIN)
+    user = await EndUser.objects.aget(external_id="erin")
+    stored = await Thread.objects.aget(user=user)
+    bare = await Thread.objects.acreate(
+        user=user, session_id=stored.session_id, topic="no vectors", last_activity_at=stored.last_activity_at
+    )
+
+    candidates = await sync_to_async(selectors.thread_candidates)(user=user)
+
+    by_pk = {t.pk: t for t in candidates}
+    read = by_pk[stored.pk]
+    assert read.get_deferred_fields() == set()
+    for name in ("topic_embedding", "opening_embedding", "last_user_embedding"):
+        value = getattr(read, name)
+        assert isinstance(value, np.ndarray) and value.dtype == np.float32 and value.flags.writeable
+        assert value.tolist() == getattr(stored, name)  # the same float32s as the model field's list
+        assert getattr(by_pk[bare.pk], name) is None
+    # A candidate saved whole writes its vectors back unchanged (nothing left deferred to lose).
+    read.topic = "renamed"
+    await sync_to_async(read.save)()
+    again = await Thread.objects.aget(pk=stored.pk)
+    assert (again.topic, again.topic_embedding, again.last_user_embedding) == (
+        "renamed",
+        stored.topic_embedding,
+        stored.last_user_embedding,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_each_user_has_their_own_threads() -> None:
     agent = await _agent()
 

@@ -478,3 +478,26 @@ def test_the_memory_jobs_read_of_a_thread_has_every_field_the_memory_text_uses(
     memory = Memory.objects.get(kind="episodic")
     assert f"What helped: {RESET}" in memory.content
     assert memory.source["messages"] == [str(m.pk) for m in messages]
+
+
+@pytest.mark.django_db
+def test_the_memory_jobs_reads_run_as_compiled_sql_with_their_own_values(settings) -> None:
+    from memory import services, tasks
+
+    _use_config(settings, _config(share=True))
+    for user_id in ("ann", "bob"):
+        assert remember_resolution(str(_resolved_thread(user_id, LEAK, RESET).pk)) == "remembered"
+    assert remember_resolution(str(Thread.objects.get(user__external_id="ann").pk)) == "remembered"  # again
+
+    # Each user's memory found its own row (the second run of ann's updated it), the lesson was shared once.
+    assert sorted(Memory.objects.values_list("kind", "user__external_id"), key=str) == [
+        ("episodic", "ann"),
+        ("episodic", "bob"),
+        ("pattern", None),
+    ]
+    assert remember_resolution("0" * 32) == "not resolved"
+    assert tasks.remember_preference("0" * 32) == "missing"
+    for query in (tasks._RESOLVED_THREAD, tasks._THREAD_MESSAGES, tasks._USER_MESSAGE, services._NEAREST):
+        compiled = list(query._compiled.values())
+        assert compiled and all(c.usable for c in compiled)  # swapped values, not the ORM every time
+    assert len(services._NEAREST._compiled) == 2  # a user's memory and a global one
