@@ -44,7 +44,9 @@ from typing import Any
 
 import redis
 from channels_redis.core import RedisChannelLayer as CoreRedisChannelLayer
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
+from redis.retry import Retry
 
 logger = logging.getLogger("channels_redis.core")
 
@@ -68,6 +70,7 @@ return over_capacity
 DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
 # Seconds a blocking send (``group_send_blocking``) waits for Redis to connect or answer.
 BLOCKING_SEND_TIMEOUT = 5.0
+BLOCKING_SEND_RETRIES = 1
 
 
 # channels-redis's own script: the backup set's messages back at the front of the channel.
@@ -298,6 +301,10 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                     for timeout in ("socket_timeout", "socket_connect_timeout"):
                         if host.get(timeout) is None:
                             host[timeout] = BLOCKING_SEND_TIMEOUT
+                    # One retry (a pooled connection a Redis restart closed is reopened), not redis-py's
+                    # ten: a send to a Redis that is down fails within a second or two, not ~4 s.
+                    if host.get("retry") is None:
+                        host["retry"] = Retry(ExponentialWithJitterBackoff(), BLOCKING_SEND_RETRIES)
                     client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(address, **host))
                     self._blocking_clients[index] = client
         return client

@@ -362,6 +362,7 @@ def test_the_blocking_client_waits_for_redis_a_bounded_time() -> None:
 
     assert kwargs["socket_timeout"] == channel_layer.BLOCKING_SEND_TIMEOUT
     assert kwargs["socket_connect_timeout"] == channel_layer.BLOCKING_SEND_TIMEOUT
+    assert kwargs["retry"].get_retries() == channel_layer.BLOCKING_SEND_RETRIES
 
 
 async def test_a_worker_threads_turn_sends_its_events_in_order_without_the_asyncio_client() -> None:
