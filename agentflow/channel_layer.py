@@ -44,7 +44,9 @@ from typing import Any
 
 import redis
 from channels_redis.core import RedisChannelLayer as CoreRedisChannelLayer
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
+from redis.retry import Retry
 
 logger = logging.getLogger("channels_redis.core")
 
@@ -66,6 +68,9 @@ end
 return over_capacity
 """
 DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
+# Seconds a blocking send (``group_send_blocking``) waits for Redis to connect or answer.
+BLOCKING_SEND_TIMEOUT = 5.0
+BLOCKING_SEND_RETRIES = 1
 
 
 # channels-redis's own script: the backup set's messages back at the front of the channel.
@@ -238,10 +243,12 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
         return len(members)
 
-    def group_send_blocking(self, group: str, message: dict[str, Any]) -> None:
-        """``group_send`` for a synchronous caller (a request's or a database thread), with a blocking
-        Redis client: the same commands, keys, script and capacities, without handing the send to the
-        event loop and waiting for it there (``async_to_sync``: two thread switches per send).
+    def group_send_blocking(self, group: str, message: dict[str, Any]) -> int:
+        """``group_send`` for a synchronous caller (a request's or a database thread, a Celery worker
+        thread whose event loop serves its one turn), with a blocking Redis client: the same
+        commands, keys, script and capacities, without handing the send to the event loop and
+        waiting for it there (``async_to_sync``: two thread switches per send). Returns how many
+        channels the group had, as ``group_send``.
 
         Raises:
             NotImplementedError: a host that is not given by ``address`` (Sentinel): use ``group_send``.
@@ -260,6 +267,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 over = target.eval(DELIVER, len(keys), *keys, *args)
             if over:
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
+        return len(members)
 
     def _deliveries(
         self, members: list[bytes], message: dict[str, Any]
@@ -288,6 +296,15 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 client = self._blocking_clients.get(index)
                 if client is None:
                     address = host.pop("address")
+                    # Never a blocking pop here: a send that waits longer means Redis is unreachable,
+                    # and the caller (a turn, a request) must not wait on it forever.
+                    for timeout in ("socket_timeout", "socket_connect_timeout"):
+                        if host.get(timeout) is None:
+                            host[timeout] = BLOCKING_SEND_TIMEOUT
+                    # One retry (a pooled connection a Redis restart closed is reopened), not redis-py's
+                    # ten: a send to a Redis that is down fails within a second or two, not ~4 s.
+                    if host.get("retry") is None:
+                        host["retry"] = Retry(ExponentialWithJitterBackoff(), BLOCKING_SEND_RETRIES)
                     client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(address, **host))
                     self._blocking_clients[index] = client
         return client

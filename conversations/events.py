@@ -45,15 +45,35 @@ def message_payload(message: Message) -> dict[str, Any]:
     }
 
 
-async def apublish(*, user_pk: int, event: dict[str, Any]) -> None:
-    """Send ``event`` (it needs a ``kind``) to every live connection of the user."""
+async def _group_send(layer: Any, group: str, message: dict[str, Any], *, blocking: bool) -> Any:
+    """``layer.group_send``; with ``blocking``, through the layer's blocking client where it has one
+    (``agentflow.channel_layer``), which holds up the running event loop for the send's round trips.
+
+    ``blocking`` is for a loop that serves one caller's own work: a Celery worker thread's turn
+    (``conversations.tasks``), whose loop waits on nothing else meanwhile. There the asyncio client
+    cost each send the loop's wake-ups and a connection pool per worker thread; the blocking client
+    is one pool per process, shared by its threads. Never on a shared loop (a web process's sockets).
+    """
+    if blocking:
+        send = getattr(layer, "group_send_blocking", None)
+        if send is not None:
+            try:
+                return send(group, message)
+            except NotImplementedError:  # a host the blocking client cannot reach (Sentinel)
+                pass
+    return await layer.group_send(group, message)
+
+
+async def apublish(*, user_pk: int, event: dict[str, Any], blocking: bool = False) -> None:
+    """Send ``event`` (it needs a ``kind``) to every live connection of the user (``blocking``: see
+    ``_group_send``)."""
     layer = get_channel_layer()
     if layer is None:
         return
-    await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
+    await _group_send(layer, user_group(user_pk), {"type": "chat.event", "event": event}, blocking=blocking)
 
 
-async def apublish_listened(*, user_pk: int, event: dict[str, Any]) -> bool:
+async def apublish_listened(*, user_pk: int, event: dict[str, Any], blocking: bool = False) -> bool:
     """``apublish``, telling whether any connection listens on the user's group (as
     ``listeners_exist``): the send reads the group's members anyway, so a turn's first event (typing)
     answers the question without a round trip of its own. True whenever that cannot be told (a
@@ -62,26 +82,31 @@ async def apublish_listened(*, user_pk: int, event: dict[str, Any]) -> bool:
     if layer is None:
         return False
     try:
-        members = await layer.group_send(user_group(user_pk), {"type": "chat.event", "event": event})
+        members = await _group_send(
+            layer, user_group(user_pk), {"type": "chat.event", "event": event}, blocking=blocking
+        )
     except Exception:  # the channel layer is down: the turn runs anyway, clients re-read on reconnect
         logger.warning("could not publish %s to user %s", event.get("kind"), user_pk, exc_info=True)
         return True
     return members > 0 if isinstance(members, int) else True
 
 
-async def apublish_many(*, user_pk: int, events: list[dict[str, Any]], main: int = 0) -> None:
+async def apublish_many(
+    *, user_pk: int, events: list[dict[str, Any]], main: int = 0, blocking: bool = False
+) -> None:
     """Send ``events`` to every live connection of the user as one channel-layer message.
 
     Each connection turns them into frames, in order (``events_of``): one ``group_send`` and one
     delivery per connection instead of one per event (a turn's end is three events: the thread
     change, the reply, typing off). ``events[main]`` also travels as the message's ``event``, so a
     consumer that predates ``events`` (a web process not yet upgraded) still sends that one.
+    ``blocking``: see ``_group_send``.
     """
     layer = get_channel_layer()
     if layer is None or not events:
         return
     message = {"type": "chat.event", "event": events[main], "events": events}
-    await layer.group_send(user_group(user_pk), message)
+    await _group_send(layer, user_group(user_pk), message, blocking=blocking)
 
 
 def events_of(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -191,12 +216,21 @@ class DeltaStream:
     anyone listens is asked once, at the first piece (``listeners_exist``), unless the caller asked
     already (``listened``). A socket that opens
     later in the reply gets the whole text with the ``turn`` event, as one that reconnects does.
+    ``blocking``: each send through the channel layer's blocking client (``_group_send``: a Celery
+    worker thread's turn).
     """
 
     def __init__(
-        self, *, user_pk: int, message_id: str, interval: float = 0.05, listened: bool | None = None
+        self,
+        *,
+        user_pk: int,
+        message_id: str,
+        interval: float = 0.05,
+        listened: bool | None = None,
+        blocking: bool = False,
     ) -> None:
         self.user_pk, self.message_id, self.interval = user_pk, message_id, interval
+        self.blocking = blocking
         self.seq = 0
         self._listened = listened  # None: ask at the first piece
         self._buffer: list[str] = []
@@ -234,6 +268,7 @@ class DeltaStream:
                 await apublish(
                     user_pk=self.user_pk,
                     event={"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text},
+                    blocking=self.blocking,
                 )
             except Exception:  # the final turn carries the whole text; a lost delta only costs smoothness
                 logger.exception("could not stream a delta to user %s", self.user_pk)

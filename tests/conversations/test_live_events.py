@@ -17,7 +17,14 @@ from agentflow import channel_layer
 from agentflow.channel_layer import RedisChannelLayer
 from agentflow.conf import conf
 from agentflow.errors import ConfigError
-from conversations.events import DeltaStream, apublish, apublish_many, events_of, user_group
+from conversations.events import (
+    DeltaStream,
+    apublish,
+    apublish_listened,
+    apublish_many,
+    events_of,
+    user_group,
+)
 from conversations.models import EndUser
 
 from .helpers import chat_socket
@@ -335,6 +342,77 @@ async def test_a_backup_left_by_channels_redis_own_layer_is_received_first() -> 
     assert list(client.scan_iter(f"{layer.prefix}*")) == []
     client.close()
     await layer.flush()
+
+
+async def test_the_blocking_group_send_tells_how_many_channels_the_group_had() -> None:
+    layer = _layer()
+    first, second = [await layer.new_channel() for _ in range(2)]
+    for channel in (first, second):
+        await layer.group_add("chat.user.8", channel)
+
+    assert await asyncio.to_thread(layer.group_send_blocking, "chat.user.9", {"type": "chat.event"}) == 0
+    assert await asyncio.to_thread(layer.group_send_blocking, "chat.user.8", {"type": "chat.event"}) == 2
+    await layer.flush()
+
+
+def test_the_blocking_client_waits_for_redis_a_bounded_time() -> None:
+    """Its callers (a turn, a request's thread) must not hang on an unreachable Redis."""
+    layer = _layer()
+    kwargs = layer._blocking(0).connection_pool.connection_kwargs
+
+    assert kwargs["socket_timeout"] == channel_layer.BLOCKING_SEND_TIMEOUT
+    assert kwargs["socket_connect_timeout"] == channel_layer.BLOCKING_SEND_TIMEOUT
+    assert kwargs["retry"].get_retries() == channel_layer.BLOCKING_SEND_RETRIES
+
+
+async def test_a_worker_threads_turn_sends_its_events_in_order_without_the_asyncio_client() -> None:
+    """A Celery worker thread's turn publishes with ``blocking=True`` from its own event loop: the
+    frames arrive in the turn's order, and that loop never opened the layer's asyncio connections."""
+    communicator, user_pk = await _connect("blocking-carol")
+    layer = get_channel_layer()
+
+    async def turn() -> bool:
+        typing = {"kind": "typing", "role": "assistant", "state": True, "message_id": "m-9"}
+        listened = await apublish_listened(user_pk=user_pk, event=typing, blocking=True)
+        stream = DeltaStream(user_pk=user_pk, message_id="m-9", interval=60, listened=listened, blocking=True)
+        for piece in ("Your ", "parcel ", "left."):
+            await stream(piece)
+        await stream.close()
+        await apublish_many(
+            user_pk=user_pk,
+            events=[
+                {"kind": "turn", "turn": {"message_id": "m-9", "content": "Your parcel left."}},
+                {"kind": "typing", "role": "assistant", "state": False, "message_id": "m-9"},
+            ],
+            blocking=True,
+        )
+        return listened
+
+    def worker_thread() -> tuple[bool, bool]:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(turn()), loop in layer._layers
+        finally:
+            loop.close()
+
+    try:
+        listened, opened_asyncio_pool = await asyncio.to_thread(worker_thread)
+        frames = await _frames(communicator, 5)
+        assert await communicator.receive_nothing(timeout=0.3)
+    finally:
+        await communicator.disconnect()
+
+    assert listened is True
+    assert opened_asyncio_pool is False
+    assert [f["type"] for f in frames] == ["typing", "delta", "delta", "turn", "typing"]
+    assert [(f["seq"], f["text"]) for f in frames[1:3]] == [(0, "Your "), (1, "parcel left.")]
+    assert frames[4]["state"] is False
+
+
+async def test_a_blocking_send_to_a_user_nobody_watches_says_so() -> None:
+    typing = {"kind": "typing", "role": "assistant", "state": True, "message_id": "m-10"}
+
+    assert await apublish_listened(user_pk=9_100_010, event=typing, blocking=True) is False
 
 
 # --- streamed text gathered per interval ----------------------------------------------------------

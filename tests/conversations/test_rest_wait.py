@@ -303,11 +303,28 @@ async def test_the_typing_event_tells_whether_anyone_listens() -> None:
     assert events == [typing]
 
 
-async def test_a_channel_layer_that_fails_counts_as_listened(settings: Any) -> None:
+@pytest.mark.parametrize("blocking", [False, True])
+async def test_a_channel_layer_that_fails_counts_as_listened(settings: Any, blocking: bool) -> None:
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "agentflow.channel_layer.RedisChannelLayer",
             "CONFIG": {"hosts": [dead_redis_url()]},
         }
     }
-    assert await apublish_listened(user_pk=9_000_004, event={"kind": "typing"}) is True
+    assert await apublish_listened(user_pk=9_000_004, event={"kind": "typing"}, blocking=blocking) is True
+
+
+async def test_a_blocking_send_on_a_layer_without_a_blocking_client_goes_through_its_group_send(
+    settings: Any,
+) -> None:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_000_005), channel)
+    stream = DeltaStream(user_pk=9_000_005, message_id="m-5", interval=0, listened=True, blocking=True)
+
+    await stream("Hello")
+    await stream.close()
+
+    message = await asyncio.wait_for(layer.receive(channel), 5)
+    assert message["event"] == {"kind": "delta", "message_id": "m-5", "seq": 0, "text": "Hello"}
