@@ -218,6 +218,18 @@ def message_accept(
     Raises:
         InvalidInput, RateLimited: nothing was stored.
     """
+    return _receive(limits, user_id=user_id, message=message, client_message_id=client_message_id)
+
+
+def _receive(
+    limits: AgentSettings,
+    *,
+    user_id: str,
+    message: Any,
+    client_message_id: Any,
+    agent_version: int | None = None,
+) -> Received:
+    """``message_receive`` under ``limits`` (checked against the stored ``agent_version`` if given)."""
     return message_receive(
         agent_id=limits.id,
         user_id=user_id,
@@ -227,6 +239,7 @@ def message_accept(
         max_chars=limits.max_message_chars,
         rate_per_minute=limits.messages_per_minute,
         rate_burst=limits.burst,
+        agent_version=agent_version,
     )
 
 
@@ -253,15 +266,11 @@ def message_accept_held(
     for _ in range(3):
         limits = held.limits
         try:
-            return message_receive(
-                agent_id=limits.id,
+            return _receive(
+                limits,
                 user_id=user_id,
-                content=message,
+                message=message,
                 client_message_id=client_message_id,
-                ttl_seconds=limits.ttl_seconds,
-                max_chars=limits.max_message_chars,
-                rate_per_minute=limits.messages_per_minute,
-                rate_burst=limits.burst,
                 agent_version=limits.version,
             )
         except AgentChanged:
