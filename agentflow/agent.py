@@ -17,7 +17,7 @@ from .context import Handler, HandlerResult, Middleware, TurnContext, turn_scope
 from .embeddings import Embedder
 from .errors import LLMError
 from .llm import LLMBackend, TextCallback
-from .loops import shared_db_executor, sync_caller_waits
+from .loops import releasing, shared_db_executor, sync_caller_waits
 from .tools import ToolSource, tools_or_unavailable
 from .types import Classification, IntentCategory, TurnResult
 
@@ -654,10 +654,11 @@ class _ConfidenceGate:
 
 def _db(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` as a coroutine function on the process's database threads (``loops.shared_db_executor``):
-    concurrent in-process turns do not queue behind ``sync_to_async``'s one thread-sensitive thread."""
+    concurrent in-process turns do not queue behind ``sync_to_async``'s one thread-sensitive thread;
+    the thread gives its pooled connection back after the call (``loops.releasing``)."""
     if sync_caller_waits():  # a sync caller's thread (and transaction), or a request's context
         return sync_to_async(fn)
-    return sync_to_async(fn, thread_sensitive=False, executor=shared_db_executor())
+    return sync_to_async(releasing(fn), thread_sensitive=False, executor=shared_db_executor())
 
 
 def _awaitable(callback: Callable[[str], Any] | None) -> TextCallback | None:

@@ -88,6 +88,18 @@ def _call_and_release(call: Callable[[], T], *, pooled_only: bool = False) -> T:
         release_connections(pooled_only=pooled_only)
 
 
+def releasing(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` that gives its thread's pooled database connections back to the pool when it returns
+    (outside a transaction): for steps run on ``shared_db_executor``, whose idle threads must hold
+    none (``run_db``'s callers, a WebSocket consumer, rely on their next query asking the pool)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        return _call_and_release(functools.partial(fn, *args, **kwargs), pooled_only=True)
+
+    return call
+
+
 def thread_db_executor() -> Executor:
     """This thread's own one-thread executor for database work its event loop awaits.
 
@@ -219,7 +231,8 @@ def shared_db_executor() -> ThreadPoolExecutor:
     (``Agent.process_message``). ``sync_to_async``'s default (thread-sensitive) would run every
     concurrent turn's steps, the embedding included, on one thread, one after another.
 
-    Each thread keeps its own database connection: size the pool (``AGENTFLOW_DB_POOL_MAX``) above
+    Every call gives its pooled connection back after it (``run_db``, ``releasing``), so an idle
+    thread holds none; steps in flight each hold one: size the pool (``AGENTFLOW_DB_POOL_MAX``) above
     ``AGENTFLOW_INPROCESS_DB_THREADS`` (default 8) plus the process's other users of the database.
     """
     global _shared

@@ -34,7 +34,7 @@ from . import degrade, logs, pipeline
 from .errors import LLMError
 from .jobs import inline_jobs
 from .llm import TextCallback
-from .loops import ThreadSteps, shared_db_executor, sync_caller_waits
+from .loops import ThreadSteps, releasing, shared_db_executor, sync_caller_waits
 from .types import TurnResult
 from .unavailable import is_unavailable
 
@@ -62,8 +62,13 @@ def sync_caller(executor: Executor | None = None, *, last: bool = False) -> Call
         if executor is None and sync_caller_waits():  # stay in the sync caller's thread and transaction
             return await sync_to_async(fn)(*args, **kwargs)
         context = contextvars.copy_context()
+        on: Executor
+        if executor is None:  # a shared thread: it gives the connection back, holding none while idle
+            on, step = shared_db_executor(), releasing(fn)
+        else:
+            on, step = executor, fn
         return await asyncio.get_running_loop().run_in_executor(
-            executor or shared_db_executor(), functools.partial(context.run, fn, *args, **kwargs)
+            on, functools.partial(context.run, step, *args, **kwargs)
         )
 
     return call

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connection
 from django.test import AsyncClient, Client
 
 from agentflow import AgentFrameworkBuilder, ConfigError, IntentCategory
+from agentflow.loops import shared_db_executor
 from agentflow.registry import agent_for, clear_agent_cache
 from agentflow.testing.fake_anthropic import FakeReply
 from agentflow_project.asgi import application
@@ -145,6 +148,49 @@ async def test_the_threading_example_gives_the_same_events_alone_and_among_other
 
     assert shape(together) == shape(alone)
     assert [t["thread_event"] for t in alone] == ["NEW_TOPIC", "NEW_TOPIC", "RESOLUTION"]
+
+
+async def test_an_in_process_turn_leaves_no_database_connection_on_the_shared_threads() -> None:
+    # process_message on a shared event loop runs its steps on the process's database threads, the
+    # ones a WebSocket consumer's steps use (agentflow.loops.run_db). A thread left holding a
+    # connection would serve the consumer's next step with it, past a pool that refuses (PostgreSQL
+    # down): each step gives its connection back to the pool.
+    support = await support_builder().build(None)
+    await support.process_message(user_id="alice", message="The service is down, error 500")
+
+    db = shared_db_executor()
+    threads = db._max_workers
+    everyone = threading.Barrier(threads, timeout=30)
+
+    def holds_one() -> tuple[int, bool]:
+        everyone.wait()  # every thread of the pool answers once, at the same time
+        return threading.get_ident(), connection.connection is not None
+
+    held = await asyncio.gather(*(asyncio.wrap_future(db.submit(holds_one)) for _ in range(threads)))
+
+    assert len({ident for ident, _ in held}) == threads
+    assert [holding for _, holding in held] == [False] * threads
+
+
+async def test_an_in_process_turn_after_postgresql_dropped_every_connection_works() -> None:
+    # A database restart (or a proxy's idle timeout) ends the server side of every connection. One an
+    # idle shared database thread kept would fail the next turn ("the connection is closed"); given
+    # back to the pool, it is checked (CONN_HEALTH_CHECKS) and replaced when next asked for.
+    support = await support_builder().build(None)
+    await support.process_message(user_id="alice", message="The service is down, error 500")
+
+    def restart() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return int(cursor.fetchone()[0])
+
+    assert await sync_to_async(restart)() >= 1
+    after = await support.process_message(user_id="alice", message="Is it still down? Error 500 again")
+
+    assert after["intent"] is not None and after["thread_event"] is not None
 
 
 async def test_a_users_memories_with_one_agent_never_reach_another_agents_prompt(
