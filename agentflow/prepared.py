@@ -240,6 +240,23 @@ def _db_value(field: Any, value: Any, connection: Any) -> Any:
     return field.get_db_prep_save(value, connection=connection)
 
 
+def plain_model(model: Any) -> bool:
+    """Whether ``model``'s rows may be written by a compiled statement of one's own (``create``'s
+    rule): no save signal receivers, no parents, no database defaults, generated fields or custom
+    placeholders. Otherwise write through the ORM."""
+    return _plain_model(model)
+
+
+def insert_params(obj: Any, fields: list[Any], connection: Any) -> list[Any] | None:
+    """The parameters of an ``INSERT`` of the unsaved ``obj``'s ``fields`` on ``connection``, as
+    ``create`` computes them (``pre_save``, e.g. ``auto_now_add`` times, then the database form); None
+    when a value is an expression (the ORM must write it)."""
+    raw = [f.pre_save(obj, add=True) for f in fields]
+    if _has_expression(raw):
+        return None
+    return [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
+
+
 def create(model: Any, /, **kwargs: Any) -> Any:
     """``model.objects.create(**kwargs)`` with its INSERT compiled once per model and database."""
     obj = model(**kwargs)

@@ -6,7 +6,8 @@ window edge to exploit (the old fixed one-minute window let twice its limit thro
 minute boundary). Each check is one Lua script, so concurrent processes never both take the last
 token. A look (``cost=0``, the refused-key check before every API call) writes nothing: the refill is
 linear up to ``burst``, so the stored state gives the same count later, and an address that never
-sent a wrong key has no bucket at all.
+sent a wrong key has no bucket at all. A negative cost gives tokens back (up to ``burst``): a message
+whose token was taken before the database said it is a resend (``user_message_give_back``).
 
 Buckets (docs/configuration.md, "Rate limits"):
 
@@ -48,11 +49,14 @@ if now > ts then
   ts = now
 end
 local allowed = 0
-if tokens >= 1 then
+if cost < 0 then
+  allowed = 1
+  tokens = math.min(capacity, tokens - cost)
+elseif tokens >= 1 then
   allowed = 1
   tokens = tokens - cost
 end
-if cost > 0 then
+if cost ~= 0 then
   redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
   redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 60)
 end
@@ -105,7 +109,8 @@ def limits() -> dict[str, int | float]:
 def bucket_take(
     *, scope: str, ident: str, per_minute: float, burst: float, now: float | None = None, cost: int = 1
 ) -> tuple[bool, float]:
-    """Take ``cost`` tokens (0: only look) from the bucket ``scope``/``ident``.
+    """Take ``cost`` tokens (0: only look; negative: give back, up to ``burst``) from the bucket
+    ``scope``/``ident``.
 
     Returns:
         ``(allowed, retry_after_seconds)``: allowed when a token was there (then it is taken).
@@ -150,6 +155,21 @@ def user_message_take(*, user_id: str, per_minute: int, burst: int | None, now: 
         burst=per_minute if burst is None else burst,
         what="messages",
         now=now,
+    )
+
+
+def user_message_give_back(
+    *, user_id: str, per_minute: int, burst: int | None, now: float | None = None
+) -> None:
+    """Give back the token ``user_message_take`` took for a message that was not stored after all
+    (a resend of a stored one, which the rate limit does not count; a refused or failed store)."""
+    bucket_take(
+        scope="user",
+        ident=user_id,
+        per_minute=per_minute,
+        burst=per_minute if burst is None else burst,
+        now=now,
+        cost=-1,
     )
 
 

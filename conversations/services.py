@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -14,13 +15,14 @@ from django.utils import timezone
 
 from agentflow import prepared
 from agentflow.embeddings import get_embedder
-from agentflow.errors import InvalidInput, NotFound
+from agentflow.errors import InvalidInput, NotFound, RateLimited
 from agentflow.jobs import queue_on_commit
 from agentflow.prepared import PreparedQuery
 from agentflow.validation import clean_client_message_id, clean_message, clean_user_id
 
 from .audit import audit_record
 from .events import message_payload, publish_on_commit
+from .message_sql import Snapshot, message_snapshot, message_store_live, store_usable
 from .models import (
     Agent,
     ApiKey,
@@ -32,9 +34,11 @@ from .models import (
     Thread,
     ThreadActivity,
 )
-from .ratelimit import user_message_take
+from .ratelimit import user_message_give_back, user_message_take
 from .thread_features import content_words
 from .turn_results import turn_settled_on_commit
+
+logger = logging.getLogger(__name__)
 
 
 def _end_user(*, agent_id: int, external_id: str) -> QuerySet[EndUser]:
@@ -188,81 +192,6 @@ class AgentChanged(Exception):
         self.version = version
 
 
-class Snapshot(NamedTuple):
-    """What storing a message needs to know, read in one statement (``message_snapshot``)."""
-
-    agent_version: int
-    user: EndUser | None  # the agent's end user of this external id, if any
-    session: ChatSession | None  # their live session, if any
-    duplicate_id: Any  # the pk of their message with this client id, if any
-
-
-_snapshot_sql: dict[str, str] = {}  # per database vendor's quoting: built once per process
-
-
-def _columns(model: Any) -> list[Any]:
-    return list(model._meta.concrete_fields)
-
-
-def _snapshot_statement(conn: Any) -> str:
-    if (sql := _snapshot_sql.get(conn.alias)) is not None:
-        return sql
-    qn = conn.ops.quote_name
-    user_cols = ", ".join(f"u.{qn(f.column)}" for f in _columns(EndUser))
-    session_cols = ", ".join(f"s0.{qn(f.column)}" for f in _columns(ChatSession))
-    session_out = ", ".join(f"s.{qn(f.column)}" for f in _columns(ChatSession))
-    m, s_ = Message._meta, ChatSession._meta
-    sql = (
-        f"SELECT a.{qn('version')}, {user_cols}, {session_out}, d.{qn(m.pk.column)}"
-        f" FROM {qn(Agent._meta.db_table)} a"
-        f" LEFT JOIN {qn(EndUser._meta.db_table)} u ON u.{qn('agent_id')} = a.{qn('id')}"
-        f" AND u.{qn('external_id')} = %s"
-        f" LEFT JOIN LATERAL (SELECT {session_cols} FROM {qn(s_.db_table)} s0"
-        f" WHERE s0.{qn('user_id')} = u.{qn('id')} AND s0.{qn('status')} = %s AND s0.{qn('expires_at')} > %s"
-        f" ORDER BY s0.{qn('last_activity_at')} DESC LIMIT 1) s ON TRUE"
-        f" LEFT JOIN LATERAL (SELECT m.{qn(m.pk.column)} FROM {qn(m.db_table)} m"
-        f" WHERE m.{qn('user_id')} = u.{qn('id')} AND m.{qn('client_message_id')} = %s"
-        f" AND m.{qn('client_message_id')} <> '' ORDER BY m.{qn(m.pk.column)} LIMIT 1) d ON TRUE"
-        f" WHERE a.{qn('id')} = %s"
-    )
-    _snapshot_sql[conn.alias] = sql
-    return sql
-
-
-def _from_row(model: Any, values: tuple[Any, ...], conn: Any) -> Any:
-    """A model instance from its columns as the driver returned them (with the fields' converters)."""
-    fields = _columns(model)
-    converted = []
-    for field, value in zip(fields, values, strict=True):
-        for converter in field.get_db_converters(conn):
-            value = converter(value, None, conn)
-        converted.append(value)
-    return model.from_db(conn.alias, [f.attname for f in fields], converted)
-
-
-def message_snapshot(*, agent_id: int, external_id: str, client_id: str, now: datetime) -> Snapshot | None:
-    """The agent's version, its end user ``external_id`` with their live session, and the pk of their
-    message with ``client_id`` (a resend): one statement, compiled once per process. None when the
-    agent does not exist. Every message a transport accepts starts here (docs/operations.md, "Web
-    process CPU"): the user's record is read once a message, not three times."""
-    conn = connection
-    with conn.cursor() as cursor:
-        cursor.execute(
-            _snapshot_statement(conn),
-            [external_id, ChatSession.Status.ACTIVE.value, now, client_id, agent_id],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    n_user, n_session = len(_columns(EndUser)), len(_columns(ChatSession))
-    user_values, session_values = row[1 : 1 + n_user], row[1 + n_user : 1 + n_user + n_session]
-    user = _from_row(EndUser, user_values, conn) if user_values[0] is not None else None
-    session = _from_row(ChatSession, session_values, conn) if session_values[0] is not None else None
-    if session is not None and user is not None:
-        session.user = user  # as select_related("user") set it
-    return Snapshot(row[0], user, session, row[-1])
-
-
 def rate_limit_check(*, user_id: str, per_minute: int, now: datetime, burst: int | None = None) -> None:
     """The user's message bucket (a token bucket in Redis, ``conversations.ratelimit``).
 
@@ -306,9 +235,15 @@ def message_receive(
     as ``rate_per_minute``; 0 per minute: no limit). ``agent_version``: the version of the agent the
     limits were read for, checked against the stored one (None: not checked).
 
-    In a live session (nearly every message) this is one read (``message_snapshot``) and the
-    ``INSERT`` of the message, in autocommit: no transaction of its own. A message that opens a
-    session runs in a transaction under the user's row lock, as before.
+    The rules, in this order as clients see them: the ids and the message are checked; a resend
+    gets its first copy (whatever the rate limit); the rate limit; the store. In a live session
+    (nearly every message) that is one statement (``message_sql.message_store_live``: the snapshot
+    read and the ``INSERT``, in autocommit), the message's checks and its rate-limit token taken
+    just before it. When that statement stores nothing (a resend, a newer agent version, no live
+    session), its snapshot decides as a separate read would; the token goes back unless the message
+    is then stored. A message the checks refuse is read first (``message_snapshot``): a newer
+    agent version may allow it, a resend is answered. A message that opens a session runs in a
+    transaction under the user's row lock.
 
     Returns:
         The stored message, whether it is new, and whether its turn should run (``Received.run``).
@@ -322,7 +257,52 @@ def message_receive(
     external_id = clean_user_id(user_id)
     client_id = clean_client_message_id(client_message_id)
     now = timezone.now()
-    snap = message_snapshot(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
+    bucket = _Bucket(external_id, rate_per_minute, rate_burst, now)
+    fields = {
+        "role": Message.Role.USER,
+        "status": Message.Status.PENDING,
+        "client_message_id": client_id,
+    }
+    refused: RateLimited | None = None
+    taken = read = False
+    snap: Snapshot | None = None
+    if store_usable():
+        try:
+            text = clean_message(content, max_chars=max_chars)
+            bucket.take()
+        except InvalidInput:
+            pass  # read first: a newer agent version's limits may allow it (else refused below)
+        except RateLimited as exc:
+            refused = exc  # read first: a resend of a stored message is answered, not refused
+        else:
+            taken = True
+            try:
+                stored = message_store_live(
+                    agent_id=agent_id,
+                    external_id=external_id,
+                    client_id=client_id,
+                    agent_version=agent_version,
+                    now=now,
+                    message=Message(content=text, **fields),
+                    seen_every=LAST_SEEN_EVERY,
+                    extend_every=EXTEND_EVERY,
+                )
+            except BaseException:
+                bucket.give_back()
+                raise
+            if stored.message is not None:
+                return _received_new(stored.message)
+            snap, read = stored.snapshot, True
+            stores = (  # below: it opens a session, or another process stored its copy meanwhile
+                snap is not None
+                and (agent_version is None or snap.agent_version == agent_version)
+                and snap.duplicate is None
+            )
+            if not stores:
+                bucket.give_back()
+                taken = False
+    if not read:
+        snap = message_snapshot(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
     if snap is None:
         if agent_version is not None:
             raise AgentChanged(None)
@@ -330,17 +310,13 @@ def message_receive(
     if agent_version is not None and snap.agent_version != agent_version:
         raise AgentChanged(snap.agent_version)
     text = clean_message(content, max_chars=max_chars)
-    if snap.duplicate_id is not None:
-        first = Message.objects.filter(pk=snap.duplicate_id).first()
-        if first is not None:
-            return Received(first, created=False)
-    rate_limit_check(user_id=external_id, per_minute=rate_per_minute, burst=rate_burst, now=now)
-    fields = {
-        "role": Message.Role.USER,
-        "content": text,
-        "status": Message.Status.PENDING,
-        "client_message_id": client_id,
-    }
+    if snap.duplicate is not None:
+        return Received(snap.duplicate, created=False)
+    if refused is not None:
+        raise refused
+    if not taken:
+        bucket.take()
+    fields["content"] = text
     try:
         if snap.session is not None and snap.user is not None:
             # A session to extend: no lock needed, nothing is opened. Each write its own statement;
@@ -376,16 +352,44 @@ def message_receive(
                     session = session_for_turn(user=user, ttl_seconds=ttl_seconds, now=now)
                 message = prepared.create(Message, user=user, session=session, **fields)
     except IntegrityError:
-        # The same client id raced in from another process: the first one wins.
+        # The same client id raced in from another process: the first one wins (a resend: its token
+        # goes back).
         existing = Message.objects.filter(
             user__agent_id=agent_id, user__external_id=external_id, client_message_id=client_id
         ).first()
+        bucket.give_back()
         if not client_id or existing is None:
             raise
         return Received(existing, created=False)
+    return _received_new(message)
+
+
+def _received_new(message: Message) -> Received:
     # Every live connection of the user (other tabs, staff watching) sees the message arrive.
-    publish_on_commit(user_pk=user.pk, event={"kind": "user_message", **message_payload(message)})
+    publish_on_commit(user_pk=message.user_id, event={"kind": "user_message", **message_payload(message)})
     return Received(message, created=True)
+
+
+class _Bucket(NamedTuple):
+    """A user's message bucket as ``message_receive`` was given it."""
+
+    user_id: str
+    per_minute: int
+    burst: int | None
+    now: datetime
+
+    def take(self) -> None:
+        rate_limit_check(user_id=self.user_id, per_minute=self.per_minute, burst=self.burst, now=self.now)
+
+    def give_back(self) -> None:
+        """The token back: the message was not stored. A Redis failure here is logged, not raised
+        (the message's own outcome stands; the user's bucket is one token short for a while)."""
+        try:
+            user_message_give_back(
+                user_id=self.user_id, per_minute=self.per_minute, burst=self.burst, now=self.now.timestamp()
+            )
+        except Exception:
+            logger.warning("could not give a message token back to the rate limit", exc_info=True)
 
 
 def user_mark_read(*, user: EndUser, message_id: Any) -> Message:

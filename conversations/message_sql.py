@@ -1,0 +1,252 @@
+"""A user message's SQL on the web side: the snapshot its checks need, and the one statement that
+stores it in a live session (``conversations.services.message_receive`` decides which to run).
+
+Both are written out once per process and database alias (quoting is the vendor's), from the
+models' fields: no queryset is built or compiled per message (docs/operations.md, "Web process CPU").
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from django.db import connection
+
+from agentflow import prepared
+
+from .models import Agent, ChatSession, EndUser, Message
+
+
+class Snapshot(NamedTuple):
+    """What storing a message needs to know, read in one statement (``message_snapshot``)."""
+
+    agent_version: int
+    user: EndUser | None  # the agent's end user of this external id, if any
+    session: ChatSession | None  # their live session, if any
+    duplicate: Message | None  # their message with this client id (a resend's first copy), if any
+
+    @property
+    def duplicate_id(self) -> Any:
+        return None if self.duplicate is None else self.duplicate.pk
+
+
+def _columns(model: Any) -> list[Any]:
+    return list(model._meta.concrete_fields)
+
+
+def _snapshot_select(conn: Any) -> str:
+    """The snapshot's ``SELECT``: the agent's version, then the user's, the live session's and the
+    earlier copy's columns, each named ``<u|s|d>_<column>`` (the store statement refers to them)."""
+    qn = conn.ops.quote_name
+
+    def out(alias: str, model: Any) -> str:
+        return ", ".join(f"{alias}.{qn(f.column)} AS {qn(f'{alias}_{f.column}')}" for f in _columns(model))
+
+    def inner(alias: str, model: Any) -> str:
+        return ", ".join(f"{alias}.{qn(f.column)}" for f in _columns(model))
+
+    m, s = Message._meta, ChatSession._meta
+    return (
+        f"SELECT a.{qn('version')} AS {qn('a_version')}, {out('u', EndUser)}, {out('s', ChatSession)},"
+        f" {out('d', Message)}"
+        f" FROM {qn(Agent._meta.db_table)} a"
+        f" LEFT JOIN {qn(EndUser._meta.db_table)} u ON u.{qn('agent_id')} = a.{qn('id')}"
+        f" AND u.{qn('external_id')} = %(external_id)s"
+        f" LEFT JOIN LATERAL (SELECT {inner('s0', ChatSession)} FROM {qn(s.db_table)} s0"
+        f" WHERE s0.{qn('user_id')} = u.{qn('id')} AND s0.{qn('status')} = %(active)s"
+        f" AND s0.{qn('expires_at')} > %(now)s"
+        f" ORDER BY s0.{qn('last_activity_at')} DESC LIMIT 1) s ON TRUE"
+        f" LEFT JOIN LATERAL (SELECT {inner('m0', Message)} FROM {qn(m.db_table)} m0"
+        f" WHERE m0.{qn('user_id')} = u.{qn('id')} AND m0.{qn('client_message_id')} = %(client_id)s"
+        f" AND m0.{qn('client_message_id')} <> '' ORDER BY m0.{qn(m.pk.column)} LIMIT 1) d ON TRUE"
+        f" WHERE a.{qn('id')} = %(agent_id)s"
+    )
+
+
+def _from_row(model: Any, values: tuple[Any, ...], conn: Any) -> Any:
+    """A model instance from its columns as the driver returned them (with the fields' converters)."""
+    fields = _columns(model)
+    converted = []
+    for field, value in zip(fields, values, strict=True):
+        for converter in field.get_db_converters(conn):
+            value = converter(value, None, conn)
+        converted.append(value)
+    return model.from_db(conn.alias, [f.attname for f in fields], converted)
+
+
+def _snapshot_of(row: tuple[Any, ...], conn: Any) -> Snapshot:
+    n_user, n_session, n_message = (len(_columns(m)) for m in (EndUser, ChatSession, Message))
+    user_values = row[1 : 1 + n_user]
+    session_values = row[1 + n_user : 1 + n_user + n_session]
+    copy_values = row[1 + n_user + n_session : 1 + n_user + n_session + n_message]
+    user = _from_row(EndUser, user_values, conn) if user_values[0] is not None else None
+    session = _from_row(ChatSession, session_values, conn) if session_values[0] is not None else None
+    if session is not None and user is not None:
+        session.user = user  # as select_related("user") set it
+    duplicate = _from_row(Message, copy_values, conn) if copy_values[0] is not None else None
+    return Snapshot(row[0], user, session, duplicate)
+
+
+def _snapshot_params(*, agent_id: int, external_id: str, client_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "external_id": external_id,
+        "active": ChatSession.Status.ACTIVE.value,
+        "now": now,
+        "client_id": client_id,
+        "agent_id": agent_id,
+    }
+
+
+_snapshot_sql: dict[str, str] = {}  # per database alias: built once per process
+
+
+def message_snapshot(*, agent_id: int, external_id: str, client_id: str, now: datetime) -> Snapshot | None:
+    """The agent's version, its end user ``external_id`` with their live session, and their message
+    with ``client_id`` (a resend's first copy, whole): one statement, written once per process. None
+    when the agent does not exist. A message that is not stored by ``message_store_live`` (a refused
+    one, or when that statement cannot be used) starts here."""
+    conn = connection
+    if (sql := _snapshot_sql.get(conn.alias)) is None:
+        sql = _snapshot_sql[conn.alias] = _snapshot_select(conn)
+    with conn.cursor() as cursor:
+        cursor.execute(
+            sql, _snapshot_params(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
+        )
+        row = cursor.fetchone()
+    return None if row is None else _snapshot_of(row, conn)
+
+
+# --- a message in a live session: one statement ----------------------------------------------------
+
+
+class Stored(NamedTuple):
+    """What ``message_store_live`` found and did."""
+
+    snapshot: Snapshot | None  # None: the agent does not exist (nothing was stored)
+    message: Message | None  # the stored message, or None when it was not stored
+
+
+def store_usable() -> bool:
+    """Whether ``message_store_live`` may write here: PostgreSQL (data-modifying ``WITH``), and models
+    whose writes need no ORM ``save()`` (``agentflow.prepared.plain_model``)."""
+    return connection.vendor == "postgresql" and all(
+        prepared.plain_model(m) for m in (Message, EndUser, ChatSession)
+    )
+
+
+def _cast(field: Any, conn: Any) -> str:
+    """The parameter's type in the ``INSERT ... SELECT`` (its select list has no column to infer one
+    from): the column's type without a length, so that a value too long still fails on assignment,
+    as with ``INSERT ... VALUES``, instead of being cut by the cast."""
+    return re.sub(r"\(.*\)$", "", field.db_type(conn)).strip()
+
+
+_STORED_BY: dict[str, str] = {"user": "u_id", "session": "s_id"}  # the message's keys: the snapshot's
+_store_sql: dict[str, tuple[str, list[Any]]] = {}  # per database alias: the SQL, the parameter fields
+
+
+def _store_statement(conn: Any) -> tuple[str, list[Any]]:
+    """The statement and the message fields it takes as parameters (``f_<attname>``).
+
+    ``snap`` is the snapshot; ``ins`` inserts the message when the agent's version is the one the
+    limits were read for (or none was given), a live session exists and no earlier copy does (``ON
+    CONFLICT DO NOTHING``: a copy that another process is inserting right now is not an error);
+    ``seen`` writes the user's ``last_seen_at`` and ``ext`` slides the session's expiry, each only
+    after the insert and only when due (``services.LAST_SEEN_EVERY``, ``services.session_extend``).
+
+    Lock order: ``seen`` runs after ``ins`` (it reads it) and ``ext`` after ``seen`` (it reads it,
+    and ``seen`` is due whenever ``ext`` is), so the statement locks the user's row before the
+    session's, as a message opening a session does (``services.message_receive``); the two never wait
+    on each other in opposite orders.
+    """
+    if (cached := _store_sql.get(conn.alias)) is not None:
+        return cached
+    qn = conn.ops.quote_name
+    m = Message._meta
+    fields = list(m.local_concrete_fields)
+    exprs, params = [], []
+    for f in fields:
+        if f.name in _STORED_BY:
+            exprs.append(f"snap.{qn(_STORED_BY[f.name])}")
+        else:
+            exprs.append(f"%(f_{f.attname})s::{_cast(f, conn)}")
+            params.append(f)
+    due = (  # services.session_extend's rule: ``now + ttl - expires_at >= min(every, ttl / 10)``
+        "{expires} <= %(now)s + {ttl} * interval '1 second'"
+        " - LEAST(%(extend_every)s::interval, {ttl} * interval '100 milliseconds')"
+    )
+    snap_due = due.format(expires=f"snap.{qn('s_expires_at')}", ttl=f"snap.{qn('s_ttl_seconds')}")
+    row_due = due.format(expires=f"s.{qn('expires_at')}", ttl=f"s.{qn('ttl_seconds')}")
+    sql = (
+        f"WITH snap AS ({_snapshot_select(conn)}),"
+        f" ins AS (INSERT INTO {qn(m.db_table)} ({', '.join(qn(f.column) for f in fields)})"
+        f" SELECT {', '.join(exprs)} FROM snap"
+        f" WHERE snap.{qn('a_version')} = COALESCE(%(version)s::integer, snap.{qn('a_version')})"
+        f" AND snap.{qn('s_id')} IS NOT NULL AND snap.{qn('d_id')} IS NULL"
+        f" ON CONFLICT DO NOTHING RETURNING 1),"
+        f" seen AS (UPDATE {qn(EndUser._meta.db_table)} u SET {qn('last_seen_at')} = %(now)s FROM snap"
+        f" WHERE u.{qn('id')} = snap.{qn('u_id')} AND EXISTS (SELECT FROM ins)"
+        f" AND (u.{qn('last_seen_at')} IS NULL OR u.{qn('last_seen_at')} < %(seen_before)s OR {snap_due})"
+        f" RETURNING 1),"
+        f" ext AS (UPDATE {qn(ChatSession._meta.db_table)} s"
+        f" SET {qn('last_activity_at')} = %(now)s, {qn('expires_at')} = %(now)s + s.{qn('ttl_seconds')} * interval '1 second'"
+        f" FROM snap WHERE s.{qn('id')} = snap.{qn('s_id')} AND EXISTS (SELECT FROM seen) AND {row_due}"
+        f" RETURNING 1)"
+        f" SELECT snap.*, EXISTS (SELECT FROM ins), EXISTS (SELECT FROM seen), EXISTS (SELECT FROM ext)"
+        f" FROM snap"
+    )
+    cached = _store_sql[conn.alias] = (sql, params)
+    return cached
+
+
+def message_store_live(
+    *,
+    agent_id: int,
+    external_id: str,
+    client_id: str,
+    agent_version: int | None,
+    now: datetime,
+    message: Message,
+    seen_every: timedelta,
+    extend_every: timedelta,
+) -> Stored:
+    """Store ``message`` (unsaved, without user and session) in the user's live session, in one
+    statement that also reads the snapshot (``message_snapshot``'s): one round trip, one transaction
+    (autocommit, or the caller's).
+
+    Stored only when the agent's stored version is ``agent_version`` (None: any), the user has a live
+    session and no message with ``client_id``; otherwise nothing is written and the snapshot says
+    why. Stored with it, when due: the user's ``last_seen_at`` (older than ``seen_every``) and the
+    session's expiry (``services.session_extend``, ``extend_every``); the instances are updated.
+    A message with ``client_id`` being stored by another process at the same moment: nothing is
+    stored here, and the snapshot does not show it (read it again).
+    """
+    conn = connection
+    sql, fields = _store_statement(conn)
+    values = prepared.insert_params(message, fields, conn)
+    if values is None:
+        raise TypeError("message_store_live stores plain values, not expressions")
+    params = _snapshot_params(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
+    params.update((f"f_{f.attname}", v) for f, v in zip(fields, values, strict=True))
+    params.update(version=agent_version, seen_before=now - seen_every, extend_every=extend_every)
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return Stored(None, None)
+    snap = _snapshot_of(row, conn)
+    inserted, seen, extended = row[-3:]
+    if not inserted:
+        return Stored(snap, None)
+    user, session = snap.user, snap.session
+    if user is None or session is None:  # the statement inserts only with both
+        raise RuntimeError("a message was stored without a user or a live session")
+    message.user, message.session = user, session
+    message._state.adding, message._state.db = False, conn.alias
+    if seen:
+        user.last_seen_at = now
+    if extended:
+        session.last_activity_at = now
+        session.expires_at = now + timedelta(seconds=session.ttl_seconds)
+    return Stored(snap, message)
