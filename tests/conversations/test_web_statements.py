@@ -44,6 +44,7 @@ from conversations.agents import (
 )
 from conversations.chat_tokens import chat_token_revoke
 from conversations.models import Agent, ChatSession, EndUser, Message
+from conversations.ratelimit import user_message_give_back, user_message_take
 from conversations.services import rate_limit_check
 
 from .factories import default_agent_row
@@ -688,3 +689,18 @@ def test_a_rest_message_in_a_live_session_is_one_statement(api_key: str) -> None
     assert not any(q["sql"].startswith("SAVEPOINT") for q in queries)
     stored = Message.objects.get(client_message_id="r-2")
     assert (response.json()["message_id"], stored.content) == (str(stored.pk), "Still there?")
+
+
+def test_a_token_given_back_refills_the_bucket_up_to_its_burst() -> None:
+    def take() -> None:
+        user_message_take(user_id="give-back", per_minute=1, burst=2)
+
+    user_message_give_back(user_id="give-back", per_minute=1, burst=2)  # a full bucket stays at 2
+    take()
+    take()
+    with pytest.raises(RateLimited):
+        take()
+    user_message_give_back(user_id="give-back", per_minute=1, burst=2)
+    take()
+    with pytest.raises(RateLimited):
+        take()
