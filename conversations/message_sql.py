@@ -37,31 +37,39 @@ def _columns(model: Any) -> list[Any]:
 
 def _snapshot_select(conn: Any) -> str:
     """The snapshot's ``SELECT``: the agent's version, then the user's, the live session's and the
-    earlier copy's columns, each named ``<u|s|d>_<column>`` (the store statement refers to them)."""
+    earlier copy's columns (``_snapshot_of`` reads them by position)."""
     qn = conn.ops.quote_name
 
     def out(alias: str, model: Any) -> str:
-        return ", ".join(f"{alias}.{qn(f.column)} AS {qn(f'{alias}_{f.column}')}" for f in _columns(model))
-
-    def inner(alias: str, model: Any) -> str:
         return ", ".join(f"{alias}.{qn(f.column)}" for f in _columns(model))
 
     m, s = Message._meta, ChatSession._meta
     return (
-        f"SELECT a.{qn('version')} AS {qn('a_version')}, {out('u', EndUser)}, {out('s', ChatSession)},"
-        f" {out('d', Message)}"
+        f"SELECT a.{qn('version')}, {out('u', EndUser)}, {out('s', ChatSession)}, {out('d', Message)}"
         f" FROM {qn(Agent._meta.db_table)} a"
         f" LEFT JOIN {qn(EndUser._meta.db_table)} u ON u.{qn('agent_id')} = a.{qn('id')}"
         f" AND u.{qn('external_id')} = %(external_id)s"
-        f" LEFT JOIN LATERAL (SELECT {inner('s0', ChatSession)} FROM {qn(s.db_table)} s0"
+        f" LEFT JOIN LATERAL (SELECT s0.* FROM {qn(s.db_table)} s0"
         f" WHERE s0.{qn('user_id')} = u.{qn('id')} AND s0.{qn('status')} = %(active)s"
         f" AND s0.{qn('expires_at')} > %(now)s"
         f" ORDER BY s0.{qn('last_activity_at')} DESC LIMIT 1) s ON TRUE"
-        f" LEFT JOIN LATERAL (SELECT {inner('m0', Message)} FROM {qn(m.db_table)} m0"
+        f" LEFT JOIN LATERAL (SELECT m0.* FROM {qn(m.db_table)} m0"
         f" WHERE m0.{qn('user_id')} = u.{qn('id')} AND m0.{qn('client_message_id')} = %(client_id)s"
         f" AND m0.{qn('client_message_id')} <> '' ORDER BY m0.{qn(m.pk.column)} LIMIT 1) d ON TRUE"
         f" WHERE a.{qn('id')} = %(agent_id)s"
     )
+
+
+def _snapshot_names() -> tuple[dict[str, str], int]:
+    """The store statement's names for the snapshot's columns (``c<position>``), by ``<u|s|d>_<column>``
+    (and ``a_version``), and how many columns there are."""
+    names: dict[str, str] = {"a_version": "c0"}
+    position = 1
+    for prefix, model in (("u", EndUser), ("s", ChatSession), ("d", Message)):
+        for f in _columns(model):
+            names[f"{prefix}_{f.column}"] = f"c{position}"
+            position += 1
+    return names, position
 
 
 def _from_row(model: Any, values: tuple[Any, ...], conn: Any) -> Any:
@@ -147,7 +155,11 @@ _store_sql: dict[str, tuple[str, list[Any]]] = {}  # per database alias: the SQL
 
 
 def _store_statement(conn: Any) -> tuple[str, list[Any]]:
-    """The statement and the message fields it takes as parameters (``f_<attname>``).
+    """The statement and the message fields it takes as parameters (``f<index>``).
+
+    Kept under psycopg's 4,096 bytes, the longest query whose parsing it caches (the snapshot's
+    columns are named ``c<position>``, the parameters ``f<index>``): a longer one is parsed again on
+    every message.
 
     ``snap`` is the snapshot; ``ins`` inserts the message when the agent's version is the one the
     limits were read for (or none was given), a live session exists and no earlier copy does (``ON
@@ -164,34 +176,38 @@ def _store_statement(conn: Any) -> tuple[str, list[Any]]:
         return cached
     qn = conn.ops.quote_name
     m = Message._meta
+    c, count = _snapshot_names()
+    columns = ", ".join(f"c{i}" for i in range(count))
     fields = list(m.local_concrete_fields)
-    exprs, params = [], []
+    exprs: list[str] = []
+    params: list[Any] = []
     for f in fields:
         if f.name in _STORED_BY:
-            exprs.append(f"snap.{qn(_STORED_BY[f.name])}")
+            exprs.append(f"snap.{c[_STORED_BY[f.name]]}")
         else:
-            exprs.append(f"%(f_{f.attname})s::{_cast(f, conn)}")
+            exprs.append(f"%(f{len(params)})s::{_cast(f, conn)}")
             params.append(f)
     due = (  # services.session_extend's rule: ``now + ttl - expires_at >= min(every, ttl / 10)``
         "{expires} <= %(now)s + {ttl} * interval '1 second'"
         " - LEAST(%(extend_every)s::interval, {ttl} * interval '100 milliseconds')"
     )
-    snap_due = due.format(expires=f"snap.{qn('s_expires_at')}", ttl=f"snap.{qn('s_ttl_seconds')}")
+    snap_due = due.format(expires=f"snap.{c['s_expires_at']}", ttl=f"snap.{c['s_ttl_seconds']}")
     row_due = due.format(expires=f"s.{qn('expires_at')}", ttl=f"s.{qn('ttl_seconds')}")
     sql = (
-        f"WITH snap AS ({_snapshot_select(conn)}),"
+        f"WITH snap({columns}) AS ({_snapshot_select(conn)}),"
         f" ins AS (INSERT INTO {qn(m.db_table)} ({', '.join(qn(f.column) for f in fields)})"
         f" SELECT {', '.join(exprs)} FROM snap"
-        f" WHERE snap.{qn('a_version')} = COALESCE(%(version)s::integer, snap.{qn('a_version')})"
-        f" AND snap.{qn('s_id')} IS NOT NULL AND snap.{qn('d_id')} IS NULL"
+        f" WHERE snap.{c['a_version']} = COALESCE(%(version)s::integer, snap.{c['a_version']})"
+        f" AND snap.{c['s_id']} IS NOT NULL AND snap.{c['d_id']} IS NULL"
         f" ON CONFLICT DO NOTHING RETURNING 1),"
         f" seen AS (UPDATE {qn(EndUser._meta.db_table)} u SET {qn('last_seen_at')} = %(now)s FROM snap"
-        f" WHERE u.{qn('id')} = snap.{qn('u_id')} AND EXISTS (SELECT FROM ins)"
+        f" WHERE u.{qn('id')} = snap.{c['u_id']} AND EXISTS (SELECT FROM ins)"
         f" AND (u.{qn('last_seen_at')} IS NULL OR u.{qn('last_seen_at')} < %(seen_before)s OR {snap_due})"
         f" RETURNING 1),"
         f" ext AS (UPDATE {qn(ChatSession._meta.db_table)} s"
-        f" SET {qn('last_activity_at')} = %(now)s, {qn('expires_at')} = %(now)s + s.{qn('ttl_seconds')} * interval '1 second'"
-        f" FROM snap WHERE s.{qn('id')} = snap.{qn('s_id')} AND EXISTS (SELECT FROM seen) AND {row_due}"
+        f" SET {qn('last_activity_at')} = %(now)s,"
+        f" {qn('expires_at')} = %(now)s + s.{qn('ttl_seconds')} * interval '1 second'"
+        f" FROM snap WHERE s.{qn('id')} = snap.{c['s_id']} AND EXISTS (SELECT FROM seen) AND {row_due}"
         f" RETURNING 1)"
         f" SELECT snap.*, EXISTS (SELECT FROM ins), EXISTS (SELECT FROM seen), EXISTS (SELECT FROM ext)"
         f" FROM snap"
@@ -228,7 +244,7 @@ def message_store_live(
     if values is None:
         raise TypeError("message_store_live stores plain values, not expressions")
     params = _snapshot_params(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
-    params.update((f"f_{f.attname}", v) for f, v in zip(fields, values, strict=True))
+    params.update((f"f{i}", v) for i, v in enumerate(values))
     params.update(version=agent_version, seen_before=now - seen_every, extend_every=extend_every)
     with conn.cursor() as cursor:
         cursor.execute(sql, params)

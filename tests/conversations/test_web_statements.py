@@ -580,7 +580,7 @@ def test_the_statement_locks_the_user_before_the_session() -> None:
     assert locked.wait(20)
     sender = _in_thread(lambda: _accept(limits, "Waiting", "m-2"))
     try:
-        _until(lambda: _waiting_on_a_lock("WITH snap AS"), "the statement waits on the user's row")
+        _until(lambda: _waiting_on_a_lock("WITH snap("), "the statement waits on the user's row")
         # Meanwhile the session's row is free: the statement has not locked it before the user's.
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
@@ -621,7 +621,7 @@ def test_a_copy_another_process_is_storing_at_the_same_moment_is_the_answer() ->
     sender = _in_thread(lambda: _accept(limits, "Same moment", "m-2"))
     try:
         # The statement did not see the uncommitted copy; its INSERT waits for that transaction.
-        _until(lambda: _waiting_on_a_lock("WITH snap AS"), "the INSERT waits on the other transaction")
+        _until(lambda: _waiting_on_a_lock("WITH snap("), "the INSERT waits on the other transaction")
     finally:
         release.set()
     copy = other.result(20)
