@@ -6,7 +6,8 @@ communicator: --users chat sockets open, then each sends --messages messages one
 message's ``ack`` awaited before the next. Prints per message: SQL statements, transactions (each
 committed or rolled-back transaction, i.e. BEGIN ... COMMIT; statements run in autocommit are
 counted apart), statements that read or write the end-user table, and the process's CPU ms; and
-the same for opening the sockets.
+the same for opening the sockets. Then, in this thread alone, the CPU of one ``message_accept`` in a live
+session: the one statement against the read and ``INSERT`` it replaced, alternated.
 
     python bench/ws_statements.py [--users 100] [--messages 3] [--rounds 1]
 
@@ -179,6 +180,41 @@ def cache_get_cpu(rounds: int = 6, calls: int = 2000) -> None:
     )
 
 
+def accept_cpu(rounds: int = 5, users: int = 50, messages: int = 4) -> None:
+    """CPU of storing one message in a live session (``message_accept``, this thread only, no socket):
+    the one statement against the read and the ``INSERT`` it replaced (``store_usable`` off: the
+    same code's other path), alternated in this process."""
+    from conversations import services
+    from conversations.agents import agent_settings, message_accept
+
+    usable = getattr(services, "store_usable", None)
+    if usable is None:  # older code
+        return
+    limits = agent_settings(name="agentflow")
+    paths = {"one statement": usable, "read + INSERT": lambda: False}
+    spent: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for r in range(rounds):
+            for name, path in paths.items():
+                services.store_usable = path  # type: ignore[attr-defined]
+                ids = [f"{TAG}-accept-{r}-{len(spent[name])}-{i}" for i in range(users)]
+                for user in ids:  # opens the session
+                    message_accept(limits=limits, user_id=user, message="Hello", client_message_id="c-0")
+                started = time.thread_time()
+                for m in range(1, messages + 1):
+                    for user in ids:
+                        message_accept(
+                            limits=limits, user_id=user, message=f"#{m}", client_message_id=f"c-{m}"
+                        )
+                spent[name].append((time.thread_time() - started) / (users * messages) * 1000)
+    finally:
+        services.store_usable = usable  # type: ignore[attr-defined]
+    print(
+        f"  message_accept CPU ms in a live session (median of {rounds} x {users * messages}): "
+        + ", ".join(f"{name} {statistics.median(v):.3f}" for name, v in spent.items())
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100)
@@ -221,6 +257,7 @@ def main() -> None:
             f" {med('connect_cpu_ms'):.2f} ms CPU"
         )
         cache_get_cpu()
+        accept_cpu()
     finally:
         from conversations.models import EndUser
 

@@ -7,6 +7,7 @@ models' fields: no queryset is built or compiled per message (docs/operations.md
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -72,19 +73,33 @@ def _snapshot_names() -> tuple[dict[str, str], int]:
     return names, position
 
 
+# Per model and database alias: the attribute names, and the positions whose fields convert values.
+_row_layouts: dict[tuple[Any, str], tuple[list[str], list[tuple[int, list[Any]]]]] = {}
+
+
 def _from_row(model: Any, values: tuple[Any, ...], conn: Any) -> Any:
     """A model instance from its columns as the driver returned them (with the fields' converters)."""
-    fields = _columns(model)
-    converted = []
-    for field, value in zip(fields, values, strict=True):
-        for converter in field.get_db_converters(conn):
-            value = converter(value, None, conn)
-        converted.append(value)
-    return model.from_db(conn.alias, [f.attname for f in fields], converted)
+    if (layout := _row_layouts.get((model, conn.alias))) is None:
+        fields = _columns(model)
+        converting = [(i, found) for i, f in enumerate(fields) if (found := f.get_db_converters(conn))]
+        layout = _row_layouts[(model, conn.alias)] = ([f.attname for f in fields], converting)
+    names, converting = layout
+    if len(values) != len(names):
+        raise ValueError(f"{model.__name__}: {len(values)} values for {len(names)} columns")
+    converted = list(values)
+    for i, converters in converting:
+        for converter in converters:
+            converted[i] = converter(converted[i], None, conn)
+    return model.from_db(conn.alias, names, converted)
+
+
+@functools.cache
+def _counts() -> tuple[int, int, int]:
+    return len(_columns(EndUser)), len(_columns(ChatSession)), len(_columns(Message))
 
 
 def _snapshot_of(row: tuple[Any, ...], conn: Any) -> Snapshot:
-    n_user, n_session, n_message = (len(_columns(m)) for m in (EndUser, ChatSession, Message))
+    n_user, n_session, n_message = _counts()
     user_values = row[1 : 1 + n_user]
     session_values = row[1 + n_user : 1 + n_user + n_session]
     copy_values = row[1 + n_user + n_session : 1 + n_user + n_session + n_message]
@@ -152,6 +167,40 @@ def _cast(field: Any, conn: Any) -> str:
 
 _STORED_BY: dict[str, str] = {"user": "u_id", "session": "s_id"}  # the message's keys: the snapshot's
 _store_sql: dict[str, tuple[str, list[Any]]] = {}  # per database alias: the SQL, the parameter fields
+# Per database alias and the fields a caller sets: the parameters computed per message (their
+# names and fields), and those that are the same every time (the other fields' defaults).
+_store_params: dict[tuple[str, frozenset[str]], tuple[list[tuple[str, Any]], dict[str, Any]]] = {}
+
+
+def _per_message(field: Any, given: frozenset[str]) -> bool:
+    """Whether ``field``'s value may differ from one message to the next: set by the caller, the
+    key, a time set on save, or a default computed by a function other than an empty ``dict`` or
+    ``list``."""
+    default = field.default
+    return (
+        field.name in given
+        or field.attname in given
+        or field.primary_key
+        or getattr(field, "auto_now", False)
+        or getattr(field, "auto_now_add", False)
+        or (callable(default) and default not in (dict, list))
+    )
+
+
+def _store_layout(
+    conn: Any, fields: list[Any], given: frozenset[str]
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    key = (conn.alias, given)
+    if (cached := _store_params.get(key)) is not None:
+        return cached
+    varying = [(f"f{i}", f) for i, f in enumerate(fields) if _per_message(f, given)]
+    fixed_fields = [(f"f{i}", f) for i, f in enumerate(fields) if not _per_message(f, given)]
+    fixed_values = prepared.insert_params(Message(), [f for _, f in fixed_fields], conn)
+    if fixed_values is None:
+        raise TypeError("a message field's default is an expression")
+    fixed = {name: value for (name, _), value in zip(fixed_fields, fixed_values, strict=True)}
+    cached = _store_params[key] = (varying, fixed)
+    return cached
 
 
 def _store_statement(conn: Any) -> tuple[str, list[Any]]:
@@ -223,11 +272,11 @@ def message_store_live(
     client_id: str,
     agent_version: int | None,
     now: datetime,
-    message: Message,
+    values: dict[str, Any],
     seen_every: timedelta,
     extend_every: timedelta,
 ) -> Stored:
-    """Store ``message`` (unsaved, without user and session) in the user's live session, in one
+    """Store ``Message(**values)`` (without user and session) in the user's live session, in one
     statement that also reads the snapshot (``message_snapshot``'s): one round trip, one transaction
     (autocommit, or the caller's).
 
@@ -240,11 +289,14 @@ def message_store_live(
     """
     conn = connection
     sql, fields = _store_statement(conn)
-    values = prepared.insert_params(message, fields, conn)
-    if values is None:
+    varying, fixed = _store_layout(conn, fields, frozenset(values))
+    message = Message(**values)
+    computed = prepared.insert_params(message, [f for _, f in varying], conn)
+    if computed is None:
         raise TypeError("message_store_live stores plain values, not expressions")
     params = _snapshot_params(agent_id=agent_id, external_id=external_id, client_id=client_id, now=now)
-    params.update((f"f{i}", v) for i, v in enumerate(values))
+    params.update(fixed)
+    params.update((name, v) for (name, _), v in zip(varying, computed, strict=True))
     params.update(version=agent_version, seen_before=now - seen_every, extend_every=extend_every)
     with conn.cursor() as cursor:
         cursor.execute(sql, params)

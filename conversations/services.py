@@ -283,7 +283,7 @@ def message_receive(
                     client_id=client_id,
                     agent_version=agent_version,
                     now=now,
-                    message=Message(content=text, **fields),
+                    values={"content": text, **fields},
                     seen_every=LAST_SEEN_EVERY,
                     extend_every=EXTEND_EVERY,
                 )
