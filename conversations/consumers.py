@@ -89,12 +89,13 @@ def _accept(
 ) -> Received | None:
     """Store a chat message (``message_accept_held``) and queue its turn when it has one to run (new,
     or a failed one sent again), with the limits the connection holds (checked against the agent's
-    stored version by the message's one read; read again into ``held`` when another process
+    stored version by the message's one statement; read again into ``held`` when another process
     published a new version). None, storing nothing, when
     the user's chat tokens were revoked meanwhile (the user was erased: never re-create them).
 
-    One database-thread call, one read and the message's ``INSERT`` in a live session
-    (docs/operations.md, "Web process CPU"). The ``ack`` still reaches the socket before any event
+    One database-thread call, and in a live session one statement (the read and the message's
+    ``INSERT`` together, ``conversations.message_sql.message_store_live``; docs/operations.md, "Web
+    process CPU"). The ``ack`` still reaches the socket before any event
     of the turn: the consumer handles the channel layer's events after this frame's handler ends.
     """
     if chat_token_revoked(claims=claims):
