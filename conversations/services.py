@@ -60,14 +60,16 @@ def user_get_or_create(*, agent_id: int, external_id: str) -> EndUser:
 
 
 def _user_get_or_create(
-    *, agent_id: int, external_id: str, seen_at: datetime | None = None
+    *, agent_id: int, external_id: str, seen_at: datetime | None = None, read_first: bool = True
 ) -> tuple[EndUser, bool]:
     """``user_get_or_create`` and whether this call inserted the user (with ``last_seen_at`` =
-    ``seen_at``)."""
+    ``seen_at``). ``read_first`` False: the caller has just read that there is none (the insert
+    first; the read only if another request inserted the user meanwhile)."""
     external_id = clean_user_id(external_id)
-    found = _END_USER.run(agent_id=agent_id, external_id=external_id)
-    if found:
-        return found[0], False
+    if read_first:
+        found = _END_USER.run(agent_id=agent_id, external_id=external_id)
+        if found:
+            return found[0], False
     try:
         with transaction.atomic():
             created = prepared.create(
@@ -336,8 +338,8 @@ def message_receive(
                 if snap.user is not None:
                     user, new_user = snap.user, False
                 else:
-                    user, new_user = _user_get_or_create(
-                        agent_id=agent_id, external_id=external_id, seen_at=now
+                    user, new_user = _user_get_or_create(  # the snapshot read none
+                        agent_id=agent_id, external_id=external_id, seen_at=now, read_first=False
                     )
                 if new_user:
                     # Inserted by this transaction: no session can exist yet (nothing to read), and
