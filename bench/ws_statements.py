@@ -195,9 +195,9 @@ def accept_cpu(rounds: int = 5, users: int = 50, messages: int = 4) -> None:
     spent: dict[str, list[float]] = {name: [] for name in paths}
     try:
         for r in range(rounds):
-            for name, path in paths.items():
+            for n, (name, path) in enumerate(paths.items()):
                 services.store_usable = path  # type: ignore[attr-defined]
-                ids = [f"{TAG}-accept-{r}-{len(spent[name])}-{i}" for i in range(users)]
+                ids = [f"{TAG}-accept-{r}-{n}-{i}" for i in range(users)]  # new users: no resends
                 for user in ids:  # opens the session
                     message_accept(limits=limits, user_id=user, message="Hello", client_message_id="c-0")
                 started = time.thread_time()
