@@ -26,7 +26,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from asgiref.sync import sync_to_async
 
@@ -141,7 +141,7 @@ async def run_turn(
                 judgement=prepared.judgement,
             )
         if prepared.result is not None:
-            return prepared.result
+            return cast(TurnResult, prepared.result)
         logs.turn_bind(prepared.ctx)
         try:
             if not prepared.held_by_human and degrade.breaker_is_open(agent):
