@@ -152,10 +152,15 @@ class Agent:
             LLMError: the LLM failed and no fallback reply applies (a non-transient error, or
                 ``fallback_config.enabled`` false); the message is stored with status ``failed``.
         """
-        received = await _db(pipeline.accept)(
-            self, user_id=user_id, message=message, client_message_id=client_message_id
+        from .runner import accept_and_run_turn
+
+        return await accept_and_run_turn(
+            self,
+            user_id=user_id,
+            message=message,
+            client_message_id=client_message_id,
+            on_text=_awaitable(on_text),
         )
-        return await self.run_turn(received.message.pk, on_text=_awaitable(on_text))
 
     async def stream_message(
         self, *, user_id: str, message: str, client_message_id: str | None = None

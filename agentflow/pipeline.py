@@ -106,6 +106,27 @@ def accept(
     )
 
 
+def accept_and_prepare(
+    agent: Agent, *, user_id: str, message: str, client_message_id: str | None = None
+) -> tuple[conv_services.Received, Prepared | None]:
+    """``accept``, then the turn's first ``prepare``, in one database step of the caller's.
+
+    ``Agent.process_message`` runs both on one thread, one after the other, as it ran them in two
+    steps: one hand-off to a database thread and one pool checkout a turn fewer. The message is
+    stored (and committed) by ``accept`` either way. The prepared turn is None when an earlier
+    message of the user is still undecided (the runner then waits for it, as for any turn).
+    """
+    import structlog
+
+    received = accept(agent, user_id=user_id, message=message, client_message_id=client_message_id)
+    try:
+        # The turn's log fields while it prepares, as ``run_turn`` binds them (taken off after).
+        with structlog.contextvars.bound_contextvars(agent=agent.name, message_id=str(received.message.pk)):
+            return received, prepare(agent, message_id=received.message.pk)
+    except EarlierMessagePending:
+        return received, None
+
+
 def _history_for_llm(messages: list[conv_selectors.HistoryMessage]) -> list[dict[str, str]]:
     """Thread messages as Anthropic turns: alternating roles, starting with the user."""
     turns: list[dict[str, str]] = []

@@ -17,6 +17,7 @@ transformed it) makes that query run through the ORM as usual, every time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import threading
@@ -28,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from django.db import DatabaseError, connections, router, transaction
+from django.db import DatabaseError, DataError, connections, router, transaction
 from django.db.models import QuerySet, signals
 from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
@@ -385,12 +386,19 @@ def _write_one_by_one(writes: tuple[Write, ...], using: str) -> None:
                 write.obj.save(update_fields=list(write.fields), using=using)
 
 
+# What a guarded statement's update of no row raises (``1 / count(*)``): PostgreSQL's division_by_zero.
+_NO_ROW_SQLSTATE = "22012"
+_NO_ROW = "Save with update_fields did not affect any rows."
+
+
 def _together_sql(
-    shapes: tuple[Hashable, ...], writes: tuple[Write, ...], connection: Any
+    shapes: tuple[Hashable, ...], writes: tuple[Write, ...], connection: Any, *, guarded: bool = False
 ) -> tuple[str, Any]:
     """The statement for these writes' shapes: one CTE each, and a SELECT of each insert's returned
-    columns (an array per column, rows in insertion order) and each update's row count."""
-    key = ("together", shapes, connection.alias)
+    columns (an array per column, rows in insertion order) and each update's row count. ``guarded``:
+    each update's count is ``1 / count(*)`` instead, so an update of no row fails the statement
+    itself (and with it every write) rather than a check after it."""
+    key = ("together", shapes, connection.alias, guarded)
     if (cached := _write_sql.get(key)) is not None:
         return cached[0], cached[1]
     qn = connection.ops.quote_name
@@ -422,7 +430,7 @@ def _together_sql(
                 + ", ".join(f"{qn(f.column)} = %s" for f in fields)
                 + f" WHERE {qn(opts.pk.column)} = %s RETURNING 1"
             )
-            outputs.append(f"(SELECT count(*) FROM {name})")
+            outputs.append(f"(SELECT {'1 / ' if guarded else ''}count(*) FROM {name})")
         ctes.append(f"{name} AS ({body})")
         layout.append((fields, returning))
     sql = "WITH " + ", ".join(ctes) + " SELECT " + (", ".join(outputs) or "1")
@@ -435,7 +443,9 @@ def write_together(*writes: Write, using: str = "default") -> None:
 
     The same rows and values as ``create`` / ``save_fields`` one by one, in one round trip: inserted
     instances get their database-generated keys and count as saved; an update of a row that is gone
-    raises ``DatabaseError`` (call in a transaction: it then rolls back with the rest). A foreign key
+    raises ``DatabaseError`` and stores none of the writes (in autocommit the statement is its own
+    transaction, with no ``BEGIN``/``COMMIT`` around it; in a transaction, the caller's rolls back
+    with it). A foreign key
     may point at a row inserted by another of the writes (checked at commit). One row may be
     updated at most once (PostgreSQL leaves two updates of a row in one statement undefined).
     Models with save signal receivers (and the other cases ``create`` leaves to the ORM), and
@@ -469,7 +479,12 @@ def write_together(*writes: Write, using: str = "default") -> None:
         else ("update", type(w.obj), w.fields)
         for w in writes
     )
-    sql, layout = _together_sql(shapes, writes, connection)
+    # In autocommit (no transaction of the caller's), the statement is its own transaction: its
+    # updates are guarded in SQL, so no BEGIN and COMMIT round trips are needed around it for an
+    # update of a gone row to roll the other writes back. In a transaction, the check runs after the
+    # statement, as a Python error: the caller's transaction stays usable.
+    guarded = not connection.in_atomic_block and connection.get_autocommit()
+    sql, layout = _together_sql(shapes, writes, connection, guarded=guarded)
     params: list[Any] = []
     for write, (fields, _) in zip(writes, layout, strict=True):
         if isinstance(write, Insert):
@@ -488,17 +503,23 @@ def write_together(*writes: Write, using: str = "default") -> None:
             params += [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
             params.append(obj._meta.pk.get_db_prep_value(obj.pk, connection))
     # No savepoint of its own: in the caller's transaction, an error below rolls back the caller's
-    # writes too; in autocommit, the statement and the check are one transaction.
-    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = iter(cursor.fetchone())
+    # writes too; in autocommit, the guarded statement is the transaction.
+    with contextlib.nullcontext() if guarded else transaction.atomic(using=using, savepoint=False):
+        with connection.cursor() as cursor:
+            try:
+                cursor.execute(sql, params)
+            except DataError as exc:
+                if guarded and getattr(exc.__cause__, "sqlstate", None) == _NO_ROW_SQLSTATE:
+                    raise DatabaseError(_NO_ROW) from None
+                raise
+            row = iter(cursor.fetchone())
         # Each write's outputs, in the SELECT's order: an update's row count, an insert's arrays.
         outputs = [
             next(row) if isinstance(w, Update) else [next(row) for _ in lay[1]]
             for w, lay in zip(writes, layout, strict=True)
         ]
         if any(isinstance(w, Update) and out == 0 for w, out in zip(writes, outputs, strict=True)):
-            raise DatabaseError("Save with update_fields did not affect any rows.")
+            raise DatabaseError(_NO_ROW)
     for write, (_, returning), out in zip(writes, layout, outputs, strict=True):
         if isinstance(write, Update):
             write.obj._state.db = using

@@ -26,7 +26,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from asgiref.sync import sync_to_async
 
@@ -98,6 +98,7 @@ async def run_turn(
     final_attempt: bool = True,
     jobs_inline: bool | None = None,
     db_executor: Executor | None = None,
+    prepared: pipeline.Prepared | None = None,
 ) -> TurnResult:
     """Run (or re-read) the turn of stored user message ``message_id`` with ``agent``.
 
@@ -112,6 +113,8 @@ async def run_turn(
             agent was built by a script of this process.
         db_executor: where the database steps run when the caller's event loop is its own (a
             Celery worker thread); by default, ``sync_to_async``.
+        prepared: the turn's first ``pipeline.prepare``, already run by the caller
+            (``accept_and_run_turn``); None runs it here.
 
     Returns:
         The turn's result; a turn that is done (or held by another worker) is re-read, not re-run.
@@ -122,7 +125,10 @@ async def run_turn(
     """
     call = sync_caller(db_executor)
     with inline_jobs(agent.runs_jobs_inline if jobs_inline is None else jobs_inline):
-        prepared = await run_step(call, agent, pipeline.prepare, on_earlier=on_earlier, message_id=message_id)
+        if prepared is None:
+            prepared = await run_step(
+                call, agent, pipeline.prepare, on_earlier=on_earlier, message_id=message_id
+            )
         if prepared.judgement is not None:  # the thread scorer is unsure: the LLM places the message
             verdict = {} if degrade.breaker_is_open(agent) else await agent.judge_thread(prepared.judgement)
             prepared = await run_step(
@@ -135,7 +141,7 @@ async def run_turn(
                 judgement=prepared.judgement,
             )
         if prepared.result is not None:
-            return prepared.result
+            return cast(TurnResult, prepared.result)
         logs.turn_bind(prepared.ctx)
         try:
             if not prepared.held_by_human and degrade.breaker_is_open(agent):
@@ -170,6 +176,31 @@ async def run_turn(
             await call(pipeline.fail, prepared, exc, agent=agent.name)
             raise
         return await sync_caller(db_executor, last=True)(pipeline.finish, agent, prepared, outcome)
+
+
+async def accept_and_run_turn(
+    agent: Agent,
+    *,
+    user_id: str,
+    message: str,
+    client_message_id: str | None = None,
+    on_text: TextCallback | None = None,
+) -> TurnResult:
+    """Store a user message and run its turn (``Agent.process_message``), as ``pipeline.accept``
+    then ``run_turn``, with the store and the turn's first ``prepare`` in one database step
+    (``pipeline.accept_and_prepare``): one hand-off to a database thread, and one pool checkout
+    with its health check, fewer a turn. The rules are ``run_turn``'s: when the user's earlier
+    message is still undecided, the first ``prepare`` runs there again, waiting for it.
+    """
+    with inline_jobs(agent.runs_jobs_inline):  # the placement's memory jobs, as inside run_turn
+        received, prepared = await sync_caller()(
+            pipeline.accept_and_prepare,
+            agent,
+            user_id=user_id,
+            message=message,
+            client_message_id=client_message_id,
+        )
+    return await run_turn(agent, received.message.pk, on_text=on_text, prepared=prepared)
 
 
 async def _fallback(agent: Agent, reason: str, on_text: TextCallback | None) -> pipeline.Outcome:

@@ -7,6 +7,7 @@ redelivered task): the reply is unique per user message, and a finished message 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -157,8 +158,12 @@ def turn_finish(
         The reply, or None when another run of this turn stored its reply first (that one stands).
     """
     escalated = bool(reply_fields.get("escalated"))
+    # Not escalated, the reply, the message done and the thread's fields are one statement: in
+    # autocommit it is its own transaction (``prepared.write_together``), with no BEGIN and COMMIT
+    # round trips; the "turn settled" signal then goes out right after it.
+    single = not escalated and not transaction.get_connection().in_atomic_block
     try:
-        with transaction.atomic():
+        with contextlib.nullcontext() if single else transaction.atomic():
             thread = message.thread
             assert thread is not None
             reply = Message(

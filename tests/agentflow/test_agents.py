@@ -633,3 +633,28 @@ async def test_process_message_calls_a_plain_on_text_with_the_reply_as_it_is_wri
     result = await agent.process_message(user_id="hal", message="Where is my order?", on_text=pieces.append)
 
     assert "".join(pieces) == result["content"] == "One moment, checking your order."
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_process_message_after_an_undecided_earlier_message_waits_and_places_in_order() -> None:
+    # process_message stores the message and prepares its turn in one database step: when the user's
+    # earlier message is still undecided, that step leaves the new one pending and the turn waits.
+    from agentflow import pipeline
+
+    support = await support_builder().build(None)
+    first = "The service is down, error 500"
+    earlier = (await sync_to_async(pipeline.accept)(support, user_id="dora", message=first)).message
+    later_turn = asyncio.ensure_future(
+        support.process_message(user_id="dora", message="Still down, error 500")
+    )
+    await asyncio.sleep(0.3)
+    assert not later_turn.done()
+    later_message = await Message.objects.exclude(pk=earlier.pk).aget(user__external_id="dora", role="user")
+    assert later_message.status == "pending" and later_message.thread_id is None
+
+    first_result = await support.run_turn(earlier.pk)
+    later = await asyncio.wait_for(later_turn, 30)
+
+    assert (first_result["thread_event"], later["thread_event"]) == ("NEW_TOPIC", "FOLLOW_UP")
+    assert later["thread_id"] == first_result["thread_id"]
+    assert later["message_id"] == str(later_message.pk) and later["status"] == "done"

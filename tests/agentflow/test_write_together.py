@@ -222,3 +222,110 @@ def test_an_escalated_finish_marks_the_thread_and_opens_its_escalation() -> None
     assert thread.escalated and thread.last_assistant_text == "A person will help"
     assert thread.escalations.filter(message=message).count() == 1
     assert _row(Message, message.pk)["escalated"] is True
+
+
+# --- in autocommit: the statement is its own transaction (no BEGIN / COMMIT around it) ------------
+
+
+@contextmanager
+def _transactions_opened() -> Iterator[list[bool]]:
+    """Each time Django turns autocommit off on the connection (an atomic block's BEGIN)."""
+    opened: list[bool] = []
+    real = connection.set_autocommit
+
+    def spy(autocommit: bool, *args: object, **kwargs: object) -> None:
+        if not autocommit:
+            opened.append(True)
+        real(autocommit, *args, **kwargs)  # type: ignore[arg-type]
+
+    connection.set_autocommit = spy  # type: ignore[method-assign]
+    try:
+        yield opened
+    finally:
+        del connection.set_autocommit
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_the_writes_are_one_statement_and_no_transaction_block() -> None:
+    thread = ThreadFactory()
+    message = MessageFactory(thread=thread, session=thread.session, user=thread.user, intent="before")
+    message.intent = "after"
+    activity = thread_activity_new(thread=thread, kind=ThreadActivity.Kind.FOLLOW_UP, message=message)
+    with _transactions_opened() as opened, _statements() as seen:
+        write_together(Update(message, ["intent"]), Insert(activity))
+    assert opened == [] and len(seen) == 1
+    assert _row(Message, message.pk)["intent"] == "after"
+    assert ThreadActivity.objects.filter(pk=activity.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_an_update_of_a_row_that_is_gone_raises_and_stores_nothing() -> None:
+    thread, gone = ThreadFactory(), MessageFactory()
+    Message.objects.filter(pk=gone.pk).delete()
+    gone.intent = "x"
+    activity = thread_activity_new(thread=thread, kind=ThreadActivity.Kind.FOLLOW_UP)
+    for _ in range(2):  # the second reuses the compiled (guarded) statement
+        with pytest.raises(DatabaseError, match="did not affect any rows") as raised:
+            write_together(Insert(activity), Update(gone, ["intent"]))
+        assert type(raised.value) is DatabaseError
+        activity.pk, activity._state.adding = None, True
+    assert not ThreadActivity.objects.filter(thread=thread).exists()
+    # The connection is usable at once (autocommit: nothing to roll back).
+    assert Thread.objects.filter(pk=thread.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_a_unique_violation_fails_the_whole_statement() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    Message.objects.create(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    reply = Message(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    message.status = Message.Status.DONE
+    with pytest.raises(IntegrityError):
+        write_together(Update(message, ["status"]), Insert(reply))
+    assert _row(Message, message.pk)["status"] == Message.Status.PROCESSING
+    assert Message.objects.filter(reply_to=message).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_turn_finished_in_autocommit_signals_once_and_twice_stores_one_reply() -> None:
+    from conversations.turn_results import _redis, result_key
+
+    message = MessageFactory(status=Message.Status.PROCESSING, escalated=False)
+    key = result_key(message.pk)
+    _redis().delete(key)
+    fields = {"content": "Here is how", "escalated": False, "handled_by": "llm"}
+    with _transactions_opened() as opened, _statements() as seen:
+        reply = turns.turn_finish(message=message, reply_fields=fields, escalation_reason="")
+    assert reply is not None and len(seen) == 1 and opened == []
+    assert _redis().lrange(key, 0, -1) == [b"done"]  # the signal went out after the statement
+    thread_after_first = _row(Thread, message.thread_id)
+    retried = Message.objects.select_related("thread").get(pk=message.pk)
+    retried.status = Message.Status.PROCESSING
+    again = turns.turn_finish(
+        message=retried, reply_fields={**fields, "content": "Another reply"}, escalation_reason=""
+    )
+    assert again is None and retried.status == Message.Status.DONE
+    assert list(Message.objects.filter(reply_to=message).values_list("pk", "content")) == [
+        (reply.pk, "Here is how")
+    ]
+    assert _row(Thread, message.thread_id) == thread_after_first
+    assert _redis().lrange(key, 0, -1) == [b"done"]  # the failed second run signalled nothing
+    _redis().delete(key)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_escalated_finish_in_autocommit_still_opens_its_escalation_in_the_same_transaction() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    with _transactions_opened() as opened:
+        reply = turns.turn_finish(
+            message=message,
+            reply_fields={"content": "A person will help", "escalated": True, "handled_by": "llm"},
+            escalation_reason="asked for a human",
+        )
+    assert reply is not None and opened == [True]
+    thread = Thread.objects.get(pk=message.thread_id)
+    assert thread.escalated and thread.escalations.filter(message=message).count() == 1
