@@ -48,6 +48,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from agentflow import hoptrace
+
 logger = logging.getLogger("channels_redis.core")
 
 # KEYS: the member channels' message sets; ARGV: a message per key, a capacity per key, now, expiry.
@@ -71,6 +73,9 @@ DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
 # Seconds a blocking send (``group_send_blocking``) waits for Redis to connect or answer.
 BLOCKING_SEND_TIMEOUT = 5.0
 BLOCKING_SEND_RETRIES = 1
+# Messages a process channel's pump takes in one round trip: the blocking pop's one and up to this
+# many less one more that already wait (a web process behind on its sockets' events catches up).
+RECEIVE_BATCH = 100
 
 
 # channels-redis's own script: the backup set's messages back at the front of the channel.
@@ -81,6 +86,13 @@ for i = #backed_up, 1, -2 do
 end
 redis.call('DEL', ARGV[2])
 """
+
+
+def _trace_turn_end(message: dict[str, Any]) -> None:
+    """``AGENTFLOW_HOP_TRACE``: the web process popped a turn's final event (``w_relay``)."""
+    for event in message.get("events") or [message.get("event")]:
+        if isinstance(event, dict) and event.get("kind") == "turn":
+            hoptrace.mark((event.get("turn") or {}).get("message_id"), "w_relay")
 
 
 class _Pump:
@@ -199,13 +211,20 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         key = self.prefix + process_channel
         connection = self.connection(self.consistent_hash(process_channel))
         await self._restore_backup_once(connection, key)
-        popped = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+        # The blocking pop and, in the same round trip, whatever else waits (up to RECEIVE_BATCH).
+        async with connection.pipeline(transaction=False) as pipe:
+            pipe.bzpopmin(key, timeout=self.brpop_timeout)
+            pipe.zpopmin(key, RECEIVE_BATCH - 1)
+            popped, more = await pipe.execute()
         if popped is None:
             return
-        message = self.deserialize(popped[1])
-        target = message.pop("__asgi_channel__", process_channel)
-        for socket_channel in target if isinstance(target, list) else [target]:
-            self.receive_buffer[socket_channel].put_nowait(message)
+        for data in [popped[1], *(member for member, _ in more)]:
+            message = self.deserialize(data)
+            if hoptrace.tracing():
+                _trace_turn_end(message)
+            target = message.pop("__asgi_channel__", process_channel)
+            for socket_channel in target if isinstance(target, list) else [target]:
+                self.receive_buffer[socket_channel].put_nowait(message)
 
     async def _restore_backup_once(self, connection: Any, key: str) -> None:
         if key not in self._restored:

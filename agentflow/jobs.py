@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from . import hoptrace
 from .conf import conf
 
 logger = logging.getLogger("agentflow.jobs")
@@ -134,6 +135,8 @@ def queue_turn(
     def send() -> None:
         from celery import current_app
 
+        hoptrace.mark(message_id, "w_stored")
         current_app.send_task(TURN_TASK, args=[str(message_id)], kwargs=kwargs)
+        hoptrace.mark(message_id, "w_queued")
 
     transaction.on_commit(send)

@@ -22,7 +22,8 @@ from celery import bootsteps
 from celery.apps.worker import Worker as CommandLineWorker
 from celery.signals import worker_ready
 
-from agentflow import metrics
+from agentflow import hoptrace, metrics
+from agentflow.jobs import TURN_TASK
 
 logger = logging.getLogger("agentflow.health")
 
@@ -217,6 +218,16 @@ def _due(queued_at: float, eta: Any) -> float:
     return queued_at
 
 
+def _task_received(request: Any = None, **kwargs: Any) -> None:
+    """``AGENTFLOW_HOP_TRACE``: the worker's consumer received a turn task (``k_recv``)."""
+    if hoptrace.tracing() and getattr(request, "name", None) == TURN_TASK:
+        args = getattr(request, "args", None) or ()
+        hoptrace.mark(
+            (getattr(request, "kwargs", None) or {}).get("message_id") or (args[0] if args else None),
+            "k_recv",
+        )
+
+
 def _task_ended(**kwargs: Any) -> None:
     from agentflow import logs
 
@@ -238,3 +249,4 @@ def celery_setup(app: Any) -> None:
     signals.before_task_publish.connect(_task_published, weak=False, dispatch_uid="agentflow-request-id")
     signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="agentflow-task-ids")
     signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="agentflow-task-ids-end")
+    signals.task_received.connect(_task_received, weak=False, dispatch_uid="agentflow-hop-trace")

@@ -196,7 +196,14 @@ CELERY_WORKER_POOL = "threads"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Redis redelivers a turn task not acknowledged after this (a worker killed mid-turn). kombu's default is
 # an hour; it must stay above the longest turn and the stale-claim window (agentflow.limits: 360 s).
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(_limits.VISIBILITY_TIMEOUT.total_seconds())}
+# max_connections: each worker thread acknowledges its own task (agentflow_project.broker.Consumer)
+# through the channel's pool, kombu's default of 10 connections being too few for the threads.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(_limits.VISIBILITY_TIMEOUT.total_seconds()),
+    "max_connections": CELERY_WORKER_CONCURRENCY + 16,
+}
+# Acknowledgements on the task's own thread, not the event loop's (agentflow_project/broker.py).
+CELERY_WORKER_CONSUMER = "agentflow_project.broker:Consumer"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

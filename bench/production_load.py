@@ -13,6 +13,8 @@ messages, each --think seconds after the previous reply (closed loop), and print
   and their sum (the driver, this process, apart); database transactions and rows per turn;
 * a check in the database that every message sent (each has a unique client_message_id) is stored
   once and got exactly one reply, or was handed to a human (the bot is then silent, by design).
+* with --trace (WebSocket), each hop of every turn joined per message (``AGENTFLOW_HOP_TRACE``,
+  ``agentflow.hoptrace``): mean, p50, p95, and the mean over the turns at or over the overhead p95.
 
 The issue's loads (``--load``, other flags override its values):
 
@@ -73,6 +75,7 @@ class Results:
     timed_out: dict[str, int] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)  # client_message_ids
     retries = 0  # WebSocket handshakes retried
+    hops: dict[str, dict[str, float]] = field(default_factory=dict)  # --trace: client_message_id -> hop times
 
     def fail(self, kind: str) -> None:
         self.failed[kind] = self.failed.get(kind, 0) + 1
@@ -191,6 +194,7 @@ async def ws_user(
         for n in range(args.messages):
             marker, text = user_message(user, n, res)
             sent = time.perf_counter()
+            res.hops[marker] = {"c_send": time.time()}
             await ws.send_str(json.dumps({"type": "message", "client_message_id": marker, "message": text}))
             message_id = None
             deadline = sent + args.timeout
@@ -210,7 +214,9 @@ async def ws_user(
                 kind = body.get("type")
                 if kind == "ack" and body.get("client_message_id") == marker:
                     message_id = body["message_id"]
+                    res.hops[marker]["id"] = message_id  # type: ignore[assignment]
                 elif kind == "turn" and message_id is not None and body.get("message_id") == message_id:
+                    res.hops[marker]["c_turn"] = time.time()
                     if body.get("status") == "done":
                         res.answered(body, sent)
                     else:
@@ -362,6 +368,61 @@ def verify(prefix: str, sent: set[str]) -> list[str]:
     return lines
 
 
+# --- Per-hop trace (--trace) -------------------------------------------------------------------------
+
+HOPS = [  # (name, from, to): consecutive timestamps of a WebSocket turn (agentflow.hoptrace)
+    ("client -> stored (daphne: frame, read, INSERT)", "c_send", "w_stored"),
+    ("publish the task", "w_stored", "w_queued"),
+    ("waiting in Redis (queued -> worker receives)", "w_queued", "k_recv"),
+    ("received -> a thread starts it", "k_recv", "k_start"),
+    ("start -> typing sent", "k_start", "k_typing"),
+    ("the turn (prepare, LLM, finish)", "k_typing", "k_turned"),
+    ("thread change read", "k_turned", "k_shown"),
+    ("announce (group_send)", "k_shown", "k_announced"),
+    ("announced -> daphne pops it", "k_announced", "w_relay"),
+    ("popped -> client (daphne's loop, the frame)", "w_relay", "c_turn"),
+]
+
+
+def trace_report(folder: Path, res: Results, llm_ms: float) -> None:
+    """Join the processes' hop lines with the client's, per message; print each hop's share."""
+    marks: dict[str, dict[str, float]] = {}
+    for path in folder.glob("*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                marks.setdefault(parts[0], {}).setdefault(parts[1], float(parts[2]))
+    rows = []
+    for marker, hops in res.hops.items():
+        message_id = hops.get("id")
+        if "c_turn" not in hops or message_id is None:
+            continue
+        joined = {**marks.get(marker, {}), **marks.get(str(message_id), {}), **hops}
+        if all(a in joined and b in joined for _, a, b in HOPS):
+            rows.append(joined)
+    if not rows:
+        print("trace: no turn with every hop")
+        return
+    over = [(r["c_turn"] - r["c_send"]) * 1000 - llm_ms for r in rows]
+    cut = pct(over, 95)
+    tail = [r for r, o in zip(rows, over, strict=True) if o >= cut]
+    print(
+        f"per-hop trace of {len(rows)} turns (ms; tail = the {len(tail)} turns at or over the overhead p95):"
+    )
+    print(f"  {'hop':<46} {'mean':>7} {'p50':>7} {'p95':>7} {'tail mean':>9}")
+    for name, a, b in HOPS:
+        values = [(r[b] - r[a]) * 1000 for r in rows]
+        tail_mean = statistics.mean((r[b] - r[a]) * 1000 for r in tail)
+        print(
+            f"  {name:<46} {statistics.mean(values):7.1f} {pct(values, 50):7.1f} {pct(values, 95):7.1f}"
+            f" {tail_mean:9.1f}"
+        )
+    print(
+        f"  {'overhead (latency - LLM)':<46} {statistics.mean(over):7.1f} {pct(over, 50):7.1f} {cut:7.1f}"
+        f" {statistics.mean(o for o in over if o >= cut):9.1f}"
+    )
+
+
 # --- The run ---------------------------------------------------------------------------------------
 
 
@@ -507,6 +568,9 @@ def main() -> None:
         help="own: a Valkey of the bench's own, its CPU measured (default); configured: REDIS_URL/the product's choice",
     )
     parser.add_argument("--log-level", default="WARNING", help="the worker's log level")
+    parser.add_argument(
+        "--trace", action="store_true", help="WebSocket: time each hop of every turn (AGENTFLOW_HOP_TRACE)"
+    )
     args = parser.parse_args()
     for key, value in LOADS[args.load].items():
         if getattr(args, key) is None:
@@ -537,6 +601,9 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
     tag = f"prodload-{uuid.uuid4().hex[:6]}"
+    trace_dir = stack.LOGS / f"{tag}-trace"
+    if args.trace:
+        trace_dir.mkdir(parents=True)
     stk = stack.Stack(
         tag=tag,
         llm_latency=args.llm_latency,
@@ -546,6 +613,7 @@ def main() -> None:
         env={
             "AGENTFLOW_BACKGROUND_JOBS": "true" if args.background_jobs else "false",
             "DJANGO_DEBUG": "false",
+            **({"AGENTFLOW_HOP_TRACE": str(trace_dir)} if args.trace else {}),
         },
     )
     users = [f"{tag}-{i}" for i in range(args.users)]
@@ -585,10 +653,14 @@ def main() -> None:
         print(f"running (load average {stack.load_average()}) ...", flush=True)
         res, meter, load_began, load_s, db = asyncio.run(drive(args, stk, credentials, users, pg_root))
         report(args, res, meter, load_began, load_s, db)
+        exited = stk.exited()
+        if args.trace:
+            stk.stop()  # the processes' lines are complete
+            trace_report(trace_dir, res, args.llm_latency * 1000)
         for line in verify(f"{tag}-", res.sent):
             print(line)
-        if stk.exited():
-            print(f"EXITED during the run: {stk.exited()}")
+        if exited:
+            print(f"EXITED during the run: {exited}")
     finally:
         stk.stop()
         for user in EndUser.objects.filter(external_id__startswith=tag):

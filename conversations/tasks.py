@@ -24,7 +24,7 @@ from celery.signals import worker_ready, worker_shutdown
 from django.db import connections
 from django.db.models import QuerySet
 
-from agentflow import limits, pipeline
+from agentflow import hoptrace, limits, pipeline
 from agentflow.conf import conf
 from agentflow.errors import AgentUnavailable, LLMError, NotFound
 from agentflow.jobs import TURN_TASK
@@ -151,6 +151,7 @@ def process_turn(
     message stays ``pending`` meanwhile (and the recovery sweep re-queues it if even the retry
     cannot be queued, Redis being down).
     """
+    hoptrace.mark(message_id, "k_start")
     db = thread_steps()  # every database step of this task runs on this thread (see agentflow.loops)
     hint = _Hint(agent, version, user_pk) if agent and version is not None and user_pk is not None else None
     try:
@@ -222,6 +223,7 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps,
             seconds=limits.TURN_SOFT_LIMIT.total_seconds(),
         )
         result = db.drive(loop, turn)
+        hoptrace.mark(message_id, "k_turned")
     except TimeoutError:
         return _timed_out(message_id, user_pk, db)
     except pipeline.EarlierMessagePending as exc:
@@ -265,9 +267,11 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps,
             )
     if result["status"] == Message.Status.DONE:
         thread = db.submit(lambda: thread_change_shown(result=dict(result))).result()
+        hoptrace.mark(message_id, "k_shown")
         loop.run_until_complete(
             _announce(user_pk=user_pk, message_id=message_id, result=dict(result), thread=thread)
         )
+        hoptrace.mark(message_id, "k_announced")
     return str(result["status"])
 
 
@@ -347,6 +351,7 @@ async def _run_streaming(
         event={"kind": "typing", "role": "assistant", "state": True, "message_id": message_id},
         blocking=True,
     )
+    hoptrace.mark(message_id, "k_typing")
     stream = DeltaStream(
         user_pk=user_pk,
         message_id=message_id,

@@ -152,13 +152,15 @@ def test_fallback_settings_from_the_environment():
 def test_the_recovery_windows_are_consistent():
     assert (TURN_SOFT_LIMIT.total_seconds(), TURN_HARD_LIMIT.total_seconds()) == (240, 270)
     assert (STALE_CLAIM.total_seconds(), VISIBILITY_TIMEOUT.total_seconds()) == (300, 360)
-    assert settings.CELERY_BROKER_TRANSPORT_OPTIONS == {"visibility_timeout": 360}
+    # The broker pool: every worker thread acknowledges its own task (agentflow_project.broker).
+    options = {"visibility_timeout": 360, "max_connections": settings.CELERY_WORKER_CONCURRENCY + 16}
+    assert settings.CELERY_BROKER_TRANSPORT_OPTIONS == options
 
     from agentflow_project.celery import app
     from conversations.tasks import process_turn
 
     assert (process_turn.soft_time_limit, process_turn.time_limit) == (255, 270)
-    assert app.conf.broker_transport_options == {"visibility_timeout": 360}
+    assert app.conf.broker_transport_options == options
     assert app.conf.beat_schedule["conversations-recover-unanswered"] == {
         "task": "conversations.recover_unanswered",
         "schedule": 30.0,

@@ -289,12 +289,47 @@ async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup() ->
 
     after = _calls(client, *RECEIVE_COMMANDS)
     calls = {c: after[c] - before[c] for c in RECEIVE_COMMANDS}
-    # One BZPOPMIN per message; the pump may have one more in flight when the socket stops waiting.
+    # One BZPOPMIN per message, each with its ZPOPMIN of what else waits (nothing here) in the same
+    # round trip; the pump may have one more in flight when the socket stops waiting.
     # The EVAL: the one-time restore of a backup left by channels-redis's own class.
-    assert calls.pop("bzpopmin") in (4, 5)
-    assert calls == {"zadd": 4, "zpopmin": 0, "eval": 1, "evalsha": 0}
+    pops = calls.pop("bzpopmin")
+    assert pops in (4, 5)
+    assert calls == {"zadd": 4, "zpopmin": pops, "eval": 1, "evalsha": 0}
     assert list(client.scan_iter(f"{layer.prefix}*")) == []  # no message, no backup set
     client.close()
+    await layer.flush()
+
+
+async def test_messages_waiting_are_taken_in_one_round_trip_in_their_order() -> None:
+    layer = _layer()
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for n in range(12):  # a web process behind on its sockets' events
+        await layer.send(first if n % 3 else second, {"type": "chat.event", "n": n})
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    before = _calls(client, *RECEIVE_COMMANDS)
+
+    got_first = [(await asyncio.wait_for(layer.receive(first), 5))["n"] for _ in range(8)]
+    pops = _calls(client, "bzpopmin")["bzpopmin"] - before["bzpopmin"]
+    got_second = [(await asyncio.wait_for(layer.receive(second), 5))["n"] for _ in range(4)]
+
+    assert got_first == [1, 2, 4, 5, 7, 8, 10, 11]
+    assert got_second == [0, 3, 6, 9]  # buffered by the same pop: no round trip of its own
+    assert pops in (1, 2)  # the one that took all twelve; the pump may have its next one in flight
+    assert list(client.scan_iter(f"{layer.prefix}*")) == []
+    client.close()
+    await layer.flush()
+
+
+async def test_more_messages_waiting_than_one_round_trip_takes_all_arrive() -> None:
+    layer = _layer(capacity=1000)
+    channel = await layer.new_channel()
+    total = channel_layer.RECEIVE_BATCH * 2 + 3
+    for n in range(total):
+        await layer.send(channel, {"type": "chat.event", "n": n})
+
+    got = [(await asyncio.wait_for(layer.receive(channel), 5))["n"] for _ in range(total)]
+
+    assert got == list(range(total))
     await layer.flush()
 
 
