@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,6 +43,22 @@ def _row(model: type, pk: object) -> dict[str, object]:
 def _vector(seed: int) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal(EMBEDDING_DIMENSIONS).astype(np.float32)
     return v / np.linalg.norm(v)
+
+
+def _assert_a_retried_finish_writes_nothing(
+    message: Message, reply: Message, fields: dict[str, Any], thread_before: dict[str, object]
+) -> None:
+    """A retried run (a worker died after the commit) comes back with its own reply: nothing changes."""
+    retried = Message.objects.select_related("thread").get(pk=message.pk)
+    retried.status = Message.Status.PROCESSING
+    again = turns.turn_finish(
+        message=retried, reply_fields={**fields, "content": "Another reply"}, escalation_reason=""
+    )
+    assert again is None and retried.status == Message.Status.DONE
+    assert list(Message.objects.filter(reply_to=message).values_list("pk", "content")) == [
+        (reply.pk, "Here is how")
+    ]
+    assert _row(Thread, message.thread_id) == thread_before
 
 
 def test_writes_store_the_rows_the_orm_stores_in_one_statement() -> None:
@@ -198,16 +215,7 @@ def test_a_turn_finished_twice_stores_one_reply_and_the_second_writes_nothing() 
     thread_after_first = _row(Thread, message.thread_id)
     assert thread_after_first["last_assistant_text"] == "Here is how"
     # A retried run (a worker died after the commit) comes back with its own reply: nothing changes.
-    retried = Message.objects.select_related("thread").get(pk=message.pk)
-    retried.status = Message.Status.PROCESSING
-    again = turns.turn_finish(
-        message=retried, reply_fields={**fields, "content": "Another reply"}, escalation_reason=""
-    )
-    assert again is None and retried.status == Message.Status.DONE
-    assert list(Message.objects.filter(reply_to=message).values_list("pk", "content")) == [
-        (reply.pk, "Here is how")
-    ]
-    assert _row(Thread, message.thread_id) == thread_after_first
+    _assert_a_retried_finish_writes_nothing(message, reply, fields, thread_after_first)
 
 
 def test_an_escalated_finish_marks_the_thread_and_opens_its_escalation() -> None:
@@ -303,16 +311,7 @@ def test_a_turn_finished_in_autocommit_signals_once_and_twice_stores_one_reply()
     assert reply is not None and len(seen) == 1 and opened == []
     assert _redis().lrange(key, 0, -1) == [b"done"]  # the signal went out after the statement
     thread_after_first = _row(Thread, message.thread_id)
-    retried = Message.objects.select_related("thread").get(pk=message.pk)
-    retried.status = Message.Status.PROCESSING
-    again = turns.turn_finish(
-        message=retried, reply_fields={**fields, "content": "Another reply"}, escalation_reason=""
-    )
-    assert again is None and retried.status == Message.Status.DONE
-    assert list(Message.objects.filter(reply_to=message).values_list("pk", "content")) == [
-        (reply.pk, "Here is how")
-    ]
-    assert _row(Thread, message.thread_id) == thread_after_first
+    _assert_a_retried_finish_writes_nothing(message, reply, fields, thread_after_first)
     assert _redis().lrange(key, 0, -1) == [b"done"]  # the failed second run signalled nothing
     _redis().delete(key)
 

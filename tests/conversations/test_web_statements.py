@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -559,6 +560,18 @@ def _until(predicate: Any, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+def _user_holder(user_pk: int, locked: threading.Event, release: threading.Event) -> Callable[[], None]:
+    """A function that locks the user's row in a transaction, says so, and holds it until released."""
+
+    def hold_the_user() -> None:
+        with transaction.atomic():
+            list(EndUser.objects.select_for_update(no_key=True).filter(pk=user_pk))
+            locked.set()
+            release.wait(20)
+
+    return hold_the_user
+
+
 def test_the_statement_locks_the_user_before_the_session() -> None:
     """A message opening a session locks the user's row, then its sessions: the statement takes them
     in that order too (the user's ``last_seen_at`` before the session's expiry), so the two never
@@ -571,12 +584,7 @@ def test_the_statement_locks_the_user_before_the_session() -> None:
     )
     EndUser.objects.filter(pk=first.user_id).update(last_seen_at=long_ago)
     locked, release = threading.Event(), threading.Event()
-
-    def hold_the_user() -> None:
-        with transaction.atomic():
-            list(EndUser.objects.select_for_update(no_key=True).filter(pk=first.user_id))
-            locked.set()
-            release.wait(20)
+    hold_the_user = _user_holder(first.user_id, locked, release)
 
     holder = _in_thread(hold_the_user)
     assert locked.wait(20)
@@ -641,12 +649,7 @@ def test_a_statement_that_fails_stores_nothing_and_gives_its_token_back() -> Non
     first = _accept(limits, "Hello", "m-1").message  # one token of two
     EndUser.objects.filter(pk=first.user_id).update(last_seen_at=timezone.now() - timedelta(minutes=5))
     locked, release = threading.Event(), threading.Event()
-
-    def hold_the_user() -> None:
-        with transaction.atomic():
-            list(EndUser.objects.select_for_update(no_key=True).filter(pk=first.user_id))
-            locked.set()
-            release.wait(20)
+    hold_the_user = _user_holder(first.user_id, locked, release)
 
     def send_with_a_lock_timeout() -> Received:
         with connection.cursor() as cursor:
