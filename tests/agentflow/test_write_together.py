@@ -61,6 +61,19 @@ def _assert_a_retried_finish_writes_nothing(
     assert _row(Thread, message.thread_id) == thread_before
 
 
+def _a_second_reply() -> tuple[Message, Message]:
+    """A message marked done in memory, with a stored reply and an unsaved second one (a unique violation)."""
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    Message.objects.create(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    reply = Message(
+        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
+    )
+    message.status = Message.Status.DONE
+    return message, reply
+
+
 def test_writes_store_the_rows_the_orm_stores_in_one_statement() -> None:
     session = ChatSessionFactory()
     message = MessageFactory(thread=None, session=session, user=session.user, content="my card is blocked")
@@ -107,14 +120,7 @@ def test_an_update_of_a_row_that_is_gone_raises_and_stores_nothing_of_the_statem
 
 
 def test_a_unique_violation_fails_the_whole_statement() -> None:
-    message = MessageFactory(status=Message.Status.PROCESSING)
-    Message.objects.create(
-        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
-    )
-    reply = Message(
-        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
-    )
-    message.status = Message.Status.DONE
+    message, reply = _a_second_reply()
     with pytest.raises(IntegrityError), transaction.atomic():
         write_together(Update(message, ["status"]), Insert(reply))
     assert _row(Message, message.pk)["status"] == Message.Status.PROCESSING
@@ -284,14 +290,7 @@ def test_in_autocommit_an_update_of_a_row_that_is_gone_raises_and_stores_nothing
 
 @pytest.mark.django_db(transaction=True)
 def test_in_autocommit_a_unique_violation_fails_the_whole_statement() -> None:
-    message = MessageFactory(status=Message.Status.PROCESSING)
-    Message.objects.create(
-        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
-    )
-    reply = Message(
-        user=message.user, session=message.session, thread=message.thread, reply_to=message, role="assistant"
-    )
-    message.status = Message.Status.DONE
+    message, reply = _a_second_reply()
     with pytest.raises(IntegrityError):
         write_together(Update(message, ["status"]), Insert(reply))
     assert _row(Message, message.pk)["status"] == Message.Status.PROCESSING
