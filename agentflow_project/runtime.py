@@ -100,6 +100,37 @@ def stop_postgres() -> bool:
     return True
 
 
+# Threads of a worker process: turns in flight, each waiting out its LLM call without a database
+# connection (agentflow.loops). At a 1 s LLM, 64 capped a process at ~58 turns/s with the CPU half idle.
+WORKER_CONCURRENCY_DEFAULT = 128
+WORKER_CONCURRENCY_MAX = 512
+# Worker processes agentflow_run starts by default: one per usable core (a process runs Python on at most
+# one), up to this many (each holds its own copy of the models: ~350 MiB).
+WORKER_PROCESSES_MAX_DEFAULT = 4
+
+
+def worker_concurrency() -> int:
+    """``AGENTFLOW_WORKER_CONCURRENCY``: the threads of each worker process (default 128, 1 to 512)."""
+    return env_int(
+        "AGENTFLOW_WORKER_CONCURRENCY", WORKER_CONCURRENCY_DEFAULT, minimum=1, maximum=WORKER_CONCURRENCY_MAX
+    )
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask, which containers' cpusets narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_processes() -> int:
+    """``AGENTFLOW_WORKER_PROCESSES``: worker processes ``agentflow_run`` starts (default: one per usable
+    core, up to 4; 1 to 16)."""
+    default = min(usable_cpus(), WORKER_PROCESSES_MAX_DEFAULT)
+    return env_int("AGENTFLOW_WORKER_PROCESSES", default, minimum=1, maximum=16)
+
+
 # Executions of one statement on one connection after which psycopg prepares it.
 PREPARE_THRESHOLD = 2
 
@@ -111,7 +142,7 @@ def database_settings() -> dict[str, Any]:
     url = env_str("DATABASE_URL")
     # A turn's database steps give their connection back between steps (agentflow.loops), but a
     # follow-up job holds one for its whole run: one connection per thread up to 32, then shared.
-    concurrency = env_int("AGENTFLOW_WORKER_CONCURRENCY", 64, minimum=1, maximum=200)
+    concurrency = worker_concurrency()
     pool_max = env_int("AGENTFLOW_DB_POOL_MAX", min(concurrency, 32) + 4, minimum=1, maximum=90)
     # Connections each process keeps open while idle (0: none once the pool has shrunk back).
     pool_min = env_int("AGENTFLOW_DB_POOL_MIN", min(1, pool_max), minimum=0, maximum=90)

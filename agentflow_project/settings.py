@@ -191,7 +191,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
 # Threads = turns in flight; each waits out its LLM call without a database connection (agentflow.loops).
-CELERY_WORKER_CONCURRENCY = env_int("AGENTFLOW_WORKER_CONCURRENCY", 64, minimum=1, maximum=200)
+CELERY_WORKER_CONCURRENCY = runtime.worker_concurrency()
 CELERY_WORKER_POOL = "threads"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Redis redelivers a turn task not acknowledged after this (a worker killed mid-turn). kombu's default is

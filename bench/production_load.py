@@ -557,7 +557,9 @@ def main() -> None:
     parser.add_argument("--llm-latency", type=float, default=1.0, help="seconds the fake LLM waits (1.0)")
     parser.add_argument("--concurrency", type=int, help="Celery worker threads (default: the product's)")
     parser.add_argument(
-        "--workers", type=int, default=1, help="Celery worker processes, --concurrency threads each (1)"
+        "--workers",
+        type=int,
+        help="Celery worker processes, --concurrency threads each (default: the product's, one per core up to 4)",
     )
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a reply may take (150)")
     parser.add_argument("--background-jobs", action="store_true", help="queue the memory jobs after turns")
@@ -608,7 +610,7 @@ def main() -> None:
         tag=tag,
         llm_latency=args.llm_latency,
         concurrency=args.concurrency,
-        workers=args.workers,
+        workers=args.workers or 0,
         log_level=args.log_level,
         env={
             "AGENTFLOW_BACKGROUND_JOBS": "true" if args.background_jobs else "false",

@@ -198,7 +198,8 @@ class Stack:
         tag: a name for this run: the Celery queue, the channel-layer and cache prefixes.
         llm_latency: seconds the fake Messages API waits before answering (streamed or not).
         concurrency: Celery worker threads (None: the product's default, as agentflow_run uses).
-        workers: Celery worker processes, each with ``concurrency`` threads ("worker", "worker 2", ...).
+        workers: Celery worker processes, each with ``concurrency`` threads ("worker", "worker 2", ...)
+            (0: the product's default, as agentflow_run uses: one per usable core, up to 4).
             With several, each worker's database pool is cut as agentflow_run cuts it
             (``runtime.worker_pool_max``), unless ``AGENTFLOW_DB_POOL_MAX`` is set.
         env: more environment for all three processes.
@@ -207,7 +208,7 @@ class Stack:
     tag: str
     llm_latency: float
     concurrency: int | None = None
-    workers: int = 1
+    workers: int = 0
     log_level: str = "WARNING"
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -222,6 +223,7 @@ class Stack:
         LOGS.mkdir(parents=True, exist_ok=True)
         self.llm_port, web_port = free_port(), free_port()
         concurrency = self.concurrency or settings.CELERY_WORKER_CONCURRENCY
+        self.workers = self.workers or runtime.worker_processes()
         env = {
             **os.environ,
             "ANTHROPIC_API_KEY": "bench-key",

@@ -295,6 +295,7 @@ def main() -> None:
         tag=f"ws-load-{run}",
         llm_latency=args.llm_latency,
         concurrency=args.concurrency,
+        workers=1,  # one process of --concurrency threads, as this bench has always measured
         log_level=args.log_level,
         env={
             "AGENTFLOW_BACKGROUND_JOBS": "false",

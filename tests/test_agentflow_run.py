@@ -22,8 +22,11 @@ from typing import Any
 
 import pytest
 import redis
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
 
 from agentflow.testing.fake_anthropic import FakeAnthropicServer
+from agentflow_project import runtime
 from agentflow_project.runtime import redacted_url
 from conversations.models import Message
 from tests.faults import unused_port
@@ -123,6 +126,7 @@ def agentflow_run(settings: Any, tmp_path: Path) -> Iterator[Callable[..., Run]]
         env = {
             **os.environ,
             "AGENTFLOW_WORKER_CONCURRENCY": "2",  # --concurrency's default
+            "AGENTFLOW_WORKER_PROCESSES": "1",  # --workers' default (one per usable core otherwise)
             "DJANGO_SETTINGS_MODULE": "agentflow_project.settings",
             "DATABASE_URL": f"postgresql://{db['USER']}:@/{db['NAME']}?host={db['HOST']}",
             "REDIS_URL": settings.REDIS_URL,
@@ -349,3 +353,57 @@ def test_the_web_command_gives_websocket_handshakes_longer_than_daphnes_5_second
 
     assert parsed.websocket_connect_timeout == runtime.WEBSOCKET_HANDSHAKE_SECONDS >= 30
     assert parsed.application == "agentflow_project.asgi:application"
+
+
+# --- how many workers and threads by default --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (3, 3), (8, 4), (64, 4)])
+def test_worker_processes_default_to_one_per_usable_core_up_to_four(
+    monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
+) -> None:
+    monkeypatch.delenv("AGENTFLOW_WORKER_PROCESSES", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+    assert runtime.worker_processes() == expected
+    monkeypatch.setenv("AGENTFLOW_WORKER_PROCESSES", "3")
+    assert runtime.worker_processes() == 3
+
+
+def test_worker_threads_default_to_128_and_allow_up_to_512(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AGENTFLOW_WORKER_CONCURRENCY", raising=False)
+    assert runtime.worker_concurrency() == 128
+    monkeypatch.setenv("AGENTFLOW_WORKER_CONCURRENCY", "512")
+    assert runtime.worker_concurrency() == 512
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("AGENTFLOW_WORKER_PROCESSES", "0", "AGENTFLOW_WORKER_PROCESSES must be at least 1; got 0"),
+        ("AGENTFLOW_WORKER_PROCESSES", "17", "AGENTFLOW_WORKER_PROCESSES must be at most 16; got 17"),
+        ("AGENTFLOW_WORKER_PROCESSES", "two", "AGENTFLOW_WORKER_PROCESSES must be a whole number; got .two."),
+        ("AGENTFLOW_WORKER_CONCURRENCY", "513", "AGENTFLOW_WORKER_CONCURRENCY must be at most 512; got 513"),
+    ],
+)
+def test_bad_worker_sizes_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    read = runtime.worker_processes if name.endswith("PROCESSES") else runtime.worker_concurrency
+
+    with pytest.raises(ImproperlyConfigured, match=message):
+        read()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency must be from 1 to 512; got 0"),
+        (["--concurrency", "513"], "--concurrency must be from 1 to 512; got 513"),
+        (["--workers", "17"], "--workers must be from 1 to 16; got 17"),
+    ],
+)
+def test_bad_runner_sizes_stop_before_anything_starts(option: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("agentflow_run", *option)

@@ -113,7 +113,7 @@ def pool_max(env: dict[str, Any]) -> int:
     """The process's database pool size, as agentflow_project.runtime.database_settings computes it."""
     if "AGENTFLOW_DB_POOL_MAX" in env:
         return int(env["AGENTFLOW_DB_POOL_MAX"])
-    return min(int(env.get("AGENTFLOW_WORKER_CONCURRENCY", 64)), 32) + 4
+    return min(int(env.get("AGENTFLOW_WORKER_CONCURRENCY", 128)), 32) + 4
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

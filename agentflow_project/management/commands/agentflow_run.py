@@ -116,9 +116,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--workers",
             type=int,
-            default=env_int("AGENTFLOW_WORKER_PROCESSES", 1, minimum=1, maximum=16),
-            help="Celery worker processes (AGENTFLOW_WORKER_PROCESSES, default 1): one uses at most one"
-            " core (the GIL); one per core lets the turns use the machine",
+            default=runtime.worker_processes(),
+            help="Celery worker processes (AGENTFLOW_WORKER_PROCESSES, default one per usable core up to 4):"
+            " one uses at most one core (the GIL)",
         )
         parser.add_argument(
             "--drain-seconds",
@@ -141,9 +141,9 @@ class Command(BaseCommand):
     ) -> None:
         if not 1 <= port <= 65535:
             raise CommandError(f"--port must be from 1 to 65535; got {port}")
-        if not 1 <= concurrency <= 86:
+        if not 1 <= concurrency <= runtime.WORKER_CONCURRENCY_MAX:
             raise CommandError(
-                f"--concurrency must be from 1 to 86 (PostgreSQL allows 100 connections); got {concurrency}"
+                f"--concurrency must be from 1 to {runtime.WORKER_CONCURRENCY_MAX}; got {concurrency}"
             )
         if not 1 <= workers <= 16:
             raise CommandError(f"--workers must be from 1 to 16; got {workers}")
