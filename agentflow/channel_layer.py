@@ -241,10 +241,15 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         await asyncio.gather(*mine, return_exceptions=True)
         await super().close_pools()
 
-    async def group_send(self, group: str, message: dict[str, Any]) -> int:
-        """channels-redis's ``group_send`` (one delivery script per Redis host); returns how many
-        channels the group had (0: nobody listens), which ``conversations.events.apublish_listened``
-        reads instead of asking Redis again."""
+    # ``group_send`` and ``group_send_blocking`` take ``skip``: a member channel left out of the
+    # delivery (a socket that shows the event itself, without the round trip through Redis).
+    skips_members = True
+
+    async def group_send(self, group: str, message: dict[str, Any], *, skip: str | None = None) -> int:
+        """channels-redis's ``group_send`` (one delivery script per Redis host), to every member but
+        ``skip``; returns how many channels the group had (0: nobody listens; ``skip`` counted),
+        which ``conversations.events.apublish_listened`` reads instead of asking Redis again. With no
+        member left to deliver to, no script runs."""
         assert self.require_valid_group_name(group), "Group name not valid"
         key = self._group_key(group)
         connection = self.connection(self.consistent_hash(group))
@@ -252,7 +257,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
             pipe.zrange(key, 0, -1)
             _, members = await pipe.execute()
-        for index, keys, args in self._deliveries(members, message):
+        for index, keys, args in self._deliveries(members, message, skip):
             target = self.connection(index)
             try:
                 over = await target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
@@ -262,12 +267,12 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
         return len(members)
 
-    def group_send_blocking(self, group: str, message: dict[str, Any]) -> int:
+    def group_send_blocking(self, group: str, message: dict[str, Any], *, skip: str | None = None) -> int:
         """``group_send`` for a synchronous caller (a request's or a database thread, a Celery worker
         thread whose event loop serves its one turn), with a blocking Redis client: the same
         commands, keys, script and capacities, without handing the send to the event loop and
-        waiting for it there (``async_to_sync``: two thread switches per send). Returns how many
-        channels the group had, as ``group_send``.
+        waiting for it there (``async_to_sync``: two thread switches per send). ``skip`` and the
+        result as ``group_send``.
 
         Raises:
             NotImplementedError: a host that is not given by ``address`` (Sentinel): use ``group_send``.
@@ -278,7 +283,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
         pipe.zrange(key, 0, -1)
         _, members = pipe.execute()
-        for index, keys, args in self._deliveries(members, message):
+        for index, keys, args in self._deliveries(members, message, skip):
             target = self._blocking(index)
             try:
                 over = target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
@@ -289,13 +294,13 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         return len(members)
 
     def _deliveries(
-        self, members: list[bytes], message: dict[str, Any]
+        self, members: list[bytes], message: dict[str, Any], skip: str | None = None
     ) -> list[tuple[int, list[str], list[Any]]]:
-        """Per Redis host of the members' channels: its index, the channels' keys and the script's
-        arguments (a message and a capacity per key, now, expiry)."""
-        if not members:
+        """Per Redis host of the members' channels but ``skip``: its index, the channels' keys and the
+        script's arguments (a message and a capacity per key, now, expiry)."""
+        channel_names = [name for x in members if (name := x.decode("utf8")) != skip]
+        if not channel_names:
             return []
-        channel_names = [x.decode("utf8") for x in members]
         by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
         deliveries = []
         for index, channel_keys in by_connection.items():
