@@ -13,7 +13,8 @@ Every live event of a turn (typing, each streamed delta, the final reply) is a `
 the worker, so this is most of the worker's channel-layer traffic.
 
 Each of those events then reaches the web process holding the socket. Every socket of one web
-process reads one Redis key, the process's channel, with a blocking pop (``BZPOPMIN``), and the pop
+process reads one Redis key, the process's channel, with a blocking pop (``BZMPOP`` of up to
+``RECEIVE_BATCH`` messages; before Redis 7, ``BZPOPMIN`` and a pipelined ``ZPOPMIN``), and the pop
 hands what it gets to the socket it is for. channels-redis 4.3 differs in two ways:
 
 - It runs that pop in the task of whichever socket's ``receive`` got there first. When that socket
@@ -28,7 +29,7 @@ hands what it gets to the socket it is for. channels-redis 4.3 differs in two wa
 - It receives a message in four round trips: an ``EVAL`` putting back the channel's "backup" set, the
   ``BZPOPMIN``, a ``ZADD`` of the message to the backup set and, in a task of its own, a ``ZPOPMIN``
   removing it again; the backup was its guard against the cancellation above, which cannot happen
-  here. One ``BZPOPMIN`` per message (and per idle ``brpop_timeout``). A backup left by a process
+  here. One blocking pop per batch of messages (and per idle ``brpop_timeout``). A backup left by a process
   running channels-redis's own class (on a channel both read) is put back once, at this process's
   first receive on that channel.
 """
@@ -45,7 +46,7 @@ from typing import Any
 import redis
 from channels_redis.core import RedisChannelLayer as CoreRedisChannelLayer
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from agentflow import hoptrace
@@ -73,8 +74,8 @@ DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
 # Seconds a blocking send (``group_send_blocking``) waits for Redis to connect or answer.
 BLOCKING_SEND_TIMEOUT = 5.0
 BLOCKING_SEND_RETRIES = 1
-# Messages a process channel's pump takes in one round trip: the blocking pop's one and up to this
-# many less one more that already wait (a web process behind on its sockets' events catches up).
+# Messages a process channel's pump takes in one round trip, at most (a web process behind on its
+# sockets' events catches up).
 RECEIVE_BATCH = 100
 
 
@@ -96,12 +97,12 @@ def _trace_turn_end(message: dict[str, Any]) -> None:
 
 
 class _Pump:
-    """One process channel's pop loop on one event loop: how many sockets wait on it, and a future
-    that fails when the loop does."""
+    """One process channel's pop loop on one event loop, and the sockets waiting on it: each its
+    channel and a future the pump completes when it has buffered a message for that socket (or
+    fails, with the pop's error)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.waiters = 0
-        self.failed: asyncio.Future[None] = loop.create_future()
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None]
 
 
@@ -116,6 +117,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         self._blocking_lock = threading.Lock()
         # The pump of each process channel (``specific.<client>!``, ``health.<client>!``...).
         self._pumps: dict[str, _Pump] = {}
+        self._bzmpop = True  # False once Redis said it has no BZMPOP (before 7.0)
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         """One message of ``channel`` (a process's own ``...!`` channel or a named one), in one
@@ -151,25 +153,21 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         if not buffer.empty():
             return self._take(channel, buffer)
         pump = self._pump_for(process_channel)
-        pump.waiters += 1
-        arrival = asyncio.ensure_future(buffer.get())
+        # Only this socket's own message wakes it (or the pump failing): not every pop. A plain
+        # future the pump completes, not a task per message waiting on the buffer.
+        arrival: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pump.waiting[channel] = arrival
         try:
-            # Only this socket's own message wakes it (or the pump failing): not every pop.
-            await asyncio.wait((arrival, pump.failed), return_when=asyncio.FIRST_COMPLETED)
+            await arrival
         except asyncio.CancelledError:
             # This socket is leaving. The pump goes on for the others; what was already buffered
             # for this socket goes with it, as in channels-redis.
-            arrival.cancel()
             self.receive_buffer.pop(channel, None)
             raise
         finally:
-            pump.waiters -= 1
-        if arrival.done():
-            if buffer.empty():
-                self.receive_buffer.pop(channel, None)
-            return arrival.result()
-        arrival.cancel()  # a cancelled Queue.get leaves the queue's items where they are
-        raise pump.failed.exception()  # type: ignore[misc]
+            if pump.waiting.get(channel) is arrival:
+                del pump.waiting[channel]
+        return self._take(channel, self.receive_buffer[channel])
 
     def _pump_for(self, process_channel: str) -> _Pump:
         """The running pump of ``process_channel`` on this loop, started if there is none."""
@@ -180,7 +178,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
             pump = None  # a stopped loop's pump is dead
         if pump is None or pump.task.done():
-            pump = _Pump(loop)
+            pump = _Pump()
             pump.task = asyncio.ensure_future(self._pump(process_channel, pump))
             self._pumps[process_channel] = pump
         return pump
@@ -189,14 +187,15 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         """Pop the process channel into its sockets' buffers while any socket waits; a failure goes
         to the sockets waiting (each raises it), and the next receive starts a new pump."""
         try:
-            while pump.waiters > 0:
-                await self._pop_once(process_channel)
+            while pump.waiting:
+                await self._pop_once(process_channel, pump)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if pump.waiters > 0:
-                pump.failed.set_exception(exc)
-            else:
+            waiting = [arrival for arrival in pump.waiting.values() if not arrival.done()]
+            for arrival in waiting:
+                arrival.set_exception(exc)
+            if not waiting:
                 logger.debug("the process channel's pop failed: %r", exc)
 
     def _take(self, channel: str, buffer: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
@@ -205,26 +204,45 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             self.receive_buffer.pop(channel, None)
         return message
 
-    async def _pop_once(self, process_channel: str) -> None:
-        """One blocking pop of the process channel, up to ``brpop_timeout``, into its socket's buffer.
-        From the pop's reply to the buffer there is no await."""
+    async def _pop_once(self, process_channel: str, pump: _Pump) -> None:
+        """One blocking pop of the process channel, up to ``brpop_timeout``, into its sockets' buffers,
+        each socket waiting for a message woken. From the pop's reply to the buffers there is no await."""
         key = self.prefix + process_channel
         connection = self.connection(self.consistent_hash(process_channel))
         await self._restore_backup_once(connection, key)
-        # The blocking pop and, in the same round trip, whatever else waits (up to RECEIVE_BATCH).
-        async with connection.pipeline(transaction=False) as pipe:
-            pipe.bzpopmin(key, timeout=self.brpop_timeout)
-            pipe.zpopmin(key, RECEIVE_BATCH - 1)
-            popped, more = await pipe.execute()
-        if popped is None:
-            return
-        for data in [popped[1], *(member for member, _ in more)]:
+        # The blocking pop of up to RECEIVE_BATCH messages in one command (BZMPOP, Redis 7+); before
+        # Redis 7, BZPOPMIN and a ZPOPMIN of whatever else waits, pipelined: the same round trip.
+        if self._bzmpop:
+            try:
+                popped = await connection.bzmpop(self.brpop_timeout, 1, [key], min=True, count=RECEIVE_BATCH)
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._bzmpop = False
+                return
+            if popped is None:
+                return
+            members = [member for member, _ in popped[1]]
+        else:
+            async with connection.pipeline(transaction=False) as pipe:
+                pipe.bzpopmin(key, timeout=self.brpop_timeout)
+                pipe.zpopmin(key, RECEIVE_BATCH - 1)
+                first, more = await pipe.execute()
+            if first is None:
+                return
+            members = [first[1], *(member for member, _ in more)]
+        for data in members:
             message = self.deserialize(data)
             if hoptrace.tracing():
                 _trace_turn_end(message)
             target = message.pop("__asgi_channel__", process_channel)
             for socket_channel in target if isinstance(target, list) else [target]:
                 self.receive_buffer[socket_channel].put_nowait(message)
+                # The socket takes its entry out when it runs: until then the pump counts it as
+                # waiting and pops on (the socket is about to wait again).
+                arrival = pump.waiting.get(socket_channel)
+                if arrival is not None and not arrival.done():
+                    arrival.set_result(None)
 
     async def _restore_backup_once(self, connection: Any, key: str) -> None:
         if key not in self._restored:
@@ -241,10 +259,15 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         await asyncio.gather(*mine, return_exceptions=True)
         await super().close_pools()
 
-    async def group_send(self, group: str, message: dict[str, Any]) -> int:
-        """channels-redis's ``group_send`` (one delivery script per Redis host); returns how many
-        channels the group had (0: nobody listens), which ``conversations.events.apublish_listened``
-        reads instead of asking Redis again."""
+    # ``group_send`` and ``group_send_blocking`` take ``skip``: a member channel left out of the
+    # delivery (a socket that shows the event itself, without the round trip through Redis).
+    skips_members = True
+
+    async def group_send(self, group: str, message: dict[str, Any], *, skip: str | None = None) -> int:
+        """channels-redis's ``group_send`` (one delivery script per Redis host), to every member but
+        ``skip``; returns how many channels the group had (0: nobody listens; ``skip`` counted),
+        which ``conversations.events.apublish_listened`` reads instead of asking Redis again. With no
+        member left to deliver to, no script runs."""
         assert self.require_valid_group_name(group), "Group name not valid"
         key = self._group_key(group)
         connection = self.connection(self.consistent_hash(group))
@@ -252,7 +275,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
             pipe.zrange(key, 0, -1)
             _, members = await pipe.execute()
-        for index, keys, args in self._deliveries(members, message):
+        for index, keys, args in self._deliveries(members, message, skip):
             target = self.connection(index)
             try:
                 over = await target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
@@ -262,12 +285,12 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
         return len(members)
 
-    def group_send_blocking(self, group: str, message: dict[str, Any]) -> int:
+    def group_send_blocking(self, group: str, message: dict[str, Any], *, skip: str | None = None) -> int:
         """``group_send`` for a synchronous caller (a request's or a database thread, a Celery worker
         thread whose event loop serves its one turn), with a blocking Redis client: the same
         commands, keys, script and capacities, without handing the send to the event loop and
-        waiting for it there (``async_to_sync``: two thread switches per send). Returns how many
-        channels the group had, as ``group_send``.
+        waiting for it there (``async_to_sync``: two thread switches per send). ``skip`` and the
+        result as ``group_send``.
 
         Raises:
             NotImplementedError: a host that is not given by ``address`` (Sentinel): use ``group_send``.
@@ -278,7 +301,7 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
         pipe.zrange(key, 0, -1)
         _, members = pipe.execute()
-        for index, keys, args in self._deliveries(members, message):
+        for index, keys, args in self._deliveries(members, message, skip):
             target = self._blocking(index)
             try:
                 over = target.evalsha(DELIVER_SHA, len(keys), *keys, *args)
@@ -289,13 +312,13 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         return len(members)
 
     def _deliveries(
-        self, members: list[bytes], message: dict[str, Any]
+        self, members: list[bytes], message: dict[str, Any], skip: str | None = None
     ) -> list[tuple[int, list[str], list[Any]]]:
-        """Per Redis host of the members' channels: its index, the channels' keys and the script's
-        arguments (a message and a capacity per key, now, expiry)."""
-        if not members:
+        """Per Redis host of the members' channels but ``skip``: its index, the channels' keys and the
+        script's arguments (a message and a capacity per key, now, expiry)."""
+        channel_names = [name for x in members if (name := x.decode("utf8")) != skip]
+        if not channel_names:
             return []
-        channel_names = [x.decode("utf8") for x in members]
         by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
         deliveries = []
         for index, channel_keys in by_connection.items():

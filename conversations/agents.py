@@ -228,6 +228,7 @@ def _receive(
     message: Any,
     client_message_id: Any,
     agent_version: int | None = None,
+    shown_by: str | None = None,
 ) -> Received:
     """``message_receive`` under ``limits`` (checked against the stored ``agent_version`` if given)."""
     return message_receive(
@@ -240,6 +241,7 @@ def _receive(
         rate_per_minute=limits.messages_per_minute,
         rate_burst=limits.burst,
         agent_version=agent_version,
+        shown_by=shown_by,
     )
 
 
@@ -252,12 +254,17 @@ class HeldLimits:
 
 
 def message_accept_held(
-    *, held: HeldLimits, user_id: str, message: Any, client_message_id: Any = None
+    *,
+    held: HeldLimits,
+    user_id: str,
+    message: Any,
+    client_message_id: Any = None,
+    shown_by: str | None = None,
 ) -> Received:
     """``message_accept`` with limits the caller holds across messages: the message's one read also
     checks the agent's stored version; when another process published a new version, the limits are
     read again, replace ``held.limits`` (kept even when the message is then refused) and the message
-    is accepted under them.
+    is accepted under them. ``shown_by``: see ``services.message_receive``.
 
     Raises:
         InvalidInput, RateLimited: nothing was stored.
@@ -272,10 +279,11 @@ def message_accept_held(
                 message=message,
                 client_message_id=client_message_id,
                 agent_version=limits.version,
+                shown_by=shown_by,
             )
         except AgentChanged:
             held.limits = agent_settings(name=limits.name)  # NotFound when the agent is gone
     # Published again at every attempt: accept under the latest limits read, unchecked.
-    return message_accept(
-        limits=held.limits, user_id=user_id, message=message, client_message_id=client_message_id
+    return _receive(
+        held.limits, user_id=user_id, message=message, client_message_id=client_message_id, shown_by=shown_by
     )

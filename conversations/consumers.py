@@ -30,7 +30,15 @@ from .agents import AgentSettings, HeldLimits, Received, agent_settings, message
 from .audit import audit_scope
 from .chat_tokens import ChatTokenClaims, chat_token_claims, chat_token_revoked
 from .console.queue import inbox_row_by_id, row_payload
-from .events import STAFF_ONLY, STAFF_QUEUE_GROUP, apublish, events_of, user_group
+from .events import (
+    STAFF_ONLY,
+    STAFF_QUEUE_GROUP,
+    apublish,
+    events_of,
+    message_payload,
+    skips_members,
+    user_group,
+)
 from .frames import CLOSE_TOO_MANY, JsonFrameConsumer
 from .handoff import escalation_claim, escalation_release, escalation_resolve, staff_reply
 from .live import escalations_for_staff, may_act, may_watch, staff_group
@@ -85,7 +93,13 @@ def _open(*, claims: ChatTokenClaims, channel: str) -> tuple[AgentSettings, EndU
 
 
 def _accept(
-    *, claims: ChatTokenClaims, held: HeldLimits, user_id: str, message: Any, client_message_id: Any
+    *,
+    claims: ChatTokenClaims,
+    held: HeldLimits,
+    user_id: str,
+    message: Any,
+    client_message_id: Any,
+    shown_by: str | None,
 ) -> Received | None:
     """Store a chat message (``message_accept_held``) and queue its turn when it has one to run (new,
     or a failed one sent again), with the limits the connection holds (checked against the agent's
@@ -97,11 +111,13 @@ def _accept(
     ``INSERT`` together, ``conversations.message_sql.message_store_live``; docs/operations.md, "Web
     process CPU"). The ``ack`` still reaches the socket before any event
     of the turn: the consumer handles the channel layer's events after this frame's handler ends.
+    ``shown_by``: the sending socket's channel, left out of the ``user_message`` announcement (the
+    consumer sends that frame itself, after the ``ack``).
     """
     if chat_token_revoked(claims=claims):
         return None
     received = message_accept_held(
-        held=held, user_id=user_id, message=message, client_message_id=client_message_id
+        held=held, user_id=user_id, message=message, client_message_id=client_message_id, shown_by=shown_by
     )
     if received.run:  # with the agent, version and user: the worker need not read them again
         limits = held.limits
@@ -125,6 +141,9 @@ class ChatConsumer(JsonFrameConsumer):
     group: str
     claims: ChatTokenClaims
     _typing: tuple[bool, float] = (False, 0.0)
+    # Whether this socket sends its own messages' ``user_message`` frames itself, left out of the
+    # announcement through the channel layer (a layer that can leave a member out: ``skips_members``).
+    _shows_own: bool = False
     _counted_at: float = 0.0
     _metered: bool = False  # counted in agentflow_websocket_connections
 
@@ -156,6 +175,7 @@ class ChatConsumer(JsonFrameConsumer):
         self.claims, self._counted_at = claims, time.monotonic()
         self.agent_name, self.held = limits.name, HeldLimits(limits)
         self.group = user_group(self.user.pk)
+        self._shows_own = skips_members(self.channel_layer)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         self._metered = True
@@ -222,6 +242,7 @@ class ChatConsumer(JsonFrameConsumer):
                 user_id=self.user.external_id,
                 message=frame.get("message"),  # the service checks it
                 client_message_id=client_id,
+                shown_by=self.channel_name if self._shows_own else None,
             )
         except InvalidInput as exc:
             await self._error(exc.code, str(exc), field=exc.field, client_message_id=client_id)
@@ -241,6 +262,10 @@ class ChatConsumer(JsonFrameConsumer):
                 "duplicate": not received.created,
             }
         )
+        if received.created and self._shows_own:
+            # As the announcement would have brought it, without the round trip through Redis (the
+            # user's other connections and staff pages still get it from there).
+            await self._send({"type": "user_message", **message_payload(message)})
         # A new message, or a resent failed one, was queued by _accept. A duplicate of one that is
         # done: the client may have missed the reply, so it is sent again.
         if not received.run and message.status == Message.Status.DONE:

@@ -45,32 +45,45 @@ def message_payload(message: Message) -> dict[str, Any]:
     }
 
 
-async def _group_send(layer: Any, group: str, message: dict[str, Any], *, blocking: bool) -> Any:
+def skips_members(layer: Any) -> bool:
+    """Whether ``layer``'s group sends take ``skip`` (a member left out: ``agentflow.channel_layer``)."""
+    return bool(getattr(layer, "skips_members", False))
+
+
+async def _group_send(
+    layer: Any, group: str, message: dict[str, Any], *, blocking: bool, skip: str | None = None
+) -> Any:
     """``layer.group_send``; with ``blocking``, through the layer's blocking client where it has one
     (``agentflow.channel_layer``), which holds up the running event loop for the send's round trips.
+    ``skip``: a member channel left out, where the layer can (``skips_members``).
 
     ``blocking`` is for a loop that serves one caller's own work: a Celery worker thread's turn
     (``conversations.tasks``), whose loop waits on nothing else meanwhile. There the asyncio client
     cost each send the loop's wake-ups and a connection pool per worker thread; the blocking client
     is one pool per process, shared by its threads. Never on a shared loop (a web process's sockets).
     """
+    skipping = {"skip": skip} if skip is not None and skips_members(layer) else {}
     if blocking:
         send = getattr(layer, "group_send_blocking", None)
         if send is not None:
             try:
-                return send(group, message)
+                return send(group, message, **skipping)
             except NotImplementedError:  # a host the blocking client cannot reach (Sentinel)
                 pass
-    return await layer.group_send(group, message)
+    return await layer.group_send(group, message, **skipping)
 
 
-async def apublish(*, user_pk: int, event: dict[str, Any], blocking: bool = False) -> None:
-    """Send ``event`` (it needs a ``kind``) to every live connection of the user (``blocking``: see
-    ``_group_send``)."""
+async def apublish(
+    *, user_pk: int, event: dict[str, Any], blocking: bool = False, skip: str | None = None
+) -> None:
+    """Send ``event`` (it needs a ``kind``) to every live connection of the user (``blocking``,
+    ``skip``: see ``_group_send``)."""
     layer = get_channel_layer()
     if layer is None:
         return
-    await _group_send(layer, user_group(user_pk), {"type": "chat.event", "event": event}, blocking=blocking)
+    await _group_send(
+        layer, user_group(user_pk), {"type": "chat.event", "event": event}, blocking=blocking, skip=skip
+    )
 
 
 async def apublish_listened(*, user_pk: int, event: dict[str, Any], blocking: bool = False) -> bool:
@@ -132,39 +145,46 @@ async def listeners_exist(*, user_pk: int) -> bool:
         return True
 
 
-def publish(*, user_pk: int, event: dict[str, Any]) -> None:
+def publish(*, user_pk: int, event: dict[str, Any], skip: str | None = None) -> None:
+    """``apublish`` from synchronous code, through the event loop (``skip``: see ``publish_from_thread``)."""
     try:
-        async_to_sync(apublish)(user_pk=user_pk, event=event)
+        async_to_sync(apublish)(user_pk=user_pk, event=event, skip=skip)
     except Exception:  # a lost live notification must not fail the turn: clients re-read on reconnect
         logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
 
 
-def publish_from_thread(*, user_pk: int, event: dict[str, Any]) -> None:
+def publish_from_thread(*, user_pk: int, event: dict[str, Any], skip: str | None = None) -> None:
     """``publish`` for synchronous code (a request's thread, a database step): through the channel
     layer's blocking ``group_send`` where it has one (``agentflow.channel_layer``), else as ``publish``.
 
     The web process stores every incoming message on a thread and announces it from there: with
     ``publish`` that was a switch to the event loop and back for each message (and, for a REST
     caller with no socket open, for a send that only finds the group empty).
+
+    ``skip``: a channel of the user's group left out, on a layer that can (``skips_members``): the
+    chat socket that sent a message shows its ``user_message`` itself (``ChatConsumer``), instead of
+    a delivery through Redis back to its own process.
     """
     layer = get_channel_layer()
     send = getattr(layer, "group_send_blocking", None)
     if send is None:
-        publish(user_pk=user_pk, event=event)
+        publish(user_pk=user_pk, event=event, skip=skip)
         return
+    skipping = {"skip": skip} if skip is not None and skips_members(layer) else {}
     try:
-        send(user_group(user_pk), {"type": "chat.event", "event": event})
+        send(user_group(user_pk), {"type": "chat.event", "event": event}, **skipping)
     except NotImplementedError:  # a host the blocking client cannot reach (Sentinel)
-        publish(user_pk=user_pk, event=event)
+        publish(user_pk=user_pk, event=event, skip=skip)
     except Exception:  # a lost live notification must not fail the caller: clients re-read on reconnect
         logger.exception("could not publish %s to user %s", event.get("kind"), user_pk)
 
 
-def publish_on_commit(*, user_pk: int, event: dict[str, Any]) -> None:
-    """Publish once the surrounding transaction commits (at once outside one), from this thread."""
+def publish_on_commit(*, user_pk: int, event: dict[str, Any], skip: str | None = None) -> None:
+    """Publish once the surrounding transaction commits (at once outside one), from this thread
+    (``skip``: see ``publish_from_thread``)."""
     from django.db import transaction
 
-    transaction.on_commit(lambda: publish_from_thread(user_pk=user_pk, event=event))
+    transaction.on_commit(lambda: publish_from_thread(user_pk=user_pk, event=event, skip=skip))
 
 
 STAFF_QUEUE_GROUP = "staff.queue"

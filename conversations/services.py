@@ -229,13 +229,16 @@ def message_receive(
     rate_per_minute: int = 0,
     rate_burst: int | None = None,
     agent_version: int | None = None,
+    shown_by: str | None = None,
 ) -> Received:
     """Validate and store an incoming user message, pending its turn.
 
     Sending the same ``client_message_id`` twice returns the first message (``created`` False).
     ``rate_per_minute`` and ``rate_burst`` are the user's message bucket (``burst`` None: the same
     as ``rate_per_minute``; 0 per minute: no limit). ``agent_version``: the version of the agent the
-    limits were read for, checked against the stored one (None: not checked).
+    limits were read for, checked against the stored one (None: not checked). ``shown_by``: the
+    channel of the chat socket that sent the message and shows it itself (``ChatConsumer``), left
+    out of the ``user_message`` announcement to the user's connections.
 
     The rules, in this order as clients see them: the ids and the message are checked; a resend
     gets its first copy (whatever the rate limit); the rate limit; the store. In a live session
@@ -293,7 +296,7 @@ def message_receive(
                 bucket.give_back()
                 raise
             if stored.message is not None:
-                return _received_new(stored.message)
+                return _received_new(stored.message, shown_by=shown_by)
             snap, read = stored.snapshot, True
             stores = (  # below: it opens a session, or another process stored its copy meanwhile
                 snap is not None
@@ -363,12 +366,17 @@ def message_receive(
         if not client_id or existing is None:
             raise
         return Received(existing, created=False)
-    return _received_new(message)
+    return _received_new(message, shown_by=shown_by)
 
 
-def _received_new(message: Message) -> Received:
-    # Every live connection of the user (other tabs, staff watching) sees the message arrive.
-    publish_on_commit(user_pk=message.user_id, event={"kind": "user_message", **message_payload(message)})
+def _received_new(message: Message, *, shown_by: str | None = None) -> Received:
+    # Every live connection of the user (other tabs, staff watching) sees the message arrive; the
+    # socket that sent it (``shown_by``) shows it itself.
+    publish_on_commit(
+        user_pk=message.user_id,
+        event={"kind": "user_message", **message_payload(message)},
+        skip=shown_by,
+    )
     return Received(message, created=True)
 
 

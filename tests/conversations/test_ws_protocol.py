@@ -4,6 +4,7 @@ positions, typing, staff thread changes, and what one user can never see or touc
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -23,6 +24,7 @@ from tests.conftest import ORIGIN
 from .helpers import receive_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+TURN_FRAMES = ("typing", "delta", "thread", "turn")
 
 TURN_TIMEOUT = 20
 
@@ -330,3 +332,83 @@ async def test_user_messages_from_rest_appear_live_on_the_users_sockets(api_key,
     turn, _ = await receive_until(alice, "turn", timeout=TURN_TIMEOUT)
     assert turn["message_id"] == frame["id"]
     await alice.disconnect()
+
+
+async def test_the_sending_socket_shows_its_message_itself_and_the_users_other_sockets_get_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The socket that sent a message sends its ``user_message`` right after the ``ack``, and is left
+    out of the announcement through Redis (which would only bring it back to its own process); the
+    user's other sockets get it from there, each once (docs/protocol.md: "from this or another of
+    the user's connections")."""
+    from agentflow.channel_layer import RedisChannelLayer
+
+    delivered: list[str] = []
+    deliveries = RedisChannelLayer._deliveries
+
+    def recording(self: RedisChannelLayer, members: Any, message: dict, *args: Any, **kwargs: Any) -> Any:
+        found = deliveries(self, members, message, *args, **kwargs)
+        if message.get("event", {}).get("kind") == "user_message":  # not a turn's events (a worker)
+            delivered.extend(key for _, keys, _ in found for key in keys)
+        return found
+
+    monkeypatch.setattr(RedisChannelLayer, "_deliveries", recording)
+    tab = await _connect("alice")
+
+    async def frames(communicator: WebsocketCommunicator, count: int) -> list[dict]:
+        """The next ``count`` frames that are not a turn's (a worker of this session may run it)."""
+        got: list[dict] = []
+        while len(got) < count:
+            frame = await communicator.receive_json_from(timeout=5)
+            if frame["type"] not in TURN_FRAMES and not (frame["type"] == "error" and "message_id" in frame):
+                got.append(frame)
+        return got
+
+    async def send(client_id: str) -> dict:
+        await tab.send_json_to(
+            {"type": "message", "message": "Where is my order?", "client_message_id": client_id}
+        )
+        ack, shown = await frames(tab, 2)
+        message = await Message.objects.aget(client_message_id=client_id)
+        assert ack == {
+            "type": "ack",
+            "message_id": str(message.pk),
+            "client_message_id": client_id,
+            "duplicate": False,
+        }
+        assert (
+            shown["type"],
+            shown["id"],
+            shown["content"],
+            shown["client_message_id"],
+            shown["status"],
+        ) == (
+            "user_message",
+            str(message.pk),
+            "Where is my order?",
+            client_id,
+            "pending",
+        )
+        return shown
+
+    await send("c-1")
+    assert delivered == []  # nobody else listens: no delivery through Redis at all
+
+    other = await _connect("alice")
+    shown = await send("c-2")
+    assert await frames(other, 1) == [shown]
+    assert len(delivered) == 1  # to the other socket's process channel only
+    # Neither socket gets a second copy: a ping's answer is the next frame on both.
+    for communicator in (tab, other):
+        await communicator.send_json_to({"type": "ping"})
+        assert await frames(communicator, 1) == [{"type": "pong"}]
+
+    # A resend is acknowledged as a duplicate, and announced to nobody.
+    await tab.send_json_to({"type": "message", "message": "Where is my order?", "client_message_id": "c-2"})
+    assert (await frames(tab, 1))[0]["duplicate"] is True
+    for communicator in (tab, other):
+        await communicator.send_json_to({"type": "ping"})
+        assert await frames(communicator, 1) == [{"type": "pong"}]
+    assert len(delivered) == 1
+    await tab.disconnect()
+    await other.disconnect()
