@@ -475,6 +475,29 @@ async def test_pieces_within_the_interval_go_out_as_one_delta() -> None:
     ]
 
 
+async def test_a_taken_stream_hands_back_what_it_gathered_unsent() -> None:
+    """A Celery turn's end takes the reply's last piece to send it with the end's events: ``take``
+    gives it as the next ``delta`` event, sends nothing, and stops the pending send."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_011), channel)
+    try:
+        stream = DeltaStream(user_pk=9_100_011, message_id="m-11", interval=0.05, listened=True)
+        for piece in ("Your ", "order ", "ships."):
+            await stream(piece)
+        taken = stream.take()
+        again = stream.take()
+        received = [await asyncio.wait_for(layer.receive(channel), 5)]
+        with pytest.raises(TimeoutError):  # the gathered text's timer (50 ms) no longer sends it
+            await asyncio.wait_for(layer.receive(channel), 0.3)
+    finally:
+        await layer.group_discard(user_group(9_100_011), channel)
+
+    assert [e["event"]["text"] for e in received] == ["Your "]  # the first piece went at once
+    assert taken == {"kind": "delta", "message_id": "m-11", "seq": 1, "text": "order ships."}
+    assert again is None
+
+
 async def test_a_stream_told_nobody_listens_sends_nothing() -> None:
     layer = get_channel_layer()
     channel = await layer.new_channel()
