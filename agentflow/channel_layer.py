@@ -1,4 +1,5 @@
-"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four, and
+"""channels-redis's channel layer, with a ``group_send`` of two Redis round trips instead of four (one for
+a blocking send to a group whose members did not change since the last), and
 a process-wide ``receive`` of one round trip that a closing socket cannot cut short.
 
 channels-redis 4.3 sends a group message as: ``ZREMRANGEBYSCORE`` (the group's stale members), then
@@ -37,6 +38,7 @@ hands what it gets to the socket it is for. channels-redis 4.3 differs in two wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
@@ -46,6 +48,7 @@ from typing import Any
 import redis
 from channels_redis.core import RedisChannelLayer as CoreRedisChannelLayer
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
@@ -71,6 +74,45 @@ end
 return over_capacity
 """
 DELIVER_SHA = hashlib.sha1(DELIVER.encode()).hexdigest()
+# A group send in one round trip, when the group's members are those the caller expects (the members
+# its last send to that group found). KEYS: the group's set, then the expected members' channel keys;
+# ARGV: the oldest member score kept, the number of expected members, the members, then DELIVER's
+# arguments (a message and a capacity per channel key, now, expiry). Drops the group's stale members
+# and reads the rest, as the pipeline of ``group_send_blocking`` does; when they are exactly the
+# expected ones (in ZRANGE's order), delivers as DELIVER does and returns {over capacity, members};
+# otherwise delivers nothing and returns {-1, the members}, for the caller to deliver to those.
+DELIVER_EXPECTED = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local n = tonumber(ARGV[2])
+if #members ~= n then
+    return {-1, members}
+end
+for i = 1, n do
+    if members[i] ~= ARGV[2 + i] then
+        return {-1, members}
+    end
+end
+local keys = #KEYS - 1
+local base = 2 + n
+local now = tonumber(ARGV[#ARGV - 1])
+local expiry = tonumber(ARGV[#ARGV])
+local over_capacity = 0
+for i = 1, keys do
+    local key = KEYS[i + 1]
+    redis.call('ZREMRANGEBYSCORE', key, 0, math.floor(now) - expiry)
+    if redis.call('ZCARD', key) < tonumber(ARGV[base + keys + i]) then
+        redis.call('ZADD', key, ARGV[#ARGV - 1], ARGV[base + i])
+        redis.call('EXPIRE', key, expiry)
+    else
+        over_capacity = over_capacity + 1
+    end
+end
+return {over_capacity, n}
+"""
+DELIVER_EXPECTED_SHA = hashlib.sha1(DELIVER_EXPECTED.encode()).hexdigest()
+# Groups whose members a blocking send remembers (per process; a forgotten group costs one round trip).
+EXPECTED_GROUPS = 10_000
 # Seconds a blocking send (``group_send_blocking``) waits for Redis to connect or answer.
 BLOCKING_SEND_TIMEOUT = 5.0
 BLOCKING_SEND_RETRIES = 1
@@ -114,6 +156,8 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         super().__init__(*args, **kwargs)
         self._restored: set[str] = set()  # channel keys whose old backup set was put back
         self._blocking_clients: dict[int, redis.Redis] = {}
+        # The members each group had at this process's last blocking send to it (``group_send_blocking``).
+        self._expected: dict[str, list[bytes]] = {}
         self._blocking_lock = threading.Lock()
         # The pump of each process channel (``specific.<client>!``, ``health.<client>!``...).
         self._pumps: dict[str, _Pump] = {}
@@ -292,15 +336,29 @@ class RedisChannelLayer(CoreRedisChannelLayer):
         waiting for it there (``async_to_sync``: two thread switches per send). ``skip`` and the
         result as ``group_send``.
 
+        One round trip instead of two when the group has the members this process's last send to it
+        found (a turn's typing, deltas and end go to one user's group, whose sockets rarely change
+        meanwhile): one script checks the members and delivers (``DELIVER_EXPECTED``). When they
+        changed, nothing is delivered by it and the send goes on as before with the members it read.
+        With several Redis hosts (channels on another host than the group), always as before.
+
         Raises:
             NotImplementedError: a host that is not given by ``address`` (Sentinel): use ``group_send``.
         """
         assert self.require_valid_group_name(group), "Group name not valid"
         key = self._group_key(group)
-        pipe = self._blocking(self.consistent_hash(group)).pipeline(transaction=False)
-        pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
-        pipe.zrange(key, 0, -1)
-        _, members = pipe.execute()
+        index = self.consistent_hash(group)
+        expected = self._expected.get(group)
+        if expected is not None and self.ring_size == 1:
+            members = self._send_to_expected(index, key, group, expected, message, skip)
+            if members is None:
+                return len(expected)
+        else:
+            pipe = self._blocking(index).pipeline(transaction=False)
+            pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
+            pipe.zrange(key, 0, -1)
+            _, members = pipe.execute()
+        self._remember(group, members)
         for index, keys, args in self._deliveries(members, message, skip):
             target = self._blocking(index)
             try:
@@ -310,6 +368,43 @@ class RedisChannelLayer(CoreRedisChannelLayer):
             if over:
                 logger.info("%s of %s channels over capacity in group %s", over, len(members), group)
         return len(members)
+
+    def _send_to_expected(
+        self,
+        index: int,
+        key: bytes,
+        group: str,
+        expected: list[bytes],
+        message: dict[str, Any],
+        skip: str | None = None,
+    ) -> list[bytes] | None:
+        """Deliver ``message`` to ``group`` (but ``skip``) in one round trip if its members are still
+        ``expected`` (``DELIVER_EXPECTED``: the check and the delivery are one atomic script): None when
+        sent; otherwise nothing was delivered and the group's current members are returned."""
+        deliveries = self._deliveries(expected, message, skip)
+        keys: list[Any] = [key, *(k for _, channel_keys, _ in deliveries for k in channel_keys)]
+        args: list[Any] = [int(time.time()) - self.group_expiry, len(expected), *expected]
+        if deliveries:
+            args += deliveries[0][2]
+        else:
+            args += [time.time(), int(self.expiry)]
+        client = self._blocking(index)
+        try:
+            over, found = client.evalsha(DELIVER_EXPECTED_SHA, len(keys), *keys, *args)
+        except NoScriptError:  # first use on this server (or after SCRIPT FLUSH / a restart)
+            over, found = client.eval(DELIVER_EXPECTED, len(keys), *keys, *args)
+        if over == -1:
+            return list(found)
+        if over:
+            logger.info("%s of %s channels over capacity in group %s", over, len(expected), group)
+        return None
+
+    def _remember(self, group: str, members: list[bytes]) -> None:
+        """Keep ``members`` as what the next blocking send to ``group`` expects (bounded per process)."""
+        if group not in self._expected and len(self._expected) >= EXPECTED_GROUPS:
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
+                del self._expected[next(iter(self._expected))]  # the oldest remembered group
+        self._expected[group] = list(members)
 
     def _deliveries(
         self, members: list[bytes], message: dict[str, Any], skip: str | None = None
@@ -347,6 +442,11 @@ class RedisChannelLayer(CoreRedisChannelLayer):
                     # ten: a send to a Redis that is down fails within a second or two, not ~4 s.
                     if host.get("retry") is None:
                         host["retry"] = Retry(ExponentialWithJitterBackoff(), BLOCKING_SEND_RETRIES)
+                    # redis-py 8 otherwise reads its own version from the installed package's metadata
+                    # for every connection it opens (~0.27 ms of CPU each; a worker's pool grows to
+                    # about its thread count, and again after Redis restarts).
+                    if not {"driver_info", "lib_name", "lib_version"} & host.keys():
+                        host["driver_info"] = DriverInfo(lib_version=redis.__version__)
                     client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(address, **host))
                     self._blocking_clients[index] = client
         return client

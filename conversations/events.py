@@ -277,25 +277,39 @@ class DeltaStream:
         self._timer = None
         await self._flush()
 
+    def _gathered(self) -> dict[str, Any] | None:
+        """The text gathered so far as the next ``delta`` event (None when there is none)."""
+        if not self._buffer:
+            return None
+        text, self._buffer = "".join(self._buffer), []
+        seq, self.seq = self.seq, self.seq + 1
+        return {"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text}
+
     async def _flush(self) -> None:
         async with self._lock:
-            if not self._buffer:
+            event = self._gathered()
+            if event is None:
                 return
-            text, self._buffer = "".join(self._buffer), []
-            seq, self.seq = self.seq, self.seq + 1
             self._last_sent = asyncio.get_running_loop().time()
             try:
-                await apublish(
-                    user_pk=self.user_pk,
-                    event={"kind": "delta", "message_id": self.message_id, "seq": seq, "text": text},
-                    blocking=self.blocking,
-                )
+                await apublish(user_pk=self.user_pk, event=event, blocking=self.blocking)
             except Exception:  # the final turn carries the whole text; a lost delta only costs smoothness
                 logger.exception("could not stream a delta to user %s", self.user_pk)
 
-    async def close(self) -> None:
-        """Send what is still gathered; call when the reply is complete."""
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def close(self) -> None:
+        """Send what is still gathered; call when the reply is complete."""
+        self._stop_timer()
         await self._flush()
+
+    def take(self) -> dict[str, Any] | None:
+        """End the stream without sending what is still gathered: its ``delta`` event (None when
+        nothing is), for the caller to send first among its own events in one channel-layer message
+        (``apublish_many``: a Celery turn's end). The connections get the same frames, in the same
+        order, as after ``close`` and a send of those events."""
+        self._stop_timer()
+        return self._gathered()

@@ -4,6 +4,7 @@ two-round-trip ``group_send`` (agentflow.channel_layer), and streamed text gathe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -411,6 +412,97 @@ async def test_the_blocking_group_send_tells_how_many_channels_the_group_had() -
     await layer.flush()
 
 
+async def test_blocking_sends_follow_the_group_as_members_come_and_go() -> None:
+    """A blocking send expects the members the last one found (one round trip when they are the same):
+    members that joined or left since, or whose membership expired, are found all the same."""
+    layer = _layer()
+    send = layer.group_send_blocking
+    first, second, third = [await layer.new_channel() for _ in range(3)]
+    await layer.group_add("chat.user.12", first)
+
+    async def got(channel: str) -> list[str]:
+        texts = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                texts.append((await asyncio.wait_for(layer.receive(channel), 0.3))["event"]["text"])
+        return texts
+
+    counts = [await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "a"}})]
+    counts.append(
+        await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "b"}})
+    )
+    await layer.group_add("chat.user.12", second)
+    counts.append(
+        await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "c"}})
+    )
+    await layer.group_discard("chat.user.12", first)
+    await layer.group_add("chat.user.12", third)
+    counts.append(
+        await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "d"}})
+    )
+    # The second member's membership lapses (older than group_expiry): it is dropped, as by group_send.
+    key = layer._group_key("chat.user.12")
+    await layer.connection(0).zadd(key, {second: 1})
+    counts.append(
+        await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "e"}})
+    )
+    received = {name: await got(channel) for name, channel in (("1", first), ("2", second), ("3", third))}
+    await layer.flush()
+
+    assert counts == [1, 1, 2, 2, 1]
+    assert received == {"1": ["a", "b", "c"], "2": ["c", "d"], "3": ["d", "e"]}
+    assert layer._expected["chat.user.12"] == [third.encode()]
+
+
+async def test_a_blocking_send_leaves_out_the_skipped_channel_on_both_paths() -> None:
+    """``skip`` (the socket that shows its own message) holds when the send reads the group and when it
+    sends to the members the last send found (one round trip), and when it is the only member."""
+    layer = _layer()
+    sender, other = [await layer.new_channel() for _ in range(2)]
+    await layer.group_add("chat.user.14", sender)
+
+    def send(text: str) -> int:
+        return layer.group_send_blocking(
+            "chat.user.14", {"type": "chat.event", "event": {"text": text}}, skip=sender
+        )
+
+    counts = [await asyncio.to_thread(send, "alone"), await asyncio.to_thread(send, "alone again")]
+    await layer.group_add("chat.user.14", other)
+    counts += [await asyncio.to_thread(send, "read"), await asyncio.to_thread(send, "expected")]
+
+    async def got(channel: str) -> list[str]:
+        texts = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                texts.append((await asyncio.wait_for(layer.receive(channel), 0.3))["event"]["text"])
+        return texts
+
+    received = {"sender": await got(sender), "other": await got(other)}
+    await layer.flush()
+
+    assert counts == [1, 1, 2, 2]
+    assert received == {"sender": [], "other": ["read", "expected"]}
+
+
+async def test_a_blocking_send_to_an_empty_group_it_expected_empty_delivers_nothing() -> None:
+    layer = _layer()
+    send = layer.group_send_blocking
+
+    counts = [await asyncio.to_thread(send, "chat.user.13", {"type": "chat.event"}) for _ in range(2)]
+
+    assert counts == [0, 0] and layer._expected["chat.user.13"] == []
+    await layer.flush()
+
+
+def test_the_blocking_sends_remember_a_bounded_number_of_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel_layer, "EXPECTED_GROUPS", 3)
+    layer = _layer()
+    for n in range(5):
+        layer.group_send_blocking(f"chat.user.{9_200_000 + n}", {"type": "chat.event"})
+
+    assert list(layer._expected) == [f"chat.user.{9_200_000 + n}" for n in (2, 3, 4)]
+
+
 def test_the_blocking_client_waits_for_redis_a_bounded_time() -> None:
     """Its callers (a turn, a request's thread) must not hang on an unreachable Redis."""
     layer = _layer()
@@ -494,6 +586,29 @@ async def test_pieces_within_the_interval_go_out_as_one_delta() -> None:
         (0, "Your "),
         (1, "order ships today."),
     ]
+
+
+async def test_a_taken_stream_hands_back_what_it_gathered_unsent() -> None:
+    """A Celery turn's end takes the reply's last piece to send it with the end's events: ``take``
+    gives it as the next ``delta`` event, sends nothing, and stops the pending send."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_011), channel)
+    try:
+        stream = DeltaStream(user_pk=9_100_011, message_id="m-11", interval=0.05, listened=True)
+        for piece in ("Your ", "order ", "ships."):
+            await stream(piece)
+        taken = stream.take()
+        again = stream.take()
+        received = [await asyncio.wait_for(layer.receive(channel), 5)]
+        with pytest.raises(TimeoutError):  # the gathered text's timer (50 ms) no longer sends it
+            await asyncio.wait_for(layer.receive(channel), 0.3)
+    finally:
+        await layer.group_discard(user_group(9_100_011), channel)
+
+    assert [e["event"]["text"] for e in received] == ["Your "]  # the first piece went at once
+    assert taken == {"kind": "delta", "message_id": "m-11", "seq": 1, "text": "order ships."}
+    assert again is None
 
 
 async def test_a_stream_told_nobody_listens_sends_nothing() -> None:
