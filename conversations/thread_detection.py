@@ -21,6 +21,10 @@
 6. Outcomes told by the step (task profile): "Flicking airplane mode gave me full bars" resolves; "Pressed
    the keys, the screen went black again" (the step done, the problem left) and a question back with no
    outcome ("is that the one with the green clip?") do not.
+7. A second stage for unmarked shifts (task profile): a message the scorer continued is read by a small
+   logistic regression fitted on support chats ("Do you do beard trims?" after a refund opens a thread; "Is
+   there a cancellation fee?" after a cancellation stays); never a question for a detail of what the thread
+   found ("What's the cost per night?").
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -1173,8 +1177,8 @@ def _first_word_new(text: str, stems: set[str]) -> float:
 def shift_stage_features(
     text: str, embedding: np.ndarray, state: ThreadState, p_new: float, reply_embedding: np.ndarray | None
 ) -> np.ndarray:
-    """The second stage's inputs, in SHIFT_STAGE_FEATURES order; ``reply_embedding`` None gives 0 for the
-    two similarities to the assistant's reply (the bound in ``stage_opens_subject`` covers them)."""
+    """The second stage's inputs, in SHIFT_STAGE_FEATURES order (``reply_embedding``: the assistant's last
+    reply embedded; None gives 0 for the similarity to it)."""
     words = content_words(text)
     vocabulary = state.vocabulary
     stems = {_stem(w) for w in vocabulary}
@@ -1224,9 +1228,6 @@ def shift_stage_features(
     )
 
 
-REPLY_COLUMNS = (SHIFT_STAGE_FEATURES.index("sim_reply"), SHIFT_STAGE_FEATURES.index("reply_minus_thread"))
-
-
 def stage_opens_subject(
     text: str,
     embedding: np.ndarray,
@@ -1235,19 +1236,13 @@ def stage_opens_subject(
     embed_reply: Callable[[str], np.ndarray] | None,
 ) -> tuple[bool, float | None]:
     """Whether the second stage takes a message the scorer continued for a subject of its own, and its
-    P (None when it was not computed). The assistant's reply is embedded only when the reply's two terms
-    could still carry the message over the threshold (both are linear in its similarity, within [-1, 1])."""
+    P (None when it did not read the message: a detail of what the thread found, no reply yet, or no
+    encoder). The assistant's reply is embedded here (the encoder's cache keeps it for the thread's next
+    messages)."""
     if DETAIL_OF_IT.search(text) or not state.last_assistant_text or embed_reply is None:
         return False, None
     stage = shift_stage()
-    cut = float(np.log(stage.threshold / (1 - stage.threshold)))
-    x = shift_stage_features(text, embedding, state, p_new, None)
-    slope = sum(stage.weights[i] / stage.scale[i] for i in REPLY_COLUMNS)
-    # with the reply unknown, x holds 0 for sim_reply and -max(sims) for the difference: the reply's
-    # similarity s adds slope * s to that logit
-    if stage.logit(x) + abs(slope) < cut:
-        return False, None
     reply_embedding = embed_reply(state.last_assistant_text)
-    x = shift_stage_features(text, embedding, state, p_new, reply_embedding)
-    z = stage.logit(x)
-    return z >= cut, round(1.0 / (1.0 + float(np.exp(-z))), 4)
+    z = stage.logit(shift_stage_features(text, embedding, state, p_new, reply_embedding))
+    p = 1.0 / (1.0 + float(np.exp(-z)))
+    return p >= stage.threshold, round(p, 4)
