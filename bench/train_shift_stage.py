@@ -1,6 +1,6 @@
 """Fit the second stage for unmarked topic shifts (task profile) and check it by leave-one-domain-out folds.
 
-    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--write]
+    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--write]
 
 The support chats used for tuning (the tuning parts of bench/data/support_turns.jsonl and
 support_unmarked2.jsonl, and support_fresh3.jsonl) and SGD dev are replayed through the real
@@ -8,13 +8,14 @@ support_unmarked2.jsonl, and support_fresh3.jsonl) and SGD dev are replayed thro
 pipeline's bookkeeping: open / add / resolve, the assistant's replies added to the most recent thread,
 10 open + 3 resolved candidates). Every scored message the scorer continued in an open thread (reason
 "scorer: continues") that asks for no detail of what the thread found is a row: its
-``shift_stage_features`` against the active thread, gold = a topic shift. Rows are fitted on the support
+``shift_stage_features`` against the active thread (the reply's cosine read on ``reply_tail(reply,
+--reply-words)``, the piece the product embeds), gold = a topic shift. Rows are fitted on the support
 chats only (SGD is only checked against: a stage fitted on all support rows must change no SGD decision).
 
 For each L2 and threshold it prints, held out one support domain at a time, the shifts gained and the
 follow-ups / resolutions lost, how many domains gain or lose, and per source file; then the SGD check.
 ``--write`` fits the chosen setting (``--l2``, ``--threshold``) on all support rows and writes
-conversations/data/shift_stage.json.
+conversations/data/shift_stage.json (with ``--reply-words`` as ``reply_words``).
 """
 
 from __future__ import annotations
@@ -89,9 +90,12 @@ def candidates(threads: list[Thread]) -> list:
     ]
 
 
-def replay(dialogues: list[dict], vectors: dict, *, last_only: bool, embed_reply=None) -> list[dict]:
-    """One record per scored user turn: gold, event, reason and, for the rows the stage reads, its inputs."""
-    from conversations.thread_detection import DETAIL_OF_IT, decide_thread, shift_stage_features
+def replay(
+    dialogues: list[dict], vectors: dict, *, last_only: bool, reply_words: int, embed_reply=None
+) -> list[dict]:
+    """One record per scored user turn: gold, event, reason and, for the rows the stage reads, its inputs
+    (the reply's similarity read on the piece of it the product embeds, ``reply_tail``)."""
+    from conversations.thread_detection import DETAIL_OF_IT, decide_thread, reply_tail, shift_stage_features
     from conversations.thread_features import load_model
 
     model = load_model("task")
@@ -134,9 +138,9 @@ def replay(dialogues: list[dict], vectors: dict, *, last_only: bool, embed_reply
                     and active.state.last_assistant_text
                     and not DETAIL_OF_IT.search(text)
                 ):
-                    reply = active.state.last_assistant_text
+                    tail = reply_tail(active.state.last_assistant_text, reply_words)
                     record["x"] = shift_stage_features(
-                        text, v, active.state, decision.signals["p_new_topic"], vectors[reply]
+                        text, v, active.state, decision.signals["p_new_topic"], vectors[tail]
                     )
                 records.append(record)
             by_key = {t.key: t for t in threads}
@@ -181,20 +185,25 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="keep the texts' embeddings in this .npz")
     parser.add_argument("--l2", type=float, default=0.03, help="the setting --write fits")
     parser.add_argument("--threshold", type=float, default=0.6, help="the setting --write stores")
+    parser.add_argument(
+        "--reply-words", type=int, default=24, help="the most words of the reply's end embedded (reply_tail)"
+    )
     parser.add_argument("--write", action="store_true", help="write conversations/data/shift_stage.json")
     args = parser.parse_args()
     import django
 
     django.setup()
     from agentflow.embeddings import get_embedder
-    from conversations.thread_detection import SHIFT_STAGE_FEATURES, SHIFT_STAGE_PATH
+    from conversations.thread_detection import SHIFT_STAGE_FEATURES, SHIFT_STAGE_PATH, reply_tail
 
     sets = load_sets(args.datasets)
     seen: dict[str, np.ndarray] = {}
     if args.cache and args.cache.exists():
         with np.load(args.cache) as cached:
             seen.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
-    texts = sorted({t["utterance"] for ds, _ in sets.values() for d in ds for t in d["turns"]} - set(seen))
+    utterances = {t["utterance"] for ds, _ in sets.values() for d in ds for t in d["turns"]}
+    tails = {reply_tail(u[:2000], args.reply_words) for u in utterances}
+    texts = sorted((utterances | tails) - set(seen))
     if texts:
         embedder = get_embedder()
         for i in range(0, len(texts), 64):
@@ -204,7 +213,9 @@ def main() -> None:
 
     rows: dict[str, list[dict]] = {}
     for name, (dialogues, last_only) in sets.items():
-        rows[name] = [r for r in replay(dialogues, seen, last_only=last_only) if "x" in r]
+        rows[name] = [
+            r for r in replay(dialogues, seen, last_only=last_only, reply_words=args.reply_words) if "x" in r
+        ]
         gold = collections.Counter(r["gold"] for r in rows[name])
         print(f"{name}: {len(dialogues)} dialogues, {len(rows[name])} rows the stage reads {dict(gold)}")
     support = [r for name, rs in rows.items() if name != "SGD dev" for r in rs]
@@ -251,6 +262,7 @@ def main() -> None:
             "mean": [round(float(v), 6) for v in mean],
             "scale": [round(float(v), 6) for v in scale],
             "threshold": args.threshold,
+            "reply_words": args.reply_words,
             "trained_on": f"{len(y)} rows ({int(y.sum())} shifts) of {', '.join(n for n in rows if n != 'SGD dev')}",
         }
         lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items())

@@ -1135,6 +1135,7 @@ class ShiftStage:
     scale: np.ndarray
     threshold: float
     version: str
+    reply_words: int
 
     def logit(self, x: np.ndarray) -> float:
         return float(((x - self.mean) / self.scale) @ self.weights + self.bias)
@@ -1147,9 +1148,11 @@ def shift_stage() -> ShiftStage:
     global _shift_stage
     if _shift_stage is None:
         data = json.loads(SHIFT_STAGE_PATH.read_text())
-        if tuple(data["features"]) != SHIFT_STAGE_FEATURES:
+        words = data.get("reply_words")
+        if tuple(data["features"]) != SHIFT_STAGE_FEATURES or not isinstance(words, int) or words < 1:
             raise ValueError(
-                f"{SHIFT_STAGE_PATH} was fitted on other features: retrain bench/train_shift_stage.py"
+                f"{SHIFT_STAGE_PATH} was fitted on other features (or names no reply_words):"
+                " retrain bench/train_shift_stage.py"
             )
         _shift_stage = ShiftStage(
             np.asarray(data["weights"], dtype=np.float64),
@@ -1158,6 +1161,7 @@ def shift_stage() -> ShiftStage:
             np.asarray(data["scale"], dtype=np.float64),
             float(data["threshold"]),
             str(data["version"]),
+            words,
         )
     return _shift_stage
 
@@ -1228,6 +1232,27 @@ def shift_stage_features(
     )
 
 
+def reply_tail(reply: str, max_words: int) -> str:
+    """The piece of the assistant's reply the second stage embeds: its last sentences, whole, up to
+    ``max_words`` words (the step or question it ended with is what a next message leans on), or the
+    last ``max_words`` words of its last sentence when that alone is longer; at most ``10 * max_words``
+    characters (the end of them), for text written without spaces. The encoder's CPU grows with the
+    text's length, so a long LLM reply costs no more than a short one here (bench/shift_stage_cpu.py).
+    The trainer (bench/train_shift_stage.py) embeds the same piece and stores ``max_words`` with the
+    weights (``reply_words`` in data/shift_stage.json)."""
+    taken: list[str] = []
+    for sentence in reversed(re.split(r"(?<=[.!?])\s+", reply.strip())):
+        words = sentence.split()
+        if not words:
+            continue
+        if len(taken) + len(words) > max_words:
+            if not taken:
+                taken = words[-max_words:]
+            break
+        taken = words + taken
+    return " ".join(taken)[-10 * max_words :]
+
+
 def stage_opens_subject(
     text: str,
     embedding: np.ndarray,
@@ -1237,12 +1262,15 @@ def stage_opens_subject(
 ) -> tuple[bool, float | None]:
     """Whether the second stage takes a message the scorer continued for a subject of its own, and its
     P (None when it did not read the message: a detail of what the thread found, no reply yet, or no
-    encoder). The assistant's reply is embedded here (the encoder's cache keeps it for the thread's next
-    messages)."""
-    if DETAIL_OF_IT.search(text) or not state.last_assistant_text or embed_reply is None:
+    encoder). The end of the assistant's reply (``reply_tail``) is embedded here (the encoder's cache keeps
+    it for the thread's next messages)."""
+    if DETAIL_OF_IT.search(text) or embed_reply is None:
         return False, None
     stage = shift_stage()
-    reply_embedding = embed_reply(state.last_assistant_text)
+    tail = reply_tail(state.last_assistant_text, stage.reply_words)
+    if not tail:
+        return False, None
+    reply_embedding = embed_reply(tail)
     z = stage.logit(shift_stage_features(text, embedding, state, p_new, reply_embedding))
     p = 1.0 / (1.0 + float(np.exp(-z)))
     return p >= stage.threshold, round(p, 4)
