@@ -15,7 +15,7 @@ import pytest
 from agentflow import AgentFrameworkBuilder
 from conversations import thread_detection
 from conversations.models import Message, Thread
-from conversations.thread_detection import shift_stage, stage_opens_subject
+from conversations.thread_detection import reply_tail, shift_stage, stage_opens_subject
 from conversations.thread_features import ThreadState, content_words, load_model
 
 STAGE = "a subject of its own, by the second stage (not the scorer)"
@@ -172,3 +172,77 @@ def test_a_stage_file_fitted_on_other_features_is_refused(tmp_path, monkeypatch)
 
     with pytest.raises(ValueError, match="other features"):
         shift_stage()
+
+
+@pytest.mark.parametrize("words", [None, 0, "24"])
+def test_a_stage_file_without_a_reply_length_is_refused(tmp_path, monkeypatch, words) -> None:
+    data = json.loads(thread_detection.SHIFT_STAGE_PATH.read_text())
+    if words is None:
+        del data["reply_words"]
+    else:
+        data["reply_words"] = words
+    path = tmp_path / "shift_stage.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(thread_detection, "SHIFT_STAGE_PATH", path)
+    monkeypatch.setattr(thread_detection, "_shift_stage", None)
+
+    with pytest.raises(ValueError, match="reply_words"):
+        shift_stage()
+
+
+STEPS = (
+    "Thanks for the details. First open the app's settings and check that notifications are on for this "
+    "device. If they are, sign out, close the app and sign back in. I have also resent the last alerts "
+    "from our side. "
+)
+
+
+def test_reply_tail_keeps_the_last_whole_sentences_up_to_the_limit() -> None:
+    reply = STEPS * 5 + "Which phone model are you using?  And which app version?"
+
+    assert reply_tail(reply, 12) == "Which phone model are you using? And which app version?"
+    assert reply_tail(reply, 16) == "Which phone model are you using? And which app version?"
+    assert reply_tail(reply, 24) == (
+        "I have also resent the last alerts from our side. Which phone model are you using? And which app version?"
+    )
+    assert reply_tail("  I've refunded the duplicate £35.\n", 24) == "I've refunded the duplicate £35."
+
+
+def test_reply_tail_bounds_bad_input() -> None:
+    run_on = " ".join(f"word{i}" for i in range(500))  # one sentence, no punctuation
+    no_spaces = "払い戻しが完了しました" * 100  # 1,100 characters, no spaces, no latin punctuation
+
+    assert reply_tail("", 24) == reply_tail("   \n\t ", 24) == ""
+    assert reply_tail("...", 24) == "..."
+    assert reply_tail(run_on, 24) == " ".join(f"word{i}" for i in range(476, 500))
+    assert reply_tail(no_spaces, 24) == no_spaces[-240:]
+    assert reply_tail("¿Algo más? Ihre Rückerstattung über 35 € ist unterwegs.", 24) == (
+        "¿Algo más? Ihre Rückerstattung über 35 € ist unterwegs."
+    )
+    assert reply_tail("¿Algo más? Ihre Rückerstattung über 35 € ist unterwegs.", 7) == (
+        "Ihre Rückerstattung über 35 € ist unterwegs."
+    )
+
+
+def test_the_stage_embeds_only_the_end_of_a_long_reply() -> None:
+    from agentflow.embeddings import get_embedder
+
+    embedder = get_embedder()
+    asked: list[str] = []
+
+    def embed(text: str) -> np.ndarray:
+        asked.append(text)
+        return embedder.embed_one(text)
+
+    long_reply = STEPS * 6 + "Is there anything else on the notifications I can check?"
+    state, _ = _state("I stopped getting notifications after the update.", long_reply)
+    message = "Do you sell gift cards?"
+    opens, p = stage_opens_subject(message, embedder.embed_one(message), state, 0.05, embed)
+    blank, _ = _state("I stopped getting notifications after the update.", " \n ")
+    skipped = stage_opens_subject(message, embedder.embed_one(message), blank, 0.05, embed)
+
+    assert len(long_reply.split()) > 150
+    assert asked == [reply_tail(long_reply, shift_stage().reply_words)]
+    assert asked[0].endswith("I can check?") and len(asked[0].split()) <= shift_stage().reply_words
+    assert p is not None and opens == (p >= shift_stage().threshold)
+    assert skipped == (False, None)  # a reply of blanks is no reply: nothing embedded
