@@ -21,6 +21,10 @@
 6. Outcomes told by the step (task profile): "Flicking airplane mode gave me full bars" resolves; "Pressed
    the keys, the screen went black again" (the step done, the problem left) and a question back with no
    outcome ("is that the one with the green clip?") do not.
+7. A second stage for unmarked shifts (task profile): a message the scorer continued is read by a small
+   logistic regression fitted on support chats ("Do you do beard trims?" after a refund opens a thread; "Is
+   there a cancellation fee?" after a cancellation stays); never a question for a detail of what the thread
+   found ("What's the cost per night?").
 
 Every decision carries its confidence and the signals behind it, stored on the message. The
 function is pure (no database) so it can be tested and benchmarked alone.
@@ -28,8 +32,9 @@ function is pure (no database) so it can be tested and benchmarked alone.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,6 +46,7 @@ from agentflow.types import ThreadEvent
 from .thread_features import (
     ANYTHING_ELSE,
     FIX_CUE,
+    MODEL_PATH,
     NOT_FIXED_CUE,
     REQUEST_CUE,
     RESOLUTION_CUE,
@@ -808,6 +814,7 @@ def decide_thread(
     now: datetime,
     inactivity: timedelta,
     model: ThreadModel,
+    embed_reply: Callable[[str], np.ndarray] | None = None,
 ) -> ThreadDecision:
     """Place a message: FOLLOW_UP, RETURN or RESOLUTION on an existing thread, or NEW_TOPIC.
 
@@ -815,6 +822,8 @@ def decide_thread(
         candidates: most recently active first; the first is the active thread.
         inactivity: a thread idle longer than this no longer takes bare follow-ups.
         model: the profile's scorer.
+        embed_reply: the encoder, for the assistant's last reply when the second stage for unmarked
+            shifts needs it (task profile); without it the stage is off.
     """
     if not candidates:
         return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 1.0, {"reason": "no open thread"})
@@ -1031,6 +1040,17 @@ def decide_thread(
             {**signals, "reason": "unrelated to the active thread"},
         )
     if idle <= inactivity and active.current_session:
+        if task and not active.resolved:
+            opens, p_stage = stage_opens_subject(text, embedding, active.state, p_new, embed_reply)
+            if p_stage is not None:
+                signals["p_shift_stage"] = p_stage
+            if opens:
+                return ThreadDecision(
+                    ThreadEvent.NEW_TOPIC,
+                    None,
+                    float(p_stage or 0.0),
+                    {**signals, "reason": "a subject of its own, by the second stage (not the scorer)"},
+                )
         return ThreadDecision(
             ThreadEvent.FOLLOW_UP,
             active.thread_id,
@@ -1050,3 +1070,207 @@ def decide_thread(
         round(1 - sims[0], 4),
         {**signals, "reason": "the active thread went dormant or its session expired"},
     )
+
+
+# --- the second stage for unmarked topic shifts (task profile) --------------------------------------
+#
+# A message the scorer continued may still open a subject of its own with no marker ("Do you do beard
+# trims?" after a refund, "How do I get a student discount?" after a ride problem). A small logistic
+# regression over cues of what the message leans on decides on such messages, fitted on support chats only
+# (bench/train_shift_stage.py; weights in data/shift_stage.json): how close it is to the thread (topic,
+# last user message, opening) and to the assistant's last reply, which words of the thread and of that
+# reply it reuses, whether its first content word is new, a pointer back, the question forms, a question
+# about the thread's own process ("Will I ...?", "How long ...?"), a problem told, and what the assistant
+# last did (asked, reported something done, gave a step). It never reads a question for a detail of what
+# the thread found ("What's the cost per night?", "the phone number?"): the slot dialogues of SGD ask
+# for those, and the stage fitted on support chats took them for new subjects.
+SHIFT_STAGE_PATH = MODEL_PATH.with_name("shift_stage.json")
+SHIFT_STAGE_FEATURES = (
+    "sim_topic",
+    "sim_last",
+    "sim_open",
+    "p_new",
+    "shared_reply",
+    "shared_thread",
+    "own_words",
+    "novelty",
+    "first_new",
+    "pointer",
+    "question",
+    "own_form",
+    "process_question",
+    "problem",
+    "asked",
+    "reply_did",
+    "reply_step",
+    "n_words",
+    "sim_reply",
+    "reply_minus_thread",
+)
+PROCESS_QUESTION = re.compile(
+    r"^\W*((and|so)\W+)?(will|would|do|does|did|should|can|could|am|is|are) (i|we|you|he|she|they)\b"
+    r"|^\W*(what happens|how long|how soon|when will|when do|when does|who)\b",
+    re.IGNORECASE,
+)
+# The assistant reported something done ("I've refunded ...", "your booking is confirmed") or gave a step.
+REPLY_DID = re.compile(
+    r"\b(i'?ve|i have|we'?ve|we have)\s+[a-z]+|\b(is|are|was|were|has been|have been) (now )?[a-z]+ed\b",
+    re.IGNORECASE,
+)
+REPLY_STEP = re.compile(
+    r"^\W*(please\s+)?(try|open|go|tap|click|press|hold|turn|check|restart|reset|unplug|plug|clean|run|update"
+    r"|use|make|remove|put|set|switch|select|choose|move|bring|send|spray|lift|replace|keep|change|enter|log"
+    r"|wipe|add|call|reinstall|clear|rotate|top)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class ShiftStage:
+    """Logistic regression over SHIFT_STAGE_FEATURES (standardised), P(the message opens a subject)."""
+
+    weights: np.ndarray
+    bias: float
+    mean: np.ndarray
+    scale: np.ndarray
+    threshold: float
+    version: str
+    reply_words: int
+
+    def logit(self, x: np.ndarray) -> float:
+        return float(((x - self.mean) / self.scale) @ self.weights + self.bias)
+
+
+_shift_stage: ShiftStage | None = None
+
+
+def shift_stage() -> ShiftStage:
+    global _shift_stage
+    if _shift_stage is None:
+        data = json.loads(SHIFT_STAGE_PATH.read_text())
+        words = data.get("reply_words")
+        if tuple(data["features"]) != SHIFT_STAGE_FEATURES or not isinstance(words, int) or words < 1:
+            raise ValueError(
+                f"{SHIFT_STAGE_PATH} was fitted on other features (or names no reply_words):"
+                " retrain bench/train_shift_stage.py"
+            )
+        _shift_stage = ShiftStage(
+            np.asarray(data["weights"], dtype=np.float64),
+            float(data["bias"]),
+            np.asarray(data["mean"], dtype=np.float64),
+            np.asarray(data["scale"], dtype=np.float64),
+            float(data["threshold"]),
+            str(data["version"]),
+            words,
+        )
+    return _shift_stage
+
+
+def _first_word_new(text: str, stems: set[str]) -> float:
+    """1 when the message's first content word is one the thread never used (the thing it asks about)."""
+    for match in re.finditer(r"[a-z][a-z']*", text.lower()):
+        word = match.group()
+        if len(word) <= 2 or word in STOPWORDS or word in FUNCTION_WORDS or word in GENERIC_WORDS:
+            continue
+        if QUESTION_LEANS.fullmatch(word):
+            return 0.0
+        return float(_stem(word) not in stems)
+    return 0.0
+
+
+def shift_stage_features(
+    text: str, embedding: np.ndarray, state: ThreadState, p_new: float, reply_embedding: np.ndarray | None
+) -> np.ndarray:
+    """The second stage's inputs, in SHIFT_STAGE_FEATURES order (``reply_embedding``: the assistant's last
+    reply embedded; None gives 0 for the similarity to it)."""
+    words = content_words(text)
+    vocabulary = state.vocabulary
+    stems = {_stem(w) for w in vocabulary}
+    own = {
+        w
+        for w in words - vocabulary
+        if w not in GENERIC_WORDS
+        and w not in FUNCTION_WORDS
+        and not DETAIL_OF_IT.fullmatch(w)
+        and _stem(w) not in stems
+    }
+    reply = state.last_assistant_text
+    sim_topic, sim_last = _cos(embedding, state.centroid), _cos(embedding, state.last_user)
+    sim_reply = _cos(embedding, reply_embedding) if reply_embedding is not None else 0.0
+    return np.asarray(
+        [
+            sim_topic,
+            sim_last,
+            _cos(embedding, state.opening),
+            p_new,
+            float(bool(shared_subject(words, content_words(reply)))),
+            float(bool(shared_subject(words, vocabulary))),
+            min(len(own), 4) / 4,
+            len(words - vocabulary) / max(1, len(words)),
+            _first_word_new(text, stems),
+            float(bool(QUESTION_LEANS.search(text))),
+            float("?" in text or bool(QUESTION_START.match(text))),
+            float(
+                bool(
+                    OWN_QUESTION.match(text)
+                    or OFFERS_QUESTION.match(text)
+                    or HOW_TO_QUESTION.match(text)
+                    or IMPERATIVE.match(text)
+                    or OWN_PROBLEM.match(text)
+                )
+            ),
+            float(bool(PROCESS_QUESTION.match(text))),
+            float(bool(SYMPTOM_TOLD.search(text))),
+            float(bool(asked_a_question(reply))),
+            float(bool(REPLY_DID.search(reply) or DONE_REPORT.search(reply))),
+            float(bool(REPLY_STEP.match(reply))),
+            min(len(words), 8) / 8,
+            sim_reply,
+            sim_reply - max(sim_topic, sim_last),
+        ],
+        dtype=np.float64,
+    )
+
+
+def reply_tail(reply: str, max_words: int) -> str:
+    """The piece of the assistant's reply the second stage embeds: its last sentences, whole, up to
+    ``max_words`` words (the step or question it ended with is what a next message leans on), or the
+    last ``max_words`` words of its last sentence when that alone is longer; at most ``10 * max_words``
+    characters (the end of them), for text written without spaces. The encoder's CPU grows with the
+    text's length, so a long LLM reply costs no more than a short one here (bench/shift_stage_cpu.py).
+    The trainer (bench/train_shift_stage.py) embeds the same piece and stores ``max_words`` with the
+    weights (``reply_words`` in data/shift_stage.json)."""
+    taken: list[str] = []
+    for sentence in reversed(re.split(r"(?<=[.!?])\s+", reply.strip())):
+        words = sentence.split()
+        if not words:
+            continue
+        if len(taken) + len(words) > max_words:
+            if not taken:
+                taken = words[-max_words:]
+            break
+        taken = words + taken
+    return " ".join(taken)[-10 * max_words :]
+
+
+def stage_opens_subject(
+    text: str,
+    embedding: np.ndarray,
+    state: ThreadState,
+    p_new: float,
+    embed_reply: Callable[[str], np.ndarray] | None,
+) -> tuple[bool, float | None]:
+    """Whether the second stage takes a message the scorer continued for a subject of its own, and its
+    P (None when it did not read the message: a detail of what the thread found, no reply yet, or no
+    encoder). The end of the assistant's reply (``reply_tail``) is embedded here (the encoder's cache keeps
+    it for the thread's next messages)."""
+    if DETAIL_OF_IT.search(text) or embed_reply is None:
+        return False, None
+    stage = shift_stage()
+    tail = reply_tail(state.last_assistant_text, stage.reply_words)
+    if not tail:
+        return False, None
+    reply_embedding = embed_reply(tail)
+    z = stage.logit(shift_stage_features(text, embedding, state, p_new, reply_embedding))
+    p = 1.0 / (1.0 + float(np.exp(-z)))
+    return p >= stage.threshold, round(p, 4)

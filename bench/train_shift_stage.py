@@ -1,0 +1,274 @@
+"""Fit the second stage for unmarked topic shifts (task profile) and check it by leave-one-domain-out folds.
+
+    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--write]
+
+The support chats used for tuning (the tuning parts of bench/data/support_turns.jsonl and
+support_unmarked2.jsonl, and support_fresh3.jsonl) and SGD dev are replayed through the real
+``decide_thread`` without the stage, on the threads the replay builds itself (a pure-Python copy of the
+pipeline's bookkeeping: open / add / resolve, the assistant's replies added to the most recent thread,
+10 open + 3 resolved candidates). Every scored message the scorer continued in an open thread (reason
+"scorer: continues") that asks for no detail of what the thread found is a row: its
+``shift_stage_features`` against the active thread (the reply's cosine read on ``reply_tail(reply,
+--reply-words)``, the piece the product embeds), gold = a topic shift. Rows are fitted on the support
+chats only (SGD is only checked against: a stage fitted on all support rows must change no SGD decision).
+
+For each L2 and threshold it prints, held out one support domain at a time, the shifts gained and the
+follow-ups / resolutions lost, how many domains gain or lose, and per source file; then the SGD check.
+``--write`` fits the chosen setting (``--l2``, ``--threshold``) on all support rows and writes
+conversations/data/shift_stage.json (with ``--reply-words`` as ``reply_words``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
+os.environ.setdefault("DJANGO_DEBUG", "true")
+
+DATA = ROOT / "bench" / "data"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+VOCABULARY_LIMIT = 300
+L2S = (0.01, 0.02, 0.03, 0.05)
+THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+class Thread:
+    """A thread as the pipeline keeps it (conversations.services): topic, last user vector, words, reply."""
+
+    def __init__(self, key: int, text: str, v: np.ndarray, clock: int) -> None:
+        from conversations.thread_features import ThreadState
+
+        self.key, self.clock, self.resolved, self.weight = key, clock, False, 1
+        self.words = self._vocabulary([], text)
+        self.state = ThreadState(v, v, v.copy(), set(self.words), "", 1)
+
+    @staticmethod
+    def _vocabulary(existing: list[str], text: str) -> list[str]:
+        from conversations.thread_features import content_words
+
+        return list(dict.fromkeys([*existing, *sorted(content_words(text))]))[-VOCABULARY_LIMIT:]
+
+    def add(self, text: str, v: np.ndarray, clock: int) -> None:
+        s = self.state
+        s.centroid = (s.centroid * self.weight + v) / (self.weight + 1)
+        self.weight += 1
+        s.user_turns, s.last_user = self.weight, v
+        self.words = self._vocabulary(self.words, text)
+        s.vocabulary = set(self.words)
+        self.clock, self.resolved = clock, False
+
+    def resolve(self, v: np.ndarray, clock: int) -> None:
+        self.state.last_user = v
+        self.clock, self.resolved = clock, True
+
+    def reply(self, text: str, clock: int) -> None:
+        self.clock = clock
+        self.state.last_assistant_text = text[:2000]
+        self.words = self._vocabulary(self.words, text)
+        self.state.vocabulary = set(self.words)
+
+
+def candidates(threads: list[Thread]) -> list:
+    from conversations.thread_detection import Candidate
+
+    resolved = sorted((t for t in threads if t.resolved), key=lambda t: -t.clock)[:3]
+    open_ = sorted((t for t in threads if not t.resolved), key=lambda t: -t.clock)[:10]
+    return [
+        Candidate(t.key, t.state, NOW, resolved=t.resolved)
+        for t in sorted(open_ + resolved, key=lambda t: -t.clock)
+    ]
+
+
+def replay(
+    dialogues: list[dict], vectors: dict, *, last_only: bool, reply_words: int, embed_reply=None
+) -> list[dict]:
+    """One record per scored user turn: gold, event, reason and, for the rows the stage reads, its inputs
+    (the reply's similarity read on the piece of it the product embeds, ``reply_tail``)."""
+    from conversations.thread_detection import DETAIL_OF_IT, decide_thread, reply_tail, shift_stage_features
+    from conversations.thread_features import load_model
+
+    model = load_model("task")
+    records = []
+    for dialogue in dialogues:
+        threads: list[Thread] = []
+        turns = dialogue["turns"]
+        last_user = max(i for i, t in enumerate(turns) if t["speaker"] == "USER")
+        for clock, turn in enumerate(turns):
+            text = turn["utterance"]
+            if turn["speaker"] != "USER":
+                if threads:
+                    max(threads, key=lambda t: t.clock).reply(text, clock)
+                continue
+            v = vectors[text]
+            offered = candidates(threads)
+            decision = decide_thread(
+                text=text,
+                embedding=v,
+                candidates=offered,
+                now=NOW,
+                inactivity=timedelta(minutes=30),
+                model=model,
+                embed_reply=embed_reply,
+            )
+            if turn["label"] != "FIRST" and (not last_only or clock == last_user):
+                record = {
+                    "dialogue": dialogue["dialogue_id"],
+                    "domain": dialogue.get("domain") or dialogue["services"][0].split("_")[0],
+                    "text": text,
+                    "gold": turn["label"],
+                    "event": decision.event,
+                    "reason": decision.signals.get("reason", ""),
+                }
+                active = offered[0] if offered else None
+                if (
+                    active is not None
+                    and not active.resolved
+                    and record["reason"] == "scorer: continues"
+                    and active.state.last_assistant_text
+                    and not DETAIL_OF_IT.search(text)
+                ):
+                    tail = reply_tail(active.state.last_assistant_text, reply_words)
+                    record["x"] = shift_stage_features(
+                        text, v, active.state, decision.signals["p_new_topic"], vectors[tail]
+                    )
+                records.append(record)
+            by_key = {t.key: t for t in threads}
+            if decision.thread_id is None:
+                threads.append(Thread(len(threads), text, v, clock))
+            elif decision.event == "RESOLUTION":
+                by_key[decision.thread_id].resolve(v, clock)
+            else:
+                by_key[decision.thread_id].add(text, v, clock)
+    return records
+
+
+def load_sets(datasets: Path) -> dict[str, tuple[list[dict], bool]]:
+    from support_data import file_split, load_support, load_support_holdout
+
+    unmarked2 = load_support_holdout(DATA / "support_unmarked2.jsonl", any_split=True)
+    sgd = [
+        json.loads(line) for line in (datasets / "sgd_threads" / "dev.jsonl").read_text().splitlines() if line
+    ]
+    return {
+        "support_turns tune": (load_support("tune"), False),
+        "support_unmarked2 tune": ([d for d in unmarked2 if file_split(d["dialogue_id"]) == "tune"], True),
+        "support_fresh3": (load_support_holdout(DATA / "support_fresh3.jsonl", any_split=True), True),
+        "SGD dev": (sgd, False),
+    }
+
+
+def fit(x: np.ndarray, y: np.ndarray, l2: float):
+    from conversations.thread_features import fit_logistic
+
+    return fit_logistic(x, y, l2=l2, iterations=1500)
+
+
+def probability(params, x: np.ndarray) -> np.ndarray:
+    w, b, mean, scale = params
+    return 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ w + b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--cache", type=Path, default=None, help="keep the texts' embeddings in this .npz")
+    parser.add_argument("--l2", type=float, default=0.03, help="the setting --write fits")
+    parser.add_argument("--threshold", type=float, default=0.6, help="the setting --write stores")
+    parser.add_argument(
+        "--reply-words", type=int, default=24, help="the most words of the reply's end embedded (reply_tail)"
+    )
+    parser.add_argument("--write", action="store_true", help="write conversations/data/shift_stage.json")
+    args = parser.parse_args()
+    import django
+
+    django.setup()
+    from agentflow.embeddings import get_embedder
+    from conversations.thread_detection import SHIFT_STAGE_FEATURES, SHIFT_STAGE_PATH, reply_tail
+
+    sets = load_sets(args.datasets)
+    seen: dict[str, np.ndarray] = {}
+    if args.cache and args.cache.exists():
+        with np.load(args.cache) as cached:
+            seen.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
+    utterances = {t["utterance"] for ds, _ in sets.values() for d in ds for t in d["turns"]}
+    tails = {reply_tail(u[:2000], args.reply_words) for u in utterances}
+    texts = sorted((utterances | tails) - set(seen))
+    if texts:
+        embedder = get_embedder()
+        for i in range(0, len(texts), 64):
+            seen.update(zip(texts[i : i + 64], embedder.embed(texts[i : i + 64]), strict=True))
+        if args.cache:
+            np.savez(args.cache, texts=np.asarray(list(seen)), vectors=np.asarray(list(seen.values())))
+
+    rows: dict[str, list[dict]] = {}
+    for name, (dialogues, last_only) in sets.items():
+        rows[name] = [
+            r for r in replay(dialogues, seen, last_only=last_only, reply_words=args.reply_words) if "x" in r
+        ]
+        gold = collections.Counter(r["gold"] for r in rows[name])
+        print(f"{name}: {len(dialogues)} dialogues, {len(rows[name])} rows the stage reads {dict(gold)}")
+    support = [r for name, rs in rows.items() if name != "SGD dev" for r in rs]
+    source = [name for name, rs in rows.items() if name != "SGD dev" for _ in rs]
+    x = np.asarray([r["x"] for r in support])
+    y = np.asarray([r["gold"] in ("NEW_TOPIC", "RETURN") for r in support], dtype=float)
+    domains = np.asarray([r["domain"] for r in support])
+    x_sgd = np.asarray([r["x"] for r in rows["SGD dev"]])
+    y_sgd = np.asarray([r["gold"] == "NEW_TOPIC" for r in rows["SGD dev"]])
+    print(
+        f"support rows {len(y)} ({int(y.sum())} shifts) in {len(set(domains))} domains; SGD rows {len(y_sgd)}"
+    )
+    print("held out one support domain at a time: shifts gained / follow-ups+resolutions lost")
+    for l2 in L2S:
+        out_of_fold = np.zeros(len(y))
+        for domain in np.unique(domains):
+            held = domains == domain
+            out_of_fold[held] = probability(fit(x[~held], y[~held], l2), x[held])
+        p_sgd = probability(fit(x, y, l2), x_sgd)
+        for threshold in THRESHOLDS:
+            flip = out_of_fold >= threshold
+            per_domain: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+            per_source: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+            for d, s, f, g in zip(domains, source, flip, y, strict=True):
+                if f:
+                    per_domain[d][0 if g else 1] += 1
+                    per_source[s][0 if g else 1] += 1
+            won = sum(g > lost for g, lost in per_domain.values())
+            lost_domains = sum(g < lost for g, lost in per_domain.values())
+            sgd_flip = p_sgd >= threshold
+            print(
+                f"  L2 {l2:<5} threshold {threshold:.2f}: +{int((flip & (y == 1)).sum())} / -{int((flip & (y == 0)).sum())};"
+                f" domains changed {len(per_domain)}: gain {won}, lose {lost_domains};"
+                f" by file {', '.join(f'{k} +{v[0]}/-{v[1]}' for k, v in per_source.items()) or '-'};"
+                f" SGD dev (fit on all support rows) +{int((sgd_flip & y_sgd).sum())} / -{int((sgd_flip & ~y_sgd).sum())}"
+            )
+    if args.write:
+        w, b, mean, scale = fit(x, y, args.l2)
+        data = {
+            "version": datetime.now(UTC).strftime("%Y%m%d") + f"-l2{args.l2}-t{args.threshold}",
+            "features": list(SHIFT_STAGE_FEATURES),
+            "weights": [round(float(v), 6) for v in w],
+            "bias": round(float(b), 6),
+            "mean": [round(float(v), 6) for v in mean],
+            "scale": [round(float(v), 6) for v in scale],
+            "threshold": args.threshold,
+            "reply_words": args.reply_words,
+            "trained_on": f"{len(y)} rows ({int(y.sum())} shifts) of {', '.join(n for n in rows if n != 'SGD dev')}",
+        }
+        lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items())
+        SHIFT_STAGE_PATH.write_text("{\n" + lines + "\n}\n")
+        print(f"wrote {SHIFT_STAGE_PATH}")
+
+
+if __name__ == "__main__":
+    main()
