@@ -70,6 +70,11 @@ class SessionConfig(_Section):
     judgement_margin: Float = Field(
         0.08, ge=0.0, le=0.5, description="How close to a scorer threshold counts as unsure."
     )
+    shift_stage: bool = Field(
+        True,
+        description="Task profile: a second stage reads a message the scorer continued and may open a thread"
+        " for a subject of its own (one short embedding of the end of the assistant's last reply).",
+    )
 
 
 class MemoryConfig(_Section):

@@ -266,7 +266,7 @@ def decide_and_place(
                 now=now,
                 inactivity=inactivity,
                 model=agent.thread_model,
-                embed_reply=agent.embedder.embed_one,
+                embed_reply=agent.embedder.embed_one if cfg.shift_stage else None,
             )
         decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
     if verdict is not None:

@@ -21,11 +21,13 @@ from conversations.thread_features import ThreadState, content_words, load_model
 STAGE = "a subject of its own, by the second stage (not the scorer)"
 
 
-async def _agent(profile: str = "task"):
+async def _agent(profile: str = "task", **session: object):
     return await (
         AgentFrameworkBuilder()
         .with_intent_categories([])
-        .with_config({"name": f"stage-{profile}", "session_config": {"threading_profile": profile}})
+        .with_config(
+            {"name": f"stage-{profile}", "session_config": {"threading_profile": profile, **session}}
+        )
         .build(None)
     )
 
@@ -110,6 +112,33 @@ async def test_the_stage_is_for_the_task_profile_only() -> None:
 
     assert placed["signals"]["reason"] != STAGE
     assert "p_shift_stage" not in placed["signals"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_agent_can_turn_the_stage_off_and_then_embeds_no_reply(monkeypatch) -> None:
+    """``session_config.shift_stage: false`` (the CPU of one short embedding a continued turn saved):
+    the message the stage would open a thread for stays a follow-up, and no reply is embedded."""
+    agent = await _agent(shift_stage=False)
+    embedded: list[str] = []
+    real = agent.embedder.embed_one
+    monkeypatch.setattr(agent.embedder, "embed_one", lambda text: embedded.append(text) or real(text))
+
+    _, placed = await _place(agent, "stage-off", *CASES[0][:3])
+
+    assert placed["thread_event"] == "FOLLOW_UP"
+    assert "p_shift_stage" not in placed["signals"]
+    assert CASES[0][1] not in embedded and reply_tail(CASES[0][1], shift_stage().reply_words) not in embedded
+    assert await Thread.objects.filter(user__external_id="stage-off").acount() == 1
+
+
+@pytest.mark.parametrize("value", ["sometimes", 2, None])
+def test_a_bad_shift_stage_setting_is_refused_naming_the_field(value: object) -> None:
+    from pydantic import ValidationError
+
+    from agentflow.config import SessionConfig
+
+    with pytest.raises(ValidationError, match="shift_stage"):
+        SessionConfig(shift_stage=value)
 
 
 def _state(problem: str, reply: str) -> tuple[ThreadState, np.ndarray]:
