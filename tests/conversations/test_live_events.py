@@ -412,6 +412,15 @@ async def test_the_blocking_group_send_tells_how_many_channels_the_group_had() -
     await layer.flush()
 
 
+async def _texts(layer: Any, channel: str) -> list[str]:
+    """The ``event.text`` of every message waiting for ``channel``, in order (until 0.3 s of silence)."""
+    texts = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            texts.append((await asyncio.wait_for(layer.receive(channel), 0.3))["event"]["text"])
+    return texts
+
+
 async def test_blocking_sends_follow_the_group_as_members_come_and_go() -> None:
     """A blocking send expects the members the last one found (one round trip when they are the same):
     members that joined or left since, or whose membership expired, are found all the same."""
@@ -419,13 +428,6 @@ async def test_blocking_sends_follow_the_group_as_members_come_and_go() -> None:
     send = layer.group_send_blocking
     first, second, third = [await layer.new_channel() for _ in range(3)]
     await layer.group_add("chat.user.12", first)
-
-    async def got(channel: str) -> list[str]:
-        texts = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                texts.append((await asyncio.wait_for(layer.receive(channel), 0.3))["event"]["text"])
-        return texts
 
     counts = [await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "a"}})]
     counts.append(
@@ -446,7 +448,9 @@ async def test_blocking_sends_follow_the_group_as_members_come_and_go() -> None:
     counts.append(
         await asyncio.to_thread(send, "chat.user.12", {"type": "chat.event", "event": {"text": "e"}})
     )
-    received = {name: await got(channel) for name, channel in (("1", first), ("2", second), ("3", third))}
+    received = {
+        name: await _texts(layer, channel) for name, channel in (("1", first), ("2", second), ("3", third))
+    }
     await layer.flush()
 
     assert counts == [1, 1, 2, 2, 1]
@@ -470,14 +474,7 @@ async def test_a_blocking_send_leaves_out_the_skipped_channel_on_both_paths() ->
     await layer.group_add("chat.user.14", other)
     counts += [await asyncio.to_thread(send, "read"), await asyncio.to_thread(send, "expected")]
 
-    async def got(channel: str) -> list[str]:
-        texts = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                texts.append((await asyncio.wait_for(layer.receive(channel), 0.3))["event"]["text"])
-        return texts
-
-    received = {"sender": await got(sender), "other": await got(other)}
+    received = {"sender": await _texts(layer, sender), "other": await _texts(layer, other)}
     await layer.flush()
 
     assert counts == [1, 1, 2, 2]

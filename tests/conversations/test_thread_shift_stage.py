@@ -8,6 +8,7 @@ from the tuning support chats (bench/train_shift_stage.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -150,36 +151,44 @@ def _state(problem: str, reply: str) -> tuple[ThreadState, np.ndarray]:
     ), vector
 
 
-def test_the_stage_reads_the_reply_only_for_messages_it_may_place() -> None:
+def _vector(text: str) -> np.ndarray:
     from agentflow.embeddings import get_embedder
 
-    embedder = get_embedder()
+    return get_embedder().embed_one(text)
+
+
+def _recording_encoder() -> tuple[list[str], Callable[[str], np.ndarray]]:
+    """The real encoder, with the texts it was asked to embed kept in order."""
     asked: list[str] = []
 
     def embed(text: str) -> np.ndarray:
         asked.append(text)
-        return embedder.embed_one(text)
+        return _vector(text)
+
+    return asked, embed
+
+
+def test_the_stage_reads_the_reply_only_for_messages_it_may_place() -> None:
+    asked, embed = _recording_encoder()
 
     state, _ = _state("I got a double booking charge for my haircut.", "I've refunded the duplicate £35.")
     shift = stage_opens_subject(
-        "Do you do beard trims?", embedder.embed_one("Do you do beard trims?"), state, 0.05, embed
+        "Do you do beard trims?", _vector("Do you do beard trims?"), state, 0.05, embed
     )
     leaning = stage_opens_subject(
         "When will it show on my card?",
-        embedder.embed_one("When will it show on my card?"),
+        _vector("When will it show on my card?"),
         state,
         0.05,
         embed,
     )
     detail = stage_opens_subject(
-        "What's the total cost now?", embedder.embed_one("What's the total cost now?"), state, 0.05, embed
+        "What's the total cost now?", _vector("What's the total cost now?"), state, 0.05, embed
     )
-    off = stage_opens_subject(
-        "Do you do beard trims?", embedder.embed_one("Do you do beard trims?"), state, 0.05, None
-    )
+    off = stage_opens_subject("Do you do beard trims?", _vector("Do you do beard trims?"), state, 0.05, None)
     no_reply = stage_opens_subject(
         "Do you do beard trims?",
-        embedder.embed_one("Do you do beard trims?"),
+        _vector("Do you do beard trims?"),
         _state("I got a double booking charge for my haircut.", "")[0],
         0.05,
         embed,
@@ -254,21 +263,14 @@ def test_reply_tail_bounds_bad_input() -> None:
 
 
 def test_the_stage_embeds_only_the_end_of_a_long_reply() -> None:
-    from agentflow.embeddings import get_embedder
-
-    embedder = get_embedder()
-    asked: list[str] = []
-
-    def embed(text: str) -> np.ndarray:
-        asked.append(text)
-        return embedder.embed_one(text)
+    asked, embed = _recording_encoder()
 
     long_reply = STEPS * 6 + "Is there anything else on the notifications I can check?"
     state, _ = _state("I stopped getting notifications after the update.", long_reply)
     message = "Do you sell gift cards?"
-    opens, p = stage_opens_subject(message, embedder.embed_one(message), state, 0.05, embed)
+    opens, p = stage_opens_subject(message, _vector(message), state, 0.05, embed)
     blank, _ = _state("I stopped getting notifications after the update.", " \n ")
-    skipped = stage_opens_subject(message, embedder.embed_one(message), blank, 0.05, embed)
+    skipped = stage_opens_subject(message, _vector(message), blank, 0.05, embed)
 
     assert len(long_reply.split()) > 150
     assert asked == [reply_tail(long_reply, shift_stage().reply_words)]
