@@ -192,24 +192,12 @@ def vectors_of(embedder, by_intent: dict[str, list[str]]) -> dict[str, np.ndarra
 
 def group_folds(args, embedder, names: list[str], by_intent: dict[str, list[str]], others: list[str]):
     """``intent_eval.run_folds`` on a fixed set of intents (those of one held-out group)."""
-    from agentflow.types import IntentCategory
-
     figures = []
     for seed in range(args.seeds):
         rng = random.Random(f"adapter-{len(names)}-{seed}")
-        shots: dict[str, list[str]] = {}
-        queries: list[tuple[str, str]] = []
-        for name in names:
-            texts = by_intent[name][:]
-            rng.shuffle(texts)
-            shots[name] = texts[: args.shots]
-            queries += [(t, name) for t in texts[args.shots : args.shots + args.queries]]
-        categories = [IntentCategory(name, "", shots[name]) for name in names]
-        order = names[:]
-        random.Random(f"adapter-group-{len(names)}").shuffle(order)
-        size = max(1, len(names) // 5)
-        start = (seed * size) % len(names)
-        held = set((order + order)[start : start + size])
+        categories, queries, held = intent_eval.few_shot_fold(
+            by_intent, names, rng, args.shots, args.queries, seed, group_seed=f"adapter-group-{len(names)}"
+        )
         fold, _ = intent_eval.evaluate_fold(categories, queries, held, others, embedder, args.threshold)
         figures.append(fold)
     return figures

@@ -315,11 +315,40 @@ def print_aggregate(figures: list[dict[str, float]], groups: list[int], timings:
     )
 
 
+def few_shot_fold(
+    by_intent: dict[str, list[str]],
+    names: list[str],
+    rng: random.Random,
+    shots: int,
+    queries: int | None,
+    seed: int,
+    *,
+    group_seed: str,
+):
+    """One fold over ``names``: ``shots`` examples an intent (shuffled by ``rng``) as the categories, up to
+    ``queries`` other rows an intent to classify (None: all the others), and a fifth of the intents (shuffled by ``group_seed``,
+    rotating with ``seed``) to leave out as out of scope. Returns (categories, queries, held-out names)."""
+    from agentflow.types import IntentCategory
+
+    examples: dict[str, list[str]] = {}
+    asked: list[tuple[str, str]] = []
+    for name in names:
+        texts = by_intent[name][:]
+        rng.shuffle(texts)
+        examples[name] = texts[:shots]
+        asked += [(text, name) for text in texts[shots : None if queries is None else shots + queries]]
+    categories = [IntentCategory(name, "", examples[name]) for name in names]
+    order = names[:]
+    random.Random(group_seed).shuffle(order)
+    group_size = max(1, len(names) // 5)
+    start = (seed * group_size) % len(names)
+    return categories, asked, set((order + order)[start : start + group_size])
+
+
 def run_folds(args, embedder=None, build=None) -> list[dict[str, float]]:
     """The folds (see above), printed; returns each fold's figures. ``embedder``: vectors from elsewhere
     (``bench/intent_encoders.py`` passes precomputed ones), else the process's, cached in ``args.cache``;
     ``build``: another classifier (see ``evaluate_fold``)."""
-    from agentflow.types import IntentCategory
 
     path = args.datasets / "banking77" / "train.csv"
     if not path.is_file():
@@ -353,20 +382,9 @@ def run_folds(args, embedder=None, build=None) -> list[dict[str, float]]:
         for seed in range(args.seeds):
             rng = random.Random(f"{size}-{seed}")
             chosen = sorted(rng.sample(names, size))
-            shots: dict[str, list[str]] = {}
-            queries: list[tuple[str, str]] = []
-            for name in chosen:
-                texts = by_intent[name][:]
-                rng.shuffle(texts)
-                shots[name] = texts[: args.shots]
-                queries += [(text, name) for text in texts[args.shots : args.shots + args.queries]]
-            categories = [IntentCategory(name, "", shots[name]) for name in chosen]
-            # Out of scope: a group of a fifth of the intents (rotating with the seed) left out.
-            order = chosen[:]
-            random.Random(f"group-{size}").shuffle(order)
-            group_size = max(1, size // 5)
-            start = (seed * group_size) % size
-            held = set((order + order)[start : start + group_size])
+            categories, queries, held = few_shot_fold(
+                by_intent, chosen, rng, args.shots, args.queries, seed, group_seed=f"group-{size}"
+            )
             fold, fold_times = evaluate_fold(
                 categories, queries, held, others, embedder, args.threshold, build
             )
@@ -422,8 +440,6 @@ def run_sgd(args, embedder=None, build=None) -> list[dict[str, float]]:
     random examples each (``args.seeds`` samples), every other turn of the intent classified. Intents
     with fewer than ``args.shots`` + 5 turns are left out. A fifth of the intents (rotating with the
     seed) is left out of a second classifier for out of scope; chit-chat openings are the other domain."""
-    from agentflow.types import IntentCategory
-
     by_intent = {n: t for n, t in sgd_intents(args.datasets).items() if len(t) >= args.shots + 5}
     names = sorted(by_intent)
     if len(names) < 2:
@@ -442,21 +458,11 @@ def run_sgd(args, embedder=None, build=None) -> list[dict[str, float]]:
         f"threshold {args.threshold}; {len(others)} chit-chat messages"
     )
     print(HEADER)
-    group_size = max(1, len(names) // 5)
     for seed in range(args.seeds):
         rng = random.Random(f"sgd-{seed}")
-        shots: dict[str, list[str]] = {}
-        queries: list[tuple[str, str]] = []
-        for name in names:
-            texts = by_intent[name][:]
-            rng.shuffle(texts)
-            shots[name] = texts[: args.shots]
-            queries += [(text, name) for text in texts[args.shots :]]
-        categories = [IntentCategory(name, "", shots[name]) for name in names]
-        order = names[:]
-        random.Random("sgd-group").shuffle(order)
-        start = (seed * group_size) % len(names)
-        held = set((order + order)[start : start + group_size])
+        categories, queries, held = few_shot_fold(
+            by_intent, names, rng, args.shots, None, seed, group_seed="sgd-group"
+        )
         fold, fold_times = evaluate_fold(categories, queries, held, others, embedder, args.threshold, build)
         figures.append({"size": len(names), **fold})
         timings += fold_times
