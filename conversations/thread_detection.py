@@ -77,8 +77,11 @@ RECURRENCE_CUES = re.compile(
     re.IGNORECASE,
 )
 
-# The not-fixed cue without "again", which also ends fixes ("it's moving again"): for the veto.
-STILL_BROKEN = re.compile(NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", ""), re.IGNORECASE)
+# The not-fixed cue without "again", which also ends fixes ("it's moving again"): for the veto. Whole
+# words only: "less" is no cue inside "lesson" ("works in chrome, she's in the lesson now").
+STILL_BROKEN = re.compile(
+    "(?:" + NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", "") + r")\b", re.IGNORECASE
+)
 # "Closing" words that may come with a negation and still end the thread ("nope, that's all").
 CLOSING = re.compile(
     r"\b(that'?s (all|it|everything)|that was (all|it|everything)|bye|goodbye|nothing else|all set)\b"
@@ -146,7 +149,15 @@ def partial_fix(text: str) -> bool:
 SAME_AS_BEFORE = re.compile(
     r"\b((just|exactly|much|pretty much|all) the same|the same as (before|ever|yesterday|last time)"
     r"|(just |exactly )?(as|like) (before|ever|yesterday|last time)|no (change|difference)|unchanged"
-    r"|no better|nothing'?s changed|same old)\b",
+    r"|no better|nothing'?s changed|same old|(the )?same as (always|every time|each time))\b",
+    re.IGNORECASE,
+)
+# Nothing came of it: "nothing there", "No text. Nothing on email either", "checked spam too nothing
+# there"; or what the step was for is still bad: "the page is still missing", "the box is empty".
+NOTHING_CAME = re.compile(
+    r"\bnothing (there|on|in|yet|at all|came|arrived|showing|shows|happened)\b"
+    r"|\bno (text|texts|email|emails|sms|message|call|reply|code|refund|parcel|delivery)\b(?! (needed|necessary))"
+    r"|(?<!nothing )(?<!nothing's )\b(is|are|'s|'re) (still )?(missing|empty|blank|broken|wrong)\b",
     re.IGNORECASE,
 )
 
@@ -220,6 +231,8 @@ def not_fixed_yet(text: str) -> bool:
         return True
     if (SAME_AS_BEFORE.search(text) or BAD_ARRIVAL.search(text)) and not CLOSING.search(text):
         return True
+    if NOTHING_CAME.search(text) and not CLOSING.search(text) and not FIX_CUE.search(text):
+        return True
     return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
 
 
@@ -273,7 +286,9 @@ OUTCOME_CUE = re.compile(
     r"|(is|are|'s|'re) (warming|heating|cooling|working|running|printing|charging|mowing|brewing|loading|syncing"
     r"|streaming|flowing|draining|spinning|pumping|producing|recording|scanning|taking|coming) ?(up|through|in"
     r"|across|fine|again|properly)?\b|shows? up|brews"
-    r"|ta\b|cheers|much appreciated|nice one|legend|lifesaver|spot on|squared away|that was easy)",
+    r"|ta\b|cheers|much appreciated|nice one|legend|lifesaver|spot on|squared away|that was easy"
+    # "never mind" as written in a hurry: "nvm, a staff member had it"
+    r"|nvm\b)",
     re.IGNORECASE,
 )
 # What makes such a report a problem after all: "turned up broken", "arrived without the cable",
