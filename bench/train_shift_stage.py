@@ -1,9 +1,11 @@
 """Fit the second stage for unmarked topic shifts (task profile) and check it by leave-one-domain-out folds.
 
-    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--write]
+    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--show-sgd] [--write]
 
 The support chats used for tuning (the tuning parts of bench/data/support_turns.jsonl and
-support_unmarked2.jsonl, and support_fresh3.jsonl) and SGD dev are replayed through the real
+support_unmarked2.jsonl, support_fresh3.jsonl, support_fresh4.jsonl (scored blind once before it was
+added here) and support_styles.jsonl (other writing styles; every labelled turn is a row)) and SGD dev
+are replayed through the real
 ``decide_thread`` without the stage, on the threads the replay builds itself (a pure-Python copy of the
 pipeline's bookkeeping: open / add / resolve, the assistant's replies added to the most recent thread,
 10 open + 3 resolved candidates). Every scored message the scorer continued in an open thread (reason
@@ -14,6 +16,11 @@ chats only (SGD is only checked against: a stage fitted on all support rows must
 
 For each L2 and threshold it prints, held out one support domain at a time, the shifts gained and the
 follow-ups / resolutions lost, how many domains gain or lose, and per source file; then the SGD check.
+Then, on 5 folds of whole domains (``domain_fold``), the net rows right per 100 rows read: mean, spread
+and worst fold (``fold_summary``), and the stored stage on the same rows when it was fitted on the
+features computed now. The setting is chosen there: the best mean (and worst fold) among the settings
+that flip no SGD dev CONTINUATION or RESOLUTION row. ``--show-sgd`` lists the SGD dev rows the
+``--l2`` / ``--threshold`` setting flips. bench/data/support_fresh5.jsonl (blind) is never read here.
 ``--write`` fits the chosen setting (``--l2``, ``--threshold``) on all support rows and writes
 conversations/data/shift_stage.json (with ``--reply-words`` as ``reply_words``).
 """
