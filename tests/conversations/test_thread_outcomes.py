@@ -40,6 +40,9 @@ def _embed(text: str) -> np.ndarray:
         "Ta!",
         "cheers, sorted",
         "Lovely, ta",
+        # written in a hurry (support_styles)
+        "nvm a staff member at the ride had it",
+        "works in chrome, she's in the lesson now",
     ],
 )
 def test_outcome_report_reads_fixes_told_as_what_happened(text: str) -> None:
@@ -74,6 +77,8 @@ def test_outcome_report_reads_fixes_told_as_what_happened(text: str) -> None:
         "Hello again",
         "hi there!",
         "Good morning again.",
+        "checked spam too nothing there",
+        "nvm, it still shows the error",
     ],
 )
 def test_outcome_report_ignores_problems_requests_and_bookings(text: str) -> None:
@@ -102,6 +107,16 @@ def test_outcome_report_ignores_problems_requests_and_bookings(text: str) -> Non
         ("Now there are no errors", False),
         ("Works now and the error is gone", False),
         ("now the page loads, thanks", False),
+        # nothing came of the step, or what it was for is still bad (support_styles)
+        ("checked spam too nothing there", True),
+        ("No text. Nothing on email either. Same as every time", True),
+        ("the invoice is still missing the address", True),
+        ("the box is empty", True),
+        ("Now nothing is missing, thanks", False),
+        ("Thanks, no email needed, it works now", False),
+        # whole words only: "less" is a cue, "lesson" is not
+        ("works in chrome, she's in the lesson now", False),
+        ("it's less noisy but the light still blinks", True),
     ],
 )
 def test_not_fixed_yet_without_a_negation(text: str, vetoed: bool) -> None:
@@ -160,6 +175,9 @@ PLACED = [
     (ALARM, "it's beeping just the same", "FOLLOW_UP"),
     (ALARM, "Replaced it, no change", "FOLLOW_UP"),
     (DISHWASHER, "Now the display shows a different error", "FOLLOW_UP"),
+    (PARCEL, "Checked the porch and the bins too, nothing there", "FOLLOW_UP"),
+    (REFUND, "No email. Nothing on my statement either. Same as every time", "FOLLOW_UP"),
+    (PARCEL, "nvm my neighbour had taken it in", "RESOLUTION"),
     # a question about the open problem in new words: FOLLOW_UP (before: "unrelated", NEW_TOPIC)
     (DISHWASHER, "How long is the wait for the visit at the moment?", "FOLLOW_UP"),
     (DISHWASHER, "Which door bell number should the engineer press downstairs?", "FOLLOW_UP"),
