@@ -1,13 +1,22 @@
-"""CPU of the second stage for unmarked shifts on a long assistant reply: the whole reply embedded vs its end.
+"""CPU of the second stage for unmarked shifts: the whole reply embedded vs its end, and the gate in front
+of that embedding.
 
     python bench/shift_stage_cpu.py [--rounds 6] [--words 150]
 
 ``stage_opens_subject`` is called on a message the scorer continued, after an assistant reply of about
 ``--words`` words (an LLM's typical support answer: a few steps, then a question), with the shipped
-weights and (a) every word of the reply embedded (``reply_words`` = 10**6, the stage as first shipped)
-and (b) the shipped ``reply_words`` (``reply_tail``). The encoder runs without its cache (the first
-message after each reply misses it). Alternates (a) and (b) for ``--rounds`` rounds and prints the
-thread CPU per decision of each round and the medians. One inference thread (the worker's setting).
+weights, in five variants:
+
+* a message that may open a subject ("Do you also sell gift cards?", the gate passes it) with (a) every
+  word of the reply embedded and no gate (the stage as first shipped), (b) ``reply_tail`` and no gate
+  (``reply_floor`` None: the stage before the gate), (c) ``reply_tail`` and the gate (shipped: what the
+  gate adds when it passes);
+* a message leaning on the thread that no reply could make a shift ("The notifications are switched on
+  already.") with (d) no gate and (e) the gate (shipped: it settles the message without the embedding).
+
+The encoder runs without its cache (the first message after each reply misses it). Alternates the
+variants for ``--rounds`` rounds and prints the thread CPU per decision of each round and the medians.
+One inference thread (the worker's setting).
 """
 
 from __future__ import annotations
@@ -66,10 +75,18 @@ def main() -> None:
 
     embedder = get_embedder()
     shipped = shift_stage()
-    variants = {"whole reply": dataclasses.replace(shipped, reply_words=10**6), "reply_tail": shipped}
-    message = "Do you also sell gift cards?"
+    ungated = dataclasses.replace(shipped, reply_floor=None)
+    shift, leaning = "Do you also sell gift cards?", "The notifications are switched on already."
+    variants = {
+        "(a) shift, whole reply, no gate": (dataclasses.replace(ungated, reply_words=10**6), shift),
+        "(b) shift, reply_tail, no gate": (ungated, shift),
+        "(c) shift, reply_tail, gate": (shipped, shift),
+        "(d) leaning, no gate": (ungated, leaning),
+        "(e) leaning, gate": (shipped, leaning),
+    }
     opening = "I stopped getting notifications on my phone after the update."
-    v, v_open = embedder.embed([message])[0], embedder.embed([opening])[0]
+    v_open = embedder.embed([opening])[0]
+    vectors = {shift: embedder.embed([shift])[0], leaning: embedder.embed([leaning])[0]}
     replies = [long_reply(args.words, i) for i in range(args.decisions)]
     print(
         f"{len(replies)} replies of {statistics.median(len(r.split()) for r in replies)} words; "
@@ -80,26 +97,30 @@ def main() -> None:
     def embed_reply(text: str) -> np.ndarray:
         return embedder.embed([text])[0]  # no cache: the first message after a reply
 
-    def round_ms(stage) -> float:
+    def round_ms(stage, message: str) -> tuple[float, int]:
+        """CPU per decision, and how many decisions embedded the reply."""
         thread_detection._shift_stage = stage
+        read = 0
         start = time.thread_time()
         for reply in replies:
             state = ThreadState(v_open, v_open, v_open.copy(), {"notifications", "phone", "update"}, reply, 1)
-            stage_opens_subject(message, v, state, 0.1, embed_reply)
-        return (time.thread_time() - start) / len(replies) * 1000
+            read += stage_opens_subject(message, vectors[message], state, 0.1, embed_reply).p is not None
+        return (time.thread_time() - start) / len(replies) * 1000, read
 
-    for stage in variants.values():
-        round_ms(stage)  # warm up
+    for stage, message in variants.values():
+        round_ms(stage, message)  # warm up
     figures: dict[str, list[float]] = {name: [] for name in variants}
+    embedded: dict[str, int] = {}
     for _ in range(args.rounds):
-        for name, stage in variants.items():
-            figures[name].append(round_ms(stage))
+        for name, (stage, message) in variants.items():
+            ms, embedded[name] = round_ms(stage, message)
+            figures[name].append(ms)
     thread_detection._shift_stage = shipped
     for name, values in figures.items():
         rounds = " ".join(f"{x:.2f}" for x in values)
         print(
-            f"  {name:12s} {rounds}  median {statistics.median(values):.2f} ms CPU per decision"
-            f" (spread {min(values):.2f}-{max(values):.2f})"
+            f"  {name:32s} {rounds}  median {statistics.median(values):.3f} ms CPU per decision"
+            f" (spread {min(values):.3f}-{max(values):.3f}; reply embedded {embedded[name]}/{len(replies)})"
         )
     print(f"load average {os.getloadavg()[0]:.2f}")
 

@@ -33,11 +33,12 @@ function is pure (no database) so it can be tested and benchmarked alone.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -1056,14 +1057,16 @@ def decide_thread(
         )
     if idle <= inactivity and active.current_session:
         if task and not active.resolved:
-            opens, p_stage = stage_opens_subject(text, embedding, active.state, p_new, embed_reply)
-            if p_stage is not None:
-                signals["p_shift_stage"] = p_stage
-            if opens:
+            reading = stage_opens_subject(text, embedding, active.state, p_new, embed_reply)
+            if reading.p is not None:
+                signals["p_shift_stage"] = reading.p
+            elif reading.p_max is not None:
+                signals["p_shift_stage_max"] = reading.p_max
+            if reading.opens:
                 return ThreadDecision(
                     ThreadEvent.NEW_TOPIC,
                     None,
-                    float(p_stage or 0.0),
+                    float(reading.p or 0.0),
                     {**signals, "reason": "a subject of its own, by the second stage (not the scorer)"},
                 )
         return ThreadDecision(
@@ -1140,9 +1143,28 @@ REPLY_STEP = re.compile(
 )
 
 
+# The two inputs that read the reply's embedding; each moves one for one with sim_reply (the cosine of the
+# message to ``reply_tail``), the other inputs do not depend on it, so the stage's logit is linear in
+# sim_reply with the slope ``ShiftStage.reply_slope`` (tests/conversations/test_thread_shift_stage.py
+# checks that shift_stage_features keeps this shape).
+_SIM_REPLY = SHIFT_STAGE_FEATURES.index("sim_reply")
+_REPLY_MINUS_THREAD = SHIFT_STAGE_FEATURES.index("reply_minus_thread")
+# The gate in front of the reply's embedding (issue 13) takes sim_reply at this floor, its best case when
+# the logit falls with sim_reply. A cosine can reach -1, but MiniLM's cosines of real text seldom go below
+# -0.2: over every pair of a message and the reply before it in our data (support sets, SGD dev, TIAGE
+# dev) the lowest is -0.118, and over every text of those sets against every reply tail (186 M pairs)
+# -0.286, none below -0.3 (bench/shift_stage_gate.py; docs/operations.md, "A gate in front of the reply's
+# embedding"). The gate's verdict is exact whenever the true cosine is at or above the floor; below it (no
+# real text measured) the gate could keep a message the stage would have opened.
+SIM_REPLY_FLOOR = -0.5
+
+
 @dataclass(frozen=True)
 class ShiftStage:
-    """Logistic regression over SHIFT_STAGE_FEATURES (standardised), P(the message opens a subject)."""
+    """Logistic regression over SHIFT_STAGE_FEATURES (standardised), P(the message opens a subject).
+
+    ``reply_floor``: the lowest sim_reply the gate assumes (None: no gate, the reply always embedded).
+    ``reply_slope`` (derived from the weights when loaded): d logit / d sim_reply."""
 
     weights: np.ndarray
     bias: float
@@ -1151,9 +1173,25 @@ class ShiftStage:
     threshold: float
     version: str
     reply_words: int
+    reply_floor: float | None = SIM_REPLY_FLOOR
+    reply_slope: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        slope = sum(float(self.weights[i] / self.scale[i]) for i in (_SIM_REPLY, _REPLY_MINUS_THREAD))
+        object.__setattr__(self, "reply_slope", slope)
+
+    @property
+    def gate_floor(self) -> float | None:
+        """The sim_reply the gate takes for a message's best case, or None (no gate: the reply is always
+        embedded). Only while the logit never rises with sim_reply (slope <= 0) is the floor its best
+        case; weights that make it rise (a future retraining) turn the gate off."""
+        return self.reply_floor if self.reply_slope <= 0 else None
 
     def logit(self, x: np.ndarray) -> float:
         return float(((x - self.mean) / self.scale) @ self.weights + self.bias)
+
+    def probability(self, x: np.ndarray) -> float:
+        return 1.0 / (1.0 + float(np.exp(-self.logit(x))))
 
 
 _shift_stage: ShiftStage | None = None
@@ -1198,6 +1236,24 @@ def shift_stage_features(
 ) -> np.ndarray:
     """The second stage's inputs, in SHIFT_STAGE_FEATURES order (``reply_embedding``: the assistant's last
     reply embedded; None gives 0 for the similarity to it)."""
+    sim_reply = _cos(embedding, reply_embedding) if reply_embedding is not None else 0.0
+    return _with_reply(*_stage_inputs(text, embedding, state, p_new), sim_reply)
+
+
+def _with_reply(x: np.ndarray, sim_thread: float, sim_reply: float) -> np.ndarray:
+    """``x`` with the two inputs that read the reply's embedding set for this ``sim_reply`` (in place);
+    ``sim_thread``: the closer of the thread's topic and last user message, from ``_stage_inputs``."""
+    x[_SIM_REPLY] = sim_reply
+    x[_REPLY_MINUS_THREAD] = sim_reply - sim_thread
+    return x
+
+
+def _stage_inputs(
+    text: str, embedding: np.ndarray, state: ThreadState, p_new: float
+) -> tuple[np.ndarray, float]:
+    """Every input but the two that read the reply's embedding (left at 0: ``_with_reply`` sets them), and
+    the message's similarity to the thread (the closer of its topic and its last user message), which
+    ``reply_minus_thread`` subtracts from sim_reply."""
     words = content_words(text)
     vocabulary = state.vocabulary
     stems = {_stem(w) for w in vocabulary}
@@ -1211,7 +1267,6 @@ def shift_stage_features(
     }
     reply = state.last_assistant_text
     sim_topic, sim_last = _cos(embedding, state.centroid), _cos(embedding, state.last_user)
-    sim_reply = _cos(embedding, reply_embedding) if reply_embedding is not None else 0.0
     return np.asarray(
         [
             sim_topic,
@@ -1236,11 +1291,11 @@ def shift_stage_features(
             float(bool(REPLY_DID.search(reply) or DONE_REPORT.search(reply))),
             float(bool(REPLY_STEP.match(reply))),
             min(len(words), 8) / 8,
-            sim_reply,
-            sim_reply - max(sim_topic, sim_last),
+            0.0,
+            0.0,
         ],
         dtype=np.float64,
-    )
+    ), max(sim_topic, sim_last)
 
 
 def reply_tail(reply: str, max_words: int) -> str:
@@ -1264,24 +1319,42 @@ def reply_tail(reply: str, max_words: int) -> str:
     return " ".join(taken)[-10 * max_words :]
 
 
+class StageReading(NamedTuple):
+    """What the second stage made of a message the scorer continued.
+
+    ``opens``: it opens a subject of its own. ``p``: the stage's P, when it read the message with the
+    reply embedded. ``p_max``: when the gate ruled the message out without embedding the reply, the most
+    its P could be (sim_reply at ``SIM_REPLY_FLOOR``; rounded up), below the threshold. Both None when
+    the stage did not read the message (a detail of what the thread found, no reply yet, no encoder)."""
+
+    opens: bool
+    p: float | None = None
+    p_max: float | None = None
+
+
 def stage_opens_subject(
     text: str,
     embedding: np.ndarray,
     state: ThreadState,
     p_new: float,
     embed_reply: Callable[[str], np.ndarray] | None,
-) -> tuple[bool, float | None]:
+) -> StageReading:
     """Whether the second stage takes a message the scorer continued for a subject of its own, and its
-    P (None when it did not read the message: a detail of what the thread found, no reply yet, or no
-    encoder). The end of the assistant's reply (``reply_tail``) is embedded here (the encoder's cache keeps
-    it for the thread's next messages)."""
+    P. The end of the assistant's reply (``reply_tail``) is embedded here, unless the gate rules the
+    message out first: its P with sim_reply at its best case (``ShiftStage.gate_floor``) stays below
+    the threshold, so no cosine at or above the floor could open a thread (the gate changes no
+    decision for such a cosine). When the gate passes, P comes from the same inputs as without it."""
     if DETAIL_OF_IT.search(text) or embed_reply is None:
-        return False, None
+        return StageReading(False)
     stage = shift_stage()
     tail = reply_tail(state.last_assistant_text, stage.reply_words)
     if not tail:
-        return False, None
-    reply_embedding = embed_reply(tail)
-    z = stage.logit(shift_stage_features(text, embedding, state, p_new, reply_embedding))
-    p = 1.0 / (1.0 + float(np.exp(-z)))
-    return p >= stage.threshold, round(p, 4)
+        return StageReading(False)
+    x, sim_thread = _stage_inputs(text, embedding, state, p_new)
+    floor = stage.gate_floor
+    if floor is not None:
+        best = stage.probability(_with_reply(x, sim_thread, floor))
+        if best < stage.threshold:
+            return StageReading(False, p_max=math.ceil(best * 10_000) / 10_000)
+    p = stage.probability(_with_reply(x, sim_thread, _cos(embedding, embed_reply(tail))))
+    return StageReading(p >= stage.threshold, round(p, 4))

@@ -7,6 +7,7 @@ from the tuning support chats (bench/train_shift_stage.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -16,7 +17,14 @@ import pytest
 from agentflow import AgentFrameworkBuilder
 from conversations import thread_detection
 from conversations.models import Message, Thread
-from conversations.thread_detection import reply_tail, shift_stage, stage_opens_subject
+from conversations.thread_detection import (
+    SIM_REPLY_FLOOR,
+    StageReading,
+    reply_tail,
+    shift_stage,
+    shift_stage_features,
+    stage_opens_subject,
+)
 from conversations.thread_features import ThreadState, content_words, load_model
 
 STAGE = "a subject of its own, by the second stage (not the scorer)"
@@ -176,8 +184,8 @@ def test_the_stage_reads_the_reply_only_for_messages_it_may_place() -> None:
         "Do you do beard trims?", _vector("Do you do beard trims?"), state, 0.05, embed
     )
     leaning = stage_opens_subject(
-        "When will it show on my card?",
-        _vector("When will it show on my card?"),
+        "How long until I see the money?",
+        _vector("How long until I see the money?"),
         state,
         0.05,
         embed,
@@ -194,9 +202,10 @@ def test_the_stage_reads_the_reply_only_for_messages_it_may_place() -> None:
         embed,
     )
 
-    assert shift[0] is True and shift[1] is not None and shift[1] >= shift_stage().threshold
-    assert leaning[0] is False and leaning[1] is not None and leaning[1] < shift_stage().threshold
-    assert detail == off == no_reply == (False, None)  # a detail of what was found; no encoder; no reply
+    assert shift.opens is True and shift.p is not None and shift.p >= shift_stage().threshold
+    assert leaning.opens is False and leaning.p is not None and leaning.p < shift_stage().threshold
+    # a detail of what was found; no encoder; no reply
+    assert detail == off == no_reply == StageReading(False, None, None)
     assert asked == ["I've refunded the duplicate £35."] * 2
 
 
@@ -268,7 +277,7 @@ def test_the_stage_embeds_only_the_end_of_a_long_reply() -> None:
     long_reply = STEPS * 6 + "Is there anything else on the notifications I can check?"
     state, _ = _state("I stopped getting notifications after the update.", long_reply)
     message = "Do you sell gift cards?"
-    opens, p = stage_opens_subject(message, _vector(message), state, 0.05, embed)
+    opens, p, _ = stage_opens_subject(message, _vector(message), state, 0.05, embed)
     blank, _ = _state("I stopped getting notifications after the update.", " \n ")
     skipped = stage_opens_subject(message, _vector(message), blank, 0.05, embed)
 
@@ -276,4 +285,154 @@ def test_the_stage_embeds_only_the_end_of_a_long_reply() -> None:
     assert asked == [reply_tail(long_reply, shift_stage().reply_words)]
     assert asked[0].endswith("I can check?") and len(asked[0].split()) <= shift_stage().reply_words
     assert p is not None and opens == (p >= shift_stage().threshold)
-    assert skipped == (False, None)  # a reply of blanks is no reply: nothing embedded
+    assert skipped == StageReading(False, None, None)  # a reply of blanks is no reply: nothing embedded
+
+
+# --- the gate in front of the reply's embedding (issue 13) ----------------------------------------
+
+REFUND = ("I got a double booking charge for my haircut.", "I've refunded the duplicate £35.")
+SOFTENER = (
+    "My water softener is showing an E3 error.",
+    "Check the salt level and top it up if it's below the water line.",
+)
+
+
+def _ungated() -> thread_detection.ShiftStage:
+    return dataclasses.replace(shift_stage(), reply_floor=None)
+
+
+def _read(stage, text: str, problem_reply: tuple[str, str]) -> tuple[StageReading, list[str]]:
+    """The stage's reading of ``text`` (p_new 0.05) with ``stage`` in place, and the texts it embedded."""
+    asked, embed = _recording_encoder()
+    state, _ = _state(*problem_reply)
+    previous = thread_detection._shift_stage
+    thread_detection._shift_stage = stage
+    try:
+        return stage_opens_subject(text, _vector(text), state, 0.05, embed), asked
+    finally:
+        thread_detection._shift_stage = previous
+
+
+@pytest.mark.parametrize(
+    ("text", "problem_reply"),
+    [("yes", SOFTENER), ("The salt is at the line already.", SOFTENER)],
+)
+def test_the_gate_settles_a_message_no_reply_could_make_a_shift_without_embedding_the_reply(
+    text: str, problem_reply: tuple[str, str]
+) -> None:
+    gated, asked = _read(shift_stage(), text, problem_reply)
+    ungated, asked_ungated = _read(_ungated(), text, problem_reply)
+
+    assert asked == [] and asked_ungated == [problem_reply[1]]
+    assert gated.opens is ungated.opens is False
+    assert gated.p is None and ungated.p is not None and ungated.p_max is None
+    assert gated.p_max is not None and ungated.p <= gated.p_max < shift_stage().threshold
+
+
+@pytest.mark.parametrize(
+    ("text", "problem_reply"),
+    [
+        ("Do you do beard trims?", REFUND),
+        ("Is there a cancellation fee?", REFUND),
+        ("How long until I see the money?", REFUND),
+    ],
+)
+def test_a_message_the_gate_passes_is_read_as_without_it(text: str, problem_reply: tuple[str, str]) -> None:
+    gated, asked = _read(shift_stage(), text, problem_reply)
+    ungated, asked_ungated = _read(_ungated(), text, problem_reply)
+
+    assert gated == ungated and gated.p is not None and gated.p_max is None
+    assert asked == asked_ungated == [problem_reply[1]]
+
+
+def test_the_stage_inputs_move_with_sim_reply_one_for_one() -> None:
+    """The gate's premise: the logit is linear in sim_reply with the slope derived from the weights."""
+    state, _ = _state(*REFUND)
+    message = _vector("Do you do beard trims?")
+    near, far = _vector("Yes, we do beard trims as well."), _vector("What a lovely sunny day it is.")
+    x_near = shift_stage_features("Do you do beard trims?", message, state, 0.05, near)
+    x_far = shift_stage_features("Do you do beard trims?", message, state, 0.05, far)
+    reply_inputs = [
+        thread_detection.SHIFT_STAGE_FEATURES.index(n) for n in ("sim_reply", "reply_minus_thread")
+    ]
+    moved = float(x_near[reply_inputs[0]] - x_far[reply_inputs[0]])
+    stage = shift_stage()
+
+    assert abs(moved) > 0.1
+    assert np.flatnonzero(x_near != x_far).tolist() == reply_inputs
+    assert np.allclose(x_near[reply_inputs] - x_far[reply_inputs], [moved, moved], atol=1e-12)
+    assert stage.logit(x_near) - stage.logit(x_far) == pytest.approx(stage.reply_slope * moved, abs=1e-9)
+    assert stage.reply_slope < 0 and stage.gate_floor == SIM_REPLY_FLOOR
+
+
+def _stage_file(tmp_path, monkeypatch, sim_reply: float, reply_minus_thread: float) -> None:
+    data = json.loads(thread_detection.SHIFT_STAGE_PATH.read_text())
+    for name, weight in (("sim_reply", sim_reply), ("reply_minus_thread", reply_minus_thread)):
+        data["weights"][data["features"].index(name)] = weight
+    path = tmp_path / "shift_stage.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(thread_detection, "SHIFT_STAGE_PATH", path)
+    monkeypatch.setattr(thread_detection, "_shift_stage", None)
+
+
+def test_weights_that_make_the_logit_rise_with_the_reply_turn_the_gate_off(tmp_path, monkeypatch) -> None:
+    """A retrained file whose logit rises with sim_reply: the floor is no best case, every reply embedded."""
+    _stage_file(tmp_path, monkeypatch, sim_reply=0.3, reply_minus_thread=-0.1)
+    stage = shift_stage()
+
+    reading, asked = _read(stage, "The salt is at the line already.", SOFTENER)
+
+    assert stage.reply_slope > 0 and stage.gate_floor is None
+    assert asked == [SOFTENER[1]] and reading.p is not None and reading.p_max is None
+
+
+def test_the_gate_follows_the_sum_of_the_reply_weights_not_their_signs(tmp_path, monkeypatch) -> None:
+    """One reply weight positive, the logit still falling with sim_reply: the gate stays on."""
+    _stage_file(tmp_path, monkeypatch, sim_reply=0.05, reply_minus_thread=-0.4)
+    stage = shift_stage()
+
+    reading, asked = _read(stage, "The salt is at the line already.", SOFTENER)
+
+    assert stage.reply_slope < 0 and stage.gate_floor == SIM_REPLY_FLOOR
+    assert asked == [] and reading.p is None and reading.p_max is not None
+
+
+def test_the_gate_is_exact_only_above_its_floor() -> None:
+    """What the floor buys: an encoder whose cosine to the message falls below it (no real text measured
+    does) could have opened a thread the gate settled without asking; above the floor nothing changes."""
+    state, _ = _state(*SOFTENER)
+    text = "The salt is at the line already."
+    message = _vector(text)
+    stage = shift_stage()
+    opposite = lambda _: -message  # noqa: E731  (cosine -1)
+
+    previous = thread_detection._shift_stage
+    try:
+        thread_detection._shift_stage = _ungated()
+        below = stage_opens_subject(text, message, state, 0.05, opposite)
+        thread_detection._shift_stage = stage
+        gated = stage_opens_subject(text, message, state, 0.05, opposite)
+    finally:
+        thread_detection._shift_stage = previous
+
+    assert below.p is not None and gated.p_max is not None and below.p > gated.p_max
+    assert gated.opens is False and gated.p is None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_message_the_gate_settles_stores_the_bound_not_a_p() -> None:
+    """Stored signals: ``p_shift_stage_max`` (the most P could be) instead of ``p_shift_stage``."""
+    agent = await _agent()
+
+    _, settled = await _place(agent, "gate-user", *SOFTENER, "The salt is at the line already.")
+    _, read = await _place(agent, "gate-user-2", *CASES[0][:3])
+
+    assert settled["thread_event"] == "FOLLOW_UP" and settled["signals"]["reason"] == "scorer: continues"
+    assert "p_shift_stage" not in settled["signals"]
+    assert 0 < settled["signals"]["p_shift_stage_max"] < shift_stage().threshold
+    stored = await Message.objects.aget(
+        user__external_id="gate-user", content="The salt is at the line already."
+    )
+    assert stored.thread_signals["p_shift_stage_max"] == settled["signals"]["p_shift_stage_max"]
+    assert read["signals"]["p_shift_stage"] >= shift_stage().threshold
+    assert "p_shift_stage_max" not in read["signals"]
