@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -124,7 +126,8 @@ def _prefix() -> str:
 
 def _layer(prefix: str | None = None, **config: Any) -> RedisChannelLayer:
     """A layer as one process has it (its own process-wide receive channel) under ``prefix``."""
-    return RedisChannelLayer(hosts=[django_settings.REDIS_URL], prefix=prefix or _prefix(), **config)
+    config.setdefault("hosts", [django_settings.REDIS_URL])
+    return RedisChannelLayer(prefix=prefix or _prefix(), **config)
 
 
 async def test_group_send_reaches_every_member_and_skips_those_that_left() -> None:
@@ -271,6 +274,25 @@ async def test_a_message_stored_on_a_thread_is_announced_without_a_switch_to_the
 # --- the channel layer's receive --------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def counted_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of these tests' own (the embedded Valkey, on a free port): the command counts
+    below are server-wide, and another test run or bench on a shared server adds to them."""
+    from agentflow_project import runtime
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    patch = pytest.MonkeyPatch()
+    patch.setenv("AGENTFLOW_DATA_DIR", str(tmp_path_factory.mktemp("counted-redis")))
+    patch.setenv("AGENTFLOW_EMBEDDED_REDIS_PORT", str(port))
+    try:
+        yield runtime.ensure_valkey()
+    finally:
+        runtime.stop_valkey()
+        patch.undo()
+
+
 def _calls(client: redis.Redis, *commands: str) -> dict[str, int]:
     stats = client.info("commandstats")
     return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands}
@@ -287,11 +309,13 @@ def _pop_command(bzmpop: bool) -> str:
 
 
 @POPS
-async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup(bzmpop: bool) -> None:
-    layer = _layer()
+async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup(
+    bzmpop: bool, counted_redis: str
+) -> None:
+    layer = _layer(hosts=[counted_redis])
     layer._bzmpop = bzmpop
     channel = await layer.new_channel()
-    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    client = redis.Redis.from_url(counted_redis)
     before = _calls(client, *RECEIVE_COMMANDS)
     for n in range(4):
         await layer.send(channel, {"type": "chat.event", "n": n})  # a ZADD each
@@ -320,13 +344,15 @@ async def test_a_message_is_received_in_one_round_trip_and_leaves_no_backup(bzmp
 
 
 @POPS
-async def test_messages_waiting_are_taken_in_one_round_trip_in_their_order(bzmpop: bool) -> None:
-    layer = _layer()
+async def test_messages_waiting_are_taken_in_one_round_trip_in_their_order(
+    bzmpop: bool, counted_redis: str
+) -> None:
+    layer = _layer(hosts=[counted_redis])
     layer._bzmpop = bzmpop
     first, second = await layer.new_channel(), await layer.new_channel()
     for n in range(12):  # a web process behind on its sockets' events
         await layer.send(first if n % 3 else second, {"type": "chat.event", "n": n})
-    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    client = redis.Redis.from_url(counted_redis)
     before = _calls(client, *RECEIVE_COMMANDS)
     command = _pop_command(bzmpop)
 
