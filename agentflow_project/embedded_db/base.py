@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from django.db.backends.postgresql import base
+from agentflow_project.postgres import base
 
 _started = threading.Event()
 _lock = threading.Lock()
