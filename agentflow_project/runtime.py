@@ -176,7 +176,7 @@ def database_settings() -> dict[str, Any]:
             "PORT": "",
         }
     if url:
-        config["ENGINE"] = "agentflow_project.postgres"
+        config["ENGINE"] = "django.db.backends.postgresql"
     config.setdefault("OPTIONS", {})
     if pool_max > 1:
         # One pool per process, shared by its threads (Celery's threads pool, Daphne's executor).
@@ -189,9 +189,9 @@ def database_settings() -> dict[str, Any]:
         # pgvector 0.8: filtered HNSW scans keep going until they have enough rows (set per connection
         # so similarity queries need no extra round trip).
         config["OPTIONS"].setdefault("options", "-c hnsw.iterative_scan=relaxed_order")
-    # With the pool, a pooled connection is tested before it is handed out, so after a PostgreSQL
-    # restart no request or turn gets a dead connection ("the connection is closed"). The engine
-    # (agentflow_project.postgres) tests one in use a moment ago by its socket, with no round trip.
+    # With the pool, Django passes psycopg_pool's check_connection: a pooled connection is tested (one
+    # cheap round trip) before it is handed out, so after a PostgreSQL restart no request or turn gets
+    # a dead connection ("the connection is closed").
     config["CONN_HEALTH_CHECKS"] = True
     # Parameters go to PostgreSQL apart from the SQL (server-side binding), and a statement a
     # connection has run twice is prepared: PostgreSQL then skips parsing and planning it (a turn runs

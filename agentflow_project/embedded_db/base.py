@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from agentflow_project.postgres import base
+from django.db.backends.postgresql import base
 
 _started = threading.Event()
 _lock = threading.Lock()
