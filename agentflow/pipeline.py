@@ -30,7 +30,7 @@ from conversations.thread_features import ThreadState
 from intents.rules import CLARIFY, HANDOFF, confidence_action
 from intents.store import IntentSnapshot, fingerprint_annotations, fingerprint_of
 from memory.selectors import memories_exist_annotations, memory_search
-from memory.services import memories_mark_used
+from memory.services import memories_use_writes
 from memory.writing import PREFERENCE
 
 from . import limits, metrics
@@ -719,10 +719,11 @@ def _store(agent: Agent, prepared: Prepared, outcome: Outcome) -> dict[str, Any]
             "tool_calls": outcome.tool_calls,
         },
         escalation_reason=outcome.escalation_reason,
+        # The memories the reply used are counted in the same statement as the reply.
+        also=memories_use_writes(memory_ids=[m["id"] for m in ctx.memories], now=timezone.now()),
     )
     if outcome.escalated and reply is not None:
         notify_slack(agent.config, event="escalation", message_id=message.pk)
-    memories_mark_used(memory_ids=[m["id"] for m in ctx.memories])
     result = conv_selectors.turn_result(message=message, reply=reply)
     logger.info(
         "turn agent=%s user=%s thread=%s event=%s intent=%s confidence=%.2f escalated=%s by=%s latency_ms=%.1f",

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from django.db import DatabaseError, DataError, connections, router, transaction
-from django.db.models import QuerySet, signals
+from django.db.models import F, QuerySet, signals
 from django.db.models.fields import NOT_PROVIDED
 from django.db.transaction import TransactionManagementError
 from pgvector import Vector
@@ -371,7 +371,20 @@ class Update:
         self.obj, self.fields = obj, tuple(fields)
 
 
-Write = Insert | Update
+class Increment:
+    """``QuerySet.filter(pk__in=pks).update(field=F(field) + 1, **values)``: a count kept on rows others
+    may delete meanwhile, so a row that is gone is skipped, not an error. Its rows must not be ones
+    another write of the statement updates (PostgreSQL leaves two updates of a row undefined)."""
+
+    __slots__ = ("field", "model", "pks", "values")
+
+    def __init__(self, model: Any, pks: Any, *, field: str, values: dict[str, Any] | None = None) -> None:
+        self.model, self.pks, self.field, self.values = model, tuple(pks), field, dict(values or {})
+        if not self.pks:
+            raise ValueError("Increment needs at least one key")
+
+
+Write = Insert | Update | Increment
 
 
 def _write_one_by_one(writes: tuple[Write, ...], using: str) -> None:
@@ -382,6 +395,10 @@ def _write_one_by_one(writes: tuple[Write, ...], using: str) -> None:
             if isinstance(write, Insert):
                 for obj in write.objs:
                     obj.save(force_insert=True, using=using)
+            elif isinstance(write, Increment):
+                write.model._default_manager.using(using).filter(pk__in=write.pks).update(
+                    **{write.field: F(write.field) + 1}, **write.values
+                )
             else:
                 write.obj.save(update_fields=list(write.fields), using=using)
 
@@ -420,6 +437,17 @@ def _together_sql(
                 + f" RETURNING {', '.join(qn(f.column) for f in returning) or '1'}"
             )
             outputs += [f"(SELECT array_agg({qn(f.column)}) FROM {name})" for f in returning]
+        elif isinstance(write, Increment):
+            opts = write.model._meta
+            counted = qn(opts.get_field(write.field).column)
+            fields = [opts.get_field(n) for n in write.values]
+            returning = []
+            body = (
+                f"UPDATE {qn(opts.db_table)} SET {counted} = {counted} + 1"
+                + "".join(f", {qn(f.column)} = %s" for f in fields)
+                + f" WHERE {qn(opts.pk.column)} = ANY(%s) RETURNING 1"
+            )
+            outputs.append(f"(SELECT count(*) FROM {name})")  # never guarded: gone rows are no error
         else:
             model = type(write.obj)
             opts = model._meta
@@ -439,7 +467,8 @@ def _together_sql(
 
 
 def write_together(*writes: Write, using: str = "default") -> None:
-    """Run ``writes`` (``Insert`` of new instances, ``Update`` of saved ones) as one statement.
+    """Run ``writes`` (``Insert`` of new instances, ``Update`` of saved ones, ``Increment`` of counts)
+    as one statement.
 
     The same rows and values as ``create`` / ``save_fields`` one by one, in one round trip: inserted
     instances get their database-generated keys and count as saved; an update of a row that is gone
@@ -457,6 +486,17 @@ def write_together(*writes: Write, using: str = "default") -> None:
     plain = connection.vendor == "postgresql"
     updated = set()
     for write in writes:
+        if isinstance(write, Increment):
+            model = write.model
+            names = model._meta._non_pk_concrete_field_names
+            if not names.issuperset([write.field, *write.values]):
+                raise ValueError(f"Increment needs fields of {model.__name__}'s own")
+            plain = (
+                plain
+                and _plain_model(model)
+                and all(model._meta.get_field(n).model is model for n in [write.field, *write.values])
+            )
+            continue
         objs = write.objs if isinstance(write, Insert) else (write.obj,)
         model = type(objs[0])
         plain = plain and _plain_model(model)
@@ -476,6 +516,8 @@ def write_together(*writes: Write, using: str = "default") -> None:
     shapes = tuple(
         ("insert", type(w.objs[0]), w.objs[0].pk is not None, len(w.objs))
         if isinstance(w, Insert)
+        else ("increment", w.model, w.field, tuple(w.values))
+        if isinstance(w, Increment)
         else ("update", type(w.obj), w.fields)
         for w in writes
     )
@@ -494,6 +536,14 @@ def write_together(*writes: Write, using: str = "default") -> None:
                     _write_one_by_one(writes, using)
                     return
                 params += [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
+        elif isinstance(write, Increment):
+            raw = list(write.values.values())
+            if _has_expression(raw):
+                _write_one_by_one(writes, using)
+                return
+            params += [_db_value(f, v, connection) for f, v in zip(fields, raw, strict=True)]
+            pk = write.model._meta.pk
+            params.append([pk.get_db_prep_value(pk.to_python(k), connection) for k in write.pks])
         else:
             obj = write.obj
             raw = [f.pre_save(obj, add=False) for f in fields]
@@ -515,7 +565,7 @@ def write_together(*writes: Write, using: str = "default") -> None:
             row = iter(cursor.fetchone())
         # Each write's outputs, in the SELECT's order: an update's row count, an insert's arrays.
         outputs = [
-            next(row) if isinstance(w, Update) else [next(row) for _ in lay[1]]
+            [next(row) for _ in lay[1]] if isinstance(w, Insert) else next(row)
             for w, lay in zip(writes, layout, strict=True)
         ]
         if any(isinstance(w, Update) and out == 0 for w, out in zip(writes, outputs, strict=True)):
@@ -523,6 +573,8 @@ def write_together(*writes: Write, using: str = "default") -> None:
     for write, (_, returning), out in zip(writes, layout, outputs, strict=True):
         if isinstance(write, Update):
             write.obj._state.db = using
+            continue
+        if isinstance(write, Increment):
             continue
         for field, values in zip(returning, out, strict=True):
             for obj, value in zip(write.objs, values, strict=True):

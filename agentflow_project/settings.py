@@ -313,4 +313,5 @@ LOGGING = logging_config(
     format=_log_format,  # type: ignore[arg-type]
     level=env_str("AGENTFLOW_LOG_LEVEL", "INFO"),
     message_text=env_bool("AGENTFLOW_LOG_MESSAGE_TEXT", False),
+    task_lines=env_bool("AGENTFLOW_LOG_TASK_LINES", False),
 )

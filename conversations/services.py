@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -540,11 +541,18 @@ def thread_add_reply(*, thread: Thread, text: str, now: datetime) -> Thread:
 
 
 def turn_mark_done_with_reply(
-    *, message: Message, reply: Message, thread: Thread, escalated: bool, now: datetime
+    *,
+    message: Message,
+    reply: Message,
+    thread: Thread,
+    escalated: bool,
+    now: datetime,
+    also: Sequence[prepared.Write] = (),
 ) -> None:
     """Store ``reply`` (a new instance), mark its user message done and add the reply to the thread
     (as ``thread_add_reply``; an escalated reply also marks the thread escalated): one statement
-    (``prepared.write_together``). Call in a transaction.
+    (``prepared.write_together``), with the caller's writes ``also`` (of other rows). Call in a
+    transaction.
 
     Raises:
         IntegrityError: the message already has its reply (another run of the turn stored it);
@@ -560,6 +568,7 @@ def turn_mark_done_with_reply(
         prepared.Insert(reply),
         prepared.Update(message, ("status", "escalated", "error")),
         prepared.Update(thread, thread_fields),
+        *also,
     )
 
 

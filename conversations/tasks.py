@@ -243,6 +243,7 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps,
         if task.request.retries >= ORDER_RETRIES:
             raise
         countdown = 0.2 if task.request.retries < ORDER_FAST_RETRIES else 2.0
+        logger.info("process_turn: message %s waits for an earlier one; again in %s s", message_id, countdown)
         raise task.retry(exc=exc, countdown=countdown) from exc  # the same arguments again
     except AgentUnavailable:
         if hinted is None:
@@ -257,6 +258,12 @@ def _process_turn(task: Any, message_id: str, llm_attempt: int, db: ThreadSteps,
         return "missing"
     except LLMError as exc:
         if exc.transient and not final:
+            logger.warning(
+                "process_turn: message %s: LLM error (%s); again in %s s",
+                message_id,
+                exc,
+                2 ** (llm_attempt + 1),
+            )
             raise task.retry(
                 exc=exc,
                 countdown=2 ** (llm_attempt + 1),

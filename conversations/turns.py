@@ -8,7 +8,7 @@ redelivered task): the reply is unique per user message, and a finished message 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -148,11 +148,17 @@ def turn_finish_held(*, message: Message, handled_by: str, reason: str) -> None:
 
 
 def turn_finish(
-    *, message: Message, reply_fields: Mapping[str, Any], escalation_reason: str
+    *,
+    message: Message,
+    reply_fields: Mapping[str, Any],
+    escalation_reason: str,
+    also: Sequence[prepared.Write] = (),
 ) -> Message | None:
     """Store the reply to ``message`` and mark the turn done. Running it twice stores one reply.
 
-    An escalated reply opens the thread's escalation (the hand-off queue; idempotent).
+    An escalated reply opens the thread's escalation (the hand-off queue; idempotent). ``also``: writes
+    of other rows that belong to the reply (the memories it used), in the same statement: stored with
+    it, or not at all when another run of the turn stored its reply first.
 
     Returns:
         The reply, or None when another run of this turn stored its reply first (that one stands).
@@ -178,7 +184,12 @@ def turn_finish(
             # The reply, the message done and the thread's reply fields: one statement. A second
             # run of the turn fails it on the reply's uniqueness, storing none of the three.
             conv_services.turn_mark_done_with_reply(
-                message=message, reply=reply, thread=thread, escalated=escalated, now=timezone.now()
+                message=message,
+                reply=reply,
+                thread=thread,
+                escalated=escalated,
+                now=timezone.now(),
+                also=also,
             )
             if escalated:
                 handoff.escalation_open(thread=thread, message=message, reason=escalation_reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
@@ -10,7 +11,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from agentflow.embeddings import Embedder
-from agentflow.prepared import PreparedQuery
+from agentflow.prepared import Increment, PreparedQuery
 from agentflow.vectors import CosineDistance
 from conversations.models import EndUser
 
@@ -62,6 +63,15 @@ def memories_mark_used(*, memory_ids: Sequence[str]) -> None:
         Memory.objects.filter(pk__in=list(memory_ids)).update(
             use_count=F("use_count") + 1, last_used_at=timezone.now()
         )
+
+
+def memories_use_writes(*, memory_ids: Sequence[str], now: datetime) -> list[Increment]:
+    """``memories_mark_used`` as writes of the caller's statement (``prepared.write_together``): a
+    turn counts the memories it used in its finish's one statement, not in one of its own (none when
+    it used none). A memory deleted meanwhile is skipped."""
+    if not memory_ids:
+        return []
+    return [Increment(Memory, memory_ids, field="use_count", values={"last_used_at": now})]
 
 
 DUPLICATE_SIMILARITY = 0.90  # a new memory this close to one of the same user and kind updates it

@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import logging.config
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,7 @@ from django.test import AsyncClient
 from agentflow.logs import JsonFormatter, logging_config
 from agentflow.testing.fake_anthropic import FakeReply
 from conversations.models import Message
-from tests.test_settings_env import manage_check
+from tests.test_settings_env import BASE_DIR, manage_check
 
 SECRET = "my card number is 4111 and my name is Zed"
 
@@ -132,6 +135,38 @@ def test_logging_config_is_valid_for_both_formats_and_refuses_others() -> None:
     from django.conf import settings
 
     logging.config.dictConfig(settings.LOGGING)  # put the suite's own configuration back
+
+
+def test_celerys_task_lines_are_off_unless_asked_for_and_its_errors_stay() -> None:
+    try:
+        for task_lines in (False, True):
+            logging.config.dictConfig(logging_config(task_lines=task_lines))
+            for name in ("celery.app.trace", "celery.worker.strategy"):  # "succeeded", "received"
+                assert logging.getLogger(name).isEnabledFor(logging.INFO) is task_lines
+                assert logging.getLogger(name).isEnabledFor(logging.ERROR)  # a task that raised
+            assert logging.getLogger("celery.worker.consumer").isEnabledFor(logging.INFO)  # start-up lines
+            assert logging.getLogger("agentflow.turn").isEnabledFor(logging.INFO)  # the turn's own line
+    finally:
+        from django.conf import settings
+
+        logging.config.dictConfig(settings.LOGGING)
+
+
+@pytest.mark.parametrize(("value", "levels"), [(None, {"WARNING"}), ("true", set())])
+def test_agentflow_log_task_lines_sets_celerys_task_loggers(value: str | None, levels: set[str]) -> None:
+    env = {**os.environ, "AGENTFLOW_SKIP_DOTENV": "1", "DJANGO_SETTINGS_MODULE": "agentflow_project.settings"}
+    env.pop("AGENTFLOW_LOG_TASK_LINES", None)
+    if value is not None:
+        env["AGENTFLOW_LOG_TASK_LINES"] = value
+    code = (
+        "import json, agentflow_project.settings as s; loggers = s.LOGGING['loggers'];"
+        "print(json.dumps([loggers.get(n, {}).get('level') for n in ('celery.app.trace', 'celery.worker.strategy')]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) - {None} == levels
 
 
 @pytest.mark.parametrize("value", ["xml", "JSONL"])

@@ -14,10 +14,12 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models.signals import post_save
 from django.utils import timezone
 
-from agentflow.prepared import Insert, Update, write_together
+from agentflow.prepared import Increment, Insert, Update, write_together
 from conversations import turns
 from conversations.models import EMBEDDING_DIMENSIONS, Message, Thread, ThreadActivity
 from conversations.services import thread_activity_new, thread_new
+from memory.models import Memory
+from memory.services import memories_use_writes
 from tests.conversations.factories import ChatSessionFactory, MessageFactory, ThreadFactory
 
 pytestmark = pytest.mark.django_db
@@ -327,3 +329,92 @@ def test_an_escalated_finish_in_autocommit_still_opens_its_escalation_in_the_sam
     assert reply is not None and opened == [True]
     thread = Thread.objects.get(pk=message.thread_id)
     assert thread.escalated and thread.escalations.filter(message=message).count() == 1
+
+
+# --- counts: a turn's memories counted in its finish's statement ----------------------------------
+
+
+def _memories(message: Message, n: int) -> list[Memory]:
+    user = message.user
+    return [
+        Memory.objects.create(
+            agent_id=user.agent_id,
+            user=user,
+            kind=Memory.Kind.FACT,
+            content=f"fact {i}",
+            embedding=_vector(i),
+            embedding_model="test",
+        )
+        for i in range(n)
+    ]
+
+
+def _counts(memories: list[Memory]) -> list[tuple[int, object]]:
+    rows = dict(Memory.objects.filter(pk__in=[m.pk for m in memories]).values_list("pk", "use_count"))
+    used = dict(Memory.objects.filter(pk__in=[m.pk for m in memories]).values_list("pk", "last_used_at"))
+    return [(rows[m.pk], used[m.pk]) for m in memories]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_finish_in_autocommit_counts_its_memories_in_its_one_statement_and_a_retried_one_does_not() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING, escalated=False)
+    used, unused = _memories(message, 2), _memories(message, 1)
+    gone = str(uuid.uuid4())  # deleted since the turn read it: skipped, not an error
+    now = timezone.now()
+    fields = {"content": "Here is how", "escalated": False, "handled_by": "llm"}
+    also = memories_use_writes(memory_ids=[str(m.pk) for m in used] + [gone], now=now)
+
+    with _transactions_opened() as opened, _statements() as seen:
+        reply = turns.turn_finish(message=message, reply_fields=fields, escalation_reason="", also=also)
+
+    assert reply is not None and len(seen) == 1 and opened == []
+    assert _counts(used) == [(1, now), (1, now)]
+    assert _counts(unused) == [(0, None)]
+    # A retried run of the turn stores no second reply, and counts no second use.
+    retried = Message.objects.select_related("thread").get(pk=message.pk)
+    retried.status = Message.Status.PROCESSING
+    later = memories_use_writes(memory_ids=[str(m.pk) for m in used], now=timezone.now())
+    assert turns.turn_finish(message=retried, reply_fields=fields, escalation_reason="", also=later) is None
+    assert _counts(used) == [(1, now), (1, now)]
+
+
+def test_an_escalated_finish_counts_its_memories_in_its_transaction() -> None:
+    message = MessageFactory(status=Message.Status.PROCESSING)
+    used = _memories(message, 1)
+    now = timezone.now()
+    reply = turns.turn_finish(
+        message=message,
+        reply_fields={"content": "A person will help", "escalated": True, "handled_by": "llm"},
+        escalation_reason="asked for a human",
+        also=memories_use_writes(memory_ids=[str(used[0].pk)], now=now),
+    )
+    assert reply is not None and _counts(used) == [(1, now)]
+    assert memories_use_writes(memory_ids=[], now=now) == []
+
+
+def test_an_increment_beside_a_model_with_save_receivers_goes_through_the_orm_too() -> None:
+    def receiver(**kwargs: object) -> None:
+        pass
+
+    message = MessageFactory(intent="before")
+    used = _memories(message, 1)
+    message.intent = "after"
+    now = timezone.now()
+    post_save.connect(receiver, sender=Message)
+    try:
+        write_together(
+            Update(message, ["intent"]), *memories_use_writes(memory_ids=[str(used[0].pk)], now=now)
+        )
+    finally:
+        post_save.disconnect(receiver, sender=Message)
+    assert _row(Message, message.pk)["intent"] == "after"
+    assert _counts(used) == [(1, now)]
+
+
+def test_an_increment_needs_keys_and_fields_of_its_model() -> None:
+    with pytest.raises(ValueError, match="at least one key"):
+        Increment(Memory, [], field="use_count")
+    message = MessageFactory()
+    with pytest.raises(ValueError, match="fields of Memory's own"):
+        write_together(Update(message, ["intent"]), Increment(Memory, [uuid.uuid4()], field="no_such_count"))
+    assert _row(Message, message.pk)["intent"] == message.intent  # nothing ran

@@ -433,6 +433,24 @@ def test_llm_down_after_the_last_attempt_gives_the_fallback_reply_and_a_hand_off
     assert len(fake_llm.requests) == 1
 
 
+def test_a_transient_llm_error_is_retried_and_the_retry_logged(
+    celery_worker, fake_llm, no_sdk_retries, caplog
+) -> None:
+    # Celery's own retry line is off with its task lines (AGENTFLOW_LOG_TASK_LINES): the task logs it.
+    fake_llm.enqueue_error(529, retry_after=0)
+    fake_llm.enqueue(FakeReply(text="It left the depot today."))
+    message = _accept("r-14", "Where is my parcel?")
+
+    _queue(message)
+    _wait_for(lambda: _status(message) == "done")
+
+    assert _replies(message) == [("It left the depot today.", "llm")]
+    retried = [r for r in caplog.records if r.name == "agentflow.tasks" and str(message.pk) in r.getMessage()]
+    assert [
+        (r.levelname, "LLM error" in r.getMessage(), "again in 2 s" in r.getMessage()) for r in retried
+    ] == [("WARNING", True, True)]
+
+
 def test_an_open_breaker_skips_the_llm_until_a_trial_call_succeeds(
     celery_worker, fake_llm, no_sdk_retries, monkeypatch
 ) -> None:

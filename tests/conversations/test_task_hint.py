@@ -111,7 +111,7 @@ def test_an_agent_the_worker_does_not_know_reads_the_messages_agent(
     assert str(message.pk) in agent_reads
 
 
-def test_a_retried_turn_carries_the_same_arguments(celery_worker: Any, fake_llm: Any) -> None:
+def test_a_retried_turn_carries_the_same_arguments(celery_worker: Any, fake_llm: Any, caplog: Any) -> None:
     """Double-texting: the second message's turn waits (retries) until the first is placed."""
     _warm(fake_llm)
     limits = agent_settings(name="agentflow")
@@ -140,3 +140,5 @@ def test_a_retried_turn_carries_the_same_arguments(celery_worker: Any, fake_llm:
         before_task_publish.disconnect(on_publish)
 
     assert published[0] == (str(second.pk), hint)
+    waits = [r.getMessage() for r in caplog.records if r.name == "agentflow.tasks"]
+    assert f"process_turn: message {second.pk} waits for an earlier one; again in 0.2 s" in waits

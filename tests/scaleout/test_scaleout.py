@@ -172,6 +172,7 @@ def test_two_web_servers_and_two_workers_on_one_postgresql_and_one_redis(run_dir
             data_dir=run_dir / "app",
             allowed_hosts=[hosts["web1"].address, hosts["web2"].address],
         )
+        env["AGENTFLOW_LOG_TASK_LINES"] = "true"  # the workers' "succeeded" lines, counted below
         client.submit(
             until,
             "PostgreSQL on 10.213.0.10",
