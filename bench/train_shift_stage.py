@@ -328,7 +328,8 @@ def main() -> None:
     if args.write:
         w, b, mean, scale = fit(x, y, args.l2)
         data = {
-            "version": datetime.now(UTC).strftime("%Y%m%d") + f"-l2{args.l2}-t{args.threshold}",
+            "version": datetime.now(UTC).strftime("%Y%m%d")
+            + f"-l2{args.l2}-t{args.threshold}-f{len(SHIFT_STAGE_FEATURES)}",
             "features": list(SHIFT_STAGE_FEATURES),
             "weights": [round(float(v), 6) for v in w],
             "bias": round(float(b), 6),

@@ -1105,7 +1105,9 @@ def decide_thread(
 # Four cues were dropped when the stage was refitted on chats in other writing styles (docs/operations.md,
 # "shift stage, other styles"): the similarity to the last user message and to the opening, reusing a
 # word of the reply, and "is a question"; with them, no threshold that changed no SGD dev decision
-# gained as many support shifts in the held-out-domain folds.
+# gained as many support shifts in the held-out-domain folds. One was added after them, ``bare_fragment``
+# (a fragment of one to four words naming a thing, "payment plan?", after a reply that asked nothing):
+# terse customers ask about another thing that way (docs/operations.md, "a bare fragment input").
 SHIFT_STAGE_PATH = MODEL_PATH.with_name("shift_stage.json")
 SHIFT_STAGE_FEATURES = (
     "sim_topic",
@@ -1122,6 +1124,7 @@ SHIFT_STAGE_FEATURES = (
     "reply_did",
     "reply_step",
     "n_words",
+    "bare_fragment",
     "sim_reply",
     "reply_minus_thread",
 )
@@ -1141,6 +1144,39 @@ REPLY_STEP = re.compile(
     r"|wipe|add|call|reinstall|clear|rotate|top)\b",
     re.IGNORECASE,
 )
+
+
+# A bare fragment that names a thing and asks nothing else ("payment plan?", "dogs ok?", "happy hour
+# times", "luggage storage"): one to four words, not opened by a question word, a pronoun or pointer, an
+# answer or acknowledgement ("Sounds good", "Sure, do it", "From March 2nd", "still dead"). Read with
+# "the assistant asked nothing": after a question such a fragment is the answer ("Safari 15", "Order
+# 88213"), after a statement customers writing tersely use it to ask about something else.
+FRAGMENT_LEAD = re.compile(
+    r"^\W*(what|where|when|who|whom|which|why|how|is|are|was|were|do|does|did|can|could|will|would|should"
+    r"|shall|may|might|must|have|has|had|i|i'?m|im|we|you|u|he|she|it|its|it'?s|they|this|that|these|those"
+    r"|there|the|my|our|your|ok|okay|yes|yeah|yep|yup|no|nope|not|thanks|thank|ty|thx|still|same|and|but|so"
+    r"|also|just|please|pls|hi|hello|sorry|great|cool|done|tried|nothing|any|anything|something|another|nvm"
+    r"|sounds?|sure|alright|all right|right|fine|good|perfect|fantastic|awesome|excellent|lovely|brilliant"
+    r"|find|skip|go|try|from|to|in|on|at|for|by|with|after|before|about|around|maybe|probably)\b",
+    re.IGNORECASE,
+)
+
+
+# A pick or an acceptance ("Walnut Creek is fine", "baseball is good") or a request to act ("Book the
+# hotel", "Show me another option") is no fragment of that kind.
+FRAGMENT_ANSWER = re.compile(
+    r"\b(fine|good|ok|okay|great|works|sounds|perfect|please)\b"
+    r"|^\W*(book|show|play|reserve|get|give|make|tell|buy|pay|send|cancel|order|add|remove|keep|let)\b",
+    re.IGNORECASE,
+)
+
+
+def bare_fragment(text: str) -> bool:
+    """One to four words naming a thing, with no question word, pointer or acknowledgement in front, and
+    no pick, acceptance or request to act."""
+    words = re.findall(r"[A-Za-z0-9][\w'-]*", text)
+    short = 1 <= len(words) <= 3 or (len(words) == 4 and text.rstrip().endswith("?"))
+    return short and not FRAGMENT_LEAD.match(text) and not FRAGMENT_ANSWER.search(text)
 
 
 # The two inputs that read the reply's embedding; each moves one for one with sim_reply (the cosine of the
@@ -1291,6 +1327,7 @@ def _stage_inputs(
             float(bool(REPLY_DID.search(reply) or DONE_REPORT.search(reply))),
             float(bool(REPLY_STEP.match(reply))),
             min(len(words), 8) / 8,
+            float(bare_fragment(text) and not asked_a_question(reply)),
             0.0,
             0.0,
         ],

@@ -20,6 +20,7 @@ from conversations.models import Message, Thread
 from conversations.thread_detection import (
     SIM_REPLY_FLOOR,
     StageReading,
+    bare_fragment,
     reply_tail,
     shift_stage,
     shift_stage_features,
@@ -436,3 +437,63 @@ async def test_a_message_the_gate_settles_stores_the_bound_not_a_p() -> None:
     assert stored.thread_signals["p_shift_stage_max"] == settled["signals"]["p_shift_stage_max"]
     assert read["signals"]["p_shift_stage"] >= shift_stage().threshold
     assert "p_shift_stage_max" not in read["signals"]
+
+
+# --- a bare fragment naming another thing ("payment plan?", "luggage storage") after a statement: terse
+# customers ask about something else that way; after the assistant's question the same form is an answer.
+
+MAT = ("my yoga mat arrived with a tear in it", "Sorry about that, I've sent a replacement mat today.")
+MAT_ASKED = ("my yoga mat arrived with a tear in it", "Sorry about that. Which colour was the mat?")
+
+
+@pytest.mark.parametrize(
+    ("text", "bare"),
+    [
+        ("gift vouchers?", True),
+        ("student discount", True),
+        ("warranty on toasters?", True),
+        ("kids swim lessons?", True),
+        # an answer, an acknowledgement, a pick, a request to act, a question with its own lead-in
+        ("Sounds good.", False),
+        ("Sure, do it.", False),
+        ("Walnut Creek is fine.", False),
+        ("Book the hotel.", False),
+        ("From March 2nd", False),
+        ("still dead", False),
+        ("What about gift vouchers?", False),
+        ("Is there parking?", False),
+        # longer than a fragment: four words without a question mark, five or more
+        ("late nights and longnecks", False),
+        ("do you sell gift vouchers", False),
+        ("", False),
+        ("?!", False),
+    ],
+)
+def test_bare_fragment_reads_one_to_four_words_naming_a_thing(text: str, bare: bool) -> None:
+    assert bare_fragment(text) is bare
+
+
+def test_the_fragment_input_counts_only_when_the_assistant_asked_nothing() -> None:
+    column = thread_detection.SHIFT_STAGE_FEATURES.index("bare_fragment")
+    after = {}
+    for name, problem_reply in (("statement", MAT), ("question", MAT_ASKED)):
+        state, _ = _state(*problem_reply)
+        after[name] = shift_stage_features("gift vouchers?", _vector("gift vouchers?"), state, 0.05, None)
+
+    assert (after["statement"][column], after["question"][column]) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("text", ["gift vouchers?", "student discount"])
+def test_a_bare_fragment_after_a_statement_opens_a_subject_by_its_input(text: str) -> None:
+    """With the fragment's weight at 0 (the stage as it was) these stay follow-ups; the answer to the
+    assistant's question ("dark green") stays one with it."""
+    stage = _ungated()
+    column = thread_detection.SHIFT_STAGE_FEATURES.index("bare_fragment")
+    weights = stage.weights.copy()
+    weights[column] = 0.0
+
+    with_input, _ = _read(stage, text, MAT)
+    without, _ = _read(dataclasses.replace(stage, weights=weights), text, MAT)
+    answer, _ = _read(stage, "dark green", MAT_ASKED)
+
+    assert (with_input.opens, without.opens, answer.opens) == (True, False, False), (with_input, without)
