@@ -25,7 +25,7 @@ from conversations import turns as conv_turns
 from conversations.agents import AgentSettings, message_accept
 from conversations.models import Message, Thread
 from conversations.summaries import extractive_summary
-from conversations.thread_detection import Candidate, ThreadDecision, decide_thread
+from conversations.thread_detection import Candidate, ThreadDecision, decide_thread, shift_stage
 from conversations.thread_features import ThreadState
 from intents.rules import CLARIFY, HANDOFF, confidence_action
 from intents.store import IntentSnapshot, fingerprint_annotations, fingerprint_of
@@ -191,17 +191,32 @@ class Judgement:
 SCORER_REASONS = ("scorer:", "resolution of", "new for the active thread")
 
 
+def _may_judge(agent: Agent) -> bool:
+    """An LLM may place the thread decisions of this agent (online, ``llm_thread_judgement`` on)."""
+    return not agent.offline and agent.config.session_config.llm_thread_judgement
+
+
 def _unsure(agent: Agent, decision: ThreadDecision) -> bool:
-    """The scorer decided, and one of its probabilities is within the margin of its threshold."""
+    """The decision is in an uncertain band: the scorer decided and one of its probabilities is within
+    the margin of its threshold, or the second stage for unmarked shifts read the message (a thread it
+    opened, or a continuation it did not open) and its P is within the margin of the stage's threshold.
+    """
     cfg = agent.config.session_config
-    if agent.offline or not cfg.llm_thread_judgement or "p_new_topic" not in decision.signals:
+    signals = decision.signals
+    if not _may_judge(agent) or "p_new_topic" not in signals:
         return False
-    if not str(decision.signals.get("reason", "")).startswith(SCORER_REASONS):
+    # Only the stage's two decisions carry its P (decide_thread); the gate settles no message within the
+    # margin when a judgement may follow (decide_and_place passes the margin), so a bound
+    # (p_shift_stage_max) is always below the band.
+    p_stage = signals.get("p_shift_stage")
+    if p_stage is not None and abs(p_stage - shift_stage().threshold) < cfg.judgement_margin:
+        return True
+    if not str(signals.get("reason", "")).startswith(SCORER_REASONS):
         return False
     model = agent.thread_model
     return (
-        abs(decision.signals["p_new_topic"] - model.new_topic.threshold) < cfg.judgement_margin
-        or abs(decision.signals["p_resolution"] - model.resolution.threshold) < cfg.judgement_margin
+        abs(signals["p_new_topic"] - model.new_topic.threshold) < cfg.judgement_margin
+        or abs(signals["p_resolution"] - model.resolution.threshold) < cfg.judgement_margin
     )
 
 
@@ -267,6 +282,8 @@ def decide_and_place(
                 inactivity=inactivity,
                 model=agent.thread_model,
                 embed_reply=agent.embedder.embed_one if cfg.shift_stage else None,
+                # the stage's P near its threshold may be judged: the gate must not settle it on a bound
+                stage_margin=cfg.judgement_margin if allow_judgement and _may_judge(agent) else 0.0,
             )
         decision.signals["decision_ms"] = round((time.perf_counter() - started) * 1000, 3)
     if verdict is not None:

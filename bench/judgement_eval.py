@@ -2,7 +2,8 @@
 
     python bench/judgement_eval.py [--part heldout|tune|all] [--verdicts oracle|noisy|wrong|error|off-script]
                                    [--margin 0.08] [--limit N]
-    ANTHROPIC_API_KEY=... python bench/judgement_eval.py --real [--model claude-haiku-5-5]
+    python bench/judgement_eval.py --stage-band [--verdicts ...] [--files fresh5,styles] [--limit N]
+    ANTHROPIC_API_KEY=... python bench/judgement_eval.py --real [--stage-band] [--model claude-haiku-5-5]
 
 Replays the support-chat set (bench/data/support_turns.jsonl) through ``Agent.process_message``
 *online*: the message is stored, the thread scorer decides, and when it is unsure (a probability
@@ -19,6 +20,15 @@ is asked, that a right verdict is taken, that a wrong one is taken too (the LLM 
 scorer when asked), and that failures fall back to the scorer. With ``--real`` and an
 ``ANTHROPIC_API_KEY``, the same replay measures a real model's online quality: compare its
 "after the LLM" row with the offline one (``--verdicts error`` gives the scorer alone).
+
+``--stage-band`` replays instead every support set (bench/data/support_*.jsonl) and scores each
+dialogue's last user turn, as the held-out sets are scored, for the second stage for unmarked topic
+shifts: its uncertain band is a thread it opened with P (``p_shift_stage``) within the margin above
+its threshold, or a continuation it read with P within the margin below. Per file it prints the last
+turns put to the LLM, how many of them were in the stage's band (opened / continued), the accuracy on
+those before and after the verdict, and topic shifts / follow-ups / resolutions right before and after;
+no sentence is printed (some sets are blind). ``wrong`` is the adversarial LLM, ``error`` the
+unavailable one (the stage's decision stands).
 
 Prints, per part: the turns put to the LLM, the scorer's accuracy on them and the final accuracy
 on them, the overall share of resolutions / topic shifts / follow-ups placed right before and after
@@ -97,16 +107,23 @@ def _topic(listed: str) -> str:
         return listed
 
 
-async def replay(agent, dialogues: list[dict], verdicts: ScriptedVerdicts | None) -> list[dict]:
+async def replay(
+    agent, dialogues: list[dict], verdicts: ScriptedVerdicts | None, *, margin: float = 0.0
+) -> list[dict]:
+    """Every labelled user turn but the first, as a row; ``last``: the dialogue's last user turn.
+    ``stage_band``: the second stage read it and its P is within ``margin`` of the stage's threshold."""
     from asgiref.sync import sync_to_async
 
     from conversations.models import Message
+    from conversations.thread_detection import shift_stage
 
+    threshold = shift_stage().threshold
     rows = []
     for dialogue in dialogues:
         user = f"{RUN_PREFIX}{uuid.uuid4().hex[:12]}"
         openings: dict[int, str] = {}
-        for turn in dialogue["turns"]:
+        last = max(i for i, t in enumerate(dialogue["turns"]) if t["speaker"] == "USER")
+        for index, turn in enumerate(dialogue["turns"]):
             if turn["speaker"] != "USER":
                 await agent.record_message(user_id=user, content=turn["utterance"])
                 continue
@@ -123,6 +140,7 @@ async def replay(agent, dialogues: list[dict], verdicts: ScriptedVerdicts | None
             signals = message.thread_signals
             judged = "llm_judgement" in signals
             scorer = (signals.get("scorer_decision") or {}).get("event") or result["thread_event"]
+            p_stage = signals.get("p_shift_stage")
             rows.append(
                 {
                     "gold": turn["label"],
@@ -131,6 +149,9 @@ async def replay(agent, dialogues: list[dict], verdicts: ScriptedVerdicts | None
                     "judged": judged,
                     "taken": signals.get("reason") == "LLM judgement",
                     "turn_ms": elapsed,
+                    "last": index == last,
+                    "stage_band": p_stage is not None and abs(p_stage - threshold) < margin,
+                    "stage_opened": p_stage is not None and p_stage >= threshold,
                 }
             )
     return rows
@@ -160,15 +181,77 @@ def report(name: str, rows: list[dict], asked: int | None) -> None:
         print(f"  whole turn (with reply)    p50 {p50:.0f} ms  p95 {p95:.0f} ms")
 
 
-async def main_async(args: argparse.Namespace, verdicts: ScriptedVerdicts | None) -> None:
-    from support_data import load_support
+def load_support_sets(names: list[str] | None) -> list[tuple[str, list[dict]]]:
+    """Every bench/data/support_*.jsonl (or those named, e.g. ``fresh5`` for support_fresh5.jsonl)."""
+    import json
 
+    paths = sorted((ROOT / "bench" / "data").glob("support_*.jsonl"))
+    if names:
+        wanted = {f"support_{n.removeprefix('support_').removesuffix('.jsonl')}.jsonl" for n in names}
+        if missing := wanted - {p.name for p in paths}:
+            raise SystemExit(f"no such support set: {', '.join(sorted(missing))}")
+        paths = [p for p in paths if p.name in wanted]
+    sets = []
+    for path in paths:
+        dialogues = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        sets.append((path.name, [d for d in dialogues if any(t["speaker"] == "USER" for t in d["turns"])]))
+    return sets
+
+
+STAGE_COLUMNS = (
+    f"  {'set':<28} {'last':>5} {'asked':>5} {'band':>5} {'opened':>6}  {'band right':>14}  "
+    f"{'shifts right':>14}  {'follow-ups right':>16}  {'resolutions right':>17}"
+)
+
+
+def report_stage_band(name: str, rows: list[dict]) -> None:
+    """One line for a support set: its last turns, those put to the LLM and those in the stage's band
+    (of which the stage opened a thread), then right before the LLM -> after it."""
+
+    def right(subset: list[dict], width: int) -> str:
+        before = sum(COARSE[r["scorer"]] == COARSE[r["gold"]] for r in subset)
+        after = sum(COARSE[r["final"]] == COARSE[r["gold"]] for r in subset)
+        return f"{before:>{width}} -> {after}/{len(subset)}"
+
+    last = [r for r in rows if r["last"]]
+    band = [r for r in last if r["stage_band"]]
+    shifts, follow_ups, resolutions = (
+        [r for r in last if COARSE[r["gold"]] == gold] for gold in ("SHIFT", "FOLLOW_UP", "RESOLUTION")
+    )
+    print(
+        f"  {name:<28} {len(last):>5} {sum(r['judged'] for r in last):>5} {len(band):>5}"
+        f" {sum(r['stage_opened'] for r in band):>6}  {right(band, 4):>14}  {right(shifts, 4):>14}"
+        f"  {right(follow_ups, 5):>16}  {right(resolutions, 5):>17}"
+    )
+
+
+async def stage_band_async(agent, args: argparse.Namespace, verdicts: ScriptedVerdicts | None) -> None:
+    mode = "a real LLM" if verdicts is None else f"scripted verdicts: {verdicts.mode}"
+    print(
+        f"\nthe second stage's uncertain band (its P within {args.margin} of its threshold), the last user"
+        f" turn of each support chat ({mode})"
+    )
+    print(STAGE_COLUMNS)
+    every: list[dict] = []
+    for name, dialogues in load_support_sets(args.files.split(",") if args.files else None):
+        rows = await replay(
+            agent, dialogues[: args.limit] if args.limit else dialogues, verdicts, margin=args.margin
+        )
+        report_stage_band(name.removesuffix(".jsonl"), rows)
+        every += rows
+    report_stage_band("all", every)
+    print("  (right: before the LLM -> after it; shifts: NEW_TOPIC and RETURN)")
+
+
+async def main_async(args: argparse.Namespace, verdicts: ScriptedVerdicts | None) -> None:
     from agentflow import AgentFrameworkBuilder
 
     config = {
         "name": "eval-judgement",
         "session_config": {"judgement_margin": args.margin},
         "fallback_config": {"escalate": False},
+        # no memory writing: it places nothing, and its jobs only add work and log lines
+        "memory_config": {"enabled": False},
     }
     if args.model:
         config["llm_config"] = {"model": args.model}
@@ -178,6 +261,18 @@ async def main_async(args: argparse.Namespace, verdicts: ScriptedVerdicts | None
     agent = await builder.build(default_backend())
     if agent.offline:
         raise SystemExit("the agent is offline: no ANTHROPIC_API_KEY")
+    try:
+        if args.stage_band:
+            await stage_band_async(agent, args, verdicts)
+        else:
+            await parts_async(agent, args, verdicts)
+    finally:
+        await agent.llm.aclose()
+
+
+async def parts_async(agent, args: argparse.Namespace, verdicts: ScriptedVerdicts | None) -> None:
+    from support_data import load_support
+
     for part in ["tune", "heldout"] if args.part == "all" else [args.part]:
         dialogues = load_support(part)[: args.limit] if args.limit else load_support(part)
         before = verdicts.asked if verdicts else 0
@@ -197,7 +292,17 @@ def main() -> None:
         "--verdicts", choices=("oracle", "noisy", "wrong", "error", "off-script"), default="noisy"
     )
     parser.add_argument("--margin", type=float, default=0.08, help="session_config.judgement_margin")
-    parser.add_argument("--limit", type=int, default=None, help="dialogues per part")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="dialogues per part (per file with --stage-band)"
+    )
+    parser.add_argument(
+        "--stage-band",
+        action="store_true",
+        help="every support set, last turn scored: the second stage's uncertain band",
+    )
+    parser.add_argument(
+        "--files", default=None, help="with --stage-band: these sets only (fresh5,styles,...)"
+    )
     parser.add_argument("--real", action="store_true", help="ask the real API (needs ANTHROPIC_API_KEY)")
     parser.add_argument("--model", default=None, help="llm_config.model for --real")
     args = parser.parse_args()

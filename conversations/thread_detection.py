@@ -831,6 +831,7 @@ def decide_thread(
     inactivity: timedelta,
     model: ThreadModel,
     embed_reply: Callable[[str], np.ndarray] | None = None,
+    stage_margin: float = 0.0,
 ) -> ThreadDecision:
     """Place a message: FOLLOW_UP, RETURN or RESOLUTION on an existing thread, or NEW_TOPIC.
 
@@ -840,6 +841,9 @@ def decide_thread(
         model: the profile's scorer.
         embed_reply: the encoder, for the assistant's last reply when the second stage for unmarked
             shifts needs it (task profile); without it the stage is off.
+        stage_margin: the LLM may judge a decision whose second-stage P is within this of the
+            stage's threshold (``judgement_margin``; 0 offline): the stage's gate then settles only a
+            message whose best case is below the threshold minus this, so that P is known for the rest.
     """
     if not candidates:
         return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 1.0, {"reason": "no open thread"})
@@ -1057,7 +1061,9 @@ def decide_thread(
         )
     if idle <= inactivity and active.current_session:
         if task and not active.resolved:
-            reading = stage_opens_subject(text, embedding, active.state, p_new, embed_reply)
+            reading = stage_opens_subject(
+                text, embedding, active.state, p_new, embed_reply, margin=stage_margin
+            )
             if reading.p is not None:
                 signals["p_shift_stage"] = reading.p
             elif reading.p_max is not None:
@@ -1375,12 +1381,15 @@ def stage_opens_subject(
     state: ThreadState,
     p_new: float,
     embed_reply: Callable[[str], np.ndarray] | None,
+    margin: float = 0.0,
 ) -> StageReading:
     """Whether the second stage takes a message the scorer continued for a subject of its own, and its
     P. The end of the assistant's reply (``reply_tail``) is embedded here, unless the gate rules the
     message out first: its P with sim_reply at its best case (``ShiftStage.gate_floor``) stays below
     the threshold, so no cosine at or above the floor could open a thread (the gate changes no
-    decision for such a cosine). When the gate passes, P comes from the same inputs as without it."""
+    decision for such a cosine). When the gate passes, P comes from the same inputs as without it.
+    ``margin``: the gate settles only a message whose best case is below the threshold minus this (a
+    message within it of the threshold may be put to the LLM, which needs its P, not a bound)."""
     if DETAIL_OF_IT.search(text) or embed_reply is None:
         return StageReading(False)
     stage = shift_stage()
@@ -1391,7 +1400,7 @@ def stage_opens_subject(
     floor = stage.gate_floor
     if floor is not None:
         best = stage.probability(_with_reply(x, sim_thread, floor))
-        if best < stage.threshold:
+        if best < stage.threshold - margin:
             return StageReading(False, p_max=math.ceil(best * 10_000) / 10_000)
     p = stage.probability(_with_reply(x, sim_thread, _cos(embedding, embed_reply(tail))))
     return StageReading(p >= stage.threshold, round(p, 4))
