@@ -85,9 +85,9 @@ def replay(dialogues: list[dict], vectors: dict, stage) -> tuple[list[tuple], li
     readings: list[dict] = []
     real = thread_detection.stage_opens_subject
 
-    def watched(text, embedding, state, p_new, embed_reply):
+    def watched(text, embedding, state, p_new, embed_reply, **options):
         asked: list[str] = []
-        reading = real(text, embedding, state, p_new, lambda t: asked.append(t) or embed_reply(t))
+        reading = real(text, embedding, state, p_new, lambda t: asked.append(t) or embed_reply(t), **options)
         if reading.p is not None or reading.p_max is not None:
             tail = reply_tail(state.last_assistant_text, stage.reply_words)
             x = shift_stage_features(text, embedding, state, p_new, vectors[tail])
@@ -159,25 +159,15 @@ def main() -> None:
     import django
 
     django.setup()
-    from agentflow.embeddings import get_embedder
+    from train_shift_stage import embedded
+
     from conversations.thread_detection import SIM_REPLY_FLOOR, _cos, reply_tail, shift_stage
 
     shipped = shift_stage()
     ungated = dataclasses.replace(shipped, reply_floor=None)
     sets = load_sets(args.datasets, args.users)
-    vectors: dict[str, np.ndarray] = {}
-    if args.cache and args.cache.exists():
-        with np.load(args.cache) as cached:
-            vectors.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
     utterances = {t["utterance"] for ds in sets.values() for d in ds for t in d["turns"]}
-    tails = {reply_tail(u[:2000], shipped.reply_words) for u in utterances}
-    texts = sorted((utterances | tails) - set(vectors))
-    if texts:
-        embedder = get_embedder()
-        for i in range(0, len(texts), 64):
-            vectors.update(zip(texts[i : i + 64], embedder.embed(texts[i : i + 64]), strict=True))
-        if args.cache:
-            np.savez(args.cache, texts=np.asarray(list(vectors)), vectors=np.asarray(list(vectors.values())))
+    vectors = embedded(utterances, shipped.reply_words, args.cache)
 
     print(
         f"stage {shipped.version}: d logit / d sim_reply = {shipped.reply_slope:+.3f} from the loaded weights;"

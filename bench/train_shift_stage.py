@@ -182,6 +182,27 @@ def load_sets(datasets: Path) -> dict[str, tuple[list[dict], bool]]:
     }
 
 
+def embedded(utterances: set[str], reply_words: int, cache: Path | None) -> dict[str, np.ndarray]:
+    """Every utterance and its ``reply_tail`` embedded by the shipped encoder, in batches of 64; ``cache``:
+    an .npz read first and written after with what was added (shared with bench/shift_stage_gate.py)."""
+    from agentflow.embeddings import get_embedder
+    from conversations.thread_detection import reply_tail
+
+    seen: dict[str, np.ndarray] = {}
+    if cache and cache.exists():
+        with np.load(cache) as cached:
+            seen.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
+    tails = {reply_tail(u[:2000], reply_words) for u in utterances}
+    texts = sorted((utterances | tails) - set(seen))
+    if texts:
+        embedder = get_embedder()
+        for i in range(0, len(texts), 64):
+            seen.update(zip(texts[i : i + 64], embedder.embed(texts[i : i + 64]), strict=True))
+        if cache:
+            np.savez(cache, texts=np.asarray(list(seen)), vectors=np.asarray(list(seen.values())))
+    return seen
+
+
 def domain_fold(domain: str) -> int:
     """The fold a support domain's rows fall in, 0..FOLDS-1; depends only on the domain's name."""
     return hashlib.sha256(domain.encode()).digest()[0] % FOLDS
@@ -239,23 +260,11 @@ def main() -> None:
     import django
 
     django.setup()
-    from agentflow.embeddings import get_embedder
-    from conversations.thread_detection import SHIFT_STAGE_FEATURES, SHIFT_STAGE_PATH, reply_tail
+    from conversations.thread_detection import SHIFT_STAGE_FEATURES, SHIFT_STAGE_PATH
 
     sets = load_sets(args.datasets)
-    seen: dict[str, np.ndarray] = {}
-    if args.cache and args.cache.exists():
-        with np.load(args.cache) as cached:
-            seen.update(zip(cached["texts"].tolist(), cached["vectors"], strict=True))
     utterances = {t["utterance"] for ds, _ in sets.values() for d in ds for t in d["turns"]}
-    tails = {reply_tail(u[:2000], args.reply_words) for u in utterances}
-    texts = sorted((utterances | tails) - set(seen))
-    if texts:
-        embedder = get_embedder()
-        for i in range(0, len(texts), 64):
-            seen.update(zip(texts[i : i + 64], embedder.embed(texts[i : i + 64]), strict=True))
-        if args.cache:
-            np.savez(args.cache, texts=np.asarray(list(seen)), vectors=np.asarray(list(seen.values())))
+    seen = embedded(utterances, args.reply_words, args.cache)
 
     rows: dict[str, list[dict]] = {}
     for name, (dialogues, last_only) in sets.items():
