@@ -210,13 +210,18 @@ def test_the_stage_reads_the_reply_only_for_messages_it_may_place() -> None:
     assert asked == ["I've refunded the duplicate £35."] * 2
 
 
-def test_a_stage_file_fitted_on_other_features_is_refused(tmp_path, monkeypatch) -> None:
-    data = json.loads(thread_detection.SHIFT_STAGE_PATH.read_text())
-    data["features"] = data["features"][:-1]
+def _use_stage_file(tmp_path, monkeypatch, data: dict) -> None:
+    """The stage loads ``data`` (a shift_stage.json's content) as its file, from the next shift_stage()."""
     path = tmp_path / "shift_stage.json"
     path.write_text(json.dumps(data))
     monkeypatch.setattr(thread_detection, "SHIFT_STAGE_PATH", path)
     monkeypatch.setattr(thread_detection, "_shift_stage", None)
+
+
+def test_a_stage_file_fitted_on_other_features_is_refused(tmp_path, monkeypatch) -> None:
+    data = json.loads(thread_detection.SHIFT_STAGE_PATH.read_text())
+    data["features"] = data["features"][:-1]
+    _use_stage_file(tmp_path, monkeypatch, data)
 
     with pytest.raises(ValueError, match="other features"):
         shift_stage()
@@ -229,10 +234,7 @@ def test_a_stage_file_without_a_reply_length_is_refused(tmp_path, monkeypatch, w
         del data["reply_words"]
     else:
         data["reply_words"] = words
-    path = tmp_path / "shift_stage.json"
-    path.write_text(json.dumps(data))
-    monkeypatch.setattr(thread_detection, "SHIFT_STAGE_PATH", path)
-    monkeypatch.setattr(thread_detection, "_shift_stage", None)
+    _use_stage_file(tmp_path, monkeypatch, data)
 
     with pytest.raises(ValueError, match="reply_words"):
         shift_stage()
@@ -370,10 +372,7 @@ def _stage_file(tmp_path, monkeypatch, sim_reply: float, reply_minus_thread: flo
     data = json.loads(thread_detection.SHIFT_STAGE_PATH.read_text())
     for name, weight in (("sim_reply", sim_reply), ("reply_minus_thread", reply_minus_thread)):
         data["weights"][data["features"].index(name)] = weight
-    path = tmp_path / "shift_stage.json"
-    path.write_text(json.dumps(data))
-    monkeypatch.setattr(thread_detection, "SHIFT_STAGE_PATH", path)
-    monkeypatch.setattr(thread_detection, "_shift_stage", None)
+    _use_stage_file(tmp_path, monkeypatch, data)
 
 
 def test_weights_that_make_the_logit_rise_with_the_reply_turn_the_gate_off(tmp_path, monkeypatch) -> None:
