@@ -94,6 +94,11 @@ CLOSING = re.compile(
 
 RETURN_SIMILARITY = 0.45  # a new-topic message this close to an earlier open thread goes back to it
 RESOLVED_RETURN_SIMILARITY = 0.55  # ... to a resolved one (reopened): closer, a new problem may look alike
+# A message that says the matter is still not done ("the navy case hasn't arrived yet", "still no new
+# bag") goes back to an earlier open thread rather than on with the active one when it is this close to
+# it and this much closer to it than to the active thread.
+STATUS_RETURN_SIMILARITY = 0.35
+RETURN_OVER_ACTIVE = 0.15
 CUED_RETURN_SIMILARITY = 0.25  # with an explicit "back to ..." (any earlier thread, resolved ones too)
 RECURRENCE_SIMILARITY = 0.45  # "... is back again": the resolved thread it talks about is reopened
 RESOLVE_OTHER_SIMILARITY = 0.40  # a resolution this close to a non-active thread resolves that one
@@ -159,6 +164,15 @@ NOTHING_CAME = re.compile(
     r"\bnothing (there|on|in|yet|at all|came|arrived|showing|shows|happened)\b"
     r"|\bno (text|texts|email|emails|sms|message|call|reply|code|refund|parcel|delivery)\b(?! (needed|necessary))"
     r"|(?<!nothing )(?<!nothing's )\b(is|are|'s|'re) (still )?(missing|empty|blank|broken|wrong)\b",
+    re.IGNORECASE,
+)
+
+
+# What was promised has not come: "the strap hasn't arrived", "the mechanic hasn't turned up", "nobody
+# has come about the pellets" (a fix word such as "arrived" inside it is no fix).
+NOT_COME_YET = re.compile(
+    r"\b(has|have|had)(n'?t| not) (yet )?(arrived|come|turned up|shown up|appeared|been (sent|delivered"
+    r"|refunded|credited|fixed|done|processed|posted))\b|\bnobody (has )?(come|turned up|called)\b",
     re.IGNORECASE,
 )
 
@@ -233,6 +247,8 @@ def not_fixed_yet(text: str) -> bool:
     if (SAME_AS_BEFORE.search(text) or BAD_ARRIVAL.search(text)) and not CLOSING.search(text):
         return True
     if NOTHING_CAME.search(text) and not CLOSING.search(text) and not FIX_CUE.search(text):
+        return True
+    if NOT_COME_YET.search(text) and not CLOSING.search(text):
         return True
     return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
 
@@ -822,6 +838,43 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norm if norm else 0.0
 
 
+# Asking after what an earlier request became: "any news on the blue backpack", "any update about my refund?"
+STATUS_ASK = re.compile(r"^\W*(any|is there any|still no) (news|update|word|sign)\b", re.IGNORECASE)
+
+
+def still_waiting(text: str) -> bool:
+    """The message says a matter is not done yet or asks after it: still broken, nothing came, or news."""
+    return bool(not_fixed_yet(text) or STILL_BROKEN.search(text) or STATUS_ASK.search(text))
+
+
+def _new_or_return(
+    others: Sequence[tuple[float, Candidate]], confidence: float, signals: dict[str, Any]
+) -> ThreadDecision:
+    """A message new for the active thread: back to the closest earlier thread it is close enough to
+    (RETURN_SIMILARITY; a resolved one, reopened, RESOLVED_RETURN_SIMILARITY), else a new thread. Every
+    way a message is found new for the active thread ends here, so each of them sees earlier threads."""
+    close = [
+        (s, c) for s, c in others if s >= (RESOLVED_RETURN_SIMILARITY if c.resolved else RETURN_SIMILARITY)
+    ]
+    if close:
+        _, thread = max(close, key=lambda pair: pair[0])
+        reason = f"{signals['reason']}; close to an earlier thread"
+        return ThreadDecision(ThreadEvent.RETURN, thread.thread_id, confidence, {**signals, "reason": reason})
+    return ThreadDecision(ThreadEvent.NEW_TOPIC, None, confidence, signals)
+
+
+def _back_to_earlier(open_others: Sequence[tuple[float, Candidate]], active_similarity: float) -> Any:
+    """An earlier open thread a message the active thread would continue is about instead: close to it
+    (STATUS_RETURN_SIMILARITY) and RETURN_OVER_ACTIVE closer than to the active thread ("the navy case still
+    hasn't arrived" after a question about luggage scales opened a thread of its own), or None."""
+    close = [
+        (s, c)
+        for s, c in open_others
+        if s >= STATUS_RETURN_SIMILARITY and s - active_similarity >= RETURN_OVER_ACTIVE
+    ]
+    return max(close, key=lambda pair: pair[0])[1] if close else None
+
+
 def decide_thread(
     *,
     text: str,
@@ -1007,19 +1060,6 @@ def decide_thread(
         or own_subject
         or own_question
     ):
-        close = [
-            (s, c)
-            for s, c in others
-            if s >= (RESOLVED_RETURN_SIMILARITY if c.resolved else RETURN_SIMILARITY)
-        ]
-        if close:
-            similarity, thread = max(close, key=lambda pair: pair[0])
-            return ThreadDecision(
-                ThreadEvent.RETURN,
-                thread.thread_id,
-                round(p_new, 4),
-                {**signals, "reason": "new for the active thread, close to an earlier one"},
-            )
         reason = "scorer: new topic"
         if after_done:
             reason = "a new request after the last one was done (not the scorer)"
@@ -1035,12 +1075,7 @@ def decide_thread(
             reason = "a question of its own about another subject (not the scorer)"
             if asked_a_question(assistant_text):
                 reason = "a question of its own in place of an answer to the assistant's (not the scorer)"
-        return ThreadDecision(
-            ThreadEvent.NEW_TOPIC,
-            None,
-            round(p_new, 4),
-            {**signals, "reason": reason},
-        )
+        return _new_or_return(others, round(p_new, 4), {**signals, "reason": reason})
     unrelated = (
         len(words) >= UNRELATED_MIN_WORDS
         and novelty >= UNRELATED_NOVELTY
@@ -1053,11 +1088,8 @@ def decide_thread(
         )
     )
     if unrelated and model.profile == "task":  # measured: it helps support dialogues, hurts chit-chat
-        return ThreadDecision(
-            ThreadEvent.NEW_TOPIC,
-            None,
-            round(1 - sims[0], 4),
-            {**signals, "reason": "unrelated to the active thread"},
+        return _new_or_return(
+            others, round(1 - sims[0], 4), {**signals, "reason": "unrelated to the active thread"}
         )
     if idle <= inactivity and active.current_session:
         if task and not active.resolved:
@@ -1069,12 +1101,19 @@ def decide_thread(
             elif reading.p_max is not None:
                 signals["p_shift_stage_max"] = reading.p_max
             if reading.opens:
-                return ThreadDecision(
-                    ThreadEvent.NEW_TOPIC,
-                    None,
+                return _new_or_return(
+                    others,
                     float(reading.p or 0.0),
                     {**signals, "reason": "a subject of its own, by the second stage (not the scorer)"},
                 )
+        back = _back_to_earlier(open_others, sims[0]) if task and still_waiting(text) else None
+        if back is not None:
+            return ThreadDecision(
+                ThreadEvent.RETURN,
+                back.thread_id,
+                round(1 - p_new, 4),
+                {**signals, "reason": "closer to an earlier open thread than to the active one"},
+            )
         return ThreadDecision(
             ThreadEvent.FOLLOW_UP,
             active.thread_id,
