@@ -1198,7 +1198,7 @@ def bare_fragment(text: str) -> bool:
 BUSINESS_QUESTION = re.compile(
     r"^\W*(?:(?:ok(?:ay)?|great|thanks|thank you|cool|perfect|also|and|oh|hi|hey|one more thing)\W+)*"
     r"(?:(?:do|does) (?:you|u|your [a-z]+)(?: guys)?(?: still| also| ever)? (?!know\b|mean\b|think\b|need\b)"
-    r"[a-z]+ (?!(?:it|that|this|them|those|these|one|ones|the same)\b)"
+    r"[a-z]+ (?!(?:it|that|this|them|those|these|one|ones|the same|any ?thing|something|another|any other|other|more)\b)"
     r"|what time (?:do|does|are|is) |(?:what|which) (?:kind|sort|type|brand)s? of [a-z]+ (?:do|does|can) you\b"
     r"|(?:is|are) there (?:a |an |any )?[a-z][a-z'-]* (?:[a-z][a-z'-]* )?(?:at|in|near|on|for|during)\b)",
     re.IGNORECASE,

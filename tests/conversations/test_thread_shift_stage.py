@@ -512,6 +512,8 @@ def test_a_bare_fragment_after_a_statement_opens_a_subject_by_its_input(text: st
         ("Is there parking at the Riverside cinema?", True),
         # a pronoun for the thread's thing, a question about the customer's own matter, no question
         ("Do you have it in blue?", False),
+        ("Do you have anything else with wifi?", False),
+        ("Do you have any other options?", False),
         ("Do you need my ticket number?", False),
         ("How many days until I see the money?", False),
         ("The salt tank is full already.", False),
