@@ -1,11 +1,12 @@
 """Fit the second stage for unmarked topic shifts (task profile) and check it by leave-one-domain-out folds.
 
-    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--show-sgd] [--write]
+    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--grafts 1]
+                                      [--graft-weight 0.1] [--l2 0.1] [--threshold 0.75] [--show-sgd] [--write]
 
 The support chats used for tuning (the tuning parts of bench/data/support_turns.jsonl and
 support_unmarked2.jsonl, support_fresh3.jsonl, support_fresh4.jsonl (scored blind once before it was
-added here) and support_styles.jsonl (other writing styles; every labelled turn is a row)) and SGD dev
-are replayed through the real
+added here), support_styles.jsonl (other writing styles; every labelled turn is a row) and
+support_check_unmarked.jsonl) and SGD dev are replayed through the real
 ``decide_thread`` without the stage, on the threads the replay builds itself (a pure-Python copy of the
 pipeline's bookkeeping: open / add / resolve, the assistant's replies added to the most recent thread,
 10 open + 3 resolved candidates). Every scored message the scorer continued in an open thread (reason
@@ -13,6 +14,11 @@ pipeline's bookkeeping: open / add / resolve, the assistant's replies added to t
 ``shift_stage_features`` against the active thread (the reply's cosine read on ``reply_tail(reply,
 --reply-words)``, the piece the product embeds), gold = a topic shift. Rows are fitted on the support
 chats only (SGD is only checked against: a stage fitted on all support rows must change no SGD decision).
+
+``--grafts`` adds training rows (``grafts``): a tuning chat's first exchange followed by the opening of
+another tuning chat of the same business, labelled a new topic (same-business shifts with no marker,
+which sit close to the thread in embedding); weighted ``--graft-weight`` against a real row's 1, left out
+with their domain in every held-out fold, never scored.
 
 For each L2 and threshold it prints, held out one support domain at a time, the shifts gained and the
 follow-ups / resolutions lost, how many domains gain or lose, and per source file; then the SGD check.

@@ -1114,6 +1114,9 @@ def decide_thread(
 # gained as many support shifts in the held-out-domain folds. One was added after them, ``bare_fragment``
 # (a fragment of one to four words naming a thing, "payment plan?", after a reply that asked nothing):
 # terse customers ask about another thing that way (docs/operations.md, "a bare fragment input").
+# Three were added for same-business shifts after one exchange (issue 16; docs/operations.md, "shift
+# stage, same-business shifts"): ``business_question``, ``leans_first`` and ``reply_words_share`` (below),
+# fitted with grafted same-business shifts beside the real rows (bench/train_shift_stage.py ``grafts``).
 SHIFT_STAGE_PATH = MODEL_PATH.with_name("shift_stage.json")
 SHIFT_STAGE_FEATURES = (
     "sim_topic",
