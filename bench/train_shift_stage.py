@@ -1,11 +1,12 @@
 """Fit the second stage for unmarked topic shifts (task profile) and check it by leave-one-domain-out folds.
 
-    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--show-sgd] [--write]
+    python bench/train_shift_stage.py [--cache /tmp/shift_stage.npz] [--reply-words 24] [--grafts 1]
+                                      [--graft-weight 0.1] [--l2 0.1] [--threshold 0.75] [--show-sgd] [--write]
 
 The support chats used for tuning (the tuning parts of bench/data/support_turns.jsonl and
 support_unmarked2.jsonl, support_fresh3.jsonl, support_fresh4.jsonl (scored blind once before it was
-added here) and support_styles.jsonl (other writing styles; every labelled turn is a row)) and SGD dev
-are replayed through the real
+added here), support_styles.jsonl (other writing styles; every labelled turn is a row) and
+support_check_unmarked.jsonl) and SGD dev are replayed through the real
 ``decide_thread`` without the stage, on the threads the replay builds itself (a pure-Python copy of the
 pipeline's bookkeeping: open / add / resolve, the assistant's replies added to the most recent thread,
 10 open + 3 resolved candidates). Every scored message the scorer continued in an open thread (reason
@@ -13,6 +14,11 @@ pipeline's bookkeeping: open / add / resolve, the assistant's replies added to t
 ``shift_stage_features`` against the active thread (the reply's cosine read on ``reply_tail(reply,
 --reply-words)``, the piece the product embeds), gold = a topic shift. Rows are fitted on the support
 chats only (SGD is only checked against: a stage fitted on all support rows must change no SGD decision).
+
+``--grafts`` adds training rows (``grafts``): a tuning chat's first exchange followed by the opening of
+another tuning chat of the same business, labelled a new topic (same-business shifts with no marker,
+which sit close to the thread in embedding); weighted ``--graft-weight`` against a real row's 1, left out
+with their domain in every held-out fold, never scored.
 
 For each L2 and threshold it prints, held out one support domain at a time, the shifts gained and the
 follow-ups / resolutions lost, how many domains gain or lose, and per source file; then the SGD check.
@@ -48,7 +54,7 @@ DATA = ROOT / "bench" / "data"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 VOCABULARY_LIMIT = 300
 FOLDS = 5
-L2S = (0.01, 0.03, 0.1, 0.3, 1.0)
+L2S = (0.01, 0.03, 0.1, 0.15, 0.2, 0.3, 1.0)
 THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
@@ -178,6 +184,10 @@ def load_sets(datasets: Path) -> dict[str, tuple[list[dict], bool]]:
         # labelled, so every turn is a row. support_fresh5 (the same styles, other domains) stays out.
         "support_fresh4": (load_support_holdout(DATA / "support_fresh4.jsonl", any_split=True), True),
         "support_styles": (load_support_holdout(DATA / "support_styles.jsonl", any_split=True), False),
+        "support_check_unmarked": (
+            load_support_holdout(DATA / "support_check_unmarked.jsonl", any_split=True),
+            True,
+        ),
         "SGD dev": (sgd, False),
     }
 
@@ -201,6 +211,49 @@ def embedded(utterances: set[str], reply_words: int, cache: Path | None) -> dict
         if cache:
             np.savez(cache, texts=np.asarray(list(seen)), vectors=np.asarray(list(seen.values())))
     return seen
+
+
+GRAFT_SIMILARITY = 0.6
+
+
+def grafts(sets: dict[str, tuple[list[dict], bool]], vectors: dict, per_host: int) -> list[dict]:
+    """Synthetic same-domain shifts (issue 16): a tuning chat's first exchange (the user's opening and the
+    assistant's reply) followed by the opening of another tuning chat of the same business, labelled
+    NEW_TOPIC; ``per_host`` donors per chat, picked by a hash of the two ids. An opening is written to
+    stand alone (its own subject and request), and after one exchange in the same business it sits as
+    close to the thread in embedding as the unmarked shifts the stage misses. A donor whose opening is
+    close to the host's (cosine >= GRAFT_SIMILARITY: the same problem told twice) is skipped."""
+    by_domain: dict[str, list[dict]] = collections.defaultdict(list)
+    for name, (dialogues, _) in sets.items():
+        if name == "SGD dev":
+            continue
+        for d in dialogues:
+            turns = d["turns"]
+            if len(turns) >= 2 and turns[0]["speaker"] == "USER" and turns[1]["speaker"] != "USER":
+                by_domain[d["domain"]].append(d)
+    out = []
+    for domain, chats in sorted(by_domain.items()):
+        for host in chats:
+            opening = host["turns"][0]["utterance"]
+            donors = [
+                d
+                for d in chats
+                if d["turns"][0]["utterance"] != opening
+                and float(vectors[d["turns"][0]["utterance"]] @ vectors[opening]) < GRAFT_SIMILARITY
+            ]
+            donors.sort(
+                key=lambda d: hashlib.sha256(f"{host['dialogue_id']}<{d['dialogue_id']}".encode()).digest()
+            )
+            for donor in donors[:per_host]:
+                turn = {"speaker": "USER", "utterance": donor["turns"][0]["utterance"], "label": "NEW_TOPIC"}
+                out.append(
+                    {
+                        "dialogue_id": f"graft:{host['dialogue_id']}<{donor['dialogue_id']}",
+                        "domain": domain,
+                        "turns": [*host["turns"][:2], turn],
+                    }
+                )
+    return out
 
 
 def domain_fold(domain: str) -> int:
@@ -234,10 +287,10 @@ def stored_stage():
     return (stage.weights, stage.bias, stage.mean, stage.scale), stage.threshold
 
 
-def fit(x: np.ndarray, y: np.ndarray, l2: float):
+def fit(x: np.ndarray, y: np.ndarray, l2: float, sample_weight: np.ndarray | None = None):
     from conversations.thread_features import fit_logistic
 
-    return fit_logistic(x, y, l2=l2, iterations=1500)
+    return fit_logistic(x, y, l2=l2, iterations=1500, sample_weight=sample_weight)
 
 
 def probability(params, x: np.ndarray) -> np.ndarray:
@@ -245,15 +298,42 @@ def probability(params, x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ w + b)))
 
 
+class Rows:
+    """The support rows (real, scored) and the grafted ones (training only), with their domains."""
+
+    def __init__(self, real: list[dict], grafted: list[dict], graft_weight: float) -> None:
+        self.x = np.asarray([r["x"] for r in real])
+        self.y = np.asarray([r["gold"] in ("NEW_TOPIC", "RETURN") for r in real], dtype=float)
+        self.domains = np.asarray([r["domain"] for r in real])
+        width = self.x.shape[1]
+        self.xg = np.asarray([r["x"] for r in grafted]).reshape(-1, width)
+        self.yg = np.asarray([r["gold"] == "NEW_TOPIC" for r in grafted], dtype=float)
+        self.domains_g = np.asarray([r["domain"] for r in grafted], dtype=object)
+        self.graft_weight = graft_weight
+
+    def fit_without(self, held_domains: set[str], l2: float):
+        """Fitted on every real and grafted row of the other domains."""
+        keep = ~np.isin(self.domains, list(held_domains))
+        keep_g = ~np.isin(self.domains_g, list(held_domains))
+        x = np.concatenate([self.x[keep], self.xg[keep_g]])
+        y = np.concatenate([self.y[keep], self.yg[keep_g]])
+        weight = np.concatenate([np.ones(int(keep.sum())), np.full(int(keep_g.sum()), self.graft_weight)])
+        return fit(x, y, l2, weight)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--cache", type=Path, default=None, help="keep the texts' embeddings in this .npz")
-    parser.add_argument("--l2", type=float, default=0.3, help="the setting --write fits")
-    parser.add_argument("--threshold", type=float, default=0.5, help="the setting --write stores")
+    parser.add_argument("--l2", type=float, default=0.1, help="the setting --write fits")
+    parser.add_argument("--threshold", type=float, default=0.75, help="the setting --write stores")
     parser.add_argument(
         "--reply-words", type=int, default=24, help="the most words of the reply's end embedded (reply_tail)"
     )
+    parser.add_argument(
+        "--grafts", type=int, default=1, help="grafted same-domain shifts per tuning chat (training only)"
+    )
+    parser.add_argument("--graft-weight", type=float, default=0.1, help="a grafted row's weight (real: 1)")
     parser.add_argument("--show-sgd", action="store_true", help="print the SGD dev rows the setting flips")
     parser.add_argument("--write", action="store_true", help="write conversations/data/shift_stage.json")
     args = parser.parse_args()
@@ -273,11 +353,16 @@ def main() -> None:
         ]
         gold = collections.Counter(r["gold"] for r in rows[name])
         print(f"{name}: {len(dialogues)} dialogues, {len(rows[name])} rows the stage reads {dict(gold)}")
+    grafted = grafts(sets, seen, args.grafts) if args.grafts else []
+    graft_rows = [r for r in replay(grafted, seen, last_only=True, reply_words=args.reply_words) if "x" in r]
+    print(
+        f"grafted same-domain shifts: {len(grafted)} chats, {len(graft_rows)} rows the stage reads"
+        f" (weight {args.graft_weight}; training only, never scored)"
+    )
     support = [r for name, rs in rows.items() if name != "SGD dev" for r in rs]
     source = [name for name, rs in rows.items() if name != "SGD dev" for _ in rs]
-    x = np.asarray([r["x"] for r in support])
-    y = np.asarray([r["gold"] in ("NEW_TOPIC", "RETURN") for r in support], dtype=float)
-    domains = np.asarray([r["domain"] for r in support])
+    data = Rows(support, graft_rows, args.graft_weight)
+    x, y, domains = data.x, data.y, data.domains
     x_sgd = np.asarray([r["x"] for r in rows["SGD dev"]])
     y_sgd = np.asarray([r["gold"] == "NEW_TOPIC" for r in rows["SGD dev"]])
     print(
@@ -288,8 +373,8 @@ def main() -> None:
         out_of_fold = np.zeros(len(y))
         for domain in np.unique(domains):
             held = domains == domain
-            out_of_fold[held] = probability(fit(x[~held], y[~held], l2), x[held])
-        p_sgd = probability(fit(x, y, l2), x_sgd)
+            out_of_fold[held] = probability(data.fit_without({domain}, l2), x[held])
+        p_sgd = probability(data.fit_without(set(), l2), x_sgd)
         for threshold in THRESHOLDS:
             flip = out_of_fold >= threshold
             per_domain: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -317,10 +402,13 @@ def main() -> None:
         out_of_fold = np.zeros(len(y))
         for k in range(FOLDS):
             held = fold_of == k
-            out_of_fold[held] = probability(fit(x[~held], y[~held], l2), x[held])
+            out_of_fold[held] = probability(data.fit_without(set(domains[held]), l2), x[held])
+        p_sgd = probability(data.fit_without(set(), l2), x_sgd)
         for threshold in THRESHOLDS:
+            sgd_flip = p_sgd >= threshold
             print(
-                f"  L2 {l2:<5} threshold {threshold:.2f}: {fold_summary(out_of_fold >= threshold, y, fold_of)}"
+                f"  L2 {l2:<5} threshold {threshold:.2f}: {fold_summary(out_of_fold >= threshold, y, fold_of)};"
+                f" SGD dev +{int((sgd_flip & y_sgd).sum())} / -{int((sgd_flip & ~y_sgd).sum())}"
             )
     if stored is None:
         print("  the stored stage was fitted on other features: not compared")
@@ -330,12 +418,12 @@ def main() -> None:
             f"  the stored stage (in-sample for the files it was fitted on): {fold_summary(flip, y, fold_of)}"
         )
     if args.show_sgd:
-        p_sgd = probability(fit(x, y, args.l2), x_sgd)
+        p_sgd = probability(data.fit_without(set(), args.l2), x_sgd)
         for r, p in zip(rows["SGD dev"], p_sgd, strict=True):
             if p >= args.threshold:
                 print(f"  SGD flip {p:.2f} {r['gold']}: {r['text']!r}")
     if args.write:
-        w, b, mean, scale = fit(x, y, args.l2)
+        w, b, mean, scale = data.fit_without(set(), args.l2)
         data = {
             "version": datetime.now(UTC).strftime("%Y%m%d")
             + f"-l2{args.l2}-t{args.threshold}-f{len(SHIFT_STAGE_FEATURES)}",
@@ -346,7 +434,8 @@ def main() -> None:
             "scale": [round(float(v), 6) for v in scale],
             "threshold": args.threshold,
             "reply_words": args.reply_words,
-            "trained_on": f"{len(y)} rows ({int(y.sum())} shifts) of {', '.join(n for n in rows if n != 'SGD dev')}",
+            "trained_on": f"{len(y)} rows ({int(y.sum())} shifts) of {', '.join(n for n in rows if n != 'SGD dev')}"
+            + (f"; {len(graft_rows)} grafted shifts (weight {args.graft_weight})" if graft_rows else ""),
         }
         lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items())
         SHIFT_STAGE_PATH.write_text("{\n" + lines + "\n}\n")

@@ -1153,6 +1153,9 @@ def decide_thread(
 # gained as many support shifts in the held-out-domain folds. One was added after them, ``bare_fragment``
 # (a fragment of one to four words naming a thing, "payment plan?", after a reply that asked nothing):
 # terse customers ask about another thing that way (docs/operations.md, "a bare fragment input").
+# Three were added for same-business shifts after one exchange (issue 16; docs/operations.md, "shift
+# stage, same-business shifts"): ``business_question``, ``leans_first`` and ``reply_words_share`` (below),
+# fitted with grafted same-business shifts beside the real rows (bench/train_shift_stage.py ``grafts``).
 SHIFT_STAGE_PATH = MODEL_PATH.with_name("shift_stage.json")
 SHIFT_STAGE_FEATURES = (
     "sim_topic",
@@ -1170,6 +1173,9 @@ SHIFT_STAGE_FEATURES = (
     "reply_step",
     "n_words",
     "bare_fragment",
+    "business_question",
+    "leans_first",
+    "reply_words_share",
     "sim_reply",
     "reply_minus_thread",
 )
@@ -1222,6 +1228,52 @@ def bare_fragment(text: str) -> bool:
     words = re.findall(r"[A-Za-z0-9][\w'-]*", text)
     short = 1 <= len(words) <= 3 or (len(words) == 4 and text.rstrip().endswith("?"))
     return short and not FRAGMENT_LEAD.match(text) and not FRAGMENT_ANSWER.search(text)
+
+
+# Three cues of a message that stands on its own in the thread's business (issue 16): same-domain
+# shifts after one exchange ("do you sharpen lawnmower blades", "Great. Do you hire out men's suits?",
+# "Is there parking at the Riverside cinema?") sit close to the thread in embedding, so what tells them
+# from a follow-up is the form and what they lean on. ``business_question``: a question about what the
+# business offers or when it opens, after at most an acknowledgement ("Do you (still) <verb> ...",
+# "What time do you open", "What kind of <thing> do you ...", "Is there <thing> at/in ..."), with no
+# pronoun for the thread's thing right after ("Do you have it in blue?" leans).
+BUSINESS_QUESTION = re.compile(
+    r"^\W*(?:(?:ok(?:ay)?|great|thanks|thank you|cool|perfect|also|and|oh|hi|hey|one more thing)\W+)*"
+    r"(?:(?:do|does) (?:you|u|your [a-z]+)(?: guys)?(?: still| also| ever)? (?!know\b|mean\b|think\b|need\b)"
+    r"[a-z]+ (?!(?:it|that|this|them|those|these|one|ones|the same|any ?thing|something|another|any other|other|more)\b)"
+    r"|what time (?:do|does|are|is) |(?:what|which) (?:kind|sort|type|brand)s? of [a-z]+ (?:do|does|can) you\b"
+    r"|(?:is|are) there (?:a |an |any )?[a-z][a-z'-]* (?:[a-z][a-z'-]* )?(?:at|in|near|on|for|during)\b)",
+    re.IGNORECASE,
+)
+# ``leans_first``: a word that leans on the thread (QUESTION_LEANS) comes before the first word of the
+# message's own (a content word the thread never used): "does that one work for the laundry room too?"
+# leans before it names anything; "The pool cover has a tear along one side, can you replace it?" names
+# its thing first and "it" is that thing. Existential "is there" and habitual "do you still" lean on
+# nothing and are read past.
+LEAN_FREE = re.compile(r"\b(is|are|was|were) there\b|\b(do|does) (you|u) still\b", re.IGNORECASE)
+
+
+def leans_first(text: str, own: set[str]) -> bool:
+    """A leaning word before the first of the message's own words (or with no own word at all)."""
+    lowered = LEAN_FREE.sub(" ", text.lower())
+    lean = QUESTION_LEANS.search(lowered)
+    if lean is None:
+        return False
+    for match in re.finditer(r"[a-z][a-z']*", lowered):
+        if match.group() in own:
+            return lean.start() < match.start()
+    return True
+
+
+# ``reply_words_share``: the share of the message's content words (request words aside) that the
+# assistant's last reply used ("how do i measure the humidity?" after a step that named the humidity).
+def reply_words_share(words: set[str], reply: str) -> float:
+    """The share of ``words`` (request words aside) whose stem the assistant's last reply used."""
+    asked = {w for w in words if w not in GENERIC_WORDS}
+    if not asked:
+        return 0.0
+    said = {_stem(w) for w in content_words(reply)}
+    return sum(_stem(w) in said for w in asked) / len(asked)
 
 
 # The two inputs that read the reply's embedding; each moves one for one with sim_reply (the cosine of the
@@ -1373,6 +1425,9 @@ def _stage_inputs(
             float(bool(REPLY_STEP.match(reply))),
             min(len(words), 8) / 8,
             float(bare_fragment(text) and not asked_a_question(reply)),
+            float(bool(BUSINESS_QUESTION.match(text))),
+            float(leans_first(text, own)),
+            reply_words_share(words, reply),
             0.0,
             0.0,
         ],

@@ -31,8 +31,8 @@ SOFTENER = (
     "Check the salt level and top it up if it's below the water line.",
 )
 SHIFT = (*REFUND, "Do you do beard trims?")  # the stage opens a thread, P a little above its threshold
-LEAN = (*REFUND, "How long until I see the money?")  # the stage reads it and keeps it, P a little below
-SETTLED = (*SOFTENER, "The salt is at the line already.")  # the gate settles it offline, bound near
+LEAN = (*REFUND, "How many days until I see the money?")  # the stage reads it and keeps it, P a little below
+SETTLED = (*SOFTENER, "The salt tank is full already.")  # the gate settles it offline, bound near
 NEAR = 0.02  # how far inside (or outside) the band the margins put a case
 
 

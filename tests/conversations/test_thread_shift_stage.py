@@ -18,10 +18,13 @@ from agentflow import AgentFrameworkBuilder
 from conversations import thread_detection
 from conversations.models import Message, Thread
 from conversations.thread_detection import (
+    BUSINESS_QUESTION,
     SIM_REPLY_FLOOR,
     StageReading,
     bare_fragment,
+    leans_first,
     reply_tail,
+    reply_words_share,
     shift_stage,
     shift_stage_features,
     stage_opens_subject,
@@ -496,3 +499,82 @@ def test_a_bare_fragment_after_a_statement_opens_a_subject_by_its_input(text: st
     answer, _ = _read(stage, "dark green", MAT_ASKED)
 
     assert (with_input.opens, without.opens, answer.opens) == (True, False, False), (with_input, without)
+
+
+@pytest.mark.parametrize(
+    ("text", "asks"),
+    [
+        ("do you sharpen lawnmower blades", True),
+        ("Great. Do you hire out men's suits?", True),
+        ("Do you still do 2-for-1 on Tuesdays?", True),
+        ("what time do you open on sundays", True),
+        ("What kind of underlay do you use for stairs?", True),
+        ("Is there parking at the Riverside cinema?", True),
+        # a pronoun for the thread's thing, a question about the customer's own matter, no question
+        ("Do you have it in blue?", False),
+        ("Do you have anything else with wifi?", False),
+        ("Do you have any other options?", False),
+        ("Do you need my ticket number?", False),
+        ("How many days until I see the money?", False),
+        ("The salt tank is full already.", False),
+    ],
+)
+def test_business_question_reads_a_question_about_what_the_business_offers(text: str, asks: bool) -> None:
+    assert bool(BUSINESS_QUESTION.match(text)) is asks
+
+
+@pytest.mark.parametrize(
+    ("text", "own", "leans"),
+    [
+        ("does that one work for the laundry room too?", {"laundry", "room"}, True),
+        ("The pool cover has a tear along one side, can you replace it?", {"pool", "cover", "tear"}, False),
+        ("Is there parking at the Riverside cinema?", {"parking", "riverside"}, False),
+        ("Do you still do 2-for-1 on Tuesdays?", {"tuesdays"}, False),
+        ("still wrong", set(), True),
+        ("Do you hire out suits?", {"suits"}, False),
+    ],
+)
+def test_leans_first_reads_a_leaning_word_before_the_message_names_its_own_thing(
+    text: str, own: set[str], leans: bool
+) -> None:
+    assert leans_first(text, own) is leans
+
+
+def test_reply_words_share_counts_the_message_words_the_reply_used() -> None:
+    reply = "Keep the room's humidity between 40 and 50 percent and I'll retune it next month."
+
+    assert reply_words_share(content_words("how do i measure the humidity?"), reply) == 0.5
+    assert reply_words_share(content_words("do you sharpen lawnmower blades"), reply) == 0.0
+    assert reply_words_share(set(), reply) == 0.0
+
+
+TAILOR = (
+    "Is my wedding dress alteration ready? Ticket 5520.",
+    "It's ready for the final fitting; we need about 30 minutes with you.",
+)
+TRIMMER = (
+    "The hedge trimmer I bought last week won't start.",
+    "Make sure the safety lock on the handle is pressed in while you squeeze the trigger.",
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem_reply"),
+    [("Great. Do you hire out men's suits?", TAILOR), ("do you sharpen lawnmower blades", TRIMMER)],
+)
+def test_a_same_business_question_of_its_own_opens_a_subject_by_the_new_inputs(
+    text: str, problem_reply: tuple[str, str]
+) -> None:
+    """Issue 16: a question of its own in the thread's business after one exchange. With the three
+    inputs of what it leans on at weight 0 it stays a follow-up; a question leaning on the refund stays
+    one with them."""
+    stage = _ungated()
+    weights = stage.weights.copy()
+    for name in ("business_question", "leans_first", "reply_words_share"):
+        weights[thread_detection.SHIFT_STAGE_FEATURES.index(name)] = 0.0
+
+    with_inputs, _ = _read(stage, text, problem_reply)
+    without, _ = _read(dataclasses.replace(stage, weights=weights), text, problem_reply)
+    lean, _ = _read(stage, "How many days until I see the money?", REFUND)
+
+    assert (with_inputs.opens, without.opens, lean.opens) == (True, False, False), (with_inputs, without)

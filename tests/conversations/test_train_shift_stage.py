@@ -88,6 +88,7 @@ def test_the_trainer_fits_on_fresh4_and_the_styles_set_and_never_on_the_blind_fr
         "support_fresh3": True,
         "support_fresh4": True,
         "support_styles": False,
+        "support_check_unmarked": True,
         "SGD dev": False,
     }
     ids = {d["dialogue_id"] for dialogues, _ in sets.values() for d in dialogues}
@@ -121,3 +122,78 @@ def test_the_styles_files_are_well_formed_and_in_domains_of_their_own(name: str,
     others = set().union(*(_domains(p) for p in DATA.glob("support_*.jsonl") if p != path))
     assert len(_domains(path)) >= 20
     assert not _domains(path) & others
+
+
+def _chat(dialogue_id: str, domain: str, opening: str) -> dict:
+    return {
+        "dialogue_id": dialogue_id,
+        "domain": domain,
+        "turns": [
+            {"speaker": "USER", "utterance": opening, "label": "FIRST"},
+            {"speaker": "SYSTEM", "utterance": f"reply to {opening}", "label": None},
+            {"speaker": "USER", "utterance": "thanks", "label": "RESOLUTION"},
+        ],
+    }
+
+
+def test_grafts_put_another_opening_of_the_same_business_after_a_first_exchange() -> None:
+    """Same domain only, never from SGD, a donor telling the host's problem again (cosine >= 0.6) skipped,
+    ``per_host`` donors per chat; the host's first exchange kept, the opening labelled a new topic."""
+    axis = np.eye(4)
+    vectors = {
+        "wash charged twice": axis[0],
+        "the wash charged me twice": (axis[0] + 0.1 * axis[1]) / np.linalg.norm(axis[0] + 0.1 * axis[1]),
+        "do you have a monthly plan": axis[1],
+        "my cinema ticket failed": axis[2],
+        "sgd opening": axis[3],
+    }
+    sets = {
+        "a": (
+            [_chat("w1", "car-wash", "wash charged twice"), _chat("c1", "cinema", "my cinema ticket failed")],
+            True,
+        ),
+        "b": (
+            [
+                _chat("w2", "car-wash", "the wash charged me twice"),
+                _chat("w3", "car-wash", "do you have a monthly plan"),
+            ],
+            False,
+        ),
+        "SGD dev": ([_chat("s1", "car-wash", "sgd opening")], False),
+    }
+
+    grafted = train_shift_stage.grafts(sets, vectors, per_host=5)
+
+    pairs = {(g["turns"][0]["utterance"], g["turns"][2]["utterance"]) for g in grafted}
+    assert pairs == {
+        ("wash charged twice", "do you have a monthly plan"),
+        ("the wash charged me twice", "do you have a monthly plan"),
+        ("do you have a monthly plan", "wash charged twice"),
+        ("do you have a monthly plan", "the wash charged me twice"),
+    }
+    assert all(g["domain"] == "car-wash" and g["turns"][2]["label"] == "NEW_TOPIC" for g in grafted)
+    assert all(g["turns"][1]["utterance"] == f"reply to {g['turns'][0]['utterance']}" for g in grafted)
+    assert len(train_shift_stage.grafts(sets, vectors, per_host=1)) == 3
+
+
+def test_grafted_rows_train_only_outside_the_held_out_domains() -> None:
+    real = [
+        {"x": [0.0], "gold": "FOLLOW_UP", "domain": "a"},
+        {"x": [1.0], "gold": "NEW_TOPIC", "domain": "b"},
+    ]
+    grafted = [
+        {"x": [5.0], "gold": "NEW_TOPIC", "domain": "a"},
+        {"x": [6.0], "gold": "NEW_TOPIC", "domain": "b"},
+    ]
+    rows = train_shift_stage.Rows(real, grafted, 0.1)
+    seen: list[tuple[list[float], list[float]]] = []
+
+    def fit(x, y, l2, sample_weight=None):
+        seen.append((x[:, 0].tolist(), sample_weight.tolist()))
+
+    with mock.patch.object(train_shift_stage, "fit", fit):
+        rows.fit_without({"a"}, 0.1)
+        rows.fit_without(set(), 0.1)
+
+    assert seen == [([1.0, 6.0], [1.0, 0.1]), ([0.0, 1.0, 5.0, 6.0], [1.0, 1.0, 0.1, 0.1])]
+    assert rows.y.tolist() == [0.0, 1.0] and len(rows.xg) == 2
