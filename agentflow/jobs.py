@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +27,11 @@ _inline: contextvars.ContextVar[bool] = contextvars.ContextVar("agentflow_inline
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pending: set[Future[Any]] = set()
+# What the turn that queued a job had already computed, handed to the job when it runs in this
+# process (``handed_over``); None on a Celery worker, where the job computes it again.
+_handoff: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "agentflow_job_handoff", default=None
+)
 
 
 @contextmanager
@@ -61,10 +66,18 @@ def _import_task_modules(task_name: str) -> None:
             current_app.loader.import_default_modules()
 
 
-def _run_inline(task_name: str, args: list[Any]) -> None:
+def handed_over(key: str) -> Any:
+    """What the queueing turn handed this job under ``key`` (``queue_on_commit(handoff=...)``), or
+    None: always None on a Celery worker, so a job uses it only to skip work it can also do itself."""
+    handoff = _handoff.get()
+    return None if handoff is None else handoff.get(key)
+
+
+def _run_inline(task_name: str, args: list[Any], handoff: Mapping[str, Any] | None = None) -> None:
     from celery import current_app
     from django.db import connections
 
+    token = _handoff.set(handoff)
     try:
         if task_name not in current_app.tasks:
             _import_task_modules(task_name)
@@ -72,27 +85,33 @@ def _run_inline(task_name: str, args: list[Any]) -> None:
     except Exception:  # a job's failure never reaches the turn that queued it
         logger.exception("inline job %s%r failed", task_name, tuple(args))
     finally:
+        _handoff.reset(token)
         connections.close_all()
 
 
-def _submit_inline(task_name: str, args: list[Any]) -> None:
+def _submit_inline(task_name: str, args: list[Any], handoff: Mapping[str, Any] | None = None) -> None:
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agentflow-job")
-        future = _pool.submit(_run_inline, task_name, args)
+        future = _pool.submit(_run_inline, task_name, args, handoff)
         _pending.add(future)
     future.add_done_callback(_pending.discard)
 
 
-def queue_on_commit(task_name: str, *args: Any) -> None:
-    """Queue the job ``task_name(*args)`` once the current transaction commits (now, outside one)."""
+def queue_on_commit(task_name: str, *args: Any, handoff: Mapping[str, Any] | None = None) -> None:
+    """Queue the job ``task_name(*args)`` once the current transaction commits (now, outside one).
+
+    ``handoff``: what the caller already computed that the job would compute again (e.g. the
+    message's vector), given to the job if it runs in this process (``handed_over``); never sent
+    to a worker (the task's arguments stay ids).
+    """
     from django.db import transaction
 
     if not conf().BACKGROUND_JOBS:
         return
     if _inline.get():
-        transaction.on_commit(lambda: _submit_inline(task_name, list(args)))
+        transaction.on_commit(lambda: _submit_inline(task_name, list(args), handoff))
         return
 
     def send() -> None:

@@ -320,7 +320,15 @@ def decide_and_place(
         if decision.event == ThreadEvent.RESOLUTION:
             queue_on_commit("memory.remember_resolution", str(thread.pk))
         if PREFERENCE.search(message.content):
-            queue_on_commit("memory.remember_preference", str(message.pk))
+            # The message's vector goes with an in-process job: a statement that is the whole
+            # message is not embedded again (memory.tasks.remember_preference).
+            queue_on_commit(
+                "memory.remember_preference",
+                str(message.pk),
+                handoff={
+                    "message_vector": (agent.embedder, str(message.pk), message.content, embedding.copy())
+                },
+            )
     return None
 
 

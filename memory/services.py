@@ -88,6 +88,7 @@ def memory_remember(
     max_per_user: int,
     approved: bool = True,
     agent_id: int | None = None,
+    vector: Any = None,
 ) -> tuple[Memory, bool]:
     """Store what was learned about a user; a near-duplicate updates the existing memory instead.
 
@@ -96,6 +97,7 @@ def memory_remember(
     both sources. Past ``max_per_user`` the least useful, then oldest, memories of the user go
     (``memory_evict``). ``user=None`` writes a global memory of agent ``agent_id`` (not evicted;
     ``approved`` False puts it in the admin's review queue, and takes an updated one back there).
+    ``vector``: ``embedder.embed_one(content)`` when the caller already has it (else computed here).
 
     Returns:
         ``(memory, created)``.
@@ -104,7 +106,8 @@ def memory_remember(
     if not content:
         raise ValueError("a memory needs content")
     owner = _agent_id(user, agent_id)
-    vector = embedder.embed_one(content)
+    if vector is None:
+        vector = embedder.embed_one(content)
     with transaction.atomic():
         with connection.cursor() as cursor:  # one writer per user (or agent): two cannot both insert
             cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [0x4D45, user.pk if user else -owner])

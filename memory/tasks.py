@@ -15,6 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from agentflow.errors import LLMError
+from agentflow.jobs import handed_over
 from agentflow.prepared import PreparedQuery
 from agentflow.registry import agent_for
 from conversations.models import ChatSession, EndUser, Message, Thread
@@ -251,5 +252,19 @@ def remember_preference(message_id: str) -> str:
         embedder=agent.embedder,
         source={"message": str(message.pk), "by": "user statement"},
         max_per_user=agent.config.memory_config.max_episodic_per_user,
+        vector=_message_vector(agent, message=message, text=statement),
     )
     return "remembered"
+
+
+def _message_vector(agent: Any, *, message: Message, text: str) -> Any:
+    """The vector the turn computed for ``message`` when the statement is the whole message and the
+    turn ran in this process with this agent's embedder (``agentflow.jobs.handed_over``), else None
+    (``memory_remember`` embeds it): the same vector either way, without embedding the text twice."""
+    known = handed_over("message_vector")
+    if known is None:
+        return None
+    embedder, message_id, content, vector = known
+    if embedder is not agent.embedder or message_id != str(message.pk) or content != text:
+        return None
+    return vector
