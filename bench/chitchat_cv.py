@@ -16,7 +16,7 @@ never used to choose). ``--replayed-rows`` also trains each fold's scorer on the
 builds itself (the other folds replayed, nested). ``--similarity last topic diff`` appends a learned
 similarity (measured, not shipped): the element-wise product of the message's embedding with the last
 turn's (``last``) and with the thread's unit topic (``topic``), and/or the absolute difference from the
-last turn (``diff``), 384 inputs each, their L2 ``--similarity-factor`` times the hand features'; with
+last turn (``diff``), and/or the last turn's own unit embedding (``prev``), 384 inputs each, their L2 ``--similarity-factor`` times the hand features'; with
 ``--project K``, reduced to K principal directions fitted on each fold's training rows only. With
 ``--dev`` and a feature set the shipped model does not read, dev is replayed with a scorer fitted on all
 of TIAGE train (with ``--replayed-rows``: plus each train fold replayed, as the training script does).
@@ -119,6 +119,7 @@ def similarity_raw(kinds: tuple[str, ...], embedding: np.ndarray, state: ThreadS
         "last": lambda: e * _unit(state.last_user).astype(np.float32),
         "topic": lambda: e * _unit(state.centroid).astype(np.float32),
         "diff": lambda: np.abs(e - _unit(state.last_user).astype(np.float32)),
+        "prev": lambda: _unit(state.last_user).astype(np.float32),
     }
     return np.concatenate([parts[k]() for k in kinds])
 
@@ -218,7 +219,7 @@ def main() -> None:
         "--similarity",
         nargs="*",
         default=[],
-        choices=("last", "topic", "diff"),
+        choices=("last", "topic", "diff", "prev"),
         help="a learned similarity's inputs (measured, not shipped; default none: the shipped features)",
     )
     parser.add_argument(
