@@ -58,7 +58,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("conversations.services", "turn_mark_done_with_reply"),
     ("conversations.turn_results", "turn_settled"),
     ("conversations.events", "publish_from_thread"),
-    ("agentflow.pipeline", "memories_mark_used"),
+    ("memory.services", "memories_mark_used"),
     ("agentflow.embeddings", "MiniLMEmbedder._run"),
     ("django.db.backends.base.base", "BaseDatabaseWrapper.connect"),
     ("agentflow.loops", "release_connections"),
