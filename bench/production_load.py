@@ -15,6 +15,8 @@ messages, each --think seconds after the previous reply (closed loop), and print
   once and got exactly one reply, or was handed to a human (the bot is then silent, by design).
 * with --trace (WebSocket), each hop of every turn joined per message (``AGENTFLOW_HOP_TRACE``,
   ``agentflow.hoptrace``): mean, p50, p95, and the mean over the turns at or over the overhead p95.
+* with --steps, the workers' CPU per turn step by step (bench/worker_steps.py, loaded into each
+  worker: the thread CPU of each step, Celery's tracer, consumer and acknowledgement included).
 
 The issue's loads (``--load``, other flags override its values):
 
@@ -555,6 +557,12 @@ def main() -> None:
         "--window", type=float, help="seconds over which first messages spread (default: think)"
     )
     parser.add_argument("--llm-latency", type=float, default=1.0, help="seconds the fake LLM waits (1.0)")
+    parser.add_argument(
+        "--llm-chunk-delay",
+        type=float,
+        default=0.0,
+        help="seconds between the words of a streamed reply (0: the whole reply at once)",
+    )
     parser.add_argument("--concurrency", type=int, help="Celery worker threads (default: the product's)")
     parser.add_argument(
         "--workers",
@@ -570,6 +578,11 @@ def main() -> None:
         help="own: a Valkey of the bench's own, its CPU measured (default); configured: REDIS_URL/the product's choice",
     )
     parser.add_argument("--log-level", default="WARNING", help="the worker's log level")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="print the workers' CPU per turn step by step (bench/worker_steps.py: thread CPU per step)",
+    )
     parser.add_argument(
         "--trace", action="store_true", help="WebSocket: time each hop of every turn (AGENTFLOW_HOP_TRACE)"
     )
@@ -606,9 +619,13 @@ def main() -> None:
     trace_dir = stack.LOGS / f"{tag}-trace"
     if args.trace:
         trace_dir.mkdir(parents=True)
+    steps_dir = stack.LOGS / f"{tag}-steps"
+    if args.steps:
+        steps_dir.mkdir(parents=True)
     stk = stack.Stack(
         tag=tag,
         llm_latency=args.llm_latency,
+        llm_chunk_delay=args.llm_chunk_delay,
         concurrency=args.concurrency,
         workers=args.workers or 0,
         log_level=args.log_level,
@@ -616,13 +633,25 @@ def main() -> None:
             "AGENTFLOW_BACKGROUND_JOBS": "true" if args.background_jobs else "false",
             "DJANGO_DEBUG": "false",
             **({"AGENTFLOW_HOP_TRACE": str(trace_dir)} if args.trace else {}),
+            **(
+                {
+                    "AGENTFLOW_BENCH_STEPS_DIR": str(steps_dir),
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")])
+                    ),
+                }
+                if args.steps
+                else {}
+            ),
         },
+        worker_args=["-I", "worker_steps"] if args.steps else [],
     )
     users = [f"{tag}-{i}" for i in range(args.users)]
     key_row = None
     print(
         f"load {args.load}: {args.users} users over {args.transport.upper()}, {args.messages} messages each,"
         f" think {args.think:g} s, first messages over {args.window:g} s; fake LLM {args.llm_latency * 1000:.0f} ms"
+        + (f", then a word every {args.llm_chunk_delay * 1000:.0f} ms" if args.llm_chunk_delay else "")
     )
     try:
         stk.start()
@@ -659,6 +688,12 @@ def main() -> None:
         if args.trace:
             stk.stop()  # the processes' lines are complete
             trace_report(trace_dir, res, args.llm_latency * 1000)
+        if args.steps:
+            stk.stop()  # each worker writes its figures as it stops
+            import worker_steps
+
+            for line in worker_steps.report(steps_dir):
+                print(line)
         for line in verify(f"{tag}-", res.sent):
             print(line)
         if exited:

@@ -197,20 +197,24 @@ class Stack:
     Args:
         tag: a name for this run: the Celery queue, the channel-layer and cache prefixes.
         llm_latency: seconds the fake Messages API waits before answering (streamed or not).
+        llm_chunk_delay: seconds it waits between a streamed reply's words (0: all at once).
         concurrency: Celery worker threads (None: the product's default, as agentflow_run uses).
         workers: Celery worker processes, each with ``concurrency`` threads ("worker", "worker 2", ...)
             (0: the product's default, as agentflow_run uses: one per usable core, up to 4).
             With several, each worker's database pool is cut as agentflow_run cuts it
             (``runtime.worker_pool_max``), unless ``AGENTFLOW_DB_POOL_MAX`` is set.
         env: more environment for all three processes.
+        worker_args: more arguments for each Celery worker's command (``-I module``: a module to load).
     """
 
     tag: str
     llm_latency: float
+    llm_chunk_delay: float = 0.0
     concurrency: int | None = None
     workers: int = 0
     log_level: str = "WARNING"
     env: dict[str, str] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     base: str = ""
     llm_port: int = 0
@@ -247,6 +251,7 @@ class Stack:
                 [
                     *(python, "-m", "agentflow.testing.fake_anthropic"),
                     *("--port", str(self.llm_port), "--latency", str(self.llm_latency)),
+                    *("--chunk-delay", str(self.llm_chunk_delay)),
                 ],
                 cwd=ROOT,
                 env=env,
@@ -267,7 +272,8 @@ class Stack:
                 runtime.worker_command(
                     concurrency=concurrency, queue=self.tag, loglevel=self.log_level, python=python
                 )
-                + ([f"--hostname={self.tag}-{n + 1}@%h"] if self.workers > 1 else []),
+                + ([f"--hostname={self.tag}-{n + 1}@%h"] if self.workers > 1 else [])
+                + self.worker_args,
                 cwd=ROOT,
                 env=worker_env,
                 stdout=subprocess.DEVNULL,

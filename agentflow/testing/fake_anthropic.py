@@ -456,11 +456,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds slept before every reply")
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        help="seconds slept between a streamed reply's text pieces (a word each), as a model writes",
+    )
     args = parser.parse_args(argv)
+    if args.chunk_delay < 0:
+        parser.error(f"--chunk-delay must be 0 or more seconds; got {args.chunk_delay}")
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when SIGINT is ignored (background job)
         signal.signal(signum, lambda *_: done.set())
-    server = FakeAnthropicServer(args.host, args.port, latency=args.latency).start()
+    server = FakeAnthropicServer(args.host, args.port, latency=args.latency)
+    server.chunk_delay = args.chunk_delay
+    server.start()
     print(f"Fake Anthropic API listening on {server.base_url} (Ctrl-C to stop)", flush=True)
     try:
         while not done.wait(1.0):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -256,3 +260,48 @@ async def test_responder_scripts_a_reply_from_the_request_when_the_queue_is_empt
     assert seen == ["What is the weather in Paris?", "And in Rome?"]  # not asked while the queue had a reply
     server.reset()
     assert server.responder is None
+
+
+# --- the standalone server's command line (bench/stack.py starts it this way) ----------------------
+
+
+def _standalone(*extra: str) -> tuple[subprocess.Popen[str], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentflow.testing.fake_anthropic", "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_the_command_line_streams_a_word_every_chunk_delay() -> None:
+    """``--chunk-delay``: a streamed reply's words come that far apart, as a model writes them
+    (``bench/production_load.py --llm-chunk-delay``); without it, all at once."""
+    proc, base_url = _standalone("--chunk-delay", "0.1")
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        sync_client = anthropic.Anthropic(api_key="k", base_url=base_url, max_retries=0)
+        arrivals = []
+        with sync_client.messages.stream(model=MODEL, max_tokens=16, messages=USER) as stream:
+            for _ in stream.text_stream:
+                arrivals.append(time.monotonic())
+        sync_client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    assert len(arrivals) == 7  # "Echo: What is the weather in Paris?", a word a piece
+    assert arrivals[-1] - arrivals[0] >= 0.5  # six gaps of 0.1 s, less the timer's slack
+
+
+def test_the_command_line_refuses_a_negative_chunk_delay() -> None:
+    proc, _ = _standalone("--chunk-delay", "-0.5")
+    _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 2
+    assert "--chunk-delay must be 0 or more seconds; got -0.5" in err
