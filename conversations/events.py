@@ -223,11 +223,28 @@ def user_erased_on_commit(*, user_pk: int) -> None:
     transaction.on_commit(send)
 
 
+# The gathering window grows with the reply: a twentieth of the time it has streamed, from the configured
+# interval up to STREAM_WINDOW_CAP times it. Each send costs the worker ~0.45 ms of CPU under load (and a
+# frame in every web process with a listener); a real model streams for seconds, so a fixed 50 ms window
+# made a 6 s reply ~120 sends, more CPU than the rest of its turn; growing, it is ~58, and the text still
+# moves at least five times a second (docs/operations.md, "Worker process CPU").
+STREAM_WINDOW_GROWTH = 1 / 20
+STREAM_WINDOW_CAP = 4
+
+
+def gather_window(interval: float, age: float) -> float:
+    """Seconds to gather pieces for, ``age`` seconds into a reply streamed at ``interval`` (0: none)."""
+    if interval <= 0:
+        return 0.0
+    return min(max(interval, age * STREAM_WINDOW_GROWTH), interval * STREAM_WINDOW_CAP)
+
+
 class DeltaStream:
     """Streams a reply's text to the user's connections as ``delta`` events, batched.
 
     The first piece goes out at once (time to first token); later pieces are gathered for up to
-    ``interval`` seconds (``AGENTFLOW["STREAM_INTERVAL_MS"]``), so a fast model does not cost one
+    ``interval`` seconds (``AGENTFLOW["STREAM_INTERVAL_MS"]``), a window that grows as the reply goes
+    on (``gather_window``: up to 4 times it), so a fast or long-winded model does not cost one
     channel-layer send per token: each send is a ``group_send`` in the worker, a delivery through
     Redis and a frame in every web process with a listener. ``interval=0`` sends every piece.
     Use as ``on_text`` of ``Agent.respond``, then ``await stream.close()`` to send what is left.
@@ -255,6 +272,7 @@ class DeltaStream:
         self._listened = listened  # None: ask at the first piece
         self._buffer: list[str] = []
         self._last_sent = 0.0
+        self._started: float | None = None  # the loop's time at the first piece
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -266,7 +284,10 @@ class DeltaStream:
         if not self._listened:
             return
         self._buffer.append(text)
-        wait = self._last_sent + self.interval - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if self._started is None:
+            self._started = now
+        wait = self._last_sent + gather_window(self.interval, now - self._started) - now
         if wait <= 0:
             await self._flush()
         elif self._timer is None:

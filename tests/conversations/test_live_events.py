@@ -26,6 +26,7 @@ from conversations.events import (
     apublish_listened,
     apublish_many,
     events_of,
+    gather_window,
     user_group,
 )
 from conversations.models import EndUser
@@ -606,6 +607,40 @@ async def test_pieces_within_the_interval_go_out_as_one_delta() -> None:
 
     # The first piece at once (time to first token), the rest gathered until the reply was complete.
     assert [(e["event"]["seq"], e["event"]["text"]) for e in received] == [
+        (0, "Your "),
+        (1, "order ships today."),
+    ]
+
+
+def test_the_gathering_window_grows_with_the_reply_up_to_four_times_the_interval() -> None:
+    assert gather_window(0.05, 0.0) == 0.05  # the configured interval at first
+    assert gather_window(0.05, 1.0) == 0.05
+    assert gather_window(0.05, 2.0) == pytest.approx(0.1)  # a twentieth of the time streamed
+    assert gather_window(0.05, 60.0) == pytest.approx(0.2)  # at most four times the interval
+    assert gather_window(0, 60.0) == 0.0  # interval 0: every piece at once, however long
+
+
+async def test_late_in_a_long_reply_pieces_wait_for_the_grown_window() -> None:
+    """A minute into a reply streamed at 0.5 s, a piece 0.6 s after the last send (past the
+    configured interval) waits for the grown window (2 s) and then arrives, with nothing lost."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(user_group(9_100_012), channel)
+    try:
+        stream = DeltaStream(user_pk=9_100_012, message_id="m-12", interval=0.5, listened=True)
+        await stream("Your ")  # the first piece: at once
+        first = await asyncio.wait_for(layer.receive(channel), 5)
+        stream._started -= 60  # as if the reply had streamed for a minute: the window is 2 s
+        await asyncio.sleep(0.6)
+        await stream("order ships today.")
+        with pytest.raises(TimeoutError):  # a fixed window would have sent it now
+            await asyncio.wait_for(layer.receive(channel), 0.5)
+        second = await asyncio.wait_for(layer.receive(channel), 5)
+        await stream.close()
+    finally:
+        await layer.group_discard(user_group(9_100_012), channel)
+
+    assert [(e["event"]["seq"], e["event"]["text"]) for e in (first, second)] == [
         (0, "Your "),
         (1, "order ships today."),
     ]
