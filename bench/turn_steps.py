@@ -26,7 +26,6 @@ import asyncio
 import collections
 import functools
 import gc
-import importlib
 import os
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_ratio  # bench/peer_ratio.py: sets the bench's environment on import
+from step_wrap import wrap_steps
 
 #: (module, attribute) of each step timed: the turn's database steps and what they spend on.
 STEPS: tuple[tuple[str, str], ...] = (
@@ -100,12 +100,7 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def install() -> None:
     """Wrap each step where its callers look it up (a module attribute, or a class's method)."""
-    for module_name, attribute in STEPS:
-        owner: Any = importlib.import_module(module_name)
-        *path, last = attribute.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        setattr(owner, last, _timed(f"{module_name.rsplit('.', 1)[-1]}.{attribute}", getattr(owner, last)))
+    wrap_steps(STEPS, _timed)
     import psycopg
 
     execute = psycopg.Cursor.execute

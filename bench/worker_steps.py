@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import task_prerun, worker_shutdown
+from step_wrap import wrap_steps
 
 #: (module, attribute): where the step's callers look it up.
 STEPS = (
@@ -96,12 +96,7 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install() -> None:
-    for module_name, attribute in STEPS:
-        owner: Any = importlib.import_module(module_name)
-        *path, last = attribute.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        setattr(owner, last, _timed(f"{module_name.rsplit('.', 1)[-1]}.{attribute}", getattr(owner, last)))
+    wrap_steps(STEPS, _timed)
 
 
 def _thread_cpu() -> dict[str, float]:
