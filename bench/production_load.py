@@ -262,6 +262,7 @@ class Meter:
         self.pids = pids
         self.pg = stack.ProcessTreeCpu(pg_root) if pg_root else None
         self.samples: list[tuple[float, float, float]] = []  # (perf_counter, busy s, total s)
+        self.pg_samples: list[tuple[float, float]] = []  # (perf_counter, PostgreSQL's CPU s so far)
         self.cpu0: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
 
@@ -276,6 +277,14 @@ class Meter:
         self.samples.append((time.perf_counter(), *stack.machine_cpu()))
         if self.pg:
             self.pg.sample()
+            self.pg_samples.append((self.samples[-1][0], self.pg.used()))
+
+    def pg_between(self, t0: float, t1: float) -> tuple[float, float, float] | None:
+        """PostgreSQL's CPU seconds between the samples nearest inside [t0, t1], and those samples' times."""
+        inside = [s for s in self.pg_samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return None
+        return inside[-1][1] - inside[0][1], inside[0][0], inside[-1][0]
 
     def stop(self) -> None:
         self.sample()
@@ -310,6 +319,55 @@ def db_counters() -> dict[str, int]:
     return dict(
         zip(("transactions", "returned", "fetched", "inserted", "updated", "deleted"), row, strict=True)
     )
+
+
+def pg_statements_reset() -> None:
+    """Empty ``pg_stat_statements`` (the server must preload it: see --pg-statements)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries'")
+        if "pg_stat_statements" not in cursor.fetchone()[0]:
+            raise SystemExit(
+                "--pg-statements: the server does not preload pg_stat_statements; run, then restart it:"
+                " ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements';"
+                " ALTER SYSTEM SET pg_stat_statements.track = 'all';"
+                " ALTER SYSTEM SET pg_stat_statements.track_planning = on"
+            )
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cursor.execute("SELECT pg_stat_statements_reset()")
+
+
+def pg_statements_report(turns: int, top: int) -> list[str]:
+    """The statements of the load (``pg_stat_statements``), per turn, the most server time first."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT calls, plans, rows, total_exec_time, total_plan_time, shared_blks_hit + shared_blks_read,"
+            " wal_records, jit_functions, jit_generation_time + jit_inlining_time + jit_optimization_time"
+            " + jit_emission_time, toplevel, query FROM pg_stat_statements"
+            " WHERE query NOT LIKE '%%pg_stat_%%' ORDER BY total_exec_time + total_plan_time DESC"
+        )
+        rows = cursor.fetchall()
+    t = max(turns, 1)
+    calls = sum(r[0] for r in rows if r[9])
+    nested = sum(r[0] for r in rows if not r[9])
+    exec_ms = sum(r[3] for r in rows if r[9])
+    plan_ms = sum(r[4] for r in rows if r[9])
+    jit = sum(r[8] for r in rows)
+    lines = [
+        f"pg_stat_statements per turn: {calls / t:.1f} top-level statements ({nested / t:.1f} nested: foreign-key"
+        f" checks, functions), execution {exec_ms / t:.3f} ms, planning {plan_ms / t:.3f} ms, JIT {jit / t:.3f} ms",
+        "  calls/turn plans/turn rows/call exec ms/turn plan ms/turn blks/call wal/call  statement",
+    ]
+    for calls_, plans, nrows, exec_, plan, blks, wal, _, _, toplevel, query in rows[:top]:
+        c = max(calls_, 1)
+        lines.append(
+            f"  {calls_ / t:10.2f} {plans / t:10.2f} {nrows / c:8.1f} {exec_ / t:12.4f} {plan / t:12.4f}"
+            f" {blks / c:8.1f} {wal / c:8.1f}  {'' if toplevel else '(nested) '}{' '.join(query.split())[:150]}"
+        )
+    return lines
 
 
 def postmaster_pid() -> int | None:
@@ -455,6 +513,8 @@ async def drive(args, stk: stack.Stack, credentials: list[str], users: list[str]
             print(f"{args.users} WebSockets connected in {time.perf_counter() - began:.1f} s", flush=True)
             await asyncio.sleep(2)
         db0 = await asyncio.to_thread(db_counters)
+        if args.pg_statements:
+            await asyncio.to_thread(pg_statements_reset)
         meter.start()
         sampler = asyncio.create_task(meter.run())
         load_began = time.perf_counter()
@@ -521,6 +581,15 @@ def report(args, res: Results, meter: Meter, load_began: float, load_s: float, d
             f" {steady_rate:.1f} turns/s, machine CPU busy {meter.busy_between(t0, t1):.0f} %"
             f" of {os.cpu_count()} cores (everyone's work); load average now {stack.load_average()}"
         )
+        steady_pg = meter.pg_between(t0, t1)
+        if steady_pg:
+            seconds, a, b = steady_pg
+            answered = sum(1 for t in done if a < t <= b)
+            print(
+                f"PostgreSQL CPU per turn in the steady part: {seconds * 1000 / max(answered, 1):.2f} ms"
+                f" ({answered} turns answered in those {b - a:.1f} s; the whole load's figure below also"
+                " holds the new connections' first statements)"
+            )
     turns = max(res.ok, 1)
     print(f"CPU per answered turn (whole load, {load_s:.1f} s):")
     product = 0.0
@@ -534,6 +603,15 @@ def report(args, res: Results, meter: Meter, load_began: float, load_s: float, d
     print(f"  {'total':<11} {product * 1000 / turns:7.1f} ms  (the stack; without the driver below)")
     driver = meter.cpu["driver"]
     print(f"  {'driver':<11} {driver * 1000 / turns:7.1f} ms  (this process: the simulated users)")
+    if meter.pg:
+        print(
+            "  PostgreSQL by process: "
+            + ", ".join(
+                f"{kind} {seconds * 1000 / turns:.2f} ms ({count})"
+                for kind, (seconds, count) in meter.pg.by_kind().items()
+                if seconds > 0
+            )
+        )
     if db:
         print(
             "database per turn: "
@@ -585,6 +663,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--trace", action="store_true", help="WebSocket: time each hop of every turn (AGENTFLOW_HOP_TRACE)"
+    )
+    parser.add_argument(
+        "--pg-statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N statements with the most server time over the load (pg_stat_statements,"
+        " which the server must preload)",
     )
     args = parser.parse_args()
     for key, value in LOADS[args.load].items():
@@ -684,6 +770,9 @@ def main() -> None:
         print(f"running (load average {stack.load_average()}) ...", flush=True)
         res, meter, load_began, load_s, db = asyncio.run(drive(args, stk, credentials, users, pg_root))
         report(args, res, meter, load_began, load_s, db)
+        if args.pg_statements:
+            for line in pg_statements_report(res.ok, args.pg_statements):
+                print(line)
         exited = stk.exited()
         if args.trace:
             stk.stop()  # the processes' lines are complete

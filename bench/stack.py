@@ -119,27 +119,58 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def pg_process_kind(pid: int) -> str:
+    """What a PostgreSQL process is, from its title: "backend" (a client's connection), "postmaster",
+    or the auxiliary process's name ("walwriter", "checkpointer", "autovacuum worker", "io worker" ...)."""
+    try:
+        title = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        )
+    except OSError:
+        return "gone"
+    if not title.startswith("postgres:"):
+        return "postmaster"
+    rest = title.removeprefix("postgres:").strip()
+    if "[local]" in rest or "(" in rest:  # "user database [local] idle", "user database host(port) ..."
+        return "backend"
+    return " ".join(word for word in rest.split() if not word.isdigit()) or "other"
+
+
 class ProcessTreeCpu:
     """CPU seconds of a process tree whose members come and go (PostgreSQL's backends): each pid's
-    last reading is kept, so a backend that exits during the run still counts up to its last sample."""
+    last reading is kept, so a backend that exits during the run still counts up to its last sample.
+    Each pid's kind (``pg_process_kind``) is noted when first seen, for ``by_kind``."""
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.seen: dict[int, float] = {}
         self.base: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}
 
     def start(self) -> None:
         self.base = {pid: cpu_seconds(pid) for pid in children_of(self.root)}
         self.seen = dict(self.base)
+        self.kinds = {pid: pg_process_kind(pid) for pid in self.base}
 
     def sample(self) -> None:
         for pid in children_of(self.root):
             value = cpu_seconds(pid)
             if value:
                 self.seen[pid] = value
+                if pid not in self.kinds:
+                    self.kinds[pid] = pg_process_kind(pid)
 
     def used(self) -> float:
         return sum(value - self.base.get(pid, 0.0) for pid, value in self.seen.items())
+
+    def by_kind(self) -> dict[str, tuple[float, int]]:
+        """CPU seconds and process count per kind, the busiest first."""
+        out: dict[str, tuple[float, int]] = {}
+        for pid, value in self.seen.items():
+            kind = self.kinds.get(pid, "other")
+            seconds, count = out.get(kind, (0.0, 0))
+            out[kind] = (seconds + value - self.base.get(pid, 0.0), count + 1)
+        return dict(sorted(out.items(), key=lambda item: -item[1][0]))
 
 
 # --- The processes ------------------------------------------------------------------------------------
