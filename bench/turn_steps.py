@@ -11,7 +11,8 @@ conversation at a time, ``--users`` of them for more samples); ``--concurrent`` 
 
 Prints, per turn: the process's CPU (user and system) and the event loop thread's (the turn's
 coroutine, the LLM call through the SDK); for each step in ``STEPS``, its calls and thread CPU
-(inclusive: a step's figure includes the steps it calls, e.g. ``prepare`` includes the embedding);
+(inclusive: a step's figure includes the steps it calls, e.g. ``prepare`` includes the embedding), and
+the thread decision's CPU less the encoder's forward passes inside it (the shift stage's reply end);
 and the SQL statements sent, by thread (the turns' database threads, the memory jobs'), with the
 pool's health checks (an empty query at each checkout) apart; and Python's garbage collections.
 Thread CPU is ``time.thread_time`` around each call: that thread's CPU only (its waits for
@@ -84,16 +85,28 @@ def _gc_callback(phase: str, info: dict[str, Any]) -> None:
         _gc["seconds"] += time.thread_time() - started
 
 
+ENCODER = "embeddings.MiniLMEmbedder._run"
+_encoder_inside: collections.Counter[str] = collections.Counter()  # step -> seconds of the encoder in it
+_open = threading.local()  # the steps running on this thread
+
+
 def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         started = time.thread_time()
+        running = _open.__dict__.setdefault("steps", [])
+        running.append(name)
         try:
             return fn(*args, **kwargs)
         finally:
+            running.pop()
+            seconds = time.thread_time() - started
             entry = _steps[name]
             entry[0] += 1
-            entry[1] += time.thread_time() - started
+            entry[1] += seconds
+            if name == ENCODER:
+                for outer in set(running):
+                    _encoder_inside[outer] += seconds
 
     return call
 
@@ -151,6 +164,7 @@ async def drive(args: argparse.Namespace, llm_url: str) -> tuple[str, int]:
         gc.collect()
         gc.freeze()
     _steps.clear()
+    _encoder_inside.clear()
     _statements.clear()
     _gc["by_generation"].clear()
     _gc["seconds"] = 0.0
@@ -184,6 +198,12 @@ async def drive(args: argparse.Namespace, llm_url: str) -> tuple[str, int]:
     ]
     for name, (calls, seconds) in sorted(_steps.items(), key=lambda item: -item[1][1]):
         lines.append(f"  {name:<46} {calls / n:5.2f} calls  {1000 * seconds / n:6.2f} ms a turn")
+    lines.append("the same steps less the encoder's forward passes inside them:")
+    for name in ("pipeline.decide_thread", "thread_detection.stage_opens_subject"):
+        calls, seconds = _steps.get(name, (0, 0.0))
+        lines.append(
+            f"  {name:<46} {calls / n:5.2f} calls  {1000 * (seconds - _encoder_inside[name]) / n:6.2f} ms a turn"
+        )
     generations = ", ".join(
         f"{count / n:.2f} of generation {g}" for g, count in sorted(_gc["by_generation"].items())
     )

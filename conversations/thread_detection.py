@@ -36,8 +36,10 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,17 +47,20 @@ import numpy as np
 from agentflow.types import ThreadEvent
 
 from .thread_features import (
-    ANYTHING_ELSE,
-    FIX_CUE,
     MODEL_PATH,
     NOT_FIXED_CUE,
-    REQUEST_CUE,
-    RESOLUTION_CUE,
     STOPWORDS,
-    TOPIC_MARKER,
     ThreadModel,
     ThreadState,
+    _cos,
+    anything_else_cue,
     content_words,
+    fix_cue,
+    kept_cue,
+    request_cue,
+    resolution_cue,
+    sentences,
+    topic_marker_cue,
 )
 
 NEW_TOPIC_CUES = re.compile(
@@ -83,6 +88,7 @@ RECURRENCE_CUES = re.compile(
 STILL_BROKEN = re.compile(
     "(?:" + NOT_FIXED_CUE.pattern.replace(r"|again\b(?! now)", "") + r")\b", re.IGNORECASE
 )
+still_broken_cue = kept_cue(STILL_BROKEN)
 # "Closing" words that may come with a negation and still end the thread ("nope, that's all").
 CLOSING = re.compile(
     r"\b(that'?s (all|it|everything)|that was (all|it|everything)|bye|goodbye|nothing else|all set)\b"
@@ -208,6 +214,7 @@ STEP_TOLD = re.compile(
     re.IGNORECASE,
 )
 STATE_HOLDS = re.compile(r"\b(i'?m|i am|we'?re|we are) [a-z]+ing\b|\bnow\s*[.!]*\s*$", re.IGNORECASE)
+AGAIN = re.compile(r"\bagain\b", re.IGNORECASE)
 AGAIN_RESTORED = re.compile(
     r"\b([a-z]+(ing|ed)|works?|fine|back|normal|on|up|online|right|properly|fixed|sorted|again and)\s+again\b",
     re.IGNORECASE,
@@ -221,20 +228,18 @@ def step_left_problem(text: str) -> bool:
     if match is None:
         return False
     rest = text[match.end() :]
-    if (
-        RESOLUTION_CUE.search(rest)
-        or PROBLEM_GONE.search(rest)
-        or WORKS_NOW.search(rest)
-        or CLOSING.search(rest)
-    ):
+    if resolution_cue(rest) or PROBLEM_GONE.search(rest) or WORKS_NOW.search(rest) or CLOSING.search(rest):
         return False
     if STATE_HOLDS.search(rest):  # "... and I'm riding with assist again", "the first layer stays down now"
         return False
-    if re.search(r"\bagain\b", rest, re.IGNORECASE) and not AGAIN_RESTORED.search(rest):
+    if AGAIN.search(rest) and not AGAIN_RESTORED.search(rest):
         return True
-    return bool(SYMPTOM_TOLD.search(rest)) and not FIX_CUE.search(rest)
+    return bool(SYMPTOM_TOLD.search(rest)) and not fix_cue(rest)
 
 
+# The predicates of a text alone (not_fixed_yet, will_try, outcome_report, came_back) keep their verdicts
+# for the latest texts: one decision asks several of its rules of the same message, and they ask each other.
+@lru_cache(maxsize=256)
 def not_fixed_yet(text: str) -> bool:
     """The customer says it is still broken ("I cleaned it but it still shows E42", "thanks, but
     that didn't help", "beeping just the same", "the box turned up broken"), only partly fixed
@@ -246,11 +251,11 @@ def not_fixed_yet(text: str) -> bool:
         return True
     if (SAME_AS_BEFORE.search(text) or BAD_ARRIVAL.search(text)) and not CLOSING.search(text):
         return True
-    if NOTHING_CAME.search(text) and not CLOSING.search(text) and not FIX_CUE.search(text):
+    if NOTHING_CAME.search(text) and not CLOSING.search(text) and not fix_cue(text):
         return True
     if NOT_COME_YET.search(text) and not CLOSING.search(text):
         return True
-    return bool(STILL_BROKEN.search(text)) and not FIX_CUE.search(text) and not CLOSING.search(text)
+    return still_broken_cue(text) and not fix_cue(text) and not CLOSING.search(text)
 
 
 # The customer will try the step first ("Thanks, I'll try that", "ok, will give it a go tonight",
@@ -269,6 +274,7 @@ WILL_TRY = re.compile(
 )
 
 
+@lru_cache(maxsize=256)
 def will_try(text: str) -> bool:
     """The customer is about to try what the assistant suggested: the outcome is still to come."""
     if not WILL_TRY.search(text) or CLOSING.search(text) or re.search(r"\banything else\b", text, re.I):
@@ -277,10 +283,7 @@ def will_try(text: str) -> bool:
     told = WILL_TRY.sub(" ", re.sub(r"\blet you know\b.*", "", text, flags=re.IGNORECASE))
     told = re.sub(r"\b(thanks?|thank you|thx|cheers|ta)\b", " ", told, flags=re.IGNORECASE)
     return not (
-        FIX_CUE.search(told)
-        or OUTCOME_CUE.search(told)
-        or PROBLEM_GONE.search(told)
-        or WORKS_NOW.search(told)
+        fix_cue(told) or OUTCOME_CUE.search(told) or PROBLEM_GONE.search(told) or WORKS_NOW.search(told)
     )
 
 
@@ -326,7 +329,9 @@ PROBLEM_WORD = re.compile(
     re.IGNORECASE,
 )
 # A symptom told, not denied ("no crashes since"): for step_left_problem.
-SYMPTOM_TOLD = re.compile(rf"(?<!\bno )(?<!\bnot )(?<!\bwithout )\b({SYMPTOM})\b", re.IGNORECASE)
+# (The word boundary first: it fails at once inside a word, where the three look-behinds would each be
+# tried; the four hold at the same place, so their order changes no match.)
+SYMPTOM_TOLD = re.compile(rf"\b(?<!\bno )(?<!\bnot )(?<!\bwithout )({SYMPTOM})\b", re.IGNORECASE)
 # "the whistle's gone", "the message disappeared", "the error cleared": the problem went, a fix.
 PROBLEM_GONE = re.compile(
     r"\b(error|message|warning|light|icon|alert|banner|noise|sound|whistle|squeal|click(ing)?|beep(ing)?"
@@ -360,11 +365,12 @@ GREETING_ONLY = re.compile(
 )
 
 
+@lru_cache(maxsize=256)
 def outcome_report(text: str) -> bool:
     """The customer reports that it worked out, in any words ("the box turned up this afternoon",
     "the refund is on my card now", "Ta!"): a positive outcome or thanks, and nothing that names a
     problem, a negation, a question, a request or another subject."""
-    if TOPIC_MARKER.search(text) or ASKS.search(text) or REQUEST_CUE.search(text) or SHIFT_WORD.search(text):
+    if topic_marker_cue(text) or ASKS.search(text) or request_cue(text) or SHIFT_WORD.search(text):
         return False
     if not_fixed_yet(text) or came_back(text) or QUESTION_START.match(text) or will_try(text):
         return False
@@ -387,6 +393,7 @@ CAME_BACK = re.compile(
 )
 
 
+@lru_cache(maxsize=256)
 def came_back(text: str) -> bool:
     """The customer says the problem returned; a closing ("that's all") is not read as one."""
     return bool(CAME_BACK.search(text)) and not CLOSING.search(text)
@@ -396,7 +403,7 @@ def same_thread_question(text: str) -> bool:
     """A question with nothing that opens another subject ("who do I ring about it?", "How long does
     the claim take?"): about the thread's own problem, however new its words."""
     is_question = "?" in text or bool(QUESTION_START.match(text))
-    return is_question and not (TOPIC_MARKER.search(text) or SHIFT_WORD.search(text))
+    return is_question and not (topic_marker_cue(text) or SHIFT_WORD.search(text))
 
 
 # The assistant asked for a detail of the open request ("Where are you headed?", "Which city should I
@@ -415,13 +422,13 @@ def answers_slot_question(text: str, assistant_text: str) -> bool:
     """The message answers the detail the assistant just asked for ("where are you headed?" -> "I am
     going to Atlanta"): the same request, not a new subject, unless it says so ("also", "by the way",
     "no, ...")."""
-    questions = [q for q in re.split(r"(?<=[.!?])\s+", assistant_text.strip()) if q.endswith("?")]
+    questions = [q for q in sentences(assistant_text) if q.endswith("?")]
     if not questions or not any(SLOT_QUESTION.search(q) for q in questions):
         return False
-    if any(OPEN_INVITATION.search(q) for q in questions) or ANYTHING_ELSE.search(assistant_text):
+    if any(OPEN_INVITATION.search(q) for q in questions) or anything_else_cue(assistant_text):
         return False
     return not (
-        TOPIC_MARKER.search(text)
+        topic_marker_cue(text)
         or SHIFT_WORD.search(text)
         or NEW_TOPIC_CUES.search(text)
         or DECLINE_START.match(text)
@@ -437,6 +444,7 @@ DONE_REPORT = re.compile(
     r"|has been (made|placed|sent|submitted|processed)|is on (its|it's|the) way|on route)\b",
     re.IGNORECASE,
 )
+done_report_cue = kept_cue(DONE_REPORT)
 ACTION_REQUEST = re.compile(
     r"\b(find|search|look (for|up)|book|reserve|rent|buy|purchase|get me|show|play|put on|pull up|check"
     r"|i (also )?need|i('d| would) (also )?like|i (also )?want)\b",
@@ -452,7 +460,7 @@ ABOUT_WHAT_WAS_DONE = re.compile(
 def new_request_after_done(text: str, assistant_text: str) -> bool:
     """A request for another action right after the assistant reported the last one done ("Your
     reservation is confirmed." -> "I need bus tickets from NY"); not a question about what was done."""
-    if not DONE_REPORT.search(assistant_text) or "?" in assistant_text:
+    if not done_report_cue(assistant_text) or "?" in assistant_text:
         return False
     if not ACTION_REQUEST.search(text) or ABOUT_WHAT_WAS_DONE.search(text):
         return False
@@ -542,17 +550,31 @@ GENERIC_WORDS = frozenset(
 )
 
 
+@lru_cache(maxsize=1 << 14)
 def _stem(word: str) -> str:
-    """A crude stem, enough to match "refund" with "refunded" and "microphone" with "microphones"."""
+    """A crude stem, enough to match "refund" with "refunded" and "microphone" with "microphones".
+    Kept for the words seen lately: a decision stems each word of the thread's vocabulary several times."""
     for suffix in ("ing", "ed", "es", "s"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 4:
             return word[: -len(suffix)]
     return word
 
 
+def _stems(vocabulary: AbstractSet[str]) -> frozenset[str]:
+    """The stems of a thread's words."""
+    return _stems_of(frozenset(vocabulary))
+
+
+@lru_cache(maxsize=256)
+def _stems_of(vocabulary: frozenset[str]) -> frozenset[str]:
+    """``_stems``, kept for the latest vocabularies: one decision stems the active thread's words in
+    several rules and in the second stage's inputs."""
+    return frozenset(_stem(w) for w in vocabulary)
+
+
 def shared_subject(words: set[str], vocabulary: set[str]) -> set[str]:
     """The message's content words the thread has used (stemmed), request words aside."""
-    stems = {_stem(w) for w in vocabulary}
+    stems = _stems(vocabulary)
     return {w for w in words if w not in GENERIC_WORDS and _stem(w) in stems}
 
 
@@ -567,6 +589,9 @@ def adds_another_request(text: str, words: set[str], vocabulary: set[str]) -> bo
     if OTHER_OBJECT.search(text):
         return True
     return not (DETAIL_OF_IT.search(text) or shared_subject(words, vocabulary))
+
+
+NOW = re.compile(r"\bnow\b", re.IGNORECASE)
 
 
 def adds_to_thread(text: str, words: set[str], vocabulary: set[str]) -> bool:
@@ -591,7 +616,7 @@ def adds_to_thread(text: str, words: set[str], vocabulary: set[str]) -> bool:
     # tells what is happening now ("Also, the light is blinking orange now"); a symptom word alone is no
     # tie ("Also, I was charged twice for ...")
     return bool(POINTS_BACK_STRONGLY.search(text) or shared_subject(words, vocabulary)) or bool(
-        re.search(r"\bnow\b", text, re.IGNORECASE)
+        NOW.search(text)
     )
 
 
@@ -604,7 +629,7 @@ def refers_back_first(text: str, vocabulary: set[str]) -> bool:
     """A pronoun for the thread's thing ("it", "their", "then", "still", "the same") comes before any
     content word the thread has not used: nothing new stands before it, so it can only mean what the
     thread is about."""
-    stems = {_stem(w) for w in vocabulary}
+    stems = _stems(vocabulary)
     for match in re.finditer(r"[a-z][a-z']*(?: same)?", text.lower()):
         word = match.group()
         if POINTS_BACK_STRONGLY.fullmatch(word):
@@ -642,11 +667,17 @@ ASKS_FOR_DETAIL = re.compile(
 def asked_a_question(assistant_text: str) -> list[str]:
     """The questions (and "please send me ..." requests) of the assistant's last message, unless one
     invites another subject ("anything else?", "what else can I do?")."""
-    sentences = re.split(r"(?<=[.!?])\s+", assistant_text.strip())
-    questions = [q for q in sentences if q.endswith("?") or ASKS_FOR_DETAIL.match(q)]
-    if any(INVITES_ANOTHER.search(q) for q in questions) or ANYTHING_ELSE.search(assistant_text):
-        return []
-    return questions
+    return list(_questions(assistant_text))
+
+
+@lru_cache(maxsize=256)
+def _questions(assistant_text: str) -> tuple[str, ...]:
+    """``asked_a_question``, kept for the latest replies: one decision asks it of the same reply in
+    several rules and in the second stage's inputs."""
+    questions = [q for q in sentences(assistant_text) if q.endswith("?") or ASKS_FOR_DETAIL.match(q)]
+    if any(INVITES_ANOTHER.search(q) for q in questions) or anything_else_cue(assistant_text):
+        return ()
+    return tuple(questions)
 
 
 # Something works or runs now, said plainly ("now contactless works", "the backlog is uploading").
@@ -667,7 +698,7 @@ def answers_not_outcome(text: str, assistant_text: str) -> bool:
     questions = [q for q in asked_a_question(assistant_text) if not OFFER.match(q)]
     if not questions or any(OUTCOME_QUESTION.search(q) for q in questions):
         return False
-    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text):
+    if resolution_cue(text) or fix_cue(text) or CLOSING.search(text):
         return False
     if WORKS_NOW.search(text) and not PROBLEM_WORD.search(text):
         return False
@@ -689,7 +720,7 @@ def new_subject_after_resolution(text: str, words: set[str], novelty: float, sim
     my statement?") or its problem coming back ("it stopped again") points back or shares its words."""
     if POINTS_BACK.search(text) or novelty < 1.0 or similarity >= AFTER_RESOLUTION_SIMILARITY:
         return False
-    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text) or came_back(text):
+    if resolution_cue(text) or fix_cue(text) or CLOSING.search(text) or came_back(text):
         return False
     if GREETING_ONLY.match(text) or DECLINE_START.match(text) or outcome_report(text):
         return False
@@ -737,7 +768,7 @@ def names_own_subject(text: str, words: set[str], vocabulary: set[str], similari
         return False  # (the thread's words, request words included; shared_subject adds stems)
     if shared_subject(words, vocabulary):
         return False
-    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or NOT_FIXED_CUE.search(text):
+    if resolution_cue(text) or fix_cue(text) or NOT_FIXED_CUE.search(text):
         return False
     return bool(
         OFFERS_QUESTION.match(text)
@@ -782,7 +813,7 @@ def asks_own_question(text: str, words: set[str], vocabulary: set[str], similari
     words, no pointer back, not close to the thread."""
     if len(words) < OWN_SUBJECT_MIN_WORDS or not OWN_QUESTION.match(text) or QUESTION_LEANS.search(text):
         return False
-    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or NOT_FIXED_CUE.search(text):
+    if resolution_cue(text) or fix_cue(text) or NOT_FIXED_CUE.search(text):
         return False
     if OTHER_OF_MINE.search(text):
         return True  # "... of my other order?": another one of the thread's things, said outright
@@ -811,7 +842,7 @@ def step_did_it(text: str) -> bool:
     """What the assistant's step did, told as its effect, and nothing wrong left."""
     if not STEP_DID_IT.match(text) or PROBLEM_WORD.search(text) or not_fixed_yet(text) or will_try(text):
         return False
-    return not (ASKS.search(text) or TOPIC_MARKER.search(text) or came_back(text))
+    return not (ASKS.search(text) or topic_marker_cue(text) or came_back(text))
 
 
 PRAISE = re.compile(
@@ -825,17 +856,12 @@ def asks_back(text: str) -> bool:
     cable looks fine, is that the one with the green clip?"): the customer is still working on it."""
     if not text.rstrip().endswith("?"):
         return False
-    if RESOLUTION_CUE.search(text) or FIX_CUE.search(text) or CLOSING.search(text) or PRAISE.match(text):
+    if resolution_cue(text) or fix_cue(text) or CLOSING.search(text) or PRAISE.match(text):
         return False
     told = re.split(r"[,.!;]|\?", text, maxsplit=1)[0]
     return not (
         outcome_report(told) or step_did_it(told) or PROBLEM_GONE.search(text) or WORKS_NOW.search(text)
     )
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    norm = float(np.linalg.norm(b))
-    return float(a @ b) / norm if norm else 0.0
 
 
 # Asking after what an earlier request became: "any news on the blue backpack", "any update about my refund?"
@@ -844,7 +870,7 @@ STATUS_ASK = re.compile(r"^\W*(any|is there any|still no) (news|update|word|sign
 
 def still_waiting(text: str) -> bool:
     """The message says a matter is not done yet or asks after it: still broken, nothing came, or news."""
-    return bool(not_fixed_yet(text) or STILL_BROKEN.search(text) or STATUS_ASK.search(text))
+    return bool(not_fixed_yet(text) or still_broken_cue(text) or STATUS_ASK.search(text))
 
 
 def _new_or_return(
@@ -873,6 +899,11 @@ def _back_to_earlier(open_others: Sequence[tuple[float, Candidate]], active_simi
         if s >= STATUS_RETURN_SIMILARITY and s - active_similarity >= RETURN_OVER_ACTIVE
     ]
     return max(close, key=lambda pair: pair[0])[1] if close else None
+
+
+BACK_OR_RETURN = re.compile(r"\b(back|return)", re.IGNORECASE)
+BACK_TO = re.compile(r"\b(back|return(ing)?) to\b", re.IGNORECASE)
+STOPPED_WORKING = re.compile(r"stopped working", re.IGNORECASE)
 
 
 def decide_thread(
@@ -920,17 +951,18 @@ def decide_thread(
 
     if NEW_TOPIC_CUES.search(text):
         return ThreadDecision(ThreadEvent.NEW_TOPIC, None, 0.9, {**signals, "reason": "new-topic cue"})
-    if RETURN_CUES.search(text) and best_earlier[1] is not None and best_earlier[0] >= CUED_RETURN_SIMILARITY:
+    return_cue = RETURN_CUES.search(text) is not None
+    if return_cue and best_earlier[1] is not None and best_earlier[0] >= CUED_RETURN_SIMILARITY:
         # the cue names a thread other than the active one: the closest earlier one (not a bare
         # "regarding the ..." that talks about the active thread itself)
-        if best_earlier[0] > sims[0] or re.search(r"\b(back|return)", text, re.IGNORECASE):
+        if best_earlier[0] > sims[0] or BACK_OR_RETURN.search(text):
             reason = "return cue" + (" (reopens a resolved thread)" if best_earlier[1].resolved else "")
             return ThreadDecision(
                 ThreadEvent.RETURN, best_earlier[1].thread_id, 0.85, {**signals, "reason": reason}
             )
     task = model.profile == "task"
     words = content_words(text)
-    if task and RETURN_CUES.search(text) and re.search(r"\b(back|return(ing)?) to\b", text, re.IGNORECASE):
+    if task and return_cue and BACK_TO.search(text):
         # "Back to the toner, which cartridge fits?": the earlier thread that talked of the toner,
         # however far its topic embedding is from this question (and the active one did not)
         named = [(len(shared_subject(words, c.state.vocabulary)), s, c) for s, c in others]
@@ -942,7 +974,7 @@ def decide_thread(
             return ThreadDecision(ThreadEvent.RETURN, thread.thread_id, 0.8, {**signals, "reason": reason})
     recurring = [(s, c) for s, c in others if c.resolved and s >= RECURRENCE_SIMILARITY and s > sims[0]]
     # "stopped working again" is no fix, though "working again" reads as one
-    claims_fix = bool(FIX_CUE.search(re.sub(r"stopped working", "", text, flags=re.IGNORECASE)))
+    claims_fix = fix_cue(STOPPED_WORKING.sub("", text))
     if RECURRENCE_CUES.search(text) and recurring and not claims_fix:
         similarity, thread = max(recurring, key=lambda pair: pair[0])
         return ThreadDecision(
@@ -964,7 +996,7 @@ def decide_thread(
         p_res >= model.resolution.threshold
         and task
         and ADDITIVE.match(text)
-        and not (claims_fix or RESOLUTION_CUE.search(text) or CLOSING.search(text))
+        and not (claims_fix or resolution_cue(text) or CLOSING.search(text))
     ):
         # "And the charts on the dashboard are empty": adding to the problem, not ending it
         signals["resolution_vetoed"] = "adds to the thread"
@@ -1352,7 +1384,7 @@ def shift_stage() -> ShiftStage:
     return _shift_stage
 
 
-def _first_word_new(text: str, stems: set[str]) -> float:
+def _first_word_new(text: str, stems: AbstractSet[str]) -> float:
     """1 when the message's first content word is one the thread never used (the thing it asks about)."""
     for match in re.finditer(r"[a-z][a-z']*", text.lower()):
         word = match.group()
@@ -1389,7 +1421,7 @@ def _stage_inputs(
     ``reply_minus_thread`` subtracts from sim_reply."""
     words = content_words(text)
     vocabulary = state.vocabulary
-    stems = {_stem(w) for w in vocabulary}
+    stems = _stems(vocabulary)
     own = {
         w
         for w in words - vocabulary
@@ -1421,7 +1453,7 @@ def _stage_inputs(
             float(bool(PROCESS_QUESTION.match(text))),
             float(bool(SYMPTOM_TOLD.search(text))),
             float(bool(asked_a_question(reply))),
-            float(bool(REPLY_DID.search(reply) or DONE_REPORT.search(reply))),
+            float(bool(REPLY_DID.search(reply) or done_report_cue(reply))),
             float(bool(REPLY_STEP.match(reply))),
             min(len(words), 8) / 8,
             float(bare_fragment(text) and not asked_a_question(reply)),
@@ -1444,7 +1476,7 @@ def reply_tail(reply: str, max_words: int) -> str:
     The trainer (bench/train_shift_stage.py) embeds the same piece and stores ``max_words`` with the
     weights (``reply_words`` in data/shift_stage.json)."""
     taken: list[str] = []
-    for sentence in reversed(re.split(r"(?<=[.!?])\s+", reply.strip())):
+    for sentence in reversed(sentences(reply)):
         words = sentence.split()
         if not words:
             continue

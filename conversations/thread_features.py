@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -103,6 +103,33 @@ RESTORED_AGAIN = re.compile(
 )
 
 
+def kept_cue(pattern: re.Pattern[str]) -> Callable[[str], bool]:
+    """Whether ``pattern`` occurs in a text, kept for the latest texts: one decision asks the same cue of
+    the same message (or reply) in several of its rules."""
+
+    @lru_cache(maxsize=256)
+    def found(text: str) -> bool:
+        return pattern.search(text) is not None
+
+    return found
+
+
+resolution_cue = kept_cue(RESOLUTION_CUE)
+fix_cue = kept_cue(FIX_CUE)
+topic_marker_cue = kept_cue(TOPIC_MARKER)
+anything_else_cue = kept_cue(ANYTHING_ELSE)
+request_cue = kept_cue(REQUEST_CUE)
+# Where a text splits into sentences.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@lru_cache(maxsize=256)
+def sentences(text: str) -> tuple[str, ...]:
+    """The text's sentences (split after ".", "!" or "?"; "" for an empty text), kept for the latest
+    texts: one decision splits the assistant's reply in several rules."""
+    return tuple(SENTENCE_END.split(text.strip()))
+
+
 def not_fixed_cue(text: str) -> bool:
     """NOT_FIXED_CUE, with "again" after a restoration ("it's working again") not counted."""
     return bool(NOT_FIXED_CUE.search(RESTORED_AGAIN.sub(" ", text)))
@@ -133,7 +160,16 @@ N_CHITCHAT = 11
 
 
 def content_words(text: str) -> set[str]:
-    return {w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2}
+    """The text's words of three letters or more, stop words aside (a set of its own: callers may add
+    to it)."""
+    return set(_content_words(text))
+
+
+@lru_cache(maxsize=256)
+def _content_words(text: str) -> frozenset[str]:
+    """``content_words``, kept for the latest texts: one decision reads the message's words in the
+    scorer's features, in its rules and in the second stage's inputs."""
+    return frozenset(w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 2)
 
 
 @dataclass
@@ -149,7 +185,9 @@ class ThreadState:
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    nb = float(np.linalg.norm(b))
+    """``a @ b / |b|``: the cosine for a unit ``a``. ``sqrt(b.dot(b))`` is what ``np.linalg.norm`` computes
+    for a vector, without its checks (a decision takes a dozen of these)."""
+    nb = float(np.sqrt(b.dot(b)))
     return float(a @ b) / nb if nb else 0.0
 
 
@@ -204,34 +242,35 @@ def turn_features(text: str, embedding: np.ndarray, state: ThreadState) -> np.nd
     similarity_topic = _cos(embedding, state.centroid)
     words = content_words(text)
     novelty = len(words - state.vocabulary) / max(1, len(words))
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-    anything_else = float(bool(ANYTHING_ELSE.search(state.last_assistant_text)))
-    request = float(bool(REQUEST_CUE.search(text)))
+    several = len([s for s in sentences(text) if s]) > 1
+    anything_else = float(anything_else_cue(state.last_assistant_text))
+    request = float(request_cue(text))
     shift = float(bool(SHIFT_CUE.search(text)))
     not_fixed = not_fixed_cue(text)
+    resolution, fix, topic_marker = resolution_cue(text), fix_cue(text), topic_marker_cue(text)
     hand = [
         similarity_opening,
         similarity_last,
         similarity_topic,
         novelty,
         anything_else,
-        float(bool(RESOLUTION_CUE.search(text))),
+        float(resolution),
         request,
         shift,
         float("?" in text),
         min(len(text.split()), 30) / 30,
         float(bool(ACK_START.match(text))),
-        float(len(sentences) > 1),
+        float(several),
         len(words) / 10,
         min(state.user_turns, 10) / 10,
         previous_question,
         previous_question * similarity_last,
-        float(bool(FIX_CUE.search(text))),
+        float(fix),
         float(not_fixed),
-        float(bool(TOPIC_MARKER.search(text))),
-        float(bool(FIX_CUE.search(text)) and not not_fixed),
+        float(topic_marker),
+        float(fix and not not_fixed),
         *(prototypes() @ embedding).tolist(),
-        float(bool(RESOLUTION_CUE.search(text))) * (1.0 - float(bool(TOPIC_MARKER.search(text)))),
+        float(resolution) * (1.0 - float(topic_marker)),
         # a request about something else: what a topic shift looks like in any domain
         request * (1.0 - similarity_opening),
         request * anything_else,
