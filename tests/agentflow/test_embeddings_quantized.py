@@ -72,6 +72,35 @@ def test_quantized_vectors_stay_close_to_the_fp32_graph(tmp_path: Path, fp32: Mi
     assert quantized.model_id == fp32.model_id == "all-MiniLM-L6-v2-onnx-int8"
 
 
+def masked_mean_reference(embedder: MiniLMEmbedder, text: str) -> np.ndarray:
+    """The vector as the batch path defines it: the graph's token outputs, mean-pooled under the
+    tokenizer's attention mask, L2-normalised (sentence-transformers' pooling)."""
+    (encoding,) = embedder._tokenizer.encode_batch([text])
+    ids = np.array([encoding.ids], dtype=np.int64)
+    mask = np.array([encoding.attention_mask], dtype=np.int64)
+    (hidden,) = embedder._session.run([embedder.output_name], embedder.inputs(ids, mask))
+    weights = mask[..., None].astype(np.float32)
+    pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    return (pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
+
+
+def test_one_text_gets_the_masked_mean_of_its_tokens_bit_for_bit(
+    tmp_path: Path, fp32: MiniLMFp32Embedder
+) -> None:
+    # A turn embeds one text at a time through a shorter path (no padding, so no mask weighting);
+    # it must give the same bits as the batch path's pooling, or cached and stored vectors would
+    # differ from a recomputation. Empty, truncated (past 256 tokens) and non-ASCII texts included.
+    texts = [*SENTENCES, *SHORT, "", "word " * 400, "Ünïcödé ☃ 東京 café"]
+    quantized = MiniLMEmbedder(cache_dir=tmp_path)
+
+    for embedder in (quantized, fp32):
+        for text in texts:
+            vector = embedder.embed([text])
+            assert vector.dtype == np.float32 and vector.shape == (1, 384)
+            assert np.array_equal(vector, masked_mean_reference(embedder, text)), (embedder.graph, text)
+            assert np.array_equal(embedder.embed_one(text), vector[0])
+
+
 def test_an_unreadable_cached_graph_is_built_again(tmp_path: Path, fp32: MiniLMFp32Embedder) -> None:
     MiniLMEmbedder(cache_dir=tmp_path)
     (graph,) = cached_graphs(tmp_path)
