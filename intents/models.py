@@ -18,8 +18,9 @@ class IntentCategory(models.Model):
         CODE = "code", "defined in code"
         ADMIN = "admin", "created in the admin"
 
+    # No index of its own: the unique (agent, name) index starts with it.
     agent = models.ForeignKey(
-        "conversations.Agent", on_delete=models.CASCADE, related_name="intent_categories"
+        "conversations.Agent", on_delete=models.CASCADE, related_name="intent_categories", db_index=False
     )
     name = models.CharField(max_length=100)
     description = models.TextField(blank=True)

@@ -25,8 +25,9 @@ class Memory(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agent = models.ForeignKey("conversations.Agent", on_delete=models.CASCADE, related_name="memories")
+    # No index of its own: the (user, kind) index below starts with it.
     user = models.ForeignKey(
-        EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories"
+        EndUser, on_delete=models.CASCADE, null=True, blank=True, related_name="memories", db_index=False
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     content = models.TextField()

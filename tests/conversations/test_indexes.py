@@ -1,4 +1,4 @@
-"""The conversation tables carry no index that another index of the same table already covers.
+"""The tables of our apps carry no index that another index of the same table already covers.
 
 Every index is written on each insert and each update that changes one of its columns, so one that a
 composite index starting with the same columns makes redundant costs CPU and WAL on every turn
@@ -52,10 +52,21 @@ def covered_indexes(table: str) -> list[str]:
     return found
 
 
-def test_no_conversation_table_has_a_covered_index():
-    tables = [model._meta.db_table for model in apps.get_app_config("conversations").get_models()]
-    assert "conversations_message" in tables
+@pytest.mark.parametrize("app", ["conversations", "memory", "intents"])
+def test_no_table_of_ours_has_a_covered_index(app):
+    tables = [model._meta.db_table for model in apps.get_app_config(app).get_models()]
+    assert tables
     assert [line for table in tables for line in covered_indexes(table)] == []
+
+
+def test_a_covered_index_is_found():
+    """The check itself: an index that a composite one starts with is reported, a lone one is not."""
+    with connection.cursor() as cursor:
+        cursor.execute('CREATE INDEX "probe_kind_only" ON "memory_memory" ("kind")')
+        assert covered_indexes("memory_memory") == []
+        cursor.execute('CREATE INDEX "probe_user_only" ON "memory_memory" ("user_id")')
+        found = covered_indexes("memory_memory")
+    assert len(found) == 1 and found[0].startswith("memory_memory.probe_user_only")
 
 
 def test_the_covering_indexes_are_there():
