@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 
+from chitchat_cv import EMBEDDING_FACTOR, FOLDS, L2  # noqa: E402  (the shipped setting, one place)
+
 from conversations.thread_features import ThreadState  # noqa: E402  (after the path)
 
-FOLDS = 5
-L2, EMBEDDING_FACTOR = 0.03, 10.0
 THRESHOLDS = np.round(np.arange(0.15, 0.50, 0.025), 3)
 DEALS = (None, 1, 2)
 
