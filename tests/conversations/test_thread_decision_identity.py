@@ -6,7 +6,10 @@ clock, the vectors of the reply ends the second stage embedded; vectors as float
 reason a decision gives, every veto of a resolution and both readings of the second stage (its P, the
 gate's bound) show up; with the outputs the code gave on exactly these inputs before the change
 (``bench/decision_replay.py fixture``). Each decision's event, thread, confidence and signals must be
-equal, and the scorer's P(new topic) and P(resolution) and the second stage's P within 1e-12."""
+equal, and the scorer's P(new topic) and P(resolution) and the second stage's P within 1e-6: the
+fixture was recorded on an AVX2 machine, and NumPy's float32 kernels sum in another order with AVX-512
+(seen: 2.7e-8 apart on an Intel Xeon for the same inputs and code), so the bound is float32's, not
+bit-identity. A change of the decision's logic moves these by far more."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import pytest
 from conversations.thread_detection import Candidate, decide_thread, shift_stage, shift_stage_features
 from conversations.thread_features import ThreadState, load_model
 
+#: float32 arithmetic across CPUs (see the module's docstring), not a change of logic.
+TOLERANCE = 1e-6
 DATA = Path(__file__).resolve().parent / "data" / "thread_decisions"
 ROWS = json.loads(DATA.with_suffix(".json").read_text())
 with np.load(DATA.with_suffix(".npz")) as stored:
@@ -87,7 +92,7 @@ def test_decision_as_before(index: int) -> None:
         if isinstance(reference, str):
             assert value == reference
         else:
-            assert abs(value - reference) <= 1e-12
+            assert abs(value - reference) <= TOLERANCE
 
 
 def test_the_set_covers_every_reason() -> None:
