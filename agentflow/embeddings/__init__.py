@@ -150,6 +150,12 @@ class MiniLMEmbedder(Embedder):
         self._tokenizer.enable_truncation(self.max_tokens)
         self._tokenizer.enable_padding()
         self._lock = threading.Lock()  # the tokenizer's padding/truncation state is shared
+        # One graph run at a time in a process. A worker runs up to 128 turns on its threads; when
+        # several ran the graph at once on a 2-core machine, each run's ~10 MB of int8 weights pushed
+        # the others' out of the caches and every embedding cost ~15 % more CPU (docs/operations.md,
+        # "Sentence encoder CPU"). Waiting on the lock costs no CPU, and one run every ~4 ms leaves
+        # a process ~250 embeddings a second, above what its Python part can turn into turns.
+        self._run_lock = threading.Lock()
         session = None
         if self.quantize:
             from .quantized import CHECK_SENTENCES, lowest_cosine, quantized_session
@@ -211,7 +217,8 @@ class MiniLMEmbedder(Embedder):
             encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (hidden,) = session.run([self.output_name], self.inputs(ids, mask))
+        with self._run_lock:
+            (hidden,) = session.run([self.output_name], self.inputs(ids, mask))
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -230,7 +237,8 @@ class MiniLMEmbedder(Embedder):
             encoding = self._tokenizer.encode(text)
         ids = np.array([encoding.ids], dtype=np.int64)
         mask = np.ones_like(ids)
-        (hidden,) = session.run([self.output_name], self.inputs(ids, mask))
+        with self._run_lock:
+            (hidden,) = session.run([self.output_name], self.inputs(ids, mask))
         pooled = hidden.sum(axis=1) / np.float32(ids.shape[1])
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled / np.clip(norms, 1e-12, None)

@@ -292,3 +292,52 @@ def test_paraphrase_l3_embeds_by_name():
     embedder = get_embedder("paraphrase-l3")
     assert embedder.model_id == "paraphrase-MiniLM-L3-v2-onnx"
     _semantics(embedder)
+
+
+def test_threads_run_the_graph_one_at_a_time_and_get_the_vectors_they_would_alone() -> None:
+    # A worker's threads embed side by side; the graph runs once at a time in a process (concurrent
+    # runs evicted each other's weights from the caches: ~15 % more CPU an embedding, and the whole
+    # stack's CPU per turn went up with it, docs/operations.md "Sentence encoder CPU").
+    import threading
+    import time
+
+    embedder = MiniLMEmbedder()
+    texts = [f"My order number {n} has not arrived, can you check where it is?" for n in range(24)]
+    alone = {text: embedder.embed([text])[0] for text in texts}
+
+    inner, running, most = embedder._session, [0], [0]
+    count_lock = threading.Lock()
+
+    class Probe:
+        """The session, counting runs in progress; each run lasts a little longer to widen the window."""
+
+        def run(self, *args, **kwargs):
+            with count_lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.002)
+                return inner.run(*args, **kwargs)
+            finally:
+                with count_lock:
+                    running[0] -= 1
+
+    embedder._session = Probe()
+    found: dict[str, np.ndarray] = {}
+    start = threading.Barrier(8)
+
+    def work(part: list[str]) -> None:
+        start.wait()
+        for text in part[:-1]:
+            found[text] = embedder.embed_one(text)
+        found[part[-1]] = embedder.embed([part[-1]])[0]
+
+    threads = [threading.Thread(target=work, args=(texts[n::8],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert most[0] == 1
+    assert found.keys() == alone.keys()
+    assert all(np.array_equal(found[text], alone[text]) for text in texts)
