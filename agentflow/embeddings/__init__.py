@@ -150,11 +150,12 @@ class MiniLMEmbedder(Embedder):
         self._tokenizer.enable_truncation(self.max_tokens)
         self._tokenizer.enable_padding()
         self._lock = threading.Lock()  # the tokenizer's padding/truncation state is shared
-        # One graph run at a time in a process. A worker runs up to 128 turns on its threads; when
-        # several ran the graph at once on a 2-core machine, each run's ~10 MB of int8 weights pushed
-        # the others' out of the caches and every embedding cost ~15 % more CPU (docs/operations.md,
-        # "Sentence encoder CPU"). Waiting on the lock costs no CPU, and one run every ~4 ms leaves
-        # a process ~250 embeddings a second, above what its Python part can turn into turns.
+        # One graph run at a time in a process. A worker runs up to 128 turns on its threads, and the
+        # graph runs without the GIL, so several ran at once beside the other processes' work; with
+        # the lock the whole stack spent ~10 % less CPU a turn at saturation and served ~16 % more
+        # turns a second (docs/operations.md, "Sentence encoder CPU"). Waiting on it costs no CPU, and
+        # one run every 3-6 ms leaves a process 170-330 embeddings a second, above what its Python
+        # part can turn into turns.
         self._run_lock = threading.Lock()
         session = None
         if self.quantize:

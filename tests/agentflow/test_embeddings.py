@@ -295,9 +295,9 @@ def test_paraphrase_l3_embeds_by_name():
 
 
 def test_threads_run_the_graph_one_at_a_time_and_get_the_vectors_they_would_alone() -> None:
-    # A worker's threads embed side by side; the graph runs once at a time in a process (concurrent
-    # runs evicted each other's weights from the caches: ~15 % more CPU an embedding, and the whole
-    # stack's CPU per turn went up with it, docs/operations.md "Sentence encoder CPU").
+    # A worker's threads embed side by side; the graph runs once at a time in a process (with several
+    # runs at once the whole stack spent more CPU a turn at saturation, docs/operations.md "Sentence
+    # encoder CPU"), and each thread still gets the vector the text has alone.
     import threading
     import time
 
