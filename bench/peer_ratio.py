@@ -1,6 +1,7 @@
 """AgentFlow against a LangGraph + PostgreSQL-checkpointer peer, on the same in-process loads.
 
-    python bench/peer_ratio.py [--loads A,B,C] [--reps 1] [--peer-python PATH] [--json-out r.json]
+    python bench/peer_ratio.py [--loads A,B,C] [--reps 1] [--peer-python PATH] [--baseline CHECKOUT]
+        [--json-out r.json]
 
 Loads (closed loop, zero think time; U users as concurrent asyncio tasks in one process, M turns
 each, the fake LLM answering after L ms):
@@ -22,6 +23,14 @@ other load is printed too (CPU busy outside the measured processes): compare onl
 The peer does less per turn (a 64-dimension stand-in embedding, keyword intents, no thread
 placement): say so next to any ratio. Uses the configured database and Redis; AgentFlow's rows
 belong to users named bench-*, deleted at the end.
+
+``--baseline CHECKOUT`` runs the same AgentFlow side from another checkout too (with that checkout's
+``.venv`` and its own database), in the same window, and prints this code's CPU and turns/s against
+it. With the checkout of ``ISSUE_COMMIT`` (the code issue 13 measured; ``git worktree add --detach
+../af-issue13 45eb78c``, then ``make install`` there), it also prints how much slower this machine
+runs that code than the issue's machine did, and the issue's <= 12 ms target on this machine's scale:
+absolute times on these shared machines differ by up to 3x, the ratio of two codes in one window
+does not.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+# The code measured: this checkout, or --baseline's (the driver passes it to the side's process).
+ROOT = Path(os.environ.get("AGENTFLOW_BENCH_CODE") or Path(__file__).resolve().parent.parent).resolve()
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentflow_project.settings")
 # Not DEBUG: Django would then wrap every cursor to record its SQL, CPU the product does not spend.
@@ -57,6 +67,11 @@ os.environ.setdefault("AGENTFLOW_CELERY_QUEUE", f"bench-peer-ratio-{os.getpid()}
 
 PEER_DIR = Path("/work/shared/peers")
 LOADS = {"A": (1, 50, 0.0), "B": (100, 5, 0.0), "C": (500, 3, 1000.0)}
+# Issue 13's figures, measured at this commit on the issue's machine: AgentFlow's and the peer's CPU
+# ms per turn (all processes) per load, and the in-process target.
+ISSUE_COMMIT = "45eb78c"
+ISSUE_CPU_MS = {"A": (33.8, 8.4), "B": (28.4, 8.5), "C": (24.8, 10.3)}
+ISSUE_TARGET_MS = 12.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # One LLM call a turn, as the peer makes: the demo's categories with no hand-off (the peer's messages
 # are not support requests: below-threshold hand-offs would make most turns silent), and no extra
@@ -277,13 +292,16 @@ def last_json(output: str) -> dict[str, Any]:
     raise RuntimeError("no RESULT_JSON line in:\n" + output[-3000:])
 
 
-def run_agentflow(load: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_agentflow(load: str, args: argparse.Namespace, code: Path | None = None) -> dict[str, Any]:
+    """One load through AgentFlow: this checkout's code, or ``code`` (another checkout, its venv)."""
     _, _, latency = LOADS[load]
+    python = sys.executable if code is None else str(code / ".venv" / "bin" / "python")
+    env = {**os.environ, "AGENTFLOW_BENCH_CODE": str(code)} if code is not None else dict(os.environ)
     llm, url = start_fake_llm(args.fake_llm, latency)
     try:
         out = subprocess.run(
             [
-                sys.executable,
+                python,
                 __file__,
                 "--side",
                 "agentflow",
@@ -294,7 +312,8 @@ def run_agentflow(load: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--peer-script",
                 str(args.peer_script),
             ],
-            env={**os.environ, "PEER_RATIO_LLM_PID": str(llm.pid), "PEER_RATIO_LOAD": load},
+            env={**env, "PEER_RATIO_LLM_PID": str(llm.pid), "PEER_RATIO_LOAD": load},
+            cwd=code,
             capture_output=True,
             text=True,
             timeout=1800,
@@ -303,7 +322,7 @@ def run_agentflow(load: str, args: argparse.Namespace) -> dict[str, Any]:
         llm.terminate()
         llm.wait(10)
     if out.returncode != 0:
-        raise RuntimeError(f"AgentFlow load {load} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"AgentFlow load {load} ({code or 'this checkout'}) failed:\n{out.stderr[-3000:]}")
     return last_json(out.stdout)
 
 
@@ -347,6 +366,28 @@ def line(name: str, r: dict[str, Any]) -> str:
     )
 
 
+def baseline_text(load: str, row: dict[str, Any], runs: list[dict[str, Any]], commit: str) -> str:
+    """This code against the baseline checkout's, same window; on the issue's commit, the scale."""
+    row["baseline_commit"] = commit
+    row["baseline_turns_per_s"] = statistics.median(r["turns_per_s"] for r in runs)
+    row["baseline_cpu_ms_per_turn"] = statistics.median(cpu_total(r) for r in runs)
+    row["cpu_of_baseline"] = row["agentflow_cpu_ms_per_turn"] / row["baseline_cpu_ms_per_turn"]
+    text = (
+        f"baseline {commit}: {row['baseline_turns_per_s']:.1f} turns/s, {row['baseline_cpu_ms_per_turn']:.1f}"
+        f" CPU ms/turn; this code uses {row['cpu_of_baseline']:.3f} of its CPU a turn"
+    )
+    if commit and ISSUE_COMMIT.startswith(commit[:7]):
+        issue_ms, _peer = ISSUE_CPU_MS[load]
+        row["machine_scale"] = row["baseline_cpu_ms_per_turn"] / issue_ms
+        row["target_here_ms"] = ISSUE_TARGET_MS * row["machine_scale"]
+        text += (
+            f" (the issue's target: {ISSUE_TARGET_MS / issue_ms:.3f}); this machine runs that code"
+            f" {row['machine_scale']:.2f}x the issue's {issue_ms} ms, so <= {ISSUE_TARGET_MS:.0f} ms there"
+            f" is <= {row['target_here_ms']:.1f} ms here"
+        )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loads", default="A,B,C", help="which of A, B, C (comma-separated)")
@@ -356,6 +397,9 @@ def main() -> None:
     )
     parser.add_argument("--peer-script", type=Path, default=PEER_DIR / "langgraph_peer.py")
     parser.add_argument("--fake-llm", type=Path, default=PEER_DIR / "fake_anthropic.py")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another AgentFlow checkout (with its .venv) to run too"
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--side", choices=["agentflow"], help=argparse.SUPPRESS)
     parser.add_argument("--load", choices=sorted(LOADS), help=argparse.SUPPRESS)
@@ -367,6 +411,21 @@ def main() -> None:
     loads = [x.strip().upper() for x in args.loads.split(",") if x.strip()]
     if unknown := [x for x in loads if x not in LOADS]:
         parser.error(f"unknown load(s) {unknown}; choose from A, B, C")
+    baseline_commit = ""
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if (
+            not (args.baseline / ".venv" / "bin" / "python").is_file()
+            or not (args.baseline / "agentflow").is_dir()
+        ):
+            parser.error(
+                f"--baseline {args.baseline}: not an AgentFlow checkout with a .venv (run make install there)"
+            )
+        baseline_commit = subprocess.run(
+            ["git", "-C", str(args.baseline), "rev-parse", "--short=7", "HEAD"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     print(
         f"{os.cpu_count()} CPUs; fake LLM {args.fake_llm}; peer {'off' if args.peer_python is None else args.peer_python}"
     )
@@ -378,9 +437,12 @@ def main() -> None:
                 f"load {load} ({users} users x {turns} turns, L = {latency:.0f} ms), run {rep + 1}:",
                 flush=True,
             )
-            sides = results.setdefault(load, {"agentflow": [], "peer": []})
+            sides = results.setdefault(load, {"agentflow": [], "peer": [], "baseline": []})
             sides["agentflow"].append(run_agentflow(load, args))
             print(line("AgentFlow", sides["agentflow"][-1]), flush=True)
+            if args.baseline is not None:
+                sides["baseline"].append(run_agentflow(load, args, code=args.baseline))
+                print(line(baseline_commit or "baseline", sides["baseline"][-1]), flush=True)
             if args.peer_python is not None:
                 sides["peer"].append(run_peer(load, args))
                 print(line("peer", sides["peer"][-1]), flush=True)
@@ -405,6 +467,8 @@ def main() -> None:
             )
         summary[load] = row
         print(text)
+        if sides["baseline"]:
+            print("    " + baseline_text(load, row, sides["baseline"], baseline_commit))
     if args.peer_python is not None:
         print("  (the peer embeds with a 64-dimension stand-in and does no thread placement or intent model)")
     if args.json_out:
