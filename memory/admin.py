@@ -72,6 +72,8 @@ def provenance_html(source: dict[str, Any]) -> SafeString:
     earlier = format_html_join(
         "", "<li>{}</li>", ((provenance_html(m),) for m in merged if isinstance(m, dict))
     )
+    if source.get("merged_dropped"):
+        earlier = format_html("{}<li>and {} earlier</li>", earlier, source["merged_dropped"])
     return format_html("{}<br>merged from:<ul>{}</ul>", line, earlier)
 
 

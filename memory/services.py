@@ -75,7 +75,24 @@ def memories_use_writes(*, memory_ids: Sequence[str], now: datetime) -> list[Inc
 
 
 DUPLICATE_SIMILARITY = 0.90  # a new memory this close to one of the same user and kind updates it
+# Earlier sources a memory keeps in ``source["merged"]`` (oldest first); older ones are counted in
+# ``source["merged_dropped"]``, so a memory refreshed at every similar resolution stays small.
+MERGED_KEPT = 20
 EVICTABLE = (Memory.Kind.EPISODIC, Memory.Kind.PREFERENCE, Memory.Kind.FACT)
+
+
+def _merged_source(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with ``old`` (less its own history) appended to the earlier sources; the oldest past
+    ``MERGED_KEPT`` are dropped and counted."""
+    history = [
+        *old.get("merged", []),
+        {k: v for k, v in old.items() if k not in ("merged", "merged_dropped")},
+    ]
+    dropped = int(old.get("merged_dropped", 0)) + max(0, len(history) - MERGED_KEPT)
+    merged: dict[str, Any] = {**new, "merged": history[-MERGED_KEPT:]}
+    if dropped:
+        merged["merged_dropped"] = dropped
+    return merged
 
 
 def memory_remember(
@@ -119,11 +136,7 @@ def memory_remember(
             )
         nearest = found[0] if found else None
         if nearest is not None and 1.0 - float(nearest.distance) >= DUPLICATE_SIMILARITY:
-            history = nearest.source.get("merged", [])
-            nearest.source = {
-                **source,
-                "merged": [*history, {k: v for k, v in nearest.source.items() if k != "merged"}],
-            }
+            nearest.source = _merged_source(nearest.source, source)
             nearest.content, nearest.embedding, nearest.embedding_model = content, vector, embedder.model_id
             # New text for a global memory needs the same review as a new memory: back to the queue.
             nearest.approved = nearest.approved and approved

@@ -58,6 +58,26 @@ def test_a_near_duplicate_updates_the_memory_and_keeps_both_sources() -> None:
 
 
 @pytest.mark.django_db
+def test_a_memory_refreshed_again_and_again_keeps_its_last_sources_and_counts_the_rest() -> None:
+    from memory.admin import provenance_html
+    from memory.services import MERGED_KEPT
+
+    user = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
+    refreshes = MERGED_KEPT + 5
+    for i in range(refreshes + 1):  # one write, then a near-duplicate at every later resolution
+        memory, created = _remember(user, LOGIN if i % 2 == 0 else LOGIN_AGAIN, thread=f"t{i}")
+        assert created is (i == 0)
+
+    memory.refresh_from_db()
+    assert Memory.objects.filter(user=user).count() == 1
+    assert memory.source["thread"] == f"t{refreshes}"
+    assert memory.source["merged"] == [{"thread": f"t{i}"} for i in range(5, refreshes)]
+    assert memory.source["merged_dropped"] == 5
+    shown = str(provenance_html(memory.source))
+    assert shown.count("<li>") == MERGED_KEPT + 1 and "<li>and 5 earlier</li>" in shown
+
+
+@pytest.mark.django_db
 def test_different_memories_are_kept_apart_and_per_user() -> None:
     alice = EndUser.objects.create(agent=default_agent_row(), external_id="alice")
     bob = EndUser.objects.create(agent=default_agent_row(), external_id="bob")
