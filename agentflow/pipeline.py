@@ -10,7 +10,10 @@ or a ``sync_to_async`` thread for ``process_message``).
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -106,23 +109,87 @@ def accept(
     )
 
 
+@dataclass(frozen=True)
+class EmbeddingAhead:
+    """A message's embedding, begun on another thread while the message is being stored.
+
+    ``prepare`` uses it when ``text`` is the stored content (it always is but for a resend of an
+    earlier message with other text), and embeds the stored content itself otherwise.
+    """
+
+    text: str
+    vector: Future[np.ndarray]
+
+
+# One thread, used only while idle, and only by a process's lone in-process turn
+# (``runner.accept_and_run_turn``): its embedding (3-6 ms, run without the GIL) overlaps the storing
+# of its message (a commit and its round trips) on a spare core. Otherwise a turn embeds on its own
+# thread as before: with other turns running each core has work already.
+_ahead_pool: ThreadPoolExecutor | None = None
+_ahead_idle = threading.Semaphore(1)
+_ahead_lock = threading.Lock()
+
+
+def _ahead_reset() -> None:  # a forked child has none of its parent's threads
+    global _ahead_pool, _ahead_idle
+    _ahead_pool, _ahead_idle = None, threading.Semaphore(1)
+
+
+os.register_at_fork(after_in_child=_ahead_reset)
+
+
+def embedding_ahead(agent: Agent, message: object) -> EmbeddingAhead | None:
+    """Begin embedding the text ``message`` will be stored as, if the ahead thread is idle; else None."""
+    try:
+        text = clean_message(message, max_chars=agent.config.input_config.max_message_chars)
+    except InvalidInput:
+        return None  # refused by ``accept`` in a moment; nothing to embed
+    if not _ahead_idle.acquire(blocking=False):
+        return None
+    global _ahead_pool
+    try:
+        with _ahead_lock:
+            if _ahead_pool is None:
+                _ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-embed")
+            vector = _ahead_pool.submit(_embed_released, agent.embedder, text)
+    except BaseException:
+        _ahead_idle.release()
+        raise
+    return EmbeddingAhead(text=text, vector=vector)
+
+
+def _embed_released(embedder: Any, text: str) -> np.ndarray:
+    try:
+        return embedder.embed_one(text)
+    finally:
+        _ahead_idle.release()
+
+
 def accept_and_prepare(
-    agent: Agent, *, user_id: str, message: str, client_message_id: str | None = None
+    agent: Agent,
+    *,
+    user_id: str,
+    message: str,
+    client_message_id: str | None = None,
+    embed_ahead: bool = False,
 ) -> tuple[conv_services.Received, Prepared | None]:
     """``accept``, then the turn's first ``prepare``, in one database step of the caller's.
 
     ``Agent.process_message`` runs both on one thread, one after the other, as it ran them in two
     steps: one hand-off to a database thread and one pool checkout a turn fewer. The message is
     stored (and committed) by ``accept`` either way. The prepared turn is None when an earlier
-    message of the user is still undecided (the runner then waits for it, as for any turn).
+    message of the user is still undecided (the runner then waits for it, as for any turn). The
+    message's embedding begins on another thread first when ``embed_ahead`` (the caller runs no
+    other turn) and that thread is idle (``embedding_ahead``).
     """
     import structlog
 
+    ahead = embedding_ahead(agent, message) if embed_ahead else None
     received = accept(agent, user_id=user_id, message=message, client_message_id=client_message_id)
     try:
         # The turn's log fields while it prepares, as ``run_turn`` binds them (taken off after).
         with structlog.contextvars.bound_contextvars(agent=agent.name, message_id=str(received.message.pk)):
-            return received, prepare(agent, message_id=received.message.pk)
+            return received, prepare(agent, message_id=received.message.pk, ahead=ahead)
     except EarlierMessagePending:
         return received, None
 
@@ -387,13 +454,15 @@ def prepare(
     message_id: Any,
     verdict: dict[str, Any] | None = None,
     judgement: Judgement | None = None,
+    ahead: EmbeddingAhead | None = None,
 ) -> Prepared:
     """Claim a stored user message and work out its thread, intent, history and memories.
 
     Idempotent: a finished turn returns its result; a turn another worker holds returns its state.
     When the thread scorer is unsure (and an LLM is available), nothing is placed yet: the result
     carries a ``judgement`` for ``Agent.judge_thread``; call again with its ``verdict`` and the
-    ``judgement`` (its embedding and scores are reused).
+    ``judgement`` (its embedding and scores are reused). ``ahead``: the message's embedding begun
+    before it was stored (``accept_and_prepare``), used if it is of the stored text.
     """
     # One transaction: the message and its user are row-locked (the claim and the user's lock, so
     # double-texted messages are placed in order), placed and claimed in one write, and read for the
@@ -417,6 +486,9 @@ def prepare(
         started = time.perf_counter()
         if judgement is not None and judgement.embedding.size:
             embedding = judgement.embedding
+        elif ahead is not None and ahead.text == message.content:
+            with metrics.stage_timer(agent.name, "embed"):
+                embedding = ahead.vector.result()
         else:
             with metrics.stage_timer(agent.name, "embed"):
                 embedding = agent.embedder.embed_one(message.content)
