@@ -188,6 +188,9 @@ def load_sets(datasets: Path) -> dict[str, tuple[list[dict], bool]]:
             load_support_holdout(DATA / "support_check_unmarked.jsonl", any_split=True),
             True,
         ),
+        # fresh6 (108 chats in 36 businesses no other file uses, 2026-12-02) was scored blind once through
+        # the API before it was added here; every labelled turn is a row.
+        "support_fresh6": (load_support_holdout(DATA / "support_fresh6.jsonl", any_split=True), False),
         "SGD dev": (sgd, False),
     }
 

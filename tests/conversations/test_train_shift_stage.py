@@ -89,6 +89,7 @@ def test_the_trainer_fits_on_fresh4_and_the_styles_set_and_never_on_the_blind_fr
         "support_fresh4": True,
         "support_styles": False,
         "support_check_unmarked": True,
+        "support_fresh6": False,
         "SGD dev": False,
     }
     ids = {d["dialogue_id"] for dialogues, _ in sets.values() for d in dialogues}
@@ -101,7 +102,9 @@ def _domains(path: Path) -> set[str]:
     return {json.loads(line)["domain"] for line in path.read_text().splitlines() if line.strip()}
 
 
-@pytest.mark.parametrize(("name", "chats"), [("support_fresh5", 93), ("support_styles", 204)])
+@pytest.mark.parametrize(
+    ("name", "chats"), [("support_fresh5", 93), ("support_styles", 204), ("support_fresh6", 108)]
+)
 def test_the_styles_files_are_well_formed_and_in_domains_of_their_own(name: str, chats: int) -> None:
     path = DATA / f"{name}.jsonl"
     dialogues = load_support_holdout(path, any_split=True)
