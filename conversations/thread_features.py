@@ -67,6 +67,9 @@ FIX_CUE = re.compile(
     r"|working (now|again|fine)|all (good|working|sorted|done)|(got|gets|getting) it( working| back)?"
     r"|went through|arrived|landed|cleared|shows (up|it)|showed up|appeared|back (up|online|to normal)"
     r"|no (more|longer)|now (i|it|we|they|the|my)\b|never mind|nevermind|forget it|figured it out|found it"
+    # "never mind" in other words: "oh ignore me, ...", "scratch that", "it was in my spam folder all along"
+    r"|ignore (me|(that|this|my) (last )?(message|question))|scratch that"
+    r"|(was|were) (in|on|under|attached|there|sitting|right)\b[^.!?]{0,60}\ball along"
     # what stopped is the problem ("switching to HD stopped the freezing"), not the device ("... stopped
     # the printer working", "stopped the app from opening")
     r"|stopped (the|all the|that|those|its|my) [a-z]+\b(?!\s+(from|working|[a-z]+ing)\b)|went away"

@@ -54,6 +54,11 @@ def _embed(text: str) -> np.ndarray:
         "the clicking went away after the update",
         "It's syncing again",
         "We can stream again since the reset",
+        # "never mind" in other words (support_fresh6.jsonl)
+        "oh ignore me, my mate's just texted to say he grabbed it on the way out. sorry!",
+        "ah don't worry, it was attached to the order confirmation email as a pdf all along",
+        "Scratch that, the code came through",
+        "it was in my spam folder all along",
     ],
 )
 def test_fix_cue_catches_saying_what_fixed_it(text: str) -> None:
@@ -71,6 +76,9 @@ def test_fix_cue_catches_saying_what_fixed_it(text: str) -> None:
         "Windows stopped the app from opening",
         "The steps stopped syncing again overnight",
         "I can't log in again",
+        "It's been broken all along",
+        "Please don't ignore my complaint",
+        "Should I ignore the warning light?",
     ],
 )
 def test_fix_cue_ignores_bookings_and_requests(text: str) -> None:
