@@ -144,3 +144,30 @@ async def test_only_a_lone_in_process_turn_embeds_ahead() -> None:
     }
     assert placements["Where is my parcel?"].startswith("agentflow-embed")
     assert not placements["My invoice is wrong"].startswith("agentflow-embed")
+
+
+class FailingEmbedder(RecordingEmbedder):
+    """An encoder that fails (a missing or corrupt model file), as a turn's own embedding would."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        super().embed(texts)
+        raise RuntimeError("the encoder failed")
+
+
+def test_an_encoder_failure_on_the_ahead_thread_fails_the_turn_as_it_would_inline_and_frees_the_thread() -> (
+    None
+):
+    agent = _agent(FailingEmbedder())
+
+    with pytest.raises(RuntimeError, match="the encoder failed"):
+        pipeline.accept_and_prepare(
+            agent, user_id="ahead-8", message="My card was declined", embed_ahead=True
+        )
+
+    stored = Message.objects.get(user__external_id="ahead-8")
+    assert stored.content == "My card was declined" and stored.thread_id is None  # kept, not placed
+    healthy = RecordingEmbedder()
+    later = pipeline.embedding_ahead(_agent(healthy), "the next message")
+    assert later is not None  # the ahead thread is free again
+    later.vector.result(timeout=10)
+    assert healthy.calls[0][1].startswith("agentflow-embed")
